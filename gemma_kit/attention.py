@@ -1,0 +1,114 @@
+"""One attention for MHA, GQA and MQA, and the masks it uses.
+
+Masks are pure functions of absolute positions, so the same code covers a full forward pass,
+left-padded batches, and (later) a ring-buffer KV cache whose slots hold positions out of order.
+A mask is a boolean [B, T, S] array: True where query t may attend to key s.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gemma_kit.config import AttentionKind, Config
+from gemma_kit.layers import Einsum, RMSNorm, apply_rope, softcap
+
+# Added to masked logits. Finite on purpose: a row with every key masked (a pad query) then
+# gives a uniform softmax instead of NaNs that would spread through the batch.
+MASKED_LOGIT = -2.3819763e38
+
+
+def causal_mask(q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
+    """[B, T], [B, S] -> [B, T, S]: a query sees keys at its own or earlier positions."""
+    return k_positions[:, None, :] <= q_positions[:, :, None]
+
+
+def sliding_window_mask(q_positions: jax.Array, k_positions: jax.Array, window: int) -> jax.Array:
+    """[B, T], [B, S] -> [B, T, S]: keys less than `window` positions away from the query.
+
+    Symmetric, as in the official code, so that bidirectional spans (image tokens) inside a
+    local layer are cut the same way on both sides; combined with a causal mask it keeps the
+    `window` most recent positions, the query's own included.
+    """
+    distance = q_positions[:, :, None] - k_positions[:, None, :]
+    return jnp.abs(distance) < window
+
+
+def attend(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, logit_cap: float | None
+) -> jax.Array:
+    """Scaled dot-product attention over grouped heads.
+
+    Args:
+      q: [B, T, N, H] queries, already multiplied by the query scale.
+      k, v: [B, S, K, H] keys and values; N must be a multiple of K (G = N / K queries share
+        one key/value head: G = 1 is MHA, K = 1 is MQA, anything between is GQA).
+      mask: [B, T, S] boolean.
+      logit_cap: soft-cap applied to the attention logits (Gemma 2), or None.
+    Returns:
+      [B, T, N, H] in the dtype of v.
+    """
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    q = q.reshape(B, T, K, N // K, H)
+    # Logits and softmax in float32 whatever the compute dtype: bf16 logits of long contexts
+    # lose the small differences that decide the attention weights.
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+    logits = softcap(logits, logit_cap)
+    logits = jnp.where(mask[:, None, None, :, :], logits, MASKED_LOGIT)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+    return out.reshape(B, T, N, H)
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with Gemma's projections, QK-norm, RoPE and soft-cap.
+
+    Parameter names follow the official checkpoints: `q_einsum` [N, D, H] and `kv_einsum`
+    [2, K, D, H], or a fused `qkv_einsum` [3, N, D, H] when N == K; `attn_vec_einsum` [N, H, D];
+    `_query_norm` / `_key_norm` [H] for Gemma 3.
+    """
+
+    def __init__(self, config: Config, kind: AttentionKind, *, param_dtype, rngs: nnx.Rngs):
+        N, K, D, H = config.num_heads, config.num_kv_heads, config.embed_dim, config.head_dim
+        if config.uses_qkv_einsum:
+            self.qkv_einsum = Einsum((3, N, D, H), param_dtype=param_dtype, rngs=rngs)
+        else:
+            self.q_einsum = Einsum((N, D, H), param_dtype=param_dtype, rngs=rngs)
+            self.kv_einsum = Einsum((2, K, D, H), param_dtype=param_dtype, rngs=rngs)
+        self.attn_vec_einsum = Einsum((N, H, D), param_dtype=param_dtype, rngs=rngs)
+        if config.use_qk_norm:
+            self._query_norm = RMSNorm(H, param_dtype=param_dtype, eps=config.norm_eps)
+            self._key_norm = RMSNorm(H, param_dtype=param_dtype, eps=config.norm_eps)
+        self.kind = kind
+        self.use_qk_norm = config.use_qk_norm
+        self.query_scale = config.query_pre_attn_scalar ** -0.5
+        self.logit_cap = config.attn_logit_softcap
+
+    def project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """[B, T, D] -> scaled, rotated queries [B, T, N, H]; rotated keys and values [B, T, K, H]."""
+        if hasattr(self, "qkv_einsum"):
+            q, k, v = self.qkv_einsum("BTD,CNDH->CBTNH", x)
+        else:
+            q = self.q_einsum("BTD,NDH->BTNH", x)
+            k, v = self.kv_einsum("BTD,CKDH->CBTKH", x)
+        if self.use_qk_norm:
+            q = self._query_norm(q)
+            k = self._key_norm(k)
+        q = apply_rope(q, positions, base=self.kind.rope_base, scale=self.kind.rope_scale)
+        k = apply_rope(k, positions, base=self.kind.rope_base, scale=self.kind.rope_scale)
+        return q * jnp.asarray(self.query_scale, q.dtype), k, v
+
+    def layer_mask(self, mask: jax.Array, q_positions: jax.Array, k_positions: jax.Array):
+        """Narrows the model-wide mask to this layer's sliding window, if it has one."""
+        if self.kind.is_local:
+            return mask & sliding_window_mask(q_positions, k_positions, self.kind.window)
+        return mask
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+        """Self-attention over x: [B, T, D] with positions [B, T] and mask [B, T, T]."""
+        q, k, v = self.project(x, positions)
+        mask = self.layer_mask(mask, positions, positions)
+        encoded = attend(q, k, v, mask, logit_cap=self.logit_cap)
+        return self.attn_vec_einsum("BTNH,NHD->BTD", encoded)

@@ -1,0 +1,374 @@
+"""Orbax checkpoints in the two official Gemma layouts.
+
+The released checkpoints use a "flat" tree, one key per module path:
+
+    {'transformer/layer_0/attn/q_einsum': {'w': ...}, 'transformer/final_norm': {'scale': ...},
+     'SigLiPFromPatches_0/siglip_encoder/...': {...}}                       (vision, Gemma 3 4B+)
+
+and the official library also writes a "nested" one, the Flax parameter tree itself, where the
+feed-forward weights are bare arrays (`layer_0/mlp/gating_einsum`, no `w`) and the vision
+encoder sits under `vision_encoder`.
+
+Inside gemma_kit parameters live in the "canonical" tree: the NNX state of `Transformer`,
+nested, with every Einsum holding `w` (`layer_0/mlp/gating_einsum/w`). This module converts
+between the three, finds a checkpoint inside a downloaded folder, infers or checks the preset
+from shapes, and restores straight into an abstract target so no second copy of the weights is
+ever held in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemma_kit.config import PRESETS, Config, get_preset
+from gemma_kit.errors import CheckpointError, CheckpointNotFoundError
+
+Layout = Literal["flat", "nested"]
+Tree = dict[str, Any]
+
+_FLAT_TEXT_ROOT = "transformer"
+_FLAT_VISION_ROOT = "SigLiPFromPatches_0"
+_NESTED_VISION_KEY = "vision_encoder"
+# Multimodal projection weights that live in the embedder; dropped when loading text-only.
+_EMBEDDER_MM_KEYS = ("mm_input_projection", "mm_soft_embedding_norm")
+# Files that mark a folder as an Orbax checkpoint (old and new Orbax versions).
+_ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt", "checkpoint")
+
+
+# --------------------------------------------------------------------------------------------
+# Layout conversion (works on any leaves: arrays, ShapeDtypeStructs, metadata)
+
+
+def _is_mlp_weight(path: tuple[str, ...]) -> bool:
+    return len(path) >= 2 and path[-2] == "mlp" and path[-1] in ("gating_einsum", "linear")
+
+
+def flatten(tree: Tree, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """Nested dict -> {path tuple: leaf}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, (*prefix, key)))
+        else:
+            out[(*prefix, key)] = value
+    return out
+
+
+def unflatten(flat: dict[tuple[str, ...], Any]) -> Tree:
+    """{path tuple: leaf} -> nested dict."""
+    tree: Tree = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
+
+
+def canonical_to_flat(params: Tree) -> Tree:
+    """Canonical tree -> the released checkpoints' flat tree (text weights only)."""
+    out: Tree = {}
+    for path, leaf in flatten(params).items():
+        module = "/".join((_FLAT_TEXT_ROOT, *path[:-1]))
+        out.setdefault(module, {})[path[-1]] = leaf
+    return out
+
+
+def canonical_to_nested(params: Tree) -> Tree:
+    """Canonical tree -> the official library's nested tree (bare feed-forward arrays)."""
+    flat = {}
+    for path, leaf in flatten(params).items():
+        if path[-1] == "w" and _is_mlp_weight(path[:-1]):
+            path = path[:-1]
+        flat[path] = leaf
+    return unflatten(flat)
+
+
+def split_layout(tree: Tree) -> tuple[Layout, Tree, Tree]:
+    """Checkpoint tree in either layout -> (layout, canonical text tree, vision subtree).
+
+    The vision subtree (SigLIP encoder and the embedder's multimodal projection) is returned in
+    the checkpoint's own naming; text-only loading ignores it.
+    """
+    if tree and all("/" in key for key in tree):
+        layout: Layout = "flat"
+        text, vision = {}, {}
+        for module, leaves in tree.items():
+            root, _, rest = module.partition("/")
+            if root == _FLAT_TEXT_ROOT:
+                for leaf, value in leaves.items():
+                    text[(*rest.split("/"), leaf)] = value
+            elif root == _FLAT_VISION_ROOT:
+                vision[module] = leaves
+            else:
+                raise CheckpointError(
+                    f"unexpected key {module!r} in a flat Gemma checkpoint (expected keys under "
+                    f"'{_FLAT_TEXT_ROOT}/' or '{_FLAT_VISION_ROOT}/')"
+                )
+    else:
+        layout = "nested"
+        vision = {_NESTED_VISION_KEY: tree[_NESTED_VISION_KEY]} if _NESTED_VISION_KEY in tree else {}
+        text = {}
+        for path, value in flatten({k: v for k, v in tree.items() if k != _NESTED_VISION_KEY}).items():
+            if _is_mlp_weight(path):
+                path = (*path, "w")
+            text[path] = value
+    for path in list(text):
+        if path[0] == "embedder" and path[1] in _EMBEDDER_MM_KEYS:
+            vision[path] = text.pop(path)
+    return layout, unflatten(text), vision
+
+
+def canonical_to_layout(params: Tree, layout: Layout) -> Tree:
+    return canonical_to_flat(params) if layout == "flat" else canonical_to_nested(params)
+
+
+# --------------------------------------------------------------------------------------------
+# Finding a checkpoint
+
+
+def _is_orbax_dir(path: pathlib.Path) -> bool:
+    return path.is_dir() and any((path / marker).exists() for marker in _ORBAX_MARKERS)
+
+
+def find_checkpoint(path: str | os.PathLike) -> pathlib.Path:
+    """The Orbax checkpoint folder at `path` or one level below it.
+
+    Released archives unpack to a folder holding `tokenizer.model` beside the checkpoint
+    folder, so pointing at the download is enough.
+    """
+    path = pathlib.Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointNotFoundError(
+            f"checkpoint path {str(path)!r} does not exist; pass the folder of an Orbax "
+            "checkpoint (or the unpacked download that contains one)"
+        )
+    if not path.is_dir():
+        raise CheckpointError(
+            f"{str(path)!r} is a file, not a checkpoint folder; an Orbax checkpoint is a "
+            "folder with a _METADATA file (for a GGUF file use `gemma-kit convert --gguf`)"
+        )
+    if _is_orbax_dir(path):
+        return path
+    found = sorted(p for p in path.iterdir() if _is_orbax_dir(p))
+    if len(found) == 1:
+        return found[0]
+    if len(found) > 1:
+        names = ", ".join(p.name for p in found)
+        raise CheckpointError(f"{str(path)!r} holds several checkpoints ({names}); pass one of them")
+    listing = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
+    raise CheckpointError(
+        f"no Orbax checkpoint in {str(path)!r} or its subfolders (it contains: {listing}). "
+        "A checkpoint folder holds a _METADATA file; convert other formats with "
+        "`gemma-kit convert`."
+    )
+
+
+def find_tokenizer(path: str | os.PathLike) -> pathlib.Path | None:
+    """tokenizer.model in or beside the checkpoint folder, if there is one."""
+    path = pathlib.Path(path).expanduser()
+    for candidate in (path / "tokenizer.model", path.parent / "tokenizer.model"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Shapes: presets inferred and checked
+
+
+def abstract_params(config: Config, param_dtype=jnp.float32) -> Tree:
+    """The canonical tree of ShapeDtypeStructs for `config`, without allocating anything."""
+    from flax import nnx
+
+    from gemma_kit.transformer import Transformer
+
+    model = nnx.eval_shape(lambda: Transformer(config, param_dtype=param_dtype))
+    return nnx.to_pure_dict(nnx.state(model))
+
+
+def _signature(shapes: dict[tuple[str, ...], tuple[int, ...]]) -> dict[str, Any]:
+    """The dimensions that together identify a model size (no single one does)."""
+    V, D = shapes[("embedder", "input_embedding")]
+    L = len({path[0] for path in shapes if path[0].startswith("layer_")})
+    attn = {path[2]: shape for path, shape in shapes.items() if path[0] == "layer_0" and path[1] == "attn"}
+    if "qkv_einsum" in attn:
+        _, N, _, H = attn["qkv_einsum"]
+        K = N
+    else:
+        N, _, H = attn["q_einsum"]
+        K = attn["kv_einsum"][1]
+    gating = shapes[("layer_0", "mlp", "gating_einsum", "w")]
+    return dict(V=V, D=D, N=N, K=K, H=H, L=L, gating=tuple(gating),
+                qk_norm="_query_norm" in attn)
+
+
+def _config_signature(config: Config) -> dict[str, Any]:
+    D, F = config.embed_dim, config.hidden_dim
+    return dict(V=config.vocab_size, D=D, N=config.num_heads, K=config.num_kv_heads,
+                H=config.head_dim, L=config.num_layers,
+                gating=(2, F, D) if config.transpose_gating else (2, D, F),
+                qk_norm=config.use_qk_norm)
+
+
+def _describe(sig: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sig.items())
+
+
+def infer_preset(params_shapes: Tree) -> Config:
+    """The official preset whose shapes match a canonical tree of arrays/ShapeDtypeStructs."""
+    shapes = {path: tuple(leaf.shape) for path, leaf in flatten(params_shapes).items()}
+    try:
+        sig = _signature(shapes)
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(
+            f"the checkpoint does not have the Gemma parameter tree (missing {err}); "
+            "is it a Gemma 2/3 checkpoint?"
+        ) from None
+    for config in PRESETS.values():
+        if _config_signature(config) == sig:
+            return config
+    raise CheckpointError(
+        f"no preset matches the checkpoint's shapes ({_describe(sig)}). Known presets: "
+        f"{', '.join(PRESETS)}. For a custom size pass preset=gemma_kit.Config(...)."
+    )
+
+
+def check_shapes(config: Config, params_shapes: Tree) -> None:
+    """Raises CheckpointError naming the first mismatches between config and checkpoint."""
+    expected = {p: tuple(v.shape) for p, v in flatten(abstract_params(config)).items()}
+    found = {p: tuple(v.shape) for p, v in flatten(params_shapes).items()}
+    problems = []
+    for path in sorted(expected.keys() | found.keys()):
+        name = "/".join(path)
+        if path not in found:
+            problems.append(f"{name} missing from the checkpoint")
+        elif path not in expected:
+            problems.append(f"{name} in the checkpoint is not a parameter of {config.name}")
+        elif expected[path] != found[path]:
+            problems.append(f"{name} has shape {found[path]}, {config.name} expects {expected[path]}")
+    if problems:
+        try:
+            hint = f" The shapes match preset {infer_preset(params_shapes).name!r}."
+        except CheckpointError:
+            hint = ""
+        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+        raise CheckpointError(
+            f"checkpoint does not match preset {config.name!r}: {shown}.{hint}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Reading and writing
+
+
+def _checkpointer():
+    import orbax.checkpoint as ocp
+
+    return ocp.PyTreeCheckpointer()
+
+
+def read_metadata(path: pathlib.Path) -> Tree:
+    """Tree of ShapeDtypeStructs of the checkpoint, in its own layout."""
+    try:
+        meta = _checkpointer().metadata(path)
+        tree = getattr(getattr(meta, "item_metadata", meta), "tree", None)
+        if tree is None:
+            tree = meta.item_metadata if hasattr(meta, "item_metadata") else meta
+        return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), dict(tree))
+    except CheckpointError:
+        raise
+    except Exception as err:  # orbax raises many types; the user needs one clear message
+        raise CheckpointError(
+            f"cannot read the Orbax metadata of {str(path)!r}: the checkpoint is incomplete or "
+            f"corrupt ({type(err).__name__}: {str(err)[:200]}). Download or convert it again."
+        ) from err
+
+
+def restore_params(
+    path: pathlib.Path, layout: Layout, target: Tree, *, sharding=None
+) -> Tree:
+    """Restores the canonical `target` (ShapeDtypeStructs, dtypes to cast to) from `path`.
+
+    Only the target's parameters are read (a partial restore), so a text-only load of a
+    multimodal checkpoint never touches the vision encoder.
+    """
+    import orbax.checkpoint as ocp
+
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    item = canonical_to_layout(target, layout)
+    restore_args = jax.tree.map(
+        lambda s: ocp.ArrayRestoreArgs(dtype=s.dtype, sharding=sharding), item
+    )
+    try:
+        restored = _checkpointer().restore(
+            path,
+            args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
+        )
+    except Exception as err:
+        raise CheckpointError(
+            f"cannot restore the weights of {str(path)!r}: the checkpoint is incomplete or "
+            f"corrupt ({type(err).__name__}: {str(err)[:200]}). Download or convert it again."
+        ) from err
+    _, params, _ = split_layout(restored)
+    return params
+
+
+def save_params(
+    params: Tree, path: str | os.PathLike, *, layout: Layout = "flat", overwrite: bool = False
+) -> pathlib.Path:
+    """Writes a canonical tree as an official Orbax checkpoint.
+
+    Orbax writes into a temporary folder and renames it when every array is on disk, so an
+    interrupted save never leaves a folder that looks like a complete checkpoint.
+    """
+    path = pathlib.Path(path).expanduser().absolute()
+    if path.exists():
+        if not overwrite:
+            raise CheckpointError(
+                f"{str(path)!r} already exists; choose a new folder or pass overwrite=True"
+            )
+        if not _is_orbax_dir(path) and any(path.iterdir()):
+            raise CheckpointError(
+                f"refusing to overwrite {str(path)!r}: it is not empty and not an Orbax "
+                "checkpoint, so it may hold data that is not ours to delete"
+            )
+        shutil.rmtree(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tree = canonical_to_layout(jax.tree.map(np.asarray, params), layout)
+    _checkpointer().save(path, tree)
+    return path
+
+
+def load_params(
+    path: str | os.PathLike,
+    preset: str | Config | None = None,
+    dtype=None,
+) -> tuple[Config, Tree, dict[str, Any]]:
+    """Finds, checks and restores a checkpoint.
+
+    Returns (config, canonical params as jax arrays, info) where info holds the folder, layout,
+    stored dtypes and whether a vision encoder was present (and skipped).
+    """
+    folder = find_checkpoint(path)
+    layout, shapes, vision = split_layout(read_metadata(folder))
+    if preset is None:
+        config = infer_preset(shapes)
+    else:
+        config = get_preset(preset)
+        check_shapes(config, shapes)
+    stored = sorted({str(leaf.dtype) for leaf in flatten(shapes).values()})
+    target = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype) if dtype is not None else s.dtype),
+        shapes,
+    )
+    params = restore_params(folder, layout, target)
+    info = dict(path=folder, layout=layout, stored_dtypes=stored, has_vision=bool(vision))
+    return config, params, info

@@ -1,0 +1,30 @@
+"""One exception family, with messages that name the cause and what to do about it.
+
+Every error gemma_kit raises on purpose derives from `GemmaKitError`, so callers (and the CLI,
+which prints the message without a traceback) can catch the whole family at once. Each also
+derives from the builtin exception a Python user would expect (ValueError, FileNotFoundError).
+"""
+
+
+class GemmaKitError(Exception):
+    """Base class of every error raised on purpose by gemma_kit."""
+
+
+class ConfigError(GemmaKitError, ValueError):
+    """A model configuration or preset name is invalid."""
+
+
+class CheckpointError(GemmaKitError, ValueError):
+    """A checkpoint is missing, incomplete, corrupt, or does not match the requested model."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No checkpoint where one was expected."""
+
+
+class TokenizerError(GemmaKitError, ValueError):
+    """A tokenizer file is missing or is not a SentencePiece model."""
+
+
+class ConversionError(GemmaKitError, ValueError):
+    """A foreign-format file (GGUF, safetensors) cannot be converted."""

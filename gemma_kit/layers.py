@@ -1,0 +1,93 @@
+"""Small building blocks: Einsum, RMSNorm, RoPE and soft-capping.
+
+Dimension glossary, used in every einsum equation and docstring of gemma_kit:
+
+    B  batch                     T  query length            S  key (or cache) length
+    D  embed dim                 N  query heads             K  key/value heads
+    G  query heads per kv head   H  head dim                F  feed-forward hidden dim
+    V  vocabulary                C  a stacked-weights axis  L  layers
+
+Parameters may be stored in a narrower dtype (bf16) than the one computations run in. Every
+layer casts its weight to the activation dtype inside the computation: under jit XLA fuses that
+cast into the matmul, which on CPU is ~35x faster than a bf16 x bf16 matrix-vector product
+(see shared/docs/cpu-notes.md) and costs nothing on accelerators.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def _normal(stddev: float):
+    return jax.nn.initializers.normal(stddev)
+
+
+class Einsum(nnx.Module):
+    """A weight `w` applied with an einsum equation given at call time.
+
+    The parameter is called `w`, as in the official checkpoints, so the state tree of a model
+    equals the checkpoint tree.
+    """
+
+    def __init__(self, shape: Sequence[int], *, param_dtype, rngs: nnx.Rngs, stddev: float = 0.02):
+        self.w = nnx.Param(_normal(stddev)(rngs.params(), tuple(shape), param_dtype))
+
+    def __call__(self, equation: str, x: jax.Array) -> jax.Array:
+        return jnp.einsum(equation, x, self.w[...].astype(x.dtype))
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm with a zero-centred scale: x / rms(x) * (1 + scale).
+
+    The statistics and the (1 + scale) product are taken in float32 and only the result is cast
+    back: with bf16 activations a bf16 mean of squares loses most of its mantissa, and Gemma was
+    trained with the multiplication done before the cast.
+    """
+
+    def __init__(self, dim: int, *, param_dtype, eps: float = 1e-6):
+        self.scale = nnx.Param(jnp.zeros((dim,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        normed = x32 * jax.lax.rsqrt(var + self.eps)
+        return (normed * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+
+
+def apply_rope(
+    x: jax.Array, positions: jax.Array, *, base: float, scale: float = 1.0
+) -> jax.Array:
+    """Rotary position embedding, half-split form (the first H/2 features pair with the last).
+
+    Args:
+      x: [B, T, N, H] queries or keys.
+      positions: [B, T] absolute positions (integers; pads may hold anything).
+      base: the base frequency (10k for local layers, 1M for Gemma 3 global layers).
+      scale: positions are divided by this before rotating (Gemma 3 4B+ global layers: 8).
+    Returns:
+      [B, T, N, H], same dtype as x. Angles are computed in float32: at positions in the
+      tens of thousands a bf16 angle would be off by whole radians.
+    """
+    if scale < 1.0:
+        raise ValueError(f"RoPE scale must be >= 1, got {scale}")
+    half = x.shape[-1] // 2
+    inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [H/2]
+    angles = positions.astype(jnp.float32)[..., None] / scale * inv_freq  # [B, T, H/2]
+    sin = jnp.sin(angles)[:, :, None, :]
+    cos = jnp.cos(angles)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    first, second = x32[..., :half], x32[..., half:]
+    rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """cap * tanh(x / cap): bounds logits smoothly to (-cap, cap). Gemma 2 uses it twice."""
+    if cap is None:
+        return x
+    return jnp.tanh(x / cap) * cap

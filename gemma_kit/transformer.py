@@ -1,0 +1,155 @@
+"""The Gemma 2 / Gemma 3 decoder: Embedder, FeedForward, Block and Transformer.
+
+The NNX state tree of `Transformer` is the official checkpoint tree: `embedder/input_embedding`,
+`layer_{i}/attn/q_einsum/w`, `layer_{i}/mlp/gating_einsum/w`, `final_norm/scale`, ... so that
+loading a checkpoint is a restore into this tree (see gemma_kit.checkpoint).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gemma_kit.attention import Attention, causal_mask
+from gemma_kit.config import Config
+from gemma_kit.layers import Einsum, RMSNorm, softcap
+
+
+class Embedder(nnx.Module):
+    """Token embedding, shared with the output projection (tied weights)."""
+
+    def __init__(self, vocab_size: int, embed_dim: int, *, param_dtype, rngs: nnx.Rngs):
+        init = jax.nn.initializers.normal(1.0)
+        self.input_embedding = nnx.Param(init(rngs.params(), (vocab_size, embed_dim), param_dtype))
+
+    def encode(self, tokens: jax.Array, dtype) -> jax.Array:
+        """[B, T] ids -> [B, T, D] embeddings times sqrt(D).
+
+        sqrt(D) is rounded to the weights' dtype first, as in the official code and in
+        transformers: bf16 checkpoints were trained with that rounded factor (sqrt(640) is
+        25.298 exactly but 25.25 in bf16).
+        """
+        table = self.input_embedding[...]
+        scale = jnp.asarray(np.sqrt(table.shape[1]), table.dtype)
+        return table[tokens].astype(dtype) * scale.astype(dtype)
+
+    def decode(self, x: jax.Array) -> jax.Array:
+        """[B, T, D] -> [B, T, V] logits against the embedding table."""
+        return jnp.einsum("BTD,VD->BTV", x, self.input_embedding[...].astype(x.dtype))
+
+
+class FeedForward(nnx.Module):
+    """GeGLU: gelu_tanh(x W_gate) * (x W_up), then W_down.
+
+    `gating_einsum` stacks W_gate and W_up on a leading axis of 2 ([2, F, D]; Gemma 2 2B stores
+    [2, D, F]); `linear` is W_down [F, D].
+    """
+
+    def __init__(self, config: Config, *, param_dtype, rngs: nnx.Rngs):
+        D, F = config.embed_dim, config.hidden_dim
+        self.transpose_gating = config.transpose_gating
+        gating_shape = (2, F, D) if config.transpose_gating else (2, D, F)
+        self.gating_einsum = Einsum(gating_shape, param_dtype=param_dtype, rngs=rngs)
+        self.linear = Einsum((F, D), param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        equation = "BTD,CFD->CBTF" if self.transpose_gating else "BTD,CDF->CBTF"
+        gate, up = self.gating_einsum(equation, x)
+        return self.linear("BTF,FD->BTD", jax.nn.gelu(gate, approximate=True) * up)
+
+
+class Block(nnx.Module):
+    """Pre- and post-normed attention and feed-forward, each added to the residual stream."""
+
+    def __init__(self, config: Config, layer: int, *, param_dtype, rngs: nnx.Rngs):
+        D, eps = config.embed_dim, config.norm_eps
+        self.pre_attention_norm = RMSNorm(D, param_dtype=param_dtype, eps=eps)
+        self.attn = Attention(config, config.layers[layer], param_dtype=param_dtype, rngs=rngs)
+        self.post_attention_norm = RMSNorm(D, param_dtype=param_dtype, eps=eps)
+        self.pre_ffw_norm = RMSNorm(D, param_dtype=param_dtype, eps=eps)
+        self.mlp = FeedForward(config, param_dtype=param_dtype, rngs=rngs)
+        self.post_ffw_norm = RMSNorm(D, param_dtype=param_dtype, eps=eps)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+        h = x + self.post_attention_norm(self.attn(self.pre_attention_norm(x), positions, mask))
+        return h + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(h)))
+
+
+def default_positions(tokens: jax.Array, valid: jax.Array | None) -> jax.Array:
+    """Positions 0, 1, 2, ... of each row's real tokens (pads before them get position 0)."""
+    if valid is None:
+        return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+class Transformer(nnx.Module):
+    """A Gemma text model: `model(tokens) -> logits [B, T, V]`.
+
+    Args:
+      config: the static configuration (see gemma_kit.config).
+      param_dtype: dtype the weights are stored in (bf16 halves memory and bandwidth).
+      dtype: dtype activations are computed in. float32 by default: on CPU it is also the
+        fastest (weights are upcast inside the compiled step); pass bfloat16 on accelerators.
+    """
+
+    def __init__(self, config: Config, *, param_dtype=jnp.float32, dtype=jnp.float32,
+                 rngs: nnx.Rngs | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        self.embedder = Embedder(config.vocab_size, config.embed_dim, param_dtype=param_dtype,
+                                 rngs=rngs)
+        for i in range(config.num_layers):
+            setattr(self, f"layer_{i}", Block(config, i, param_dtype=param_dtype, rngs=rngs))
+        self.final_norm = RMSNorm(config.embed_dim, param_dtype=param_dtype, eps=config.norm_eps)
+
+    @property
+    def blocks(self) -> list[Block]:
+        return [getattr(self, f"layer_{i}") for i in range(self.config.num_layers)]
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """Logits of every position.
+
+        Args:
+          tokens: [B, T] int token ids.
+          positions: [B, T] absolute positions. Default: counted over the real tokens of `mask`
+            (so a left-padded row starts at 0), or 0..T-1 without a mask.
+          mask: either [B, T] (True/1 for real tokens, False/0 for padding; attention is then
+            causal over positions) or a full [B, T, T] boolean attention mask used as given.
+            Default: all tokens real. Local layers narrow either to their sliding window.
+        Returns:
+          [B, T, V] logits in the compute dtype (final soft-cap applied for Gemma 2).
+        """
+        tokens = jnp.asarray(tokens)
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
+        valid = None
+        if mask is not None:
+            mask = jnp.asarray(mask).astype(bool)
+            if mask.shape == tokens.shape:
+                valid = mask
+            elif mask.shape != (*tokens.shape, tokens.shape[1]):
+                raise ValueError(
+                    f"mask must be [B, T] = {tokens.shape} or [B, T, T], got {mask.shape}"
+                )
+        if positions is None:
+            positions = default_positions(tokens, valid)
+        positions = jnp.asarray(positions, jnp.int32)
+        if mask is None or valid is not None:
+            attn_mask = causal_mask(positions, positions)
+            if valid is not None:
+                attn_mask = attn_mask & valid[:, None, :]
+        else:
+            attn_mask = mask
+        x = self.embedder.encode(tokens, self.dtype)
+        for block in self.blocks:
+            x = block(x, positions, attn_mask)
+        x = self.final_norm(x)
+        return softcap(self.embedder.decode(x), self.config.final_logit_softcap)
