@@ -66,7 +66,9 @@ def config_from_hf(hf_config: Any, name: str = "hf") -> Config:
         head_dim=int(get("head_dim")),
         layers=tuple(layers),
         query_pre_attn_scalar=float(get("query_pre_attn_scalar")),
-        attn_logit_softcap=get("attn_logit_softcapping"),
+        # transformers' Gemma 3 keeps attn_logit_softcapping in its config but never applies
+        # it (no Gemma 3 model uses one), so the converted model must not either.
+        attn_logit_softcap=get("attn_logit_softcapping") if family == "gemma2" else None,
         final_logit_softcap=get("final_logit_softcapping"),
         use_qk_norm=family == "gemma3",
         max_context=int(get("max_position_embeddings", 8192)),

@@ -1,0 +1,91 @@
+"""The pure pieces: masks, RoPE, soft-cap, RMSNorm, grouped attention."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gemma_kit.attention import MASKED_LOGIT, attend, causal_mask, sliding_window_mask
+from gemma_kit.layers import RMSNorm, apply_rope, softcap
+
+
+def test_causal_and_window_masks_from_positions():
+    pos = jnp.arange(6)[None]
+    causal = np.asarray(causal_mask(pos, pos))[0]
+    assert (causal == np.tril(np.ones((6, 6), bool))).all()
+    local = np.asarray(causal_mask(pos, pos) & sliding_window_mask(pos, pos, 3))[0]
+    # Query 5 sees keys 3, 4, 5: the window counts the query itself.
+    assert local[5].tolist() == [False, False, False, True, True, True]
+    assert local.sum(axis=1).tolist() == [1, 2, 3, 3, 3, 3]
+
+
+def test_masks_depend_on_positions_not_slots():
+    """Keys stored out of order (a ring buffer) get the same mask as in order."""
+    q = jnp.array([[7]])
+    k_in_order = jnp.array([[4, 5, 6, 7]])
+    k_ring = jnp.array([[6, 7, 4, 5]])
+    m1 = np.asarray(causal_mask(q, k_in_order) & sliding_window_mask(q, k_in_order, 3))[0, 0]
+    m2 = np.asarray(causal_mask(q, k_ring) & sliding_window_mask(q, k_ring, 3))[0, 0]
+    assert m1.tolist() == [False, True, True, True]
+    assert m2.tolist() == [True, True, False, True]
+
+
+def test_rope_is_a_rotation_with_relative_inner_products():
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(1, 1, 1, 64)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(1, 1, 1, 64)), jnp.float32)
+
+    def rot(x, p):
+        return apply_rope(x, jnp.array([[p]]), base=10_000.0)
+
+    np.testing.assert_allclose(jnp.linalg.norm(rot(q, 37)), jnp.linalg.norm(q), rtol=1e-5)
+    # <R_m q, R_n k> depends on m - n only.
+    a = float(jnp.sum(rot(q, 10) * rot(k, 3)))
+    b = float(jnp.sum(rot(q, 107) * rot(k, 100)))
+    np.testing.assert_allclose(a, b, rtol=1e-4)
+    # Position 0 is the identity; a scale factor divides positions.
+    np.testing.assert_allclose(rot(q, 0), q, atol=1e-6)
+    np.testing.assert_allclose(apply_rope(q, jnp.array([[80]]), base=1e6, scale=8.0),
+                               apply_rope(q, jnp.array([[10]]), base=1e6), atol=1e-5)
+    with pytest.raises(ValueError):
+        apply_rope(q, jnp.array([[1]]), base=1e4, scale=0.5)
+
+
+def test_softcap_bounds_and_passes_small_values():
+    x = jnp.array([-1e4, -0.01, 0.0, 0.01, 1e4])
+    y = np.asarray(softcap(x, 30.0))
+    assert np.all(np.abs(y) <= 30.0) and y[0] == pytest.approx(-30.0)
+    np.testing.assert_allclose(y[1:4], [-0.01, 0.0, 0.01], atol=1e-7)
+    assert softcap(x, None) is x
+
+
+def test_rmsnorm_uses_one_plus_scale():
+    norm = RMSNorm(4, param_dtype=jnp.float32)
+    x = jnp.array([[1.0, 2.0, 3.0, 4.0]])
+    rms = np.sqrt(np.mean(np.square([1.0, 2.0, 3.0, 4.0])) + 1e-6)
+    np.testing.assert_allclose(norm(x), x / rms, rtol=1e-6)
+    norm.scale[...] = jnp.full((4,), 0.5)
+    np.testing.assert_allclose(norm(x), 1.5 * x / rms, rtol=1e-6)
+
+
+def test_grouped_attention_equals_repeated_kv_heads():
+    """GQA with K kv heads equals MHA whose kv heads are repeated G times."""
+    rng = np.random.default_rng(1)
+    B, T, N, K, H = 2, 5, 6, 2, 8
+    q = jnp.asarray(rng.normal(size=(B, T, N, H)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(B, T, K, H)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(B, T, K, H)), jnp.float32)
+    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+    mask = causal_mask(pos, pos)
+    grouped = attend(q, k, v, mask, logit_cap=None)
+    full = attend(q, jnp.repeat(k, N // K, axis=2), jnp.repeat(v, N // K, axis=2), mask,
+                  logit_cap=None)
+    np.testing.assert_allclose(grouped, full, atol=1e-6)
+    # A fully masked row stays finite (uniform weights) instead of turning into NaN.
+    out = attend(q, k, v, jnp.zeros((B, T, T), bool), logit_cap=None)
+    assert np.isfinite(np.asarray(out)).all()
+    assert MASKED_LOGIT < -1e38
+    # Row 0 of a causal mask attends only to key 0.
+    np.testing.assert_allclose(grouped[:, 0, :2], jnp.repeat(v, N // K, axis=2)[:, 0, :2],
+                               atol=1e-6)
+    jax.block_until_ready(grouped)
