@@ -127,6 +127,23 @@ class Transformer(nnx.Module):
         Returns:
           [B, T, V] logits in the compute dtype (final soft-cap applied for Gemma 2).
         """
+        return self.logits(self.hidden_states(tokens, positions, mask))
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Final hidden states [B, T, D] -> logits [B, T, V]."""
+        return softcap(self.embedder.decode(hidden), self.config.final_logit_softcap)
+
+    def hidden_states(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """Final-normed hidden states [B, T, D]; arguments as for `__call__`.
+
+        Callers that need the logits of a few positions only (sampling) project those alone:
+        the [D, V] output projection is the largest matmul of a small model.
+        """
         tokens = jnp.asarray(tokens)
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
@@ -151,5 +168,4 @@ class Transformer(nnx.Module):
         x = self.embedder.encode(tokens, self.dtype)
         for block in self.blocks:
             x = block(x, positions, attn_mask)
-        x = self.final_norm(x)
-        return softcap(self.embedder.decode(x), self.config.final_logit_softcap)
+        return self.final_norm(x)

@@ -1,0 +1,148 @@
+"""`gemma-kit` command line: thin subcommands over the library.
+
+Errors that gemma_kit raises on purpose are printed as one line (no traceback) with exit
+status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _dtype(name: str | None):
+    if name is None:
+        return None
+    import jax.numpy as jnp
+
+    choices = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32,
+               "f32": jnp.float32}
+    if name not in choices:
+        raise argparse.ArgumentTypeError(f"unknown dtype {name!r}; use bfloat16 or float32")
+    return choices[name]
+
+
+def _load(args):
+    """(model, tokenizer) from --ckpt/--tokenizer/--preset, or the embedded default model."""
+    from gemma_kit import default_model
+    from gemma_kit.checkpoint.official import find_tokenizer
+    from gemma_kit.errors import TokenizerError
+    from gemma_kit.loading import load_model
+    from gemma_kit.tokenizer import Tokenizer
+
+    if args.ckpt is None:
+        if args.tokenizer or args.preset:
+            raise SystemExit("error: --tokenizer and --preset need --ckpt")
+        return default_model.default_model(_dtype(args.dtype))
+    tokenizer_path = args.tokenizer or find_tokenizer(args.ckpt)
+    if tokenizer_path is None:
+        raise TokenizerError(
+            f"no tokenizer.model in or beside {args.ckpt!r}; pass --tokenizer FILE"
+        )
+    model = load_model(args.ckpt, args.preset, _dtype(args.dtype))
+    return model, Tokenizer(tokenizer_path)
+
+
+def cmd_convert(args) -> int:
+    from gemma_kit.checkpoint.convert import convert_gguf
+
+    out = convert_gguf(args.gguf, args.out, dtype=_dtype(args.dtype), overwrite=args.overwrite)
+    print(f"wrote {out} (checkpoint/ in the official Orbax layout, tokenizer.model)")
+    return 0
+
+
+def cmd_info(args) -> int:
+    import numpy as np
+
+    from gemma_kit.checkpoint import official
+
+    folder = official.find_checkpoint(args.checkpoint)
+    layout, shapes, vision = official.split_layout(official.read_metadata(folder))
+    config = official.infer_preset(shapes) if args.preset is None else args.preset
+    if isinstance(config, str):
+        from gemma_kit.config import get_preset
+
+        config = get_preset(config)
+        official.check_shapes(config, shapes)
+    leaves = official.flatten(shapes).values()
+    info = {
+        "checkpoint": str(folder),
+        "layout": layout,
+        "preset": config.name,
+        "parameters": int(sum(int(np.prod(leaf.shape)) for leaf in leaves)),
+        "dtypes": sorted({str(leaf.dtype) for leaf in leaves}),
+        "vision_encoder": "present (not loaded by text-only models)" if vision else "absent",
+        "tokenizer": str(official.find_tokenizer(args.checkpoint) or "not found"),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        width = max(map(len, info))
+        for key, value in info.items():
+            if key == "parameters":
+                value = f"{value:,}"
+            print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from gemma_kit.generate import greedy_stream
+
+    model, tokenizer = _load(args)
+    pieces = []
+    for piece in greedy_stream(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens):
+        pieces.append(piece)
+        if not args.json:
+            print(piece, end="", flush=True)
+    if args.json:
+        print(json.dumps({"prompt": args.prompt, "text": "".join(pieces)}))
+    else:
+        print()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gemma-kit", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert a GGUF file into an official Orbax checkpoint")
+    p.add_argument("--gguf", required=True, help="the .gguf file (Gemma 3)")
+    p.add_argument("--out", required=True, help="folder to create (checkpoint/ + tokenizer.model)")
+    p.add_argument("--dtype", default=None, help="bfloat16 (default) or float32")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
+    p.set_defaults(run=cmd_convert)
+
+    p = sub.add_parser("info", help="describe a checkpoint: preset, size, dtypes, layout")
+    p.add_argument("checkpoint")
+    p.add_argument("--preset", default=None, help="check against this preset instead of inferring")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_info)
+
+    p = sub.add_parser("sample", help="complete a prompt (default: the embedded Gemma 3 270M)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--ckpt", default=None, help="checkpoint folder (default: embedded model)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.model (default: found beside --ckpt)")
+    p.add_argument("--preset", default=None, help="model size (default: inferred from shapes)")
+    p.add_argument("--dtype", default=None, help="weights dtype: bfloat16 or float32")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=cmd_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gemma_kit.errors import GemmaKitError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except GemmaKitError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
