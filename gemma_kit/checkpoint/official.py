@@ -38,8 +38,11 @@ _FLAT_VISION_ROOT = "SigLiPFromPatches_0"
 _NESTED_VISION_KEY = "vision_encoder"
 # Multimodal projection weights that live in the embedder; dropped when loading text-only.
 _EMBEDDER_MM_KEYS = ("mm_input_projection", "mm_soft_embedding_norm")
-# Files that mark a folder as an Orbax checkpoint (old and new Orbax versions).
+# Files that mark a folder as an Orbax checkpoint (old and new Orbax versions). Files, never
+# folders: a model folder holds its checkpoint in a subfolder that may well be named "checkpoint".
 _ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt", "checkpoint")
+# Written by Orbax itself, so only these make it safe to delete a folder we are replacing.
+_ORBAX_OWN_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA")
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,7 +138,11 @@ def canonical_to_layout(params: Tree, layout: Layout) -> Tree:
 
 
 def _is_orbax_dir(path: pathlib.Path) -> bool:
-    return path.is_dir() and any((path / marker).exists() for marker in _ORBAX_MARKERS)
+    return path.is_dir() and any((path / marker).is_file() for marker in _ORBAX_MARKERS)
+
+
+def _written_by_orbax(path: pathlib.Path) -> bool:
+    return path.is_dir() and any((path / marker).is_file() for marker in _ORBAX_OWN_MARKERS)
 
 
 def find_checkpoint(path: str | os.PathLike) -> pathlib.Path:
@@ -279,17 +286,27 @@ def read_metadata(path: pathlib.Path) -> Tree:
     """Tree of ShapeDtypeStructs of the checkpoint, in its own layout."""
     try:
         meta = _checkpointer().metadata(path)
-        tree = getattr(getattr(meta, "item_metadata", meta), "tree", None)
-        if tree is None:
-            tree = meta.item_metadata if hasattr(meta, "item_metadata") else meta
+        item = getattr(meta, "item_metadata", meta)
+        tree = getattr(item, "tree", item)
+        if tree is None:  # orbax returns None, rather than raising, when array metadata is gone
+            raise CheckpointError(
+                f"the array metadata of {str(path)!r} is missing or damaged: the checkpoint is "
+                "incomplete or corrupt. Download or convert it again."
+            )
         return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), dict(tree))
     except CheckpointError:
         raise
     except Exception as err:  # orbax raises many types; the user needs one clear message
         raise CheckpointError(
             f"cannot read the Orbax metadata of {str(path)!r}: the checkpoint is incomplete or "
-            f"corrupt ({type(err).__name__}: {str(err)[:200]}). Download or convert it again."
+            f"corrupt ({type(err).__name__}: {_short(err)}). Download or convert it again."
         ) from err
+
+
+def _short(err: Exception) -> str:
+    """The first line of an orbax/tensorstore error, without its debugging appendix."""
+    text = str(err).split("See full TensorStore details")[0].strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
 
 
 def restore_params(
@@ -315,7 +332,7 @@ def restore_params(
     except Exception as err:
         raise CheckpointError(
             f"cannot restore the weights of {str(path)!r}: the checkpoint is incomplete or "
-            f"corrupt ({type(err).__name__}: {str(err)[:200]}). Download or convert it again."
+            f"corrupt ({type(err).__name__}: {_short(err)}). Download or convert it again."
         ) from err
     _, params, _ = split_layout(restored)
     return params
@@ -331,11 +348,15 @@ def save_params(
     """
     path = pathlib.Path(path).expanduser().absolute()
     if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(
+                f"{str(path)!r} is a file; a checkpoint is a folder, choose another path"
+            )
         if not overwrite:
             raise CheckpointError(
                 f"{str(path)!r} already exists; choose a new folder or pass overwrite=True"
             )
-        if not _is_orbax_dir(path) and any(path.iterdir()):
+        if not _written_by_orbax(path) and any(path.iterdir()):
             raise CheckpointError(
                 f"refusing to overwrite {str(path)!r}: it is not empty and not an Orbax "
                 "checkpoint, so it may hold data that is not ours to delete"
