@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gemma_kit import cache as kv_cache
 from gemma_kit.config import AttentionKind, Config
 from gemma_kit.layers import Einsum, RMSNorm, apply_rope, softcap
 
@@ -47,10 +48,12 @@ def attend(
       mask: [B, T, S] boolean.
       logit_cap: soft-cap applied to the attention logits (Gemma 2), or None.
     Returns:
-      [B, T, N, H] in the dtype of v.
+      [B, T, N, H] in the dtype of q.
     """
     B, T, N, H = q.shape
     K = k.shape[2]
+    # A bf16 cache read by an f32 computation: upcast (fused into the einsums under jit).
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
     q = q.reshape(B, T, K, N // K, H)
     # Logits and softmax in float32 whatever the compute dtype: bf16 logits of long contexts
     # lose the small differences that decide the attention weights.
@@ -106,9 +109,42 @@ class Attention(nnx.Module):
             return mask & sliding_window_mask(q_positions, k_positions, self.kind.window)
         return mask
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-        """Self-attention over x: [B, T, D] with positions [B, T] and mask [B, T, T]."""
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array | None,
+        cache: dict | None = None,
+        index: jax.Array | None = None,
+        fresh: bool = False,
+    ) -> tuple[jax.Array, dict | None]:
+        """Attention of x [B, T, D] (positions [B, T]) -> ([B, T, D], updated layer cache).
+
+        Without a cache the keys are x's own and `mask` [B, T, T] is the model-wide mask.
+        With a cache (see gemma_kit.cache) the T new keys are written at token `index` and the
+        mask comes from the slot positions; `mask`, if given, replaces the causal part and is
+        only meaningful with `fresh` (then keys are x's own too).
+          T == 1 (a decode step): write first, then attend over the slots. In a ring of W slots
+            the overwritten entry is W positions back, just outside the window.
+          fresh (the first prefill, cache known empty): attend to the new keys alone.
+          otherwise (a chat turn added to a filled cache): attend over old slots + new keys,
+            then write; writing first could evict keys the earlier new queries still need.
+        """
         q, k, v = self.project(x, positions)
-        mask = self.layer_mask(mask, positions, positions)
+        if cache is None:
+            k_pos, new_cache = positions, None
+        else:
+            new_cache = kv_cache.write(cache, k, v, positions, index)
+            if x.shape[1] == 1:
+                k, v, k_pos = new_cache["k"], new_cache["v"], new_cache["pos"]
+            elif fresh:
+                k_pos = positions
+            else:
+                k = jnp.concatenate([cache["k"].astype(k.dtype), k], axis=1)
+                v = jnp.concatenate([cache["v"].astype(v.dtype), v], axis=1)
+                k_pos = jnp.concatenate([cache["pos"], positions], axis=1)
+            causal = causal_mask(positions, k_pos) if mask is None else mask
+            mask = causal & (k_pos >= 0)[:, None, :]
+        mask = self.layer_mask(mask, positions, k_pos)
         encoded = attend(q, k, v, mask, logit_cap=self.logit_cap)
-        return self.attn_vec_einsum("BTNH,NHD->BTD", encoded)
+        return self.attn_vec_einsum("BTNH,NHD->BTD", encoded), new_cache

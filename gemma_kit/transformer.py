@@ -72,9 +72,11 @@ class Block(nnx.Module):
         self.mlp = FeedForward(config, param_dtype=param_dtype, rngs=rngs)
         self.post_ffw_norm = RMSNorm(D, param_dtype=param_dtype, eps=eps)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-        h = x + self.post_attention_norm(self.attn(self.pre_attention_norm(x), positions, mask))
-        return h + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(h)))
+    def __call__(self, x, positions, mask, cache=None, index=None, fresh=False):
+        """-> (x [B, T, D], updated layer cache or None); arguments as for Attention."""
+        attn, cache = self.attn(self.pre_attention_norm(x), positions, mask, cache, index, fresh)
+        h = x + self.post_attention_norm(attn)
+        return h + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(h))), cache
 
 
 def default_positions(tokens: jax.Array, valid: jax.Array | None) -> jax.Array:
@@ -167,5 +169,36 @@ class Transformer(nnx.Module):
             attn_mask = mask
         x = self.embedder.encode(tokens, self.dtype)
         for block in self.blocks:
-            x = block(x, positions, attn_mask)
+            x, _ = block(x, positions, attn_mask)
         return self.final_norm(x)
+
+    def extend(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        cache: dict,
+        *,
+        fresh: bool = False,
+        mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, dict]:
+        """Runs T new tokens against a KV cache (gemma_kit.cache) and writes them into it.
+
+        Args:
+          tokens: [B, T] ids; padding is marked by position -1 and never attended to.
+          positions: [B, T] absolute positions (-1 for pads).
+          cache: the cache; its "index" counts tokens written so far (pads included).
+          fresh: the cache is known to be empty (the first prefill): attend to the new keys
+            only, saving the work of scanning empty slots. A static Python bool.
+          mask: with fresh, an optional [B, T, T] mask replacing the causal one (bidirectional
+            spans); pads and sliding windows still apply.
+        Returns:
+          (final hidden states [B, T, D], updated cache).
+        """
+        index = cache["index"]
+        new_cache = {"index": index + tokens.shape[1]}
+        x = self.embedder.encode(jnp.asarray(tokens), self.dtype)
+        for i, block in enumerate(self.blocks):
+            x, new_cache[f"layer_{i}"] = block(
+                x, positions, mask, cache[f"layer_{i}"], index, fresh
+            )
+        return self.final_norm(x), new_cache
