@@ -28,3 +28,11 @@ class TokenizerError(GemmaKitError, ValueError):
 
 class ConversionError(GemmaKitError, ValueError):
     """A foreign-format file (GGUF, safetensors) cannot be converted."""
+
+
+class TokenizerNotFoundError(TokenizerError, FileNotFoundError):
+    """No tokenizer file where one was expected."""
+
+
+class ChatFormatError(GemmaKitError, ValueError):
+    """A list of chat messages that the Gemma chat format cannot express."""
