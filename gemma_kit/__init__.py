@@ -1,6 +1,13 @@
-"""gemma_kit: Gemma 2 and Gemma 3 in Flax NNX."""
+"""gemma_kit: Gemma 2 and Gemma 3 in JAX / Flax NNX.
+
+    import gemma_kit
+    model, tokenizer = gemma_kit.default_model()          # the embedded Gemma 3 270M
+    model = gemma_kit.load_model("path/to/checkpoint")    # an official Orbax checkpoint
+    logits = model(tokens)                                # [B, T] ids -> [B, T, V]
+"""
 
 from gemma_kit.config import PRESETS, Config, GlobalAttention, LocalAttention, get_preset
+from gemma_kit.embedded import default_model
 from gemma_kit.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -9,6 +16,16 @@ from gemma_kit.errors import (
     GemmaKitError,
     TokenizerError,
 )
+from gemma_kit.loading import load_model, save_checkpoint
+from gemma_kit.sampler import GenerationResult, Sampler
+from gemma_kit.tokenizer import Tokenizer
 from gemma_kit.transformer import Transformer
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS", "Config", "GlobalAttention", "LocalAttention", "get_preset", "default_model",
+    "CheckpointError", "CheckpointNotFoundError", "ConfigError", "ConversionError",
+    "GemmaKitError", "TokenizerError", "load_model", "save_checkpoint", "GenerationResult",
+    "Sampler", "Tokenizer", "Transformer",
+]

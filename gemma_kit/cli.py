@@ -25,7 +25,7 @@ def _dtype(name: str | None):
 
 def _load(args):
     """(model, tokenizer) from --ckpt/--tokenizer/--preset, or the embedded default model."""
-    from gemma_kit import default_model
+    from gemma_kit.embedded import default_model
     from gemma_kit.checkpoint.official import find_tokenizer
     from gemma_kit.errors import TokenizerError
     from gemma_kit.loading import load_model
@@ -34,7 +34,7 @@ def _load(args):
     if args.ckpt is None:
         if args.tokenizer or args.preset:
             raise SystemExit("error: --tokenizer and --preset need --ckpt")
-        return default_model.default_model(_dtype(args.dtype))
+        return default_model(_dtype(args.dtype))
     tokenizer_path = args.tokenizer or find_tokenizer(args.ckpt)
     if tokenizer_path is None:
         raise TokenizerError(

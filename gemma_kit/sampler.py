@@ -1,0 +1,383 @@
+"""KV-cached sampling: prefill, a compiled decode loop, streaming, and multi-turn chat.
+
+The path of a request: prompts -> token ids, left-padded to a length bucket (pads carry
+position -1 and are never attended to) -> one prefill over the padded batch that writes the
+cache and draws the first token -> decode steps that each feed one token per row. The
+non-streaming path runs the steps in `jax.lax.while_loop` (no host round trip per token); the
+streaming path calls the same compiled step from Python and detokenises as it goes.
+
+Shapes are static and bucketed (prompt length, cache length, number of new tokens), parameters
+and the decode state are arguments of the compiled functions (the state's buffers donated), and
+sampling settings are static values: steady-state decoding never recompiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gemma_kit import cache as kv_cache
+from gemma_kit.sampling import SamplingError, SamplingParams, sample
+
+PAD_ID = 0
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """One completion.
+
+    text: the decoded new tokens (cut right before a stop string, if one was hit).
+    tokens: ids of the new tokens (a stop token id is not included).
+    logprobs: log-probability of each new token under the model (before temperature/filters).
+    finish_reason: "stop" (stop token or string), "length" (max_new_tokens), or "cache_full".
+    """
+
+    text: str
+    tokens: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    prompt_tokens: int = 0
+
+
+def _bucket(n: int, minimum: int = 32) -> int:
+    """Rounds up to 32, 48, 64, 96, 128, 192, ...: at most a third wasted, few shapes."""
+    size = minimum
+    while True:
+        if n <= size:
+            return size
+        if n <= size * 3 // 2:
+            return size * 3 // 2
+        size *= 2
+
+
+# --------------------------------------------------------------------------------------------
+# Compiled pieces. Everything static is hashable: the graphdef (with its frozen Config), the
+# sampling settings, and tuples of ids.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    graphdef: nnx.GraphDef
+    params: SamplingParams
+    stop_ids: tuple[int, ...]
+    forbidden_ids: tuple[int, ...]
+    max_new: int  # bucketed size of the output buffers
+
+
+def _log_softmax_at(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - lse
+
+
+def _choose(static: _Static, logits: jax.Array, key: jax.Array):
+    """[B, V] logits -> (tokens [B], their model log-probabilities [B])."""
+    logits = logits.astype(jnp.float32)
+    if static.forbidden_ids:
+        logits = logits.at[:, jnp.asarray(static.forbidden_ids)].set(-jnp.inf)
+    tokens = sample(key, logits, static.params)
+    return tokens, _log_softmax_at(logits, tokens)
+
+
+def _record(static: _Static, state: dict, tokens, logprobs) -> dict:
+    step = state["step"]
+    tokens = jnp.where(state["done"], PAD_ID, tokens)
+    stopped = jnp.isin(tokens, jnp.asarray(static.stop_ids or (-1,))) & ~state["done"]
+    return dict(
+        state,
+        token=tokens,
+        tokens=jax.lax.dynamic_update_slice_in_dim(state["tokens"], tokens[:, None], step, 1),
+        logprobs=jax.lax.dynamic_update_slice_in_dim(
+            state["logprobs"], logprobs[:, None], step, 1),
+        stopped_at=jnp.where(stopped, step, state["stopped_at"]),
+        done=state["done"] | stopped,
+        step=step + 1,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("static", "length", "cache_dtype"))
+def _prefill(state_params, tokens, positions, key, *, static: _Static, length: int, cache_dtype):
+    """Prompt batch [B, P] -> decode state holding the cache and the first drawn token."""
+    model = nnx.merge(static.graphdef, state_params)
+    B = tokens.shape[0]
+    cache = kv_cache.init_cache(model.config, B, length, cache_dtype)
+    hidden, cache = model.extend(tokens, positions, cache, fresh=True)
+    key, sub = jax.random.split(key)
+    first, logprob = _choose(static, model.logits(hidden[:, -1:])[:, 0], sub)
+    state = dict(
+        cache=cache,
+        token=first,
+        position=jnp.max(positions, axis=1) + 1,
+        step=jnp.zeros((), jnp.int32),
+        tokens=jnp.full((B, static.max_new), PAD_ID, jnp.int32),
+        logprobs=jnp.zeros((B, static.max_new), jnp.float32),
+        stopped_at=jnp.full((B,), -1, jnp.int32),
+        done=jnp.zeros((B,), bool),
+        key=key,
+    )
+    return _record(static, state, first, logprob)
+
+
+def _step(static: _Static, model, state: dict) -> dict:
+    """Feeds each row's last token, draws the next one."""
+    hidden, cache = model.extend(state["token"][:, None], state["position"][:, None],
+                                 state["cache"])
+    key, sub = jax.random.split(state["key"])
+    tokens, logprobs = _choose(static, model.logits(hidden)[:, 0], sub)
+    state = dict(state, cache=cache, key=key, position=state["position"] + 1)
+    return _record(static, state, tokens, logprobs)
+
+
+def _can_continue(state: dict, limit) -> jax.Array:
+    room = state["cache"]["index"] < kv_cache.cache_length(state["cache"])
+    return (state["step"] < limit) & ~jnp.all(state["done"]) & room
+
+
+@functools.partial(jax.jit, static_argnames=("static",), donate_argnames=("state",))
+def _decode_loop(state_params, state, limit, *, static: _Static):
+    """Decodes until every row stopped, `limit` tokens were drawn, or the cache is full."""
+    model = nnx.merge(static.graphdef, state_params)
+    return jax.lax.while_loop(
+        lambda s: _can_continue(s, limit), lambda s: _step(static, model, s), state
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("static",), donate_argnames=("state",))
+def _decode_one(state_params, state, *, static: _Static):
+    model = nnx.merge(static.graphdef, state_params)
+    return _step(static, model, state)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def _extend_chunk(state_params, tokens, positions, cache, *, graphdef):
+    """Adds a chunk of tokens to a filled cache (a chat turn) and returns the last logits."""
+    model = nnx.merge(graphdef, state_params)
+    hidden, cache = model.extend(tokens, positions, cache)
+    return model.logits(hidden[:, -1:])[:, 0], cache
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _find_stop(text: str, stops: Sequence[str]) -> int:
+    """Index of the earliest stop string in text, or -1."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else -1
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest tail of text that could still grow into a stop string."""
+    keep = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if s.startswith(text[-n:]):
+                keep = max(keep, n)
+                break
+    return keep
+
+
+class Sampler:
+    """Generates text with a KV cache.
+
+    Args:
+      model: a gemma_kit Transformer.
+      tokenizer: its gemma_kit Tokenizer.
+      cache_dtype: dtype of the cached keys and values (bf16 halves their memory).
+      cache_length: fixed number of tokens (prompt + new) the cache holds. Default: sized per
+        call from the prompt and max_new_tokens (bucketed), up to the model's context.
+    """
+
+    def __init__(self, model, tokenizer, *, cache_dtype=jnp.bfloat16, cache_length=None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.cache_dtype = jnp.dtype(cache_dtype)
+        self.cache_length = cache_length
+        self.graphdef, self.params = nnx.split(model)
+
+    # -- settings -------------------------------------------------------------------------
+    def _static(self, max_new_tokens, temperature, top_k, top_p, min_p, stop_token_ids,
+                forbidden_token_ids) -> _Static:
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise SamplingError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        params = SamplingParams(float(temperature), top_k, top_p, min_p)
+        tok = self.tokenizer
+        stops = tuple(stop_token_ids) if stop_token_ids is not None else tuple(
+            i for i in (tok.eos_id, tok.end_of_turn_id) if i is not None)
+        forbidden = tuple(forbidden_token_ids) if forbidden_token_ids is not None else tuple(
+            i for i in (getattr(tok, "start_of_image_id", None),
+                        getattr(tok, "end_of_image_id", None)) if i is not None)
+        return _Static(self.graphdef, params, stops, forbidden, _bucket(max_new_tokens, 16))
+
+    def _encode(self, prompts: Sequence[str]) -> list[list[int]]:
+        encoded = []
+        for p in prompts:
+            if not isinstance(p, str):
+                raise SamplingError(f"prompts must be strings, got {type(p).__name__}")
+            if not p:
+                raise SamplingError("a prompt is empty; give at least one character of text")
+            encoded.append(self.tokenizer.encode(p, add_bos=True))
+        return encoded
+
+    def _cache_size(self, prompt_len: int, max_new: int) -> int:
+        limit = self.cache_length or self.config.max_context
+        if prompt_len >= limit:
+            where = "the Sampler's cache_length" if self.cache_length else "the model's context"
+            raise SamplingError(
+                f"the prompt has {prompt_len} tokens but {where} is {limit}: shorten the prompt"
+                + ("" if not self.cache_length else " or create the Sampler with a larger cache_length")
+            )
+        if self.cache_length:
+            return self.cache_length
+        return min(_bucket(prompt_len + max_new, 64), limit)
+
+    def _start(self, ids: list[list[int]], static: _Static, seed: int):
+        P = _bucket(max(map(len, ids)))
+        B = len(ids)
+        tokens = np.full((B, P), PAD_ID, np.int32)
+        positions = np.full((B, P), -1, np.int32)
+        for row, seq in enumerate(ids):
+            tokens[row, P - len(seq):] = seq
+            positions[row, P - len(seq):] = np.arange(len(seq))
+        length = self._cache_size(max(map(len, ids)), static.max_new)
+        length = max(length, P)  # the left-padded prompt itself must fit
+        return _prefill(self.params, jnp.asarray(tokens), jnp.asarray(positions),
+                        jax.random.key(seed), static=static, length=length,
+                        cache_dtype=self.cache_dtype)
+
+    def _result(self, state_row: dict, n_prompt: int, stops: Sequence[str]) -> GenerationResult:
+        steps, stopped_at = state_row["step"], state_row["stopped_at"]
+        count = stopped_at if stopped_at >= 0 else steps
+        tokens = [int(t) for t in state_row["tokens"][:count]]
+        logprobs = [float(x) for x in state_row["logprobs"][:count]]
+        if stopped_at >= 0:
+            reason = "stop"
+        elif steps >= state_row["max_new"]:
+            reason = "length"
+        else:
+            reason = "cache_full"
+        text = self.tokenizer.decode(tokens)
+        cut = _find_stop(text, stops) if stops else -1
+        if cut >= 0:
+            text, reason = text[:cut], "stop"
+            # Keep the tokens up to the one that completed the stop string.
+            for n in range(1, len(tokens) + 1):
+                if _find_stop(self.tokenizer.decode(tokens[:n]), stops) >= 0:
+                    tokens, logprobs = tokens[:n], logprobs[:n]
+                    break
+        return GenerationResult(text, tokens, logprobs, reason, n_prompt)
+
+    # -- public API -----------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: str | Sequence[str],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        seed: int = 0,
+        stop: str | Sequence[str] | None = None,
+        *,
+        stop_token_ids: Sequence[int] | None = None,
+        forbidden_token_ids: Sequence[int] | None = None,
+    ) -> GenerationResult | list[GenerationResult]:
+        """Completes one prompt (-> a GenerationResult) or a batch (-> a list of them).
+
+        temperature 0 is greedy; top_k / top_p / min_p filter before drawing. `stop` strings end
+        a completion where they first appear (the text stops right before them). Generation also
+        stops at <eos> and <end_of_turn> unless `stop_token_ids` says otherwise; Gemma 3's image
+        markers are never drawn unless `forbidden_token_ids` says otherwise.
+        """
+        single = isinstance(prompts, str)
+        batch = [prompts] if single else list(prompts)
+        if not batch:
+            raise SamplingError("no prompts given")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if any(not s for s in stops):
+            raise SamplingError("stop strings must be non-empty")
+        static = self._static(max_new_tokens, temperature, top_k, top_p, min_p, stop_token_ids,
+                              forbidden_token_ids)
+        ids = self._encode(batch)
+        state = self._start(ids, static, seed)
+        if not stops:
+            state = _decode_loop(self.params, state, jnp.int32(max_new_tokens), static=static)
+        else:
+            # Stop strings are found in text, on the host: decode in chunks and look after each.
+            chunk = 16
+            while True:
+                limit = min(int(state["step"]) + chunk, max_new_tokens)
+                state = _decode_loop(self.params, state, jnp.int32(limit), static=static)
+                host = jax.device_get({k: state[k] for k in ("tokens", "step", "done")})
+                steps = int(host["step"])
+                texts = [self.tokenizer.decode([t for t in row[:steps] if t != PAD_ID])
+                         for row in host["tokens"]]
+                finished = host["done"] | np.array([_find_stop(t, stops) >= 0 for t in texts])
+                if finished.all() or steps >= max_new_tokens or not bool(
+                        _can_continue(state, max_new_tokens)):
+                    break
+        host = jax.device_get({k: state[k] for k in ("tokens", "logprobs", "step", "stopped_at")})
+        results = []
+        for row, seq in enumerate(ids):
+            row_state = dict(tokens=host["tokens"][row], logprobs=host["logprobs"][row],
+                             step=int(host["step"]), stopped_at=int(host["stopped_at"][row]),
+                             max_new=max_new_tokens)
+            results.append(self._result(row_state, len(seq), stops))
+        return results[0] if single else results
+
+    def stream(
+        self,
+        prompt: str,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        seed: int = 0,
+        stop: str | Sequence[str] | None = None,
+        *,
+        stop_token_ids: Sequence[int] | None = None,
+        forbidden_token_ids: Sequence[int] | None = None,
+    ) -> Iterator[str]:
+        """Yields the completion of one prompt piece by piece; the pieces join to the text
+        `generate` returns with the same arguments."""
+        if not isinstance(prompt, str):
+            raise SamplingError("stream() takes one prompt string")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        static = self._static(max_new_tokens, temperature, top_k, top_p, min_p, stop_token_ids,
+                              forbidden_token_ids)
+        state = self._start(self._encode([prompt]), static, seed)
+        yield from self._stream_state(state, static, max_new_tokens, stops)
+
+    def _stream_state(self, state, static, max_new_tokens, stops) -> Iterator[str]:
+        tokens: list[int] = []
+        emitted = 0
+        while True:
+            token, done = jax.device_get((state["token"][0], state["done"][0]))
+            if done:
+                break
+            tokens.append(int(token))
+            text = self.tokenizer.decode(tokens)
+            cut = _find_stop(text, stops) if stops else -1
+            if cut >= 0:
+                if cut > emitted:
+                    yield text[emitted:cut]
+                return
+            safe = len(text) - (_held_back(text, stops) if stops else 0)
+            # A trailing U+FFFD is an unfinished multi-byte character: wait for its other bytes.
+            while safe > emitted and text[safe - 1] == "\ufffd":
+                safe -= 1
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+            if len(tokens) >= max_new_tokens or not bool(_can_continue(state, max_new_tokens)):
+                break
+            state = _decode_one(self.params, state, static=static)
+        text = self.tokenizer.decode(tokens)
+        if len(text) > emitted:
+            yield text[emitted:]
