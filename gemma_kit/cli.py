@@ -86,19 +86,28 @@ def cmd_info(args) -> int:
     return 0
 
 
-def cmd_sample(args) -> int:
-    from gemma_kit.generate import greedy_stream
+def _sampling_args(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
+                stop=args.stop or None)
 
+
+def cmd_sample(args) -> int:
+    from gemma_kit.sampler import Sampler
+    from gemma_kit.sampling import SamplingParams
+
+    # Check the settings before spending seconds on loading the model.
+    SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p)
     model, tokenizer = _load(args)
-    pieces = []
-    for piece in greedy_stream(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens):
-        pieces.append(piece)
-        if not args.json:
-            print(piece, end="", flush=True)
+    sampler = Sampler(model, tokenizer)
     if args.json:
-        print(json.dumps({"prompt": args.prompt, "text": "".join(pieces)}))
-    else:
-        print()
+        result = sampler.generate(args.prompt, **_sampling_args(args))
+        print(json.dumps({"prompt": args.prompt, "text": result.text, "tokens": result.tokens,
+                          "logprobs": result.logprobs, "finish_reason": result.finish_reason}))
+        return 0
+    for piece in sampler.stream(args.prompt, **_sampling_args(args)):
+        print(piece, end="", flush=True)
+    print()
     return 0
 
 
@@ -125,8 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="tokenizer.model (default: found beside --ckpt)")
     p.add_argument("--preset", default=None, help="model size (default: inferred from shapes)")
     p.add_argument("--dtype", default=None, help="weights dtype: bfloat16 or float32")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--json", action="store_true", help="print one JSON object with tokens and logprobs")
     p.set_defaults(run=cmd_sample)
     return parser
 
@@ -137,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except GemmaKitError as err:
+    except (GemmaKitError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
