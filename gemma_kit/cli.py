@@ -26,7 +26,7 @@ def _dtype(name: str | None):
 def _load(args):
     """(model, tokenizer) from --ckpt/--tokenizer/--preset, or the embedded default model."""
     from gemma_kit.embedded import default_model
-    from gemma_kit.checkpoint.official import find_tokenizer
+    from gemma_kit.checkpoint.official import find_checkpoint, find_tokenizer
     from gemma_kit.errors import TokenizerError
     from gemma_kit.loading import load_model
     from gemma_kit.tokenizer import Tokenizer
@@ -35,6 +35,7 @@ def _load(args):
         if args.tokenizer or args.preset:
             raise SystemExit("error: --tokenizer and --preset need --ckpt")
         return default_model(_dtype(args.dtype))
+    find_checkpoint(args.ckpt)  # a missing checkpoint is the error to report, not its tokenizer
     tokenizer_path = args.tokenizer or find_tokenizer(args.ckpt)
     if tokenizer_path is None:
         raise TokenizerError(
