@@ -76,11 +76,14 @@ class Attention(nnx.Module):
     def __init__(self, config: Config, kind: AttentionKind, *, param_dtype, rngs: nnx.Rngs):
         N, K, D, H = config.num_heads, config.num_kv_heads, config.embed_dim, config.head_dim
         if config.uses_qkv_einsum:
-            self.qkv_einsum = Einsum((3, N, D, H), param_dtype=param_dtype, rngs=rngs)
+            self.qkv_einsum = Einsum("BTD,CNDH->CBTNH", (3, N, D, H), param_dtype=param_dtype,
+                                     rngs=rngs)
         else:
-            self.q_einsum = Einsum((N, D, H), param_dtype=param_dtype, rngs=rngs)
-            self.kv_einsum = Einsum((2, K, D, H), param_dtype=param_dtype, rngs=rngs)
-        self.attn_vec_einsum = Einsum((N, H, D), param_dtype=param_dtype, rngs=rngs)
+            self.q_einsum = Einsum("BTD,NDH->BTNH", (N, D, H), param_dtype=param_dtype, rngs=rngs)
+            self.kv_einsum = Einsum("BTD,CKDH->CBTKH", (2, K, D, H), param_dtype=param_dtype,
+                                    rngs=rngs)
+        self.attn_vec_einsum = Einsum("BTNH,NHD->BTD", (N, H, D), param_dtype=param_dtype,
+                                      rngs=rngs)
         if config.use_qk_norm:
             self._query_norm = RMSNorm(H, param_dtype=param_dtype, eps=config.norm_eps)
             self._key_norm = RMSNorm(H, param_dtype=param_dtype, eps=config.norm_eps)
@@ -92,10 +95,10 @@ class Attention(nnx.Module):
     def project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """[B, T, D] -> scaled, rotated queries [B, T, N, H]; rotated keys and values [B, T, K, H]."""
         if hasattr(self, "qkv_einsum"):
-            q, k, v = self.qkv_einsum("BTD,CNDH->CBTNH", x)
+            q, k, v = self.qkv_einsum(x)
         else:
-            q = self.q_einsum("BTD,NDH->BTNH", x)
-            k, v = self.kv_einsum("BTD,CKDH->CBTKH", x)
+            q = self.q_einsum(x)
+            k, v = self.kv_einsum(x)
         if self.use_qk_norm:
             q = self._query_norm(q)
             k = self._key_norm(k)
@@ -147,4 +150,4 @@ class Attention(nnx.Module):
             mask = causal & (k_pos >= 0)[:, None, :]
         mask = self.layer_mask(mask, positions, k_pos)
         encoded = attend(q, k, v, mask, logit_cap=self.logit_cap)
-        return self.attn_vec_einsum("BTNH,NHD->BTD", encoded), new_cache
+        return self.attn_vec_einsum(encoded), new_cache

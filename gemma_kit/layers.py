@@ -19,6 +19,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 
@@ -27,17 +28,63 @@ def _normal(stddev: float):
 
 
 class Einsum(nnx.Module):
-    """A weight `w` applied with an einsum equation given at call time.
+    """A weight `w` applied to activations with a fixed einsum equation, e.g. "BTD,NDH->BTNH".
 
-    The parameter is called `w`, as in the official checkpoints, so the state tree of a model
-    equals the checkpoint tree.
+    The parameter is called `w` and has the official shape, so the state tree of a model equals
+    the checkpoint tree. `to_matvec_layout` can re-store `w` with its contracted axes last
+    (see there); `__call__` gives the same result either way.
     """
 
-    def __init__(self, shape: Sequence[int], *, param_dtype, rngs: nnx.Rngs, stddev: float = 0.02):
+    def __init__(self, equation: str, shape: Sequence[int], *, param_dtype, rngs: nnx.Rngs,
+                 stddev: float = 0.02):
+        inputs, self.out_spec = equation.replace(" ", "").split("->")
+        self.x_spec, self.w_spec = inputs.split(",")
+        self.equation = equation
+        if len(self.w_spec) != len(shape):
+            raise ValueError(f"equation {equation!r} does not fit a weight of shape {shape}")
         self.w = nnx.Param(_normal(stddev)(rngs.params(), tuple(shape), param_dtype))
+        # Letters of w that are contracted with x, in x's order; they must end x's spec.
+        self.contracted = "".join(c for c in self.x_spec if c in self.w_spec and c not in self.out_spec)
+        if not self.x_spec.endswith(self.contracted):
+            raise ValueError(f"{equation!r}: contracted dims must be the last dims of x")
+        self.matvec = False  # True once w is stored as [kept axes..., contracted axes...]
 
-    def __call__(self, equation: str, x: jax.Array) -> jax.Array:
-        return jnp.einsum(equation, x, self.w[...].astype(x.dtype))
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = self.w[...].astype(x.dtype)
+        if not self.matvec:
+            return jnp.einsum(self.equation, x, w)
+        # w is [kept..., contracted...]: a plain x2 @ w2.T, the form XLA's CPU backend runs as a
+        # fused, multi-threaded matrix-vector loop straight from the bf16 weights.
+        kept = "".join(c for c in self.w_spec if c not in self.contracted)
+        batch = self.x_spec[: len(self.x_spec) - len(self.contracted)]
+        n_in = int(np.prod(w.shape[len(kept):]))
+        y = x.reshape(-1, n_in) @ w.reshape(-1, n_in).T
+        y = y.reshape(*x.shape[: len(batch)], *w.shape[: len(kept)])
+        return jnp.transpose(y, [(batch + kept).index(c) for c in self.out_spec])
+
+    def matvec_permutation(self) -> tuple[int, ...]:
+        """Axes of the official `w` in matvec-layout order: kept axes, then contracted ones."""
+        kept = [i for i, c in enumerate(self.w_spec) if c not in self.contracted]
+        return tuple(kept) + tuple(self.w_spec.index(c) for c in self.contracted)
+
+
+def to_matvec_layout(model: nnx.Module) -> nnx.Module:
+    """A copy of `model` whose Einsum weights are stored contracted-axes-last.
+
+    On CPU, XLA computes x @ W^T (W row-major, the contracted axis contiguous) as a fused loop
+    that reads bf16 weights at memory speed; a contraction over a leading axis of W (the
+    official [F, D] `linear`, [N, H, D] `attn_vec_einsum`) falls back to a path several times
+    slower. Decoding one token is all matrix-vector products, so the sampler uses this layout
+    on CPU. It costs one transposed copy of the layer weights; never save such a copy as a
+    checkpoint (`gemma_kit.save_checkpoint` refuses).
+    """
+    graphdef, state = nnx.split(model)
+    copy = nnx.merge(graphdef, state)
+    for _, module in copy.iter_modules():
+        if isinstance(module, Einsum) and not module.matvec:
+            module.w = nnx.Param(jnp.transpose(module.w[...], module.matvec_permutation()))
+            module.matvec = True
+    return copy
 
 
 class RMSNorm(nnx.Module):

@@ -55,5 +55,13 @@ def save_checkpoint(
     overwrite: bool = False,
 ) -> pathlib.Path:
     """Saves the model's weights as an official Orbax checkpoint ("flat", as released, or "nested")."""
+    from gemma_kit.layers import Einsum
+    from gemma_kit.errors import CheckpointError
+
+    if any(isinstance(m, Einsum) and m.matvec for _, m in model.iter_modules()):
+        raise CheckpointError(
+            "this model's weights are in the sampler's transposed decode layout "
+            "(gemma_kit.layers.to_matvec_layout); save the original model instead"
+        )
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return official.save_params(params, path, layout=layout, overwrite=overwrite)

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from gemma_kit import cache as kv_cache
+from gemma_kit.layers import to_matvec_layout
 from gemma_kit.sampling import SamplingError, SamplingParams, sample
 
 PAD_ID = 0
@@ -190,15 +191,21 @@ class Sampler:
       cache_dtype: dtype of the cached keys and values (bf16 halves their memory).
       cache_length: fixed number of tokens (prompt + new) the cache holds. Default: sized per
         call from the prompt and max_new_tokens (bucketed), up to the model's context.
+      matvec_layout: keep a copy of the layer weights transposed for fast matrix-vector
+        products (gemma_kit.layers.to_matvec_layout). Default: on CPU only, where it is worth
+        several-fold in decode speed for one transposed copy of the layer weights.
     """
 
-    def __init__(self, model, tokenizer, *, cache_dtype=jnp.bfloat16, cache_length=None):
+    def __init__(self, model, tokenizer, *, cache_dtype=jnp.bfloat16, cache_length=None,
+                 matvec_layout: bool | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
         self.cache_dtype = jnp.dtype(cache_dtype)
         self.cache_length = cache_length
-        self.graphdef, self.params = nnx.split(model)
+        if matvec_layout is None:
+            matvec_layout = jax.default_backend() == "cpu"
+        self.graphdef, self.params = nnx.split(to_matvec_layout(model) if matvec_layout else model)
 
     # -- settings -------------------------------------------------------------------------
     def _static(self, max_new_tokens, temperature, top_k, top_p, min_p, stop_token_ids,
@@ -354,20 +361,30 @@ class Sampler:
         state = self._start(self._encode([prompt]), static, seed)
         yield from self._stream_state(state, static, max_new_tokens, stops)
 
-    def _stream_state(self, state, static, max_new_tokens, stops) -> Iterator[str]:
+    def _stream_state(self, state, static, max_new_tokens, stops, finished=None) -> Iterator[str]:
+        """Streams row 0 of a decode state whose last drawn token is state["token"].
+
+        `finished(state, result)` is called at the end with the final state (whose cache holds
+        every token fed so far) and the GenerationResult of the streamed text.
+        """
         tokens: list[int] = []
-        emitted = 0
+        logprobs: list[float] = []
+        emitted, reason, cut = 0, "length", -1
         while True:
-            token, done = jax.device_get((state["token"][0], state["done"][0]))
+            token, logprob, done = jax.device_get(
+                (state["token"][0], state["logprobs"][0, state["step"] - 1], state["done"][0]))
             if done:
+                reason = "stop"
                 break
             tokens.append(int(token))
+            logprobs.append(float(logprob))
             text = self.tokenizer.decode(tokens)
             cut = _find_stop(text, stops) if stops else -1
             if cut >= 0:
                 if cut > emitted:
                     yield text[emitted:cut]
-                return
+                reason = "stop"
+                break
             safe = len(text) - (_held_back(text, stops) if stops else 0)
             # A trailing U+FFFD is an unfinished multi-byte character: wait for its other bytes.
             while safe > emitted and text[safe - 1] == "\ufffd":
@@ -375,9 +392,159 @@ class Sampler:
             if safe > emitted:
                 yield text[emitted:safe]
                 emitted = safe
-            if len(tokens) >= max_new_tokens or not bool(_can_continue(state, max_new_tokens)):
+            if len(tokens) >= max_new_tokens:
+                break
+            if not bool(_can_continue(state, max_new_tokens)):
+                reason = "cache_full"
                 break
             state = _decode_one(self.params, state, static=static)
         text = self.tokenizer.decode(tokens)
-        if len(text) > emitted:
+        if cut >= 0:
+            text = text[:cut]
+        elif len(text) > emitted:
             yield text[emitted:]
+        if finished is not None:
+            finished(state, GenerationResult(text, tokens, logprobs, reason))
+
+
+class ChatOverflowError(SamplingError):
+    """A conversation no longer fits in the chat session's cache (overflow="error")."""
+
+
+class ChatSession:
+    """A multi-turn conversation that keeps its KV cache between turns.
+
+    Each `send` prefills only the new turn (the cache already holds the conversation so far)
+    and decodes the reply until <end_of_turn>. Gemma has no system role: `system` is folded
+    into the first user turn, as in the official chat template.
+
+    When a turn (plus max_new_tokens) no longer fits in `cache_length` tokens, the `overflow`
+    policy applies: "drop_oldest" (default) forgets the oldest exchanges, keeping the system
+    prompt, and re-reads what remains into a fresh cache; "error" raises ChatOverflowError and
+    leaves the conversation as it was. A reply cut short by a full cache ends with
+    finish_reason "cache_full" (see `last_result`).
+    """
+
+    _CHUNK = 32  # a new turn is fed in chunks of this many tokens, the remainder one by one
+
+    def __init__(self, model, tokenizer, system: str | None = None, *, cache_length: int = 4096,
+                 cache_dtype=jnp.bfloat16, overflow: str = "drop_oldest",
+                 matvec_layout: bool | None = None):
+        if overflow not in ("drop_oldest", "error"):
+            raise SamplingError(f"overflow must be 'drop_oldest' or 'error', got {overflow!r}")
+        cache_length = min(cache_length, model.config.max_context)
+        self.sampler = Sampler(model, tokenizer, cache_dtype=cache_dtype,
+                               cache_length=cache_length, matvec_layout=matvec_layout)
+        self.tokenizer = tokenizer
+        self.system = system
+        self.overflow = overflow
+        self.cache_length = cache_length
+        self.messages: list[dict] = []  # user/model turns so far (the system prompt apart)
+        self.last_result: GenerationResult | None = None
+        self.dropped_turns = 0  # exchanges forgotten under the drop_oldest policy
+        self._state = None  # decode state after the last reply; its cache holds the chat
+        self.token_ids: list[int] = []  # the conversation as the model saw it (pads aside)
+
+    def reset(self) -> None:
+        """Forgets the conversation (the system prompt stays)."""
+        self.messages, self._state, self.last_result, self.token_ids = [], None, None, []
+
+    def _history(self, messages) -> list[dict]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + messages
+
+    def _full_ids(self, messages) -> list[int]:
+        return self.tokenizer.encode(self.tokenizer.format_chat(self._history(messages)))
+
+    def send(self, message: str, **sampling) -> str:
+        """Sends a user message and returns the model's reply (sampling as Sampler.generate)."""
+        return "".join(self.stream(message, **sampling))
+
+    def stream(self, message: str, max_new_tokens: int = 256, temperature: float = 0.0,
+               top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+               seed: int = 0, stop: str | Sequence[str] | None = None) -> Iterator[str]:
+        """Like `send`, yielding the reply piece by piece."""
+        if not isinstance(message, str) or not message.strip():
+            raise SamplingError("the message is empty; type something to send")
+        sampler, tok = self.sampler, self.tokenizer
+        static = sampler._static(max_new_tokens, temperature, top_k, top_p, min_p, None, None)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        user = {"role": "user", "content": message}
+
+        if self._state is not None:
+            # Only the new turn goes in: close the model's turn, open the user's, then the
+            # model's. Chat markup tokens are atomic, so this tokenizes as the full text would.
+            new_ids = tok.encode("<end_of_turn>\n" + tok.format_chat([user]), add_bos=False)
+            used = int(self._state["cache"]["index"])
+            if used + len(new_ids) + max_new_tokens > self.cache_length:
+                self._make_room(user, max_new_tokens)
+        if self._state is None:
+            ids = self._full_ids(self.messages + [user])
+            if len(ids) + max_new_tokens > self.cache_length:
+                self._make_room(user, max_new_tokens)
+                ids = self._full_ids(self.messages + [user])
+            self.token_ids = list(ids)
+            state = sampler._start([ids], static, seed)
+        else:
+            state = self._feed(new_ids, static, seed)
+
+        def finished(final_state, result):
+            fed = int(final_state["step"]) - 1  # the last drawn token is not fed yet
+            self.token_ids += result.tokens[:fed]
+            self._state = final_state
+            self.last_result = result
+            self.messages += [user, {"role": "model", "content": result.text}]
+
+        yield from sampler._stream_state(state, static, max_new_tokens, stops, finished)
+
+    def _make_room(self, user: dict, max_new_tokens: int) -> None:
+        """Applies the overflow policy so that the next turn fits."""
+        if self.overflow == "error":
+            raise ChatOverflowError(
+                f"the conversation would exceed the cache of {self.cache_length} tokens; call "
+                "reset(), or create the ChatSession with a larger cache_length or "
+                "overflow='drop_oldest'"
+            )
+        messages = list(self.messages)
+        while messages and len(self._full_ids(messages + [user])) + max_new_tokens > self.cache_length:
+            messages = messages[2:]  # one user/model exchange
+            self.dropped_turns += 1
+        if len(self._full_ids(messages + [user])) + max_new_tokens > self.cache_length:
+            raise ChatOverflowError(
+                f"this message alone (with max_new_tokens={max_new_tokens}) does not fit in the "
+                f"cache of {self.cache_length} tokens; shorten it or lower max_new_tokens"
+            )
+        self.messages, self._state = messages, None  # re-read what remains into a fresh cache
+        self.token_ids = []
+
+    def _feed(self, new_ids: list[int], static: _Static, seed: int) -> dict:
+        """Writes all but the last new token into the cache; the decode step feeds the last."""
+        state = self._state
+        cache, index = state["cache"], int(state["position"][0])
+        if not bool(state["done"][0]):
+            # The reply ended on a length limit or a stop string: its last drawn token was
+            # never fed to the model, so it goes in first.
+            new_ids = [int(state["token"][0])] + new_ids
+        self.token_ids += new_ids
+        body = new_ids[:-1]
+        start = 0
+        while start < len(body):
+            size = self._CHUNK if len(body) - start >= self._CHUNK else 1
+            chunk = np.asarray([body[start:start + size]], np.int32)
+            pos = np.arange(index + start, index + start + size, dtype=np.int32)[None]
+            _, cache = _extend_chunk(self.sampler.params, jnp.asarray(chunk), jnp.asarray(pos),
+                                     cache, graphdef=self.sampler.graphdef)
+            start += size
+        B = 1
+        state = dict(
+            cache=cache,
+            token=jnp.asarray([new_ids[-1]], jnp.int32),
+            position=jnp.asarray([index + len(body)], jnp.int32),
+            step=jnp.zeros((), jnp.int32),
+            tokens=jnp.full((B, static.max_new), PAD_ID, jnp.int32),
+            logprobs=jnp.zeros((B, static.max_new), jnp.float32),
+            stopped_at=jnp.full((B,), -1, jnp.int32),
+            done=jnp.zeros((B,), bool),
+            key=jax.random.key(seed),
+        )
+        return _decode_one(self.sampler.params, state, static=static)

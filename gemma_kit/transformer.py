@@ -36,8 +36,14 @@ class Embedder(nnx.Module):
         return table[tokens].astype(dtype) * scale.astype(dtype)
 
     def decode(self, x: jax.Array) -> jax.Array:
-        """[B, T, D] -> [B, T, V] logits against the embedding table."""
-        return jnp.einsum("BTD,VD->BTV", x, self.input_embedding[...].astype(x.dtype))
+        """[B, T, D] -> [B, T, V] logits against the embedding table.
+
+        Written as x @ E^T rather than an einsum: XLA's CPU backend runs that form as a fused
+        matrix-vector loop over the bf16 table, ~10x faster for one token than the dot_general
+        an einsum over E's last axis lowers to.
+        """
+        table = self.input_embedding[...].astype(x.dtype)
+        return (x.reshape(-1, x.shape[-1]) @ table.T).reshape(*x.shape[:-1], table.shape[0])
 
 
 class FeedForward(nnx.Module):
@@ -49,15 +55,17 @@ class FeedForward(nnx.Module):
 
     def __init__(self, config: Config, *, param_dtype, rngs: nnx.Rngs):
         D, F = config.embed_dim, config.hidden_dim
-        self.transpose_gating = config.transpose_gating
-        gating_shape = (2, F, D) if config.transpose_gating else (2, D, F)
-        self.gating_einsum = Einsum(gating_shape, param_dtype=param_dtype, rngs=rngs)
-        self.linear = Einsum((F, D), param_dtype=param_dtype, rngs=rngs)
+        if config.transpose_gating:
+            self.gating_einsum = Einsum("BTD,CFD->CBTF", (2, F, D), param_dtype=param_dtype,
+                                        rngs=rngs)
+        else:
+            self.gating_einsum = Einsum("BTD,CDF->CBTF", (2, D, F), param_dtype=param_dtype,
+                                        rngs=rngs)
+        self.linear = Einsum("BTF,FD->BTD", (F, D), param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        equation = "BTD,CFD->CBTF" if self.transpose_gating else "BTD,CDF->CBTF"
-        gate, up = self.gating_einsum(equation, x)
-        return self.linear("BTF,FD->BTD", jax.nn.gelu(gate, approximate=True) * up)
+        gate, up = self.gating_einsum(x)
+        return self.linear(jax.nn.gelu(gate, approximate=True) * up)
 
 
 class Block(nnx.Module):

@@ -89,3 +89,23 @@ def test_grouped_attention_equals_repeated_kv_heads():
     np.testing.assert_allclose(grouped[:, 0, :2], jnp.repeat(v, N // K, axis=2)[:, 0, :2],
                                atol=1e-6)
     jax.block_until_ready(grouped)
+
+
+def test_matvec_layout_gives_the_same_logits(tiny_gemma3_config, tiny_gemma2_config, tiny_model):
+    """The transposed decode layout changes storage only: same logits, and no saving it."""
+    from gemma_kit import save_checkpoint
+    from gemma_kit.errors import CheckpointError
+    from gemma_kit.layers import Einsum, to_matvec_layout
+
+    for config in (tiny_gemma3_config, tiny_gemma2_config):  # GQA + [2,F,D]; MHA qkv + [2,D,F]
+        model = tiny_model(config, seed=5)
+        fast = to_matvec_layout(model)
+        tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 7)))
+        np.testing.assert_allclose(fast(tokens), model(tokens), atol=1e-5)
+        einsums = [m for _, m in fast.iter_modules() if isinstance(m, Einsum)]
+        assert einsums and all(m.matvec for m in einsums)
+        assert not any(m.matvec for _, m in model.iter_modules() if isinstance(m, Einsum))
+        linear = fast.layer_0.mlp.linear.w[...]
+        assert linear.shape == (config.embed_dim, config.hidden_dim)  # [D, F]: F contracted last
+        with pytest.raises(CheckpointError, match="decode layout"):
+            save_checkpoint(fast, "/nonexistent/never-written")
