@@ -112,6 +112,58 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_chat(args) -> int:
+    from gemma_kit.sampler import ChatSession
+    from gemma_kit.sampling import SamplingParams
+
+    SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p)
+    model, tokenizer = _load(args)
+    chat = ChatSession(model, tokenizer, system=args.system, cache_length=args.cache_length)
+    sampling = _sampling_args(args)
+    print(f"Chatting with {model.config.name} (/reset forgets the conversation, /exit or "
+          "Ctrl-D leaves). The embedded 270M is a pretrained model, not a chat model: expect "
+          "continuations rather than answers.", file=sys.stderr)
+    while True:
+        try:
+            message = input("> ")
+        except EOFError:
+            print()
+            return 0
+        if message.strip() in ("/exit", "/quit"):
+            return 0
+        if message.strip() == "/reset":
+            chat.reset()
+            continue
+        if not message.strip():
+            continue
+        try:
+            for piece in chat.stream(message, **sampling):
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            print(" [interrupted]", end="")
+        print()
+        if chat.dropped_turns:
+            print(f"[{chat.dropped_turns} oldest exchange(s) dropped to fit the cache]",
+                  file=sys.stderr)
+
+
+def _model_args(p) -> None:
+    p.add_argument("--ckpt", default=None, help="checkpoint folder (default: embedded model)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.model (default: found beside --ckpt)")
+    p.add_argument("--preset", default=None, help="model size (default: inferred from shapes)")
+    p.add_argument("--dtype", default=None, help="weights dtype: bfloat16 or float32")
+
+
+def _sampling_flags(p, max_new_tokens: int) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemma-kit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,19 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="complete a prompt (default: the embedded Gemma 3 270M)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--ckpt", default=None, help="checkpoint folder (default: embedded model)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.model (default: found beside --ckpt)")
-    p.add_argument("--preset", default=None, help="model size (default: inferred from shapes)")
-    p.add_argument("--dtype", default=None, help="weights dtype: bfloat16 or float32")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--min-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    _model_args(p)
+    _sampling_flags(p, max_new_tokens=64)
     p.add_argument("--json", action="store_true", help="print one JSON object with tokens and logprobs")
     p.set_defaults(run=cmd_sample)
+
+    p = sub.add_parser("chat", help="multi-turn chat in the terminal (streamed replies)")
+    _model_args(p)
+    _sampling_flags(p, max_new_tokens=256)
+    p.add_argument("--system", default=None, help="system prompt (folded into the first turn)")
+    p.add_argument("--cache-length", type=int, default=4096, help="tokens the chat can hold")
+    p.set_defaults(run=cmd_chat)
     return parser
 
 

@@ -93,3 +93,22 @@ def test_convert_the_packaged_gguf(tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
     assert main(["info", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["preset"] == "gemma3-270m"
+
+
+@pytest.mark.real_model
+def test_chat_streams_replies_over_turns(monkeypatch, capsys):
+    import io
+
+    from gemma_kit.sampler import ChatSession
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello!\n/reset\nWhat is 2+2?\n/exit\n"))
+    assert main(["chat", "--max-new-tokens", "6", "--system", "Be brief."]) == 0
+    out = capsys.readouterr().out
+    replies = [line for line in out.split("> ") if line.strip()]
+    assert len(replies) == 2  # one reply per message; /reset and /exit are commands
+    import gemma_kit
+
+    model, tokenizer = gemma_kit.default_model()
+    expected = ChatSession(model, tokenizer, system="Be brief.").send("What is 2+2?",
+                                                                       max_new_tokens=6)
+    assert replies[1].rstrip("\n") == expected
