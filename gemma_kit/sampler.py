@@ -77,11 +77,16 @@ def _log_softmax_at(logits: jax.Array, tokens: jax.Array) -> jax.Array:
 
 
 def _choose(static: _Static, logits: jax.Array, key: jax.Array):
-    """[B, V] logits -> (tokens [B], their model log-probabilities [B])."""
+    """[B, V] logits -> (tokens [B], their model log-probabilities [B]).
+
+    The log-probabilities are the model's own: taken before forbidden tokens are removed and
+    before temperature and filters reshape the distribution.
+    """
     logits = logits.astype(jnp.float32)
+    allowed = logits
     if static.forbidden_ids:
-        logits = logits.at[:, jnp.asarray(static.forbidden_ids)].set(-jnp.inf)
-    tokens = sample(key, logits, static.params)
+        allowed = logits.at[:, jnp.asarray(static.forbidden_ids)].set(-jnp.inf)
+    tokens = sample(key, allowed, static.params)
     return tokens, _log_softmax_at(logits, tokens)
 
 
@@ -231,7 +236,12 @@ class Sampler:
             encoded.append(self.tokenizer.encode(p, add_bos=True))
         return encoded
 
-    def _cache_size(self, prompt_len: int, max_new: int) -> int:
+    def _shapes(self, prompt_len: int, max_new: int) -> tuple[int, int]:
+        """(padded prompt length, cache length) for a batch whose longest prompt is prompt_len.
+
+        Padding occupies cache slots too, so the cache is sized from the padded length, and the
+        padding is trimmed where a fixed cache would otherwise lose room for new tokens.
+        """
         limit = self.cache_length or self.config.max_context
         if prompt_len >= limit:
             where = "the Sampler's cache_length" if self.cache_length else "the model's context"
@@ -239,20 +249,19 @@ class Sampler:
                 f"the prompt has {prompt_len} tokens but {where} is {limit}: shorten the prompt"
                 + ("" if not self.cache_length else " or create the Sampler with a larger cache_length")
             )
-        if self.cache_length:
-            return self.cache_length
-        return min(_bucket(prompt_len + max_new, 64), limit)
+        padded = _bucket(prompt_len)
+        length = self.cache_length or min(_bucket(padded + max_new, 64), limit)
+        padded = max(prompt_len, min(padded, length - max_new))
+        return padded, length
 
     def _start(self, ids: list[list[int]], static: _Static, seed: int):
-        P = _bucket(max(map(len, ids)))
+        P, length = self._shapes(max(map(len, ids)), static.max_new)
         B = len(ids)
         tokens = np.full((B, P), PAD_ID, np.int32)
         positions = np.full((B, P), -1, np.int32)
         for row, seq in enumerate(ids):
             tokens[row, P - len(seq):] = seq
             positions[row, P - len(seq):] = np.arange(len(seq))
-        length = self._cache_size(max(map(len, ids)), static.max_new)
-        length = max(length, P)  # the left-padded prompt itself must fit
         return _prefill(self.params, jnp.asarray(tokens), jnp.asarray(positions),
                         jax.random.key(seed), static=static, length=length,
                         cache_dtype=self.cache_dtype)
