@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """CPU throughput of gemma_kit's Sampler on the embedded Gemma 3 270M, against transformers.
 
-    python benchmarks/bench_sampler.py              # full run (~10 min on 2 cores)
+    python benchmarks/bench_sampler.py              # full run (~10 min on 2 busy cores)
     python benchmarks/bench_sampler.py --quick      # smoke test: batch 1, few tokens, one round
     python benchmarks/bench_sampler.py --markdown   # tables as markdown
     python benchmarks/bench_sampler.py --breakdown  # also time the pieces of one decode step
@@ -476,10 +476,10 @@ def main():
     ]
     if load_start[0] > 0.5 * core_count():  # before our own work: the others
         bullets.append(
-            "WARNING: the machine was busy (load average at start above): every number is low and noisy, "
-            "and the ratios are less reliable too, since torch's OpenMP threads and XLA's "
-            "thread pool do not slow down alike when the cores are shared. Re-run on a quiet "
-            "machine before quoting them.")
+            "WARNING: the machine was busy (load average at start above): every number is low "
+            "and noisy, and the ratios are less reliable too, since torch's OpenMP threads and "
+            "XLA's thread pool do not slow down alike when the cores are shared. Re-run on a "
+            "quiet machine before quoting them.")
     print("\n".join(("- " if md else "  ") + b for b in bullets) + "\n")
 
     rows = []

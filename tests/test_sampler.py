@@ -101,8 +101,7 @@ def _teacher_forced(model, ids: list[int], pad_to: int = 128) -> np.ndarray:
 # Batches and seeds.
 
 # Prompt lengths in tokens: shorter than the window (4), longer than it, just past the 32-token
-# bucket (padded to 48), and far past it (padded to 96). 31 new tokens: with these lengths the
-# padding leaves the cache room for all of them (see test_padding_does_not_eat_...).
+# bucket (padded to 48), and far past it (padded to 96).
 RAGGED = (2, 9, 33, 75)
 NEW = 31
 
@@ -257,18 +256,20 @@ def test_max_new_tokens_reached_is_length(sampler, small_tokenizer):
         assert result.tokens == longer.tokens[:n]
 
 
-def test_padding_does_not_eat_the_room_for_new_tokens(sampler, small_tokenizer):
-    # 97 tokens are padded to the 128 bucket, and 97 + 16 rounds up to a 128-slot cache that the
-    # padded prompt fills: 1 token comes back, as "cache_full", in a 256-token context. (Milder
-    # cases are common: 9 tokens with max_new_tokens=40 give 33 tokens.)
-    result = sampler.generate(_prompt(small_tokenizer, 97), max_new_tokens=16,
+@pytest.mark.parametrize("prompt_tokens, new", [(97, 16), (9, 40)])
+def test_padding_does_not_eat_the_room_for_new_tokens(sampler, small_tokenizer, prompt_tokens,
+                                                      new):
+    # Padding takes cache slots. A cache sized from the unpadded length once returned 1 token
+    # ("cache_full") for 97 tokens padded to 128 in a 97 + 16 -> 128-slot cache, and 33 of 40
+    # for 9 tokens padded to 32 in a 9 + 48 -> 64-slot cache, in a 256-token context.
+    result = sampler.generate(_prompt(small_tokenizer, prompt_tokens), max_new_tokens=new,
                               stop_token_ids=())
-    assert (len(result.tokens), result.finish_reason) == (16, "length")
+    assert (len(result.tokens), result.finish_reason) == (new, "length")
 
 
 @pytest.fixture
 def forbidding(sampler, small_tokenizer):
-    """Greedy runs with and without forbidding the first two tokens greedy decoding picks."""
+    """A greedy run forbidding the distinct tokens among the first four of the free run."""
     prompt = _prompt(small_tokenizer, 9)
     free = sampler.generate(prompt, max_new_tokens=32, stop_token_ids=())
     banned = sorted(set(free.tokens[:4]))
@@ -408,10 +409,7 @@ def real_f32_sampler(real_tokenizer):
     from gemma_kit.loading import model_from_params
 
     config, params = read_gguf(gguf_reader(), np.float32, progress=False)
-    # A fixed cache length leaves room for the long prompt however it is padded (see
-    # test_padding_does_not_eat_the_room_for_new_tokens).
-    return Sampler(model_from_params(config, params), real_tokenizer, cache_dtype=jnp.float32,
-                   cache_length=1024)
+    return Sampler(model_from_params(config, params), real_tokenizer, cache_dtype=jnp.float32)
 
 
 # transformers runs neither stop ids (its generate stops at <eos> only) nor forbidden image
