@@ -147,10 +147,15 @@ def _can_continue(state: dict, limit) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("static",), donate_argnames=("state",))
 def _decode_loop(state_params, state, limit, *, static: _Static):
     """Decodes until every row stopped, `limit` tokens were drawn, or the cache is full."""
-    model = nnx.merge(static.graphdef, state_params)
-    return jax.lax.while_loop(
-        lambda s: _can_continue(s, limit), lambda s: _step(static, model, s), state
-    )
+    def body(s):
+        # Without the barrier XLA hoists every bf16 -> f32 weight cast out of the loop: each
+        # call then converts all weights up front and every step reads the f32 copies (twice
+        # the bytes). Tying the parameters to a value that changes per step keeps the casts
+        # inside, fused into the matmuls.
+        params, token = jax.lax.optimization_barrier((state_params, s["token"]))
+        return _step(static, nnx.merge(static.graphdef, params), dict(s, token=token))
+
+    return jax.lax.while_loop(lambda s: _can_continue(s, limit), body, state)
 
 
 @functools.partial(jax.jit, static_argnames=("static",), donate_argnames=("state",))
