@@ -236,7 +236,8 @@ def main():
         log(f"prefill B={B}: compile + first call {time.perf_counter() - t:.1f} s")
         dt = timed(call, reps)
         rows.append(dict(kind="prefill", B=B, time=dt, tps=B * prefill_len / dt))
-        log(f"prefill B={B}x{prefill_len}: {dt * 1e3:.1f} ms -> {B * prefill_len / dt:.0f} tokens/s")
+        log(f"prefill B={B}x{prefill_len}: {dt * 1e3:.1f} ms -> "
+            f"{B * prefill_len / dt:.0f} tokens/s")
 
     # Report.
     def bw_cells(read, step):
