@@ -36,7 +36,8 @@ class GenerationResult:
     text: the decoded new tokens (cut right before a stop string, if one was hit).
     tokens: ids of the new tokens (a stop token id is not included).
     logprobs: log-probability of each new token under the model (before temperature/filters).
-    finish_reason: "stop" (stop token or string), "length" (max_new_tokens), or "cache_full".
+    finish_reason: "stop" (stop token or string), "length" (max_new_tokens), "cache_full", or
+      "interrupted" (a stream whose reader stopped early; text is what it was given).
     """
 
     text: str
@@ -384,41 +385,56 @@ class Sampler:
         tokens: list[int] = []
         logprobs: list[float] = []
         emitted, reason, cut = 0, "length", -1
-        while True:
-            token, logprob, done = jax.device_get(
-                (state["token"][0], state["logprobs"][0, state["step"] - 1], state["done"][0]))
-            if done:
-                reason = "stop"
-                break
-            tokens.append(int(token))
-            logprobs.append(float(logprob))
+        result = None
+        try:
+            while True:
+                token, logprob, done = jax.device_get(
+                    (state["token"][0], state["logprobs"][0, state["step"] - 1], state["done"][0]))
+                if done:
+                    reason = "stop"
+                    break
+                tokens.append(int(token))
+                logprobs.append(float(logprob))
+                text = self.tokenizer.decode(tokens)
+                cut = _find_stop(text, stops) if stops else -1
+                if cut >= 0:
+                    if cut > emitted:
+                        piece, emitted = text[emitted:cut], cut
+                        yield piece
+                    reason = "stop"
+                    break
+                safe = len(text) - (_held_back(text, stops) if stops else 0)
+                # A trailing U+FFFD is an unfinished multi-byte character: wait for its other
+                # bytes.
+                while safe > emitted and text[safe - 1] == "\ufffd":
+                    safe -= 1
+                if safe > emitted:
+                    piece, emitted = text[emitted:safe], safe
+                    yield piece
+                if len(tokens) >= max_new_tokens:
+                    break
+                if not bool(_can_continue(state, max_new_tokens)):
+                    reason = "cache_full"
+                    break
+                state = _decode_one(self.params, state, static=static)
             text = self.tokenizer.decode(tokens)
-            cut = _find_stop(text, stops) if stops else -1
             if cut >= 0:
-                if cut > emitted:
-                    yield text[emitted:cut]
-                reason = "stop"
-                break
-            safe = len(text) - (_held_back(text, stops) if stops else 0)
-            # A trailing U+FFFD is an unfinished multi-byte character: wait for its other bytes.
-            while safe > emitted and text[safe - 1] == "\ufffd":
-                safe -= 1
-            if safe > emitted:
-                yield text[emitted:safe]
-                emitted = safe
-            if len(tokens) >= max_new_tokens:
-                break
-            if not bool(_can_continue(state, max_new_tokens)):
-                reason = "cache_full"
-                break
-            state = _decode_one(self.params, state, static=static)
-        text = self.tokenizer.decode(tokens)
-        if cut >= 0:
-            text = text[:cut]
-        elif len(text) > emitted:
-            yield text[emitted:]
+                text = text[:cut]
+            result = GenerationResult(text, tokens, logprobs, reason)
+            if cut < 0 and len(text) > emitted:
+                piece, emitted = text[emitted:], len(text)
+                yield piece
+        except GeneratorExit:
+            # The reader stopped early (a stop button): the reply is what it was given, and the
+            # state after its last drawn token lets a conversation go on from there.
+            if result is None:
+                text = self.tokenizer.decode(tokens)[:emitted]
+                result = GenerationResult(text, tokens, logprobs, "interrupted")
+            if finished is not None:
+                finished(state, result)
+            raise
         if finished is not None:
-            finished(state, GenerationResult(text, tokens, logprobs, reason))
+            finished(state, result)
 
 
 class ChatOverflowError(SamplingError):
@@ -497,19 +513,42 @@ class ChatSession:
             if len(ids) + max_new_tokens > self.cache_length:
                 self._make_room(user, max_new_tokens)
                 ids = self._full_ids(self.messages + [user])
-            self.token_ids = list(ids)
-            state = sampler._start([ids], static, seed)
-        else:
-            state = self._feed(new_ids, static, seed)
+
+        recorded = False
 
         def finished(final_state, result):
+            nonlocal recorded
             fed = int(final_state["step"]) - 1  # the last drawn token is not fed yet
             self.token_ids += result.tokens[:fed]
             self._state = final_state
             self.last_result = result
             self.messages += [user, {"role": "model", "content": result.text}]
+            recorded = True
 
-        yield from sampler._stream_state(state, static, max_new_tokens, stops, finished)
+        try:
+            if self._state is None:
+                self.token_ids = list(ids)
+                state = sampler._start([ids], static, seed)
+            else:
+                state = self._feed(new_ids, static, seed)
+            yield from sampler._stream_state(state, static, max_new_tokens, stops, finished)
+        except BaseException:
+            if not recorded:
+                # Cut short inside a step (Ctrl-C, an error): the cache buffers were handed to
+                # that step and may be gone. Forget this turn; the next one re-reads the
+                # conversation into a fresh cache.
+                self._state, self.token_ids = None, []
+            raise
+
+    def undo(self) -> dict | None:
+        """Forgets the last exchange and returns its user message (to regenerate the reply or
+        edit the message), or None when there is none. The next turn re-reads what remains."""
+        if not self.messages:
+            return None
+        user = self.messages[-2]
+        self.messages = self.messages[:-2]
+        self._state, self.token_ids, self.last_result = None, [], None
+        return user
 
     def _make_room(self, user: dict, max_new_tokens: int) -> None:
         """Applies the overflow policy so that the next turn fits."""

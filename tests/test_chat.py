@@ -112,3 +112,59 @@ def test_bad_messages(model, tokenizer):
         ChatSession(model, tokenizer, overflow="truncate")
     with pytest.raises(SamplingError, match="does not fit"):
         ChatSession(model, tokenizer, cache_length=32).send("word " * 40, max_new_tokens=4)
+
+
+def _check_reply_against_reference(chat, model):
+    """The last reply equals greedy full forward passes over what the session says it saw."""
+    result = chat.last_result
+    seen = chat.token_ids
+    prompt = seen[: len(seen) - (len(result.tokens) - (result.finish_reason == "length"))]
+    assert result.tokens == _greedy_reference(model, prompt, len(result.tokens))
+
+
+def test_a_stream_closed_early_keeps_what_was_shown(model, tokenizer):
+    chat = ChatSession(model, tokenizer, cache_length=256, cache_dtype=jnp.float32)
+    chat.send("Hello there!", max_new_tokens=6)
+    stream = chat.stream("Tell me more.", max_new_tokens=12)
+    shown = next(stream) + next(stream)
+    stream.close()  # a stop button
+    assert chat.last_result.finish_reason == "interrupted"
+    assert chat.messages[-1] == {"role": "model", "content": shown}
+    assert len(chat.last_result.tokens) == 2
+    # The conversation goes on from the kept cache, as if the reply had ended there.
+    chat.send("Thanks.", max_new_tokens=6)
+    assert tokenizer.decode(chat.token_ids).count(shown) == 1
+    _check_reply_against_reference(chat, model)
+
+
+def test_an_error_inside_a_turn_forgets_only_that_turn(model, tokenizer):
+    chat = ChatSession(model, tokenizer, cache_length=256, cache_dtype=jnp.float32)
+    chat.send("Hello there!", max_new_tokens=6)
+    kept = list(chat.messages)
+    stream = chat.stream("Tell me more.", max_new_tokens=12)
+    next(stream)
+    with pytest.raises(KeyboardInterrupt):
+        stream.throw(KeyboardInterrupt)  # Ctrl-C while the reply streams
+    assert chat.messages == kept
+    reply = chat.send("Thanks.", max_new_tokens=6)
+    assert chat.messages[-2:] == [{"role": "user", "content": "Thanks."},
+                                  {"role": "model", "content": reply}]
+    assert "Tell me more." not in tokenizer.decode(chat.token_ids)
+    _check_reply_against_reference(chat, model)
+
+
+def test_undo_then_resend_regenerates_the_same_reply(model, tokenizer):
+    chat = ChatSession(model, tokenizer, system="Be brief.", cache_length=256,
+                       cache_dtype=jnp.float32)
+    assert chat.undo() is None
+    first = chat.send("Hello there!", max_new_tokens=6)
+    second = chat.send("Tell me more.", max_new_tokens=6)
+    ids_after_second = list(chat.token_ids)
+    assert chat.undo() == {"role": "user", "content": "Tell me more."}
+    assert chat.messages == [{"role": "user", "content": "Hello there!"},
+                             {"role": "model", "content": first}]
+    # Re-read from the messages rather than continued from the cache; the replies here
+    # re-tokenize to the tokens drawn, so the model sees the same conversation again.
+    assert chat.send("Tell me more.", max_new_tokens=6) == second
+    assert chat.token_ids == ids_after_second
+    _check_reply_against_reference(chat, model)
