@@ -1,9 +1,9 @@
 """Sampler: ragged batches, seeds, stop strings and ids, streaming, errors; the real 270M's greedy
 continuations against transformers' generate().
 
-Tiny-model tests use a real (small) SentencePiece model trained here on the Python reference text
-that ships with CPython, laid out like Gemma 3's (pad 0, eos 1, bos 2, unk 3, <start_of_turn> 105,
-<end_of_turn> 106, 384 pieces), so the Sampler detokenises, stops and streams on real pieces;
+Tiny-model tests use conftest's small_tokenizer, a real SentencePiece model trained on the Python
+reference text that ships with CPython, laid out like Gemma 3's (pad 0, eos 1, bos 2, unk 3,
+<start_of_turn> 105, <end_of_turn> 106, 384 pieces), so the Sampler detokenises, stops and streams on real pieces;
 the tiny model's vocabulary is the tokenizer's. A random model's text is gibberish, but stop
 strings are cut out of its own output, so every stop case is reached.
 
@@ -14,41 +14,22 @@ decode loop once (~2-5 s on 2 cores): the tests share one Sampler and a few shap
 from __future__ import annotations
 
 import functools
-import io
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pydoc_data.topics
 import pytest
-import sentencepiece as spm
 from flax import nnx
 
+from _tiny import SMALL_TEXT, SMALL_VOCAB
 from gemma_kit.errors import ConfigError
 from gemma_kit.sampler import Sampler
 from gemma_kit.sampling import SamplingError
 from gemma_kit.tokenizer import Tokenizer
 
-VOCAB = 384
-TEXT = "\n".join(pydoc_data.topics.topics[k] for k in ("for", "while", "if", "try", "with",
-                                                         "function"))
-
-
-@pytest.fixture(scope="session")
-def small_tokenizer() -> Tokenizer:
-    # 101 placeholders put <start_of_turn> at 105, where Gemma 3 has it: the Tokenizer tells
-    # Gemma versions apart by that id (or by a full-size vocabulary).
-    symbols = [f"<unused{i}>" for i in range(101)] + ["<start_of_turn>", "<end_of_turn>"]
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(TEXT.splitlines()), model_writer=model, vocab_size=VOCAB,
-        model_type="bpe", pad_id=0, eos_id=1, bos_id=2, unk_id=3, user_defined_symbols=symbols,
-        character_coverage=1.0, num_threads=1, minloglevel=2,
-    )
-    tok = Tokenizer.from_bytes(model.getvalue(), name="small-test-tokenizer")
-    assert (tok.version, tok.vocab_size, tok.start_of_turn_id, tok.end_of_turn_id) == (
-        3, VOCAB, 105, 106)
-    return tok
+VOCAB = SMALL_VOCAB
+TEXT = SMALL_TEXT
 
 
 _SHARED: dict = {}  # the conftest factory is per-test; the model and its compilations are not
