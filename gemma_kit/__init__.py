@@ -17,7 +17,8 @@ from gemma_kit.errors import (
     TokenizerError,
 )
 from gemma_kit.loading import load_model, save_checkpoint
-from gemma_kit.sampler import GenerationResult, Sampler
+from gemma_kit.sampler import ChatOverflowError, ChatSession, GenerationResult, Sampler
+from gemma_kit.sharding import make_mesh, shard_model
 from gemma_kit.tokenizer import Tokenizer
 from gemma_kit.transformer import Transformer
 
@@ -27,5 +28,6 @@ __all__ = [
     "PRESETS", "Config", "GlobalAttention", "LocalAttention", "get_preset", "default_model",
     "CheckpointError", "CheckpointNotFoundError", "ConfigError", "ConversionError",
     "GemmaKitError", "TokenizerError", "load_model", "save_checkpoint", "GenerationResult",
-    "Sampler", "Tokenizer", "Transformer",
+    "Sampler", "ChatSession", "ChatOverflowError", "Tokenizer", "Transformer", "make_mesh",
+    "shard_model",
 ]
