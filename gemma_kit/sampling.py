@@ -44,14 +44,18 @@ class SamplingParams:
     min_p: float | None = None
 
     def __post_init__(self):
+        def number(x) -> bool:  # bool is an int subclass; True as a temperature is a mistake
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
         t = self.temperature
-        if not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0):
+        if not (number(t) and t >= 0):
             raise SamplingError(f"temperature must be a finite number >= 0, got {t!r}")
-        if self.top_k is not None and not (isinstance(self.top_k, int) and self.top_k >= 1):
-            raise SamplingError(f"top_k must be an integer >= 1 or None, got {self.top_k!r}")
-        if self.top_p is not None and not (0.0 < self.top_p <= 1.0):
+        k = self.top_k
+        if k is not None and not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
+            raise SamplingError(f"top_k must be an integer >= 1 or None, got {k!r}")
+        if self.top_p is not None and not (number(self.top_p) and 0.0 < self.top_p <= 1.0):
             raise SamplingError(f"top_p must be in (0, 1] or None, got {self.top_p!r}")
-        if self.min_p is not None and not (0.0 <= self.min_p <= 1.0):
+        if self.min_p is not None and not (number(self.min_p) and 0.0 <= self.min_p <= 1.0):
             raise SamplingError(f"min_p must be in [0, 1] or None, got {self.min_p!r}")
 
     @property
@@ -132,8 +136,15 @@ def _blocked_keys(x: jax.Array) -> jax.Array:
 
 
 def filter_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
-    """Temperature-scaled logits with every token outside top-k / top-p / min-p set to -inf."""
-    x = logits.astype(jnp.float32) / params.temperature
+    """Temperature-scaled logits with every token outside top-k / top-p / min-p set to -inf.
+
+    Greedy settings (temperature 0) leave only the argmax allowed (the first, on ties): the
+    distribution sampling at temperature -> 0 tends to, without dividing by zero.
+    """
+    x = logits.astype(jnp.float32)
+    if params.greedy:
+        return jnp.where(jnp.arange(x.shape[-1]) == argmax(x)[:, None], x, NEG_INF)
+    x = x / params.temperature
     if params.top_k is not None and params.top_k < x.shape[-1]:
         x = jnp.where(_ordered_keys(x) >= kth_largest_key(x, params.top_k)[:, None], x, NEG_INF)
     if params.min_p is not None and params.min_p > 0:

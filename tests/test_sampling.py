@@ -179,6 +179,10 @@ def test_greedy_is_argmax_first_index_on_ties(logits, seed):
     assert np.asarray(argmax(jnp.asarray(logits))).tolist() == expected.tolist()
     got = sample(jax.random.key(seed), jnp.asarray(logits), SamplingParams(temperature=0.0))
     assert np.asarray(got).tolist() == expected.tolist()
+    # Filtering at temperature 0 keeps exactly the greedy token (no division by zero).
+    kept = np.isfinite(np.asarray(filter_logits(jnp.asarray(logits), SamplingParams(0.0))))
+    assert kept.sum(axis=-1).tolist() == [1] * len(expected)
+    assert kept[np.arange(len(expected)), expected].all()
 
 
 def test_argmax_ties_across_blocks_and_all_minus_inf():
@@ -329,6 +333,11 @@ def test_sample_with_filters_matches_the_renormalised_reference():
         (dict(min_p=-0.01), r"min_p must be in \[0, 1\] or None, got -0.01"),
         (dict(min_p=1.01), r"min_p must be in \[0, 1\] or None, got 1.01"),
         (dict(min_p=float("nan")), r"min_p must be in \[0, 1\] or None, got nan"),
+        # bool is an int subclass, but True is never a meant temperature or k.
+        (dict(temperature=True), "temperature must be a finite number >= 0, got True"),
+        (dict(top_k=True), "top_k must be an integer >= 1 or None, got True"),
+        (dict(top_p=True), r"top_p must be in \(0, 1\] or None, got True"),
+        (dict(top_p="0.9"), r"top_p must be in \(0, 1\] or None, got '0.9'"),
     ],
 )
 def test_sampling_params_validation(kwargs, message):
