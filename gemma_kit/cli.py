@@ -147,6 +147,19 @@ def cmd_chat(args) -> int:
                   file=sys.stderr)
 
 
+def cmd_demo(args) -> int:
+    from gemma_kit import demo
+
+    demo.preflight(args.host, args.port)  # before spending seconds on loading the model
+    model, tokenizer = _load(args)
+    lora = None
+    if args.lora:
+        model, lora = demo.load_lora(model, args.lora)
+    demo.serve(model, tokenizer, args.host, args.port, lora=lora,
+               cache_length=args.cache_length, concurrency=args.concurrency)
+    return 0
+
+
 def _model_args(p) -> None:
     p.add_argument("--ckpt", default=None, help="checkpoint folder (default: embedded model)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model (default: found beside --ckpt)")
@@ -194,6 +207,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt (folded into the first turn)")
     p.add_argument("--cache-length", type=int, default=4096, help="tokens the chat can hold")
     p.set_defaults(run=cmd_chat)
+
+    p = sub.add_parser("demo", help="chat page in the browser (Gradio; pip install "
+                       "'gemma-kit[demo]')")
+    _model_args(p)
+    p.add_argument("--lora", default=None, help="a LoRA adapter folder to apply to the model")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--cache-length", type=int, default=4096,
+                   help="tokens each conversation can hold")
+    p.add_argument("--concurrency", type=int, default=8, help="replies generated at once")
+    p.set_defaults(run=cmd_demo)
     return parser
 
 

@@ -1,0 +1,135 @@
+"""The chat demo's server side: input checks, the CLI, and 8 conversations at once through
+gradio_client against a real server on 127.0.0.1 (a tiny random model keeps it cheap).
+
+The browser tests are in test_demo_browser.py.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import socket
+
+import pytest
+
+pytest.importorskip("gradio", reason="the demo needs the [demo] extra (pip install "
+                    "'gemma-kit[demo]')")
+
+import _tiny
+from gemma_kit.cli import main
+from gemma_kit.config import GlobalAttention, LocalAttention
+from gemma_kit.demo import ChatApp, DemoError, InputError, load_image, preflight, sampling_settings
+from gemma_kit.sampler import ChatSession
+from gemma_kit.sampling import SamplingError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model():
+    """A random text model over the small real tokenizer (384 pieces, Gemma 3 chat ids)."""
+    config = _tiny.tiny_gemma3().replace(
+        name="tiny-chat", vocab_size=_tiny.SMALL_VOCAB, max_context=512,
+        layers=(LocalAttention(8), LocalAttention(8), GlobalAttention(rope_base=1e6)))
+    return _tiny.random_model(config, seed=5), _tiny.small_tokenizer()
+
+
+def test_sampling_settings_map_the_controls():
+    got = sampling_settings(0.7, 1.0, 0, 32, 123)
+    assert got == dict(temperature=0.7, top_p=None, top_k=None, max_new_tokens=32, seed=123)
+    assert sampling_settings(1.0, 0.9, 40, 8, 5)["top_p"] == 0.9
+    drawn = {sampling_settings(1.0, 0.9, 40, 8, -1)["seed"] for _ in range(4)}
+    assert all(0 <= s < 2**31 for s in drawn) and len(drawn) > 1
+    with pytest.raises(SamplingError, match="temperature"):
+        sampling_settings(-0.5, 1.0, 0, 8, 0)
+    with pytest.raises(InputError, match="at least 1"):
+        sampling_settings(1.0, 1.0, 0, 0, 0)
+
+
+def test_load_image_refuses_bad_files(tmp_path):
+    from PIL import Image
+
+    good = tmp_path / "photo.png"
+    Image.new("RGBA", (40, 30), (255, 0, 0, 128)).save(good)
+    image = load_image(good, max_bytes=2**20)
+    assert image.size == (40, 30)
+
+    with pytest.raises(InputError, match=r"photo.png is 0\.0 MB; images up to 0 MB"):
+        load_image(good, max_bytes=10)
+    text = tmp_path / "notes.png"
+    text.write_text("not an image at all")
+    with pytest.raises(InputError, match="notes.png is not an image"):
+        load_image(text, max_bytes=2**20)
+    tiff = tmp_path / "scan.tiff"
+    Image.new("RGB", (8, 8)).save(tiff)
+    with pytest.raises(InputError, match="scan.tiff is a TIFF image; accepted: PNG, JPEG"):
+        load_image(tiff, max_bytes=2**20)
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(good.read_bytes()[:-40])
+    with pytest.raises(InputError, match="cut.png is damaged"):
+        load_image(cut, max_bytes=2**20)
+    huge = tmp_path / "huge.png"
+    Image.new("1", (8000, 6000)).save(huge)  # 48 megapixels, a few kB on disk
+    with pytest.raises(InputError, match="8000x6000 pixels; images up to 40 megapixels"):
+        load_image(huge, max_bytes=2**20)
+
+
+def test_text_only_model_refuses_images_kindly(tiny_chat_model, tmp_path):
+    from PIL import Image
+
+    app = ChatApp(*tiny_chat_model, cache_length=256)
+    picture = tmp_path / "cat.png"
+    Image.new("RGB", (16, 16)).save(picture)
+    assert not app.card.vision
+    assert "images need a Gemma 3 4B, 12B or 27B checkpoint" in app.card.markdown()
+    with pytest.raises(InputError, match="reads text only.*Gemma 3 4B, 12B or 27B checkpoint"):
+        app.check_message("What is this?", [str(picture)])
+    with pytest.raises(InputError, match="the message is empty"):
+        app.check_message("   ", [])
+    assert app.check_message("  hi  ", []) == ("hi", [])
+
+
+def test_cli_reports_what_stops_the_demo(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(DemoError, match=f"cannot serve on 127.0.0.1:{port}"):
+            preflight("127.0.0.1", port)
+        assert main(["demo", "--port", str(port)]) == 2
+        assert f"error: cannot serve on 127.0.0.1:{port}" in capsys.readouterr().err
+    assert main(["demo", "--ckpt", "/no/such/checkpoint", "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "/no/such/checkpoint" in err and len(err.splitlines()) == 1
+
+
+def test_eight_parallel_conversations(tiny_chat_model):
+    """8 clients chat at once, two turns each; each gets exactly the replies its conversation
+    alone would get (sampled, each with its own seed), so no state leaks between them."""
+    from gradio_client import Client
+
+    model, tokenizer = tiny_chat_model
+    app = ChatApp(model, tokenizer, cache_length=256, concurrency=8)
+    url = app.launch("127.0.0.1", free_port(), block=False, quiet=True)
+    turns = [(f"Hello, this is client {i}.", f"Say more about {i}, please.") for i in range(8)]
+    sampling = dict(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=12)
+
+    def converse(i):
+        client = Client(url, verbose=False)
+        return [client.predict(message=m, seed=100 + i, api_name="/chat", **sampling)
+                for m in turns[i]]
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(converse, range(8)))
+    finally:
+        app.close()
+    for i in range(8):
+        alone = ChatSession(model, tokenizer, cache_length=256)
+        want = [alone.send(m, temperature=1.0, max_new_tokens=12, seed=100 + i)
+                for m in turns[i]]
+        assert got[i] == want, f"client {i}"
+    assert len({reply for replies in got for reply in replies}) == 16
