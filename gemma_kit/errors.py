@@ -36,3 +36,26 @@ class TokenizerNotFoundError(TokenizerError, FileNotFoundError):
 
 class ChatFormatError(GemmaKitError, ValueError):
     """A list of chat messages that the Gemma chat format cannot express."""
+
+
+class AdapterError(GemmaKitError, ValueError):
+    """A LoRA adapter is missing, damaged, or does not fit the model."""
+
+
+class DataError(GemmaKitError, ValueError):
+    """Training data that cannot be used; the message names the file and line."""
+
+    def __init__(self, message: str, *, path=None, line: int | None = None):
+        where = f"{path}:{line}: " if path is not None and line is not None else (
+            f"{path}: " if path is not None else "")
+        super().__init__(where + message)
+        self.path = path
+        self.line = line
+
+
+class TrainingError(GemmaKitError, RuntimeError):
+    """A fine-tuning run cannot start or continue (bad settings, a checkpoint that does not fit)."""
+
+
+class DivergenceError(TrainingError):
+    """The training loss became NaN or infinite; the last good checkpoint is left intact."""

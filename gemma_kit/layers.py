@@ -6,6 +6,7 @@ Dimension glossary, used in every einsum equation and docstring of gemma_kit:
     D  embed dim                 N  query heads             K  key/value heads
     G  query heads per kv head   H  head dim                F  feed-forward hidden dim
     V  vocabulary                C  a stacked-weights axis  L  layers
+    R  LoRA rank
 
 Parameters may be stored in a narrower dtype (bf16) than the one computations run in. Every
 layer casts its weight to the activation dtype inside the computation: under jit XLA fuses that
@@ -48,9 +49,32 @@ class Einsum(nnx.Module):
         if not self.x_spec.endswith(self.contracted):
             raise ValueError(f"{equation!r}: contracted dims must be the last dims of x")
         self.matvec = False  # True once w is stored as [kept axes..., contracted axes...]
+        # Hooks, both empty unless set by another module:
+        # - w_scale: set by gemma_kit.quant when `w` holds int8 values; a per-output-channel
+        #   scale of w's shape with the contracted axes kept at size 1.
+        # - lora: set by gemma_kit.lora; a module adding (alpha / r) * x A B to the output.
+        self.w_scale = nnx.data(None)
+        self.lora = nnx.data(None)
+
+    def kernel(self, dtype) -> jax.Array:
+        """`w` in `dtype`, in its stored layout.
+
+        An int8 `w` is multiplied by its scale here, inside the caller's compiled computation,
+        so memory holds (and a matmul reads) one byte per weight.
+        """
+        w = self.w[...].astype(dtype)
+        if self.w_scale is None:
+            return w
+        return w * self.w_scale[...].astype(dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        w = self.w[...].astype(x.dtype)
+        y = self._base(x)
+        if self.lora is not None:
+            y = y + self.lora(x)
+        return y
+
+    def _base(self, x: jax.Array) -> jax.Array:
+        w = self.kernel(x.dtype)
         if not self.matvec:
             return jnp.einsum(self.equation, x, w)
         # w is [kept..., contracted...]: a plain x2 @ w2.T, the form XLA's CPU backend runs as a
@@ -82,7 +106,11 @@ def to_matvec_layout(model: nnx.Module) -> nnx.Module:
     copy = nnx.merge(graphdef, state)
     for _, module in copy.iter_modules():
         if isinstance(module, Einsum) and not module.matvec:
-            module.w = nnx.Param(jnp.transpose(module.w[...], module.matvec_permutation()))
+            perm = module.matvec_permutation()
+            # type(...) keeps the variable kind (an int8 weight stays an int8 weight).
+            module.w = type(module.w)(jnp.transpose(module.w[...], perm))
+            if module.w_scale is not None:
+                module.w_scale = type(module.w_scale)(jnp.transpose(module.w_scale[...], perm))
             module.matvec = True
     return copy
 

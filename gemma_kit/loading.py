@@ -30,6 +30,7 @@ def load_model(
     dtype=None,
     *,
     compute_dtype=jnp.float32,
+    lora: str | os.PathLike | None = None,
 ) -> Transformer:
     """Loads a Gemma 2 / Gemma 3 text model from an official Orbax checkpoint.
 
@@ -39,12 +40,23 @@ def load_model(
         a given preset is checked against them.
       dtype: dtype to hold the weights in (cast while restoring). Default: as stored.
       compute_dtype: dtype activations are computed in (float32 by default).
+      lora: a LoRA adapter folder (gemma_kit.lora.save_adapter, `gemma-kit finetune`) to add,
+        unmerged, on top of the weights.
     Returns:
       The model; `model(tokens)` gives logits [B, T, V]. A vision encoder stored in the
       checkpoint is not read.
     """
+    if lora is not None:  # a bad adapter path is reported before seconds of loading
+        from gemma_kit.lora import read_adapter_config
+
+        read_adapter_config(lora)
     config, params, _ = official.load_params(path, preset, dtype)
-    return model_from_params(config, params, compute_dtype=compute_dtype)
+    model = model_from_params(config, params, compute_dtype=compute_dtype)
+    if lora is not None:
+        from gemma_kit.lora import load_adapter
+
+        load_adapter(model, lora)
+    return model
 
 
 def save_checkpoint(
@@ -62,6 +74,16 @@ def save_checkpoint(
         raise CheckpointError(
             "this model's weights are in the sampler's transposed decode layout "
             "(gemma_kit.layers.to_matvec_layout); save the original model instead"
+        )
+    einsums = [m for _, m in model.iter_modules() if isinstance(m, Einsum)]
+    if any(m.w_scale is not None for m in einsums):
+        raise CheckpointError(
+            "this model's weights are int8 (gemma_kit.quant); save the original model instead"
+        )
+    if any(m.lora is not None for m in einsums):
+        raise CheckpointError(
+            "this model carries an unmerged LoRA adapter; save gemma_kit.lora.merge(model) for "
+            "a full checkpoint, or gemma_kit.lora.save_adapter(model, DIR) for the adapter alone"
         )
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return official.save_params(params, path, layout=layout, overwrite=overwrite)

@@ -1,0 +1,85 @@
+"""int8 weights with per-channel float32 scales, dequantized inside the compiled computation.
+
+Each Einsum weight is stored as int8 values q and a scale s per output channel (every kept axis;
+the contracted axes are reduced, kept at size 1 so s broadcasts against q in the einsum's own
+layout):
+
+    s = max |w| over the contracted axes / 127,     q = round(w / s) in [-127, 127]
+
+and `Einsum.kernel` computes q * s in the activation dtype inside the caller's jitted function,
+so memory holds one byte per weight. Symmetric rounding bounds each weight's error by s / 2, i.e.
+by 1/254 of the largest weight of its channel.
+
+Used by QLoRA (an int8 frozen base with LoRA on top). The int8 weight keeps the name `w`
+(variable type `Int8Weight`, not `nnx.Param`, so nothing trains it and save_checkpoint refuses
+it), and `to_matvec_layout` transposes `w` and its scale together, so the sampler runs on an
+int8 model unchanged. The embedding table is left as it is (not an Einsum).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gemma_kit.errors import ConfigError
+from gemma_kit.layers import Einsum
+
+
+class Int8Weight(nnx.Variable):
+    """The int8 values of a quantized Einsum weight (frozen: not an nnx.Param)."""
+
+
+class Int8Scale(nnx.Variable):
+    """Per-channel float32 scales of an Int8Weight, broadcastable against it."""
+
+
+def contracted_axes(einsum: Einsum) -> tuple[int, ...]:
+    """Axes of the stored `w` that are contracted with x (the last ones in matvec layout)."""
+    if einsum.matvec:
+        n = len(einsum.contracted)
+        return tuple(range(einsum.w.ndim - n, einsum.w.ndim))
+    return tuple(i for i, c in enumerate(einsum.w_spec) if c in einsum.contracted)
+
+
+@functools.partial(jax.jit, static_argnames="axes")
+def quantize_int8(w: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """w -> (int8 q, float32 scale with `axes` kept at size 1); w ~= q * scale."""
+    w32 = w.astype(jnp.float32)
+    absmax = jnp.max(jnp.abs(w32), axis=axes, keepdims=True)
+    # An all-zero channel gets scale 1 (any value works; this avoids dividing by zero).
+    scale = jnp.where(absmax > 0, absmax / 127.0, 1.0)
+    q = jnp.clip(jnp.round(w32 / scale), -127, 127).astype(jnp.int8)
+    return q, scale
+
+
+def quantize_model(model: nnx.Module) -> nnx.Module:
+    """A copy of `model` whose Einsum weights are int8 with per-channel scales.
+
+    The copy shares every other array (embedding, norms, LoRA factors) with `model`; the
+    original model is unchanged.
+    """
+    graphdef, state = nnx.split(model)
+    copy = nnx.merge(graphdef, state)
+    for _, module in copy.iter_modules():
+        if not isinstance(module, Einsum) or module.w_scale is not None:
+            continue
+        if not jnp.issubdtype(module.w.dtype, jnp.floating):
+            raise ConfigError(f"cannot quantize a weight of dtype {module.w.dtype}")
+        q, scale = quantize_int8(module.w[...], contracted_axes(module))
+        module.w = Int8Weight(q)
+        module.w_scale = Int8Scale(scale)
+    return copy
+
+
+def is_quantized(model: nnx.Module) -> bool:
+    return any(isinstance(m, Einsum) and m.w_scale is not None for _, m in model.iter_modules())
+
+
+def weight_bytes(model: nnx.Module) -> int:
+    """Bytes of every array the model holds (int8 weights count one byte each)."""
+    leaves = jax.tree.leaves(nnx.state(model))
+    return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in leaves))
