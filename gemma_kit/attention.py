@@ -36,6 +36,27 @@ def sliding_window_mask(q_positions: jax.Array, k_positions: jax.Array, window: 
     return jnp.abs(distance) < window
 
 
+def image_blocks(is_image: jax.Array) -> jax.Array:
+    """[B, T] bool (True at image soft-token slots) -> [B, T] int32 block ids.
+
+    0 for text; k for the slots of the k-th image of the row (a run of consecutive slots: the
+    markers around every image keep two images apart).
+    """
+    previous = jnp.pad(is_image[:, :-1], ((0, 0), (1, 0)))
+    starts = is_image & ~previous
+    return jnp.where(is_image, jnp.cumsum(starts, axis=1, dtype=jnp.int32), 0)
+
+
+def image_block_mask(q_blocks: jax.Array, k_blocks: jax.Array) -> jax.Array:
+    """[B, T], [B, S] image block ids (0 = text) -> [B, T, S]: query and key in the same image.
+
+    OR-ed with the causal mask it lets the soft tokens of one image see each other in both
+    directions while text stays causal; a local layer's sliding window still cuts the result
+    (as in the official code: gm/utils/_attention_mask.py, then create_sliding_mask).
+    """
+    return (q_blocks[:, :, None] == k_blocks[:, None, :]) & (q_blocks[:, :, None] > 0)
+
+
 def attend(
     q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, logit_cap: float | None
 ) -> jax.Array:
@@ -125,8 +146,9 @@ class Attention(nnx.Module):
 
         Without a cache the keys are x's own and `mask` [B, T, T] is the model-wide mask.
         With a cache (see gemma_kit.cache) the T new keys are written at token `index` and the
-        mask comes from the slot positions; `mask`, if given, replaces the causal part and is
-        only meaningful with `fresh` (then keys are x's own too).
+        mask comes from the slot positions; `mask`, if given ([B, T, T] over the new keys, e.g.
+        causal plus bidirectional image blocks), replaces the causal part among the new keys,
+        while cached keys, all earlier, are seen causally. A single token ignores it.
           T == 1 (a decode step): write first, then attend over the slots. In a ring of W slots
             the overwritten entry is W positions back, just outside the window.
           fresh (the first prefill, cache known empty): attend to the new keys alone.
@@ -140,12 +162,15 @@ class Attention(nnx.Module):
             new_cache = kv_cache.write(cache, k, v, positions, index)
             if x.shape[1] == 1:
                 k, v, k_pos = new_cache["k"], new_cache["v"], new_cache["pos"]
+                mask = None  # one token: its own block is itself, which causality covers
             elif fresh:
                 k_pos = positions
             else:
                 k = jnp.concatenate([cache["k"].astype(k.dtype), k], axis=1)
                 v = jnp.concatenate([cache["v"].astype(v.dtype), v], axis=1)
                 k_pos = jnp.concatenate([cache["pos"], positions], axis=1)
+                if mask is not None:
+                    mask = jnp.concatenate([causal_mask(positions, cache["pos"]), mask], axis=-1)
             causal = causal_mask(positions, k_pos) if mask is None else mask
             mask = causal & (k_pos >= 0)[:, None, :]
         mask = self.layer_mask(mask, positions, k_pos)

@@ -48,6 +48,63 @@ AttentionKind = Union[GlobalAttention, LocalAttention]
 
 
 @dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """The SigLIP image encoder of Gemma 3 4B/12B/27B (ViT So400m/14) and its soft tokens.
+
+    Defaults are the official sizes (google-deepmind/gemma `gemma/gm/nn/vision/_vision_utils.py`
+    ViTModel and `_vision.py` SigLiPFromPatches): an image of `image_size`^2 pixels is cut into
+    (image_size / patch_size)^2 patches (64 x 64 = 4096), encoded, and average-pooled to
+    `num_soft_tokens` (256) soft tokens of `width` features, which the text model's embedder
+    normalises and projects to its embed dim.
+    """
+
+    width: int = 1152  # W
+    depth: int = 27
+    mlp_dim: int = 4304
+    num_heads: int = 16
+    patch_size: int = 14
+    image_size: int = 896
+    num_soft_tokens: int = 256  # M, per image, after pooling
+    norm_eps: float = 1e-6  # the encoder's LayerNorms (flax and transformers default)
+
+    def __post_init__(self):
+        for field in ("width", "depth", "mlp_dim", "num_heads", "patch_size", "image_size",
+                      "num_soft_tokens"):
+            if getattr(self, field) < 1:
+                raise ConfigError(f"VisionConfig: {field} must be >= 1, got {getattr(self, field)}")
+        if self.width % self.num_heads:
+            raise ConfigError(
+                f"VisionConfig: width ({self.width}) must be a multiple of num_heads "
+                f"({self.num_heads})")
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"VisionConfig: image_size ({self.image_size}) must be a multiple of patch_size "
+                f"({self.patch_size})")
+        side, out = self.patches_per_side, int(round(self.num_soft_tokens ** 0.5))
+        if out * out != self.num_soft_tokens or side % out:
+            raise ConfigError(
+                f"VisionConfig: num_soft_tokens ({self.num_soft_tokens}) must be a square whose "
+                f"side divides the {side} patches per side (the pooling window is square)")
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:  # P
+        return self.patches_per_side ** 2
+
+    @property
+    def pool_window(self) -> int:
+        """Side of the square average-pooling window (4 for 64 patches -> 16 soft tokens/side)."""
+        return self.patches_per_side // int(round(self.num_soft_tokens ** 0.5))
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """Everything that fixes the shapes and numerics of a Gemma text model.
 
@@ -74,6 +131,10 @@ class Config:
     transpose_gating: bool = True
     # The official checkpoint of this size also carries the SigLIP vision encoder.
     has_vision: bool = False
+    # Sizes of that encoder when they are not the official ones (tiny test models); see
+    # `vision`. A Transformer builds the encoder only when asked (`with_vision=True`;
+    # load_model does so when the checkpoint holds one).
+    vision_config: VisionConfig | None = None
     max_context: int = 8192
     norm_eps: float = 1e-6
 
@@ -108,6 +169,10 @@ class Config:
             )
         if self.head_dim % 2:
             raise ConfigError(f"Config {self.name!r}: head_dim must be even for RoPE")
+        if self.vision_config is not None and not self.has_vision:
+            raise ConfigError(
+                f"Config {self.name!r}: vision_config is set but has_vision is False; pass "
+                "has_vision=True for a model with an image encoder")
         for cap in ("attn_logit_softcap", "final_logit_softcap"):
             value = getattr(self, cap)
             if value is not None and not value > 0:
@@ -116,6 +181,13 @@ class Config:
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    @property
+    def vision(self) -> VisionConfig | None:
+        """The image encoder's sizes: vision_config, else the official SigLIP when has_vision."""
+        if self.vision_config is not None:
+            return self.vision_config
+        return VisionConfig() if self.has_vision else None
 
     @property
     def uses_qkv_einsum(self) -> bool:

@@ -38,6 +38,11 @@ class ChatFormatError(GemmaKitError, ValueError):
     """A list of chat messages that the Gemma chat format cannot express."""
 
 
+class ImageError(GemmaKitError, ValueError):
+    """An image that cannot be read or used: a damaged or unsupported file, an empty image,
+    images that do not match the prompt's markers, or images given to a text-only model."""
+
+
 class AdapterError(GemmaKitError, ValueError):
     """A LoRA adapter is missing, damaged, or does not fit the model."""
 

@@ -18,7 +18,10 @@ def model_from_params(config: Config, params: dict, *, compute_dtype=jnp.float32
 
     `params` is the canonical tree (gemma_kit.checkpoint.official); each array keeps its dtype.
     """
-    abstract = nnx.eval_shape(lambda: Transformer(config, dtype=compute_dtype))
+    # An image encoder in the tree (vision_encoder/...) makes a model that takes images.
+    vision = "vision_encoder" in params
+    abstract = nnx.eval_shape(lambda: Transformer(config, dtype=compute_dtype,
+                                                  with_vision=vision))
     graphdef, state = nnx.split(abstract)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
@@ -30,6 +33,7 @@ def load_model(
     dtype=None,
     *,
     compute_dtype=jnp.float32,
+    text_only: bool = False,
     lora: str | os.PathLike | None = None,
 ) -> Transformer:
     """Loads a Gemma 2 / Gemma 3 text model from an official Orbax checkpoint.
@@ -40,17 +44,20 @@ def load_model(
         a given preset is checked against them.
       dtype: dtype to hold the weights in (cast while restoring). Default: as stored.
       compute_dtype: dtype activations are computed in (float32 by default).
+      text_only: skip the image encoder of a Gemma 3 4B/12B/27B checkpoint (saves its ~0.4B
+        float32 parameters; the model then rejects images).
       lora: a LoRA adapter folder (gemma_kit.lora.save_adapter, `gemma-kit finetune`) to add,
         unmerged, on top of the weights.
     Returns:
-      The model; `model(tokens)` gives logits [B, T, V]. A vision encoder stored in the
-      checkpoint is not read.
+      The model; `model(tokens)` gives logits [B, T, V]. An image encoder stored in an
+      official checkpoint is loaded too, in float32, unless `text_only` (`model.has_vision`
+      says which; only then do the model and the sampler accept images).
     """
     if lora is not None:  # a bad adapter path is reported before seconds of loading
         from gemma_kit.lora import read_adapter_config
 
         read_adapter_config(lora)
-    config, params, _ = official.load_params(path, preset, dtype)
+    config, params, _ = official.load_params(path, preset, dtype, vision=not text_only)
     model = model_from_params(config, params, compute_dtype=compute_dtype)
     if lora is not None:
         from gemma_kit.lora import load_adapter

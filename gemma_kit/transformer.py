@@ -12,17 +12,38 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gemma_kit.attention import Attention, causal_mask
+from gemma_kit.attention import Attention, causal_mask, image_block_mask, image_blocks
 from gemma_kit.config import Config
+from gemma_kit.errors import ConfigError, ImageError
 from gemma_kit.layers import Einsum, RMSNorm, softcap
+from gemma_kit.vision import prompt as image_prompt
+from gemma_kit.vision.siglip import SigLiPFromPatches
 
 
 class Embedder(nnx.Module):
-    """Token embedding, shared with the output projection (tied weights)."""
+    """Token embedding, shared with the output projection (tied weights).
 
-    def __init__(self, vocab_size: int, embed_dim: int, *, param_dtype, rngs: nnx.Rngs):
+    With `vision_width` it also holds the multimodal projection of Gemma 3 4B+ (official names):
+    `mm_soft_embedding_norm` (RMSNorm over the encoder width W) and `mm_input_projection`
+    ([W, D]), which map the image encoder's soft tokens into the embedding space.
+    """
+
+    def __init__(self, vocab_size: int, embed_dim: int, *, param_dtype, rngs: nnx.Rngs,
+                 vision_width: int | None = None, vision_param_dtype=jnp.float32):
         init = jax.nn.initializers.normal(1.0)
         self.input_embedding = nnx.Param(init(rngs.params(), (vocab_size, embed_dim), param_dtype))
+        if vision_width is not None:
+            self.mm_soft_embedding_norm = RMSNorm(vision_width, param_dtype=vision_param_dtype)
+            self.mm_input_projection = Einsum("IMW,WD->IMD", (vision_width, embed_dim),
+                                              param_dtype=vision_param_dtype, rngs=rngs)
+
+    def encode_vision(self, soft_tokens: jax.Array) -> jax.Array:
+        """[I, M, W] soft tokens of the image encoder -> [I, M, D] embeddings.
+
+        Not multiplied by sqrt(D): the projection was trained to land where scaled token
+        embeddings are (official Embedder.encode_vision; transformers' projector likewise).
+        """
+        return self.mm_input_projection(self.mm_soft_embedding_norm(soft_tokens))
 
     def encode(self, tokens: jax.Array, dtype) -> jax.Array:
         """[B, T] ids -> [B, T, D] embeddings times sqrt(D).
@@ -105,25 +126,79 @@ class Transformer(nnx.Module):
     """
 
     def __init__(self, config: Config, *, param_dtype=jnp.float32, dtype=jnp.float32,
-                 rngs: nnx.Rngs | None = None):
+                 rngs: nnx.Rngs | None = None, with_vision: bool = False):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = config
         self.dtype = jnp.dtype(dtype)
+        if with_vision and config.vision is None:
+            raise ConfigError(
+                f"Config {config.name!r} has no image encoder (has_vision=False); build it with "
+                "with_vision=False, or use a Gemma 3 4B/12B/27B config")
+        vision_width = config.vision.width if with_vision else None
         self.embedder = Embedder(config.vocab_size, config.embed_dim, param_dtype=param_dtype,
-                                 rngs=rngs)
+                                 rngs=rngs, vision_width=vision_width)
         for i in range(config.num_layers):
             setattr(self, f"layer_{i}", Block(config, i, param_dtype=param_dtype, rngs=rngs))
         self.final_norm = RMSNorm(config.embed_dim, param_dtype=param_dtype, eps=config.norm_eps)
+        if with_vision:
+            # float32 whatever param_dtype says: the released checkpoints store the encoder so.
+            self.vision_encoder = SigLiPFromPatches(config.vision, param_dtype=jnp.float32,
+                                                    rngs=rngs)
 
     @property
     def blocks(self) -> list[Block]:
         return [getattr(self, f"layer_{i}") for i in range(self.config.num_layers)]
+
+    @property
+    def has_vision(self) -> bool:
+        """Whether this model holds an image encoder (and so accepts images)."""
+        return hasattr(self, "vision_encoder")
+
+    def require_vision(self) -> None:
+        """Raises ImageError when this model cannot take images."""
+        if not self.has_vision:
+            raise ImageError(
+                f"this {self.config.name} model has no image encoder, so it cannot read images: "
+                "load a Gemma 3 4B/12B/27B checkpoint with its vision weights (load_model's "
+                "default), or send text only")
+
+    def encode_images(self, pixels: jax.Array) -> jax.Array:
+        """Preprocessed images [I, S, S, 3] (gemma_kit.vision.preprocess) -> [I, M, D].
+
+        The embeddings that go into the soft-token slots, in the compute dtype. The encoder
+        itself runs in float32.
+        """
+        self.require_vision()
+        soft = self.vision_encoder(jnp.asarray(pixels, jnp.float32))
+        return self.embedder.encode_vision(soft).astype(self.dtype)
+
+    def _embed(self, tokens: jax.Array, images, image_embeddings):
+        """Token embeddings [B, T, D] with image embeddings merged at the soft-token slots, and
+        the slots' image block ids [B, T] (None without images)."""
+        if images is None and image_embeddings is None:
+            return self.embedder.encode(tokens, self.dtype), None
+        if images is not None:
+            images = jnp.asarray(images)
+            if images.ndim != 5:
+                raise ImageError(
+                    f"images must be [batch, images per row, S, S, 3], got shape {images.shape}")
+            B, I = images.shape[:2]
+            image_embeddings = self.encode_images(images.reshape(B * I, *images.shape[2:]))
+            image_embeddings = image_embeddings.reshape(B, I, *image_embeddings.shape[1:])
+        else:
+            self.require_vision()
+        soft = image_prompt.soft_token_mask(tokens)
+        x = self.embedder.encode(jnp.where(soft, 0, tokens), self.dtype)
+        return image_prompt.merge_embeddings(x, image_embeddings, soft), image_blocks(soft)
 
     def __call__(
         self,
         tokens: jax.Array,
         positions: jax.Array | None = None,
         mask: jax.Array | None = None,
+        *,
+        images: jax.Array | None = None,
+        image_embeddings: jax.Array | None = None,
     ) -> jax.Array:
         """Logits of every position.
 
@@ -134,10 +209,17 @@ class Transformer(nnx.Module):
           mask: either [B, T] (True/1 for real tokens, False/0 for padding; attention is then
             causal over positions) or a full [B, T, T] boolean attention mask used as given.
             Default: all tokens real. Local layers narrow either to their sliding window.
+          images: [B, I, S, S, 3] preprocessed images (gemma_kit.vision.preprocess), the I
+            images of each row in the order of its soft-token slots (rows with fewer images are
+            padded with anything). `tokens` then holds SOFT_TOKEN (-2) at the slots
+            (gemma_kit.vision.prompt.expand_markers), whose soft tokens attend to those of the
+            same image in both directions when the mask is built here ([B, T] or None).
+          image_embeddings: instead of images, their encode_images() output [B, I, M, D].
         Returns:
           [B, T, V] logits in the compute dtype (final soft-cap applied for Gemma 2).
         """
-        return self.logits(self.hidden_states(tokens, positions, mask))
+        return self.logits(self.hidden_states(tokens, positions, mask, images=images,
+                                              image_embeddings=image_embeddings))
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final hidden states [B, T, D] -> logits [B, T, V]."""
@@ -148,6 +230,9 @@ class Transformer(nnx.Module):
         tokens: jax.Array,
         positions: jax.Array | None = None,
         mask: jax.Array | None = None,
+        *,
+        images: jax.Array | None = None,
+        image_embeddings: jax.Array | None = None,
     ) -> jax.Array:
         """Final-normed hidden states [B, T, D]; arguments as for `__call__`.
 
@@ -169,13 +254,15 @@ class Transformer(nnx.Module):
         if positions is None:
             positions = default_positions(tokens, valid)
         positions = jnp.asarray(positions, jnp.int32)
+        x, blocks = self._embed(tokens, images, image_embeddings)
         if mask is None or valid is not None:
             attn_mask = causal_mask(positions, positions)
+            if blocks is not None:
+                attn_mask = attn_mask | image_block_mask(blocks, blocks)
             if valid is not None:
                 attn_mask = attn_mask & valid[:, None, :]
         else:
             attn_mask = mask
-        x = self.embedder.encode(tokens, self.dtype)
         for block in self.blocks:
             x, _ = block(x, positions, attn_mask)
         return self.final_norm(x)
@@ -188,6 +275,7 @@ class Transformer(nnx.Module):
         *,
         fresh: bool = False,
         mask: jax.Array | None = None,
+        image_embeddings: jax.Array | None = None,
     ) -> tuple[jax.Array, dict]:
         """Runs T new tokens against a KV cache (gemma_kit.cache) and writes them into it.
 
@@ -197,14 +285,20 @@ class Transformer(nnx.Module):
           cache: the cache; its "index" counts tokens written so far (pads included).
           fresh: the cache is known to be empty (the first prefill): attend to the new keys
             only, saving the work of scanning empty slots. A static Python bool.
-          mask: with fresh, an optional [B, T, T] mask replacing the causal one (bidirectional
-            spans); pads and sliding windows still apply.
+          mask: an optional [B, T, T] mask among the new tokens replacing the causal one
+            (bidirectional spans); cached tokens are seen causally, pads and sliding windows
+            still apply.
+          image_embeddings: [B, I, M, D] (encode_images) for the SOFT_TOKEN slots of `tokens`;
+            the default mask then lets each image's slots see each other. An image's slots
+            must all come in one call.
         Returns:
           (final hidden states [B, T, D], updated cache).
         """
         index = cache["index"]
         new_cache = {"index": index + tokens.shape[1]}
-        x = self.embedder.encode(jnp.asarray(tokens), self.dtype)
+        x, blocks = self._embed(jnp.asarray(tokens), None, image_embeddings)
+        if blocks is not None and mask is None:
+            mask = causal_mask(positions, positions) | image_block_mask(blocks, blocks)
         for i, block in enumerate(self.blocks):
             x, new_cache[f"layer_{i}"] = block(
                 x, positions, mask, cache[f"layer_{i}"], index, fresh

@@ -10,7 +10,9 @@ feed-forward weights are bare arrays (`layer_0/mlp/gating_einsum`, no `w`) and t
 encoder sits under `vision_encoder`.
 
 Inside gemma_kit parameters live in the "canonical" tree: the NNX state of `Transformer`,
-nested, with every Einsum holding `w` (`layer_0/mlp/gating_einsum/w`). This module converts
+nested, with every Einsum holding `w` (`layer_0/mlp/gating_einsum/w`) and the image encoder,
+when loaded, under `vision_encoder` (`vision_encoder/siglip_encoder/...`, the nested layout's
+name; `embedder/mm_*` hold its projection). This module converts
 between the three, finds a checkpoint inside a downloaded folder, infers or checks the preset
 from shapes, and restores straight into an abstract target so no second copy of the weights is
 ever held in memory.
@@ -18,6 +20,7 @@ ever held in memory.
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 import shutil
@@ -76,10 +79,16 @@ def unflatten(flat: dict[tuple[str, ...], Any]) -> Tree:
 
 
 def canonical_to_flat(params: Tree) -> Tree:
-    """Canonical tree -> the released checkpoints' flat tree (text weights only)."""
+    """Canonical tree -> the released checkpoints' flat tree.
+
+    Text modules go under `transformer/`, the image encoder under `SigLiPFromPatches_0/`.
+    """
     out: Tree = {}
     for path, leaf in flatten(params).items():
-        module = "/".join((_FLAT_TEXT_ROOT, *path[:-1]))
+        if path[0] == _NESTED_VISION_KEY:
+            module = "/".join((_FLAT_VISION_ROOT, *path[1:-1]))
+        else:
+            module = "/".join((_FLAT_TEXT_ROOT, *path[:-1]))
         out.setdefault(module, {})[path[-1]] = leaf
     return out
 
@@ -95,10 +104,11 @@ def canonical_to_nested(params: Tree) -> Tree:
 
 
 def split_layout(tree: Tree) -> tuple[Layout, Tree, Tree]:
-    """Checkpoint tree in either layout -> (layout, canonical text tree, vision subtree).
+    """Checkpoint tree in either layout -> (layout, canonical text tree, canonical vision tree).
 
-    The vision subtree (SigLIP encoder and the embedder's multimodal projection) is returned in
-    the checkpoint's own naming; text-only loading ignores it.
+    The vision tree holds the SigLIP encoder (`vision_encoder/...`) and the embedder's
+    multimodal projection (`embedder/mm_*`), empty for a text-only checkpoint; text-only
+    loading ignores it.
     """
     if tree and all("/" in key for key in tree):
         layout: Layout = "flat"
@@ -109,7 +119,8 @@ def split_layout(tree: Tree) -> tuple[Layout, Tree, Tree]:
                 for leaf, value in leaves.items():
                     text[(*rest.split("/"), leaf)] = value
             elif root == _FLAT_VISION_ROOT:
-                vision[module] = leaves
+                for leaf, value in leaves.items():
+                    vision[(_NESTED_VISION_KEY, *rest.split("/"), leaf)] = value
             else:
                 raise CheckpointError(
                     f"unexpected key {module!r} in a flat Gemma checkpoint (expected keys under "
@@ -117,7 +128,8 @@ def split_layout(tree: Tree) -> tuple[Layout, Tree, Tree]:
                 )
     else:
         layout = "nested"
-        vision = {_NESTED_VISION_KEY: tree[_NESTED_VISION_KEY]} if _NESTED_VISION_KEY in tree else {}
+        vision = flatten({_NESTED_VISION_KEY: tree[_NESTED_VISION_KEY]}
+                         if _NESTED_VISION_KEY in tree else {})
         text = {}
         for path, value in flatten({k: v for k, v in tree.items() if k != _NESTED_VISION_KEY}).items():
             if _is_mlp_weight(path):
@@ -126,7 +138,15 @@ def split_layout(tree: Tree) -> tuple[Layout, Tree, Tree]:
     for path in list(text):
         if path[0] == "embedder" and path[1] in _EMBEDDER_MM_KEYS:
             vision[path] = text.pop(path)
-    return layout, unflatten(text), vision
+    return layout, unflatten(text), unflatten(vision)
+
+
+def merge(*trees: Tree) -> Tree:
+    """Nested dicts -> one nested dict holding every leaf (e.g. text and vision trees)."""
+    flat: dict[tuple[str, ...], Any] = {}
+    for tree in trees:
+        flat.update(flatten(tree))
+    return unflatten(flat)
 
 
 def canonical_to_layout(params: Tree, layout: Layout) -> Tree:
@@ -191,14 +211,48 @@ def find_tokenizer(path: str | os.PathLike) -> pathlib.Path | None:
 # Shapes: presets inferred and checked
 
 
-def abstract_params(config: Config, param_dtype=jnp.float32) -> Tree:
-    """The canonical tree of ShapeDtypeStructs for `config`, without allocating anything."""
+def abstract_params(config: Config, param_dtype=jnp.float32, *, vision: bool = False) -> Tree:
+    """The canonical tree of ShapeDtypeStructs for `config`, without allocating anything.
+
+    Text weights only, unless `vision` (then the image encoder too, in float32).
+    """
     from flax import nnx
 
     from gemma_kit.transformer import Transformer
 
-    model = nnx.eval_shape(lambda: Transformer(config, param_dtype=param_dtype))
+    model = nnx.eval_shape(lambda: Transformer(config, param_dtype=param_dtype,
+                                               with_vision=vision))
     return nnx.to_pure_dict(nnx.state(model))
+
+
+def abstract_vision_params(config: Config) -> Tree:
+    """The canonical vision tree (encoder and embedder/mm_*) of `config`, as ShapeDtypeStructs.
+
+    Built without the text layers, so it costs nothing for the largest presets either.
+    """
+    from flax import nnx
+
+    from gemma_kit.transformer import Embedder
+
+    if config.vision is None:
+        return {}
+    embedder = nnx.eval_shape(lambda: Embedder(
+        config.vocab_size, config.embed_dim, param_dtype=jnp.float32, rngs=nnx.Rngs(0),
+        vision_width=config.vision.width))
+    mm = {k: v for k, v in nnx.to_pure_dict(nnx.state(embedder)).items()
+          if k in _EMBEDDER_MM_KEYS}
+    encoder = jax.tree.map(lambda x: x, _abstract_encoder(config.vision))  # a copy of the cache
+    return {_NESTED_VISION_KEY: encoder, "embedder": mm}
+
+
+@functools.lru_cache(maxsize=4)
+def _abstract_encoder(vision) -> Tree:
+    # Tracing the 27 blocks' initialisers takes seconds, and every vision preset shares them.
+    from flax import nnx
+
+    from gemma_kit.vision.siglip import SigLiPFromPatches
+
+    return nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: SigLiPFromPatches(vision))))
 
 
 def _signature(shapes: dict[tuple[str, ...], tuple[int, ...]]) -> dict[str, Any]:
@@ -246,6 +300,27 @@ def infer_preset(params_shapes: Tree) -> Config:
         f"no preset matches the checkpoint's shapes ({_describe(sig)}). Known presets: "
         f"{', '.join(PRESETS)}. For a custom size pass preset=gemma_kit.Config(...)."
     )
+
+
+def check_vision_shapes(config: Config, vision_shapes: Tree) -> None:
+    """Raises CheckpointError naming the first mismatches of a checkpoint's vision tree."""
+    expected = {p: tuple(v.shape) for p, v in flatten(abstract_vision_params(config)).items()}
+    found = {p: tuple(v.shape) for p, v in flatten(vision_shapes).items()}
+    problems = []
+    for path in sorted(expected.keys() | found.keys()):
+        name = "/".join(path)
+        if path not in found:
+            problems.append(f"{name} missing from the checkpoint")
+        elif path not in expected:
+            problems.append(f"{name} in the checkpoint is not a parameter of {config.name}")
+        elif expected[path] != found[path]:
+            problems.append(f"{name} has shape {found[path]}, {config.name} expects {expected[path]}")
+    if problems:
+        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+        raise CheckpointError(
+            f"the image encoder in the checkpoint does not match {config.name!r}: {shown}. "
+            "Load it text-only (load_model(..., text_only=True)) or pass the right preset."
+        )
 
 
 def check_shapes(config: Config, params_shapes: Tree) -> None:
@@ -334,8 +409,8 @@ def restore_params(
             f"cannot restore the weights of {str(path)!r}: the checkpoint is incomplete or "
             f"corrupt ({type(err).__name__}: {_short(err)}). Download or convert it again."
         ) from err
-    _, params, _ = split_layout(restored)
-    return params
+    _, params, vision = split_layout(restored)
+    return merge(params, vision)
 
 
 def save_params(
@@ -372,14 +447,19 @@ def load_params(
     path: str | os.PathLike,
     preset: str | Config | None = None,
     dtype=None,
+    *,
+    vision: bool = False,
 ) -> tuple[Config, Tree, dict[str, Any]]:
     """Finds, checks and restores a checkpoint.
 
+    With `vision`, an image encoder stored in the checkpoint is restored too (in float32,
+    whatever `dtype` says, as released), provided the config has one (Gemma 3 4B/12B/27B).
     Returns (config, canonical params as jax arrays, info) where info holds the folder, layout,
-    stored dtypes and whether a vision encoder was present (and skipped).
+    stored dtypes of the text weights, whether a vision encoder was present (has_vision) and
+    whether it was loaded (vision_loaded).
     """
     folder = find_checkpoint(path)
-    layout, shapes, vision = split_layout(read_metadata(folder))
+    layout, shapes, vision_shapes = split_layout(read_metadata(folder))
     if preset is None:
         config = infer_preset(shapes)
     else:
@@ -390,6 +470,12 @@ def load_params(
         lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype) if dtype is not None else s.dtype),
         shapes,
     )
+    load_vision = bool(vision and vision_shapes and config.vision is not None)
+    if load_vision:
+        check_vision_shapes(config, vision_shapes)
+        target = merge(target, jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), vision_shapes))
     params = restore_params(folder, layout, target)
-    info = dict(path=folder, layout=layout, stored_dtypes=stored, has_vision=bool(vision))
+    info = dict(path=folder, layout=layout, stored_dtypes=stored,
+                has_vision=bool(vision_shapes), vision_loaded=load_vision)
     return config, params, info
