@@ -150,7 +150,7 @@ def cmd_chat(args) -> int:
 def cmd_demo(args) -> int:
     from gemma_kit import demo
 
-    demo.preflight(args.host, args.port)  # before spending seconds on loading the model
+    demo.preflight(args.host, args.port, args.lora)  # before seconds of loading the model
     model, tokenizer = _load(args)
     lora = None
     if args.lora:

@@ -72,9 +72,14 @@ def _require_gradio():
         raise DemoError("the demo needs Gradio 6: pip install 'gemma-kit[demo]'")
 
 
-def preflight(host: str, port: int) -> None:
-    """Raises DemoError if the page could not be served (no Gradio, the port taken)."""
+def preflight(host: str, port: int, lora: str | os.PathLike | None = None) -> None:
+    """Raises a GemmaKitError if the page could not be served (no Gradio, the port taken, an
+    adapter folder that is not one): the checks that take no time, before loading a model."""
     _require_gradio()
+    if lora is not None:
+        from gemma_kit.lora import read_adapter_config
+
+        read_adapter_config(lora)
     try:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as probe:
@@ -90,10 +95,8 @@ def load_lora(model, path: str | os.PathLike):
     The adapter is folded into the weights where it can be, so replies cost what they cost
     without one.
     """
-    try:
-        from gemma_kit import lora
-    except ImportError:
-        raise DemoError("--lora needs gemma_kit.lora, which this install lacks") from None
+    from gemma_kit import lora
+
     lora.load_adapter(model, path)
     info = lora.adapter_info(model)
     description = (f"`{pathlib.Path(path).name}` (rank {info['rank']}, alpha "
@@ -219,6 +222,7 @@ class _Conversation:
         self.forgotten = False  # Clear or a closed tab replaced this conversation
         self.last_images: list = []  # images of the last user turn (for Regenerate)
         self.stats = ""
+        self.replies = 0  # replies finished, numbered on the page
         self.used = time.monotonic()
 
 
@@ -333,8 +337,9 @@ class ChatApp:
             result = chat.last_result
             conv.last_images = images
             n = len(result.tokens)
+            conv.replies += 1
             conv.stats = (
-                f"**Last reply:** {n} tokens in {elapsed:.2f} s "
+                f"**Reply {conv.replies}:** {n} tokens in {elapsed:.2f} s "
                 f"({n / elapsed:.1f} tokens/s), first token after "
                 f"{(first or time.perf_counter()) - start:.2f} s · "
                 f"{FINISH_REASONS.get(result.finish_reason, result.finish_reason)} · "
@@ -368,7 +373,7 @@ class ChatApp:
             gr.Markdown(f"## gemma_kit chat · {self.card.name}")
             with gr.Row(equal_height=False):
                 with gr.Column(scale=3):
-                    chatbot = gr.Chatbot(label="Conversation", height=480, elem_id="chatbot",
+                    chatbot = gr.Chatbot(label="Conversation", height=560, elem_id="chatbot",
                                          buttons=["copy"], feedback_options=None)
                     box = gr.MultimodalTextbox(
                         placeholder=placeholder, show_label=False, elem_id="message",
@@ -407,13 +412,13 @@ class ChatApp:
             sent = box.submit(self._ui_add, [box, chatbot, system, *controls], [box, chatbot],
                               **quick)
             answered = sent.success(self._ui_respond, [chatbot], [chatbot, stats],
-                                    api_visibility="private", **gen)
+                                    api_visibility="private", show_progress_on=[chatbot], **gen)
             answered.then(lambda: gr.MultimodalTextbox(interactive=True), None, [box],
                           **quick)
             again = regenerate.click(self._ui_regenerate, [chatbot, *controls], [chatbot],
                                      **quick)
             again.success(self._ui_respond, [chatbot], [chatbot, stats],
-                          api_visibility="private", **gen)
+                          api_visibility="private", show_progress_on=[chatbot], **gen)
             stop.click(self._ui_stop, None, None, **quick)
             clear.click(self._ui_clear, [system], [chatbot, stats, box], **quick)
             chatbot.clear(self._ui_clear, [system], [chatbot, stats, box], **quick)
@@ -526,6 +531,18 @@ class ChatApp:
         return "cleared"
 
     # -- serving ------------------------------------------------------------------------------
+    def warm_up(self) -> None:
+        """Compiles what the first replies with the page's default settings need (a first turn
+        and a later one), so that the first visitor does not wait for it."""
+        chat = self._new_chat(None)
+        settings = sampling_settings(**{**DEFAULT_SAMPLING, "seed": 0})
+        settings["max_new_tokens"] = min(settings["max_new_tokens"], self.cache_length // 2)
+        for message in ("Hello.", "Hello again."):
+            stream = chat.stream(message, **settings)
+            for _, _ in zip(range(2), stream):  # two pieces: the prefill and a decode step
+                pass
+            stream.close()
+
     def launch(self, host: str = "127.0.0.1", port: int = 7860, *, block: bool = True,
                quiet: bool = False) -> str:
         """Serves the page at http://host:port; returns its URL (block=False) or runs until
@@ -564,10 +581,15 @@ def _file_path(f) -> str:
     return f.path
 
 
-def serve(model, tokenizer, host: str = "127.0.0.1", port: int = 7860, **options) -> None:
+def serve(model, tokenizer, host: str = "127.0.0.1", port: int = 7860, *,
+          warm_up: bool = True, **options) -> None:
     """Serves the chat page until Ctrl-C (what `gemma-kit demo` runs)."""
     app = ChatApp(model, tokenizer, **options)
-    print(f"Chat page for {app.card.name} at http://{host}:{port} (Ctrl-C stops it)")
+    if warm_up:
+        print("Compiling the model's programs for the default settings (once)...", flush=True)
+        app.warm_up()
+    print(f"Chat page for {app.card.name} at http://{host}:{port} (Ctrl-C stops it)",
+          flush=True)
     try:
         app.launch(host, port, block=True, quiet=True)
     finally:

@@ -133,3 +133,37 @@ def test_eight_parallel_conversations(tiny_chat_model):
                 for m in turns[i]]
         assert got[i] == want, f"client {i}"
     assert len({reply for replies in got for reply in replies}) == 16
+
+
+def test_lora_adapter_is_applied_and_shown(tiny_chat_model, tmp_path, capsys):
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from gemma_kit import lora
+    from gemma_kit.demo import ModelCard, load_lora
+
+    model, tokenizer = tiny_chat_model
+    config = model.config
+    adapted = lora.apply_lora(_tiny.random_model(config, seed=5), rank=2, alpha=4.0,
+                              targets="attn")
+    state = lora.lora_state(adapted)
+    rng = np.random.default_rng(0)  # B starts at zero: make the adapter change something
+    nnx.update(adapted, jax.tree.map(lambda x: rng.normal(0, 0.5, x.shape).astype(x.dtype),
+                                     state))
+    folder = lora.save_adapter(adapted, tmp_path / "adapter")
+
+    served, description = load_lora(_tiny.random_model(config, seed=5), folder)
+    assert not lora.has_lora(served)  # folded into the weights
+    assert description == "`adapter` (rank 2, alpha 4, on attn_vec_einsum, kv_einsum, q_einsum)"
+    assert "**LoRA adapter:** `adapter` (rank 2" in ModelCard.of(
+        served, lora=description, cache_length=256).markdown()
+    greedy = dict(temperature=0.0, max_new_tokens=8)
+    with_adapter = ChatSession(adapted, tokenizer, cache_length=256).send("Hi there.", **greedy)
+    assert ChatSession(served, tokenizer, cache_length=256).send("Hi there.", **greedy) == (
+        with_adapter)
+    assert ChatSession(model, tokenizer, cache_length=256).send("Hi there.", **greedy) != (
+        with_adapter)
+
+    assert main(["demo", "--lora", str(tmp_path / "missing"), "--port", str(free_port())]) == 2
+    assert "adapter folder" in capsys.readouterr().err
