@@ -20,6 +20,7 @@ from gemma_kit.demo import ChatApp
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MESSAGES = ("Write a haiku about the sea.", "Now one about mountains.")
+MAX_NEW = 48
 
 
 def main() -> None:
@@ -30,6 +31,7 @@ def main() -> None:
 
     model, tokenizer = gemma_kit.default_model()
     app = ChatApp(model, tokenizer)
+    app.warm_up(max_new_tokens=MAX_NEW)  # so that the page shows steady-state speed
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -42,7 +44,7 @@ def main() -> None:
             page.set_default_timeout(300_000)
             page.goto(url)
             page.fill("#system textarea", "You are a poet. Answer in verse.")
-            for name, value in (("max-new", 48), ("seed", args.seed)):
+            for name, value in (("max-new", MAX_NEW), ("seed", args.seed)):
                 page.fill(f"#{name} input[type=number]", str(value))
                 page.press(f"#{name} input[type=number]", "Enter")
             for number, message in enumerate(MESSAGES, 1):

@@ -531,13 +531,14 @@ class ChatApp:
         return "cleared"
 
     # -- serving ------------------------------------------------------------------------------
-    def warm_up(self) -> None:
-        """Compiles what the first replies with the page's default settings need (a first turn
-        and a later one), so that the first visitor does not wait for it."""
+    def warm_up(self, **sampling) -> None:
+        """Compiles what the first replies with the page's default settings (or `sampling`)
+        need, a first turn and a later one, so that the first visitor does not wait for it."""
         chat = self._new_chat(None)
-        settings = sampling_settings(**{**DEFAULT_SAMPLING, "seed": 0})
+        settings = sampling_settings(**{**DEFAULT_SAMPLING, "seed": 0, **sampling})
         settings["max_new_tokens"] = min(settings["max_new_tokens"], self.cache_length // 2)
-        for message in ("Hello.", "Hello again."):
+        # The later turn is long enough to be fed in a chunk and then token by token.
+        for message in ("Hello.", "Hello again, " * 12):
             stream = chat.stream(message, **settings)
             for _, _ in zip(range(2), stream):  # two pieces: the prefill and a decode step
                 pass

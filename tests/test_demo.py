@@ -113,9 +113,11 @@ def test_eight_parallel_conversations(tiny_chat_model):
 
     model, tokenizer = tiny_chat_model
     app = ChatApp(model, tokenizer, cache_length=256, concurrency=8)
-    url = app.launch("127.0.0.1", free_port(), block=False, quiet=True)
     turns = [(f"Hello, this is client {i}.", f"Say more about {i}, please.") for i in range(8)]
     sampling = dict(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=12)
+    app.warm_up(**sampling)  # what `gemma-kit demo` does before serving
+    assert not app._conversations
+    url = app.launch("127.0.0.1", free_port(), block=False, quiet=True)
 
     def converse(i):
         client = Client(url, verbose=False)
