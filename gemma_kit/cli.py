@@ -48,8 +48,51 @@ def _load(args):
 def cmd_convert(args) -> int:
     from gemma_kit.checkpoint.convert import convert_gguf
 
+    if args.hf is not None:
+        from gemma_kit.checkpoint.hf_import import convert_hf
+        from gemma_kit.config import PRESETS
+
+        out, config, info = convert_hf(args.hf, args.out, dtype=_dtype(args.dtype),
+                                       overwrite=args.overwrite)
+        if info["skipped_vision"]:
+            print(f"note: skipped the {info['skipped_vision']} tensors of the vision tower; "
+                  "gemma_kit converts the text model", file=sys.stderr)
+        if info["tokenizer"] is None:
+            print(f"note: no tokenizer.model in {args.hf}; pass --tokenizer when sampling",
+                  file=sys.stderr)
+        size = (f"preset {config.name}" if PRESETS.get(config.name) == config else
+                "a custom size, not an official preset: load it with preset=Config(...)")
+        print(f"wrote {out} (checkpoint/ in the official Orbax layout, {size})")
+        return 0
     out = convert_gguf(args.gguf, args.out, dtype=_dtype(args.dtype), overwrite=args.overwrite)
     print(f"wrote {out} (checkpoint/ in the official Orbax layout, tokenizer.model)")
+    return 0
+
+
+def _bytes(text: str) -> int:
+    """'5GB', '500MB', '2GiB' or a plain number of bytes."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMG]I?)?B?\s*", text.upper())
+    if not match:
+        raise argparse.ArgumentTypeError(f"cannot read {text!r} as a size; e.g. 5GB, 500MB")
+    factor = {None: 1, "K": 10**3, "M": 10**6, "G": 10**9, "KI": 2**10, "MI": 2**20,
+              "GI": 2**30}[match.group(2)]
+    return int(float(match.group(1)) * factor)
+
+
+def cmd_export(args) -> int:
+    from gemma_kit.checkpoint.hf_export import export_hf
+
+    if args.ckpt is None:
+        from gemma_kit.embedded import ensure_default_model
+
+        args.ckpt = ensure_default_model()
+    out = export_hf(args.ckpt, args.out, preset=args.preset, tokenizer=args.tokenizer,
+                    dtype=_dtype(args.dtype), overwrite=args.overwrite,
+                    max_shard_size=args.max_shard_size)
+    print(f"wrote {out} (Hugging Face safetensors, config.json and tokenizer files: load it "
+          "with transformers' from_pretrained)")
     return 0
 
 
@@ -181,12 +224,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemma-kit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("convert", help="convert a GGUF file into an official Orbax checkpoint")
-    p.add_argument("--gguf", required=True, help="the .gguf file (Gemma 3)")
+    p = sub.add_parser("convert", help="convert a GGUF file or a Hugging Face folder into an "
+                       "official Orbax checkpoint")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--gguf", help="the .gguf file (Gemma 3)")
+    source.add_argument("--hf", help="a Hugging Face Gemma 2/3 folder (config.json + safetensors)")
     p.add_argument("--out", required=True, help="folder to create (checkpoint/ + tokenizer.model)")
-    p.add_argument("--dtype", default=None, help="bfloat16 (default) or float32")
+    p.add_argument("--dtype", default=None,
+                   help="bfloat16 or float32 (default: bfloat16 for GGUF, as stored for --hf)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
     p.set_defaults(run=cmd_convert)
+
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face folder (safetensors)")
+    p.add_argument("--to", required=True, choices=["hf"], help="hf: transformers/vLLM folder")
+    p.add_argument("--ckpt", default=None, help="checkpoint or model folder (default: embedded)")
+    p.add_argument("--out", required=True, help="folder to create")
+    p.add_argument("--preset", default=None, help="model size (default: inferred from shapes)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.model (default: beside --ckpt)")
+    p.add_argument("--dtype", default=None, help="bfloat16 or float32 (default: as stored)")
+    p.add_argument("--max-shard-size", type=_bytes, default="5GB",
+                   help="split the weights into files of at most this size (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export")
+    p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("info", help="describe a checkpoint: preset, size, dtypes, layout")
     p.add_argument("checkpoint")

@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import pathlib
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from gemma_kit.checkpoint import official
+from gemma_kit.checkpoint.safetensors_io import is_hf_folder
 from gemma_kit.config import Config
 from gemma_kit.transformer import Transformer
 
@@ -36,7 +38,8 @@ def load_model(
     text_only: bool = False,
     lora: str | os.PathLike | None = None,
 ) -> Transformer:
-    """Loads a Gemma 2 / Gemma 3 text model from an official Orbax checkpoint.
+    """Loads a Gemma 2 / Gemma 3 text model from an official Orbax checkpoint or a Hugging Face
+    folder (config.json + safetensors, see gemma_kit.checkpoint.hf_import).
 
     Args:
       path: the checkpoint folder, or a downloaded folder that contains it one level down.
@@ -57,7 +60,13 @@ def load_model(
         from gemma_kit.lora import read_adapter_config
 
         read_adapter_config(lora)
-    config, params, _ = official.load_params(path, preset, dtype, vision=not text_only)
+    if is_hf_folder(path):
+        from gemma_kit.checkpoint.hf_import import read_hf
+
+        config, params, _ = read_hf(path, preset, dtype, vision=not text_only,
+                                    place=jax.device_put, progress=False)
+    else:
+        config, params, _ = official.load_params(path, preset, dtype, vision=not text_only)
     model = model_from_params(config, params, compute_dtype=compute_dtype)
     if lora is not None:
         from gemma_kit.lora import load_adapter
