@@ -169,3 +169,22 @@ def test_lora_adapter_is_applied_and_shown(tiny_chat_model, tmp_path, capsys):
 
     assert main(["demo", "--lora", str(tmp_path / "missing"), "--port", str(free_port())]) == 2
     assert "adapter folder" in capsys.readouterr().err
+
+
+def test_a_long_conversation_forgets_its_oldest_turns_and_says_so(tiny_chat_model):
+    app = ChatApp(*tiny_chat_model, cache_length=256)
+    conv = app.conversation("tab-1")
+    sampling = dict(temperature=1.0, top_p=None, top_k=None, max_new_tokens=12, seed=0)
+    message = "Tell me about the for statement and the while statement. " * 4
+    notices = []
+    for turn in range(6):
+        *_, last = app.reply(conv, f"{turn}: {message}", [], sampling)
+        notices.append(last.notice)
+        assert last.text == conv.chat.last_result.text
+    first = next(i for i, n in enumerate(notices) if n)
+    assert first >= 1 and conv.chat.dropped_turns >= 1
+    assert notices[first].startswith("The conversation outgrew the 256-token memory: its ")
+    assert "oldest exchange(s) were forgotten" in notices[first]
+    assert "Reply 6:" in conv.stats
+    assert conv.chat.messages[-2]["content"].startswith("5: ")  # the newest turns are kept
+    assert app.conversation("tab-2") is not conv  # another tab, another conversation
