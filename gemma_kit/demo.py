@@ -141,7 +141,8 @@ class ModelCard:
                   "(`gemma-kit demo --ckpt DIR`)")
         rows = [
             ("Model", f"`{self.name}`"),
-            ("Parameters", f"{self.parameters / 1e6:,.0f} M"),
+            ("Parameters", f"{self.parameters / 1e6:,.0f} M" if self.parameters >= 1e6
+             else f"{self.parameters:,}"),
             ("Weights", ", ".join(self.dtypes)),
             ("Vision", vision),
             ("LoRA adapter", self.lora or "none"),
@@ -206,6 +207,16 @@ def load_image(path: str | os.PathLike, max_bytes: int):
     except (OSError, SyntaxError, ValueError):  # what Pillow raises for truncated data
         raise InputError(f"{name} is damaged: its image data cannot be decoded") from None
     return image
+
+
+def with_image_markers(text: str, count: int) -> str:
+    """The message for ChatSession: one <start_of_image> per attached image, before the text
+    (as Gemma 3's chat template places images), unless the text already places them all."""
+    from gemma_kit.vision.prompt import IMAGE_MARKER, count_markers
+
+    if count_markers(text) == count:
+        return text
+    return IMAGE_MARKER * count + text
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,7 +330,9 @@ class ChatApp:
         try:
             chat = conv.chat
             dropped = chat.dropped_turns
-            extra = {"images": images} if images else {}
+            extra = {}
+            if images:
+                text, extra = with_image_markers(text, len(images)), {"images": images}
             start = time.perf_counter()
             first = None
             text_so_far = ""

@@ -92,6 +92,15 @@ def test_text_only_model_refuses_images_kindly(tiny_chat_model, tmp_path):
     assert app.check_message("  hi  ", []) == ("hi", [])
 
 
+def test_image_markers_go_before_the_text_unless_placed():
+    from gemma_kit.demo import with_image_markers
+
+    assert with_image_markers("Compare them.", 2) == (
+        "<start_of_image><start_of_image>Compare them.")
+    placed = "Is <start_of_image> brighter than <start_of_image>?"
+    assert with_image_markers(placed, 2) == placed
+
+
 def test_cli_reports_what_stops_the_demo(capsys):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
