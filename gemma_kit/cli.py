@@ -83,12 +83,34 @@ def _bytes(text: str) -> int:
 
 def cmd_export(args) -> int:
     from gemma_kit.checkpoint.hf_export import export_hf
+    from gemma_kit.errors import AdapterError
 
+    if args.to == "peft":
+        from gemma_kit.checkpoint.hf_peft import export_peft
+
+        if args.lora is None or args.ckpt is not None:
+            raise AdapterError(
+                "--to peft converts a LoRA adapter alone: pass --lora ADAPTER (and --preset if "
+                "the adapter does not name its base), not --ckpt; export the base separately "
+                "with --to hf")
+        out = export_peft(args.lora, args.out, preset=args.preset, dtype=_dtype(args.dtype),
+                          overwrite=args.overwrite)
+        print(f"wrote {out} (PEFT adapter_config.json + adapter_model.safetensors: apply it "
+              "with peft's PeftModel.from_pretrained to the base exported with --to hf)")
+        return 0
     if args.ckpt is None:
         from gemma_kit.embedded import ensure_default_model
 
         args.ckpt = ensure_default_model()
-    out = export_hf(args.ckpt, args.out, preset=args.preset, tokenizer=args.tokenizer,
+    source, tokenizer = args.ckpt, args.tokenizer
+    if args.lora is not None:  # the adapter folded into the weights: a plain model
+        from gemma_kit.checkpoint.official import find_tokenizer
+        from gemma_kit.lora import merge
+        from gemma_kit.loading import load_model
+
+        source = merge(load_model(args.ckpt, args.preset, text_only=True, lora=args.lora))
+        tokenizer = tokenizer or find_tokenizer(args.ckpt)
+    out = export_hf(source, args.out, preset=args.preset, tokenizer=tokenizer,
                     dtype=_dtype(args.dtype), overwrite=args.overwrite,
                     max_shard_size=args.max_shard_size)
     print(f"wrote {out} (Hugging Face safetensors, config.json and tokenizer files: load it "
@@ -235,9 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
     p.set_defaults(run=cmd_convert)
 
-    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face folder (safetensors)")
-    p.add_argument("--to", required=True, choices=["hf"], help="hf: transformers/vLLM folder")
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face folder, or a LoRA "
+                       "adapter as a PEFT adapter (safetensors)")
+    p.add_argument("--to", required=True, choices=["hf", "peft"],
+                   help="hf: a transformers/vLLM model folder; peft: a PEFT LoRA adapter")
     p.add_argument("--ckpt", default=None, help="checkpoint or model folder (default: embedded)")
+    p.add_argument("--lora", default=None, help="a gemma_kit LoRA adapter folder: merged into "
+                   "the weights with --to hf, converted alone with --to peft")
     p.add_argument("--out", required=True, help="folder to create")
     p.add_argument("--preset", default=None, help="model size (default: inferred from shapes)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model (default: beside --ckpt)")

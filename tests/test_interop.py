@@ -523,21 +523,28 @@ REAL_NEW = 20
 NEAR_TIE = 1e-2  # HF top-2 logit margin below which float32 rounding alone may flip the argmax
 
 
+@pytest.fixture(scope="module")
+def real_export(tmp_path_factory):
+    """The embedded 270M exported with the CLI, and transformers' tokenizer and model of it."""
+    out = tmp_path_factory.mktemp("real") / "gemma3-270m-hf"
+    assert main(["export", "--to", "hf", "--out", str(out)]) == 0  # the embedded model
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    hf_model = _from_pretrained(out)  # bf16 weights, upcast exactly to float32
+    return out, hf_tokenizer, hf_model
+
+
 @pytest.mark.real_model
-def test_real_270m_export_generates_the_same_text_in_transformers(tmp_path, capsys):
+def test_real_270m_export_generates_the_same_text_in_transformers(real_export):
     import gemma_kit
 
-    out = tmp_path / "gemma3-270m-hf"
-    assert main(["export", "--to", "hf", "--out", str(out)]) == 0  # the embedded model
-    assert "wrote" in capsys.readouterr().out
+    out, hf_tokenizer, hf_model = real_export
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
         "tokenizer.model", "tokenizer_config.json"]
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
-
-    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
-    hf_model = _from_pretrained(out)  # bf16 weights, upcast exactly to float32
-    model, tokenizer = gemma_kit.default_model()  # the same bf16 weights, float32 compute
+    # The same bf16 values, upcast to float32 as transformers does: the same numerics (a bf16
+    # weight meets bf16-rounded activations in gemma_kit, by design, not in transformers).
+    model, tokenizer = gemma_kit.default_model(jnp.float32)
     ours = gemma_kit.Sampler(model, tokenizer).generate(
         REAL_PROMPTS, max_new_tokens=REAL_NEW, forbidden_token_ids=())  # HF forbids nothing
 
@@ -566,3 +573,39 @@ def test_real_270m_export_generates_the_same_text_in_transformers(tmp_path, caps
         assert hf_tokenizer.decode(hf_tokens[:n]) == tokenizer.decode(result.tokens[:n])
         if n == len(hf_tokens):
             assert result.text == hf_tokenizer.decode(hf_tokens, skip_special_tokens=True)
+
+
+@pytest.mark.real_model
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_real_270m_lora_adapter_in_peft(real_export, tmp_path, capsys):
+    """A LoRA on the real model, saved as a gemma_kit adapter, converted by the CLI (its base
+    preset read from the adapter), applied by peft to the exported base."""
+    import gemma_kit
+    from gemma_kit import lora
+
+    peft = pytest.importorskip("peft", reason="needs the [test] extra (peft)")
+    _, hf_tokenizer, hf_model = real_export
+    model, tokenizer = gemma_kit.default_model(jnp.float32)  # as transformers computes
+    lora.apply_lora(model, rank=4, alpha=8.0, targets="all", seed=0)
+    rng = np.random.default_rng(0)
+    for _, module in lora.einsums(model):  # a trained-looking B: apply_lora's is zero
+        shape = module.lora.b[...].shape
+        module.lora.b = lora.LoRAParam(jnp.asarray(rng.normal(0.0, 0.02, shape), jnp.float32))
+    saved = lora.save_adapter(model, tmp_path / "adapter")
+    assert main(["export", "--to", "peft", "--lora", str(saved), "--out",
+                 str(tmp_path / "peft")]) == 0
+    assert "wrote" in capsys.readouterr().out
+
+    tokens = np.asarray([tokenizer.encode("The capital of France is")])
+    ours = _ours(model, tokens)
+    before = _hf_logits(hf_model, tokens)
+    adapted = peft.PeftModel.from_pretrained(hf_model, tmp_path / "peft").eval()
+    try:
+        theirs = _hf_logits(adapted, tokens)
+    finally:
+        adapted.unload()  # the module-scoped base model stays plain
+    scale = np.abs(ours).max()
+    print(f"max |peft - gemma_kit| = {np.abs(theirs - ours).max():.2e} of a logit scale "
+          f"{scale:.1f}; the adapter moves logits by {np.abs(theirs - before).max():.2f}")
+    assert np.abs(theirs - before).max() > 1.0
+    np.testing.assert_allclose(theirs, ours, atol=2e-5 * scale, rtol=0)
