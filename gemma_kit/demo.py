@@ -582,8 +582,11 @@ def _device_name() -> str:
 
 
 def _sentence(err: Exception) -> str:
+    """An error message as a sentence (a leading file name keeps its case)."""
     text = str(err)
-    return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
+    if text.split(" ", 1)[0].isalpha():
+        text = text[:1].upper() + text[1:]
+    return text + ("" if text.endswith(".") else ".")
 
 
 def _file_path(f) -> str:
