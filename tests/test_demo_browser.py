@@ -1,5 +1,5 @@
 """The chat page in a real browser: Debian's chromium driven by Playwright, against the server
-of `gemma-kit demo` with the real Gemma 3 270M, on 127.0.0.1.
+of `gemma-kit demo` on 127.0.0.1, with the real Gemma 3 270M.
 
 What a person would do: type a message and watch the reply stream in; set the seed and see it
 make a sampled reply reproducible; get a clear message for an empty message or an image the
@@ -30,11 +30,9 @@ TIMEOUT_MS = 180_000  # the first reply compiles the model's programs (tens of s
 # cache-extending one).
 SAMPLING = dict(temperature=1.0, top_p=0.95, top_k=64)
 
-pytestmark = [
-    pytest.mark.real_model,
-    pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK),
-                       reason="needs Debian's chromium: apt-get install chromium (.ci/run does)"),
-]
+pytestmark = pytest.mark.skipif(
+    not os.access(CHROMIUM, os.X_OK),
+    reason="needs Debian's chromium: apt-get install chromium (.ci/run does)")
 
 
 def _free_port() -> int:
@@ -65,15 +63,14 @@ def browser():
         browser.close()
 
 
-@pytest.fixture
-def page(browser, served):
-    """A fresh tab on the chat page (its own conversation); it may only talk to 127.0.0.1."""
+def _open(browser, url: str):
+    """A fresh tab on the chat page (its own conversation) that may only talk to the server;
+    yields the page, then checks that it tried nothing else."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     outside = []
 
     def only_local(route):
-        if route.request.url.startswith(served[1].rstrip("/")) or route.request.url.startswith(
-                "data:"):
+        if route.request.url.startswith(url.rstrip("/")) or route.request.url.startswith("data:"):
             return route.continue_()
         outside.append(route.request.url)
         return route.abort()
@@ -81,11 +78,16 @@ def page(browser, served):
     context.route("**/*", only_local)
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
-    page.goto(served[1])
+    page.goto(url)
     page.wait_for_selector("#message textarea")
     yield page
     context.close()
     assert not outside, f"the page tried to reach {outside}"
+
+
+@pytest.fixture
+def page(browser, served):
+    yield from _open(browser, served[1])
 
 
 def _set(page, elem_id: str, value) -> None:
@@ -149,6 +151,7 @@ def _reference(served, message: str, **sampling) -> str:
     return ChatSession(model, tokenizer, cache_length=app.cache_length).send(message, **sampling)
 
 
+@pytest.mark.real_model
 def test_reply_streams_into_the_page(page, served):
     _settings(page, max_new=16, seed=42)
     reply, seen = _send(page, "The capital of France is", watch=True)
@@ -168,6 +171,7 @@ def test_reply_streams_into_the_page(page, served):
     assert (ARTIFACTS / "chat.png").stat().st_size > 10_000
 
 
+@pytest.mark.real_model
 def test_the_seed_makes_a_sampled_reply_reproducible(page, served):
     message = "Write one sentence about the sea."
     _settings(page, **SAMPLING, max_new=12, seed=1234)
@@ -184,6 +188,7 @@ def test_the_seed_makes_a_sampled_reply_reproducible(page, served):
     assert _words(other) != _words(first)
 
 
+@pytest.mark.real_model
 def test_bad_input_stop_and_regenerate(page, served, tmp_path):
     from PIL import Image
 
@@ -226,3 +231,4 @@ def test_bad_input_stop_and_regenerate(page, served, tmp_path):
     assert _bot_texts(page) == [reply]
     assert len(page.locator('[data-testid="user"]').all()) == 1
     page.screenshot(path=ARTIFACTS / "after-stop-and-regenerate.png")
+
