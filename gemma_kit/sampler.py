@@ -23,7 +23,9 @@ import numpy as np
 from flax import nnx
 
 from gemma_kit import cache as kv_cache
+from gemma_kit.errors import ImageError
 from gemma_kit.layers import to_matvec_layout
+from gemma_kit.vision import prompt as image_prompt
 from gemma_kit.sampling import SamplingError, SamplingParams, sample
 
 PAD_ID = 0
@@ -108,12 +110,18 @@ def _record(static: _Static, state: dict, tokens, logprobs) -> dict:
 
 
 @functools.partial(jax.jit, static_argnames=("static", "length", "cache_dtype"))
-def _prefill(state_params, tokens, positions, key, *, static: _Static, length: int, cache_dtype):
-    """Prompt batch [B, P] -> decode state holding the cache and the first drawn token."""
+def _prefill(state_params, tokens, positions, key, image_embeddings=None, *, static: _Static,
+             length: int, cache_dtype):
+    """Prompt batch [B, P] -> decode state holding the cache and the first drawn token.
+
+    image_embeddings: None for text (the program is then the text-only one), else [B, I, M, D]
+    for the SOFT_TOKEN slots of `tokens`.
+    """
     model = nnx.merge(static.graphdef, state_params)
     B = tokens.shape[0]
     cache = kv_cache.init_cache(model.config, B, length, cache_dtype)
-    hidden, cache = model.extend(tokens, positions, cache, fresh=True)
+    hidden, cache = model.extend(tokens, positions, cache, fresh=True,
+                                 image_embeddings=image_embeddings)
     key, sub = jax.random.split(key)
     first, logprob = _choose(static, model.logits(hidden[:, -1:])[:, 0], sub)
     state = dict(
@@ -166,11 +174,27 @@ def _decode_one(state_params, state, *, static: _Static):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def _extend_chunk(state_params, tokens, positions, cache, *, graphdef):
-    """Adds a chunk of tokens to a filled cache (a chat turn) and returns the last logits."""
+def _extend_chunk(state_params, tokens, positions, cache, image_embeddings=None, *, graphdef):
+    """Adds a chunk of tokens to a filled cache (a chat turn) and returns the last logits.
+
+    With image_embeddings [B, I, M, D] the chunk holds those images' SOFT_TOKEN slots.
+    """
     model = nnx.merge(graphdef, state_params)
-    hidden, cache = model.extend(tokens, positions, cache)
+    hidden, cache = model.extend(tokens, positions, cache, image_embeddings=image_embeddings)
     return model.logits(hidden[:, -1:])[:, 0], cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _encode_images(state_params, pixels, *, graphdef):
+    """Preprocessed images [I, S, S, 3] -> their soft-token embeddings [I, M, D]."""
+    return nnx.merge(graphdef, state_params).encode_images(pixels)
+
+
+def _image_list(images) -> list:
+    """None, one image, or a list/tuple of images -> a list of images."""
+    if images is None:
+        return []
+    return list(images) if isinstance(images, (list, tuple)) else [images]
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,7 +284,8 @@ class Sampler:
         padded = max(prompt_len, min(padded, length - max_new))
         return padded, length
 
-    def _start(self, ids: list[list[int]], static: _Static, seed: int):
+    def _start(self, ids: list[list[int]], static: _Static, seed: int, images=None):
+        """Prefills the left-padded batch; images: per row, None or embeddings [n, M, D]."""
         P, length = self._shapes(max(map(len, ids)), static.max_new)
         B = len(ids)
         tokens = np.full((B, P), PAD_ID, np.int32)
@@ -269,8 +294,56 @@ class Sampler:
             tokens[row, P - len(seq):] = seq
             positions[row, P - len(seq):] = np.arange(len(seq))
         return _prefill(self.params, jnp.asarray(tokens), jnp.asarray(positions),
-                        jax.random.key(seed), static=static, length=length,
-                        cache_dtype=self.cache_dtype)
+                        jax.random.key(seed), self._batch_images(images), static=static,
+                        length=length, cache_dtype=self.cache_dtype)
+
+    # -- images ---------------------------------------------------------------------------
+    def encode_images(self, images, *, pan_and_scan: bool = False) -> tuple[jax.Array, list[int]]:
+        """Reads, preprocesses and encodes images (PIL images, arrays, paths or bytes).
+
+        Returns (embeddings [n, M, D] for the soft-token slots, crops per image); with Pan &
+        Scan each image is followed by its crops, so n may exceed len(images). Each image is
+        encoded once, one at a time (a single compiled shape).
+        """
+        from gemma_kit.vision.preprocess import prepare_images
+
+        self.model.require_vision()
+        pixels, crops = prepare_images(_image_list(images), self.config.vision.image_size,
+                                       pan_and_scan=pan_and_scan)
+        embeddings = [_encode_images(self.params, jnp.asarray(p[None]), graphdef=self.graphdef)
+                      for p in pixels]
+        return jnp.concatenate(embeddings), crops
+
+    def _read_images(self, text: str, images, pan_and_scan: bool, where: str = "the prompt"):
+        """(text, its images) -> (text with Pan & Scan markers, embeddings [n, M, D] or None).
+
+        Checks that the text holds one <start_of_image> per image.
+        """
+        images = _image_list(images)
+        if not images:
+            if self.model.has_vision:  # markers left without images would be filled by nothing
+                image_prompt.check_image_count(text, 0, where)
+            return text, None
+        if not self.model.has_vision:
+            self.model.require_vision()
+        image_prompt.check_image_count(text, len(images), where)
+        embeddings, crops = self.encode_images(images, pan_and_scan=pan_and_scan)
+        return image_prompt.with_crops(text, crops), embeddings
+
+    def _expand(self, ids: list[int]) -> list[int]:
+        """Token ids with each <start_of_image> expanded into soft-token slots (vision models)."""
+        if not self.model.has_vision:
+            return ids
+        return image_prompt.expand_markers(ids, self.tokenizer, self.config.vision.num_soft_tokens)
+
+    def _batch_images(self, images):
+        """Per-row embeddings (None or [n, M, D]) -> [B, I, M, D] zero-padded, or None."""
+        if images is None or all(e is None for e in images):
+            return None
+        present = [e for e in images if e is not None]
+        n = max(e.shape[0] for e in present)
+        blank = jnp.zeros((n, *present[0].shape[1:]), present[0].dtype)
+        return jnp.stack([blank if e is None else blank.at[: e.shape[0]].set(e) for e in images])
 
     def _result(self, state_row: dict, n_prompt: int, stops: Sequence[str]) -> GenerationResult:
         steps, stopped_at = state_row["step"], state_row["stopped_at"]
@@ -308,6 +381,8 @@ class Sampler:
         *,
         stop_token_ids: Sequence[int] | None = None,
         forbidden_token_ids: Sequence[int] | None = None,
+        images=None,
+        pan_and_scan: bool = False,
     ) -> GenerationResult | list[GenerationResult]:
         """Completes one prompt (-> a GenerationResult) or a batch (-> a list of them).
 
@@ -315,6 +390,12 @@ class Sampler:
         a completion where they first appear (the text stops right before them). Generation also
         stops at <eos> and <end_of_turn> unless `stop_token_ids` says otherwise; Gemma 3's image
         markers are never drawn unless `forbidden_token_ids` says otherwise.
+
+        images (models with an image encoder): for one prompt, a list of images (PIL images,
+        [H, W, C] arrays, file paths or encoded bytes) or one image; for a batch, one such list
+        per prompt. Each prompt holds one `<start_of_image>` per image, where the image goes.
+        pan_and_scan: also show the model 2-4 crops of each elongated image (see
+        gemma_kit.vision.preprocess).
         """
         single = isinstance(prompts, str)
         batch = [prompts] if single else list(prompts)
@@ -325,8 +406,14 @@ class Sampler:
             raise SamplingError("stop strings must be non-empty")
         static = self._static(max_new_tokens, temperature, top_k, top_p, min_p, stop_token_ids,
                               forbidden_token_ids)
-        ids = self._encode(batch)
-        state = self._start(ids, static, seed)
+        if images is not None and not single:
+            images = list(images)
+            if len(images) != len(batch):
+                raise ImageError(
+                    f"{len(batch)} prompts but {len(images)} image lists: for a batch give one "
+                    "list of images per prompt (an empty list for a prompt without images)")
+        ids, row_images = self._prepare(batch, [images] if single else images, pan_and_scan)
+        state = self._start(ids, static, seed, row_images)
         if not stops:
             state = _decode_loop(self.params, state, jnp.int32(max_new_tokens), static=static)
         else:
@@ -365,16 +452,41 @@ class Sampler:
         *,
         stop_token_ids: Sequence[int] | None = None,
         forbidden_token_ids: Sequence[int] | None = None,
+        images=None,
+        pan_and_scan: bool = False,
     ) -> Iterator[str]:
         """Yields the completion of one prompt piece by piece; the pieces join to the text
-        `generate` returns with the same arguments."""
+        `generate` returns with the same arguments (images as there, for the one prompt)."""
         if not isinstance(prompt, str):
             raise SamplingError("stream() takes one prompt string")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         static = self._static(max_new_tokens, temperature, top_k, top_p, min_p, stop_token_ids,
                               forbidden_token_ids)
-        state = self._start(self._encode([prompt]), static, seed)
+        ids, row_images = self._prepare([prompt], [images], pan_and_scan)
+        state = self._start(ids, static, seed, row_images)
         yield from self._stream_state(state, static, max_new_tokens, stops)
+
+    def _prepare(self, prompts: list[str], images, pan_and_scan: bool):
+        """Prompts and their images (one entry per prompt, or None) -> (token ids with
+        soft-token slots, per-row embeddings [n, M, D] or None)."""
+        per_row = [None] * len(prompts) if images is None else images
+        wheres = ["the prompt"] if len(prompts) == 1 else [f"prompt {i}" for i in range(len(prompts))]
+        for p, row, where in zip(prompts, per_row, wheres):  # every check before any encoding
+            if not isinstance(p, str):
+                raise SamplingError(f"prompts must be strings, got {type(p).__name__}")
+            if _image_list(row) or self.model.has_vision:
+                if _image_list(row):
+                    self.model.require_vision()
+                image_prompt.check_image_count(p, len(_image_list(row)), where)
+        texts, embeddings = [], []
+        for p, row, where in zip(prompts, per_row, wheres):
+            text, emb = self._read_images(p, row, pan_and_scan, where)
+            texts.append(text)
+            embeddings.append(emb)
+        ids = self._encode(texts)
+        if all(e is None for e in embeddings):
+            return ids, None  # text only: no expansion, the text-only compiled programs
+        return [self._expand(seq) for seq in ids], embeddings
 
     def _stream_state(self, state, static, max_new_tokens, stops, finished=None) -> Iterator[str]:
         """Streams row 0 of a decode state whose last drawn token is state["token"].
@@ -484,27 +596,44 @@ class ChatSession:
         return system + messages
 
     def _full_ids(self, messages) -> list[int]:
-        return self.tokenizer.encode(self.tokenizer.format_chat(self._history(messages)))
+        ids = self.tokenizer.encode(self.tokenizer.format_chat(self._history(messages)))
+        return self.sampler._expand(ids) if self._images(messages) is not None else ids
+
+    def _images(self, messages):
+        """The embeddings [n, M, D] of every image in `messages`, in order, or None."""
+        found = [m["images"] for m in messages if m.get("images") is not None]
+        return jnp.concatenate(found) if found else None
 
     def send(self, message: str, **sampling) -> str:
-        """Sends a user message and returns the model's reply (sampling as Sampler.generate)."""
+        """Sends a user message and returns the model's reply (sampling as Sampler.generate).
+
+        `images=[...]` (models with an image encoder) go with the message, which holds one
+        `<start_of_image>` per image; each image is encoded once and stays in the conversation
+        (`pan_and_scan=True` adds crops of elongated images, as Sampler.generate).
+        """
         return "".join(self.stream(message, **sampling))
 
     def stream(self, message: str, max_new_tokens: int = 256, temperature: float = 0.0,
                top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
-               seed: int = 0, stop: str | Sequence[str] | None = None) -> Iterator[str]:
+               seed: int = 0, stop: str | Sequence[str] | None = None, *, images=None,
+               pan_and_scan: bool = False) -> Iterator[str]:
         """Like `send`, yielding the reply piece by piece."""
         if not isinstance(message, str) or not message.strip():
             raise SamplingError("the message is empty; type something to send")
         sampler, tok = self.sampler, self.tokenizer
         static = sampler._static(max_new_tokens, temperature, top_k, top_p, min_p, None, None)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
+        message, embeddings = sampler._read_images(message, images, pan_and_scan, "the message")
         user = {"role": "user", "content": message}
+        if embeddings is not None:
+            user["images"] = embeddings  # encoded once; re-used if the chat is re-read
 
         if self._state is not None:
             # Only the new turn goes in: close the model's turn, open the user's, then the
             # model's. Chat markup tokens are atomic, so this tokenizes as the full text would.
             new_ids = tok.encode("<end_of_turn>\n" + tok.format_chat([user]), add_bos=False)
+            if embeddings is not None:
+                new_ids = sampler._expand(new_ids)
             used = int(self._state["cache"]["index"])
             if used + len(new_ids) + max_new_tokens > self.cache_length:
                 self._make_room(user, max_new_tokens)
@@ -528,9 +657,9 @@ class ChatSession:
         try:
             if self._state is None:
                 self.token_ids = list(ids)
-                state = sampler._start([ids], static, seed)
+                state = sampler._start([ids], static, seed, [self._images(self.messages + [user])])
             else:
-                state = self._feed(new_ids, static, seed)
+                state = self._feed(new_ids, static, seed, embeddings)
             yield from sampler._stream_state(state, static, max_new_tokens, stops, finished)
         except BaseException:
             if not recorded:
@@ -570,8 +699,13 @@ class ChatSession:
         self.messages, self._state = messages, None  # re-read what remains into a fresh cache
         self.token_ids = []
 
-    def _feed(self, new_ids: list[int], static: _Static, seed: int) -> dict:
-        """Writes all but the last new token into the cache; the decode step feeds the last."""
+    def _feed(self, new_ids: list[int], static: _Static, seed: int, images=None) -> dict:
+        """Writes all but the last new token into the cache; the decode step feeds the last.
+
+        Text goes in chunks of _CHUNK tokens, then one by one; each image's soft-token slots go
+        in one chunk of their own with the image's embeddings (images [n, M, D]), so that they
+        see each other and every chunk shape recurs.
+        """
         state = self._state
         cache, index = state["cache"], int(state["position"][0])
         if not bool(state["done"][0]):
@@ -580,13 +714,21 @@ class ChatSession:
             new_ids = [int(state["token"][0])] + new_ids
         self.token_ids += new_ids
         body = new_ids[:-1]
-        start = 0
+        soft = [i for i, t in enumerate(body) if t == image_prompt.SOFT_TOKEN]
+        start, image = 0, 0
         while start < len(body):
-            size = self._CHUNK if len(body) - start >= self._CHUNK else 1
+            embeddings = None
+            if body[start] == image_prompt.SOFT_TOKEN:
+                size = self.sampler.config.vision.num_soft_tokens
+                embeddings = images[None, image:image + 1]
+                image += 1
+            else:
+                run = next((i for i in soft if i > start), len(body)) - start  # text up to an image
+                size = self._CHUNK if run >= self._CHUNK else 1
             chunk = np.asarray([body[start:start + size]], np.int32)
             pos = np.arange(index + start, index + start + size, dtype=np.int32)[None]
             _, cache = _extend_chunk(self.sampler.params, jnp.asarray(chunk), jnp.asarray(pos),
-                                     cache, graphdef=self.sampler.graphdef)
+                                     cache, embeddings, graphdef=self.sampler.graphdef)
             start += size
         B = 1
         state = dict(
