@@ -261,6 +261,8 @@ def test_hf_to_gemma_kit_to_hf(saved, case, tmp_path):
 
     # Straight into a model: logits equal transformers'.
     model = load_model(folder)
+    # With gemma_kit.checkpoint.hf_vision installed, the image encoder comes along.
+    assert model.has_vision == ("Conditional" in case and HAS_VISION_TABLE)
     np.testing.assert_allclose(_ours(model), reference, atol=ATOL,
                                rtol=0)
 
@@ -480,13 +482,15 @@ def test_interrupted_export_leaves_nothing(saved, tmp_path, monkeypatch):
     _no_output(tmp_path, tmp_path / "out")
 
 
-def test_unmerged_or_transposed_models_are_refused(saved, tmp_path):
+def test_transposed_or_int8_models_are_refused(saved, tmp_path):
     from gemma_kit.layers import to_matvec_layout
+    from gemma_kit.quant import quantize_model
 
     _, folder = saved["Gemma3ForCausalLM-gqa"]
-    model = load_model(folder)
     with pytest.raises(CheckpointError, match="transposed decode layout"):
-        export_hf(to_matvec_layout(model), tmp_path / "out", progress=False)
+        export_hf(to_matvec_layout(load_model(folder)), tmp_path / "out", progress=False)
+    with pytest.raises(CheckpointError, match="int8"):
+        export_hf(quantize_model(load_model(folder)), tmp_path / "out", progress=False)
     _no_output(tmp_path, tmp_path / "out")
 
 

@@ -134,10 +134,10 @@ def _source(source, preset) -> tuple[Config, Callable, np.dtype, Any]:
                 "this model's weights are in the sampler's transposed decode layout "
                 "(gemma_kit.layers.to_matvec_layout); export the original model instead"
             )
-        if any(getattr(m, "w_scale", None) is not None for m in einsums):
+        if any(m.w_scale is not None for m in einsums):
             raise CheckpointError(
                 "this model's weights are int8 (gemma_kit.quant); export the original model")
-        if any(getattr(m, "lora", None) is not None for m in einsums):
+        if any(m.lora is not None for m in einsums):
             raise CheckpointError(
                 "this model carries an unmerged LoRA adapter: export gemma_kit.lora.merge(model) "
                 "for full weights, or the adapter alone in PEFT format"

@@ -70,7 +70,9 @@ def read_hf(path: str | os.PathLike, preset: str | Config | None = None, dtype=N
             official.check_shapes(wanted, official.abstract_params(config))
             config = wanted
         prefix = hf.find_prefix(folder.keys())
-        dtype = np.dtype(dtype) if dtype is not None else folder.dtype(prefix + "embed_tokens.weight")
+        if dtype is None:  # as stored
+            dtype = folder.dtype(prefix + "embed_tokens.weight")
+        dtype = np.dtype(dtype)
         bar = lambda rules: tqdm(rules, desc="Hugging Face -> gemma_kit", unit="tensor",
                                  disable=not progress)
         params = hf.params_from_hf(folder, config, dtype=dtype, place=place, progress=bar)

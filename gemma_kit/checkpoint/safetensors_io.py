@@ -15,6 +15,7 @@ with an index, as transformers' save_pretrained does.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -63,13 +64,11 @@ class HFFolder(Mapping[str, np.ndarray]):
     """
 
     def __init__(self, path: str | os.PathLike):
-        try:
-            import safetensors  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("safetensors") is None:
             raise ImportError(
                 "Reading Hugging Face checkpoints needs the safetensors package: "
                 "pip install 'gemma-kit[hf]'"
-            ) from None
+            )
         self.path = pathlib.Path(path).expanduser()
         if not self.path.exists():
             raise CheckpointNotFoundError(f"no Hugging Face model folder at {str(self.path)!r}")
@@ -81,9 +80,10 @@ class HFFolder(Mapping[str, np.ndarray]):
         try:
             self.config = json.loads((self.path / CONFIG_FILE).read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ConversionError(f"{str(self.path / CONFIG_FILE)!r} is not valid JSON: {err}") from None
+            raise ConversionError(
+                f"{str(self.path / CONFIG_FILE)!r} is not valid JSON: {err}") from None
         index = self._index()
-        files = sorted(set(index.values())) if index else [self._single_file()]
+        files = sorted(set(index.values())) if index else [self._single]
         self._handles: dict[str, object] = {}
         self._files: dict[str, str] = {}
         self._dtypes: dict[str, str] = {}
@@ -105,8 +105,9 @@ class HFFolder(Mapping[str, np.ndarray]):
         if bad:
             name, dtype = next(iter(sorted(bad.items())))
             raise ConversionError(
-                f"{len(bad)} tensors of {str(self.path)!r} are stored as {sorted(set(bad.values()))} "
-                f"(e.g. {name!r}: {dtype}); gemma_kit converts float32, bfloat16 and float16 "
+                f"{len(bad)} tensors of {str(self.path)!r} are stored as "
+                f"{sorted(set(bad.values()))} (e.g. {name!r}: {dtype}); gemma_kit converts "
+                "float32, bfloat16 and float16 "
                 "checkpoints only. Use the unquantized release of the model."
             )
 
@@ -144,9 +145,6 @@ class HFFolder(Mapping[str, np.ndarray]):
             + (f" (it has {len(found)} .safetensors files but no index: the download is "
                "incomplete)" if found else "")
         )
-
-    def _single_file(self) -> str:
-        return self._single
 
     def _handle(self, file: str):
         if file not in self._handles:
