@@ -164,8 +164,9 @@ def cmd_sample(args) -> int:
 
     # Check the settings before spending seconds on loading the model.
     SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p)
+    _check_lora(args)
     model, tokenizer = _load(args)
-    sampler = Sampler(model, tokenizer)
+    sampler = Sampler(_with_lora(args, model), tokenizer)
     if args.json:
         result = sampler.generate(args.prompt, **_sampling_args(args))
         print(json.dumps({"prompt": args.prompt, "text": result.text, "tokens": result.tokens,
@@ -182,8 +183,10 @@ def cmd_chat(args) -> int:
     from gemma_kit.sampling import SamplingParams
 
     SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p)
+    _check_lora(args)
     model, tokenizer = _load(args)
-    chat = ChatSession(model, tokenizer, system=args.system, cache_length=args.cache_length)
+    chat = ChatSession(_with_lora(args, model), tokenizer, system=args.system,
+                       cache_length=args.cache_length)
     sampling = _sampling_args(args)
     print(f"Chatting with {model.config.name} (/reset forgets the conversation, /exit or "
           "Ctrl-D leaves). The embedded 270M is a pretrained model, not a chat model: expect "
@@ -222,6 +225,60 @@ def cmd_demo(args) -> int:
         model, lora = demo.load_lora(model, args.lora)
     demo.serve(model, tokenizer, args.host, args.port, lora=lora,
                cache_length=args.cache_length, concurrency=args.concurrency)
+    return 0
+
+
+def _check_lora(args) -> None:
+    """A bad --lora folder is reported before seconds of loading the model."""
+    if args.lora is not None:
+        from gemma_kit.lora import read_adapter_config
+
+        read_adapter_config(args.lora)
+
+
+def _with_lora(args, model):
+    """The model with the --lora adapter added (unmerged), if one was given."""
+    if args.lora is not None:
+        from gemma_kit.lora import load_adapter
+
+        load_adapter(model, args.lora)
+    return model
+
+
+def cmd_finetune(args) -> int:
+    from gemma_kit.finetune.config import TrainConfig, parse_overrides
+
+    config = TrainConfig.from_file(args.config) if args.config else TrainConfig()
+    flags = dict(train_file=args.train_file, eval_file=args.eval_file, out_dir=args.out_dir,
+                 base=args.base, method=args.method, steps=args.steps, epochs=args.epochs)
+    changes = {k: v for k, v in flags.items() if v is not None}
+    changes.update(parse_overrides(args.set or []))
+    # A length given on the command line replaces the config file's, whichever kind it was.
+    if "steps" in changes and "epochs" not in changes:
+        changes["epochs"] = None
+    if "epochs" in changes and "steps" not in changes:
+        changes["steps"] = None
+    config = config.with_overrides(changes).validate()
+
+    from gemma_kit.finetune import train
+
+    result = train(config, resume=args.resume)
+    if result.interrupted:
+        return 130
+    before = "-" if result.eval_before is None else f"{result.eval_before:.4f}"
+    after = "-" if result.eval_after is None else f"{result.eval_after:.4f}"
+    print(f"trained {result.step} steps; held-out loss {before} -> {after}; wrote "
+          f"{result.adapter or result.model_dir} (metrics and loss.png in {result.out_dir})")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from gemma_kit.lora import merge_checkpoint
+
+    out = merge_checkpoint(args.base, args.lora, args.out, preset=args.preset,
+                           overwrite=args.overwrite)
+    print(f"wrote {out} (checkpoint/ in the official Orbax layout with the adapter folded in, "
+          "tokenizer.model)")
     return 0
 
 
@@ -284,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     _sampling_flags(p, max_new_tokens=64)
     p.add_argument("--json", action="store_true", help="print one JSON object with tokens and logprobs")
+    p.add_argument("--lora", default=None, help="a LoRA adapter folder to add (unmerged)")
     p.set_defaults(run=cmd_sample)
 
     p = sub.add_parser("chat", help="multi-turn chat in the terminal (streamed replies)")
@@ -291,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_flags(p, max_new_tokens=256)
     p.add_argument("--system", default=None, help="system prompt (folded into the first turn)")
     p.add_argument("--cache-length", type=int, default=4096, help="tokens the chat can hold")
+    p.add_argument("--lora", default=None, help="a LoRA adapter folder to add (unmerged)")
     p.set_defaults(run=cmd_chat)
 
     p = sub.add_parser("demo", help="chat page in the browser (Gradio; pip install "
@@ -303,6 +362,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens each conversation can hold")
     p.add_argument("--concurrency", type=int, default=8, help="replies generated at once")
     p.set_defaults(run=cmd_demo)
+
+    p = sub.add_parser("finetune", help="fine-tune on JSONL data: LoRA, QLoRA or full "
+                       "(pip install 'gemma-kit[finetune]'; see finetune/README.md)")
+    p.add_argument("--config", default=None, help="a .toml or .json file of settings")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out-dir from its latest checkpoint")
+    p.add_argument("--train-file", default=None, help="JSONL examples")
+    p.add_argument("--eval-file", default=None, help="held-out JSONL (default: a split)")
+    p.add_argument("--out-dir", default=None, help="folder for checkpoints and results")
+    p.add_argument("--base", default=None, help="checkpoint folder, or 'default' (embedded 270M)")
+    p.add_argument("--method", default=None, choices=["lora", "qlora", "full"])
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--epochs", type=float, default=None)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="any other setting, e.g. --set learning_rate=1e-4 (repeatable)")
+    p.set_defaults(run=cmd_finetune)
+
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base: a full checkpoint in "
+                       "the official layout")
+    p.add_argument("--base", required=True, help="the base checkpoint (or model) folder")
+    p.add_argument("--lora", required=True, help="the adapter folder (OUT_DIR/adapter)")
+    p.add_argument("--out", required=True, help="folder to create (checkpoint/ + tokenizer.model)")
+    p.add_argument("--preset", default=None, help="model size (default: inferred from shapes)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier merge")
+    p.set_defaults(run=cmd_merge)
     return parser
 
 

@@ -353,6 +353,47 @@ def load_adapter(model: nnx.Module, path: str | os.PathLike) -> nnx.Module:
     return model
 
 
+def merge_checkpoint(base: str | os.PathLike, adapter: str | os.PathLike,
+                     out: str | os.PathLike, *, preset=None,
+                     overwrite: bool = False) -> pathlib.Path:
+    """base checkpoint + adapter -> `out`/checkpoint (official layout) and `out`/tokenizer.model.
+
+    The weights keep the base's stored dtype (the sum is taken in float32). Everything is
+    written into a temporary sibling folder and renamed at the end, so an interrupted merge
+    never leaves a folder that looks complete.
+    """
+    from gemma_kit.checkpoint.official import find_checkpoint, find_tokenizer
+    from gemma_kit.errors import CheckpointError
+    from gemma_kit.loading import load_model, save_checkpoint
+
+    read_adapter_config(adapter)  # a bad adapter is reported before loading the base
+    find_checkpoint(base)
+    out = pathlib.Path(out).expanduser().absolute()
+    if out.exists():
+        if not overwrite:
+            raise CheckpointError(f"{str(out)!r} already exists; choose a new folder or pass "
+                                  "--overwrite")
+        if set(p.name for p in out.iterdir()) - {"checkpoint", "tokenizer.model"}:
+            raise CheckpointError(
+                f"refusing to overwrite {str(out)!r}: it holds more than a merged model "
+                "(checkpoint/, tokenizer.model), so it may hold data that is not ours to delete")
+    merged = merge(load_model(base, preset, lora=adapter))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        save_checkpoint(merged, tmp / "checkpoint")
+        tokenizer = find_tokenizer(base)
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
 def trainable_count(model: nnx.Module, kind=LoRAParam) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, kind))))
 
@@ -360,5 +401,5 @@ def trainable_count(model: nnx.Module, kind=LoRAParam) -> int:
 __all__: Sequence[str] = (
     "LoRA", "LoRAParam", "apply_lora", "merge", "remove_lora", "save_adapter", "load_adapter",
     "read_adapter_config", "lora_state", "adapter_info", "has_lora", "resolve_targets",
-    "lora_equations",
+    "lora_equations", "merge_checkpoint",
 )

@@ -165,3 +165,33 @@ def test_einsum_hooks_are_empty_by_default(tiny_gemma3_config, tiny_model):
     names = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model))}
     assert "layer_0/attn/q_einsum/w" in names
     assert not any("lora" in n or "w_scale" in n for n in names)
+
+
+def test_merge_checkpoint(tiny_gemma3_config, tiny_model, tmp_path):
+    """base + adapter -> a plain official checkpoint (and the tokenizer beside it)."""
+    import gemma_kit
+
+    config = tiny_gemma3_config
+    model = tiny_model(config, seed=6)
+    gemma_kit.save_checkpoint(model, tmp_path / "base" / "checkpoint")
+    (tmp_path / "base" / "tokenizer.model").write_bytes(b"not read by merge")
+    lora.apply_lora(model, rank=2, alpha=4.0, seed=3)
+    _randomize_b(model, seed=4)
+    adapter = lora.save_adapter(model, tmp_path / "adapter")
+    tokens = _tokens(config, seed=5)
+
+    out = lora.merge_checkpoint(tmp_path / "base", adapter, tmp_path / "merged", preset=config)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "tokenizer.model"]
+    assert not any(p.name.startswith(".merged") for p in tmp_path.iterdir())  # no temp left
+    merged = gemma_kit.load_model(out, config)
+    assert not lora.has_lora(merged)
+    np.testing.assert_allclose(np.asarray(merged(tokens)), np.asarray(model(tokens)), atol=1e-4,
+                               rtol=0)
+    with pytest.raises(CheckpointError, match="already exists"):
+        lora.merge_checkpoint(tmp_path / "base", adapter, out, preset=config)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(CheckpointError, match="not ours to delete"):
+        lora.merge_checkpoint(tmp_path / "base", adapter, tmp_path / "mine", preset=config,
+                              overwrite=True)
+    assert (tmp_path / "mine" / "notes.txt").exists()
