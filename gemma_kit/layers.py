@@ -8,10 +8,17 @@ Dimension glossary, used in every einsum equation and docstring of gemma_kit:
     V  vocabulary                C  a stacked-weights axis  L  layers
     R  LoRA rank
 
-Parameters may be stored in a narrower dtype (bf16) than the one computations run in. Every
-layer casts its weight to the activation dtype inside the computation: under jit XLA fuses that
-cast into the matmul, which on CPU is ~35x faster than a bf16 x bf16 matrix-vector product
-(see shared/docs/cpu-notes.md) and costs nothing on accelerators.
+Parameters may be stored in a narrower dtype (bf16, or int8 with scales) than the activations
+(float32). Such a weight multiplies bf16-rounded activations and accumulates in float32 on every
+path (`matmul_dtype`), the numerics of bf16 inference everywhere; how the product is computed
+depends on its shape, because XLA's CPU backend is fast at different things for each
+(shared/docs/cpu-notes.md and benchmarks/):
+  * one activation row (a batch-1 decode step): the weight is upcast to float32 inside the
+    computation, which XLA fuses into a matrix-vector loop reading bf16 at memory speed; a
+    bf16 x bf16 matrix-vector product is ~35x slower;
+  * several rows (prefill, batched decode): a bf16 x bf16 product with float32 accumulation,
+    which runs on the CPU's bf16 matrix units, ~10x faster than upcasting (XLA materialises
+    a float32 copy of the weight first) and the native form on accelerators.
 """
 
 from __future__ import annotations
@@ -26,6 +33,36 @@ from flax import nnx
 
 def _normal(stddev: float):
     return jax.nn.initializers.normal(stddev)
+
+
+def matmul_dtype(stored, activations) -> jnp.dtype:
+    """The dtype in which activations of dtype `activations` meet a weight stored as `stored`.
+
+    bf16 for float32 activations against bf16 or int8 (scaled) weights, the activations'
+    dtype otherwise. The product always accumulates in the activations' dtype.
+    """
+    stored, activations = jnp.dtype(stored), jnp.dtype(activations)
+    if activations == jnp.float32 and stored in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.int8)):
+        return jnp.dtype(jnp.bfloat16)
+    return activations
+
+
+def matmul_t(x: jax.Array, weight, stored) -> jax.Array:
+    """x [M, I] @ W^T for W [O, I] given as weight(dtype) (the stored W cast, inside the jit).
+
+    Computes in matmul_dtype(stored, x.dtype), choosing the fast form by M (module docstring):
+    one row upcasts the weight (after rounding x, so every M gives the same products); several
+    rows run a narrow product with wide accumulation.
+    """
+    dtype = matmul_dtype(stored, x.dtype)
+    if dtype == x.dtype:
+        return x @ weight(dtype).T
+    if x.shape[0] == 1:
+        return x.astype(dtype).astype(x.dtype) @ weight(x.dtype).T
+    # Contracting the last axis of both operands as they are: written as matmul(x, w.T), XLA's
+    # CPU backend upcasts both operands to float32 before the dot (measured ~10x slower).
+    return jax.lax.dot_general(x.astype(dtype), weight(dtype), (((1,), (1,)), ((), ())),
+                               preferred_element_type=x.dtype)
 
 
 class Einsum(nnx.Module):
@@ -74,16 +111,23 @@ class Einsum(nnx.Module):
         return y
 
     def _base(self, x: jax.Array) -> jax.Array:
-        w = self.kernel(x.dtype)
+        dtype = matmul_dtype(self.w[...].dtype, x.dtype)
         if not self.matvec:
-            return jnp.einsum(self.equation, x, w)
+            n_in = int(np.prod(x.shape[len(x.shape) - len(self.contracted):]))
+            if dtype == x.dtype or x.size == n_in:  # one row: as matmul_t does
+                x = x.astype(dtype).astype(x.dtype)
+                return jnp.einsum(self.equation, x, self.kernel(x.dtype))
+            return jnp.einsum(self.equation, x.astype(dtype), self.kernel(dtype),
+                              preferred_element_type=x.dtype)
         # w is [kept..., contracted...]: a plain x2 @ w2.T, the form XLA's CPU backend runs as a
         # fused, multi-threaded matrix-vector loop straight from the bf16 weights.
         kept = "".join(c for c in self.w_spec if c not in self.contracted)
         batch = self.x_spec[: len(self.x_spec) - len(self.contracted)]
-        n_in = int(np.prod(w.shape[len(kept):]))
-        y = x.reshape(-1, n_in) @ w.reshape(-1, n_in).T
-        y = y.reshape(*x.shape[: len(batch)], *w.shape[: len(kept)])
+        shape = self.w[...].shape
+        n_in = int(np.prod(shape[len(kept):]))
+        y = matmul_t(x.reshape(-1, n_in), lambda d: self.kernel(d).reshape(-1, n_in),
+                     self.w[...].dtype)
+        y = y.reshape(*x.shape[: len(batch)], *shape[: len(kept)])
         return jnp.transpose(y, [(batch + kept).index(c) for c in self.out_spec])
 
     def matvec_permutation(self) -> tuple[int, ...]:

@@ -15,7 +15,7 @@ from flax import nnx
 from gemma_kit.attention import Attention, causal_mask, image_block_mask, image_blocks
 from gemma_kit.config import Config
 from gemma_kit.errors import ConfigError, ImageError
-from gemma_kit.layers import Einsum, RMSNorm, softcap
+from gemma_kit.layers import Einsum, RMSNorm, matmul_t, softcap
 from gemma_kit.vision import prompt as image_prompt
 from gemma_kit.vision.siglip import SigLiPFromPatches
 
@@ -63,8 +63,9 @@ class Embedder(nnx.Module):
         matrix-vector loop over the bf16 table, ~10x faster for one token than the dot_general
         an einsum over E's last axis lowers to.
         """
-        table = self.input_embedding[...].astype(x.dtype)
-        return (x.reshape(-1, x.shape[-1]) @ table.T).reshape(*x.shape[:-1], table.shape[0])
+        table = self.input_embedding[...]
+        logits = matmul_t(x.reshape(-1, x.shape[-1]), table.astype, table.dtype)
+        return logits.reshape(*x.shape[:-1], table.shape[0])
 
 
 class FeedForward(nnx.Module):
