@@ -613,3 +613,26 @@ def test_real_270m_lora_adapter_in_peft(real_export, tmp_path, capsys):
           f"{scale:.1f}; the adapter moves logits by {np.abs(theirs - before).max():.2f}")
     assert np.abs(theirs - before).max() > 1.0
     np.testing.assert_allclose(theirs, ours, atol=2e-5 * scale, rtol=0)
+
+
+@pytest.mark.real_model
+def test_real_270m_hf_export_converts_back_bit_exact(real_export, tmp_path, capsys):
+    """Hugging Face (bf16) -> gemma_kit: the official preset is recognised, the tokenizer
+    copied, and every weight equals the embedded model's."""
+    from gemma_kit.checkpoint.official import load_params
+    from gemma_kit.embedded import ensure_default_model
+
+    out, _, _ = real_export
+    back = tmp_path / "back"
+    assert main(["convert", "--hf", str(out), "--out", str(back)]) == 0
+    assert "preset gemma3-270m" in capsys.readouterr().out
+    original = ensure_default_model()
+    assert (back / "tokenizer.model").read_bytes() == (original / "tokenizer.model").read_bytes()
+    config, params, info = load_params(back)
+    assert config.name == "gemma3-270m" and info["stored_dtypes"] == ["bfloat16"]
+    _, reference, _ = load_params(original)
+    flat, want = official.flatten(params), official.flatten(reference)
+    assert flat.keys() == want.keys()
+    for path, value in want.items():
+        np.testing.assert_array_equal(np.asarray(flat[path]), np.asarray(value),
+                                      err_msg="/".join(path))
