@@ -597,7 +597,17 @@ class ChatSession:
 
     def _full_ids(self, messages) -> list[int]:
         ids = self.tokenizer.encode(self.tokenizer.format_chat(self._history(messages)))
-        return self.sampler._expand(ids) if self._images(messages) is not None else ids
+        images = self._images(messages)
+        if images is None:
+            return ids
+        markers = ids.count(self.tokenizer.start_of_image_id)
+        if markers != images.shape[0]:
+            # e.g. a reply that spelled out "<start_of_image>": re-read, it would become a marker
+            raise ImageError(
+                f"the conversation's text holds {markers} <start_of_image> markers for "
+                f"{images.shape[0]} images, so it cannot be re-read; call reset() (or undo()) to "
+                "go on")
+        return self.sampler._expand(ids)
 
     def _images(self, messages):
         """The embeddings [n, M, D] of every image in `messages`, in order, or None."""

@@ -172,6 +172,12 @@ def test_chat_with_images_across_turns(setup, monkeypatch):
     chat.undo()
     chat.send("Which one was first, again?", max_new_tokens=2)
     assert count.images == 3
+    # A reply that spelled out the marker would, re-read, become a fourth marker for three
+    # images: refused with a clear error rather than misplacing the images.
+    chat.messages[-1]["content"] += " <start_of_image>"
+    chat._state = None  # the next turn re-reads the conversation (as after an interrupted turn)
+    with pytest.raises(ImageError, match="4 <start_of_image> markers for 3 images.*reset"):
+        chat.send("Go on.", max_new_tokens=2)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "fresh"))
