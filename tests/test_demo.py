@@ -169,12 +169,11 @@ def test_lora_adapter_is_applied_and_shown(tiny_chat_model, tmp_path, capsys):
     assert description == "`adapter` (rank 2, alpha 4, on attn_vec_einsum, kv_einsum, q_einsum)"
     assert "**LoRA adapter:** `adapter` (rank 2" in ModelCard.of(
         served, lora=description, cache_length=256).markdown()
-    greedy = dict(temperature=0.0, max_new_tokens=8)
-    with_adapter = ChatSession(adapted, tokenizer, cache_length=256).send("Hi there.", **greedy)
-    assert ChatSession(served, tokenizer, cache_length=256).send("Hi there.", **greedy) == (
-        with_adapter)
-    assert ChatSession(model, tokenizer, cache_length=256).send("Hi there.", **greedy) != (
-        with_adapter)
+    # Folded into the weights, the adapter computes what it computes beside them (f32).
+    tokens = jax.numpy.asarray([tokenizer.encode("Hi there, how are you?")])
+    want = np.asarray(adapted(tokens))
+    assert np.abs(np.asarray(served(tokens)) - want).max() <= 1e-5 * np.abs(want).max()
+    assert np.abs(np.asarray(model(tokens)) - want).max() > 1e-2 * np.abs(want).max()
 
     assert main(["demo", "--lora", str(tmp_path / "missing"), "--port", str(free_port())]) == 2
     assert "adapter folder" in capsys.readouterr().err

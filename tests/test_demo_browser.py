@@ -1,9 +1,10 @@
 """The chat page in a real browser: Debian's chromium driven by Playwright, against the server
-of `gemma-kit demo` on 127.0.0.1, with the real Gemma 3 270M.
+of `gemma-kit demo` on 127.0.0.1, with the real Gemma 3 270M and with a tiny random vision model.
 
 What a person would do: type a message and watch the reply stream in; set the seed and see it
 make a sampled reply reproducible; get a clear message for an empty message or an image the
-model cannot read; stop a long reply; regenerate one. Screenshots land in test-artifacts/demo/.
+model cannot read; stop a long reply; regenerate one; attach two images for a vision model and
+get a reply about them. Screenshots land in test-artifacts/demo/.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import re
 import socket
 import time
 
+import numpy as np
 import pytest
 
 pytest.importorskip("gradio", reason="the demo needs the [demo] extra")
@@ -232,3 +234,68 @@ def test_bad_input_stop_and_regenerate(page, served, tmp_path):
     assert len(page.locator('[data-testid="user"]').all()) == 1
     page.screenshot(path=ARTIFACTS / "after-stop-and-regenerate.png")
 
+
+def test_images_for_a_vision_model(browser, tmp_path):
+    """Two images attached to one message reach a (tiny, random) vision model: the reply is the
+    one ChatSession gives for the same images and text. A file that is not an image, and one
+    over the size limit, are refused in the page."""
+    _vision_tiny = pytest.importorskip("_vision_tiny")
+    from PIL import Image
+
+    from gemma_kit.demo import ChatApp
+    from gemma_kit.sampler import ChatSession
+
+    model = _vision_tiny.random_vision_model(_vision_tiny.tiny_vision_config(), seed=3)
+    tokenizer = _vision_tiny.image_tokenizer()
+    app = ChatApp(model, tokenizer, cache_length=256, max_image_mb=0.05)  # 50 kB at most
+    url = app.launch("127.0.0.1", _free_port(), block=False, quiet=True)
+    paths = []
+    for seed, (w, h) in enumerate([(60, 40), (32, 48)]):
+        paths.append(tmp_path / f"drawing-{seed}.png")
+        _vision_tiny.drawn_image(w, h, seed=seed).save(paths[-1])
+    message = "Compare the two pictures."
+    try:
+        tab = _open(browser, url)
+        page = next(tab)
+        assert "Vision: yes" in page.inner_text("#model-card")
+        _settings(page, **SAMPLING, max_new=12, seed=9)
+        page.fill("#message textarea", message)
+        page.set_input_files("#message input[type=file]", [str(p) for p in paths])
+        page.wait_for_function(
+            "() => document.querySelectorAll('#message .thumbnail-item').length == 2")
+        page.press("#message textarea", "Enter")
+        _wait_finished(page, 1)
+        reply = _bot_texts(page)[-1]
+        assert len(page.locator('[data-testid="user"] img').all()) == 2
+        page.screenshot(path=ARTIFACTS / "vision.png", full_page=True)
+        page.click("#regenerate")  # the same images again, re-read with the conversation
+        _wait_finished(page, 2)
+        assert _bot_texts(page) == [reply]
+
+        fake = tmp_path / "notes.png"
+        fake.write_text("these are notes, not a picture")
+        page.fill("#message textarea", "And this one?")
+        page.set_input_files("#message input[type=file]", str(fake))
+        page.wait_for_selector("#message .thumbnail-item")
+        page.press("#message textarea", "Enter")
+        page.wait_for_selector(".toast-body:has-text('notes.png is not an image')")
+
+        _clear(page)
+        big = tmp_path / "big.png"
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (160, 160, 3), np.uint8)
+                        ).save(big)  # noise does not compress: about 77 kB
+        page.set_input_files("#message input[type=file]", str(big))
+        page.wait_for_selector(".toast-body:has-text('exceed the maximum allowed size')")
+        assert len(_bot_texts(page)) == 0
+        next(tab, None)
+    finally:
+        app.close()
+    images = [Image.open(p) for p in paths]
+    want = ChatSession(model, tokenizer, cache_length=256).send(
+        "<start_of_image><start_of_image>" + message, images=images, **SAMPLING,
+        max_new_tokens=12, seed=9)
+    assert _words(reply) == _words(want) and _words(want)
+    without = ChatSession(model, tokenizer, cache_length=256).send(
+        "<start_of_image><start_of_image>" + message, images=images[::-1], **SAMPLING,
+        max_new_tokens=12, seed=9)
+    assert _words(without) != _words(want)  # the images, and their order, matter
