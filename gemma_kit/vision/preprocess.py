@@ -178,12 +178,15 @@ def pan_and_scan_crops(
     return [image.crop(box) for box in boxes]
 
 
-def preprocess_image(image: ImageInput, size: int = 896) -> np.ndarray:
-    """One image -> [size, size, 3] float32 in [-1, 1], ready for the encoder."""
-    rgb = image if isinstance(image, Image.Image) and image.mode == "RGB" else load_image(image)
+def _resize_normalise(rgb: Image.Image, size: int) -> np.ndarray:
     resized = rgb.resize((size, size), Image.Resampling.BILINEAR)
     pixels = np.asarray(resized, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)
     return np.clip(pixels, -1.0, 1.0)
+
+
+def preprocess_image(image: ImageInput, size: int = 896) -> np.ndarray:
+    """One image -> [size, size, 3] float32 in [-1, 1], ready for the encoder."""
+    return _resize_normalise(load_image(image), size)
 
 
 def prepare_images(
@@ -202,7 +205,7 @@ def prepare_images(
         rgb = load_image(image)
         parts = pan_and_scan_crops(rgb) if pan_and_scan else []
         crops.append(len(parts))
-        pixels.extend(preprocess_image(p, size) for p in [rgb, *parts])
+        pixels.extend(_resize_normalise(p, size) for p in [rgb, *parts])
     if not pixels:
         return np.zeros((0, size, size, 3), np.float32), crops
     return np.stack(pixels), crops
