@@ -24,7 +24,7 @@ from flax import nnx
 from _vision_tiny import TINY_VISION, random_pixels, random_vision_model, tiny_vision_config
 from gemma_kit.checkpoint import official
 from gemma_kit.config import PRESETS
-from gemma_kit.errors import CheckpointError, ImageError
+from gemma_kit.errors import CheckpointError, ConfigError, ImageError
 from gemma_kit.loading import load_model, save_checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -98,6 +98,20 @@ def test_whole_4b_model_with_vision_equals_both_golden_tables():
     assert dtypes["SigLiPFromPatches_0"] == {"float32"}
     count = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract))
     assert count == TEXT_GOLDEN["gemma3-4b"]["param_count"] + GOLDEN["gemma3-4b"]["param_count"]
+
+
+def test_vision_config_checks():
+    text_only = PRESETS["gemma3-1b"]
+    with pytest.raises(ConfigError, match="vision_config is set but has_vision is False"):
+        text_only.replace(vision_config=TINY_VISION)
+    from gemma_kit.transformer import Transformer
+
+    with pytest.raises(ConfigError, match="has no image encoder"):
+        nnx.eval_shape(lambda: Transformer(text_only, with_vision=True))
+    with pytest.raises(ConfigError, match="must be a square"):
+        TINY_VISION.__class__(num_soft_tokens=200)
+    with pytest.raises(ConfigError, match="multiple of patch_size"):
+        TINY_VISION.__class__(image_size=900)
 
 
 def test_encoder_size_matches_the_report():

@@ -34,6 +34,7 @@ from flax import nnx
 
 from gemma_kit.attention import attend
 from gemma_kit.config import VisionConfig
+from gemma_kit.errors import ImageError
 
 
 class Dense(nnx.Module):
@@ -193,7 +194,10 @@ class SigLiPFromPatches(nnx.Module):
     def __call__(self, pixels: jax.Array) -> jax.Array:
         S = self.config.image_size
         if pixels.ndim != 4 or pixels.shape[1:] != (S, S, 3):
-            raise ValueError(
+            raise ImageError(
                 f"pixels must be [images, {S}, {S}, 3], got shape {tuple(pixels.shape)}; "
-                "prepare images with gemma_kit.vision.preprocess")
-        return average_pool(self.siglip_encoder(pixels), self.config)
+                "prepare images with gemma_kit.vision.preprocess_image")
+        soft = average_pool(self.siglip_encoder(pixels), self.config)
+        # The encoder stays frozen when the text model is trained, as in the official code
+        # (SigLiPFromPatches.apply_stop_gradient) and the Gemma 3 report.
+        return jax.lax.stop_gradient(soft)
