@@ -78,7 +78,9 @@ def test_lora_trains_only_lora(base, lora_run):
     after = [np.array(x) for x in jax.tree.leaves(nnx.state(trained, nnx.Param))]
     for a, b in zip(after, lora_run["params_before"], strict=True):
         np.testing.assert_array_equal(a, b)
-    start = jax.tree.leaves(lora.lora_state(model))  # the model given to train() is kept
+    assert not lora.has_lora(model)  # the model given to train() is left as it was
+    initial = lora.apply_lora(nnx.merge(*nnx.split(model)), 8, 16.0, "all", seed=0)
+    start = jax.tree.leaves(lora.lora_state(initial))
     end = jax.tree.leaves(lora.lora_state(trained))
     assert len(start) == len(end) > 0
     assert all(not np.array_equal(a, b) for a, b in zip(start, end))

@@ -221,6 +221,9 @@ def build_model(config: TrainConfig, model=None, tokenizer=None):
     else:
         if tokenizer is None:
             raise TrainingError("a model passed to train() needs its tokenizer too")
+        # A shallow copy (the arrays are shared): LoRA and the compute dtype are set on it,
+        # never on the caller's model.
+        model = nnx.merge(*nnx.split(model))
         model.dtype = compute
         base = getattr(model.config, "name", "model")
     if tokenizer.vocab_size > model.config.vocab_size:
