@@ -67,6 +67,10 @@ class Tokenizer:
         self.start_of_image_id = self._lookup("<start_of_image>") if version == 3 else None
         self.end_of_image_id = self._lookup("<end_of_image>") if version == 3 else None
 
+    def to_bytes(self) -> bytes:
+        """The serialized SentencePiece model (what a tokenizer.model file holds)."""
+        return self._sp.serialized_model_proto()
+
     def _lookup(self, piece: str) -> int | None:
         # SentencePiece answers unk_id for a piece it does not know.
         token = self._sp.PieceToId(piece)

@@ -121,6 +121,7 @@ def test_file_round_trip(tok, serialized, tmp_path):
     path.write_bytes(serialized)
     loaded = Tokenizer(path)
     assert loaded.encode(CHAT) == tok.encode(CHAT)
+    assert loaded.to_bytes() == serialized  # what an export writes as tokenizer.model
 
 
 # -- chat format -------------------------------------------------------------------------------

@@ -7,50 +7,33 @@ so an interrupted conversion never leaves a folder that looks whole.
 
 from __future__ import annotations
 
-import os
 import pathlib
-import shutil
-import tempfile
 
-from gemma_kit.checkpoint import official
-from gemma_kit.errors import CheckpointError
+from gemma_kit.checkpoint import official, staging
 
 CHECKPOINT_SUBDIR = "checkpoint"
 TOKENIZER_FILE = "tokenizer.model"
 
 
+def is_model_folder(path: pathlib.Path) -> bool:
+    return (path / CHECKPOINT_SUBDIR).is_dir() or (path / TOKENIZER_FILE).is_file()
+
+
 def _prepare_target(out: pathlib.Path, overwrite: bool) -> None:
-    if out.exists():
-        if not overwrite:
-            raise CheckpointError(
-                f"{str(out)!r} already exists; choose another --out folder or pass --overwrite"
-            )
-        is_model_folder = (out / CHECKPOINT_SUBDIR).is_dir() or (out / TOKENIZER_FILE).is_file()
-        if any(out.iterdir()) and not is_model_folder:
-            raise CheckpointError(
-                f"refusing to overwrite {str(out)!r}: it is not empty and not a gemma_kit model "
-                "folder, so it may hold data that is not ours to delete"
-            )
+    """Fails early (before slow reading) where write_model_folder would refuse `out`."""
+    staging.check_target(pathlib.Path(out).expanduser().absolute(), overwrite, is_model_folder,
+                         "gemma_kit model folder")
 
 
 def write_model_folder(out, params: dict, tokenizer_proto: bytes | None, *,
                        overwrite: bool = False) -> pathlib.Path:
     """Writes canonical params (+ a serialized SentencePiece model) as a model folder."""
-    out = pathlib.Path(out).expanduser().absolute()
-    _prepare_target(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    try:
-        official.save_params(params, staging / CHECKPOINT_SUBDIR, overwrite=True)
+    with staging.staged_folder(out, overwrite=overwrite, replaceable=is_model_folder,
+                               what="gemma_kit model folder") as folder:
+        official.save_params(params, folder / CHECKPOINT_SUBDIR, overwrite=True)
         if tokenizer_proto is not None:
-            (staging / TOKENIZER_FILE).write_bytes(tokenizer_proto)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return out
+            (folder / TOKENIZER_FILE).write_bytes(tokenizer_proto)
+    return pathlib.Path(out).expanduser().absolute()
 
 
 def convert_gguf(gguf_path, out, *, dtype=None, overwrite: bool = False) -> pathlib.Path:

@@ -72,7 +72,7 @@ def _tokenizer_bytes(tokenizer) -> bytes | None:
 
         Tokenizer(tokenizer)  # clear error for a missing or foreign file
         return pathlib.Path(tokenizer).expanduser().read_bytes()
-    return tokenizer._sp.serialized_model_proto()  # a gemma_kit.Tokenizer
+    return tokenizer.to_bytes()  # a gemma_kit.Tokenizer
 
 
 def _check_paths(config: Config, flat: Mapping[tuple[str, ...], Any]) -> None:
