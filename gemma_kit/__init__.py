@@ -4,16 +4,25 @@
     model, tokenizer = gemma_kit.default_model()          # the embedded Gemma 3 270M
     model = gemma_kit.load_model("path/to/checkpoint")    # an official Orbax checkpoint
     logits = model(tokens)                                # [B, T] ids -> [B, T, V]
+    gemma_kit.Sampler(model, tokenizer).generate("The capital of France is")
+    gemma_kit.ChatSession(model, tokenizer).send("Hello!")
+
+Fine-tuning lives in gemma_kit.lora, gemma_kit.quant and gemma_kit.finetune; Hugging Face
+interop in gemma_kit.checkpoint (hf_import, hf_export, hf_peft); the web demo in gemma_kit.demo.
 """
 
-from gemma_kit.config import PRESETS, Config, GlobalAttention, LocalAttention, get_preset
+from gemma_kit.config import (
+    PRESETS, Config, GlobalAttention, LocalAttention, VisionConfig, get_preset,
+)
 from gemma_kit.embedded import default_model
 from gemma_kit.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     ConfigError,
     ConversionError,
+    DataError,
     GemmaKitError,
+    ImageError,
     TokenizerError,
 )
 from gemma_kit.loading import load_model, save_checkpoint
@@ -29,5 +38,5 @@ __all__ = [
     "CheckpointError", "CheckpointNotFoundError", "ConfigError", "ConversionError",
     "GemmaKitError", "TokenizerError", "load_model", "save_checkpoint", "GenerationResult",
     "Sampler", "ChatSession", "ChatOverflowError", "Tokenizer", "Transformer", "make_mesh",
-    "shard_model",
+    "shard_model", "VisionConfig", "DataError", "ImageError",
 ]

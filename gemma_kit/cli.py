@@ -138,7 +138,7 @@ def cmd_info(args) -> int:
         "preset": config.name,
         "parameters": int(sum(int(np.prod(leaf.shape)) for leaf in leaves)),
         "dtypes": sorted({str(leaf.dtype) for leaf in leaves}),
-        "vision_encoder": "present (not loaded by text-only models)" if vision else "absent",
+        "vision_encoder": "present (loaded unless text_only=True)" if vision else "absent",
         "tokenizer": str(official.find_tokenizer(args.checkpoint) or "not found"),
     }
     if args.json:

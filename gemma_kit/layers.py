@@ -8,6 +8,9 @@ Dimension glossary, used in every einsum equation and docstring of gemma_kit:
     V  vocabulary                C  a stacked-weights axis  L  layers
     R  LoRA rank
 
+and for images (gemma_kit.vision): I images, P patches per image, W encoder width, M soft tokens
+per image, p patch side in pixels, c colour channels.
+
 Parameters may be stored in a narrower dtype (bf16, or int8 with scales) than the activations
 (float32). Such a weight multiplies bf16-rounded activations and accumulates in float32 on every
 path (`matmul_dtype`), the numerics of bf16 inference everywhere; how the product is computed

@@ -17,7 +17,7 @@ Module and parameter names are those of the official checkpoints, whose flat tre
 `gemma/gm/nn/vision/_vision_utils.py`, `_vision.py`). Inside a gemma_kit Transformer the
 encoder is the submodule `vision_encoder`, the name the official nested layout uses.
 
-Letters used here, beside those of gemma_kit.layers: I images, P patches per image (4096),
+Letters used here (listed in gemma_kit.layers' glossary too): I images, P patches per image (4096),
 W encoder width (1152), M soft tokens per image (256), p patch side in pixels (14), c colour
 channels (3). N, H and F are the encoder's heads (16), head dim (72) and MLP hidden dim (4304).
 
