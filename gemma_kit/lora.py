@@ -25,8 +25,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
-import uuid
 from collections.abc import Iterable, Sequence
 
 import jax
@@ -246,37 +244,23 @@ def save_adapter(model: nnx.Module, path: str | os.PathLike, *, overwrite: bool 
 
     The folder holds `adapter_config.json` (rank, alpha, adapted modules, base preset) and
     `params/`, an Orbax PyTree checkpoint of {module path: {"lora": {"a", "b"}}}. It is written
-    into a temporary sibling folder and renamed at the end, so an interrupted save never leaves
-    a folder that looks complete.
+    through gemma_kit.checkpoint.staging: into a temporary folder renamed at the end, and only
+    an earlier adapter folder is ever replaced.
     """
     import orbax.checkpoint as ocp
 
-    path = pathlib.Path(path).expanduser().absolute()
+    from gemma_kit.checkpoint import staging
+
     info = adapter_info(model)
     config = getattr(model, "config", None)
     meta = dict(format=ADAPTER_FORMAT, version=ADAPTER_VERSION,
                 base_preset=getattr(config, "name", None), **info, **(extra or {}))
-    if path.exists():
-        if not overwrite:
-            raise AdapterError(f"{str(path)!r} already exists; choose a new folder or overwrite=True")
-        if not (path / CONFIG_FILE).is_file():
-            raise AdapterError(
-                f"refusing to overwrite {str(path)!r}: it is not a gemma_kit adapter folder, so "
-                "it may hold data that is not ours to delete"
-            )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        params = jax.tree.map(np.asarray, nnx.to_pure_dict(lora_state(model)))
-        ocp.PyTreeCheckpointer().save(tmp / PARAMS_DIR, params)
-        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return path
+    params = jax.tree.map(np.asarray, nnx.to_pure_dict(lora_state(model)))
+    with staging.staged_folder(path, overwrite=overwrite, what="gemma_kit LoRA adapter folder",
+                               replaceable=lambda p: (p / CONFIG_FILE).is_file()) as folder:
+        ocp.PyTreeCheckpointer().save(folder / PARAMS_DIR, params)
+        (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    return pathlib.Path(path).expanduser().absolute()
 
 
 def read_adapter_config(path: str | os.PathLike) -> dict:
@@ -324,6 +308,24 @@ def load_adapter(model: nnx.Module, path: str | os.PathLike) -> nnx.Module:
     state = lora_state(model)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                           nnx.to_pure_dict(state))
+    # Shapes are compared from the metadata first: a mismatch is then one clear error, before
+    # Orbax starts (and abandons) any read.
+    from gemma_kit.checkpoint.official import flatten, read_metadata
+    from gemma_kit.errors import CheckpointError
+
+    try:
+        stored = flatten(read_metadata(path / PARAMS_DIR))
+    except CheckpointError as err:
+        remove_lora(model)
+        raise AdapterError(f"the LoRA factors of {str(path)!r} cannot be read: {err}") from None
+    for key, want in flatten(target).items():
+        got = stored.get(key)
+        if got is None or tuple(got.shape) != tuple(want.shape):
+            remove_lora(model)
+            found = "missing" if got is None else f"of shape {tuple(got.shape)}"
+            raise AdapterError(
+                f"adapter {str(path)!r} holds {'/'.join(key)} {found} where this model needs "
+                f"{tuple(want.shape)}: it was made for another model size")
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     try:
         restored = ocp.PyTreeCheckpointer().restore(
@@ -341,13 +343,6 @@ def load_adapter(model: nnx.Module, path: str | os.PathLike) -> nnx.Module:
             f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); the adapter is "
             "incomplete or was made for another model size"
         ) from err
-    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(target)):
-        if tuple(got.shape) != tuple(want.shape):
-            remove_lora(model)
-            raise AdapterError(
-                f"adapter {str(path)!r} holds a factor of shape {tuple(got.shape)} where this "
-                f"model needs {tuple(want.shape)}: it was made for another model size"
-            )
     nnx.replace_by_pure_dict(state, restored)
     nnx.update(model, state)
     return model
@@ -358,40 +353,24 @@ def merge_checkpoint(base: str | os.PathLike, adapter: str | os.PathLike,
                      overwrite: bool = False) -> pathlib.Path:
     """base checkpoint + adapter -> `out`/checkpoint (official layout) and `out`/tokenizer.model.
 
-    The weights keep the base's stored dtype (the sum is taken in float32). Everything is
-    written into a temporary sibling folder and renamed at the end, so an interrupted merge
-    never leaves a folder that looks complete.
+    The weights keep the base's stored dtype (the sum is taken in float32). The folder is
+    written through gemma_kit.checkpoint.staging, so an interrupted merge never leaves one that
+    looks complete, and only an earlier model folder is ever replaced.
     """
+    from gemma_kit.checkpoint import convert, staging
     from gemma_kit.checkpoint.official import find_checkpoint, find_tokenizer
-    from gemma_kit.errors import CheckpointError
-    from gemma_kit.loading import load_model, save_checkpoint
+    from gemma_kit.loading import load_model
 
-    read_adapter_config(adapter)  # a bad adapter is reported before loading the base
+    read_adapter_config(adapter)  # a bad adapter or target is reported before loading the base
     find_checkpoint(base)
-    out = pathlib.Path(out).expanduser().absolute()
-    if out.exists():
-        if not overwrite:
-            raise CheckpointError(f"{str(out)!r} already exists; choose a new folder or pass "
-                                  "--overwrite")
-        if set(p.name for p in out.iterdir()) - {"checkpoint", "tokenizer.model"}:
-            raise CheckpointError(
-                f"refusing to overwrite {str(out)!r}: it holds more than a merged model "
-                "(checkpoint/, tokenizer.model), so it may hold data that is not ours to delete")
+    staging.check_target(pathlib.Path(out).expanduser().absolute(), overwrite,
+                         convert.is_model_folder, "gemma_kit model folder")
     merged = merge(load_model(base, preset, lora=adapter))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        save_checkpoint(merged, tmp / "checkpoint")
-        tokenizer = find_tokenizer(base)
-        if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return out
+    tokenizer = find_tokenizer(base)
+    params = nnx.to_pure_dict(nnx.state(merged, nnx.Param))
+    return convert.write_model_folder(out, params,
+                                      tokenizer.read_bytes() if tokenizer else None,
+                                      overwrite=overwrite)
 
 
 def trainable_count(model: nnx.Module, kind=LoRAParam) -> int:

@@ -121,7 +121,8 @@ def run_sharded(job: dict) -> dict:
                 loss=[m["loss"] for m in metrics], reference_loss=[m["loss"] for m in reference[0]],
                 grad_norm=[m["grad_norm"] for m in metrics],
                 reference_grad_norm=[m["grad_norm"] for m in reference[0]],
-                max_param_diff=max(float(np.abs(a - b).max()) for a, b in zip(params, reference[1])),
+                max_param_diff=max(float(np.abs(a - b).max())
+                                   for a, b in zip(params, reference[1])),
                 max_param_change=reference[3],
                 mu_rel_diff=max(float(np.abs(a - b).max() / np.abs(b).max())
                                 for a, b in zip(mu, reference[4])),

@@ -103,7 +103,8 @@ def test_packing_keeps_examples_apart(small_tokenizer):
     assert rows.weights[1, 7:].sum() == 0  # padding is never in the loss
     unpacked = ftdata.pack(examples, 12, packing=False)
     assert len(unpacked) == 4 and set(unpacked.segments.max(axis=1).tolist()) == {1}
-    with pytest.raises(DataError, match="has 9 tokens; rows of 7 inputs hold examples of at most 8"):
+    with pytest.raises(DataError, match="has 9 tokens; rows of 7 inputs hold examples of at "
+                                        "most 8"):
         ftdata.pack(examples, 7)
 
 
@@ -144,7 +145,8 @@ def test_batches_are_a_function_of_the_step(small_tokenizer, tmp_path):
     ('{"prompt": 3, "completion": "x"}', "2: \"prompt\" must be a string"),
     ('{"text": "   "}', "2: \"text\" is empty"),
     ('{"messages": [{"role": "user", "content": [{"type": "image", "path": "cat.png"}]}, '
-     '{"role": "model", "content": "a cat"}]}', "2: message 0 part 0: image 'cat.png' does not exist"),
+     '{"role": "model", "content": "a cat"}]}',
+     "2: message 0 part 0: image 'cat.png' does not exist"),
 ])
 def test_bad_rows_name_file_and_line(small_tokenizer, tmp_path, row, message):
     path = tmp_path / "bad.jsonl"
@@ -180,16 +182,48 @@ def test_bad_files_and_lengths(small_tokenizer, tmp_path):
         ftdata.load_examples(path, tok, max_length=32)
 
 
-def test_image_rows_are_checked_and_refused_for_now(small_tokenizer, tmp_path):
+def test_image_rows(tmp_path):
+    """Image parts become the marker's soft-token slots, out of the loss; the file is resolved
+    next to the JSONL; a text-only model, an image in a model turn and a marker without an
+    image are refused with the place named."""
+    from _vision_tiny import image_tokenizer
+    from gemma_kit.vision.prompt import SOFT_TOKEN
+
+    tok = image_tokenizer()
     (tmp_path / "img").mkdir()
-    (tmp_path / "img" / "cat.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (tmp_path / "img" / "cat.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # not read while tokenising
     row = {"messages": [{"role": "user", "content": [{"type": "image", "path": "img/cat.png"},
                                                      {"type": "text", "text": "What is it?"}]},
                         {"role": "model", "content": "A cat."}]}
     path = _write(tmp_path / "d.jsonl", [row])
-    # The path resolved next to the JSONL file, and the refusal says why.
-    with pytest.raises(DataError, match="d.jsonl:1: .*1 image.*vision encoder"):
-        ftdata.load_examples(path, small_tokenizer, max_length=64)
+    with pytest.raises(DataError, match="d.jsonl:1: this row has 1 image.*no image encoder"):
+        ftdata.load_examples(path, tok, max_length=64)
+
+    (rows, stats) = ftdata.load_examples(path, tok, max_length=64, num_soft_tokens=4)
+    (example,), = rows
+    assert example.images == (str(tmp_path / "img" / "cat.png"),)
+    tokens = example.tokens.tolist()
+    first = tokens.index(SOFT_TOKEN)
+    assert tokens[first - 1] == tok.start_of_image_id
+    assert tokens[first:first + 5] == [SOFT_TOKEN] * 4 + [tok.end_of_image_id]
+    assert tokens.count(SOFT_TOKEN) == 4
+    assert not example.loss_mask[:first + 6].any()
+    assert tok.decode(example.tokens[example.loss_mask]) == "A cat.<end_of_turn>"
+    # Packed rows carry their images in slot order.
+    packed = ftdata.pack([example, example], 128)
+    assert len(packed) == 1 and packed.images_of(0) == [example.images * 2]
+
+    bad = [
+        {"messages": [{"role": "user", "content": "Draw a cat."},
+                      {"role": "model", "content": [{"type": "image", "path": "img/cat.png"}]}]},
+        {"messages": [{"role": "user", "content": "<start_of_image> What is it?"},
+                      {"role": "model", "content": "Nothing."}]},
+    ]
+    for row, message in zip(bad, ["message 1 is a model turn with an image",
+                                  "1 <start_of_image> marker but 0 images"]):
+        _write(path, [row])
+        with pytest.raises(DataError, match=f"d.jsonl:1: .*{message}"):
+            ftdata.load_examples(path, tok, max_length=64, num_soft_tokens=4)
 
 
 def test_skip_bad_rows_counts_them(small_tokenizer, tmp_path):
@@ -239,3 +273,15 @@ def test_config_files(tmp_path):
     ]:
         with pytest.raises(ConfigError, match=message):
             ok.replace(**change).validate()
+
+
+def test_example_configs_are_valid():
+    """Every config shipped in finetune/configs reads and validates."""
+    import pathlib
+
+    folder = pathlib.Path(__file__).parents[1] / "finetune" / "configs"
+    files = sorted(folder.glob("*.toml")) + sorted(folder.glob("*.json"))
+    assert len(files) >= 4
+    for path in files:
+        config = TrainConfig.from_file(path).validate()
+        assert pathlib.Path(config.train_file).is_absolute()

@@ -50,7 +50,8 @@ def test_lora_loss_falls_on_the_real_270m(real, tmp_path):
               (result.out_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(losses) == 24 and all(np.isfinite(losses))
     # Training loss over the last 6 steps well below the first 6 (a pass and a bit over the
-    # 12 rows); the held-out topics' loss falls too (the reply format is learned).
+    # 12 rows; observed 3.63 -> 1.23); the held-out topics' loss falls too, as the reply format
+    # is learned (observed 6.10 -> 3.42).
     assert np.mean(losses[-6:]) < np.mean(losses[:6]) - 0.5, losses
     assert result.eval_after < result.eval_before - 0.1, (result.eval_before, result.eval_after)
 

@@ -126,12 +126,12 @@ def test_adapter_round_trip_and_load_model(tiny_gemma3_config, tiny_model, tmp_p
     plain = gemma_kit.load_model(tmp_path / "merged", config)
     np.testing.assert_allclose(np.asarray(plain(tokens)), expected, atol=1e-4, rtol=0)
 
-    with pytest.raises(AdapterError, match="already exists"):
+    with pytest.raises(CheckpointError, match="already exists"):
         lora.save_adapter(model, path)
     lora.save_adapter(model, path, overwrite=True)  # our own adapter folder may be replaced
     (tmp_path / "userdata").mkdir()
     (tmp_path / "userdata" / "notes.txt").write_text("keep me")
-    with pytest.raises(AdapterError, match="not a gemma_kit adapter"):
+    with pytest.raises(CheckpointError, match="not a gemma_kit LoRA adapter folder"):
         lora.save_adapter(model, tmp_path / "userdata", overwrite=True)
     assert (tmp_path / "userdata" / "notes.txt").read_text() == "keep me"
 
@@ -182,7 +182,7 @@ def test_merge_checkpoint(tiny_gemma3_config, tiny_model, tmp_path):
 
     out = lora.merge_checkpoint(tmp_path / "base", adapter, tmp_path / "merged", preset=config)
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "tokenizer.model"]
-    assert not any(p.name.startswith(".merged") for p in tmp_path.iterdir())  # no temp left
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp folder left
     merged = gemma_kit.load_model(out, config)
     assert not lora.has_lora(merged)
     np.testing.assert_allclose(np.asarray(merged(tokens)), np.asarray(model(tokens)), atol=1e-4,

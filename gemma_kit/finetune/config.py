@@ -66,7 +66,13 @@ class TrainConfig:
     # Devices: a (data, fsdp) mesh; batches are split over both, weights over fsdp.
     mesh_data: int = 1
     mesh_fsdp: int = 1
-    distributed: bool = False  # call jax.distributed.initialize() first (multi-host)
+    # Multi-host: call jax.distributed.initialize() first. On SLURM, Open MPI, Cloud TPU and
+    # Kubernetes JAX finds the rest itself; elsewhere give the coordinator's host:port (or set
+    # JAX_COORDINATOR_ADDRESS), the number of processes and this process's index.
+    distributed: bool = False
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
 
     # Output and bookkeeping.
     out_dir: str = ""
@@ -86,9 +92,12 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, base_dir: str | os.PathLike | None = None,
                   source: str = "config") -> TrainConfig:
-        """From a flat dict; unknown keys are an error (with the closest known name)."""
+        """From a flat dict; unknown keys are an error (with the closest known name).
+
+        Keys starting with "_" are comments (JSON has no other kind) and are ignored.
+        """
+        values = {k: v for k, v in values.items() if not str(k).startswith("_")}
         _check_names(values, source)
-        values = dict(values)
         if base_dir is not None:
             for key in PATH_FIELDS:
                 value = values.get(key)
@@ -141,10 +150,12 @@ class TrainConfig:
 
         need(bool(self.train_file), "train_file is required (a JSONL file of examples)")
         need(bool(self.out_dir), "out_dir is required (the folder for checkpoints and results)")
-        need(self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        need(self.method in METHODS,
+             f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         for name in ("param_dtype",):
             value = getattr(self, name)
-            need(value is None or value in DTYPES, f"{name} must be bfloat16 or float32, got {value!r}")
+            need(value is None or value in DTYPES,
+                 f"{name} must be bfloat16 or float32, got {value!r}")
         need(self.compute_dtype == "auto" or self.compute_dtype in DTYPES,
              f"compute_dtype must be auto, bfloat16 or float32, got {self.compute_dtype!r}")
         need((self.steps is None) != (self.epochs is None),
@@ -168,7 +179,8 @@ class TrainConfig:
         need(micro % devices == 0,
              f"each micro-batch (batch_size / grad_accum = {micro} rows) must split evenly over "
              f"the mesh_data x mesh_fsdp = {devices} devices")
-        need(0 <= self.eval_fraction < 1, f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        need(0 <= self.eval_fraction < 1,
+             f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
         need(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
              f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")

@@ -15,10 +15,12 @@ Each line of a JSONL file is one example, in one of three shapes:
 * text: <bos> text <eos>, all of it in the loss; a text longer than max_length is cut into
   pieces of max_length tokens, each starting with <bos>.
 
-A content may also be a list of parts, {"type": "text", "text": ...} and {"type": "image",
-"path": ...} (a path relative to the JSONL file). Image paths are checked, but training on images
-needs the Gemma 3 vision encoder, which gemma_kit does not have yet: such rows are rejected with
-an error that says so.
+A message content may also be a list of parts, {"type": "text", "text": ...} and
+{"type": "image", "path": ...} (a path relative to the JSONL file), for Gemma 3 models with an
+image encoder. Each image part becomes the <start_of_image> marker at its place in the text,
+expanded into the image's soft-token slots ("\n\n" <start_of_image> SOFT_TOKEN x M
+<end_of_image> "\n\n", gemma_kit.vision.prompt), which are never in the loss. Images may appear
+in user (and system) turns only.
 
 A malformed row stops loading with a DataError naming the file and line; with skip_bad_rows it
 is skipped and counted instead (the count and the first reasons are reported). Rows are split
@@ -40,20 +42,21 @@ from typing import Any
 
 import numpy as np
 
-from gemma_kit.errors import ChatFormatError, DataError
+from gemma_kit.errors import ChatFormatError, DataError, ImageError
 from gemma_kit.tokenizer import Tokenizer, format_chat
+from gemma_kit.vision.prompt import IMAGE_MARKER, check_image_count, image_tokens
 
 MODEL_ROLES = ("model", "assistant")
-_SHAPES = ("messages", "prompt/completion", "text")
 
 
 @dataclasses.dataclass(frozen=True)
 class Example:
     """One tokenised example: ids, which of them are trained on, and where it came from."""
 
-    tokens: np.ndarray  # int32 [n]
+    tokens: np.ndarray  # int32 [n]; image soft-token slots hold SOFT_TOKEN (-2)
     loss_mask: np.ndarray  # bool [n]: True where token i is a target (predicted from tokens < i)
     source: str  # "file:line"
+    images: tuple[str, ...] = ()  # image files, in the order of their slots
 
 
 @dataclasses.dataclass
@@ -65,12 +68,26 @@ class Rows:
     weights: np.ndarray  # float32 1 where the target is in the loss
     positions: np.ndarray  # int32 position within the example
     segments: np.ndarray  # int32 example number within the row, from 1; 0 = padding
+    images: list[tuple[str, ...]] | None = None  # per row, its image files in slot order
+
+    ARRAYS = ("tokens", "targets", "weights", "positions", "segments")
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
     def take(self, index) -> dict[str, np.ndarray]:
-        return {f.name: getattr(self, f.name)[index] for f in dataclasses.fields(self)}
+        """The arrays of rows `index` (the image files: `images_of`)."""
+        return {name: getattr(self, name)[index] for name in self.ARRAYS}
+
+    def images_of(self, index) -> list[tuple[str, ...]]:
+        if self.images is None:
+            return [() for _ in np.atleast_1d(index)]
+        return [self.images[i] for i in np.atleast_1d(index)]
+
+    @property
+    def max_images(self) -> int:
+        """The most images any row holds (0 for text-only data)."""
+        return max((len(i) for i in self.images), default=0) if self.images else 0
 
     @property
     def loss_tokens(self) -> int:
@@ -86,8 +103,8 @@ class Dataset:
     stats: dict[str, Any]
     fingerprint: str
 
-    def batch(self, step: int, batch_size: int, seed: int) -> dict[str, np.ndarray]:
-        """The rows of optimizer step `step` ([batch_size, T] each).
+    def batch_index(self, step: int, batch_size: int, seed: int) -> np.ndarray:
+        """The training rows of optimizer step `step` ([batch_size] indices).
 
         Row g of the run (g = step * batch_size + j) is row perm_e[g mod R] of epoch e = g // R,
         perm_e a permutation drawn from (seed, e): a pure function of the step, so a resumed
@@ -98,7 +115,24 @@ class Dataset:
         for j in range(batch_size):
             g = step * batch_size + j
             index[j] = epoch_order(seed, g // n, n)[g % n]
-        return self.train.take(index)
+        return index
+
+    def batch(self, step: int, batch_size: int, seed: int) -> dict[str, np.ndarray]:
+        """The arrays of step `step`'s rows ([batch_size, T] each)."""
+        return self.train.take(self.batch_index(step, batch_size, seed))
+
+    @property
+    def max_images(self) -> int:
+        return max(self.train.max_images, self.eval.max_images if self.eval is not None else 0)
+
+    @property
+    def image_files(self) -> list[str]:
+        """Every distinct image file of the data, in a fixed order."""
+        files = set()
+        for rows in (self.train, self.eval):
+            if rows is not None and rows.images:
+                files.update(f for row in rows.images for f in row)
+        return sorted(files)
 
 
 _ORDER_CACHE: dict[tuple[int, int, int], np.ndarray] = {}
@@ -135,7 +169,8 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[int, str]]:
 
 
 def _text_of(content: Any, *, where: str, base: pathlib.Path, images: list) -> str:
-    """A message content (str, or a list of text/image parts) -> its text; collects images."""
+    """A message content (str, or a list of text/image parts) -> its text, with the image
+    marker where each image part was; collects the image files."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -155,6 +190,7 @@ def _text_of(content: Any, *, where: str, base: pathlib.Path, images: list) -> s
                 raise ValueError(f"{where} part {k}: image {ref!r} does not exist "
                                  f"(looked for {image}; paths are relative to the JSONL file)")
             images.append(image)
+            texts.append(IMAGE_MARKER)
         else:
             raise ValueError(f"{where} part {k} must be {{\"type\": \"text\", \"text\": ...}} or "
                              f"{{\"type\": \"image\", \"path\": ...}}, got {part!r}")
@@ -194,12 +230,15 @@ def encode_messages(tokenizer: Tokenizer, messages: Sequence[dict]) -> tuple[lis
     return tokens + rest, mask + [False] * len(rest)
 
 
-def parse_row(obj: Any, tokenizer: Tokenizer, *, base: pathlib.Path,
-              max_length: int) -> list[tuple[list[int], list[bool]]]:
-    """A decoded JSON row -> one or more (ids, loss mask); raises ValueError saying what is wrong."""
+def parse_row(obj: Any, tokenizer: Tokenizer, *, base: pathlib.Path, max_length: int,
+              num_soft_tokens: int | None = None) -> list[tuple[list[int], list[bool], tuple]]:
+    """A decoded JSON row -> one or more (ids, loss mask, image files); raises ValueError
+    saying what is wrong. num_soft_tokens: slots per image of the model's image encoder (None:
+    the model takes no images)."""
     if not isinstance(obj, dict):
         raise ValueError(f"a row must be a JSON object, got {type(obj).__name__}")
-    shapes = [s for s, keys in (("messages", ("messages",)), ("prompt/completion", ("prompt", "completion")),
+    shapes = [s for s, keys in (("messages", ("messages",)),
+                                ("prompt/completion", ("prompt", "completion")),
                                 ("text", ("text",))) if any(k in obj for k in keys)]
     if len(shapes) != 1:
         found = f"keys {sorted(obj)}" if obj else "an empty object"
@@ -215,13 +254,22 @@ def parse_row(obj: Any, tokenizer: Tokenizer, *, base: pathlib.Path,
         for k, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise ValueError(f"message {k} must be an object with \"role\" and \"content\"")
-            clean.append({"role": m["role"],
-                          "content": _text_of(m["content"], where=f"message {k}", base=base,
-                                              images=images)})
-        _reject_images(images)
+            before = len(images)
+            content = _text_of(m["content"], where=f"message {k}", base=base, images=images)
+            if len(images) > before and m["role"] in MODEL_ROLES:
+                raise ValueError(f"message {k} is a model turn with an image; images may only be "
+                                 "in user (or system) turns")
+            clean.append({"role": m["role"], "content": content})
+        if images and num_soft_tokens is None:
+            raise ValueError(
+                f"this row has {len(images)} image(s) but the model has no image encoder; use a "
+                "Gemma 3 4B/12B/27B checkpoint with its vision weights, or remove image parts")
         try:
+            check_image_count("".join(m["content"] for m in clean), len(images), "this row")
             tokens, mask = encode_messages(tokenizer, clean)
-        except ChatFormatError as err:
+            if images:
+                tokens, mask = _expand_images(tokens, mask, tokenizer, num_soft_tokens)
+        except (ChatFormatError, ImageError) as err:
             raise ValueError(str(err)) from None
         if not any(mask):
             raise ValueError("the conversation has no model turn, so nothing to learn from")
@@ -230,7 +278,7 @@ def parse_row(obj: Any, tokenizer: Tokenizer, *, base: pathlib.Path,
                 raise ValueError(f"model turn {k + 1} is {n} tokens, longer than max_length "
                                  f"{max_length} allows; raise max_length or shorten the reply")
         _check_length(tokens, max_length)
-        return [(tokens, mask)]
+        return [(tokens, mask, tuple(str(i) for i in images))]
     if shape == "prompt/completion":
         for key in ("prompt", "completion"):
             if not isinstance(obj.get(key), str):
@@ -244,7 +292,7 @@ def parse_row(obj: Any, tokenizer: Tokenizer, *, base: pathlib.Path,
                              f"max_length {max_length} allows")
         tokens = prompt + completion
         _check_length(tokens, max_length)
-        return [(tokens, [False] * len(prompt) + [True] * len(completion))]
+        return [(tokens, [False] * len(prompt) + [True] * len(completion), ())]
     text = obj["text"]
     if not isinstance(text, str):
         raise ValueError(f"\"text\" must be a string, got {type(text).__name__}")
@@ -252,16 +300,23 @@ def parse_row(obj: Any, tokenizer: Tokenizer, *, base: pathlib.Path,
         raise ValueError("\"text\" is empty")
     body = _encode(tokenizer, text) + [tokenizer.eos_id]
     piece = max_length - 1  # each piece gets its own <bos>: Gemma never runs without one
-    return [([tokenizer.bos_id] + body[i:i + piece], [False] + [True] * len(body[i:i + piece]))
-            for i in range(0, len(body), piece)]
+    return [([tokenizer.bos_id] + body[i:i + piece], [False] + [True] * len(body[i:i + piece]),
+             ()) for i in range(0, len(body), piece)]
 
 
-def _reject_images(images: list) -> None:
-    if images:
-        raise ValueError(
-            f"this row has {len(images)} image(s); training on images needs the Gemma 3 vision "
-            "encoder, which gemma_kit does not have yet. Remove image parts to train on text"
-        )
+def _expand_images(tokens: list[int], mask: list[bool], tokenizer: Tokenizer,
+                   num_soft_tokens: int) -> tuple[list[int], list[bool]]:
+    """Each <start_of_image> id -> the image's slots (gemma_kit.vision.prompt), out of the loss."""
+    block = image_tokens(tokenizer, num_soft_tokens)
+    out, out_mask = [], []
+    for token, m in zip(tokens, mask):
+        if token == tokenizer.start_of_image_id:
+            out += block
+            out_mask += [False] * len(block)
+        else:
+            out.append(token)
+            out_mask.append(m)
+    return out, out_mask
 
 
 def _turn_lengths(mask: list[bool]):
@@ -283,7 +338,8 @@ def _check_length(tokens: list[int], max_length: int) -> None:
 
 
 def load_examples(path: str | os.PathLike, tokenizer: Tokenizer, *, max_length: int,
-                  skip_bad_rows: bool = False) -> tuple[list[list[Example]], dict[str, Any]]:
+                  skip_bad_rows: bool = False, num_soft_tokens: int | None = None,
+                  ) -> tuple[list[list[Example]], dict[str, Any]]:
     """Every row of a JSONL file -> its examples (a long text row gives several).
 
     Returns (examples per kept row, stats). A bad row raises DataError naming file:line unless
@@ -298,7 +354,8 @@ def load_examples(path: str | os.PathLike, tokenizer: Tokenizer, *, max_length: 
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"not valid JSON ({err.msg} at column {err.colno})") from None
-            pieces = parse_row(obj, tokenizer, base=base, max_length=max_length)
+            pieces = parse_row(obj, tokenizer, base=base, max_length=max_length,
+                               num_soft_tokens=num_soft_tokens)
         except ValueError as err:
             if not skip_bad_rows:
                 raise DataError(f"{err} (pass skip_bad_rows to skip such rows and count them)",
@@ -306,8 +363,8 @@ def load_examples(path: str | os.PathLike, tokenizer: Tokenizer, *, max_length: 
             skipped.append(f"{path}:{line_no}: {err}")
             continue
         source = f"{path}:{line_no}"
-        rows.append([Example(np.asarray(t, np.int32), np.asarray(m, bool), source)
-                     for t, m in pieces])
+        rows.append([Example(np.asarray(t, np.int32), np.asarray(m, bool), source, images)
+                     for t, m, images in pieces])
     if not rows:
         raise DataError(f"no usable rows ({len(skipped)} skipped; the first: "
                         f"{skipped[0] if skipped else '-'})", path=path)
@@ -349,6 +406,9 @@ def pack(examples: Sequence[Example], length: int, *, packing: bool = True) -> R
     R = len(rows)
     out = Rows(*(np.zeros((R, length), dtype) for dtype in
                  (np.int32, np.int32, np.float32, np.int32, np.int32)))
+    if any(e.images for e in examples):
+        # A row's images in the order of its slots: its examples' images, example by example.
+        out.images = [tuple(f for i in members for f in examples[i].images) for members in rows]
     for r, members in enumerate(rows):
         at = 0
         for segment, i in enumerate(members, 1):
@@ -378,17 +438,19 @@ def fingerprint(*files: str | os.PathLike | None, **settings) -> str:
 
 def load_dataset(train_file: str | os.PathLike, tokenizer: Tokenizer, *, max_length: int,
                  eval_file: str | os.PathLike | None = None, eval_fraction: float = 0.0,
-                 packing: bool = True, skip_bad_rows: bool = False, seed: int = 0) -> Dataset:
+                 packing: bool = True, skip_bad_rows: bool = False, seed: int = 0,
+                 num_soft_tokens: int | None = None) -> Dataset:
     """Reads, tokenises, splits and packs the data of a run.
 
     The held-out split is by row (so pieces of one long text never fall on both sides), drawn
     with `seed`. Held-out examples are packed too: segment masks make that exact.
     """
     rows, stats = load_examples(train_file, tokenizer, max_length=max_length,
-                                skip_bad_rows=skip_bad_rows)
+                                skip_bad_rows=skip_bad_rows, num_soft_tokens=num_soft_tokens)
     if eval_file is not None:
         eval_rows, eval_stats = load_examples(eval_file, tokenizer, max_length=max_length,
-                                              skip_bad_rows=skip_bad_rows)
+                                              skip_bad_rows=skip_bad_rows,
+                                              num_soft_tokens=num_soft_tokens)
         stats["eval_skipped"] = eval_stats["skipped"]
         stats["skipped_reasons"] += eval_stats["skipped_reasons"]
     else:
@@ -416,5 +478,5 @@ def load_dataset(train_file: str | os.PathLike, tokenizer: Tokenizer, *, max_len
     )
     fp = fingerprint(train_file, eval_file, max_length=max_length, eval_fraction=eval_fraction,
                      packing=packing, skip_bad_rows=skip_bad_rows, seed=seed,
-                     vocab=tokenizer.vocab_size)
+                     vocab=tokenizer.vocab_size, soft_tokens=num_soft_tokens)
     return Dataset(train, held_out, stats, fp)

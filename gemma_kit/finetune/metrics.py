@@ -52,7 +52,8 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
-def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> pathlib.Path | None:
+def plot_losses(metrics_path: str | os.PathLike,
+                png_path: str | os.PathLike) -> pathlib.Path | None:
     """Training and held-out loss against step, as a PNG. Needs matplotlib ([finetune] extra)."""
     try:
         import matplotlib
@@ -68,7 +69,13 @@ def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike) ->
     held = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     if train:
-        ax.plot(*zip(*train), label="training loss", linewidth=1)
+        steps, losses = zip(*train)
+        ax.plot(steps, losses, label="training loss", linewidth=0.8, alpha=0.4)
+        window = max(1, len(losses) // 10)
+        if window > 1:  # small batches are noisy: a running mean shows the trend
+            recent = [losses[max(0, i - window + 1):i + 1] for i in range(len(losses))]
+            smooth = [sum(r) / len(r) for r in recent]
+            ax.plot(steps, smooth, label=f"training loss, mean of {window}", linewidth=1.5)
     if held:
         ax.plot(*zip(*held), "o-", label="held-out loss")
     ax.set_xlabel("step")

@@ -42,12 +42,17 @@ try:
 except ImportError as err:  # optax is an extra: the core package does not need it
     raise ImportError("fine-tuning needs optax: pip install 'gemma-kit[finetune]'") from err
 
-from gemma_kit.attention import causal_mask
+from gemma_kit.attention import causal_mask, image_block_mask, image_blocks
 from gemma_kit.errors import DataError, DivergenceError, TrainingError
 from gemma_kit.finetune.config import DATA_ORDER_FIELDS, TrainConfig
 from gemma_kit.finetune.data import Dataset, load_dataset
 from gemma_kit.finetune.metrics import MetricsLog, plot_losses
 from gemma_kit.lora import LoRAParam, apply_lora, save_adapter
+from gemma_kit.vision.prompt import soft_token_mask
+
+# Full fine-tuning trains the text model; the image encoder and its projection into the
+# embedding space stay frozen (their output is computed once per image, see ImageBank).
+FROZEN_IN_FULL = ("vision_encoder", "mm_input_projection", "mm_soft_embedding_norm")
 
 CHECKPOINTS = "checkpoints"
 
@@ -70,10 +75,19 @@ class TrainResult:
 # Loss
 
 
-def attention_mask(positions: jax.Array, segments: jax.Array) -> jax.Array:
-    """[B, T] positions and segment ids -> [B, T, T]: causal, within one packed example only."""
+def attention_mask(positions: jax.Array, segments: jax.Array,
+                   tokens: jax.Array | None = None) -> jax.Array:
+    """[B, T] positions and segment ids -> [B, T, T]: causal, within one packed example only.
+
+    With `tokens`, the soft-token slots of each image also see each other in both directions
+    (gemma_kit.attention.image_block_mask), as in the model's own default mask.
+    """
     same = segments[:, :, None] == segments[:, None, :]
-    return causal_mask(positions, positions) & same & (segments > 0)[:, None, :]
+    allowed = causal_mask(positions, positions)
+    if tokens is not None:
+        blocks = image_blocks(soft_token_mask(tokens))
+        allowed = allowed | image_block_mask(blocks, blocks)
+    return allowed & same & (segments > 0)[:, None, :]
 
 
 def cross_entropy_sums(model, hidden: jax.Array, targets: jax.Array, weights: jax.Array,
@@ -98,7 +112,8 @@ def cross_entropy_sums(model, hidden: jax.Array, targets: jax.Array, weights: ja
     def one(args):
         h, t, w = args
         logits = model.logits(h[None])[0].astype(jnp.float32)  # [size, V]
-        picked = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+        # Targets that are image slots (SOFT_TOKEN, -2) are never weighted; clip to index.
+        picked = jnp.take_along_axis(logits, jnp.maximum(t, 0)[:, None], axis=-1)[:, 0]
         return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * w)
 
     if count == 1:  # one chunk: no loop (a smaller program, compiled faster)
@@ -109,9 +124,16 @@ def cross_entropy_sums(model, hidden: jax.Array, targets: jax.Array, weights: ja
 
 
 def loss_sums(model, batch: dict[str, jax.Array], chunk: int) -> tuple[jax.Array, jax.Array]:
-    """(loss sum, loss tokens) of a batch of packed rows under `model`."""
-    mask = attention_mask(batch["positions"], batch["segments"])
-    hidden = model.hidden_states(batch["tokens"], batch["positions"], mask)
+    """(loss sum, loss tokens) of a batch of packed rows under `model`.
+
+    A batch with images carries their embeddings ([B, I, M, D], made once by the frozen image
+    encoder, see ImageBank) for the rows' soft-token slots.
+    """
+    images = batch.get("image_embeddings")
+    tokens = batch["tokens"]
+    mask = attention_mask(batch["positions"], batch["segments"],
+                          tokens if images is not None else None)
+    hidden = model.hidden_states(tokens, batch["positions"], mask, image_embeddings=images)
     return cross_entropy_sums(model, hidden, batch["targets"], batch["weights"], chunk)
 
 
@@ -252,6 +274,48 @@ def total_steps(config: TrainConfig, data: Dataset) -> int:
 # The trainer: state, placement on devices, checkpoints
 
 
+class ImageBank:
+    """The image embeddings of every image file of the data, made once by the frozen encoder.
+
+    The encoder (SigLIP, ~0.4 B parameters) does not train, so its output for an image never
+    changes: computing it once, instead of in every step that shows the image, keeps the
+    training step as cheap as a text-only one. Embeddings are held on the host in the compute
+    dtype ([M, D] per image) and gathered per batch.
+    """
+
+    def __init__(self, model, files: list[str], *, batch: int = 8, max_images: int,
+                 progress: bool = True):
+        from tqdm import tqdm
+
+        from gemma_kit.vision import preprocess_image
+
+        model.require_vision()
+        size = model.config.vision.image_size
+        graphdef, state = nnx.split(model)
+        encode = jax.jit(lambda s, px: nnx.merge(graphdef, s).encode_images(px))
+        self.index = {f: i for i, f in enumerate(files)}
+        self.max_images = max_images
+        chunks = []
+        for start in tqdm(range(0, len(files), batch), desc="encoding images", unit="batch",
+                          disable=not progress):
+            group = files[start:start + batch]
+            pixels = np.stack([preprocess_image(f, size) for f in group])
+            if len(group) < batch:  # one compiled shape for every group
+                pixels = np.concatenate([pixels, np.zeros((batch - len(group), *pixels.shape[1:]),
+                                                          pixels.dtype)])
+            chunks.append(np.asarray(encode(state, pixels))[:len(group)])
+        self.embeddings = np.concatenate(chunks)  # [files, M, D]
+
+    def gather(self, rows: list[tuple[str, ...]]) -> np.ndarray:
+        """[rows, max_images, M, D]: each row's images in slot order, zero-padded."""
+        M, D = self.embeddings.shape[1:]
+        out = np.zeros((len(rows), self.max_images, M, D), self.embeddings.dtype)
+        for r, files in enumerate(rows):
+            for k, f in enumerate(files):
+                out[r, k] = self.embeddings[self.index[f]]
+        return out
+
+
 class Trainer:
     """Holds the split model, the optimizer and the compiled step; knows how to save/restore."""
 
@@ -262,10 +326,16 @@ class Trainer:
         (what train() does with a model it loaded itself: no second copy of the weights)."""
         self.config = config
         self.mesh = mesh
-        self.kind = LoRAParam if config.trains_lora else nnx.Param
+        if config.trains_lora:
+            self.kind = LoRAParam
+        else:
+            self.kind = nnx.All(nnx.Param, nnx.Not(nnx.Any(*map(nnx.PathContains,
+                                                                 FROZEN_IN_FULL))))
         self.graphdef, trainable, frozen = nnx.split(model, self.kind, ...)
         if not jax.tree.leaves(trainable):
-            raise TrainingError(f"the model has no {self.kind.__name__} variables to train")
+            raise TrainingError("the model has no variables to train for method "
+                                f"{config.method!r}")
+        self.images: ImageBank | None = None
         if keep_model:
             trainable = jax.tree.map(lambda x: jax.device_put(x, may_alias=False), trainable)
         if mesh is not None:
@@ -330,11 +400,18 @@ class Trainer:
         return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
                 for k, v in batch.items()}
 
+    def rows(self, rows, index) -> dict[str, np.ndarray]:
+        """Host arrays of rows `index` of `rows`, with their image embeddings if any."""
+        batch = rows.take(index)
+        if self.images is not None:
+            batch["image_embeddings"] = self.images.gather(rows.images_of(index))
+        return batch
+
     def host_batch(self, data: Dataset, step: int) -> dict[str, np.ndarray]:
-        """The rows of step `step` as [grad_accum, micro_batch, T] host arrays."""
+        """The rows of step `step` as [grad_accum, micro_batch, ...] host arrays."""
         c = self.config
-        rows = data.batch(step, c.batch_size, c.seed)
-        return {k: v.reshape(c.grad_accum, c.micro_batch, *v.shape[1:]) for k, v in rows.items()}
+        batch = self.rows(data.train, data.batch_index(step, c.batch_size, c.seed))
+        return {k: v.reshape(c.grad_accum, c.micro_batch, *v.shape[1:]) for k, v in batch.items()}
 
     # -- compiled work --------------------------------------------------------------------
     def step(self, batch) -> dict[str, float]:
@@ -347,13 +424,14 @@ class Trainer:
         rows = data.eval
         if rows is None:
             return None
-        n = len(rows) if self.config.eval_max_rows is None else min(len(rows), self.config.eval_max_rows)
+        cap = self.config.eval_max_rows
+        n = len(rows) if cap is None else min(len(rows), cap)
         b = self.config.micro_batch
         total = count = 0.0
         for start in range(0, n, b):
             index = np.arange(start, start + b)
             real = index < n
-            batch = rows.take(np.where(real, index, 0))
+            batch = self.rows(rows, np.where(real, index, 0))
             batch["weights"] = batch["weights"] * real[:, None]  # padding rows count nothing
             s, c = self._eval(self.trainable, self.frozen, self.place(batch, batch_axis=0))
             total += float(s)
@@ -478,11 +556,16 @@ def train(config: TrainConfig, *, model=None, tokenizer=None, resume: bool = Fal
     """
     config = config.validate()
     if config.distributed:
-        jax.distributed.initialize()
+        jax.distributed.initialize(coordinator_address=config.coordinator_address,
+                                   num_processes=config.num_processes,
+                                   process_id=config.process_id)
     out = pathlib.Path(config.out_dir).expanduser().absolute()
     resume_from = _check_out_dir(config, out, resume)
     lead = jax.process_index() == 0
-    say = functools.partial(print, file=sys.stderr) if config.progress and lead else (lambda *a: None)
+
+    def say(message: str) -> None:
+        if config.progress and lead:
+            print(message, file=sys.stderr)
 
     # Missing or empty data files are reported before seconds of loading the model.
     from gemma_kit.finetune.data import read_jsonl
@@ -492,15 +575,24 @@ def train(config: TrainConfig, *, model=None, tokenizer=None, resume: bool = Fal
             read_jsonl(path)
     given_model = model is not None
     model, tokenizer, base = build_model(config, model, tokenizer)
+    vision = getattr(model, "has_vision", False)
     data = load_dataset(config.train_file, tokenizer, max_length=config.max_length,
                         eval_file=config.eval_file, eval_fraction=config.eval_fraction,
                         packing=config.packing, skip_bad_rows=config.skip_bad_rows,
-                        seed=config.seed)
+                        seed=config.seed,
+                        num_soft_tokens=model.config.vision.num_soft_tokens if vision else None)
     s = data.stats
+    skipped = (f"; skipped {s['skipped']} bad rows, first: {s['skipped_reasons'][0]}"
+               if s["skipped"] else "")
     say(f"data: {s['train_rows']} training rows -> {s['packed_rows']} packed rows of "
         f"{config.max_length} tokens ({s['fill']:.0%} filled, {s['train_loss_tokens']} loss "
-        f"tokens); {s['eval_rows']} held-out rows" +
-        (f"; skipped {s['skipped']} bad rows, first: {s['skipped_reasons'][0]}" if s["skipped"] else ""))
+        f"tokens); {s['eval_rows']} held-out rows{skipped}")
+    images = None
+    if data.max_images:
+        files = data.image_files
+        say(f"encoding {len(files)} images once with the frozen image encoder")
+        images = ImageBank(model, files, max_images=data.max_images,
+                           progress=config.progress and jax.process_index() == 0)
     steps = total_steps(config, data)
 
     mesh = None
@@ -509,8 +601,10 @@ def train(config: TrainConfig, *, model=None, tokenizer=None, resume: bool = Fal
 
         mesh = make_mesh(data=config.mesh_data, fsdp=config.mesh_fsdp)
     trainer = Trainer(config, model, steps, mesh, keep_model=given_model)
+    trainer.images = images
     say(f"model: {model.config.name} ({base}), method {config.method}, "
-        f"{trainer.trainable_count:,} trainable parameters, compute {config.resolved_compute_dtype()}")
+        f"{trainer.trainable_count:,} trainable parameters, compute "
+        f"{config.resolved_compute_dtype()}")
 
     out.mkdir(parents=True, exist_ok=True)
     manager = trainer.manager(out / CHECKPOINTS)
@@ -629,12 +723,8 @@ def train(config: TrainConfig, *, model=None, tokenizer=None, resume: bool = Fal
 
 
 def _save_full(model, tokenizer, folder: pathlib.Path) -> pathlib.Path:
-    """A fully fine-tuned model as an official-layout checkpoint plus its tokenizer."""
-    from gemma_kit.loading import save_checkpoint
+    """A fully fine-tuned model as a model folder: official-layout checkpoint + tokenizer."""
+    from gemma_kit.checkpoint.convert import write_model_folder
 
-    folder.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(model, folder / "checkpoint", overwrite=True)
-    tmp = folder / "tokenizer.model.tmp"
-    tmp.write_bytes(tokenizer._sp.serialized_model_proto())
-    tmp.replace(folder / "tokenizer.model")
-    return folder
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return write_model_folder(folder, params, tokenizer.to_bytes(), overwrite=True)
