@@ -110,7 +110,9 @@ def test_interrupted_and_killed_runs_resume_to_the_same_parameters(tmp_path, env
     assert ref["eval_after"] < ref["eval_before"]
 
     out = tmp_path / "run"
-    job = dict(kind="train", config=_config(data, out), step_sleep=0.4)
+    # 0.8 s after each step: the parent, polling every 20 ms, has seconds to interrupt the run
+    # between two given steps, even on a loaded machine.
+    job = dict(kind="train", config=_config(data, out), step_sleep=0.8)
 
     # Ctrl-C after step 2: the step in flight finishes, a checkpoint is written, exit 130.
     proc = _start(job, tmp_path, env)
