@@ -16,14 +16,17 @@ from gemma_kit.config import (
 )
 from gemma_kit.embedded import default_model
 from gemma_kit.errors import (
+    AdapterError,
     CheckpointError,
     CheckpointNotFoundError,
     ConfigError,
     ConversionError,
     DataError,
     GemmaKitError,
+    DivergenceError,
     ImageError,
     TokenizerError,
+    TrainingError,
 )
 from gemma_kit.loading import load_model, save_checkpoint
 from gemma_kit.sampler import ChatOverflowError, ChatSession, GenerationResult, Sampler
@@ -39,4 +42,5 @@ __all__ = [
     "GemmaKitError", "TokenizerError", "load_model", "save_checkpoint", "GenerationResult",
     "Sampler", "ChatSession", "ChatOverflowError", "Tokenizer", "Transformer", "make_mesh",
     "shard_model", "VisionConfig", "DataError", "ImageError",
+    "AdapterError", "TrainingError", "DivergenceError",
 ]
