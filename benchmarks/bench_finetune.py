@@ -30,12 +30,8 @@ import platform
 import sys
 import time
 
-T0 = time.perf_counter()
+from _log import log  # noqa: E402  (benchmarks/ is on sys.path)
 
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')} +{time.perf_counter() - T0:6.1f}s] {msg}",
-          file=sys.stderr, flush=True)
 
 
 def parse_args(argv=None):

@@ -28,7 +28,7 @@ import math
 import sys
 import time
 
-T0 = time.perf_counter()
+from _log import log  # noqa: E402  (benchmarks/ is on sys.path)
 
 # Dense bf16 peak FLOP/s by device kind (vendor figures, no sparsity). First match wins.
 PEAK_TABLE = [
@@ -39,10 +39,6 @@ PEAK_TABLE = [
     (("L4",), 121e12, "L4 (121 TFLOP/s)"),
 ]
 
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')} +{time.perf_counter() - T0:6.1f}s] {msg}",
-          file=sys.stderr, flush=True)
 
 
 def parse_args(argv=None):

@@ -302,10 +302,10 @@ def infer_preset(params_shapes: Tree) -> Config:
     )
 
 
-def check_vision_shapes(config: Config, vision_shapes: Tree) -> None:
-    """Raises CheckpointError naming the first mismatches of a checkpoint's vision tree."""
-    expected = {p: tuple(v.shape) for p, v in flatten(abstract_vision_params(config)).items()}
-    found = {p: tuple(v.shape) for p, v in flatten(vision_shapes).items()}
+def _shape_mismatches(config: Config, expected_tree: Tree, found_tree: Tree) -> str | None:
+    """The first few differences between two trees of shapes, as one sentence (None if equal)."""
+    expected = {p: tuple(v.shape) for p, v in flatten(expected_tree).items()}
+    found = {p: tuple(v.shape) for p, v in flatten(found_tree).items()}
     problems = []
     for path in sorted(expected.keys() | found.keys()):
         name = "/".join(path)
@@ -315,8 +315,15 @@ def check_vision_shapes(config: Config, vision_shapes: Tree) -> None:
             problems.append(f"{name} in the checkpoint is not a parameter of {config.name}")
         elif expected[path] != found[path]:
             problems.append(f"{name} has shape {found[path]}, {config.name} expects {expected[path]}")
-    if problems:
-        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+    if not problems:
+        return None
+    return "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+
+
+def check_vision_shapes(config: Config, vision_shapes: Tree) -> None:
+    """Raises CheckpointError naming the first mismatches of a checkpoint's vision tree."""
+    shown = _shape_mismatches(config, abstract_vision_params(config), vision_shapes)
+    if shown:
         raise CheckpointError(
             f"the image encoder in the checkpoint does not match {config.name!r}: {shown}. "
             "Load it text-only (load_model(..., text_only=True)) or pass the right preset."
@@ -325,23 +332,12 @@ def check_vision_shapes(config: Config, vision_shapes: Tree) -> None:
 
 def check_shapes(config: Config, params_shapes: Tree) -> None:
     """Raises CheckpointError naming the first mismatches between config and checkpoint."""
-    expected = {p: tuple(v.shape) for p, v in flatten(abstract_params(config)).items()}
-    found = {p: tuple(v.shape) for p, v in flatten(params_shapes).items()}
-    problems = []
-    for path in sorted(expected.keys() | found.keys()):
-        name = "/".join(path)
-        if path not in found:
-            problems.append(f"{name} missing from the checkpoint")
-        elif path not in expected:
-            problems.append(f"{name} in the checkpoint is not a parameter of {config.name}")
-        elif expected[path] != found[path]:
-            problems.append(f"{name} has shape {found[path]}, {config.name} expects {expected[path]}")
-    if problems:
+    shown = _shape_mismatches(config, abstract_params(config), params_shapes)
+    if shown:
         try:
             hint = f" The shapes match preset {infer_preset(params_shapes).name!r}."
         except CheckpointError:
             hint = ""
-        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
         raise CheckpointError(
             f"checkpoint does not match preset {config.name!r}: {shown}.{hint}"
         )
