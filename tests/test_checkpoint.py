@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import pickle
 import subprocess
 import sys
 
@@ -247,14 +246,17 @@ def test_a_file_instead_of_a_folder(tmp_path):
         load_model(tmp_path / "model.gguf")
 
 
-# Loads each path given with the pickled Config and prints the outcome as JSON. Runs in a child
+# Loads each path given with the tiny Gemma 3 config (rebuilt from tests/_tiny.py, whose folder is
+# argv[1]) and prints the outcome as JSON. Runs in a child
 # process because, after a failed read, Orbax leaves TensorStore reads running that later print
 # "Event loop is closed" / "coroutine was never awaited" from background threads, into whatever
 # test runs next; a child process takes them with it.
 _LOAD_EACH = """
-import json, os, pickle, sys
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+import _tiny
 from gemma_kit.loading import load_model
-config = pickle.loads(bytes.fromhex(sys.argv[1]))
+config = _tiny.tiny_gemma3()
 results = []
 for path in sys.argv[2:]:
     try:
@@ -284,7 +286,7 @@ def test_damaged_checkpoints(tiny_gemma3_config, tiny_model, tmp_path):
                     os.truncate(f, f.stat().st_size // 2)
             cases[f"{data_dir} {damage}"] = path
     child = subprocess.run(
-        [sys.executable, "-c", _LOAD_EACH, pickle.dumps(tiny_gemma3_config).hex(),
+        [sys.executable, "-c", _LOAD_EACH, str(pathlib.Path(__file__).parent),
          *map(str, cases.values())],
         capture_output=True, text=True, timeout=300,
     )
