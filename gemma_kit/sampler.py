@@ -497,11 +497,14 @@ class Sampler:
         tokens: list[int] = []
         logprobs: list[float] = []
         emitted, reason, cut = 0, "length", -1
+        capacity = kv_cache.cache_length(state["cache"])  # from shapes: no device work
         result = None
         try:
             while True:
-                token, logprob, done = jax.device_get(
-                    (state["token"][0], state["logprobs"][0, state["step"] - 1], state["done"][0]))
+                # One transfer per token: everything the host decides on below.
+                token, logprob, done, index = jax.device_get(
+                    (state["token"][0], state["logprobs"][0, state["step"] - 1], state["done"][0],
+                     state["cache"]["index"]))
                 if done:
                     reason = "stop"
                     break
@@ -525,7 +528,7 @@ class Sampler:
                     yield piece
                 if len(tokens) >= max_new_tokens:
                     break
-                if not bool(_can_continue(state, max_new_tokens)):
+                if index >= capacity:  # the rest of _can_continue was checked above
                     reason = "cache_full"
                     break
                 state = _decode_one(self.params, state, static=static)

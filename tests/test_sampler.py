@@ -342,6 +342,15 @@ def test_prompt_longer_than_the_cache(sampler, small_tokenizer):
         sampler.generate(_prompt(small_tokenizer, 256))
 
 
+def test_stream_ends_where_generate_does_when_the_cache_fills(sampler, small_tokenizer):
+    small = Sampler(sampler.model, small_tokenizer, cache_length=16)
+    prompt = _prompt(small_tokenizer, 9)
+    full = small.generate(prompt, max_new_tokens=32, stop_token_ids=())
+    # 9 prompt slots + 7 decode steps fill 16 slots; the token drawn by the last step is kept.
+    assert (full.finish_reason, len(full.tokens)) == ("cache_full", 8)
+    assert "".join(small.stream(prompt, max_new_tokens=32, stop_token_ids=())) == full.text
+
+
 def test_unknown_preset_is_a_config_error(sampler, tmp_path):
     from gemma_kit import load_model, save_checkpoint
 
