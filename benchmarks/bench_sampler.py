@@ -53,7 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--batches", default=None, help="decode batch sizes (default 1,8,16)")
     p.add_argument("--hf-batches", default=None,
                    help="transformers batch sizes (default: the same as --batches)")
-    p.add_argument("--dtypes", default="bf16,f32", help="gemma_kit weight dtypes")
+    p.add_argument("--dtypes", default="bf16,f32,int8",
+                   help="gemma_kit weights: bf16, f32, int8 (int8: batch 1 only, its use)")
     p.add_argument("--decode-steps", type=int, default=None,
                    help="timed decode steps D per configuration (default 48, quick 16)")
     p.add_argument("--rounds", type=int, default=None, help="most rounds (default 3, quick 1)")
@@ -83,9 +84,12 @@ from flax import nnx  # noqa: E402
 import gemma_kit  # noqa: E402
 from gemma_kit import Sampler  # noqa: E402
 from gemma_kit import cache as kv_cache  # noqa: E402
+from gemma_kit import quant  # noqa: E402
 from gemma_kit.paths import default_gguf_path  # noqa: E402
 
-DTYPES = {"bf16": None, "f32": jnp.float32}  # None: as stored (bf16), see default_model
+# Weights of each configuration: default_model's dtype argument (None: as stored, bf16), and
+# int8 = the bf16 model through quantize_model(embedding=True), as `gemma-kit sample --int8`.
+DTYPES = {"bf16": None, "f32": jnp.float32, "int8": None}
 PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time, in a land far away,"
 PARAGRAPH = (
     "The history of computing is a story of abstraction. Early machines were programmed by "
@@ -389,9 +393,11 @@ def main():
     tok = None
     for name in args.dtypes:
         model, tok = gemma_kit.default_model(DTYPES[name])
+        n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+        if name == "int8":
+            model = quant.quantize_model(model, embedding=True)
         models[name] = model
-        weight_bytes[name] = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(models[args.dtypes[0]], nnx.Param)))
+        weight_bytes[name] = quant.weight_bytes(model)
     cfg = models[args.dtypes[0]].config
     prompt_ids = tok.encode(PROMPT, add_bos=True)
     assert len(prompt_ids) + 1 + D <= CACHE_LEN, "raise CACHE_LEN"
@@ -403,7 +409,9 @@ def main():
     configs.append(probe)
     for name in args.dtypes:
         dec = Sampler(models[name], tok, cache_length=CACHE_LEN)
-        for B in args.batches:
+        # int8 serves one-prompt decoding: with several rows XLA's CPU backend dequantizes each
+        # whole weight per step before its bf16 matrix product, slower than bf16 weights.
+        for B in [b for b in args.batches if name != "int8" or b == 1]:
             configs.append(Decode("gemma_kit", name, B, jax_generate(dec, PROMPT, B), D))
         pre = Sampler(models[name], tok)
 

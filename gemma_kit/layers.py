@@ -50,22 +50,27 @@ def matmul_dtype(stored, activations) -> jnp.dtype:
     return activations
 
 
-def matmul_t(x: jax.Array, weight, stored) -> jax.Array:
+def matmul_t(x: jax.Array, weight, stored, scale: jax.Array | None = None) -> jax.Array:
     """x [M, I] @ W^T for W [O, I] given as weight(dtype) (the stored W cast, inside the jit).
 
     Computes in matmul_dtype(stored, x.dtype), choosing the fast form by M (module docstring):
     one row upcasts the weight (after rounding x, so every M gives the same products); several
-    rows run a narrow product with wide accumulation.
+    rows run a narrow product with wide accumulation. `scale` [O], if given, multiplies the
+    product's columns: the per-row scales of int8 weights, applied to O outputs rather than to
+    O x I weights (and exactly: int8 values are exact in bf16, so only x is rounded).
     """
     dtype = matmul_dtype(stored, x.dtype)
     if dtype == x.dtype:
-        return x @ weight(dtype).T
-    if x.shape[0] == 1:
-        return x.astype(dtype).astype(x.dtype) @ weight(x.dtype).T
-    # Contracting the last axis of both operands as they are: written as matmul(x, w.T), XLA's
-    # CPU backend upcasts both operands to float32 before the dot (measured ~10x slower).
-    return jax.lax.dot_general(x.astype(dtype), weight(dtype), (((1,), (1,)), ((), ())),
-                               preferred_element_type=x.dtype)
+        y = x @ weight(dtype).T
+    elif x.shape[0] == 1:
+        y = x.astype(dtype).astype(x.dtype) @ weight(x.dtype).T
+    else:
+        # Contracting the last axis of both operands as they are: written as matmul(x, w.T),
+        # XLA's CPU backend upcasts both operands to float32 before the dot (measured ~10x
+        # slower).
+        y = jax.lax.dot_general(x.astype(dtype), weight(dtype), (((1,), (1,)), ((), ())),
+                                preferred_element_type=x.dtype)
+    return y if scale is None else y * scale.astype(y.dtype)
 
 
 class Einsum(nnx.Module):
@@ -91,21 +96,13 @@ class Einsum(nnx.Module):
         self.matvec = False  # True once w is stored as [kept axes..., contracted axes...]
         # Hooks, both empty unless set by another module:
         # - w_scale: set by gemma_kit.quant when `w` holds int8 values; a per-output-channel
-        #   scale of w's shape with the contracted axes kept at size 1.
+        #   scale of w's shape with the contracted axes kept at size 1. The product is taken
+        #   with the int8 values themselves (exact in bf16) and its outputs are scaled, inside
+        #   the caller's compiled computation: memory holds, and a matmul reads, one byte per
+        #   weight.
         # - lora: set by gemma_kit.lora; a module adding (alpha / r) * x A B to the output.
         self.w_scale = nnx.data(None)
         self.lora = nnx.data(None)
-
-    def kernel(self, dtype) -> jax.Array:
-        """`w` in `dtype`, in its stored layout.
-
-        An int8 `w` is multiplied by its scale here, inside the caller's compiled computation,
-        so memory holds (and a matmul reads) one byte per weight.
-        """
-        w = self.w[...].astype(dtype)
-        if self.w_scale is None:
-            return w
-        return w * self.w_scale[...].astype(dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = self._base(x)
@@ -117,21 +114,35 @@ class Einsum(nnx.Module):
         dtype = matmul_dtype(self.w[...].dtype, x.dtype)
         if not self.matvec:
             n_in = int(np.prod(x.shape[len(x.shape) - len(self.contracted):]))
+            w = self.w[...]
             if dtype == x.dtype or x.size == n_in:  # one row: as matmul_t does
-                x = x.astype(dtype).astype(x.dtype)
-                return jnp.einsum(self.equation, x, self.kernel(x.dtype))
-            return jnp.einsum(self.equation, x.astype(dtype), self.kernel(dtype),
-                              preferred_element_type=x.dtype)
+                y = jnp.einsum(self.equation, x.astype(dtype).astype(x.dtype), w.astype(x.dtype))
+            else:
+                y = jnp.einsum(self.equation, x.astype(dtype), w.astype(dtype),
+                               preferred_element_type=x.dtype)
+            return y if self.w_scale is None else y * self._scale_for_output(y.dtype)
         # w is [kept..., contracted...]: a plain x2 @ w2.T, the form XLA's CPU backend runs as a
         # fused, multi-threaded matrix-vector loop straight from the bf16 weights.
         kept = "".join(c for c in self.w_spec if c not in self.contracted)
         batch = self.x_spec[: len(self.x_spec) - len(self.contracted)]
         shape = self.w[...].shape
         n_in = int(np.prod(shape[len(kept):]))
-        y = matmul_t(x.reshape(-1, n_in), lambda d: self.kernel(d).reshape(-1, n_in),
-                     self.w[...].dtype)
+        scale = None if self.w_scale is None else self.w_scale[...].reshape(-1)
+        y = matmul_t(x.reshape(-1, n_in), lambda d: self.w[...].astype(d).reshape(-1, n_in),
+                     self.w[...].dtype, scale)
         y = y.reshape(*x.shape[: len(batch)], *shape[: len(kept)])
         return jnp.transpose(y, [(batch + kept).index(c) for c in self.out_spec])
+
+    def _scale_for_output(self, dtype) -> jax.Array:
+        """The int8 scale (w's shape, contracted axes of size 1) arranged to broadcast against
+        the einsum's output: kept letters in output order, size 1 for x's batch letters."""
+        kept = "".join(c for c in self.w_spec if c not in self.contracted)
+        scale = self.w_scale[...].astype(dtype).reshape(
+            [n for c, n in zip(self.w_spec, self.w[...].shape) if c in kept])
+        in_out_order = "".join(c for c in self.out_spec if c in kept)
+        scale = jnp.einsum(f"{kept}->{in_out_order}", scale)
+        return scale.reshape([scale.shape[in_out_order.index(c)] if c in kept else 1
+                              for c in self.out_spec])
 
     def matvec_permutation(self) -> tuple[int, ...]:
         """Axes of the official `w` in matvec-layout order: kept axes, then contracted ones."""

@@ -91,8 +91,10 @@ def save_checkpoint(
             "this model's weights are in the sampler's transposed decode layout "
             "(gemma_kit.layers.to_matvec_layout); save the original model instead"
         )
+    from gemma_kit.quant import is_quantized
+
     einsums = [m for _, m in model.iter_modules() if isinstance(m, Einsum)]
-    if any(m.w_scale is not None for m in einsums):
+    if is_quantized(model):
         raise CheckpointError(
             "this model's weights are int8 (gemma_kit.quant); save the original model instead"
         )

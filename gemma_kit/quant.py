@@ -6,14 +6,18 @@ layout):
 
     s = max |w| over the contracted axes / 127,     q = round(w / s) in [-127, 127]
 
-and `Einsum.kernel` computes q * s in the activation dtype inside the caller's jitted function,
-so memory holds one byte per weight. Symmetric rounding bounds each weight's error by s / 2, i.e.
-by 1/254 of the largest weight of its channel.
+and the einsum multiplies the activations by q (exact in bf16) and its outputs by s, inside the
+caller's jitted function, so memory holds one byte per weight. Symmetric rounding bounds each
+weight's error by s / 2, i.e. by 1/254 of the largest weight of its channel.
 
-Used by QLoRA (an int8 frozen base with LoRA on top). The int8 weight keeps the name `w`
-(variable type `Int8Weight`, not `nnx.Param`, so nothing trains it and save_checkpoint refuses
-it), and `to_matvec_layout` transposes `w` and its scale together, so the sampler runs on an
-int8 model unchanged. The embedding table is left as it is (not an Einsum).
+The tied embedding table can be quantized the same way, with one scale per vocabulary row
+(`embedding=True`): the logits projection, the largest read of a decode step, then reads a
+quarter of the float32 bytes (a half of bf16's). The sampler's int8 mode does that; QLoRA (an
+int8 frozen base with LoRA on top) leaves the table as it is.
+
+The int8 values keep their names (`w`, `input_embedding`) with variable type `Int8Weight`, not
+`nnx.Param`, so nothing trains them and save_checkpoint refuses them; `to_matvec_layout`
+transposes `w` and its scale together, so the sampler runs on an int8 model unchanged.
 """
 
 from __future__ import annotations
@@ -56,14 +60,25 @@ def quantize_int8(w: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.A
     return q, scale
 
 
-def quantize_model(model: nnx.Module) -> nnx.Module:
+def quantize_model(model: nnx.Module, *, embedding: bool = False) -> nnx.Module:
     """A copy of `model` whose Einsum weights are int8 with per-channel scales.
 
-    The copy shares every other array (embedding, norms, LoRA factors) with `model`; the
-    original model is unchanged.
+    embedding: also quantize the (tied) token embedding table, one scale per row.
+    The copy shares every other array (norms, LoRA factors, the image encoder) with `model`;
+    the original model is unchanged.
     """
     graphdef, state = nnx.split(model)
     copy = nnx.merge(graphdef, state)
+    if embedding:
+        embedder = copy.embedder
+        if embedder.input_embedding_scale is None:
+            table = embedder.input_embedding[...]
+            if not jnp.issubdtype(table.dtype, jnp.floating):
+                raise ConfigError(f"cannot quantize an embedding of dtype {table.dtype}")
+            q, scale = quantize_int8(table, (1,))
+            embedder.normalizer_dtype = jnp.dtype(table.dtype).name
+            embedder.input_embedding = Int8Weight(q)
+            embedder.input_embedding_scale = Int8Scale(scale)
     for _, module in copy.iter_modules():
         if not isinstance(module, Einsum) or module.w_scale is not None:
             continue
@@ -76,7 +91,10 @@ def quantize_model(model: nnx.Module) -> nnx.Module:
 
 
 def is_quantized(model: nnx.Module) -> bool:
-    return any(isinstance(m, Einsum) and m.w_scale is not None for _, m in model.iter_modules())
+    """Whether any weight of `model` (an Einsum's, or the embedding table) is int8."""
+    return any((isinstance(m, Einsum) and m.w_scale is not None)
+               or getattr(m, "input_embedding_scale", None) is not None
+               for _, m in model.iter_modules())
 
 
 def weight_bytes(model: nnx.Module) -> int:

@@ -54,6 +54,7 @@ def _gating_spec(shape: tuple[int, ...]) -> Spec:
 
 DEFAULT_RULES: tuple[Rule, ...] = (
     (r"(^|/)embedder/input_embedding$", ("tensor", "fsdp")),  # [V, D]
+    (r"(^|/)embedder/input_embedding_scale$", ("tensor", None)),  # [V, 1], int8 tables only
     (r"(^|/)q_einsum/w$", ("tensor", "fsdp", None)),  # [N, D, H]
     (r"(^|/)kv_einsum/w$", (None, "tensor", "fsdp", None)),  # [2, K, D, H]
     (r"(^|/)qkv_einsum/w$", (None, "tensor", "fsdp", None)),  # [3, N, D, H]

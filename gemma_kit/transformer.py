@@ -32,6 +32,10 @@ class Embedder(nnx.Module):
                  vision_width: int | None = None, vision_param_dtype=jnp.float32):
         init = jax.nn.initializers.normal(1.0)
         self.input_embedding = nnx.Param(init(rngs.params(), (vocab_size, embed_dim), param_dtype))
+        # Set by gemma_kit.quant when the table holds int8 values: a float32 scale per
+        # vocabulary row, [V, 1], and the name of the dtype the table had (it rounds sqrt(D)).
+        self.input_embedding_scale = nnx.data(None)
+        self.normalizer_dtype = None
         if vision_width is not None:
             self.mm_soft_embedding_norm = RMSNorm(vision_width, param_dtype=vision_param_dtype)
             self.mm_input_projection = Einsum("IMW,WD->IMD", (vision_width, embed_dim),
@@ -53,8 +57,12 @@ class Embedder(nnx.Module):
         25.298 exactly but 25.25 in bf16).
         """
         table = self.input_embedding[...]
-        scale = jnp.asarray(np.sqrt(table.shape[1]), table.dtype)
-        return table[tokens].astype(dtype) * scale.astype(dtype)
+        normalizer = jnp.asarray(np.sqrt(table.shape[1]), self.normalizer_dtype or table.dtype)
+        normalizer = normalizer.astype(dtype)
+        rows = table[tokens].astype(dtype)
+        if self.input_embedding_scale is not None:
+            rows = rows * self.input_embedding_scale[...][tokens].astype(dtype)
+        return rows * normalizer
 
     def decode(self, x: jax.Array) -> jax.Array:
         """[B, T, D] -> [B, T, V] logits against the embedding table.
@@ -64,7 +72,9 @@ class Embedder(nnx.Module):
         an einsum over E's last axis lowers to.
         """
         table = self.input_embedding[...]
-        logits = matmul_t(x.reshape(-1, x.shape[-1]), table.astype, table.dtype)
+        scale = self.input_embedding_scale
+        logits = matmul_t(x.reshape(-1, x.shape[-1]), table.astype, table.dtype,
+                          None if scale is None else scale[...].reshape(-1))
         return logits.reshape(*x.shape[:-1], table.shape[0])
 
 

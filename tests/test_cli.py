@@ -47,6 +47,22 @@ def test_sample_json_equals_the_library(capsys):
     np.testing.assert_allclose(out["logprobs"], expected.logprobs, rtol=1e-6)
 
 
+@pytest.mark.real_model
+def test_sample_int8_equals_the_library_on_int8_weights(capsys):
+    """--int8 samples from the model quantize_model(..., embedding=True) gives."""
+    import gemma_kit
+    from gemma_kit.quant import quantize_model
+
+    assert main(["sample", "--prompt", "The capital of France is", "--max-new-tokens", "6",
+                 "--json", "--int8"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    model, tokenizer = gemma_kit.default_model()
+    expected = gemma_kit.Sampler(quantize_model(model, embedding=True), tokenizer).generate(
+        "The capital of France is", max_new_tokens=6)
+    assert out["tokens"] == expected.tokens and len(out["tokens"]) == 6
+    np.testing.assert_allclose(out["logprobs"], expected.logprobs, rtol=1e-6)
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

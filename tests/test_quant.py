@@ -63,13 +63,39 @@ def test_int8_model_logits_close_to_float(tiny_gemma3_config, tiny_gemma2_config
             gemma_kit.save_checkpoint(q, "/nonexistent/never-written")
 
 
-def test_sampler_runs_on_int8_weights(tiny_gemma3_config, tiny_model, small_tokenizer):
+def test_int8_embedding_table(tiny_gemma3_config, tiny_model):
+    """embedding=True: the tied table becomes int8 with one scale per row, used by both the
+    lookup and the logits; each row within the rounding bound, sqrt(D) still rounded in the
+    table's original dtype, and the matvec layout (the sampler's) giving the same logits."""
+    model = tiny_model(tiny_gemma3_config, seed=13, param_dtype=jnp.bfloat16)
+    q = quant.quantize_model(model, embedding=True)
+    table, scale = q.embedder.input_embedding[...], q.embedder.input_embedding_scale[...]
+    V, D = model.embedder.input_embedding.shape
+    assert table.dtype == jnp.int8 and scale.shape == (V, 1)
+    original = np.asarray(model.embedder.input_embedding[...], np.float32)
+    err = np.abs(original - np.asarray(table, np.float32) * np.asarray(scale))
+    # s / 2, plus float32 rounding of q * s (|q| <= 127: up to 127 s ulps of 2^-24 each).
+    assert (err <= np.asarray(scale) * (0.5 + 127 * 2.0 ** -23)).all()
+    assert q.embedder.normalizer_dtype == "bfloat16"
+    assert model.embedder.input_embedding_scale is None  # the original is untouched
+    tokens = jnp.asarray([[1, 5, 9, 200, 7]])
+    rows = np.asarray(q.embedder.encode(tokens, jnp.float32))
+    dequant = np.asarray(table, np.float32)[np.asarray(tokens)] * np.asarray(scale)[np.asarray(tokens)]
+    norm = float(jnp.asarray(np.sqrt(D), jnp.bfloat16))
+    np.testing.assert_allclose(rows, dequant * norm, rtol=1e-6)
+    logits = np.asarray(q(tokens))
+    np.testing.assert_allclose(np.asarray(to_matvec_layout(q)(tokens)), logits, atol=1e-4)
+    assert quant.is_quantized(q)
+
+
+@pytest.mark.parametrize("embedding", [False, True])
+def test_sampler_runs_on_int8_weights(tiny_gemma3_config, tiny_model, small_tokenizer, embedding):
     """The Sampler's greedy tokens on an int8 model are the argmax of one full forward pass of
     the same int8 model over prompt + generated tokens, at every generated position."""
     from gemma_kit.sampler import Sampler
 
     config = tiny_gemma3_config.replace(vocab_size=small_tokenizer.vocab_size)
-    q = quant.quantize_model(tiny_model(config, seed=12))
+    q = quant.quantize_model(tiny_model(config, seed=12), embedding=embedding)
     prompt = "for x in range(3):"
     result = Sampler(q, small_tokenizer, cache_dtype=jnp.float32).generate(
         prompt, max_new_tokens=6, stop_token_ids=())

@@ -126,6 +126,7 @@ def _source(source, preset) -> tuple[Config, Callable, np.dtype, Any]:
         return config, _LayerByLayer(folder, layout, shapes), np.dtype(stored), \
             official.find_tokenizer(source)
     if isinstance(source, nnx.Module):
+        from gemma_kit import quant
         from gemma_kit.layers import Einsum
 
         einsums = [m for _, m in source.iter_modules() if isinstance(m, Einsum)]
@@ -134,7 +135,7 @@ def _source(source, preset) -> tuple[Config, Callable, np.dtype, Any]:
                 "this model's weights are in the sampler's transposed decode layout "
                 "(gemma_kit.layers.to_matvec_layout); export the original model instead"
             )
-        if any(m.w_scale is not None for m in einsums):
+        if quant.is_quantized(source):
             raise CheckpointError(
                 "this model's weights are int8 (gemma_kit.quant); export the original model")
         if any(m.lora is not None for m in einsums):
