@@ -23,6 +23,8 @@ torch = pytest.importorskip("torch", reason="the interop tests need the [test] e
 transformers = pytest.importorskip("transformers", reason="the interop tests need transformers")
 safetensors_numpy = pytest.importorskip("safetensors.numpy", reason="needs the [hf] extra")
 
+import _logits  # noqa: E402  (tests/ helper; needs torch, checked above)
+
 from gemma_kit.checkpoint import hf, official  # noqa: E402
 from gemma_kit.checkpoint.hf_export import export_hf  # noqa: E402
 from gemma_kit.checkpoint.hf_import import _vision_table, convert_hf, read_hf  # noqa: E402
@@ -81,19 +83,12 @@ def _save(model, folder: pathlib.Path, shard: str = "40KB") -> pathlib.Path:
     return folder
 
 
-@nnx.jit
-def _logits(model, tokens):
-    # One compile per model; eager op-by-op execution would compile every small op anew.
-    return model(tokens)
-
-
 def _ours(model, tokens=TOKENS) -> np.ndarray:
-    return np.asarray(_logits(model, jnp.asarray(tokens)))
+    return _logits.ours(model, tokens)
 
 
 def _hf_logits(model, tokens=TOKENS) -> np.ndarray:
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(tokens)).logits.float().numpy()
+    return _logits.theirs(model, tokens)
 
 
 def _from_pretrained(folder):

@@ -14,12 +14,13 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 torch = pytest.importorskip("torch", reason="the interop tests need the [test] extra (torch)")
 transformers = pytest.importorskip("transformers", reason="the interop tests need transformers")
 peft = pytest.importorskip("peft", reason="the PEFT tests need the [test] extra (peft)")
 safetensors_numpy = pytest.importorskip("safetensors.numpy", reason="needs the [hf] extra")
+
+import _logits  # noqa: E402  (tests/ helper; needs torch, checked above)
 
 from gemma_kit import lora  # noqa: E402
 from gemma_kit.checkpoint.hf_export import export_hf  # noqa: E402
@@ -36,18 +37,12 @@ ATOL = 1e-4
 TOKENS = np.random.default_rng(3).integers(0, 256, (2, 11))  # longer than the window (4)
 
 
-@nnx.jit
-def _logits(model, tokens):
-    return model(tokens)
-
-
 def _ours(model, tokens=TOKENS) -> np.ndarray:
-    return np.asarray(_logits(model, jnp.asarray(tokens)))
+    return _logits.ours(model, tokens)
 
 
 def _hf_logits(model, tokens=TOKENS) -> np.ndarray:
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(tokens)).logits.float().numpy()
+    return _logits.theirs(model, tokens)
 
 
 def _from_pretrained(folder):
