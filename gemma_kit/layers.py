@@ -16,12 +16,14 @@ Parameters may be stored in a narrower dtype (bf16, or int8 with scales) than th
 path (`matmul_dtype`), the numerics of bf16 inference everywhere; how the product is computed
 depends on its shape, because XLA's CPU backend is fast at different things for each
 (shared/docs/cpu-notes.md and benchmarks/):
-  * one activation row (a batch-1 decode step): the weight is upcast to float32 inside the
-    computation, which XLA fuses into a matrix-vector loop reading bf16 at memory speed; a
-    bf16 x bf16 matrix-vector product is ~35x slower;
-  * several rows (prefill, batched decode): a bf16 x bf16 product with float32 accumulation,
-    which runs on the CPU's bf16 matrix units, ~10x faster than upcasting (XLA materialises
-    a float32 copy of the weight first) and the native form on accelerators.
+  * bf16 weights: a bf16 x bf16 product with float32 accumulation, which XLA runs through its
+    GEMM library (the CPU's bf16 units), ~10x faster than upcasting several rows (XLA
+    materialises a float32 copy of the weight first), and the native form on accelerators.
+    `matmul_t` pads fewer than MIN_ROWS rows with zero rows: one row alone takes a
+    matrix-vector path ~35x slower, and a few rows a slower GEMM kernel;
+  * int8 weights, one activation row (int8 decoding at batch 1): the weight is upcast inside
+    the computation, fused into a matrix-vector loop that reads one byte per weight; a
+    several-row product materialises a bf16 copy of the weight, so int8 is for batch 1.
 """
 
 from __future__ import annotations
@@ -50,26 +52,37 @@ def matmul_dtype(stored, activations) -> jnp.dtype:
     return activations
 
 
+# Narrow products of fewer rows are padded to this many with zero rows, whose outputs are
+# dropped. On the 2-core CPU of benchmarks/bench_sampler.py, the 18 blocks of a batch-1 decode
+# step of Gemma 3 270M (bf16, 200 MB of weights) took ~25 ms as a matrix-vector loop over
+# upcast weights, 19 ms padded to 2 rows, 15 ms padded to 8: the extra rows cost no extra
+# reads, and the GEMM kernel streams the weights faster.
+MIN_ROWS = 8
+
+
 def matmul_t(x: jax.Array, weight, stored, scale: jax.Array | None = None) -> jax.Array:
     """x [M, I] @ W^T for W [O, I] given as weight(dtype) (the stored W cast, inside the jit).
 
-    Computes in matmul_dtype(stored, x.dtype), choosing the fast form by M (module docstring):
-    one row upcasts the weight (after rounding x, so every M gives the same products); several
-    rows run a narrow product with wide accumulation. `scale` [O], if given, multiplies the
-    product's columns: the per-row scales of int8 weights, applied to O outputs rather than to
-    O x I weights (and exactly: int8 values are exact in bf16, so only x is rounded).
+    Computes in matmul_dtype(stored, x.dtype), choosing the fast form (module docstring): int8
+    weights against one row are upcast; otherwise a narrow product with wide accumulation runs
+    on at least MIN_ROWS rows. Either way x is rounded first, so every form and every M gives
+    the same products. `scale` [O], if given, multiplies the product's columns: the per-row
+    scales of int8 weights, applied to O outputs rather than to O x I weights (and exactly:
+    int8 values are exact in bf16, so only x is rounded).
     """
     dtype = matmul_dtype(stored, x.dtype)
+    rows = x.shape[0]
     if dtype == x.dtype:
         y = x @ weight(dtype).T
-    elif x.shape[0] == 1:
+    elif rows == 1 and jnp.dtype(stored) == jnp.int8:
         y = x.astype(dtype).astype(x.dtype) @ weight(x.dtype).T
     else:
         # Contracting the last axis of both operands as they are: written as matmul(x, w.T),
         # XLA's CPU backend upcasts both operands to float32 before the dot (measured ~10x
         # slower).
-        y = jax.lax.dot_general(x.astype(dtype), weight(dtype), (((1,), (1,)), ((), ())),
-                                preferred_element_type=x.dtype)
+        padded = jnp.pad(x.astype(dtype), ((0, max(0, MIN_ROWS - rows)), (0, 0)))
+        y = jax.lax.dot_general(padded, weight(dtype), (((1,), (1,)), ((), ())),
+                                preferred_element_type=x.dtype)[:rows]
     return y if scale is None else y * scale.astype(y.dtype)
 
 
@@ -115,14 +128,16 @@ class Einsum(nnx.Module):
         if not self.matvec:
             n_in = int(np.prod(x.shape[len(x.shape) - len(self.contracted):]))
             w = self.w[...]
-            if dtype == x.dtype or x.size == n_in:  # one row: as matmul_t does
+            # One row upcasts: this layout's contraction has no fast narrow matrix-vector
+            # form on CPU (the sampler uses the matvec layout there, see to_matvec_layout).
+            if dtype == x.dtype or x.size == n_in:
                 y = jnp.einsum(self.equation, x.astype(dtype).astype(x.dtype), w.astype(x.dtype))
             else:
                 y = jnp.einsum(self.equation, x.astype(dtype), w.astype(dtype),
                                preferred_element_type=x.dtype)
             return y if self.w_scale is None else y * self._scale_for_output(y.dtype)
-        # w is [kept..., contracted...]: a plain x2 @ w2.T, the form XLA's CPU backend runs as a
-        # fused, multi-threaded matrix-vector loop straight from the bf16 weights.
+        # w is [kept..., contracted...]: a plain x2 @ w2.T contracting W's contiguous axis, the
+        # form matmul_t's fast paths need.
         kept = "".join(c for c in self.w_spec if c not in self.contracted)
         batch = self.x_spec[: len(self.x_spec) - len(self.contracted)]
         shape = self.w[...].shape
@@ -153,11 +168,10 @@ class Einsum(nnx.Module):
 def to_matvec_layout(model: nnx.Module) -> nnx.Module:
     """A copy of `model` whose Einsum weights are stored contracted-axes-last.
 
-    On CPU, XLA computes x @ W^T (W row-major, the contracted axis contiguous) as a fused loop
-    that reads bf16 weights at memory speed; a contraction over a leading axis of W (the
-    official [F, D] `linear`, [N, H, D] `attn_vec_einsum`) falls back to a path several times
-    slower. Decoding one token is all matrix-vector products, so the sampler uses this layout
-    on CPU. It costs one transposed copy of the layer weights; never save such a copy as a
+    On CPU, XLA streams the weights fastest when x @ W^T contracts W's contiguous last axis
+    (matmul_t); a contraction over a leading axis of W (the official [F, D] `linear`,
+    [N, H, D] `attn_vec_einsum`) falls back to a path several times slower at decode sizes,
+    so the sampler uses this layout on CPU. It costs one transposed copy of the layer weights; never save such a copy as a
     checkpoint (`gemma_kit.save_checkpoint` refuses).
     """
     graphdef, state = nnx.split(model)
