@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gemma_kit.attention import MASKED_LOGIT, attend, causal_mask, sliding_window_mask
-from gemma_kit.layers import RMSNorm, apply_rope, softcap
+from gemma_kit.layers import MIN_ROWS, RMSNorm, apply_rope, matmul_t, softcap
 
 
 def test_causal_and_window_masks_from_positions():
@@ -89,6 +89,32 @@ def test_grouped_attention_equals_repeated_kv_heads():
     np.testing.assert_allclose(grouped[:, 0, :2], jnp.repeat(v, N // K, axis=2)[:, 0, :2],
                                atol=1e-6)
     jax.block_until_ready(grouped)
+
+
+@pytest.mark.parametrize("stored", ["bfloat16", "int8"])
+def test_matmul_t_gives_the_same_products_for_every_row_count(stored):
+    """matmul_t computes one row differently (int8: an upcast matrix-vector loop) and pads
+    fewer than MIN_ROWS rows (bf16), for speed only: every row count gives the bf16-rounded
+    activations times the stored weights (times the int8 scales), summed in float32."""
+    rng = np.random.default_rng(0)
+    out_dim, in_dim = 48, 96
+    if stored == "int8":
+        w = jnp.asarray(rng.integers(-127, 128, (out_dim, in_dim)), jnp.int8)
+        scale = jnp.asarray(rng.uniform(0.001, 0.01, out_dim), jnp.float32)
+    else:
+        w = jnp.asarray(rng.standard_normal((out_dim, in_dim)) * 0.1, jnp.bfloat16)
+        scale = None
+    x = jnp.asarray(rng.standard_normal((MIN_ROWS + 3, in_dim)), jnp.float32)
+    rounded = np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+    exact = rounded @ np.asarray(w.astype(jnp.float32), np.float64).T
+    if scale is not None:
+        exact = exact * np.asarray(scale, np.float64)
+    product = jax.jit(lambda a: matmul_t(a, w.astype, w.dtype, scale))
+    for rows in (1, 2, MIN_ROWS - 1, MIN_ROWS, MIN_ROWS + 3):
+        y = np.asarray(product(x[:rows]))
+        assert y.shape == (rows, out_dim) and y.dtype == np.float32
+        # float32 sums of 96 terms: a few ulp of the largest partial sum.
+        np.testing.assert_allclose(y, exact[:rows], rtol=0, atol=1e-5 * np.abs(exact).max())
 
 
 def test_matvec_layout_gives_the_same_logits(tiny_gemma3_config, tiny_gemma2_config, tiny_model):
