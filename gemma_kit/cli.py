@@ -253,7 +253,8 @@ def _with_lora(args, model):
 def _int8_flag(p) -> None:
     p.add_argument("--int8", action="store_true",
                    help="hold the weights as int8 with per-channel scales, the embedding too: "
-                        "~1.5x faster one-prompt decoding on CPU, logits within ~4%% of bf16's")
+                        "half the memory, logits within ~4%% of bf16's (on CPU, one-prompt "
+                        "decoding is ~1.1x bf16's speed)")
 
 
 def cmd_finetune(args) -> int:
