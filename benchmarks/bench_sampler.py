@@ -42,6 +42,9 @@ import time
 
 from _log import T0, log  # noqa: E402  (benchmarks/ is on sys.path)
 
+# The gemma_kit weight configurations (DTYPES below says how each is built).
+WEIGHTS = ("bf16", "f32", "int8", "int8-emb")
+
 
 
 def parse_args(argv=None):
@@ -54,8 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--batches", default=None, help="decode batch sizes (default 1,8,16)")
     p.add_argument("--hf-batches", default=None,
                    help="transformers batch sizes (default: the same as --batches)")
-    p.add_argument("--dtypes", default="bf16,f32,int8",
-                   help="gemma_kit weights: bf16, f32, int8 (int8: batch 1 only, its use)")
+    p.add_argument("--dtypes", default="bf16,f32,int8,int8-emb",
+                   help="gemma_kit weights: bf16, f32, int8 (every matrix), int8-emb (the "
+                        "embedding alone); the int8 ones at batch 1 only, their use")
     p.add_argument("--decode-steps", type=int, default=None,
                    help="timed decode steps D per configuration (default 48, quick 16)")
     p.add_argument("--rounds", type=int, default=None, help="most rounds (default 3, quick 1)")
@@ -68,6 +72,9 @@ def parse_args(argv=None):
     args.hf_batches = [] if args.no_hf else (
         ints(args.hf_batches) if args.hf_batches is not None else list(args.batches))
     args.dtypes = [d for d in args.dtypes.split(",") if d]
+    unknown = [d for d in args.dtypes if d not in WEIGHTS]
+    if unknown or not args.dtypes:
+        p.error(f"--dtypes: unknown {unknown or 'empty list'}; choose from {', '.join(WEIGHTS)}")
     if args.decode_steps is None:
         args.decode_steps = 16 if args.quick else 48
     if args.rounds is None:
@@ -89,8 +96,11 @@ from gemma_kit import quant  # noqa: E402
 from gemma_kit.paths import default_gguf_path  # noqa: E402
 
 # Weights of each configuration: default_model's dtype argument (None: as stored, bf16), and
-# int8 = the bf16 model through quantize_model(embedding=True), as `gemma-kit sample --int8`.
-DTYPES = {"bf16": None, "f32": jnp.float32, "int8": None}
+# for the int8 ones the quantize_model arguments applied to the bf16 model: int8 = every matrix
+# (`gemma-kit sample --int8`), int8-emb = the tied embedding alone.
+DTYPES = {"bf16": None, "f32": jnp.float32, "int8": None, "int8-emb": None}
+QUANTIZE = {"int8": dict(embedding=True), "int8-emb": dict(embedding=True, einsums=False)}
+assert tuple(DTYPES) == WEIGHTS
 PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time, in a land far away,"
 PARAGRAPH = (
     "The history of computing is a story of abstraction. Early machines were programmed by "
@@ -395,8 +405,8 @@ def main():
     for name in args.dtypes:
         model, tok = gemma_kit.default_model(DTYPES[name])
         n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-        if name == "int8":
-            model = quant.quantize_model(model, embedding=True)
+        if name in QUANTIZE:
+            model = quant.quantize_model(model, **QUANTIZE[name])
         models[name] = model
         weight_bytes[name] = quant.weight_bytes(model)
     cfg = models[args.dtypes[0]].config
@@ -412,7 +422,7 @@ def main():
         dec = Sampler(models[name], tok, cache_length=CACHE_LEN)
         # int8 serves one-prompt decoding: with several rows XLA's CPU backend dequantizes each
         # whole weight per step before its bf16 matrix product, slower than bf16 weights.
-        for B in [b for b in args.batches if name != "int8" or b == 1]:
+        for B in [b for b in args.batches if name not in QUANTIZE or b == 1]:
             configs.append(Decode("gemma_kit", name, B, jax_generate(dec, PROMPT, B), D))
         pre = Sampler(models[name], tok)
 

@@ -60,13 +60,20 @@ def quantize_int8(w: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.A
     return q, scale
 
 
-def quantize_model(model: nnx.Module, *, embedding: bool = False) -> nnx.Module:
+def quantize_model(model: nnx.Module, *, embedding: bool = False,
+                   einsums: bool = True) -> nnx.Module:
     """A copy of `model` whose Einsum weights are int8 with per-channel scales.
 
     embedding: also quantize the (tied) token embedding table, one scale per row.
+    einsums: quantize the Einsum weights (default). `embedding=True, einsums=False` quantizes
+      the table alone: on CPU at batch 1 that decodes fastest (the logits projection reads
+      half the bytes, while bf16 layer products keep their faster GEMM path; see the README's
+      Speed section) and it changes the logits least.
     The copy shares every other array (norms, LoRA factors, the image encoder) with `model`;
     the original model is unchanged.
     """
+    if not (embedding or einsums):
+        raise ConfigError("nothing to quantize: pass embedding=True, einsums=True, or both")
     graphdef, state = nnx.split(model)
     copy = nnx.merge(graphdef, state)
     if embedding:
@@ -80,7 +87,7 @@ def quantize_model(model: nnx.Module, *, embedding: bool = False) -> nnx.Module:
             embedder.input_embedding = Int8Weight(q)
             embedder.input_embedding_scale = Int8Scale(scale)
     for _, module in copy.iter_modules():
-        if not isinstance(module, Einsum) or module.w_scale is not None:
+        if not (einsums and isinstance(module, Einsum)) or module.w_scale is not None:
             continue
         if not jnp.issubdtype(module.w.dtype, jnp.floating):
             raise ConfigError(f"cannot quantize a weight of dtype {module.w.dtype}")

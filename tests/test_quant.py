@@ -88,6 +88,26 @@ def test_int8_embedding_table(tiny_gemma3_config, tiny_model):
     assert quant.is_quantized(q)
 
 
+def test_int8_embedding_alone(tiny_gemma3_config, tiny_model):
+    """einsums=False quantizes the table only: every Einsum keeps its float weight, and the
+    logits equal those of the fully quantized model's embedding applied to float layers."""
+    from gemma_kit.layers import Einsum
+
+    model = tiny_model(tiny_gemma3_config, seed=14, param_dtype=jnp.bfloat16)
+    q = quant.quantize_model(model, embedding=True, einsums=False)
+    assert q.embedder.input_embedding[...].dtype == jnp.int8
+    einsums = [m for _, m in q.iter_modules() if isinstance(m, Einsum)]
+    assert einsums and all(m.w_scale is None and m.w[...].dtype == jnp.bfloat16 for m in einsums)
+    assert quant.is_quantized(q)
+    full = quant.quantize_model(model, embedding=True)
+    np.testing.assert_array_equal(q.embedder.input_embedding[...], full.embedder.input_embedding[...])
+    tokens = jnp.asarray([[1, 5, 9, 200, 7]])
+    np.testing.assert_allclose(np.asarray(to_matvec_layout(q)(tokens)), np.asarray(q(tokens)),
+                               atol=1e-4)
+    with pytest.raises(ValueError, match="nothing to quantize"):
+        quant.quantize_model(model, embedding=False, einsums=False)
+
+
 @pytest.mark.parametrize("embedding", [False, True])
 def test_sampler_runs_on_int8_weights(tiny_gemma3_config, tiny_model, small_tokenizer, embedding):
     """The Sampler's greedy tokens on an int8 model are the argmax of one full forward pass of
