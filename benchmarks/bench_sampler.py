@@ -42,9 +42,15 @@ import time
 
 from _log import T0, log  # noqa: E402  (benchmarks/ is on sys.path)
 
-# The gemma_kit weight configurations (DTYPES below says how each is built).
-WEIGHTS = ("bf16", "f32", "int8", "int8-emb")
-
+# The gemma_kit weight configurations: default_model's dtype (None: as stored, bf16) and, for
+# the int8 ones, the quantize_model arguments applied to that model: int8 = every matrix
+# (`gemma-kit sample --int8`), int8-emb = the tied embedding alone.
+WEIGHTS = {
+    "bf16": (None, None),
+    "f32": ("float32", None),
+    "int8": (None, dict(embedding=True)),
+    "int8-emb": (None, dict(embedding=True, einsums=False)),
+}
 
 
 def parse_args(argv=None):
@@ -95,12 +101,6 @@ from gemma_kit import cache as kv_cache  # noqa: E402
 from gemma_kit import quant  # noqa: E402
 from gemma_kit.paths import default_gguf_path  # noqa: E402
 
-# Weights of each configuration: default_model's dtype argument (None: as stored, bf16), and
-# for the int8 ones the quantize_model arguments applied to the bf16 model: int8 = every matrix
-# (`gemma-kit sample --int8`), int8-emb = the tied embedding alone.
-DTYPES = {"bf16": None, "f32": jnp.float32, "int8": None, "int8-emb": None}
-QUANTIZE = {"int8": dict(embedding=True), "int8-emb": dict(embedding=True, einsums=False)}
-assert tuple(DTYPES) == WEIGHTS
 PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time, in a land far away,"
 PARAGRAPH = (
     "The history of computing is a story of abstraction. Early machines were programmed by "
@@ -403,10 +403,11 @@ def main():
     models, weight_bytes, configs = {}, {}, []
     tok = None
     for name in args.dtypes:
-        model, tok = gemma_kit.default_model(DTYPES[name])
+        dtype, quantize = WEIGHTS[name]
+        model, tok = gemma_kit.default_model(dtype and jnp.dtype(dtype))
         n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-        if name in QUANTIZE:
-            model = quant.quantize_model(model, **QUANTIZE[name])
+        if quantize:
+            model = quant.quantize_model(model, **quantize)
         models[name] = model
         weight_bytes[name] = quant.weight_bytes(model)
     cfg = models[args.dtypes[0]].config
@@ -422,7 +423,7 @@ def main():
         dec = Sampler(models[name], tok, cache_length=CACHE_LEN)
         # int8 serves one-prompt decoding: with several rows XLA's CPU backend dequantizes each
         # whole weight per step before its bf16 matrix product, slower than bf16 weights.
-        for B in [b for b in args.batches if name not in QUANTIZE or b == 1]:
+        for B in [b for b in args.batches if not WEIGHTS[name][1] or b == 1]:
             configs.append(Decode("gemma_kit", name, B, jax_generate(dec, PROMPT, B), D))
         pre = Sampler(models[name], tok)
 

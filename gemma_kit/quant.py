@@ -86,8 +86,9 @@ def quantize_model(model: nnx.Module, *, embedding: bool = False,
             embedder.normalizer_dtype = jnp.dtype(table.dtype).name
             embedder.input_embedding = Int8Weight(q)
             embedder.input_embedding_scale = Int8Scale(scale)
-    for _, module in copy.iter_modules():
-        if not (einsums and isinstance(module, Einsum)) or module.w_scale is not None:
+    modules = [m for _, m in copy.iter_modules() if isinstance(m, Einsum)] if einsums else []
+    for module in modules:
+        if module.w_scale is not None:
             continue
         if not jnp.issubdtype(module.w.dtype, jnp.floating):
             raise ConfigError(f"cannot quantize a weight of dtype {module.w.dtype}")

@@ -89,8 +89,9 @@ def test_int8_embedding_table(tiny_gemma3_config, tiny_model):
 
 
 def test_int8_embedding_alone(tiny_gemma3_config, tiny_model):
-    """einsums=False quantizes the table only: every Einsum keeps its float weight, and the
-    logits equal those of the fully quantized model's embedding applied to float layers."""
+    """einsums=False quantizes the table only: every Einsum keeps its bf16 weight, the table
+    is the one the fully quantized model gets, the matvec layout gives the same logits, and
+    asking for nothing is an error."""
     from gemma_kit.layers import Einsum
 
     model = tiny_model(tiny_gemma3_config, seed=14, param_dtype=jnp.bfloat16)
