@@ -2,13 +2,21 @@
 
 Errors that gemma_kit raises on purpose are printed as one line (no traceback) with exit
 status 2; anything else is a bug and keeps its traceback.
+
+The commands of a larger family (post-training: distill, reward, dpo, rl, ...) live in their own
+modules of this package, each with `add_parser(subparsers)`; `COMMAND_MODULES` lists them. Such a
+module imports what its command needs inside the command, so `gemma-kit --help` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
+
+# Modules of gemma_kit.cli that add subcommands (see the module docstring), in --help order.
+COMMAND_MODULES: tuple[str, ...] = ()
 
 
 def _dtype(name: str | None):
@@ -401,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=None, help="model size (default: inferred from shapes)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier merge")
     p.set_defaults(run=cmd_merge)
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"gemma_kit.cli.{name}").add_parser(sub)
     return parser
 
 
