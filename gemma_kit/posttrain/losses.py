@@ -175,8 +175,9 @@ def generalized_jsd_per_position(student_logits: jax.Array, teacher_logits: jax.
     NOT the limits of the formula: JSD(beta) itself tends to 0 at both ends, like beta *
     KL(P || Q) as beta -> 0 and (1 - beta) * KL(Q || P) as beta -> 1. So the loss jumps by a
     factor of about 1/beta at beta = 0 (e.g. 2.3e-4 at beta = 1e-4 against 2.3 at beta = 0),
-    and likewise at 1: a beta near an endpoint gives a loss, and gradients, a thousand times
-    smaller than the endpoint itself. Kept so that TRL is an oracle for every beta.
+    and likewise at 1: a beta near an endpoint gives a loss, and gradients, about 1 / beta (or
+    1 / (1 - beta)) times smaller than the endpoint itself. Kept so that TRL is an oracle for
+    every beta.
 
     Gradient with respect to the student logits (0 < beta < 1, temperature 1):
     (1 - beta) * p_S * (log p_S - log M - KL(p_S || M)).
@@ -717,7 +718,7 @@ def policy_gradient_loss(
             per_row = jnp.sum(loss * mask, axis=-1)
             metrics["clip_fraction"] = jnp.sum(clipped * mask) / jnp.maximum(tokens, 1)
             metrics["ratio_mean"] = jnp.sum(ratio * mask) / jnp.maximum(tokens, 1)
-    if ref_logps is not None and kl_coef:
+    if ref_logps is not None and not (is_concrete(kl_coef) and float(kl_coef) == 0.0):
         kl = kl_estimate(logps, jax.lax.stop_gradient(ref_logps), kl_estimator) * mask
         per_row = per_row + kl_coef * jnp.sum(kl, axis=-1)
         metrics["kl"] = jax.lax.stop_gradient(jnp.sum(kl) / jnp.maximum(tokens, 1))
@@ -792,6 +793,7 @@ def jbond_reward(policy_rewards: jax.Array, anchor_rewards: jax.Array, *,
 
 
 def check_best_of(n) -> None:
+    """ConfigError unless N (of Best-of-N) is an integer >= 1."""
     if not (isinstance(n, numbers.Integral) and n >= 1):
         raise ConfigError(f"N of Best-of-N must be an integer >= 1, got {n!r}")
 
@@ -803,22 +805,32 @@ def best_of_n_distribution(ref_probs: jax.Array, rewards: jax.Array, n: int) -> 
         pi_BoN(y) = pi_ref(y) * sum_{i=1..N} p<(y)^(i-1) * p<=(y)^(N-i)
                   = pi_ref(y) * p<=(y)^(N-1) * sum_{i=1..N} (p<(y) / p<=(y))^(i-1)
 
-    with p<=(y) = P_ref[r(y') <= r(y)] and p<(y) = P_ref[r(y') < r(y)]; ties (equal rewards)
-    are shared among equal rewards. Term i is the probability that draw i is y, the i - 1
-    earlier draws score strictly less and the later ones at most as much: the argmax with ties
-    going to the first draw (any tie rule blind to identities gives the same distribution).
+    with p<=(y) = P_ref[r(y') <= r(y)] and p<(y) = P_ref[r(y') < r(y)] (their difference is
+    the mass of y's reward level: more than pi_ref(y) when rewards tie). Term i is the
+    probability that draw i is y, the i - 1 earlier draws score strictly less and the later
+    ones at most as much: the argmax with ties going to the first draw (any tie rule blind to
+    identities gives the same distribution).
     Equivalently the level of r(y) wins with p<=^N - p<^N, shared in proportion to pi_ref.
     When pi_ref(y) is negligible, p< ~ p<= and the sum is ~ N: BOND's
     log pi_BoN ~ log pi_ref + (N - 1) log p<= + log N. Checked against Monte Carlo in the tests.
     """
     check_best_of(n)
-    p = as_float(ref_probs)
-    r = as_float(rewards)
-    le = jnp.sum(jnp.where(r[..., None, :] <= r[..., :, None], p[..., None, :], 0.0), -1)
-    lt = jnp.sum(jnp.where(r[..., None, :] < r[..., :, None], p[..., None, :], 0.0), -1)
-    i = jnp.arange(n, dtype=jnp.float32)
-    terms = lt[..., None] ** i * le[..., None] ** (n - 1 - i)  # 0^0 = 1 in jnp
-    return p * jnp.sum(terms, axis=-1)
+    p, r = as_float(ref_probs), as_float(rewards)
+    lead, K = p.shape[:-1], p.shape[-1]
+
+    def one(p, r):
+        # p<= and p< by sorting the rewards once: O(K log K), not a [K, K] comparison.
+        order = jnp.argsort(r)
+        r_sorted = r[order]
+        cum = jnp.concatenate([jnp.zeros((1,), p.dtype), jnp.cumsum(p[order])])
+        le = cum[jnp.searchsorted(r_sorted, r, side="right")]
+        lt = cum[jnp.searchsorted(r_sorted, r, side="left")]
+        i = jnp.arange(n, dtype=p.dtype)
+        terms = lt[:, None] ** i * le[:, None] ** (n - 1 - i)  # 0^0 = 1 in jnp
+        return p * jnp.sum(terms, axis=-1)
+
+    out = jax.vmap(one)(p.reshape(-1, K), jnp.broadcast_to(r, p.shape).reshape(-1, K))
+    return out.reshape(*lead, K)
 
 
 def best_of_n_kl_bound(n: int) -> float:

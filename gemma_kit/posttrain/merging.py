@@ -21,7 +21,7 @@ falling back to LERP when the task vectors are (anti-)collinear or one of them i
 the formula is 0 / 0. For orthogonal task vectors of equal norm SLERP keeps the norm where LERP
 shrinks it by 1 / sqrt 2. (Verification: the paper's method section could not be read past its
 abstract here; the formula is the one of the project's reference notes and of mergekit's
-"nuslerp", which was written after WARP, and is pinned by the closed-form tests.) WARM
+task-vector SLERP, "nuslerp" with a base model, and is pinned by the closed-form tests.) WARM
 (2401.12187) averages reward models fine-tuned from one shared initialisation (`average`).
 
 LoRA runs (from the base, B = 0 at the start) merge exactly without materialising the deltas.
