@@ -172,7 +172,9 @@ def _deltas(config, tiny_model, factors, rank, alpha):
 def test_lora_average_equals_averaging_materialised_deltas(tiny_gemma3_config, tiny_model):
     runs = [_lora_run(tiny_gemma3_config, tiny_model, s)[1] for s in (1, 2, 3)]
     deltas = [_deltas(tiny_gemma3_config, tiny_model, f, RANK, ALPHA) for f in runs]
-    merged = M.lora_average(runs, [1.0, 2.0, 1.0])
+    state = lora.lora_state(_lora_run(tiny_gemma3_config, tiny_model, 1)[0])
+    nnx.replace_by_pure_dict(state, runs[0])  # an nnx.State mixes with pure dicts
+    merged = M.lora_average([state, runs[1], runs[2]], [1.0, 2.0, 1.0])
     # A rank-3r LoRA applied with the same scaling alpha / r: alpha' = 3 alpha.
     got = _deltas(tiny_gemma3_config, tiny_model, merged, 3 * RANK, 3 * ALPHA)
     assert set(got) == set(deltas[0]) and len(got) > 5

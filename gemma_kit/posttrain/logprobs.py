@@ -44,7 +44,7 @@ def map_chunks(fn: Callable[..., tuple[jax.Array, ...]], inputs: Sequence[jax.Ar
     dropped). Each call of fn runs under jax.checkpoint, so its intermediates (the chunk's
     logits) are recomputed in the backward pass rather than stored for every chunk.
     """
-    if not (isinstance(chunk, numbers.Integral) and chunk >= 1):
+    if not (isinstance(chunk, numbers.Integral) and int(chunk) >= 1):
         raise ConfigError(f"chunk must be an integer >= 1, got {chunk!r}")
     n = inputs[0].shape[0]
     size = max(1, min(chunk, n))

@@ -246,7 +246,7 @@ def draw_topk_targets(keys: jax.Array, teacher_logits: jax.Array, k: int, *,
     Draws by inverse CDF (a [V] cumulative sum and K binary searches) rather than
     jax.random.categorical, whose Gumbel noise would be [K, V] per position.
     """
-    if not (isinstance(k, numbers.Integral) and k >= 1):
+    if not (isinstance(k, numbers.Integral) and int(k) >= 1):
         raise ConfigError(f"the number of sampled teacher ids K must be an integer >= 1, "
                           f"got {k!r}")
     probs_v = jnp.exp(log_probs(teacher_logits, temperature))  # [N, V]
@@ -794,7 +794,7 @@ def jbond_reward(policy_rewards: jax.Array, anchor_rewards: jax.Array, *,
 
 def check_best_of(n) -> None:
     """ConfigError unless N (of Best-of-N) is an integer >= 1."""
-    if not (isinstance(n, numbers.Integral) and n >= 1):
+    if not (isinstance(n, numbers.Integral) and int(n) >= 1):
         raise ConfigError(f"N of Best-of-N must be an integer >= 1, got {n!r}")
 
 

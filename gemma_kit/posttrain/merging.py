@@ -1,8 +1,8 @@
 """Merging parameters: EMA anchors, task-vector LERP and SLERP, LITI, weight averages, and their
 exact LoRA versions.
 
-The functions take pytrees of PARAMETERS (nested dicts of arrays, e.g. nnx.to_pure_dict of a
-model's state) and compute the task vectors delta = params - init themselves. Every leaf is
+The functions take pytrees of PARAMETERS (nested dicts of arrays, or nnx.State, read as
+nnx.to_pure_dict: results are nested dicts) and compute the task vectors delta = params - init themselves. Every leaf is
 merged as one tensor ("per tensor"), in float32, and cast back to the dtype of the first tree's
 leaf. Trees of different structure or shapes (runs of different base models, different LoRA
 settings) are refused with one CheckpointError naming the first path that differs; a fraction
@@ -43,6 +43,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from gemma_kit.errors import CheckpointError, ConfigError
 from gemma_kit.posttrain.losses import check_fraction
@@ -63,15 +64,20 @@ def _path_name(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path) or "<root>"
 
 
-def check_same_structure(trees: Sequence[PyTree], names: Sequence[str] | None = None) -> None:
-    """Raises CheckpointError unless all trees have the same paths and leaf shapes."""
+def check_same_structure(trees: Sequence[PyTree],
+                         names: Sequence[str] | None = None) -> list[PyTree]:
+    """Raises CheckpointError unless all trees have the same paths and leaf shapes; returns the
+    trees, each in the first one's container types. An nnx.State is read as its pure dict, so
+    states and dicts mix freely."""
     names = list(names) if names is not None else [f"tree {i}" for i in range(len(trees))]
+    trees = [nnx.to_pure_dict(t) if isinstance(t, nnx.State) else t for t in trees]
     flat0, def0 = jax.tree_util.tree_flatten_with_path(trees[0])
     paths0 = [_path_name(p) for p, _ in flat0]
+    out = [trees[0]]
     for tree, name in zip(trees[1:], names[1:]):
-        flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+        flat = jax.tree_util.tree_flatten_with_path(tree)[0]
         paths = [_path_name(p) for p, _ in flat]
-        if treedef != def0 or paths != paths0:
+        if paths != paths0:
             missing = sorted(set(paths0) ^ set(paths))
             where = missing[0] if missing else next(
                 (a for a, b in zip(paths0, paths) if a != b), "<structure>")
@@ -84,11 +90,12 @@ def check_same_structure(trees: Sequence[PyTree], names: Sequence[str] | None = 
                     f"{name} and {names[0]} differ at {path}: shapes {tuple(jnp.shape(y))} and "
                     f"{tuple(jnp.shape(x))}; only runs of one base model with the same "
                     "settings can be merged")
+        out.append(jax.tree.unflatten(def0, [x for _, x in flat]))
+    return out
 
 
 def _map(fn, *trees: PyTree, names: Sequence[str]) -> PyTree:
-    check_same_structure(trees, names)
-    return jax.tree.map(fn, *trees)
+    return jax.tree.map(fn, *check_same_structure(trees, names))
 
 
 # ------------------------------------------------------------------------------------------
@@ -205,7 +212,7 @@ def is_lora_pair(node) -> bool:
 
 
 def _map_pairs(fn, *trees: PyTree, names: Sequence[str]) -> PyTree:
-    check_same_structure(trees, names)
+    trees = tuple(check_same_structure(trees, names))
     if not any(True for _ in _pairs(trees[0])):
         raise ConfigError("no LoRA factors found: give dicts with {'a': A, 'b': B} pairs, "
                           "e.g. nnx.to_pure_dict(gemma_kit.lora.lora_state(model))")
