@@ -20,8 +20,17 @@ import pytest
 from gemma_kit.errors import GemmaKitError, RewardError
 from gemma_kit.posttrain import sandbox
 from gemma_kit.posttrain.rewards import (
-    KeywordPresence, LengthTarget, PythonVerifier, RegexMatch, SubprocessReward, as_reward,
-    call_reward, extract_code, import_reward, load_reward, vader_sentiment,
+    KeywordPresence,
+    LengthTarget,
+    PythonVerifier,
+    RegexMatch,
+    SubprocessReward,
+    as_reward,
+    call_reward,
+    extract_code,
+    import_reward,
+    load_reward,
+    vader_sentiment,
 )
 
 PROMPTS = ["p0", "p1", "p2"]
@@ -152,9 +161,9 @@ def test_a_spec_that_does_not_import_is_one_error(user_module, spec, message):
     ("dies", "user_rewards:dies's worker process ended \\(exit status 3\\)"),
 ])
 def test_a_bad_spec_function_is_one_error_naming_it(user_module, name, message):
-    with load_reward(f"{user_module}:{name}") as reward:
-        with pytest.raises(RewardError, match=message):
-            call_reward(reward, PROMPTS, COMPLETIONS)
+    with load_reward(f"{user_module}:{name}") as reward, pytest.raises(RewardError,
+                                                                        match=message):
+        call_reward(reward, PROMPTS, COMPLETIONS)
 
 
 def test_a_spec_that_hangs_is_stopped_and_the_next_call_starts_afresh(user_module, tmp_path):
@@ -351,7 +360,7 @@ def _listener():
 def _connects(server) -> bool:
     try:
         connection, _ = server.accept()
-    except socket.timeout:
+    except TimeoutError:
         return False
     connection.close()
     return True

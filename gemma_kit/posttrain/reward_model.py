@@ -30,7 +30,7 @@ import functools
 import json
 import os
 import pathlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -33,8 +33,8 @@ import selectors
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -111,7 +111,7 @@ def call_reward(reward: RewardFn, prompts: Sequence[str], completions: Sequence[
         values = reward(prompts, completions)
     except RewardError:
         raise
-    except Exception as err:  # noqa: BLE001 (whatever user code raises)
+    except Exception as err:
         raise RewardError(f"reward function {name} raised {type(err).__name__}: {err}") from err
     return check_rewards(values, len(completions), name)
 

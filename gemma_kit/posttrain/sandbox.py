@@ -9,9 +9,11 @@ bytecode writes) with:
 
 * a fresh temporary working folder, deleted afterwards, and an environment holding only PATH,
   LANG, HOME and TMPDIR (both pointing into that folder): no inherited secrets;
-* resource limits (setrlimit, before exec): address space, CPU seconds, size of any file it
-  writes (its captured output included), open files, no core dumps, and no new processes
-  (RLIMIT_NPROC 0; the kernel does not enforce this one for root, the guard below does);
+* resource limits (setrlimit, set by the harness before it reads the candidate): address
+  space, CPU seconds, size of any file it writes (its captured output included), open files,
+  no core dumps, and no new processes (RLIMIT_NPROC 0; the kernel does not enforce this one
+  for root, the guard below does). No preexec_fn: forking a threaded parent (JAX, the
+  verifier's thread pool) and then running Python in the child can deadlock;
 * a wall-clock timeout after which its whole process group is killed;
 * no network, two ways. Where the system lets us, the child gets its own empty network namespace
   (`unshare --net`, with `--map-root-user` when not root): no interface but a loopback that is
@@ -51,6 +53,7 @@ imports nothing but the standard library.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import shutil
 import signal
@@ -132,7 +135,7 @@ def run_python(code: str, tests: str = "", *, timeout: float = 5.0, memory_mb: i
     """
     if network not in ("auto", "guard"):
         raise ValueError(f"network must be 'auto' or 'guard', got {network!r}")
-    limits = _limits(timeout, memory_mb, file_size_mb)
+    limits = [str(memory_mb * 2**20), str(max(1, math.ceil(timeout))), str(file_size_mb * 2**20)]
     python = [sys.executable, "-I", "-B"] + ([] if site_packages else ["-S"])
     token = os.urandom(TOKEN_BYTES)
     scratch = tempfile.mkdtemp(prefix="gemma_kit-sandbox-")
@@ -143,7 +146,7 @@ def run_python(code: str, tests: str = "", *, timeout: float = 5.0, memory_mb: i
                 f.write(text)
         env = {"PATH": os.defpath, "LANG": "C.UTF-8", "HOME": scratch, "TMPDIR": scratch}
         read_end, write_end = os.pipe()  # the private pipe the harness writes the token to
-        command = python + [os.path.abspath(__file__), str(write_end)] + (
+        command = python + [os.path.abspath(__file__), str(write_end), *limits] + (
             [] if guard else ["--no-guard"]) + ([] if strict else ["--lenient"])
         if network == "auto" and network_namespace_available():
             command = _UNSHARE + command
@@ -153,9 +156,7 @@ def run_python(code: str, tests: str = "", *, timeout: float = 5.0, memory_mb: i
             try:
                 child = subprocess.Popen(
                     command, cwd=scratch, env=env, stdin=subprocess.PIPE, stdout=out,
-                    stderr=err, pass_fds=(write_end,), start_new_session=True,
-                    preexec_fn=lambda: _set_limits(limits),
-                )
+                    stderr=err, pass_fds=(write_end,), start_new_session=True)
             finally:
                 os.close(write_end)
             try:
@@ -186,35 +187,27 @@ _NAMESPACE: list[bool] = []
 
 
 def network_namespace_available() -> bool:
-    """Whether `unshare --net` works here under the child's limits (checked once)."""
+    """Whether `unshare --net` works here (checked once)."""
     if not _NAMESPACE:
         ok = False
         if shutil.which("unshare"):
-            limits = _limits(5.0, 512, 1)
             try:
                 ok = subprocess.run(_UNSHARE + ["true"], capture_output=True, timeout=5,
-                                    preexec_fn=lambda: _set_limits(limits)).returncode == 0
+                                    check=False).returncode == 0
             except (OSError, subprocess.SubprocessError):
                 ok = False
         _NAMESPACE.append(ok)
     return _NAMESPACE[0]
 
 
-def _limits(timeout: float, memory_mb: int, file_size_mb: int) -> list[tuple[int, int]]:
-    import math
+def set_limits(memory_bytes: int, cpu_seconds: int, file_bytes: int) -> None:
+    """Lowers this process's resource limits (the child's first act; lowering needs no
+    privilege)."""
     import resource
 
-    cpu = max(1, math.ceil(timeout))
-    return [(resource.RLIMIT_AS, memory_mb * 2**20), (resource.RLIMIT_CPU, cpu),
-            (resource.RLIMIT_FSIZE, file_size_mb * 2**20), (resource.RLIMIT_NOFILE, 64),
-            (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, 0)]
-
-
-def _set_limits(limits) -> None:
-    """In the forked child, before exec."""
-    import resource
-
-    for kind, value in limits:
+    for kind, value in ((resource.RLIMIT_AS, memory_bytes), (resource.RLIMIT_CPU, cpu_seconds),
+                        (resource.RLIMIT_FSIZE, file_bytes), (resource.RLIMIT_NOFILE, 64),
+                        (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, 0)):
         resource.setrlimit(kind, (value, value))
 
 
@@ -348,8 +341,10 @@ def _where(error: BaseException) -> str:
 
 
 def _child_main(argv: list[str]) -> None:
-    """argv: the result pipe's descriptor, then flags: --no-guard, --lenient."""
+    """argv: the result pipe's descriptor, the memory, CPU and file-size limits, then flags
+    (--no-guard, --lenient)."""
     result_fd = int(argv[0])
+    set_limits(*(int(x) for x in argv[1:4]))
     token = sys.stdin.buffer.read(TOKEN_BYTES)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)  # the token is gone from stdin before the candidate runs
@@ -362,7 +357,7 @@ def _child_main(argv: list[str]) -> None:
     # Local references: the candidate may rebind builtins or os.* but not these.
     run, compile_, write, exit_now, where = exec, compile, os.write, os._exit, _where
     stdout, stderr = sys.stdout, sys.stderr
-    permit_frames = lambda: None  # noqa: E731
+    permit_frames = lambda: None
     if "--no-guard" not in argv:
         permit_frames = install_guard(folder, [p for p in sys.path if p and os.path.isdir(p)],
                                       strict="--lenient" not in argv)
