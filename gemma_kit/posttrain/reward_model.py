@@ -290,7 +290,8 @@ class RewardModel:
         out = pathlib.Path(path).expanduser().absolute()
         meta = dict(format=FORMAT, version=VERSION, backbone="lora" if lora else "full",
                     base=self.base if lora else None, preset=self.config.name,
-                    pad_id=self.network.pad_id, embed_dim=self.config.embed_dim)
+                    config=config_to_json(self.config), pad_id=self.network.pad_id,
+                    embed_dim=self.config.embed_dim)
         head = np.asarray(self.network.score.weight[...], np.float32)
         with staging.staged_folder(out, overwrite=overwrite, what="gemma_kit reward model "
                                    "folder", replaceable=is_reward_model_folder) as folder:
@@ -324,6 +325,26 @@ class RewardModel:
                          overwrite=overwrite, progress=progress, score=head)
 
 
+def config_to_json(config) -> dict | None:
+    """The backbone's Config as JSON (transformers' config.json keys, gemma_kit.checkpoint.hf,
+    plus the one storage detail they lack), so a custom size reloads without preset=; None
+    for a config transformers cannot express (load it with preset=)."""
+    from gemma_kit.checkpoint import hf
+    from gemma_kit.errors import ConversionError
+
+    try:
+        return dict(hf=hf.config_to_hf(config), transpose_gating=config.transpose_gating)
+    except ConversionError:
+        return None
+
+
+def config_from_json(data: dict, name: str):
+    from gemma_kit.checkpoint import hf
+
+    return hf.config_from_hf(data["hf"], name=name).replace(
+        transpose_gating=bool(data["transpose_gating"]))
+
+
 def is_reward_model_folder(path: pathlib.Path) -> bool:
     return (path / CONFIG_FILE).is_file()
 
@@ -347,7 +368,8 @@ def _load_base(base, preset, dtype):
 def load_reward_model(path: str | os.PathLike, *, preset=None, dtype=None) -> RewardModel:
     """Reads a folder written by RewardModel.save (a LoRA one loads its base first).
 
-    preset: the backbone's size when it is not an official preset (inferred otherwise).
+    preset: the backbone's size; default: the official preset or the config the folder
+      records (a checkpoint's shapes are checked against it).
     """
     from gemma_kit.config import PRESETS
     from gemma_kit.loading import load_model
@@ -369,6 +391,8 @@ def load_reward_model(path: str | os.PathLike, *, preset=None, dtype=None) -> Re
         raise CheckpointError(f"{file} has format version {meta['version']}; upgrade gemma_kit")
     if preset is None and meta.get("preset") in PRESETS:
         preset = meta["preset"]
+    elif preset is None and isinstance(meta.get("config"), dict):
+        preset = config_from_json(meta["config"], str(meta.get("preset") or "custom"))
     if meta.get("backbone") == "lora":
         base = meta.get("base")
         model, tokenizer = _load_base(base, preset, dtype)
