@@ -320,3 +320,46 @@ def test_head_gradient_is_the_closed_form_and_lora_trains_beside_it(tmp_path, ti
     expected = np.mean(-(1 / (1 + np.exp(delta)))[:, None] * (h_c - h_r), axis=0)
     np.testing.assert_allclose(np.asarray(grads["score"]["weight"])[0], expected, rtol=1e-4,
                                atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# gemma-kit reward score
+
+
+def test_cli_reward_score(tmp_path, tiny3, tiny_model, small_tokenizer, capsys):
+    from gemma_kit.cli import main
+
+    rm = _tiny_rm(tiny3, tiny_model, small_tokenizer, lora=False)
+    folder = rm.save(tmp_path / "rm")
+    rows = [{"prompt": p, "completion": c} for p, c in zip(PROMPTS, COMPLETIONS)]
+    rows[1] = {"messages": [{"role": "user", "content": "while"}], "completion": " loops"}
+    completions = tmp_path / "completions.jsonl"
+    completions.write_text("\n".join(json.dumps(r) for r in rows))
+    assert main(["reward", "score", "--rm", str(folder), "--file", str(completions),
+                 "--json"]) == 0
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    expected = rm.score([r.get("prompt", r.get("messages")) for r in rows],
+                        [r["completion"] for r in rows], progress=False)
+    assert [o["completion"] for o in out] == [r["completion"] for r in rows]
+    np.testing.assert_allclose([o["reward"] for o in out], expected, atol=1e-6)
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps({"prompt": p, "chosen": c, "rejected": "x"})
+                               for p, c in zip(PROMPTS, COMPLETIONS)))
+    assert main(["reward", "score", "--rm", str(folder), "--file", str(pairs)]) == 0
+    captured = capsys.readouterr()
+    chosen = rm.score(PROMPTS, COMPLETIONS, progress=False)
+    rejected = rm.score(PROMPTS, ["x"] * 4, progress=False)
+    wins = int(np.sum(chosen > rejected))
+    assert f"4 pairs, pairwise accuracy {wins / 4:.4f} ({wins} of 4" in captured.err
+    assert len(captured.out.splitlines()) == 4
+
+    # Bad input: one line, exit status 2, before any model is loaded.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"completion": "x"}) + "\n")
+    assert main(["reward", "score", "--rm", str(tmp_path / "nowhere"), "--file", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "bad.jsonl:2: a completion row needs" in err
+    assert main(["reward", "score", "--rm", str(tmp_path / "nowhere"), "--file",
+                 str(completions)]) == 2
+    assert "no reward model folder" in capsys.readouterr().err
