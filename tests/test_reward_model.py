@@ -233,6 +233,11 @@ def test_batched_scoring_equals_one_by_one(tiny3, tiny_model, small_tokenizer):
                       for p, c in zip(prompts, completions)])
     np.testing.assert_allclose(batched, alone, rtol=0, atol=1e-5)
     assert len(set(np.round(batched, 4))) > 3  # distinct inputs, distinct rewards
+    # The adapter folded into the (float32) weights scores the same, faster.
+    merged = rm.merged()
+    assert merged.method == "full" and rm.method == "lora"
+    np.testing.assert_allclose(merged.score(prompts, completions, batch_size=3, progress=False),
+                               batched, rtol=0, atol=1e-4)
     # A reward model is a reward: the protocol, checked.
     assert as_reward(rm) is rm
     np.testing.assert_allclose(call_reward(rm, prompts, completions), batched, atol=1e-6)

@@ -209,6 +209,19 @@ class RewardModel:
     def as_reward(self) -> RewardModel:
         return self  # __call__ is the reward protocol
 
+    def merged(self) -> RewardModel:
+        """A copy for scoring with the LoRA adapter folded into the backbone's weights
+        (gemma_kit.lora.merge): ~2x faster on CPU than the unmerged adapter (bench_bon), with
+        rewards that differ by the rounding of the fold to the weights' dtype. Itself if there
+        is no adapter. It saves as a full reward model."""
+        if self.method != "lora":
+            return self
+        from gemma_kit.lora import merge
+
+        network = RewardTransformer(merge(self.network.model), pad_id=self.network.pad_id)
+        network.score.weight = HeadParam(self.network.score.weight[...])
+        return RewardModel(network, self.tokenizer, name=self.name)
+
     def __call__(self, prompts: Sequence, completions: Sequence[str]) -> np.ndarray:
         return self.score(prompts, completions, progress=False)
 
@@ -230,8 +243,8 @@ class RewardModel:
                   progress: bool = False) -> np.ndarray:
         """float32 [N]: the reward of each id sequence (no padding inside).
 
-        Sequences are run in batches of similar length, right-padded to a multiple of 32 (few
-        compiled shapes); every batch has the same number of rows.
+        Sequences are run in batches of similar length, right-padded to a multiple of 16 (few
+        compiled shapes, little padding); every batch has the same number of rows.
         """
         n = len(seqs)
         out = np.zeros(n, np.float32)
@@ -252,7 +265,7 @@ class RewardModel:
         for chunk in tqdm(batches, desc="scoring", unit="batch",
                           disable=not progress or len(batches) < 2):
             batch = [list(seqs[i]) for i in chunk] + [filler] * (rows - len(chunk))
-            length = min(-(-max(map(len, batch)) // 32) * 32, limit)
+            length = min(-(-max(map(len, batch)) // 16) * 16, limit)
             tokens = pad_right(batch, length, self.network.pad_id)
             rewards = _forward(state, jnp.asarray(tokens), graphdef=graphdef)
             out[chunk] = np.asarray(rewards)[: len(chunk)]
@@ -365,9 +378,11 @@ def _load_base(base, preset, dtype):
     return load_model(base, preset, dtype, text_only=True), Tokenizer(tokenizer_path)
 
 
-def load_reward_model(path: str | os.PathLike, *, preset=None, dtype=None) -> RewardModel:
+def load_reward_model(path: str | os.PathLike, *, preset=None, dtype=None,
+                      merge: bool = False) -> RewardModel:
     """Reads a folder written by RewardModel.save (a LoRA one loads its base first).
 
+    merge: fold a LoRA adapter into the weights (RewardModel.merged), for scoring only.
     preset: the backbone's size; default: the official preset or the config the folder
       records (a checkpoint's shapes are checked against it).
     """
@@ -421,4 +436,5 @@ def load_reward_model(path: str | os.PathLike, *, preset=None, dtype=None) -> Re
     network = RewardTransformer(model, pad_id=int(meta.get("pad_id", 0)))
     network.score.weight = HeadParam(jnp.asarray(head, jnp.float32))
     base = meta.get("base") if meta.get("backbone") == "lora" else folder / CHECKPOINT_DIR
-    return RewardModel(network, tokenizer, base=base, name=f"rm:{folder}")
+    rm = RewardModel(network, tokenizer, base=base, name=f"rm:{folder}")
+    return rm.merged() if merge else rm

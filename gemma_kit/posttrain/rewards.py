@@ -228,13 +228,15 @@ def load_reward(spec: str, *, isolate: bool = True, timeout: float = DEFAULT_TIM
     "pkg.module:function": the function, in a worker process with `timeout` per call
       (isolate=False imports it here instead: faster, for code you trust not to hang).
     "rm:DIR": a reward model folder (gemma_kit.posttrain.reward_model.load_reward_model,
-      `rm_options` passed on, e.g. preset=, dtype=), scoring in this process.
+      `rm_options` passed on, e.g. preset=, dtype=; merge=True by default: a LoRA adapter is
+      folded into the weights, ~2x faster scoring), scoring in this process.
     """
     if not isinstance(spec, str) or not spec:
         raise RewardError(f"a reward spec is 'pkg.module:function' or 'rm:DIR', got {spec!r}")
     if spec.startswith(RM_PREFIX):
         from gemma_kit.posttrain.reward_model import load_reward_model
 
+        rm_options.setdefault("merge", True)
         return load_reward_model(spec[len(RM_PREFIX):], **rm_options).as_reward()
     if rm_options:
         raise RewardError(f"options {sorted(rm_options)} apply to 'rm:DIR' specs only")
