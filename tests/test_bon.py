@@ -153,7 +153,7 @@ def test_kl_bound_closed_form():
      "module 'no_such_module_cli' does not import"),
 ])
 def test_cli_best_of_bad_input_fails_before_loading(argv, message, capsys, monkeypatch):
-    import gemma_kit.cli as cli
+    from gemma_kit import cli
 
     def no_loading(args):
         raise AssertionError("the model was loaded before the bad input was found")
