@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from gemma_kit.errors import CheckpointError, CheckpointNotFoundError, RewardError
 from gemma_kit.lora import LoRAParam, apply_lora, has_lora
+from gemma_kit.posttrain.losses import bradley_terry_loss, reward_centering
 from gemma_kit.posttrain.preferences import Preferences, encode_pair, pad_right
 from gemma_kit.tokenizer import Tokenizer
 from gemma_kit.transformer import Transformer
@@ -121,19 +122,6 @@ def _forward(state, tokens, *, graphdef):
 # The Bradley-Terry loss (core convention)
 
 
-def bradley_terry_loss(chosen_rewards: jax.Array, rejected_rewards: jax.Array, *,
-                       margin: jax.Array | None = None) -> jax.Array:
-    """mean_i -log sigmoid(chosen_i - rejected_i - margin_i); rewards and margin [B].
-
-    A local stand-in with the signature of gemma_kit.posttrain.losses.bradley_terry_loss, which
-    replaces it once that module lands.
-    """
-    delta = chosen_rewards - rejected_rewards
-    if margin is not None:
-        delta = delta - margin
-    return jnp.mean(jax.nn.softplus(-delta))  # = -log sigmoid(delta), stable for any sign
-
-
 def pair_metric_sums(chosen: jax.Array, rejected: jax.Array) -> dict[str, jax.Array]:
     """Sums over pairs (divide by the pair count): accuracy counts chosen > rejected strictly,
     as TRL's RewardTrainer does."""
@@ -149,9 +137,10 @@ def reward_loss(network: RewardTransformer, batch: dict, frozen=None, *,
 
     batch: "chosen", "rejected" int32 [b, T] (one length T: chosen and rejected run as one
     [2b, T] forward pass) and optionally "margin" [b] (used when use_margin). The loss is TRL's
-    RewardTrainer's: -log sigmoid(r_c - r_r - margin), plus center_coefficient * mean((r_c +
-    r_r)^2) when given (reward centering, Eisenstein et al. 2023; TRL's
-    center_rewards_coefficient, 0.01 suggested). `frozen` is unused: no reference model.
+    RewardTrainer's (gemma_kit.posttrain.losses.bradley_terry_loss): -log sigmoid(r_c - r_r -
+    margin), plus center_coefficient * losses.reward_centering (mean((r_c + r_r)^2),
+    Eisenstein et al. 2023; TRL's center_rewards_coefficient, 0.01 suggested) when given.
+    `frozen` is unused: no reference model.
     """
     del frozen
     b = batch["chosen"].shape[0]
@@ -160,7 +149,7 @@ def reward_loss(network: RewardTransformer, batch: dict, frozen=None, *,
     margin = batch.get("margin") if use_margin else None
     loss = bradley_terry_loss(chosen, rejected, margin=margin)
     if center_coefficient:
-        loss = loss + center_coefficient * jnp.mean((chosen + rejected) ** 2)
+        loss = loss + center_coefficient * reward_centering(chosen, rejected)
     pairs = jnp.float32(b)
     return loss * pairs, pairs, pair_metric_sums(chosen, rejected)
 
@@ -284,7 +273,7 @@ class RewardModel:
         chosen, rejected = jnp.asarray(rewards[: len(pairs)]), jnp.asarray(rewards[len(pairs):])
         loss = bradley_terry_loss(chosen, rejected, margin=jnp.asarray(pairs.margin))
         if center_coefficient:
-            loss = loss + center_coefficient * jnp.mean((chosen + rejected) ** 2)
+            loss = loss + center_coefficient * reward_centering(chosen, rejected)
         sums = pair_metric_sums(chosen, rejected)
         return dict(loss=float(loss), pairs=len(pairs),
                     **{k: float(v) / len(pairs) for k, v in sums.items()})
