@@ -64,3 +64,7 @@ class TrainingError(GemmaKitError, RuntimeError):
 
 class DivergenceError(TrainingError):
     """The training loss became NaN or infinite; the last good checkpoint is left intact."""
+
+
+class RewardError(GemmaKitError, ValueError):
+    """A reward function that cannot be loaded or used; the message names the function."""

@@ -16,6 +16,7 @@ into a temporary folder renamed at the end (gemma_kit.checkpoint.staging).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pathlib
@@ -53,6 +54,9 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<start_of_turn>model\\n' -}}{%- endif -%}"
 )
 _WHAT = "Hugging Face model folder"
+# The class a folder with a scalar head (export_hf's `score`) is written as, per family.
+SEQUENCE_CLASSIFIERS = {"gemma2": "Gemma2ForSequenceClassification",
+                        "gemma3": "Gemma3TextForSequenceClassification"}
 # Files an export writes; an existing folder holding only these may be replaced (--overwrite).
 _OUR_FILES = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer_config.json",
               "special_tokens_map.json", "tokenizer.json", "adapter_config.json")
@@ -172,6 +176,7 @@ def export_hf(
     overwrite: bool = False,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     progress: bool = True,
+    score: np.ndarray | None = None,
 ) -> pathlib.Path:
     """Writes `source` as a Hugging Face model folder at `out`.
 
@@ -184,6 +189,9 @@ def export_hf(
       dtype: dtype of the written tensors (float32, bfloat16, float16); default: as stored.
       overwrite: replace an existing export at `out` (never a folder holding other files).
       max_shard_size: bytes per safetensors file before the weights are split into shards.
+      score: a [1, D] head (a reward model's, gemma_kit.posttrain.reward_model): the folder is
+        then the sequence-classification class (SEQUENCE_CLASSIFIERS, one label) with the
+        head as `score.weight`, which AutoModelForSequenceClassification loads.
     Returns:
       The folder written.
     """
@@ -208,11 +216,21 @@ def export_hf(
     hf_config = hf.config_to_hf(config, dtype=dtype.name, bos_id=bos_id, eos_ids=eos_ids,
                                 pad_id=pad_id)
     specs = hf.hf_tensor_specs(config, dtype)
+    tensors = hf.params_to_hf(get, config, dtype)
+    if score is not None:
+        score = np.asarray(score)
+        if score.shape != (1, config.embed_dim):
+            raise ConversionError(f"the score head has shape {score.shape}; a model of width "
+                                  f"{config.embed_dim} needs (1, {config.embed_dim})")
+        hf_config = dict(hf_config, architectures=[SEQUENCE_CLASSIFIERS[config.family]],
+                         id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+        specs = specs + [("score.weight", score.shape, dtype)]
+        tensors = itertools.chain(tensors, [("score.weight", score.astype(dtype))])
     with staged_folder(target, overwrite=overwrite, replaceable=looks_exported,
                        what=_WHAT) as staging:
         with tqdm(total=tensor_bytes(specs), desc="gemma_kit -> Hugging Face", unit="B",
                   unit_scale=True, disable=not progress) as bar:
-            write_safetensors(staging, specs, hf.params_to_hf(get, config, dtype),
+            write_safetensors(staging, specs, tensors,
                               max_shard_size=max_shard_size, progress=bar)
         _write_json(staging / "config.json", hf_config)
         _write_json(staging / "generation_config.json",

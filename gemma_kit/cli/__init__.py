@@ -16,7 +16,7 @@ import json
 import sys
 
 # Modules of gemma_kit.cli that add subcommands (see the module docstring), in --help order.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("reward",)
 
 
 def _dtype(name: str | None):
@@ -173,8 +173,15 @@ def cmd_sample(args) -> int:
     # Check the settings before spending seconds on loading the model.
     SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p)
     _check_lora(args)
+    reward = None
+    if args.best_of is not None or args.reward is not None:
+        from gemma_kit.cli.reward import best_of_reward, print_best_of
+
+        reward = best_of_reward(args)  # a bad --reward fails before the model loads
     model, tokenizer = _load(args)
     sampler = Sampler(_with_lora(args, model), tokenizer)
+    if reward is not None:
+        return print_best_of(sampler, reward, args, _sampling_args(args))
     if args.json:
         result = sampler.generate(args.prompt, **_sampling_args(args))
         print(json.dumps({"prompt": args.prompt, "text": result.text, "tokens": result.tokens,
@@ -363,6 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object with tokens and logprobs")
     p.add_argument("--lora", default=None, help="a LoRA adapter folder to add (unmerged)")
     _int8_flag(p)
+    p.add_argument("--best-of", type=int, default=None, metavar="N",
+                   help="draw N candidates and print the one --reward scores highest")
+    p.add_argument("--reward", default=None, metavar="SPEC",
+                   help="for --best-of: 'pkg.module:function' or 'rm:DIR' (a reward model)")
     p.set_defaults(run=cmd_sample)
 
     p = sub.add_parser("chat", help="multi-turn chat in the terminal (streamed replies)")
