@@ -28,11 +28,12 @@ Needs the [finetune] extra (optax; matplotlib for the plots).
 """
 
 from gemma_kit.training.config import TrainConfig
-from gemma_kit.training.loop import TrainResult, run
+from gemma_kit.training.loop import TrainResult, initialize_distributed, run
 from gemma_kit.training.losses import CrossEntropy, SignedCrossEntropy
 from gemma_kit.training.objective import Objective, RunContext
 from gemma_kit.training.step import LossFn
 from gemma_kit.training.trainer import Trainer, micro_batches
 
 __all__ = ["CrossEntropy", "LossFn", "Objective", "RunContext", "SignedCrossEntropy",
-           "TrainConfig", "TrainResult", "Trainer", "micro_batches", "run"]
+           "TrainConfig", "TrainResult", "Trainer", "initialize_distributed", "micro_batches",
+           "run"]

@@ -103,14 +103,25 @@ class _StopRequest:
 def initialize_distributed(config: TrainConfig) -> None:
     """Joins the other processes of a multi-host run (once per process; see TrainConfig).
 
+    run() calls it; code that builds the model itself must call it first, since JAX joins the
+    other processes only before its first computation.
+
     On CPU the processes exchange arrays through gloo, JAX's CPU collectives (its default
     jax_cpu_collectives_implementation); on accelerators through their own interconnect.
     """
     if not config.distributed or jax.distributed.is_initialized():
         return
-    jax.distributed.initialize(coordinator_address=config.coordinator_address,
-                               num_processes=config.num_processes,
-                               process_id=config.process_id)
+    try:
+        jax.distributed.initialize(coordinator_address=config.coordinator_address,
+                                   num_processes=config.num_processes,
+                                   process_id=config.process_id)
+    except RuntimeError as err:
+        if "must be called before" not in str(err):
+            raise
+        raise TrainingError(
+            "distributed = true, but this process already used JAX (a model was built or an "
+            "array made) before joining the other processes; call gemma_kit.training."
+            "initialize_distributed(config) first, before building the model") from None
 
 
 def check_out_dir(config: TrainConfig, out: pathlib.Path, resume: bool) -> int | None:
@@ -179,8 +190,14 @@ def run(config: TrainConfig, objective: Objective, *, model=None, tokenizer=None
     model, tokenizer, base = build_model(config, model, tokenizer)
     steps = objective.prepare(RunContext(config, model, tokenizer, out, lead, say))
 
+    devices = config.mesh_data * config.mesh_fsdp
+    if jax.process_count() > 1 and devices != jax.device_count():
+        raise TrainingError(
+            f"this run has {jax.process_count()} processes with {jax.device_count()} devices in "
+            f"all, but its mesh_data x mesh_fsdp = {devices}: a multi-process mesh must use "
+            "every device of every process")
     mesh = None
-    if config.mesh_data * config.mesh_fsdp > 1:
+    if devices > 1:
         from gemma_kit.sharding import make_mesh
 
         mesh = make_mesh(data=config.mesh_data, fsdp=config.mesh_fsdp)

@@ -64,7 +64,7 @@ class Trainer:
         else:
             # Committed to one device, as the step's outputs are: jit compiles separately for
             # uncommitted and committed inputs, which would cost a second compile at step 2.
-            device = jax.devices()[0]
+            device = jax.local_devices()[0]
             trainable, fixed = jax.device_put((trainable, fixed), device)
         self.trainable, self.fixed = trainable, fixed
         settings = optimizer_key(config)
@@ -86,16 +86,18 @@ class Trainer:
     def _replicated(self) -> jax.sharding.Sharding:
         """Device 0, or every device of the mesh holding the whole array."""
         if self.mesh is None:
-            return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         from jax.sharding import NamedSharding, PartitionSpec
 
         return NamedSharding(self.mesh, PartitionSpec())
 
     def _commit(self, tree):
         """Places uncommitted arrays of `tree` (replicated over the mesh, or on device 0)."""
+        from gemma_kit.sharding import put
+
         target = self._replicated()
         return jax.tree.map(
-            lambda x: x if getattr(x, "committed", False) else jax.device_put(x, target), tree)
+            lambda x: x if getattr(x, "committed", False) else put(x, target), tree)
 
     @property
     def trainable_count(self) -> int:
@@ -110,7 +112,7 @@ class Trainer:
         """Host arrays -> device arrays, rows (axis batch_axis) split over the data and fsdp
         axes of the mesh."""
         if self.mesh is None:
-            return jax.device_put(batch, jax.devices()[0])
+            return jax.device_put(batch, jax.local_devices()[0])
         from jax.sharding import NamedSharding, PartitionSpec
 
         spec = [None] * batch_axis + [("data", "fsdp")]
@@ -125,12 +127,12 @@ class Trainer:
         if tree is None:
             return None
         if self.mesh is None:
-            return jax.device_put(tree, jax.devices()[0])
-        if isinstance(tree, (nnx.State, collections.abc.Mapping)):
-            from gemma_kit.sharding import shard_params
+            return jax.device_put(tree, jax.local_devices()[0])
+        from gemma_kit.sharding import put, shard_params
 
+        if isinstance(tree, (nnx.State, collections.abc.Mapping)):
             return shard_params(tree, self.mesh)
-        return jax.device_put(tree, self._replicated())
+        return jax.tree.map(lambda x: put(x, self._replicated()), tree)
 
     # -- compiled work --------------------------------------------------------------------
     def step(self, batch: dict[str, jax.Array], frozen: Any = None) -> dict[str, float]:
