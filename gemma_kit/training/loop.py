@@ -319,6 +319,13 @@ def run(config: TrainConfig, objective: Objective, *, model=None, tokenizer=None
             result.adapter = save_adapter(
                 trained, out / "adapter", overwrite=True,
                 extra=dict(base=base, method=config.method, steps=steps))
+        elif jax.process_count() > 1:
+            # The official-checkpoint writer saves from one process through an Orbax barrier
+            # that the other processes never reach, and weights split over hosts are not all
+            # here: the run's own checkpoints hold the trained weights instead.
+            print(f"note: a multi-process full fine-tune does not write {out / 'model'} yet; "
+                  f"the trained weights are in the last checkpoint in {out / CHECKPOINTS}",
+                  file=sys.stderr)
         else:
             result.model_dir = save_full(trained, tokenizer, out / "model")
         png = plot_losses(out / "metrics.jsonl", out / "loss.png", ylabel=objective.loss_label)
