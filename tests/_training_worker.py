@@ -166,6 +166,13 @@ class AnchorObjective(Objective):
     def checkpoint_state(self, step: int):
         return self.anchor, {"updates": self.updates}
 
+    def plots(self, metrics_path, out_dir) -> dict:
+        from gemma_kit.training.metrics import plot_metrics
+
+        return {"pull": plot_metrics(metrics_path, out_dir / "pull.png",
+                                     {"pull": "|theta - anchor|^2, summed over micro-batches"},
+                                     ylabel="squared distance", smooth=("pull",))}
+
     def restore_state(self, arrays, info) -> None:
         self.anchor, self.updates = arrays, info["updates"]
 

@@ -246,6 +246,10 @@ def test_objective_state_resumes_bit_identically(tmp_path):
     assert {"pull", "weight_sum", "weighted_tokens"} <= set(rows[1])  # the loss's own sums
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["adapter"] == str(out / "adapter")
+    # loss.png, and the objective's own plot, named in the summary.
+    assert summary["plots"] == {"pull": str(out / "pull.png")}
+    for png in ("loss.png", "pull.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # The objective's own resume field is checked like the core's.
     with pytest.raises(TrainingError, match=r"ema_rate: 0.25 -> 0.5"):
