@@ -258,7 +258,12 @@ def save_adapter(model: nnx.Module, path: str | os.PathLike, *, overwrite: bool 
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(lora_state(model)))
     with staging.staged_folder(path, overwrite=overwrite, what="gemma_kit LoRA adapter folder",
                                replaceable=lambda p: (p / CONFIG_FILE).is_file()) as folder:
-        ocp.PyTreeCheckpointer().save(folder / PARAMS_DIR, params)
+        # Written by this process alone (in a multi-process run, by one of them): no barrier
+        # with the other processes, which do not call this.
+        alone = ocp.options.MultiprocessingOptions(
+            primary_host=jax.process_index(), active_processes={jax.process_index()})
+        ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=alone),
+                         multiprocessing_options=alone).save(folder / PARAMS_DIR, params)
         (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
     return pathlib.Path(path).expanduser().absolute()
 

@@ -159,6 +159,19 @@ def param_specs(params, mesh: Mesh | Mapping[str, int], rules: Sequence[Rule] | 
     return _map_tree(lambda path, x: spec_for(path, np.shape(x), mesh, rules), params)
 
 
+def put(x, sharding: jax.sharding.Sharding) -> jax.Array:
+    """jax.device_put(x, sharding), also when the sharding spans other processes' devices.
+
+    In a multi-process run (jax.distributed) every process holds the whole array x, on its own
+    device or the host; device_put cannot move a device array to another process's devices, so
+    each process hands over the slices its own devices hold instead.
+    """
+    if (isinstance(x, jax.Array) and x.is_fully_addressable
+            and not sharding.is_fully_addressable):
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+    return jax.device_put(x, sharding)
+
+
 def shard_params(params, mesh: Mesh, rules: Sequence[Rule] | None = None):
     """Places every parameter with a NamedSharding on `mesh` by its name (see the module doc).
 
@@ -168,7 +181,7 @@ def shard_params(params, mesh: Mesh, rules: Sequence[Rule] | None = None):
     nnx.update(model, state), nnx.merge, or gemma_kit.loading.model_from_params.
     """
     def place(path, x):
-        return jax.device_put(x, NamedSharding(mesh, spec_for(path, np.shape(x), mesh, rules)))
+        return put(x, NamedSharding(mesh, spec_for(path, np.shape(x), mesh, rules)))
 
     if isinstance(params, nnx.State):
         placed = _map_tree(place, nnx.to_pure_dict(params))

@@ -34,22 +34,19 @@ def tiny_model_and_tokenizer(seed: int = 0, family: str = "gemma3"):
 
 
 def run_train(job: dict) -> dict:
-    import importlib
-
     from gemma_kit.finetune import TrainConfig, train
-
-    train_module = importlib.import_module("gemma_kit.finetune.train")  # the module, not train()
+    from gemma_kit.training.trainer import Trainer
 
     pause = job.get("step_sleep", 0)
     if pause:
-        original = train_module.Trainer.step
+        original = Trainer.step
 
-        def slow_step(self, batch):
-            metrics = original(self, batch)
+        def slow_step(self, batch, frozen=None):
+            metrics = original(self, batch, frozen)
             time.sleep(pause)
             return metrics
 
-        train_module.Trainer.step = slow_step
+        Trainer.step = slow_step
     model, tokenizer = tiny_model_and_tokenizer(job.get("model_seed", 0))
     result = train(TrainConfig(**job["config"]), model=model, tokenizer=tokenizer,
                    resume=job.get("resume", False))

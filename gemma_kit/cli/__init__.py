@@ -16,7 +16,7 @@ import json
 import sys
 
 # Modules of gemma_kit.cli that add subcommands (see the module docstring), in --help order.
-COMMAND_MODULES: tuple[str, ...] = ("reward",)
+COMMAND_MODULES: tuple[str, ...] = ("finetune", "reward")
 
 
 def _dtype(name: str | None):
@@ -272,33 +272,6 @@ def _int8_flag(p) -> None:
                         "decoding is ~1.1x bf16's speed)")
 
 
-def cmd_finetune(args) -> int:
-    from gemma_kit.finetune.config import TrainConfig, parse_overrides
-
-    config = TrainConfig.from_file(args.config) if args.config else TrainConfig()
-    flags = dict(train_file=args.train_file, eval_file=args.eval_file, out_dir=args.out_dir,
-                 base=args.base, method=args.method, steps=args.steps, epochs=args.epochs)
-    changes = {k: v for k, v in flags.items() if v is not None}
-    changes.update(parse_overrides(args.set or []))
-    # A length given on the command line replaces the config file's, whichever kind it was.
-    if "steps" in changes and "epochs" not in changes:
-        changes["epochs"] = None
-    if "epochs" in changes and "steps" not in changes:
-        changes["steps"] = None
-    config = config.with_overrides(changes).validate()
-
-    from gemma_kit.finetune import train
-
-    result = train(config, resume=args.resume)
-    if result.interrupted:
-        return 130
-    before = "-" if result.eval_before is None else f"{result.eval_before:.4f}"
-    after = "-" if result.eval_after is None else f"{result.eval_after:.4f}"
-    print(f"trained {result.step} steps; held-out loss {before} -> {after}; wrote "
-          f"{result.adapter or result.model_dir} (metrics and loss.png in {result.out_dir})")
-    return 0
-
-
 def cmd_merge(args) -> int:
     from gemma_kit.lora import merge_checkpoint
 
@@ -395,22 +368,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens each conversation can hold")
     p.add_argument("--concurrency", type=int, default=8, help="replies generated at once")
     p.set_defaults(run=cmd_demo)
-
-    p = sub.add_parser("finetune", help="fine-tune on JSONL data: LoRA, QLoRA or full "
-                       "(pip install 'gemma-kit[finetune]'; see finetune/README.md)")
-    p.add_argument("--config", default=None, help="a .toml or .json file of settings")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out-dir from its latest checkpoint")
-    p.add_argument("--train-file", default=None, help="JSONL examples")
-    p.add_argument("--eval-file", default=None, help="held-out JSONL (default: a split)")
-    p.add_argument("--out-dir", default=None, help="folder for checkpoints and results")
-    p.add_argument("--base", default=None, help="checkpoint folder, or 'default' (embedded 270M)")
-    p.add_argument("--method", default=None, choices=["lora", "qlora", "full"])
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--epochs", type=float, default=None)
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="any other setting, e.g. --set learning_rate=1e-4 (repeatable)")
-    p.set_defaults(run=cmd_finetune)
 
     p = sub.add_parser("merge", help="fold a LoRA adapter into its base: a full checkpoint in "
                        "the official layout")

@@ -5,7 +5,9 @@
     result = train(config)                       # or train(config, resume=True)
 
 The command line is `gemma-kit finetune --config FILE [--resume] [--set key=value ...]`.
-Modules: config (TrainConfig), data (JSONL -> packed rows), train (the loop), metrics.
+Fine-tuning is one objective (train.FineTuning) on the training core, gemma_kit.training, which
+holds the settings (TrainConfig), the step, the loop and the metrics. Modules: data (JSONL ->
+packed rows), train (the objective and train()); config and metrics re-export the core's.
 Needs the [finetune] extra (optax; matplotlib for the loss curve).
 """
 

@@ -1,0 +1,75 @@
+"""The command-line plumbing every training command shares (finetune, distill, dpo, rl, ...).
+
+A training command reads its settings from a config file (--config FILE, TOML or JSON), then
+applies the common flags and any `--set key=value`, validates them, runs, and reports:
+
+    def add_parser(subparsers):
+        p = subparsers.add_parser("distill", help="...")
+        add_training_arguments(p)
+        p.add_argument("--teacher", default=None, help="...")     # a flag of its own
+        p.set_defaults(run=cmd_distill)
+
+    def cmd_distill(args) -> int:
+        from gemma_kit.posttrain.config import DistillConfig     # inside: --help stays fast
+
+        config = config_from_args(args, DistillConfig, extra_flags=("teacher",))
+        ...
+        return report(result)
+"""
+
+from __future__ import annotations
+
+import argparse
+
+# Flags every training command has, by the TrainConfig field they set.
+COMMON_FLAGS = ("train_file", "eval_file", "out_dir", "base", "method", "steps", "epochs")
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, *,
+                           train_file_help: str = "JSONL examples") -> None:
+    """--config, --resume, the common setting flags and --set KEY=VALUE."""
+    parser.add_argument("--config", default=None, help="a .toml or .json file of settings")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out-dir from its latest checkpoint")
+    parser.add_argument("--train-file", default=None, help=train_file_help)
+    parser.add_argument("--eval-file", default=None, help="held-out JSONL (default: a split)")
+    parser.add_argument("--out-dir", default=None, help="folder for checkpoints and results")
+    parser.add_argument("--base", default=None,
+                        help="checkpoint folder, or 'default' (embedded 270M)")
+    parser.add_argument("--method", default=None, choices=["lora", "qlora", "full"])
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--epochs", type=float, default=None)
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="any other setting, e.g. --set learning_rate=1e-4 (repeatable)")
+
+
+def config_from_args(args: argparse.Namespace, config_class=None, *,
+                     extra_flags: tuple[str, ...] = ()):
+    """The validated config: config_class (TrainConfig or a subclass) from --config (or its
+    defaults), then the flags that were given (COMMON_FLAGS and the command's extra_flags, each
+    the name of a field), then --set. Unknown names and bad values raise ConfigError."""
+    if config_class is None:
+        from gemma_kit.training.config import TrainConfig as config_class
+    from gemma_kit.training.config import parse_overrides
+
+    config = config_class.from_file(args.config) if args.config else config_class()
+    flags = {name: getattr(args, name, None) for name in COMMON_FLAGS + tuple(extra_flags)}
+    changes = {k: v for k, v in flags.items() if v is not None}
+    changes.update(parse_overrides(args.set or []))
+    # A length given on the command line replaces the config file's, whichever kind it was.
+    if "steps" in changes and "epochs" not in changes:
+        changes["epochs"] = None
+    if "epochs" in changes and "steps" not in changes:
+        changes["steps"] = None
+    return config.with_overrides(changes).validate()
+
+
+def report(result, *, what: str = "held-out loss") -> int:
+    """Prints one line about a finished run; the exit status (130 when it was interrupted)."""
+    if result.interrupted:
+        return 130
+    before = "-" if result.eval_before is None else f"{result.eval_before:.4f}"
+    after = "-" if result.eval_after is None else f"{result.eval_after:.4f}"
+    print(f"trained {result.step} steps; {what} {before} -> {after}; wrote "
+          f"{result.adapter or result.model_dir} (metrics and loss.png in {result.out_dir})")
+    return 0
