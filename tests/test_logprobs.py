@@ -203,7 +203,7 @@ def test_policy_gradient_step_equals_weighted_cross_entropy(tiny_gemma3_config, 
     """-sum A log pi through chunked log-probs has the gradient of finetune's weighted
     cross-entropy sum with signed weights A (the SFT step's own loss)."""
     pytest.importorskip("optax", reason="gemma_kit.finetune needs the [finetune] extra")
-    from gemma_kit.finetune.train import cross_entropy_sums
+    from gemma_kit.training.losses import cross_entropy_sums
     student, _, tokens, hs, _ = _inputs(tiny_gemma3_config, tiny_model)
     mask = jnp.asarray(np.array([[1] * 11, [1] * 4 + [0] * 7], np.float32))
     adv = jnp.asarray([1.5, -0.7])
