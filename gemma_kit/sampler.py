@@ -36,7 +36,7 @@ from gemma_kit.decode import (
     prefill,
 )
 from gemma_kit.errors import ImageError
-from gemma_kit.layers import to_matvec_layout
+from gemma_kit.layers import Einsum, to_matvec_layout
 from gemma_kit.sampling import SamplingError, SamplingParams
 from gemma_kit.vision import prompt as image_prompt
 
@@ -119,7 +119,57 @@ class Sampler:
         self.cache_length = cache_length
         if matvec_layout is None:
             matvec_layout = jax.default_backend() == "cpu"
-        self.graphdef, self.params = nnx.split(to_matvec_layout(model) if matvec_layout else model)
+        self.graphdef, params = nnx.split(to_matvec_layout(model) if matvec_layout else model)
+        # Every leaf committed to where it lives, as update_params places new values: jit keys
+        # its compiled programs on placement, committed or not.
+        self.params = jax.tree.map(lambda x: jax.device_put(x, x.sharding), params)
+        # Where the sampler stores a weight transposed (the matvec layout): its path -> the
+        # permutation from the model's own layout, which update_params applies to new values.
+        self._layouts = {}
+        if matvec_layout:
+            for path, module in nnx.merge(self.graphdef, self.params).iter_modules():
+                if isinstance(module, Einsum) and module.matvec:
+                    for name in ("w", "w_scale"):
+                        self._layouts[(*path, name)] = module.matvec_permutation()
+
+    def update_params(self, params) -> None:
+        """Swaps in new values of some of the model's variables, keeping the compiled programs.
+
+        params: an nnx.State (e.g. gemma_kit.lora.lora_state(model) after a training step) or
+        a model whose state is taken, in the model's own layout. Every leaf must name a
+        variable the Sampler's model has, with its shape and dtype: the decode programs are
+        then reused as they are (no recompilation, no rebuilt Sampler).
+
+        LoRA factors are stored as they are in any layout, so swapping them copies nothing.
+        Base weights the Sampler keeps in the matvec layout (CPU) are transposed into it: one
+        copy of each new weight per call (for full fine-tuning, a Sampler made with
+        matvec_layout=False swaps them without a copy and decodes from the model's layout).
+        """
+        new = nnx.state(params) if isinstance(params, nnx.Module) else params
+        current = dict(self.params.flat_state())
+        updated = dict(current)
+        for path, variable in new.flat_state():
+            value = variable[...] if isinstance(variable, nnx.Variable) else variable
+            old = current.get(path)
+            name = "/".join(map(str, path))
+            if old is None:
+                raise SamplingError(
+                    f"update_params: the Sampler's model has no variable {name}; pass the state "
+                    "of the same model (e.g. lora_state(model) or nnx.state(model))")
+            want = old[...]
+            perm = self._layouts.get(path)
+            official = want.shape if perm is None else tuple(
+                want.shape[perm.index(i)] for i in range(len(perm)))
+            if tuple(value.shape) != official or value.dtype != want.dtype:
+                raise SamplingError(
+                    f"update_params: {name} is {value.dtype}{list(value.shape)} but the "
+                    f"Sampler's model has {want.dtype}{list(official)}; pass values of the "
+                    "same shape and dtype (cast them first), or build a new Sampler")
+            if perm is not None:
+                value = jnp.transpose(value, perm)
+            # Placed as the old value was: the compiled programs' keys include placement.
+            updated[path] = old.replace(jax.device_put(value, want.sharding))
+        self.params = nnx.State.from_flat_path(updated)
 
     # -- settings and prompts -------------------------------------------------------------
     def settings(self, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
