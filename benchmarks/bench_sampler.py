@@ -321,26 +321,26 @@ def load_transformers():
 
 # ----------------------------------------------------------------------------------------------
 # Breakdown of one decode step (optional): the pieces the while_loop body runs, each jitted
-# alone. Uses sampler internals, so it may need updating when they change.
+# alone (the compiled pieces of gemma_kit.decode and the Sampler's public building blocks).
 
 
 def breakdown(model, tok, batch: int, rounds: int, calls: int = 5, loop_steps: int = 8):
     """Best seconds of each piece of a decode step, timed in interleaved rounds."""
-    from gemma_kit import sampler as smod
+    from gemma_kit import decode
 
     s = Sampler(model, tok, cache_length=CACHE_LEN)
-    static = s._static(64, 0.0, None, None, None, (), None)
-    state0 = s._start(s._encode([PROMPT] * batch), static, 0)  # step 1: the prefill's token
+    settings = s.settings(64, stop_token_ids=())
+    state0 = s.start(s.encode([PROMPT] * batch), settings, 0)  # step 1: the prefill's token
     graphdef, params = s.graphdef, s.params
     fresh = lambda: jax.block_until_ready(jax.tree.map(jnp.copy, state0))  # noqa: E731
-    tokens, positions = state0["token"][:, None], state0["position"][:, None]
+    tokens, positions = state0.token[:, None], state0.position[:, None]
 
     ext = jax.jit(lambda p, t, q, c: nnx.merge(graphdef, p).extend(t, q, c), donate_argnums=3)
     lgt = jax.jit(lambda p, h: nnx.merge(graphdef, p).logits(h)[:, 0])
-    cho = jax.jit(lambda logits, key: smod._choose(static, logits, key))
+    cho = jax.jit(lambda logits, key: decode.choose(settings, logits, key))
     emb = jax.jit(lambda p, t: nnx.merge(graphdef, p).embedder.encode(t, model.dtype))
     key = jax.random.key(0)
-    box = dict(state=fresh(), cache=fresh()["cache"])
+    box = dict(state=fresh(), cache=fresh().cache)
 
     def repeated(f):
         def run():
@@ -352,8 +352,8 @@ def breakdown(model, tok, batch: int, rounds: int, calls: int = 5, loop_steps: i
         return run
 
     def step():
-        box["state"] = smod._decode_one(params, box["state"], static=static)
-        return box["state"]["token"]
+        box["state"] = decode.decode_step(params, box["state"], settings=settings)
+        return box["state"].token
 
     def extend():
         hidden, box["cache"] = ext(params, tokens, positions, box["cache"])
@@ -363,15 +363,15 @@ def breakdown(model, tok, batch: int, rounds: int, calls: int = 5, loop_steps: i
         def run():
             st = fresh()
             t = time.perf_counter()
-            jax.block_until_ready(smod._decode_loop(params, st, jnp.int32(limit),
-                                                    static=static)["token"])
+            jax.block_until_ready(decode.decode_loop(params, st, jnp.int32(limit),
+                                                     settings=settings).token)
             return time.perf_counter() - t
         return run
 
     hidden = extend()
     logits = lgt(params, hidden)
     pieces = {
-        "step alone (_decode_one, the streaming path)": repeated(step),
+        "step alone (decode_step, the streaming path)": repeated(step),
         "  extend (embed + 18 blocks + norm, cache write)": repeated(extend),
         "    embedding lookup only": repeated(lambda: emb(params, tokens)),
         "  logits projection": repeated(lambda: lgt(params, hidden)),
@@ -559,7 +559,7 @@ def main():
             for B in args.batches:
                 log(f"breakdown {name} B={B}")
                 best = breakdown(models[name], tok, B, rounds=3)
-                alone = best["step alone (_decode_one, the streaming path)"]
+                alone = best["step alone (decode_step, the streaming path)"]
                 for piece, t in best.items():
                     rows.append([f"{name} B={B}", piece, f"{t * 1e3:.2f}", f"{t / alone:.0%}"])
         print(table(["config", "piece", "ms", "of step alone"], rows, md))

@@ -11,6 +11,7 @@ Fine-tuning lives in gemma_kit.lora, gemma_kit.quant and gemma_kit.finetune; Hug
 interop in gemma_kit.checkpoint (hf_import, hf_export, hf_peft); the web demo in gemma_kit.demo.
 """
 
+from gemma_kit.chat import ChatOverflowError, ChatSession
 from gemma_kit.config import (
     PRESETS, Config, GlobalAttention, LocalAttention, VisionConfig, get_preset,
 )
@@ -29,7 +30,7 @@ from gemma_kit.errors import (
     TrainingError,
 )
 from gemma_kit.loading import load_model, save_checkpoint
-from gemma_kit.sampler import ChatOverflowError, ChatSession, GenerationResult, Sampler
+from gemma_kit.sampler import GenerationResult, Sampler
 from gemma_kit.sharding import make_mesh, shard_model
 from gemma_kit.tokenizer import Tokenizer
 from gemma_kit.transformer import Transformer

@@ -32,9 +32,9 @@ import jax
 import numpy as np
 from flax import nnx
 
+from gemma_kit.chat import ChatSession
 from gemma_kit.errors import GemmaKitError
 from gemma_kit.layers import to_matvec_layout
-from gemma_kit.sampler import ChatSession
 from gemma_kit.sampling import SamplingParams
 
 try:

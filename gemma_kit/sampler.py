@@ -1,10 +1,12 @@
-"""KV-cached sampling: prefill, a compiled decode loop, streaming, and multi-turn chat.
+"""KV-cached sampling: Sampler.generate (batches) and Sampler.stream (one prompt, piece by piece).
 
 The path of a request: prompts -> token ids, left-padded to a length bucket (pads carry
 position -1 and are never attended to) -> one prefill over the padded batch that writes the
 cache and draws the first token -> decode steps that each feed one token per row. The
 non-streaming path runs the steps in `jax.lax.while_loop` (no host round trip per token); the
-streaming path calls the same compiled step from Python and detokenises as it goes.
+streaming path calls the same compiled step from Python and detokenises as it goes. The decode
+state and the compiled pieces live in gemma_kit.decode; multi-turn chat (gemma_kit.chat) and
+training rollouts (gemma_kit.posttrain.rollout) drive them through this class's public methods.
 
 Shapes are static and bucketed (prompt length, cache length, number of new tokens), parameters
 and the decode state are arguments of the compiled functions (the state's buffers donated), and
@@ -15,20 +17,28 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gemma_kit import cache as kv_cache
+from gemma_kit.decode import (
+    PAD_ID,
+    DecodeSettings,
+    DecodeState,
+    bucket,
+    can_continue,
+    decode_loop,
+    decode_step,
+    extend_chunk,
+    prefill,
+)
 from gemma_kit.errors import ImageError
-from gemma_kit.layers import to_matvec_layout
+from gemma_kit.layers import Einsum, to_matvec_layout
+from gemma_kit.sampling import SamplingError, SamplingParams
 from gemma_kit.vision import prompt as image_prompt
-from gemma_kit.sampling import SamplingError, SamplingParams, sample
-
-PAD_ID = 0
 
 
 @dataclasses.dataclass
@@ -47,151 +57,6 @@ class GenerationResult:
     logprobs: list[float]
     finish_reason: str
     prompt_tokens: int = 0
-
-
-def _bucket(n: int, minimum: int = 32) -> int:
-    """Rounds up to 32, 48, 64, 96, 128, 192, ...: at most a third wasted, few shapes."""
-    size = minimum
-    while True:
-        if n <= size:
-            return size
-        if n <= size * 3 // 2:
-            return size * 3 // 2
-        size *= 2
-
-
-# --------------------------------------------------------------------------------------------
-# Compiled pieces. Everything static is hashable: the graphdef (with its frozen Config), the
-# sampling settings, and tuples of ids.
-
-
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    graphdef: nnx.GraphDef
-    params: SamplingParams
-    stop_ids: tuple[int, ...]
-    forbidden_ids: tuple[int, ...]
-    max_new: int  # bucketed size of the output buffers
-
-    def __post_init__(self):
-        # jit hashes its static arguments on every call. A model's graphdef takes milliseconds
-        # to hash (3 ms for the 270M's 18 layers, measured), which a streamed token would pay
-        # each step, so the hash is taken once.
-        fields = (self.graphdef, self.params, self.stop_ids, self.forbidden_ids, self.max_new)
-        object.__setattr__(self, "_hash", hash(fields))
-
-    def __hash__(self) -> int:
-        return self._hash
-
-
-def _log_softmax_at(logits: jax.Array, tokens: jax.Array) -> jax.Array:
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    return jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - lse
-
-
-def _choose(static: _Static, logits: jax.Array, key: jax.Array):
-    """[B, V] logits -> (tokens [B], their model log-probabilities [B]).
-
-    The log-probabilities are the model's own: taken before forbidden tokens are removed and
-    before temperature and filters reshape the distribution.
-    """
-    logits = logits.astype(jnp.float32)
-    allowed = logits
-    if static.forbidden_ids:
-        allowed = logits.at[:, jnp.asarray(static.forbidden_ids)].set(-jnp.inf)
-    tokens = sample(key, allowed, static.params)
-    return tokens, _log_softmax_at(logits, tokens)
-
-
-def _record(static: _Static, state: dict, tokens, logprobs) -> dict:
-    step = state["step"]
-    tokens = jnp.where(state["done"], PAD_ID, tokens)
-    stopped = jnp.isin(tokens, jnp.asarray(static.stop_ids or (-1,))) & ~state["done"]
-    return dict(
-        state,
-        token=tokens,
-        tokens=jax.lax.dynamic_update_slice_in_dim(state["tokens"], tokens[:, None], step, 1),
-        logprobs=jax.lax.dynamic_update_slice_in_dim(
-            state["logprobs"], logprobs[:, None], step, 1),
-        stopped_at=jnp.where(stopped, step, state["stopped_at"]),
-        done=state["done"] | stopped,
-        step=step + 1,
-    )
-
-
-@functools.partial(jax.jit, static_argnames=("static", "length", "cache_dtype"))
-def _prefill(state_params, tokens, positions, key, image_embeddings=None, *, static: _Static,
-             length: int, cache_dtype):
-    """Prompt batch [B, P] -> decode state holding the cache and the first drawn token.
-
-    image_embeddings: None for text (the program is then the text-only one), else [B, I, M, D]
-    for the SOFT_TOKEN slots of `tokens`.
-    """
-    model = nnx.merge(static.graphdef, state_params)
-    B = tokens.shape[0]
-    cache = kv_cache.init_cache(model.config, B, length, cache_dtype)
-    hidden, cache = model.extend(tokens, positions, cache, fresh=True,
-                                 image_embeddings=image_embeddings)
-    key, sub = jax.random.split(key)
-    first, logprob = _choose(static, model.logits(hidden[:, -1:])[:, 0], sub)
-    state = dict(
-        cache=cache,
-        token=first,
-        position=jnp.max(positions, axis=1) + 1,
-        step=jnp.zeros((), jnp.int32),
-        tokens=jnp.full((B, static.max_new), PAD_ID, jnp.int32),
-        logprobs=jnp.zeros((B, static.max_new), jnp.float32),
-        stopped_at=jnp.full((B,), -1, jnp.int32),
-        done=jnp.zeros((B,), bool),
-        key=key,
-    )
-    return _record(static, state, first, logprob)
-
-
-def _step(static: _Static, model, state: dict) -> dict:
-    """Feeds each row's last token, draws the next one."""
-    hidden, cache = model.extend(state["token"][:, None], state["position"][:, None],
-                                 state["cache"])
-    key, sub = jax.random.split(state["key"])
-    tokens, logprobs = _choose(static, model.logits(hidden)[:, 0], sub)
-    state = dict(state, cache=cache, key=key, position=state["position"] + 1)
-    return _record(static, state, tokens, logprobs)
-
-
-def _can_continue(state: dict, limit) -> jax.Array:
-    room = state["cache"]["index"] < kv_cache.cache_length(state["cache"])
-    return (state["step"] < limit) & ~jnp.all(state["done"]) & room
-
-
-@functools.partial(jax.jit, static_argnames=("static",), donate_argnames=("state",))
-def _decode_loop(state_params, state, limit, *, static: _Static):
-    """Decodes until every row stopped, `limit` tokens were drawn, or the cache is full."""
-    def body(s):
-        # Without the barrier XLA hoists every bf16 -> f32 weight cast out of the loop: each
-        # call then converts all weights up front and every step reads the f32 copies (twice
-        # the bytes). Tying the parameters to a value that changes per step keeps the casts
-        # inside, fused into the matmuls.
-        params, token = jax.lax.optimization_barrier((state_params, s["token"]))
-        return _step(static, nnx.merge(static.graphdef, params), dict(s, token=token))
-
-    return jax.lax.while_loop(lambda s: _can_continue(s, limit), body, state)
-
-
-@functools.partial(jax.jit, static_argnames=("static",), donate_argnames=("state",))
-def _decode_one(state_params, state, *, static: _Static):
-    model = nnx.merge(static.graphdef, state_params)
-    return _step(static, model, state)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def _extend_chunk(state_params, tokens, positions, cache, image_embeddings=None, *, graphdef):
-    """Adds a chunk of tokens to a filled cache (a chat turn) and returns the last logits.
-
-    With image_embeddings [B, I, M, D] the chunk holds those images' SOFT_TOKEN slots.
-    """
-    model = nnx.merge(graphdef, state_params)
-    hidden, cache = model.extend(tokens, positions, cache, image_embeddings=image_embeddings)
-    return model.logits(hidden[:, -1:])[:, 0], cache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -239,6 +104,10 @@ class Sampler:
       matvec_layout: keep a copy of the layer weights transposed for fast matrix-vector
         products (gemma_kit.layers.to_matvec_layout). Default: on CPU only, where it is worth
         several-fold in decode speed for one transposed copy of the layer weights.
+
+    Besides generate and stream, the building blocks other decoders use (ChatSession, training
+    rollouts) are public: `settings` (the static decode settings), `encode`, `start` (prefill a
+    batch), `feed` (continue a cache with more tokens), `stream_state`, and the image helpers.
     """
 
     def __init__(self, model, tokenizer, *, cache_dtype=jnp.bfloat16, cache_length=None,
@@ -250,11 +119,67 @@ class Sampler:
         self.cache_length = cache_length
         if matvec_layout is None:
             matvec_layout = jax.default_backend() == "cpu"
-        self.graphdef, self.params = nnx.split(to_matvec_layout(model) if matvec_layout else model)
+        self.graphdef, params = nnx.split(to_matvec_layout(model) if matvec_layout else model)
+        # Every leaf committed to where it lives, as update_params places new values: jit keys
+        # its compiled programs on placement, committed or not.
+        self.params = jax.tree.map(lambda x: jax.device_put(x, x.sharding), params)
+        # Where the sampler stores a weight transposed (the matvec layout): its path -> the
+        # permutation from the model's own layout, which update_params applies to new values.
+        self._layouts = {}
+        if matvec_layout:
+            for path, module in nnx.merge(self.graphdef, self.params).iter_modules():
+                if isinstance(module, Einsum) and module.matvec:
+                    for name in ("w", "w_scale"):
+                        self._layouts[(*path, name)] = module.matvec_permutation()
 
-    # -- settings -------------------------------------------------------------------------
-    def _static(self, max_new_tokens, temperature, top_k, top_p, min_p, stop_token_ids,
-                forbidden_token_ids) -> _Static:
+    def update_params(self, params) -> None:
+        """Swaps in new values of some of the model's variables, keeping the compiled programs.
+
+        params: an nnx.State (e.g. gemma_kit.lora.lora_state(model) after a training step) or
+        a model whose state is taken, in the model's own layout. Every leaf must name a
+        variable the Sampler's model has, with its shape and dtype: the decode programs are
+        then reused as they are (no recompilation, no rebuilt Sampler).
+
+        LoRA factors are stored as they are in any layout, so swapping them copies nothing.
+        Base weights the Sampler keeps in the matvec layout (CPU) are transposed into it: one
+        copy of each new weight per call (for full fine-tuning, a Sampler made with
+        matvec_layout=False swaps them without a copy and decodes from the model's layout).
+        """
+        new = nnx.state(params) if isinstance(params, nnx.Module) else params
+        current = dict(self.params.flat_state())
+        updated = dict(current)
+        for path, variable in new.flat_state():
+            value = variable[...] if isinstance(variable, nnx.Variable) else variable
+            old = current.get(path)
+            name = "/".join(map(str, path))
+            if old is None:
+                raise SamplingError(
+                    f"update_params: the Sampler's model has no variable {name}; pass the state "
+                    "of the same model (e.g. lora_state(model) or nnx.state(model))")
+            want = old[...]
+            perm = self._layouts.get(path)
+            official = want.shape if perm is None else tuple(
+                want.shape[perm.index(i)] for i in range(len(perm)))
+            if tuple(value.shape) != official or value.dtype != want.dtype:
+                raise SamplingError(
+                    f"update_params: {name} is {value.dtype}{list(value.shape)} but the "
+                    f"Sampler's model has {want.dtype}{list(official)}; pass values of the "
+                    "same shape and dtype (cast them first), or build a new Sampler")
+            if perm is not None:
+                value = jnp.transpose(value, perm)
+            # Placed as the old value was: the compiled programs' keys include placement.
+            updated[path] = old.replace(jax.device_put(value, want.sharding))
+        self.params = nnx.State.from_flat_path(updated)
+
+    # -- settings and prompts -------------------------------------------------------------
+    def settings(self, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, min_p: float | None = None,
+                 stop_token_ids: Sequence[int] | None = None,
+                 forbidden_token_ids: Sequence[int] | None = None) -> DecodeSettings:
+        """The static settings of a decode (arguments as for `generate`), checked.
+
+        Stop ids default to <eos> and <end_of_turn>, forbidden ids to Gemma 3's image markers.
+        """
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise SamplingError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         params = SamplingParams(float(temperature), top_k, top_p, min_p)
@@ -264,9 +189,10 @@ class Sampler:
         forbidden = tuple(forbidden_token_ids) if forbidden_token_ids is not None else tuple(
             i for i in (getattr(tok, "start_of_image_id", None),
                         getattr(tok, "end_of_image_id", None)) if i is not None)
-        return _Static(self.graphdef, params, stops, forbidden, _bucket(max_new_tokens, 16))
+        return DecodeSettings(self.graphdef, params, stops, forbidden, bucket(max_new_tokens, 16))
 
-    def _encode(self, prompts: Sequence[str]) -> list[list[int]]:
+    def encode(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Prompt strings -> token ids, <bos> first; an empty or non-string prompt is refused."""
         encoded = []
         for p in prompts:
             if not isinstance(p, str):
@@ -287,25 +213,69 @@ class Sampler:
             where = "the Sampler's cache_length" if self.cache_length else "the model's context"
             raise SamplingError(
                 f"the prompt has {prompt_len} tokens but {where} is {limit}: shorten the prompt"
-                + ("" if not self.cache_length else " or create the Sampler with a larger cache_length")
+                + ("" if not self.cache_length
+                   else " or create the Sampler with a larger cache_length")
             )
-        padded = _bucket(prompt_len)
-        length = self.cache_length or min(_bucket(padded + max_new, 64), limit)
+        padded = bucket(prompt_len)
+        length = self.cache_length or min(bucket(padded + max_new, 64), limit)
         padded = max(prompt_len, min(padded, length - max_new))
         return padded, length
 
-    def _start(self, ids: list[list[int]], static: _Static, seed: int, images=None):
-        """Prefills the left-padded batch; images: per row, None or embeddings [n, M, D]."""
-        P, length = self._shapes(max(map(len, ids)), static.max_new)
+    def start(self, ids: list[list[int]], settings: DecodeSettings, seed: int | jax.Array,
+              images=None) -> DecodeState:
+        """Prefills a batch of prompts (token ids, left-padded here) and draws the first token.
+
+        seed: an int, or a PRNG key (jax.random.key) the draws are split from.
+        images: per row, None or embeddings [n, M, D] for the row's soft-token slots.
+        """
+        P, length = self._shapes(max(map(len, ids)), settings.max_new)
         B = len(ids)
         tokens = np.full((B, P), PAD_ID, np.int32)
         positions = np.full((B, P), -1, np.int32)
         for row, seq in enumerate(ids):
             tokens[row, P - len(seq):] = seq
             positions[row, P - len(seq):] = np.arange(len(seq))
-        return _prefill(self.params, jnp.asarray(tokens), jnp.asarray(positions),
-                        jax.random.key(seed), self._batch_images(images), static=static,
-                        length=length, cache_dtype=self.cache_dtype)
+        key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
+        return prefill(self.params, jnp.asarray(tokens), jnp.asarray(positions), key,
+                       self._batch_images(images), settings=settings, length=length,
+                       cache_dtype=self.cache_dtype)
+
+    # `feed` writes text in chunks of this many tokens, the remainder one by one, so that
+    # every chunk shape recurs (few compiled programs).
+    FEED_CHUNK = 32
+
+    def feed(self, cache: dict, position: int, ids: list[int], settings: DecodeSettings,
+             seed: int | jax.Array, images=None) -> DecodeState:
+        """Continues row 0 of a filled cache with `ids` and draws the token after them.
+
+        All but the last id are written into the cache (positions position, position + 1,
+        ...), the last is fed by a decode step, which draws the next token: the returned state
+        is as `start` leaves one. Text goes in chunks of FEED_CHUNK tokens, then one by one;
+        each image's soft-token slots go in one chunk of their own with the image's embeddings
+        (images [n, M, D], in slot order), so that they see each other.
+        """
+        body = ids[:-1]
+        soft = [i for i, t in enumerate(body) if t == image_prompt.SOFT_TOKEN]
+        start, image = 0, 0
+        while start < len(body):
+            embeddings = None
+            if body[start] == image_prompt.SOFT_TOKEN:
+                size = self.config.vision.num_soft_tokens
+                embeddings = images[None, image:image + 1]
+                image += 1
+            else:
+                run = next((i for i in soft if i > start), len(body)) - start  # text up to an image
+                size = self.FEED_CHUNK if run >= self.FEED_CHUNK else 1
+            chunk = np.asarray([body[start:start + size]], np.int32)
+            pos = np.arange(position + start, position + start + size, dtype=np.int32)[None]
+            _, cache = extend_chunk(self.params, jnp.asarray(chunk), jnp.asarray(pos), cache,
+                                    embeddings, graphdef=self.graphdef)
+            start += size
+        key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
+        state = DecodeState.create(cache, jnp.asarray([ids[-1]], jnp.int32),
+                                   jnp.asarray([position + len(body)], jnp.int32), key,
+                                   settings.max_new)
+        return decode_step(self.params, state, settings=settings)
 
     # -- images ---------------------------------------------------------------------------
     def encode_images(self, images, *, pan_and_scan: bool = False) -> tuple[jax.Array, list[int]]:
@@ -324,10 +294,12 @@ class Sampler:
                       for p in pixels]
         return jnp.concatenate(embeddings), crops
 
-    def _read_images(self, text: str, images, pan_and_scan: bool, where: str = "the prompt"):
+    def read_images(self, text: str, images, pan_and_scan: bool = False,
+                    where: str = "the prompt"):
         """(text, its images) -> (text with Pan & Scan markers, embeddings [n, M, D] or None).
 
-        Checks that the text holds one <start_of_image> per image.
+        Checks that the text holds one <start_of_image> per image (`where` names the text in
+        the error).
         """
         images = _image_list(images)
         if not images:
@@ -340,11 +312,13 @@ class Sampler:
         embeddings, crops = self.encode_images(images, pan_and_scan=pan_and_scan)
         return image_prompt.with_crops(text, crops), embeddings
 
-    def _expand(self, ids: list[int]) -> list[int]:
+    def expand_images(self, ids: list[int]) -> list[int]:
         """Token ids with each <start_of_image> expanded into soft-token slots (vision models)."""
         if not self.model.has_vision:
             return ids
         return image_prompt.expand_markers(ids, self.tokenizer, self.config.vision.num_soft_tokens)
+
+    _expand = expand_images  # the name tests/test_vision_sampler.py knows it by
 
     def _batch_images(self, images):
         """Per-row embeddings (None or [n, M, D]) -> [B, I, M, D] zero-padded, or None."""
@@ -414,8 +388,8 @@ class Sampler:
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if any(not s for s in stops):
             raise SamplingError("stop strings must be non-empty")
-        static = self._static(max_new_tokens, temperature, top_k, top_p, min_p, stop_token_ids,
-                              forbidden_token_ids)
+        settings = self.settings(max_new_tokens, temperature, top_k, top_p, min_p,
+                                 stop_token_ids, forbidden_token_ids)
         if images is not None and not single:
             images = list(images)
             if len(images) != len(batch):
@@ -423,24 +397,25 @@ class Sampler:
                     f"{len(batch)} prompts but {len(images)} image lists: for a batch give one "
                     "list of images per prompt (an empty list for a prompt without images)")
         ids, row_images = self._prepare(batch, [images] if single else images, pan_and_scan)
-        state = self._start(ids, static, seed, row_images)
+        state = self.start(ids, settings, seed, row_images)
         if not stops:
-            state = _decode_loop(self.params, state, jnp.int32(max_new_tokens), static=static)
+            state = decode_loop(self.params, state, jnp.int32(max_new_tokens), settings=settings)
         else:
             # Stop strings are found in text, on the host: decode in chunks and look after each.
             chunk = 16
             while True:
-                limit = min(int(state["step"]) + chunk, max_new_tokens)
-                state = _decode_loop(self.params, state, jnp.int32(limit), static=static)
-                host = jax.device_get({k: state[k] for k in ("tokens", "step", "done")})
+                limit = min(int(state.step) + chunk, max_new_tokens)
+                state = decode_loop(self.params, state, jnp.int32(limit), settings=settings)
+                host = jax.device_get({k: getattr(state, k) for k in ("tokens", "step", "done")})
                 steps = int(host["step"])
                 texts = [self.tokenizer.decode([t for t in row[:steps] if t != PAD_ID])
                          for row in host["tokens"]]
                 finished = host["done"] | np.array([_find_stop(t, stops) >= 0 for t in texts])
                 if finished.all() or steps >= max_new_tokens or not bool(
-                        _can_continue(state, max_new_tokens)):
+                        can_continue(state, max_new_tokens)):
                     break
-        host = jax.device_get({k: state[k] for k in ("tokens", "logprobs", "step", "stopped_at")})
+        host = jax.device_get({k: getattr(state, k)
+                               for k in ("tokens", "logprobs", "step", "stopped_at")})
         results = []
         for row, seq in enumerate(ids):
             row_state = dict(tokens=host["tokens"][row], logprobs=host["logprobs"][row],
@@ -470,17 +445,18 @@ class Sampler:
         if not isinstance(prompt, str):
             raise SamplingError("stream() takes one prompt string")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        static = self._static(max_new_tokens, temperature, top_k, top_p, min_p, stop_token_ids,
-                              forbidden_token_ids)
+        settings = self.settings(max_new_tokens, temperature, top_k, top_p, min_p,
+                                 stop_token_ids, forbidden_token_ids)
         ids, row_images = self._prepare([prompt], [images], pan_and_scan)
-        state = self._start(ids, static, seed, row_images)
-        yield from self._stream_state(state, static, max_new_tokens, stops)
+        state = self.start(ids, settings, seed, row_images)
+        yield from self.stream_state(state, settings, max_new_tokens, stops)
 
     def _prepare(self, prompts: list[str], images, pan_and_scan: bool):
         """Prompts and their images (one entry per prompt, or None) -> (token ids with
         soft-token slots, per-row embeddings [n, M, D] or None)."""
         per_row = [None] * len(prompts) if images is None else images
-        wheres = ["the prompt"] if len(prompts) == 1 else [f"prompt {i}" for i in range(len(prompts))]
+        wheres = (["the prompt"] if len(prompts) == 1
+                  else [f"prompt {i}" for i in range(len(prompts))])
         for p, row, where in zip(prompts, per_row, wheres):  # every check before any encoding
             if not isinstance(p, str):
                 raise SamplingError(f"prompts must be strings, got {type(p).__name__}")
@@ -490,31 +466,35 @@ class Sampler:
                 image_prompt.check_image_count(p, len(_image_list(row)), where)
         texts, embeddings = [], []
         for p, row, where in zip(prompts, per_row, wheres):
-            text, emb = self._read_images(p, row, pan_and_scan, where)
+            text, emb = self.read_images(p, row, pan_and_scan, where)
             texts.append(text)
             embeddings.append(emb)
-        ids = self._encode(texts)
+        ids = self.encode(texts)
         if all(e is None for e in embeddings):
             return ids, None  # text only: no expansion, the text-only compiled programs
-        return [self._expand(seq) for seq in ids], embeddings
+        return [self.expand_images(seq) for seq in ids], embeddings
 
-    def _stream_state(self, state, static, max_new_tokens, stops, finished=None) -> Iterator[str]:
-        """Streams row 0 of a decode state whose last drawn token is state["token"].
+    def stream_state(self, state: DecodeState, settings: DecodeSettings, max_new_tokens: int,
+                     stops: Sequence[str] = (), finished=None) -> Iterator[str]:
+        """Streams row 0 of a decode state (as `start` or `feed` leave one) piece by piece.
 
-        `finished(state, result)` is called at the end with the final state (whose cache holds
-        every token fed so far) and the GenerationResult of the streamed text.
+        The pieces join to the text: the drawn tokens up to a stop token, `max_new_tokens` or a
+        full cache, cut right before the first of the `stops` strings. `finished(state,
+        result)` is called at the end, also when the reader stops early, with the final state
+        (whose cache holds every token fed so far; its last drawn token is not fed yet) and the
+        GenerationResult of the streamed text.
         """
         tokens: list[int] = []
         logprobs: list[float] = []
         emitted, reason, cut = 0, "length", -1
-        capacity = kv_cache.cache_length(state["cache"])  # from shapes: no device work
+        capacity = state.capacity  # from shapes: no device work
         result = None
         try:
             while True:
                 # One transfer per token: everything the host decides on below.
                 token, logprob, done, index = jax.device_get(
-                    (state["token"][0], state["logprobs"][0, state["step"] - 1], state["done"][0],
-                     state["cache"]["index"]))
+                    (state.token[0], state.logprobs[0, state.step - 1], state.done[0],
+                     state.cache["index"]))
                 if done:
                     reason = "stop"
                     break
@@ -538,10 +518,10 @@ class Sampler:
                     yield piece
                 if len(tokens) >= max_new_tokens:
                     break
-                if index >= capacity:  # the rest of _can_continue was checked above
+                if index >= capacity:  # the rest of can_continue was checked above
                     reason = "cache_full"
                     break
-                state = _decode_one(self.params, state, static=static)
+                state = decode_step(self.params, state, settings=settings)
             text = self.tokenizer.decode(tokens)
             if cut >= 0:
                 text = text[:cut]
@@ -562,207 +542,13 @@ class Sampler:
             finished(state, result)
 
 
-class ChatOverflowError(SamplingError):
-    """A conversation no longer fits in the chat session's cache (overflow="error")."""
 
 
-class ChatSession:
-    """A multi-turn conversation that keeps its KV cache between turns.
+def __getattr__(name: str):
+    # ChatSession lives in gemma_kit.chat (which imports this module); the old import path
+    # `from gemma_kit.sampler import ChatSession` keeps working without an import cycle.
+    if name in ("ChatSession", "ChatOverflowError"):
+        from gemma_kit import chat
 
-    Each `send` prefills only the new turn (the cache already holds the conversation so far)
-    and decodes the reply until <end_of_turn>. Gemma has no system role: `system` is folded
-    into the first user turn, as in the official chat template.
-
-    When a turn (plus max_new_tokens) no longer fits in `cache_length` tokens, the `overflow`
-    policy applies: "drop_oldest" (default) forgets the oldest exchanges, keeping the system
-    prompt, and re-reads what remains into a fresh cache; "error" raises ChatOverflowError and
-    leaves the conversation as it was. A reply cut short by a full cache ends with
-    finish_reason "cache_full" (see `last_result`).
-    """
-
-    _CHUNK = 32  # a new turn is fed in chunks of this many tokens, the remainder one by one
-
-    def __init__(self, model, tokenizer, system: str | None = None, *, cache_length: int = 4096,
-                 cache_dtype=jnp.bfloat16, overflow: str = "drop_oldest",
-                 matvec_layout: bool | None = None):
-        if overflow not in ("drop_oldest", "error"):
-            raise SamplingError(f"overflow must be 'drop_oldest' or 'error', got {overflow!r}")
-        cache_length = min(cache_length, model.config.max_context)
-        self.sampler = Sampler(model, tokenizer, cache_dtype=cache_dtype,
-                               cache_length=cache_length, matvec_layout=matvec_layout)
-        self.tokenizer = tokenizer
-        self.system = system
-        self.overflow = overflow
-        self.cache_length = cache_length
-        self.messages: list[dict] = []  # user/model turns so far (the system prompt apart)
-        self.last_result: GenerationResult | None = None
-        self.dropped_turns = 0  # exchanges forgotten under the drop_oldest policy
-        self._state = None  # decode state after the last reply; its cache holds the chat
-        self.token_ids: list[int] = []  # the conversation as the model saw it (pads aside)
-
-    def reset(self) -> None:
-        """Forgets the conversation (the system prompt stays)."""
-        self.messages, self._state, self.last_result, self.token_ids = [], None, None, []
-
-    def _history(self, messages) -> list[dict]:
-        system = [{"role": "system", "content": self.system}] if self.system else []
-        return system + messages
-
-    def _full_ids(self, messages) -> list[int]:
-        ids = self.tokenizer.encode(self.tokenizer.format_chat(self._history(messages)))
-        images = self._images(messages)
-        if images is None:
-            return ids
-        markers = ids.count(self.tokenizer.start_of_image_id)
-        if markers != images.shape[0]:
-            # e.g. a reply that spelled out "<start_of_image>": re-read, it would become a marker
-            raise ImageError(
-                f"the conversation's text holds {markers} <start_of_image> markers for "
-                f"{images.shape[0]} images, so it cannot be re-read; call reset() (or undo()) to "
-                "go on")
-        return self.sampler._expand(ids)
-
-    def _images(self, messages):
-        """The embeddings [n, M, D] of every image in `messages`, in order, or None."""
-        found = [m["images"] for m in messages if m.get("images") is not None]
-        return jnp.concatenate(found) if found else None
-
-    def send(self, message: str, **sampling) -> str:
-        """Sends a user message and returns the model's reply (sampling as Sampler.generate).
-
-        `images=[...]` (models with an image encoder) go with the message, which holds one
-        `<start_of_image>` per image; each image is encoded once and stays in the conversation
-        (`pan_and_scan=True` adds crops of elongated images, as Sampler.generate).
-        """
-        return "".join(self.stream(message, **sampling))
-
-    def stream(self, message: str, max_new_tokens: int = 256, temperature: float = 0.0,
-               top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
-               seed: int = 0, stop: str | Sequence[str] | None = None, *, images=None,
-               pan_and_scan: bool = False) -> Iterator[str]:
-        """Like `send`, yielding the reply piece by piece."""
-        if not isinstance(message, str) or not message.strip():
-            raise SamplingError("the message is empty; type something to send")
-        sampler, tok = self.sampler, self.tokenizer
-        static = sampler._static(max_new_tokens, temperature, top_k, top_p, min_p, None, None)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        message, embeddings = sampler._read_images(message, images, pan_and_scan, "the message")
-        user = {"role": "user", "content": message}
-        if embeddings is not None:
-            user["images"] = embeddings  # encoded once; re-used if the chat is re-read
-
-        if self._state is not None:
-            # Only the new turn goes in: close the model's turn, open the user's, then the
-            # model's. Chat markup tokens are atomic, so this tokenizes as the full text would.
-            new_ids = tok.encode("<end_of_turn>\n" + tok.format_chat([user]), add_bos=False)
-            if embeddings is not None:
-                new_ids = sampler._expand(new_ids)
-            used = int(self._state["cache"]["index"])
-            if used + len(new_ids) + max_new_tokens > self.cache_length:
-                self._make_room(user, max_new_tokens)
-        if self._state is None:
-            ids = self._full_ids(self.messages + [user])
-            if len(ids) + max_new_tokens > self.cache_length:
-                self._make_room(user, max_new_tokens)
-                ids = self._full_ids(self.messages + [user])
-
-        recorded = False
-
-        def finished(final_state, result):
-            nonlocal recorded
-            fed = int(final_state["step"]) - 1  # the last drawn token is not fed yet
-            self.token_ids += result.tokens[:fed]
-            self._state = final_state
-            self.last_result = result
-            self.messages += [user, {"role": "model", "content": result.text}]
-            recorded = True
-
-        try:
-            if self._state is None:
-                self.token_ids = list(ids)
-                state = sampler._start([ids], static, seed, [self._images(self.messages + [user])])
-            else:
-                state = self._feed(new_ids, static, seed, embeddings)
-            yield from sampler._stream_state(state, static, max_new_tokens, stops, finished)
-        except BaseException:
-            if not recorded:
-                # Cut short inside a step (Ctrl-C, an error): the cache buffers were handed to
-                # that step and may be gone. Forget this turn; the next one re-reads the
-                # conversation into a fresh cache.
-                self._state, self.token_ids = None, []
-            raise
-
-    def undo(self) -> dict | None:
-        """Forgets the last exchange and returns its user message (to regenerate the reply or
-        edit the message), or None when there is none. The next turn re-reads what remains."""
-        if not self.messages:
-            return None
-        user = self.messages[-2]
-        self.messages = self.messages[:-2]
-        self._state, self.token_ids, self.last_result = None, [], None
-        return user
-
-    def _make_room(self, user: dict, max_new_tokens: int) -> None:
-        """Applies the overflow policy so that the next turn fits."""
-        if self.overflow == "error":
-            raise ChatOverflowError(
-                f"the conversation would exceed the cache of {self.cache_length} tokens; call "
-                "reset(), or create the ChatSession with a larger cache_length or "
-                "overflow='drop_oldest'"
-            )
-        messages = list(self.messages)
-        while messages and len(self._full_ids(messages + [user])) + max_new_tokens > self.cache_length:
-            messages = messages[2:]  # one user/model exchange
-            self.dropped_turns += 1
-        if len(self._full_ids(messages + [user])) + max_new_tokens > self.cache_length:
-            raise ChatOverflowError(
-                f"this message alone (with max_new_tokens={max_new_tokens}) does not fit in the "
-                f"cache of {self.cache_length} tokens; shorten it or lower max_new_tokens"
-            )
-        self.messages, self._state = messages, None  # re-read what remains into a fresh cache
-        self.token_ids = []
-
-    def _feed(self, new_ids: list[int], static: _Static, seed: int, images=None) -> dict:
-        """Writes all but the last new token into the cache; the decode step feeds the last.
-
-        Text goes in chunks of _CHUNK tokens, then one by one; each image's soft-token slots go
-        in one chunk of their own with the image's embeddings (images [n, M, D]), so that they
-        see each other and every chunk shape recurs.
-        """
-        state = self._state
-        cache, index = state["cache"], int(state["position"][0])
-        if not bool(state["done"][0]):
-            # The reply ended on a length limit or a stop string: its last drawn token was
-            # never fed to the model, so it goes in first.
-            new_ids = [int(state["token"][0])] + new_ids
-        self.token_ids += new_ids
-        body = new_ids[:-1]
-        soft = [i for i, t in enumerate(body) if t == image_prompt.SOFT_TOKEN]
-        start, image = 0, 0
-        while start < len(body):
-            embeddings = None
-            if body[start] == image_prompt.SOFT_TOKEN:
-                size = self.sampler.config.vision.num_soft_tokens
-                embeddings = images[None, image:image + 1]
-                image += 1
-            else:
-                run = next((i for i in soft if i > start), len(body)) - start  # text up to an image
-                size = self._CHUNK if run >= self._CHUNK else 1
-            chunk = np.asarray([body[start:start + size]], np.int32)
-            pos = np.arange(index + start, index + start + size, dtype=np.int32)[None]
-            _, cache = _extend_chunk(self.sampler.params, jnp.asarray(chunk), jnp.asarray(pos),
-                                     cache, embeddings, graphdef=self.sampler.graphdef)
-            start += size
-        B = 1
-        state = dict(
-            cache=cache,
-            token=jnp.asarray([new_ids[-1]], jnp.int32),
-            position=jnp.asarray([index + len(body)], jnp.int32),
-            step=jnp.zeros((), jnp.int32),
-            tokens=jnp.full((B, static.max_new), PAD_ID, jnp.int32),
-            logprobs=jnp.zeros((B, static.max_new), jnp.float32),
-            stopped_at=jnp.full((B,), -1, jnp.int32),
-            done=jnp.zeros((B,), bool),
-            key=jax.random.key(seed),
-        )
-        return _decode_one(self.sampler.params, state, static=static)
+        return getattr(chat, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -194,7 +194,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from gemma_kit.sampler import ChatSession
+    from gemma_kit.chat import ChatSession
     from gemma_kit.sampling import SamplingParams
 
     SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p)

@@ -7,6 +7,7 @@ needs. The pure pieces are tested against oracles and closed forms:
     losses.py     pure loss functions on arrays (divergences, DPO, Bradley-Terry, advantages)
     logprobs.py   chunked per-token log-probs and divergences ([B, T, V] never exists whole)
     merging.py    EMA, task vectors, LERP / SLERP / LITI, averages (LoRA-exact)
+    rollout.py    K completions per prompt from the current parameters (stop token kept)
 
 Needs the [finetune] extra (optax).
 """
