@@ -424,6 +424,16 @@ class Sampler:
             results.append(self._result(row_state, len(seq), stops))
         return results[0] if single else results
 
+    def best_of_n(self, prompts: str | Sequence[str], n: int, reward, **sampling):
+        """Best-of-N: the n candidates of each prompt drawn in one batched `generate`, scored by
+        `reward` and sorted best first (ties keep generation order); see
+        gemma_kit.posttrain.bon.best_of_n for the arguments. One prompt string gives one sorted
+        list of candidates (`.text`, `.tokens`, `.reward`), a list of prompts a list of lists.
+        """
+        from gemma_kit.posttrain.bon import best_of_n  # post-training code loads on first use
+
+        return best_of_n(self, prompts, n, reward, **sampling)
+
     def stream(
         self,
         prompt: str,

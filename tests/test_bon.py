@@ -180,3 +180,13 @@ def test_cli_best_of_on_the_real_model(capsys):
     assert out["best_of"] == 4 and len(rewards) == 4 and rewards == sorted(rewards, reverse=True)
     assert rewards == vader_sentiment([prompt] * 4, [c["text"] for c in out["candidates"]])
     assert sorted(c["index"] for c in out["candidates"]) == [0, 1, 2, 3]
+
+
+def test_sampler_best_of_n_is_the_same_draw(tiny):
+    """Sampler.best_of_n (the public method) returns what best_of_n gives for the same seed."""
+    sampler, rm = tiny
+    via_method = sampler.sampler.best_of_n(PROMPTS, 3, rm, **SAMPLING)
+    via_function = best_of_n(sampler.sampler, PROMPTS, 3, rm, **SAMPLING)
+    assert [[(c.tokens, c.reward) for c in row] for row in via_method] == \
+        [[(c.tokens, c.reward) for c in row] for row in via_function]
+    assert len(via_method) == 2 and all(len(row) == 3 for row in via_method)

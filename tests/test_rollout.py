@@ -21,7 +21,7 @@ from flax import nnx
 from _tiny import SMALL_TEXT, SMALL_VOCAB
 from gemma_kit import lora
 from gemma_kit.decode import PAD_ID
-from gemma_kit.finetune.train import attention_mask, cross_entropy_sums
+from gemma_kit.training.losses import attention_mask, cross_entropy_sums
 from gemma_kit.posttrain.rollout import rollout
 from gemma_kit.sampler import Sampler
 from gemma_kit.sampling import SamplingError
