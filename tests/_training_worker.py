@@ -142,7 +142,7 @@ class AnchorObjective(Objective):
         self.stats = {"kind": "toy"}
         return context.config.steps
 
-    def host_batch(self, step: int) -> dict[str, np.ndarray]:
+    def host_batch(self, step: int, trainer=None) -> dict[str, np.ndarray]:
         c = self.config
         rows = completion_rows(c.seed * 1000 + step, c.batch_size, c.max_length, self.vocab)
         return micro_batches(rows, c.grad_accum)

@@ -179,7 +179,7 @@ class FineTuning(Objective):
         self.data, self.stats = data, data.stats
         return total_steps(config, data)
 
-    def host_batch(self, step: int) -> dict[str, np.ndarray]:
+    def host_batch(self, step: int, trainer=None) -> dict[str, np.ndarray]:
         return step_batch(self.config, self.data, step, self.images)
 
     def step_metrics(self, metrics: dict[str, float]) -> dict[str, float]:

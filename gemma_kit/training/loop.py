@@ -256,7 +256,7 @@ def run(config: TrainConfig, objective: Objective, *, model=None, tokenizer=None
         with _StopRequest() as stop:
             tick = time.perf_counter()
             for step in range(start, steps):
-                rows = objective.host_batch(step)
+                rows = objective.host_batch(step, trainer)
                 frozen = objective.frozen(step, trainer)
                 m = trainer.step(trainer.place(rows, batch_axis=1), frozen)
                 done = step + 1

@@ -11,7 +11,8 @@ objective subclasses `Objective` and supplies the rest; the hooks run in this or
     restore_state(arrays, info)    on --resume: what checkpoint_state saved
     evaluate(trainer)              held-out metrics before training (fresh runs only)
     for each step s:
-        host_batch(s)              host arrays [grad_accum, micro_batch, ...]
+        host_batch(s, trainer)     host arrays [grad_accum, micro_batch, ...] (on-policy
+                                   objectives draw rollouts here from trainer.trainable)
         frozen(s, trainer)         the frozen pytrees of step s (arguments of the step)
         step_metrics(metrics)      the row written to metrics.jsonl (after the shared fields)
         after_step(s, trainer, m)  e.g. update an EMA anchor from trainer.trainable
@@ -78,8 +79,12 @@ class Objective:
         """Loads what the objective needs; returns the number of optimizer steps of the run."""
         raise NotImplementedError
 
-    def host_batch(self, step: int) -> dict[str, np.ndarray]:
-        """The host arrays of optimizer step `step`, [grad_accum, micro_batch, ...] each."""
+    def host_batch(self, step: int, trainer) -> dict[str, np.ndarray]:
+        """The host arrays of optimizer step `step`, [grad_accum, micro_batch, ...] each.
+
+        `trainer` holds the current parameters (trainer.trainable, trainer.model()): an
+        on-policy objective samples its rollouts from them here.
+        """
         raise NotImplementedError
 
     def frozen(self, step: int, trainer) -> Any:
