@@ -13,7 +13,9 @@ import pathlib
 import jax.numpy as jnp
 
 from gemma_kit.checkpoint import convert, official
+from gemma_kit.loading import load_model
 from gemma_kit.paths import cache_dir, default_gguf_path
+from gemma_kit.tokenizer import Tokenizer
 
 PRESET = "gemma3-270m"
 
@@ -25,7 +27,7 @@ def default_model_dir() -> pathlib.Path:
 def ensure_default_model() -> pathlib.Path:
     """The default model folder, built from the packaged GGUF if it is not there yet."""
     folder = default_model_dir()
-    complete = (folder / convert.TOKENIZER_FILE).is_file() and official._is_orbax_dir(
+    complete = (folder / convert.TOKENIZER_FILE).is_file() and official.is_orbax_dir(
         folder / convert.CHECKPOINT_SUBDIR
     )
     if not complete:
@@ -36,9 +38,6 @@ def ensure_default_model() -> pathlib.Path:
 
 def default_model(dtype=None, *, compute_dtype=jnp.float32):
     """(model, tokenizer) for the embedded Gemma 3 270M; weights bf16 unless `dtype` says."""
-    from gemma_kit.loading import load_model
-    from gemma_kit.tokenizer import Tokenizer
-
     folder = ensure_default_model()
     model = load_model(folder, PRESET, dtype, compute_dtype=compute_dtype)
     return model, Tokenizer(folder / convert.TOKENIZER_FILE)

@@ -64,3 +64,11 @@ class TrainingError(GemmaKitError, RuntimeError):
 
 class DivergenceError(TrainingError):
     """The training loss became NaN or infinite; the last good checkpoint is left intact."""
+
+
+class DemoError(GemmaKitError, RuntimeError):
+    """The demo cannot start: Gradio missing, the port taken, an adapter that does not load."""
+
+
+class InputError(GemmaKitError, ValueError):
+    """A message the demo page refuses (empty, an image the model cannot take, a bad file)."""
