@@ -28,7 +28,7 @@ depends on its shape, because XLA's CPU backend is fast at different things for 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -114,8 +114,8 @@ class Einsum(nnx.Module):
         #   the caller's compiled computation: memory holds, and a matmul reads, one byte per
         #   weight.
         # - lora: set by gemma_kit.lora; a module adding (alpha / r) * x A B to the output.
-        self.w_scale = nnx.data(None)
-        self.lora = nnx.data(None)
+        self.w_scale: Any = nnx.data(None)
+        self.lora: Any = nnx.data(None)  # a gemma_kit.lora.LoRA once set
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = self._base(x)

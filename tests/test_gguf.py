@@ -9,8 +9,8 @@ import gguf
 import ml_dtypes
 import numpy as np
 import pytest
-from _real_model import gguf_reader, hf_gguf_model, hf_gguf_tokenizer
 
+from _real_model import gguf_reader, hf_gguf_model, hf_gguf_tokenizer
 from gemma_kit.checkpoint import official
 from gemma_kit.checkpoint.gguf import read_gguf
 from gemma_kit.config import get_preset

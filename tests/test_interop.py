@@ -24,7 +24,6 @@ transformers = pytest.importorskip("transformers", reason="the interop tests nee
 safetensors_numpy = pytest.importorskip("safetensors.numpy", reason="needs the [hf] extra")
 
 import _logits  # noqa: E402  (tests/ helper; needs torch, checked above)
-
 from gemma_kit.checkpoint import hf, official  # noqa: E402
 from gemma_kit.checkpoint.hf_export import export_hf  # noqa: E402
 from gemma_kit.checkpoint.hf_import import convert_hf, read_hf  # noqa: E402
