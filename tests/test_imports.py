@@ -33,7 +33,7 @@ def _imports(name: str, path: pathlib.Path, modules: dict) -> set[str]:
     """The gemma_kit modules that module `name` imports anywhere: at module level, inside a
     function, or under a condition (a cycle through a function-level import is a cycle too)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found = set()
+    found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
