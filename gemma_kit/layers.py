@@ -15,7 +15,7 @@ Parameters may be stored in a narrower dtype (bf16, or int8 with scales) than th
 (float32). Such a weight multiplies bf16-rounded activations and accumulates in float32 on every
 path (`matmul_dtype`), the numerics of bf16 inference everywhere; how the product is computed
 depends on its shape, because XLA's CPU backend is fast at different things for each
-(shared/docs/cpu-notes.md and benchmarks/):
+(measured by the scripts in benchmarks/):
   * bf16 weights: a bf16 x bf16 product with float32 accumulation, which XLA runs through its
     GEMM library (the CPU's bf16 units), ~10x faster than upcasting several rows (XLA
     materialises a float32 copy of the weight first), and the native form on accelerators.
