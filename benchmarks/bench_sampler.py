@@ -23,8 +23,8 @@ program and the first token's logits and sampling).
 
 Roofline: a decode step reads every weight once (the 168M-parameter tied embedding included,
 in the stored dtype) and every row's whole KV cache. Divided by the matrix-vector bandwidth
-measured in the same rounds (f32 x[1, 640] @ E[262144, 640]^T under XLA, as
-shared/tools/gemv_probe.py), that gives the fastest step this machine allows now; the table
+measured in the same rounds (f32 x[1, 640] @ E[262144, 640]^T under XLA, a product that does
+little but read memory), that gives the fastest step this machine allows now; the table
 shows each measured gemma_kit step against it.
 """
 

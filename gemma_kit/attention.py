@@ -1,8 +1,10 @@
 """One attention for MHA, GQA and MQA, and the masks it uses.
 
 Masks are pure functions of absolute positions, so the same code covers a full forward pass,
-left-padded batches, and (later) a ring-buffer KV cache whose slots hold positions out of order.
-A mask is a boolean [B, T, S] array: True where query t may attend to key s.
+left-padded and packed batches, and a ring-buffer KV cache whose slots hold positions out of
+order. A mask is a boolean [B, T, S] array: True where query t may attend to key s.
+`attention_mask` assembles the model-wide mask of a sequence from these parts; the cached path
+of `Attention` builds its own from the cache's slot positions.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gemma_kit import cache as kv_cache
-from gemma_kit.config import AttentionKind, Config
+from gemma_kit.config import AttentionKind, Config, LocalAttention
 from gemma_kit.layers import Einsum, RMSNorm, apply_rope, matmul_dtype, softcap
 
 # Added to masked logits. Finite on purpose: a row with every key masked (a pad query) then
@@ -55,6 +57,36 @@ def image_block_mask(q_blocks: jax.Array, k_blocks: jax.Array) -> jax.Array:
     (as in the official code: gm/utils/_attention_mask.py, then create_sliding_mask).
     """
     return (q_blocks[:, :, None] == k_blocks[:, None, :]) & (q_blocks[:, :, None] > 0)
+
+
+def attention_mask(
+    positions: jax.Array,
+    *,
+    valid: jax.Array | None = None,
+    blocks: jax.Array | None = None,
+    segments: jax.Array | None = None,
+) -> jax.Array:
+    """The model-wide [B, T, T] self-attention mask of T tokens; local layers narrow it further.
+
+    Args:
+      positions: [B, T] absolute positions; a query sees keys at its own or earlier positions.
+      valid: [B, T] bool, False at padding: no query sees a pad key.
+      blocks: [B, T] image block ids (image_blocks): the soft tokens of one image also see each
+        other in both directions.
+      segments: [B, T] int, the packed example each token belongs to (1, 2, ...; 0 = padding):
+        a query sees keys of its own example only, never padding.
+    Returns:
+      [B, T, T] bool: (causal | same image) & valid key & same segment.
+    """
+    mask = causal_mask(positions, positions)
+    if blocks is not None:
+        mask = mask | image_block_mask(blocks, blocks)
+    if valid is not None:
+        mask = mask & valid[:, None, :]
+    if segments is not None:
+        same = segments[:, :, None] == segments[:, None, :]
+        mask = mask & same & (segments > 0)[:, None, :]
+    return mask
 
 
 def attend(
@@ -129,8 +161,10 @@ class Attention(nnx.Module):
         self.query_scale = config.query_pre_attn_scalar ** -0.5
         self.logit_cap = config.attn_logit_softcap
 
-    def project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """[B, T, D] -> scaled, rotated queries [B, T, N, H]; rotated keys and values [B, T, K, H]."""
+    def project(self, x: jax.Array, positions: jax.Array
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """[B, T, D] -> scaled, rotated queries [B, T, N, H]; rotated keys and values [B, T, K, H].
+        """
         if hasattr(self, "qkv_einsum"):
             q, k, v = self.qkv_einsum(x)
         else:
@@ -145,7 +179,7 @@ class Attention(nnx.Module):
 
     def layer_mask(self, mask: jax.Array, q_positions: jax.Array, k_positions: jax.Array):
         """Narrows the model-wide mask to this layer's sliding window, if it has one."""
-        if self.kind.is_local:
+        if isinstance(self.kind, LocalAttention):
             return mask & sliding_window_mask(q_positions, k_positions, self.kind.window)
         return mask
 
@@ -174,6 +208,8 @@ class Attention(nnx.Module):
         q, k, v = self.project(x, positions)
         if cache is None:
             k_pos, new_cache = positions, None
+            if mask is None:
+                mask = causal_mask(positions, positions)
         else:
             new_cache = kv_cache.write(cache, k, v, positions, index)
             # The new keys as the cache stores them, so that a token attends to the same

@@ -11,9 +11,21 @@ window layer knows its window and RoPE base), so a block never needs a dozen loo
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Union
+from typing import Literal
 
 from gemma_kit.errors import ConfigError
+
+# The weight and compute dtypes gemma_kit takes by name (command line, fine-tuning configs),
+# aliases included. float16 is left out on purpose: Gemma's activations overflow its range.
+DTYPE_NAMES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "f32": "float32"}
+
+
+def dtype_name(name: str) -> str:
+    """A dtype name or alias ("bf16") -> its canonical name ("bfloat16"); ConfigError otherwise."""
+    if name not in DTYPE_NAMES:
+        raise ConfigError(
+            f"unknown dtype {name!r}; use bfloat16 (bf16) or float32 (f32)")
+    return DTYPE_NAMES[name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +56,7 @@ class LocalAttention:
             raise ConfigError(f"sliding window must be >= 1, got {self.window}")
 
 
-AttentionKind = Union[GlobalAttention, LocalAttention]
+AttentionKind = GlobalAttention | LocalAttention
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from gemma_kit.chat import ChatSession
-from gemma_kit.errors import GemmaKitError
+from gemma_kit.errors import DemoError, GemmaKitError, InputError
 from gemma_kit.layers import to_matvec_layout
 from gemma_kit.sampling import SamplingParams
 
@@ -41,14 +41,6 @@ try:
     import gradio as gr
 except ImportError:  # the [demo] extra is not installed
     gr = None
-
-
-class DemoError(GemmaKitError, RuntimeError):
-    """The demo cannot start: Gradio missing, the port taken, an adapter that does not load."""
-
-
-class InputError(GemmaKitError, ValueError):
-    """A message the page refuses (empty, an image the model cannot take, a bad file)."""
 
 
 # Image files the page accepts (Pillow format names), and their upload filter.

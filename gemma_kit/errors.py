@@ -68,3 +68,11 @@ class DivergenceError(TrainingError):
 
 class RewardError(GemmaKitError, ValueError):
     """A reward function that cannot be loaded or used; the message names the function."""
+
+
+class DemoError(GemmaKitError, RuntimeError):
+    """The demo cannot start: Gradio missing, the port taken, an adapter that does not load."""
+
+
+class InputError(GemmaKitError, ValueError):
+    """A message the demo page refuses (empty, an image the model cannot take, a bad file)."""

@@ -15,7 +15,7 @@ Parameters may be stored in a narrower dtype (bf16, or int8 with scales) than th
 (float32). Such a weight multiplies bf16-rounded activations and accumulates in float32 on every
 path (`matmul_dtype`), the numerics of bf16 inference everywhere; how the product is computed
 depends on its shape, because XLA's CPU backend is fast at different things for each
-(shared/docs/cpu-notes.md and benchmarks/):
+(measured by the scripts in benchmarks/):
   * bf16 weights: a bf16 x bf16 product with float32 accumulation, which XLA runs through its
     GEMM library (the CPU's bf16 units), ~10x faster than upcasting several rows (XLA
     materialises a float32 copy of the weight first), and the native form on accelerators.
@@ -28,7 +28,7 @@ depends on its shape, because XLA's CPU backend is fast at different things for 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -114,8 +114,8 @@ class Einsum(nnx.Module):
         #   the caller's compiled computation: memory holds, and a matmul reads, one byte per
         #   weight.
         # - lora: set by gemma_kit.lora; a module adding (alpha / r) * x A B to the output.
-        self.w_scale = nnx.data(None)
-        self.lora = nnx.data(None)
+        self.w_scale: Any = nnx.data(None)
+        self.lora: Any = nnx.data(None)  # a gemma_kit.lora.LoRA once set
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = self._base(x)

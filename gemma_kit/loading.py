@@ -10,8 +10,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gemma_kit.checkpoint import official
+from gemma_kit.checkpoint.adapter import read_adapter_config
+from gemma_kit.checkpoint.hf_import import read_hf
 from gemma_kit.checkpoint.safetensors_io import is_hf_folder
 from gemma_kit.config import Config
+from gemma_kit.errors import CheckpointError
+from gemma_kit.layers import Einsum
+from gemma_kit.lora import has_lora, load_adapter
+from gemma_kit.quant import is_quantized
 from gemma_kit.transformer import Transformer
 
 
@@ -57,20 +63,14 @@ def load_model(
       says which; only then do the model and the sampler accept images).
     """
     if lora is not None:  # a bad adapter path is reported before seconds of loading
-        from gemma_kit.lora import read_adapter_config
-
         read_adapter_config(lora)
     if is_hf_folder(path):
-        from gemma_kit.checkpoint.hf_import import read_hf
-
         config, params, _ = read_hf(path, preset, dtype, vision=not text_only,
                                     place=jax.device_put, progress=False)
     else:
         config, params, _ = official.load_params(path, preset, dtype, vision=not text_only)
     model = model_from_params(config, params, compute_dtype=compute_dtype)
     if lora is not None:
-        from gemma_kit.lora import load_adapter
-
         load_adapter(model, lora)
     return model
 
@@ -82,23 +82,19 @@ def save_checkpoint(
     layout: official.Layout = "flat",
     overwrite: bool = False,
 ) -> pathlib.Path:
-    """Saves the model's weights as an official Orbax checkpoint ("flat", as released, or "nested")."""
-    from gemma_kit.layers import Einsum
-    from gemma_kit.errors import CheckpointError
-
+    """Saves the model's weights as an official Orbax checkpoint ("flat", as released, or
+    "nested"). The model must hold plain weights: not the sampler's transposed layout, not int8,
+    no unmerged LoRA."""
     if any(isinstance(m, Einsum) and m.matvec for _, m in model.iter_modules()):
         raise CheckpointError(
             "this model's weights are in the sampler's transposed decode layout "
             "(gemma_kit.layers.to_matvec_layout); save the original model instead"
         )
-    from gemma_kit.quant import is_quantized
-
-    einsums = [m for _, m in model.iter_modules() if isinstance(m, Einsum)]
     if is_quantized(model):
         raise CheckpointError(
             "this model's weights are int8 (gemma_kit.quant); save the original model instead"
         )
-    if any(m.lora is not None for m in einsums):
+    if has_lora(model):
         raise CheckpointError(
             "this model carries an unmerged LoRA adapter; save gemma_kit.lora.merge(model) for "
             "a full checkpoint, or gemma_kit.lora.save_adapter(model, DIR) for the adapter alone"

@@ -18,11 +18,13 @@ not `nnx.Param`: "train only LoRA" is the filter `LoRAParam`, and code that hand
     save_adapter(model, "out/adapter")                             # LoRA factors only (small)
     model = load_model(base, lora="out/adapter")                   # unmerged, for sampling
     merged = merge(model)                                          # a plain Transformer
+
+The adapter folder's format lives in gemma_kit.checkpoint.adapter; merging an adapter into a
+checkpoint on disk in gemma_kit.checkpoint.merge.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 from collections.abc import Iterable, Sequence
@@ -32,13 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gemma_kit.checkpoint import adapter as adapter_io
+from gemma_kit.checkpoint.adapter import read_adapter_config
 from gemma_kit.errors import AdapterError, ConfigError
 from gemma_kit.layers import Einsum
-
-ADAPTER_FORMAT = "gemma_kit-lora"
-ADAPTER_VERSION = 1
-CONFIG_FILE = "adapter_config.json"
-PARAMS_DIR = "params"
 
 # Einsum attribute names (the official checkpoint names) and the groups a user may name.
 ATTENTION_TARGETS = ("q_einsum", "kv_einsum", "qkv_einsum", "attn_vec_einsum")
@@ -235,64 +234,29 @@ def remove_lora(model: nnx.Module) -> nnx.Module:
 
 
 # ------------------------------------------------------------------------------------------
-# Saving and loading an adapter alone
+# Saving and loading an adapter alone (the folder format: gemma_kit.checkpoint.adapter)
 
 
 def save_adapter(model: nnx.Module, path: str | os.PathLike, *, overwrite: bool = False,
                  extra: dict | None = None) -> pathlib.Path:
     """Writes the LoRA factors of `model` (and nothing of the base) to the folder `path`.
 
-    The folder holds `adapter_config.json` (rank, alpha, adapted modules, base preset) and
-    `params/`, an Orbax PyTree checkpoint of {module path: {"lora": {"a", "b"}}}. It is written
-    through gemma_kit.checkpoint.staging: into a temporary folder renamed at the end, and only
-    an earlier adapter folder is ever replaced.
+    The folder holds `adapter_config.json` (rank, alpha, adapted modules, base preset, and
+    `extra`) and `params/`, the factors (see gemma_kit.checkpoint.adapter). It is written into
+    a temporary folder renamed at the end, and only an earlier adapter folder is ever replaced.
     """
-    import orbax.checkpoint as ocp
-
-    from gemma_kit.checkpoint import staging
-
-    info = adapter_info(model)
     config = getattr(model, "config", None)
-    meta = dict(format=ADAPTER_FORMAT, version=ADAPTER_VERSION,
-                base_preset=getattr(config, "name", None), **info, **(extra or {}))
-    params = jax.tree.map(np.asarray, nnx.to_pure_dict(lora_state(model)))
-    with staging.staged_folder(path, overwrite=overwrite, what="gemma_kit LoRA adapter folder",
-                               replaceable=lambda p: (p / CONFIG_FILE).is_file()) as folder:
-        # Written by this process alone (in a multi-process run, by one of them): no barrier
-        # with the other processes, which do not call this.
-        alone = ocp.options.MultiprocessingOptions(
-            primary_host=jax.process_index(), active_processes={jax.process_index()})
-        ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=alone),
-                         multiprocessing_options=alone).save(folder / PARAMS_DIR, params)
-        (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    return pathlib.Path(path).expanduser().absolute()
-
-
-def read_adapter_config(path: str | os.PathLike) -> dict:
-    path = pathlib.Path(path).expanduser()
-    file = path / CONFIG_FILE
-    if not path.exists():
-        raise AdapterError(f"adapter folder {str(path)!r} does not exist")
-    if not file.is_file():
-        raise AdapterError(
-            f"{str(path)!r} is not a gemma_kit adapter folder (no {CONFIG_FILE}); pass the "
-            "folder save_adapter or `gemma-kit finetune` wrote (OUT_DIR/adapter)"
-        )
-    try:
-        meta = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise AdapterError(f"{file} is not valid JSON ({err}); the adapter is damaged") from None
-    if meta.get("format") != ADAPTER_FORMAT:
-        raise AdapterError(f"{file} is not a {ADAPTER_FORMAT} adapter config")
-    if meta.get("version", 0) > ADAPTER_VERSION:
-        raise AdapterError(f"{file} has format version {meta['version']}; upgrade gemma_kit")
-    return meta
+    meta = dict(base_preset=getattr(config, "name", None), **adapter_info(model), **(extra or {}))
+    return adapter_io.write_adapter(path, meta, nnx.to_pure_dict(lora_state(model)),
+                                    overwrite=overwrite)
 
 
 def load_adapter(model: nnx.Module, path: str | os.PathLike) -> nnx.Module:
-    """Adds the saved adapter at `path` to `model` in place (unmerged); returns the model."""
-    import orbax.checkpoint as ocp
+    """Adds the saved adapter at `path` to `model` in place (unmerged); returns the model.
 
+    An adapter that does not fit (another preset, another size, a module the model lacks)
+    raises AdapterError and leaves the model without LoRA.
+    """
     path = pathlib.Path(path).expanduser().absolute()
     meta = read_adapter_config(path)
     config = getattr(model, "config", None)
@@ -307,75 +271,21 @@ def load_adapter(model: nnx.Module, path: str | os.PathLike) -> nnx.Module:
         raise AdapterError(f"adapter {str(path)!r} adapts {missing[0]}, which this model lacks")
     apply_lora(model, meta["rank"], meta["alpha"], meta["targets"],
                dtype=jnp.dtype(meta.get("dtype", "float32")))
-    adapted = {p for p, m in einsums(model) if m.lora is not None}
-    if adapted != set(meta["modules"]):
-        raise AdapterError(f"adapter {str(path)!r} does not cover the modules its targets name")
-    state = lora_state(model)
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                          nnx.to_pure_dict(state))
-    # Shapes are compared from the metadata first: a mismatch is then one clear error, before
-    # Orbax starts (and abandons) any read.
-    from gemma_kit.checkpoint.official import flatten, read_metadata
-    from gemma_kit.errors import CheckpointError
-
     try:
-        stored = flatten(read_metadata(path / PARAMS_DIR))
-    except CheckpointError as err:
-        remove_lora(model)
-        raise AdapterError(f"the LoRA factors of {str(path)!r} cannot be read: {err}") from None
-    for key, want in flatten(target).items():
-        got = stored.get(key)
-        if got is None or tuple(got.shape) != tuple(want.shape):
-            remove_lora(model)
-            found = "missing" if got is None else f"of shape {tuple(got.shape)}"
+        adapted = {p for p, m in einsums(model) if m.lora is not None}
+        if adapted != set(meta["modules"]):
             raise AdapterError(
-                f"adapter {str(path)!r} holds {'/'.join(key)} {found} where this model needs "
-                f"{tuple(want.shape)}: it was made for another model size")
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    try:
-        restored = ocp.PyTreeCheckpointer().restore(
-            path / PARAMS_DIR,
-            args=ocp.args.PyTreeRestore(
-                item=target,
-                restore_args=jax.tree.map(
-                    lambda s: ocp.ArrayRestoreArgs(dtype=s.dtype, sharding=device), target),
-            ),
-        )
-    except Exception as err:  # orbax raises many types; one clear message for the user
+                f"adapter {str(path)!r} does not cover the modules its targets name")
+        state = lora_state(model)
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                              nnx.to_pure_dict(state))
+        restored = adapter_io.read_adapter_params(path, target)
+    except AdapterError:
         remove_lora(model)
-        raise AdapterError(
-            f"cannot read the LoRA factors in {str(path / PARAMS_DIR)!r} "
-            f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); the adapter is "
-            "incomplete or was made for another model size"
-        ) from err
+        raise
     nnx.replace_by_pure_dict(state, restored)
     nnx.update(model, state)
     return model
-
-
-def merge_checkpoint(base: str | os.PathLike, adapter: str | os.PathLike,
-                     out: str | os.PathLike, *, preset=None,
-                     overwrite: bool = False) -> pathlib.Path:
-    """base checkpoint + adapter -> `out`/checkpoint (official layout) and `out`/tokenizer.model.
-
-    The weights keep the base's stored dtype (the sum is taken in float32). The folder is
-    written through gemma_kit.checkpoint.staging, so an interrupted merge never leaves one that
-    looks complete, and only an earlier model folder is ever replaced.
-    """
-    from gemma_kit.checkpoint import convert, staging
-    from gemma_kit.checkpoint.official import find_checkpoint, find_tokenizer
-    from gemma_kit.loading import load_model
-
-    read_adapter_config(adapter)  # a bad adapter or target is reported before loading the base
-    find_checkpoint(base)
-    staging.check_target(pathlib.Path(out).expanduser().absolute(), overwrite,
-                         convert.is_model_folder, "gemma_kit model folder")
-    merged = merge(load_model(base, preset, lora=adapter))
-    tokenizer = find_tokenizer(base)
-    params = nnx.to_pure_dict(nnx.state(merged, nnx.Param))
-    return convert.write_model_folder(out, params,
-                                      tokenizer.read_bytes() if tokenizer else None,
-                                      overwrite=overwrite)
 
 
 def trainable_count(model: nnx.Module, kind=LoRAParam) -> int:
@@ -385,5 +295,5 @@ def trainable_count(model: nnx.Module, kind=LoRAParam) -> int:
 __all__: Sequence[str] = (
     "LoRA", "LoRAParam", "apply_lora", "merge", "remove_lora", "save_adapter", "load_adapter",
     "read_adapter_config", "lora_state", "adapter_info", "has_lora", "resolve_targets",
-    "lora_equations", "merge_checkpoint",
+    "lora_equations", "einsums", "trainable_count",
 )

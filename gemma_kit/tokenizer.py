@@ -15,7 +15,6 @@ import sentencepiece as spm
 
 from gemma_kit.errors import ChatFormatError, TokenizerError, TokenizerNotFoundError
 
-
 # The vocabulary size tells the versions apart; <start_of_turn> moved from 106 to 105.
 _VERSION_BY_VOCAB_SIZE = {256000: 2, 262144: 3}
 _VERSION_BY_START_OF_TURN = {106: 2, 105: 3}
@@ -52,9 +51,9 @@ class Tokenizer:
             ) from None
         self.name = name
         start_of_turn = self._lookup("<start_of_turn>")
-        version = _VERSION_BY_VOCAB_SIZE.get(self.vocab_size) or _VERSION_BY_START_OF_TURN.get(
-            start_of_turn
-        )
+        version = _VERSION_BY_VOCAB_SIZE.get(self.vocab_size)
+        if version is None and start_of_turn is not None:
+            version = _VERSION_BY_START_OF_TURN.get(start_of_turn)
         if version is None:
             raise TokenizerError(
                 f"{name} is a SentencePiece model but not a Gemma 2 or Gemma 3 tokenizer "

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gemma_kit.attention import Attention, causal_mask, image_block_mask, image_blocks
+from gemma_kit.attention import Attention, attention_mask, image_blocks
 from gemma_kit.config import Config
 from gemma_kit.errors import ConfigError, ImageError
 from gemma_kit.layers import Einsum, RMSNorm, matmul_t, softcap
@@ -142,20 +142,20 @@ class Transformer(nnx.Module):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = config
         self.dtype = jnp.dtype(dtype)
-        if with_vision and config.vision is None:
+        vision = config.vision if with_vision else None
+        if with_vision and vision is None:
             raise ConfigError(
                 f"Config {config.name!r} has no image encoder (has_vision=False); build it with "
                 "with_vision=False, or use a Gemma 3 4B/12B/27B config")
-        vision_width = config.vision.width if with_vision else None
+        vision_width = vision.width if vision is not None else None
         self.embedder = Embedder(config.vocab_size, config.embed_dim, param_dtype=param_dtype,
                                  rngs=rngs, vision_width=vision_width)
         for i in range(config.num_layers):
             setattr(self, f"layer_{i}", Block(config, i, param_dtype=param_dtype, rngs=rngs))
         self.final_norm = RMSNorm(config.embed_dim, param_dtype=param_dtype, eps=config.norm_eps)
-        if with_vision:
+        if vision is not None:
             # float32 whatever param_dtype says: the released checkpoints store the encoder so.
-            self.vision_encoder = SigLiPFromPatches(config.vision, param_dtype=jnp.float32,
-                                                    rngs=rngs)
+            self.vision_encoder = SigLiPFromPatches(vision, param_dtype=jnp.float32, rngs=rngs)
 
     @property
     def blocks(self) -> list[Block]:
@@ -268,11 +268,7 @@ class Transformer(nnx.Module):
         positions = jnp.asarray(positions, jnp.int32)
         x, blocks = self._embed(tokens, images, image_embeddings)
         if mask is None or valid is not None:
-            attn_mask = causal_mask(positions, positions)
-            if blocks is not None:
-                attn_mask = attn_mask | image_block_mask(blocks, blocks)
-            if valid is not None:
-                attn_mask = attn_mask & valid[:, None, :]
+            attn_mask = attention_mask(positions, valid=valid, blocks=blocks)
         else:
             attn_mask = mask
         for block in self.blocks:
@@ -310,7 +306,7 @@ class Transformer(nnx.Module):
         new_cache = {"index": index + tokens.shape[1]}
         x, blocks = self._embed(jnp.asarray(tokens), None, image_embeddings)
         if blocks is not None and mask is None:
-            mask = causal_mask(positions, positions) | image_block_mask(blocks, blocks)
+            mask = attention_mask(positions, blocks=blocks)
         for i, block in enumerate(self.blocks):
             x, new_cache[f"layer_{i}"] = block(
                 x, positions, mask, cache[f"layer_{i}"], index, fresh

@@ -16,7 +16,7 @@ also hold the SigLIP encoder and the embedder's mm_* projection, which are not l
 Usage:
     python scripts/write_preset_golden.py                   # (re)write the golden file
     python scripts/write_preset_golden.py --check           # fail if the file is out of date
-    python scripts/write_preset_golden.py --verify-official /work/.mirror/google-deepmind+gemma/repo
+    python scripts/write_preset_golden.py --verify-official PATH/TO/google-deepmind/gemma
         # re-read every number of DIMS from the official source (a checkout or a bare git
         # repository) and fail on any difference
 """

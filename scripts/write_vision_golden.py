@@ -13,7 +13,7 @@ Names are those of the released checkpoints ("flat" layout): the encoder under
 Usage:
     python scripts/write_vision_golden.py                   # (re)write the golden file
     python scripts/write_vision_golden.py --check           # fail if the file is out of date
-    python scripts/write_vision_golden.py --verify-official /work/.mirror/google-deepmind+gemma/repo
+    python scripts/write_vision_golden.py --verify-official PATH/TO/google-deepmind/gemma
         # re-read every number of DIMS from the official source (a checkout or a bare git
         # repository) and fail on any difference
 """

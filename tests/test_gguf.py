@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from _real_model import gguf_reader, hf_gguf_model, hf_gguf_tokenizer
-from gemma_kit.checkpoint.gguf import canonical_shapes, read_gguf
+from gemma_kit.checkpoint import official
+from gemma_kit.checkpoint.gguf import read_gguf
 from gemma_kit.config import get_preset
 from gemma_kit.errors import CheckpointNotFoundError, ConversionError
 from gemma_kit.paths import cache_dir, default_gguf_path
@@ -47,7 +48,9 @@ def test_preset_and_every_shape(converted):
     config, params = converted
     assert config is get_preset("gemma3-270m")
     leaves = dict(flatten(params))
-    assert {path: a.shape for path, a in leaves.items()} == canonical_shapes(config)
+    expected = official.flatten(official.abstract_params(config))
+    assert {path: a.shape for path, a in leaves.items()} == {
+        path: leaf.shape for path, leaf in expected.items()}
     assert all(a.dtype == np.float32 for a in leaves.values())
     # 236 GGUF tensors: k/v and gate/up pairs stack into one parameter each.
     assert len(gguf_reader().tensors) == len(leaves) + 2 * config.num_layers
@@ -151,8 +154,12 @@ def numpy_logits(config, params, ids):
     x = embedding[ids].astype(np.float64) * np.sqrt(config.embed_dim)
     for i, kind in enumerate(config.layers):
         layer = {path: a.astype(np.float64) for path, a in flatten(params[f"layer_{i}"])}
-        attn = lambda name: layer["attn", name, "w"]  # noqa: E731
-        norm = lambda *path: layer[(*path, "scale")]  # noqa: E731
+
+        def attn(name, layer=layer):
+            return layer["attn", name, "w"]
+
+        def norm(*path, layer=layer):
+            return layer[(*path, "scale")]
 
         h = _rms(x, norm("pre_attention_norm"), eps)
         q = _rms(_einsum("TD,NDH->TNH", h, attn("q_einsum")), norm("attn", "_query_norm"), eps)

@@ -24,10 +24,9 @@ transformers = pytest.importorskip("transformers", reason="the interop tests nee
 safetensors_numpy = pytest.importorskip("safetensors.numpy", reason="needs the [hf] extra")
 
 import _logits  # noqa: E402  (tests/ helper; needs torch, checked above)
-
 from gemma_kit.checkpoint import hf, official  # noqa: E402
 from gemma_kit.checkpoint.hf_export import export_hf  # noqa: E402
-from gemma_kit.checkpoint.hf_import import _vision_table, convert_hf, read_hf  # noqa: E402
+from gemma_kit.checkpoint.hf_import import convert_hf, read_hf  # noqa: E402
 from gemma_kit.checkpoint.safetensors_io import HFFolder  # noqa: E402
 from gemma_kit.cli import main  # noqa: E402
 from gemma_kit.config import PRESETS  # noqa: E402
@@ -41,8 +40,6 @@ TEXT = dict(vocab_size=97, hidden_size=32, intermediate_size=40, num_attention_h
             num_key_value_heads=2, head_dim=16, sliding_window=5, query_pre_attn_scalar=16)
 VISION = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
               image_size=28, patch_size=14, vision_use_head=False)  # Gemma 3's SigLIP: no head
-# Whether this install converts the vision tower (gemma_kit.checkpoint.hf_vision) or skips it.
-HAS_VISION_TABLE = _vision_table() is not None
 
 # name -> (class, text config overrides). Each family once with grouped-query attention, plus
 # Gemma 2 with multi-head attention (the fused qkv_einsum) and soft-caps.
@@ -256,15 +253,14 @@ def test_hf_to_gemma_kit_to_hf(saved, case, tmp_path):
 
     # Straight into a model: logits equal transformers'.
     model = load_model(folder)
-    # With gemma_kit.checkpoint.hf_vision installed, the image encoder comes along.
-    assert model.has_vision == ("Conditional" in case and HAS_VISION_TABLE)
+    # The image encoder of a Gemma3ForConditionalGeneration comes along.
+    assert model.has_vision == ("Conditional" in case)
     np.testing.assert_allclose(_ours(model), reference, atol=ATOL,
                                rtol=0)
 
     # Into the official Orbax layout, and from there back out as a Hugging Face folder.
     converted, config, info = convert_hf(folder, tmp_path / "gemma_kit", progress=False)
-    skips = "Conditional" in case and not HAS_VISION_TABLE
-    assert (info["skipped_vision"] > 0) == skips
+    assert info["skipped_vision"] == 0  # the vision tower is converted, not skipped
     assert config.has_vision == ("Conditional" in case)
     exported = export_hf(converted, tmp_path / "hf", preset=config, max_shard_size=30_000,
                          progress=False)
@@ -500,8 +496,7 @@ def test_cli_convert_and_export(saved, tmp_path, capsys):
     captured = capsys.readouterr()
     vision = sum(name.startswith("model.vision_tower.") or "multi_modal_projector" in name
                  for name in hf_model.state_dict())
-    note = f"skipped the {vision} tensors of the vision tower"
-    assert vision > 10 and (note in captured.err) != HAS_VISION_TABLE
+    assert vision > 10 and "skipped" not in captured.err  # the vision tower is converted
     assert "no tokenizer.model" in captured.err
     assert "a custom size" in captured.out
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint"]

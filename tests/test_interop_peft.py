@@ -21,7 +21,6 @@ peft = pytest.importorskip("peft", reason="the PEFT tests need the [test] extra 
 safetensors_numpy = pytest.importorskip("safetensors.numpy", reason="needs the [hf] extra")
 
 import _logits  # noqa: E402  (tests/ helper; needs torch, checked above)
-
 from gemma_kit import lora  # noqa: E402
 from gemma_kit.checkpoint.hf_export import export_hf  # noqa: E402
 from gemma_kit.checkpoint.hf_peft import export_peft  # noqa: E402

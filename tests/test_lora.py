@@ -11,6 +11,8 @@ import pytest
 from flax import nnx
 
 from gemma_kit import lora
+from gemma_kit.checkpoint import adapter as adapter_io
+from gemma_kit.checkpoint.merge import merge_checkpoint
 from gemma_kit.errors import AdapterError, CheckpointError, ConfigError
 from gemma_kit.layers import Einsum, to_matvec_layout
 
@@ -111,12 +113,13 @@ def test_adapter_round_trip_and_load_model(tiny_gemma3_config, tiny_model, tmp_p
     assert not (tmp_path / "never").exists()
 
     path = lora.save_adapter(model, tmp_path / "adapter")
-    meta = json.loads((path / lora.CONFIG_FILE).read_text())
+    meta = json.loads((path / adapter_io.CONFIG_FILE).read_text())
     assert (meta["rank"], meta["alpha"], meta["base_preset"]) == (2, 4.0, config.name)
     factors = sum(x.size for x in jax.tree.leaves(lora.lora_state(model)))
     base = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     assert factors < base / 4
-    on_disk = sum(f.stat().st_size for f in (path / lora.PARAMS_DIR).rglob("*") if f.is_file())
+    files = (path / adapter_io.PARAMS_DIR).rglob("*")
+    on_disk = sum(f.stat().st_size for f in files if f.is_file())
     assert on_disk < 4 * factors + 64_000  # the factors and Orbax's metadata, no base weights
 
     loaded = gemma_kit.load_model(tmp_path / "base", config, lora=path)
@@ -152,7 +155,7 @@ def test_adapter_errors(tiny_gemma3_config, tiny_gemma2_config, tiny_model, tmp_
     with pytest.raises(AdapterError, match="another model size"):
         lora.load_adapter(other, path)
     assert not lora.has_lora(other)
-    (path / lora.CONFIG_FILE).write_text("{not json")
+    (path / adapter_io.CONFIG_FILE).write_text("{not json")
     with pytest.raises(AdapterError, match="not valid JSON"):
         lora.read_adapter_config(path)
 
@@ -180,7 +183,7 @@ def test_merge_checkpoint(tiny_gemma3_config, tiny_model, tmp_path):
     adapter = lora.save_adapter(model, tmp_path / "adapter")
     tokens = _tokens(config, seed=5)
 
-    out = lora.merge_checkpoint(tmp_path / "base", adapter, tmp_path / "merged", preset=config)
+    out = merge_checkpoint(tmp_path / "base", adapter, tmp_path / "merged", preset=config)
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "tokenizer.model"]
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp folder left
     merged = gemma_kit.load_model(out, config)
@@ -188,10 +191,10 @@ def test_merge_checkpoint(tiny_gemma3_config, tiny_model, tmp_path):
     np.testing.assert_allclose(np.asarray(merged(tokens)), np.asarray(model(tokens)), atol=1e-4,
                                rtol=0)
     with pytest.raises(CheckpointError, match="already exists"):
-        lora.merge_checkpoint(tmp_path / "base", adapter, out, preset=config)
+        merge_checkpoint(tmp_path / "base", adapter, out, preset=config)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     with pytest.raises(CheckpointError, match="not ours to delete"):
-        lora.merge_checkpoint(tmp_path / "base", adapter, tmp_path / "mine", preset=config,
+        merge_checkpoint(tmp_path / "base", adapter, tmp_path / "mine", preset=config,
                               overwrite=True)
     assert (tmp_path / "mine" / "notes.txt").exists()

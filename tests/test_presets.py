@@ -64,7 +64,7 @@ EXPECTED_COUNTS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _abstract(name: str):
     # eval_shape of the 62-layer 27B takes ~2 s; several tests share it.
     return abstract_params(get_preset(name))

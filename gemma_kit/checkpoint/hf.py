@@ -22,12 +22,13 @@ import dataclasses
 import functools
 import math
 import re
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 
 from gemma_kit.checkpoint.official import unflatten
-from gemma_kit.config import PRESETS, Config, GlobalAttention, LocalAttention
+from gemma_kit.config import PRESETS, AttentionKind, Config, GlobalAttention, LocalAttention
 from gemma_kit.errors import ConversionError
 
 Params = dict[str, Any]
@@ -53,16 +54,21 @@ VOCAB_ROWS = {"gemma2": {256000: 256128}, "gemma3": {262208: 262144}}
 # The rule: one gemma_kit parameter from one or more HF tensors
 
 
-@functools.lru_cache(maxsize=None)
-def _parse(layout: str) -> tuple[tuple[tuple[str, ...], ...], tuple[str, ...]]:
-    """"(N H) D -> N D H" -> (((N, H), (D,)), (N, D, H))."""
+@functools.cache
+def parse_layout(layout: str) -> tuple[tuple[tuple[str, ...], ...], tuple[str, ...]]:
+    """A layout string -> (the left side's axis groups, the right side's axes).
+
+    "(N H) D -> N D H" -> (((N, H), (D,)), (N, D, H)): the left side is the foreign tensor, whose
+    axis "(N H)" holds N*H entries, N outer; the right side is the gemma_kit parameter.
+    """
     left, right = layout.split("->")
-    groups, current = [], None
+    groups: list[tuple[str, ...]] = []
+    current: list[str] | None = None
     for token in re.findall(r"\(|\)|[A-Z]", left):
         if token == "(":
             current = []
         elif token == ")":
-            groups.append(tuple(current))
+            groups.append(tuple(current or ()))
             current = None
         elif current is not None:
             current.append(token)
@@ -92,24 +98,28 @@ class Rule:
     vocab_rows: bool = False
 
     def hf_shape(self, sizes: Mapping[str, int]) -> tuple[int, ...]:
-        groups, _ = _parse(self.layout)
+        groups, _ = parse_layout(self.layout)
         return tuple(math.prod(sizes[a] for a in g) for g in groups)
 
     def shape(self, sizes: Mapping[str, int]) -> tuple[int, ...]:
-        _, out = _parse(self.layout)
+        _, out = parse_layout(self.layout)
         return ((len(self.hf),) if len(self.hf) > 1 else ()) + tuple(sizes[a] for a in out)
+
+    def part_to_gemma(self, tensor: np.ndarray, sizes: Mapping[str, int]) -> np.ndarray:
+        """One HF tensor (already checked against hf_shape) -> its part of the parameter: the
+        whole parameter, or one slice of the stacked axis C when the rule has several."""
+        groups, out = parse_layout(self.layout)
+        flat = [a for g in groups for a in g]
+        return tensor.reshape([sizes[a] for a in flat]).transpose([flat.index(a) for a in out])
 
     def to_gemma(self, tensors: Sequence[np.ndarray], sizes: Mapping[str, int]) -> np.ndarray:
         """HF tensors (already checked against hf_shape) -> the gemma_kit parameter."""
-        groups, out = _parse(self.layout)
-        flat = [a for g in groups for a in g]
-        perm = [flat.index(a) for a in out]
-        parts = [t.reshape([sizes[a] for a in flat]).transpose(perm) for t in tensors]
+        parts = [self.part_to_gemma(t, sizes) for t in tensors]
         return np.stack(parts) if len(parts) > 1 else parts[0]
 
     def to_hf(self, value: np.ndarray, sizes: Mapping[str, int]) -> list[np.ndarray]:
         """The gemma_kit parameter -> its HF tensors (views where possible)."""
-        groups, out = _parse(self.layout)
+        groups, out = parse_layout(self.layout)
         flat = [a for g in groups for a in g]
         perm = [out.index(a) for a in flat]
         parts = list(value) if len(self.hf) > 1 else [value]
@@ -271,7 +281,7 @@ def config_from_hf(hf_config: Any, name: str = "hf") -> Config:
     so the converted checkpoint has the official shapes.
     """
     c, multimodal = text_config_dict(hf_config)
-    family = "gemma2" if c["model_type"] == "gemma2" else "gemma3"
+    family: Literal["gemma2", "gemma3"] = "gemma2" if c["model_type"] == "gemma2" else "gemma3"
     unsupported = []
     if c.get("hidden_activation", c.get("hidden_act")) not in _GELU_TANH:
         unsupported.append(f"hidden_activation {c.get('hidden_activation')!r} (Gemma: "
@@ -297,7 +307,7 @@ def config_from_hf(hf_config: Any, name: str = "hf") -> Config:
         raise ConversionError(
             f"layer_types lists {len(layer_types)} layers but num_hidden_layers is {num_layers}"
         )
-    layers = []
+    layers: list[AttentionKind] = []
     for kind in layer_types:
         base, scale = _rope(c, family, kind)
         if kind == "sliding_attention":
@@ -347,7 +357,7 @@ def config_to_hf(config: Config, *, dtype: str = "float32", bos_id: int = 2, eos
     vLLM) look for. Raises ConversionError for what the HF classes cannot express.
     """
     problems = []
-    local = {k for k in config.layers if k.is_local}
+    local = {k for k in config.layers if isinstance(k, LocalAttention)}
     windows = {k.window for k in local}
     if len(windows) > 1:
         problems.append(f"sliding windows differ between layers ({sorted(windows)})")
@@ -442,7 +452,8 @@ def is_vision_key(name: str) -> bool:
     return name.startswith(VISION_ROOTS)
 
 
-def _as_numpy(value) -> np.ndarray:
+def as_numpy(value) -> np.ndarray:
+    """A state dict's tensor as a numpy array (torch tensors as float32)."""
     if hasattr(value, "detach"):  # a torch tensor; keep torch an optional dependency
         value = value.detach().float().cpu().numpy()
     return np.asarray(value)
@@ -505,8 +516,8 @@ def params_from_hf(state_dict: Mapping[str, Any], config: Config, *, dtype=np.fl
     sizes = sizes_of(config)
     for head in TIED_HEAD:
         if head in state_dict:  # tied: must equal the embedding, else we would drop weights
-            if not np.array_equal(_as_numpy(state_dict[head]),
-                                  _as_numpy(state_dict[prefix + "embed_tokens.weight"])):
+            if not np.array_equal(as_numpy(state_dict[head]),
+                                  as_numpy(state_dict[prefix + "embed_tokens.weight"])):
                 raise ConversionError(
                     f"{head} differs from the input embedding; Gemma ties them and "
                     "gemma_kit cannot represent an untied output projection"
@@ -514,7 +525,7 @@ def params_from_hf(state_dict: Mapping[str, Any], config: Config, *, dtype=np.fl
     flat: dict[tuple[str, ...], Any] = {}
     rules = text_rules(config)
     for rule in (progress(rules) if progress else rules):
-        tensors = [_as_numpy(state_dict[prefix + name]) for name in rule.hf]
+        tensors = [as_numpy(state_dict[prefix + name]) for name in rule.hf]
         if rule.vocab_rows:
             tensors = [resize_rows(t, config.vocab_size) for t in tensors]
         value = np.ascontiguousarray(rule.to_gemma(tensors, sizes), dtype=dtype)

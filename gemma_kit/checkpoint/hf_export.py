@@ -20,18 +20,26 @@ import itertools
 import json
 import os
 import pathlib
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
+from flax import nnx
 from tqdm.auto import tqdm
 
 from gemma_kit.checkpoint import hf, official
 from gemma_kit.checkpoint.safetensors_io import (
-    DEFAULT_MAX_SHARD_SIZE, tensor_bytes, write_safetensors,
+    DEFAULT_MAX_SHARD_SIZE,
+    tensor_bytes,
+    write_safetensors,
 )
-from gemma_kit.checkpoint.staging import check_target, staged_folder
+from gemma_kit.checkpoint.staging import check_target, staged_folder, write_json
 from gemma_kit.config import Config, get_preset
 from gemma_kit.errors import CheckpointError, ConversionError
+from gemma_kit.layers import Einsum
+from gemma_kit.quant import is_quantized
+from gemma_kit.tokenizer import Tokenizer
+from gemma_kit.transformer import Transformer
 
 # Gemma's chat format (gemma_kit.tokenizer.format_chat) as a Jinja template for transformers'
 # apply_chat_template: no system role, so a system message is folded into the first user turn;
@@ -68,12 +76,15 @@ def looks_exported(folder: pathlib.Path) -> bool:
         (".safetensors", ".safetensors.index.json"))) for p in folder.iterdir())
 
 
+def check_export_target(out: str | os.PathLike, overwrite: bool) -> None:
+    """Raises CheckpointError where export_hf would refuse `out`, before any slow work."""
+    check_target(pathlib.Path(out).expanduser().absolute(), overwrite, looks_exported, _WHAT)
+
+
 def _tokenizer_bytes(tokenizer) -> bytes | None:
     if tokenizer is None or isinstance(tokenizer, bytes):
         return tokenizer
     if isinstance(tokenizer, (str, os.PathLike)):
-        from gemma_kit.tokenizer import Tokenizer
-
         Tokenizer(tokenizer)  # clear error for a missing or foreign file
         return pathlib.Path(tokenizer).expanduser().read_bytes()
     return tokenizer.to_bytes()  # a gemma_kit.Tokenizer
@@ -100,7 +111,8 @@ class _LayerByLayer:
 
     def __init__(self, folder: pathlib.Path, layout: official.Layout, shapes: dict):
         self.folder, self.layout, self.shapes = folder, layout, shapes
-        self.group, self.tree = None, None
+        self.group: str | None = None
+        self.tree: dict | None = None
 
     def __call__(self, path: tuple[str, ...]):
         if path[0] != self.group:
@@ -108,7 +120,7 @@ class _LayerByLayer:
             target = {path[0]: self.shapes[path[0]]}
             self.tree = official.restore_params(self.folder, self.layout, target)
             self.group = path[0]
-        node = self.tree
+        node: Any = self.tree
         for key in path:
             node = node[key]
         return node
@@ -116,8 +128,6 @@ class _LayerByLayer:
 
 def _source(source, preset) -> tuple[Config, Callable, np.dtype, Any]:
     """(config, path -> array, stored dtype, tokenizer found beside a checkpoint)."""
-    from flax import nnx
-
     if isinstance(source, (str, os.PathLike)):
         folder = official.find_checkpoint(source)
         layout, shapes, _ = official.split_layout(official.read_metadata(folder))
@@ -129,17 +139,14 @@ def _source(source, preset) -> tuple[Config, Callable, np.dtype, Any]:
         stored = shapes["embedder"]["input_embedding"].dtype
         return config, _LayerByLayer(folder, layout, shapes), np.dtype(stored), \
             official.find_tokenizer(source)
-    if isinstance(source, nnx.Module):
-        from gemma_kit import quant
-        from gemma_kit.layers import Einsum
-
+    if isinstance(source, Transformer):
         einsums = [m for _, m in source.iter_modules() if isinstance(m, Einsum)]
         if any(m.matvec for m in einsums):
             raise CheckpointError(
                 "this model's weights are in the sampler's transposed decode layout "
                 "(gemma_kit.layers.to_matvec_layout); export the original model instead"
             )
-        if quant.is_quantized(source):
+        if is_quantized(source):
             raise CheckpointError(
                 "this model's weights are int8 (gemma_kit.quant); export the original model")
         if any(m.lora is not None for m in einsums):
@@ -196,14 +203,12 @@ def export_hf(
       The folder written.
     """
     target = pathlib.Path(out).expanduser().absolute()
-    check_target(target, overwrite, looks_exported, _WHAT)  # before any slow work
+    check_export_target(target, overwrite)  # before any slow work
     config, get, stored, found_tokenizer = _source(source, preset)
     dtype = np.dtype(dtype) if dtype is not None else stored
     serialized = _tokenizer_bytes(tokenizer if tokenizer is not None else found_tokenizer)
     eos_ids, bos_id, pad_id = [1, 107 if config.family == "gemma2" else 106], 2, 0
     if serialized is not None:
-        from gemma_kit.tokenizer import Tokenizer
-
         tok = Tokenizer.from_bytes(serialized)
         if tok.vocab_size > hf.hf_vocab_size(config):
             raise ConversionError(
@@ -232,9 +237,10 @@ def export_hf(
                   unit_scale=True, disable=not progress) as bar:
             write_safetensors(staging, specs, tensors,
                               max_shard_size=max_shard_size, progress=bar)
-        _write_json(staging / "config.json", hf_config)
-        _write_json(staging / "generation_config.json",
-                    dict(bos_token_id=bos_id, eos_token_id=eos_ids, pad_token_id=pad_id))
+        write_json(staging / "config.json", hf_config, sort_keys=True)
+        write_json(staging / "generation_config.json",
+                   dict(bos_token_id=bos_id, eos_token_id=eos_ids, pad_token_id=pad_id),
+                   sort_keys=True)
         if serialized is not None:
             write_tokenizer(staging, serialized, max_length=config.max_context)
     return target
@@ -244,13 +250,10 @@ def write_tokenizer(folder: pathlib.Path, serialized: bytes, *, max_length: int)
     """tokenizer.model + the JSON files transformers' GemmaTokenizer reads beside it."""
     (folder / "tokenizer.model").write_bytes(serialized)
     special = dict(bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
-    _write_json(folder / "special_tokens_map.json", special)
-    _write_json(folder / "tokenizer_config.json", dict(
+    write_json(folder / "special_tokens_map.json", special, sort_keys=True)
+    write_json(folder / "tokenizer_config.json", dict(
         tokenizer_class="GemmaTokenizer", **special, add_bos_token=True, add_eos_token=False,
         model_max_length=max_length, clean_up_tokenization_spaces=False,
         chat_template=CHAT_TEMPLATE,
-    ))
+    ), sort_keys=True)
 
-
-def _write_json(path: pathlib.Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

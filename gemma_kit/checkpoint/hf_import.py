@@ -9,8 +9,8 @@ file or sharded with an index). Every header is checked first (shards present, d
 tensor's shape against config.json, no tensor left over), so bad input fails before any data
 is read. Tensors are then read from the memory-mapped files one rule at a time: peak memory is
 the converted model plus the inputs of one parameter. The vision tower of the multimodal model
-is converted by gemma_kit.checkpoint.hf_vision where this install has it, and skipped (with
-info["skipped_vision"] counting its tensors) otherwise.
+is converted by gemma_kit.checkpoint.hf_vision, or skipped when `vision=False` (with
+info["skipped_vision"] counting its tensors).
 """
 
 from __future__ import annotations
@@ -22,20 +22,12 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from gemma_kit.checkpoint import convert, hf, official
+from gemma_kit.checkpoint import convert, hf, hf_vision, official
 from gemma_kit.checkpoint.safetensors_io import HFFolder
 from gemma_kit.config import Config, get_preset
+from gemma_kit.tokenizer import Tokenizer
 
 TOKENIZER_FILE = "tokenizer.model"
-
-
-def _vision_table():
-    """gemma_kit.checkpoint.hf_vision (the SigLIP name table) when this install has it."""
-    try:
-        from gemma_kit.checkpoint import hf_vision
-    except ImportError:
-        return None
-    return hf_vision
 
 
 def read_hf(path: str | os.PathLike, preset: str | Config | None = None, dtype=None, *,
@@ -50,7 +42,7 @@ def read_hf(path: str | os.PathLike, preset: str | Config | None = None, dtype=N
       dtype: dtype of the returned text-model arrays; default: the stored dtype of the
         embedding.
       vision: convert the vision tower of a Gemma3ForConditionalGeneration too (with
-        gemma_kit.checkpoint.hf_vision, when installed); otherwise it is skipped.
+        gemma_kit.checkpoint.hf_vision); otherwise it is skipped.
       place: applied to each finished array (e.g. jax.device_put), so a host copy is freed
         as soon as the device holds it.
     Returns:
@@ -60,9 +52,9 @@ def read_hf(path: str | os.PathLike, preset: str | Config | None = None, dtype=N
     name = pathlib.Path(path).name or "hf"
     with HFFolder(path) as folder:
         vision_names = [n for n in folder if hf.is_vision_key(n)]
-        vision_table = _vision_table() if vision and vision_names else None
-        if vision_table is not None:
-            config = vision_table.config_from_hf(folder.config, name)
+        with_vision = bool(vision and vision_names)
+        if with_vision:
+            config = hf_vision.config_from_hf(folder.config, name)
         else:
             config = hf.config_from_hf(folder.config, name=name)
         if preset is not None:
@@ -73,11 +65,13 @@ def read_hf(path: str | os.PathLike, preset: str | Config | None = None, dtype=N
         if dtype is None:  # as stored
             dtype = folder.dtype(prefix + "embed_tokens.weight")
         dtype = np.dtype(dtype)
-        bar = lambda rules: tqdm(rules, desc="Hugging Face -> gemma_kit", unit="tensor",
-                                 disable=not progress)
+        def bar(rules):
+            return tqdm(rules, desc="Hugging Face -> gemma_kit", unit="tensor",
+                        disable=not progress)
+
         params = hf.params_from_hf(folder, config, dtype=dtype, place=place, progress=bar)
-        if vision_table is not None:  # the encoder in its own dtype (float32), as official loads
-            encoder = vision_table.vision_params_from_hf(folder, config)
+        if with_vision:  # the encoder in its own dtype (float32), as official loads
+            encoder = hf_vision.vision_params_from_hf(folder, config)
             if place is not None:
                 encoder = official.unflatten({p: place(x) for p, x in
                                               official.flatten(encoder).items()})
@@ -86,12 +80,10 @@ def read_hf(path: str | os.PathLike, preset: str | Config | None = None, dtype=N
     tokenizer_path = pathlib.Path(path).expanduser() / TOKENIZER_FILE
     tokenizer = None
     if tokenizer_path.is_file():
-        from gemma_kit.tokenizer import Tokenizer
-
         tokenizer = tokenizer_path.read_bytes()
         Tokenizer.from_bytes(tokenizer, name=str(tokenizer_path))  # a Gemma SentencePiece model?
     info = dict(path=pathlib.Path(path), dtype=dtype, tokenizer=tokenizer,
-                skipped_vision=0 if vision_table is not None else len(vision_names))
+                skipped_vision=0 if with_vision else len(vision_names))
     return config, params, info
 
 
@@ -102,7 +94,7 @@ def convert_hf(path, out, *, dtype=None, overwrite: bool = False, progress: bool
     The weights keep their stored dtype unless `dtype` is given. Returns (out, config, info);
     a config that is no official preset must be passed as `preset=` to load the result.
     """
-    convert._prepare_target(pathlib.Path(out).expanduser(), overwrite)  # fail before the work
+    convert.check_model_folder_target(out, overwrite)  # fail before the work
     config, params, info = read_hf(path, dtype=dtype, progress=progress)
     written = convert.write_model_folder(out, params, info["tokenizer"], overwrite=overwrite)
     return written, config, info

@@ -15,19 +15,21 @@ The scaling alpha / r is the same in both, so the adapted logits are the same.
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
+from flax import nnx
 
+from gemma_kit import lora
 from gemma_kit.checkpoint import hf
-from gemma_kit.checkpoint.hf import _parse
+from gemma_kit.checkpoint.adapter import read_adapter_config
 from gemma_kit.checkpoint.safetensors_io import write_safetensors
-from gemma_kit.checkpoint.staging import check_target, staged_folder
+from gemma_kit.checkpoint.staging import check_target, staged_folder, write_json
 from gemma_kit.config import Config, get_preset
 from gemma_kit.errors import AdapterError
+from gemma_kit.transformer import Transformer
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_BASENAME = "adapter_model"  # -> adapter_model.safetensors, the name peft looks for
@@ -43,20 +45,13 @@ def _looks_like_adapter(folder: pathlib.Path) -> bool:
 def _model_with_adapter(source, preset):
     """(model carrying LoRA, config): a Transformer as given, or an adapter folder read onto
     an abstract base (its weights are never allocated: only the factors are needed)."""
-    from flax import nnx
-
-    from gemma_kit import lora
-
     if isinstance(source, nnx.Module):
         return source, get_preset(preset) if preset is not None else source.config
-    meta = lora.read_adapter_config(source)
+    meta = read_adapter_config(source)
     name = preset if preset is not None else meta.get("base_preset")
     if name is None:
         raise AdapterError(f"adapter {str(source)!r} names no base model; pass preset=")
     config = get_preset(name)
-
-    from gemma_kit.transformer import Transformer
-
     model = nnx.eval_shape(lambda: Transformer(config))
     lora.load_adapter(model, source)
     return model, config
@@ -65,8 +60,6 @@ def _model_with_adapter(source, preset):
 def peft_tensors(model, config: Config, dtype=None
                  ) -> tuple[dict, list[tuple[str, tuple[int, ...], np.dtype]], Iterator]:
     """(adapter_config.json dict, tensor specs, iterator of (name, array)) for `model`'s LoRA."""
-    from gemma_kit import lora
-
     info = lora.adapter_info(model)  # one rank and alpha, or an AdapterError
     modules = dict(lora.einsums(model))
     rules = {rule.path[:-1]: rule for rule in hf.text_rules(config)}
@@ -83,7 +76,7 @@ def peft_tensors(model, config: Config, dtype=None
     first = modules[plan[0][1]].lora
     dtype = np.dtype(dtype) if dtype is not None else np.dtype(first.a[...].dtype)
     r = info["rank"]
-    specs = []
+    specs: list[tuple[str, tuple[int, ...], np.dtype]] = []
     for module, _, _, rule in plan:
         out_shape, in_shape = rule.hf_shape(sizes)
         specs.append((f"{_PREFIX}{module}.lora_A.weight", (r, in_shape), dtype))
@@ -93,7 +86,7 @@ def peft_tensors(model, config: Config, dtype=None
         for module, path, slot, rule in plan:
             einsum = modules[path]
             _, _, _, a_spec, b_spec = lora.lora_equations(einsum.equation)
-            (out_group, in_group), _ = _parse(rule.layout)
+            (out_group, in_group), _ = hf.parse_layout(rule.layout)
             a = np.asarray(einsum.lora.a[...], np.float32)  # [contracted..., R]
             b = np.asarray(einsum.lora.b[...], np.float32)  # [R, kept...]
             if slot is not None:  # a fused weight: this Linear's slice of the stacked axis
@@ -146,5 +139,5 @@ def export_peft(source, out: str | os.PathLike, *, preset: str | Config | None =
                        what=_WHAT) as staging:
         write_safetensors(staging, specs, tensors, max_shard_size=2**62,
                           basename=ADAPTER_BASENAME)
-        (staging / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2) + "\n")
+        write_json(staging / ADAPTER_CONFIG, adapter_config)
     return target

@@ -16,11 +16,13 @@ Layout facts (transformers stores nn.Linear weights as [out, in], Conv2d as [out
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
 from gemma_kit.checkpoint import hf
+from gemma_kit.checkpoint.official import abstract_vision_params, flatten, unflatten
 from gemma_kit.config import Config, VisionConfig
 from gemma_kit.errors import ConversionError
 
@@ -125,12 +127,6 @@ _PROJECTOR = (
 )
 
 
-def _as_numpy(value) -> np.ndarray:
-    if hasattr(value, "detach"):  # a torch tensor; torch stays an optional dependency
-        value = value.detach().float().cpu().numpy()
-    return np.asarray(value)
-
-
 def _find_roots(names) -> tuple[str, str]:
     """(prefix of the SigLIP tensors, prefix of the projector's) among the state dict's names."""
     towers = [n[: -len("embeddings.patch_embedding.weight")] for n in names
@@ -160,7 +156,7 @@ def vision_params_from_hf(state_dict: Mapping[str, Any], config: Config, *,
         if name not in state_dict:
             raise ConversionError(f"Hugging Face tensor {name!r} is missing from the checkpoint")
         used.add(name)
-        flat[path] = np.ascontiguousarray(fn(_as_numpy(state_dict[name])), dtype=dtype)
+        flat[path] = np.ascontiguousarray(fn(hf.as_numpy(state_dict[name])), dtype=dtype)
     unused = sorted(k for k in state_dict.keys()
                     if k.startswith((tower, projector)) and k not in used)
     if unused:
@@ -168,14 +164,10 @@ def vision_params_from_hf(state_dict: Mapping[str, Any], config: Config, *,
             f"{len(unused)} Hugging Face vision tensors were not consumed, e.g. {unused[:5]}; the "
             "checkpoint does not match the config")
     _check_shapes(flat, config)
-    from gemma_kit.checkpoint.official import unflatten
-
     return unflatten(flat)
 
 
 def _check_shapes(flat: dict, config: Config) -> None:
-    from gemma_kit.checkpoint.official import abstract_vision_params, flatten
-
     want = {p: tuple(x.shape) for p, x in flatten(abstract_vision_params(config)).items()}
     for path, value in flat.items():
         if tuple(value.shape) != want.get(path):

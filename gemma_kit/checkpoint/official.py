@@ -29,9 +29,13 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
 
-from gemma_kit.config import PRESETS, Config, get_preset
+from gemma_kit.config import PRESETS, Config, VisionConfig, get_preset
 from gemma_kit.errors import CheckpointError, CheckpointNotFoundError
+from gemma_kit.transformer import Embedder, Transformer
+from gemma_kit.vision.siglip import SigLiPFromPatches
 
 Layout = Literal["flat", "nested"]
 Tree = dict[str, Any]
@@ -131,7 +135,8 @@ def split_layout(tree: Tree) -> tuple[Layout, Tree, Tree]:
         vision = flatten({_NESTED_VISION_KEY: tree[_NESTED_VISION_KEY]}
                          if _NESTED_VISION_KEY in tree else {})
         text = {}
-        for path, value in flatten({k: v for k, v in tree.items() if k != _NESTED_VISION_KEY}).items():
+        text_tree = {k: v for k, v in tree.items() if k != _NESTED_VISION_KEY}
+        for path, value in flatten(text_tree).items():
             if _is_mlp_weight(path):
                 path = (*path, "w")
             text[path] = value
@@ -157,7 +162,8 @@ def canonical_to_layout(params: Tree, layout: Layout) -> Tree:
 # Finding a checkpoint
 
 
-def _is_orbax_dir(path: pathlib.Path) -> bool:
+def is_orbax_dir(path: pathlib.Path) -> bool:
+    """Whether `path` is a folder holding an Orbax checkpoint (one of its marker files)."""
     return path.is_dir() and any((path / marker).is_file() for marker in _ORBAX_MARKERS)
 
 
@@ -182,14 +188,15 @@ def find_checkpoint(path: str | os.PathLike) -> pathlib.Path:
             f"{str(path)!r} is a file, not a checkpoint folder; an Orbax checkpoint is a "
             "folder with a _METADATA file (for a GGUF file use `gemma-kit convert --gguf`)"
         )
-    if _is_orbax_dir(path):
+    if is_orbax_dir(path):
         return path
-    found = sorted(p for p in path.iterdir() if _is_orbax_dir(p))
+    found = sorted(p for p in path.iterdir() if is_orbax_dir(p))
     if len(found) == 1:
         return found[0]
     if len(found) > 1:
         names = ", ".join(p.name for p in found)
-        raise CheckpointError(f"{str(path)!r} holds several checkpoints ({names}); pass one of them")
+        raise CheckpointError(
+            f"{str(path)!r} holds several checkpoints ({names}); pass one of them")
     listing = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
     raise CheckpointError(
         f"no Orbax checkpoint in {str(path)!r} or its subfolders (it contains: {listing}). "
@@ -216,10 +223,6 @@ def abstract_params(config: Config, param_dtype=jnp.float32, *, vision: bool = F
 
     Text weights only, unless `vision` (then the image encoder too, in float32).
     """
-    from flax import nnx
-
-    from gemma_kit.transformer import Transformer
-
     model = nnx.eval_shape(lambda: Transformer(config, param_dtype=param_dtype,
                                                with_vision=vision))
     return nnx.to_pure_dict(nnx.state(model))
@@ -230,28 +233,21 @@ def abstract_vision_params(config: Config) -> Tree:
 
     Built without the text layers, so it costs nothing for the largest presets either.
     """
-    from flax import nnx
-
-    from gemma_kit.transformer import Embedder
-
-    if config.vision is None:
+    vision = config.vision
+    if vision is None:
         return {}
     embedder = nnx.eval_shape(lambda: Embedder(
         config.vocab_size, config.embed_dim, param_dtype=jnp.float32, rngs=nnx.Rngs(0),
-        vision_width=config.vision.width))
+        vision_width=vision.width))
     mm = {k: v for k, v in nnx.to_pure_dict(nnx.state(embedder)).items()
           if k in _EMBEDDER_MM_KEYS}
-    encoder = jax.tree.map(lambda x: x, _abstract_encoder(config.vision))  # a copy of the cache
+    encoder = jax.tree.map(lambda x: x, _abstract_encoder(vision))  # a copy of the cache
     return {_NESTED_VISION_KEY: encoder, "embedder": mm}
 
 
 @functools.lru_cache(maxsize=4)
-def _abstract_encoder(vision) -> Tree:
+def _abstract_encoder(vision: VisionConfig) -> Tree:
     # Tracing the 27 blocks' initialisers takes seconds, and every vision preset shares them.
-    from flax import nnx
-
-    from gemma_kit.vision.siglip import SigLiPFromPatches
-
     return nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: SigLiPFromPatches(vision))))
 
 
@@ -259,7 +255,8 @@ def _signature(shapes: dict[tuple[str, ...], tuple[int, ...]]) -> dict[str, Any]
     """The dimensions that together identify a model size (no single one does)."""
     V, D = shapes[("embedder", "input_embedding")]
     L = len({path[0] for path in shapes if path[0].startswith("layer_")})
-    attn = {path[2]: shape for path, shape in shapes.items() if path[0] == "layer_0" and path[1] == "attn"}
+    attn = {path[2]: shape for path, shape in shapes.items()
+            if path[0] == "layer_0" and path[1] == "attn"}
     if "qkv_einsum" in attn:
         _, N, _, H = attn["qkv_einsum"]
         K = N
@@ -314,10 +311,12 @@ def _shape_mismatches(config: Config, expected_tree: Tree, found_tree: Tree) -> 
         elif path not in expected:
             problems.append(f"{name} in the checkpoint is not a parameter of {config.name}")
         elif expected[path] != found[path]:
-            problems.append(f"{name} has shape {found[path]}, {config.name} expects {expected[path]}")
+            problems.append(
+                f"{name} has shape {found[path]}, {config.name} expects {expected[path]}")
     if not problems:
         return None
-    return "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+    more = f"; and {len(problems) - 4} more" if len(problems) > 4 else ""
+    return "; ".join(problems[:4]) + more
 
 
 def check_vision_shapes(config: Config, vision_shapes: Tree) -> None:
@@ -347,9 +346,7 @@ def check_shapes(config: Config, params_shapes: Tree) -> None:
 # Reading and writing
 
 
-def _checkpointer():
-    import orbax.checkpoint as ocp
-
+def _checkpointer() -> ocp.PyTreeCheckpointer:
     return ocp.PyTreeCheckpointer()
 
 
@@ -388,8 +385,6 @@ def restore_params(
     Only the target's parameters are read (a partial restore), so a text-only load of a
     multimodal checkpoint never touches the vision encoder.
     """
-    import orbax.checkpoint as ocp
-
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
     item = canonical_to_layout(target, layout)
     restore_args = jax.tree.map(

@@ -21,11 +21,12 @@ import os
 import pathlib
 import struct
 import sys
-from typing import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
 
+from gemma_kit.checkpoint.staging import write_json
 from gemma_kit.errors import CheckpointNotFoundError, ConversionError
 
 CONFIG_FILE = "config.json"
@@ -207,7 +208,9 @@ def plan_shards(specs: list[tuple[str, tuple[int, ...], np.dtype]], max_shard_si
                 ) -> list[list[tuple[str, tuple[int, ...], np.dtype]]]:
     """Consecutive tensors grouped into shards of at most max_shard_size bytes each (a tensor
     larger than that gets a shard of its own)."""
-    shards, current, size = [], [], 0
+    shards: list[list[tuple[str, tuple[int, ...], np.dtype]]] = []
+    current: list[tuple[str, tuple[int, ...], np.dtype]] = []
+    size = 0
     for spec in specs:
         nbytes = int(np.prod(spec[1], dtype=np.int64)) * np.dtype(spec[2]).itemsize
         if current and size + nbytes > max_shard_size:
@@ -263,7 +266,7 @@ def write_safetensors(
                 data = np.ascontiguousarray(tensor)
                 if sys.byteorder == "big":  # safetensors is little-endian
                     data = data.byteswap()
-                f.write(memoryview(data.reshape(-1).view(np.uint8)))
+                f.write(data.reshape(-1).view(np.uint8).data)
                 if progress is not None:
                     progress.update(data.nbytes)
                 del tensor, data
@@ -273,7 +276,7 @@ def write_safetensors(
                       for name, _, _ in shard}
         total = sum(int(np.prod(s, dtype=np.int64)) * np.dtype(d).itemsize for _, s, d in specs)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (folder / f"{basename}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        write_json(folder / f"{basename}.safetensors.index.json", index)
     return written
 
 

@@ -1,19 +1,23 @@
-"""Writing an output folder so that an interrupted run never leaves one that looks complete.
+"""Writing outputs so that an interrupted run never leaves one that looks complete.
 
-Everything is written into a hidden temporary folder beside the target and renamed into place
-at the end. An existing target is refused unless overwrite is asked for, and even then only a
-folder that looks like one this kind of writer made (or an empty one) is replaced: never data
-that is not ours to delete.
+A folder is written into a hidden temporary folder beside the target and renamed into place at
+the end (`staged_folder`). An existing target is refused unless overwrite is asked for, and
+even then only a folder that looks like one this kind of writer made (or an empty one) is
+replaced: never data that is not ours to delete. A single JSON file is written the same way,
+through a temporary file renamed over the target (`write_json`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pathlib
+import secrets
 import shutil
 import tempfile
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from gemma_kit.errors import CheckpointError
 
@@ -60,3 +64,25 @@ def staged_folder(out, *, overwrite: bool, replaceable: Callable[[pathlib.Path],
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_json(path: str | os.PathLike, value: Any, *, sort_keys: bool = False) -> pathlib.Path:
+    """Writes `value` as indented JSON (and a final newline) to `path`, atomically.
+
+    The text goes to a temporary file in the same folder, which is then renamed over `path`:
+    a reader sees the old file or the new one, never half of one. Values JSON cannot hold
+    (paths, dtypes) are written as their str().
+    """
+    path = pathlib.Path(path)
+    text = json.dumps(value, indent=2, sort_keys=sort_keys, default=str) + "\n"
+    # A fresh name opened with "x" (not mkstemp, whose files are private to the user): the file
+    # gets the permissions any other file written here would.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "x") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path

@@ -1,7 +1,9 @@
 """`gemma-kit` command line: thin subcommands over the library.
 
-Errors that gemma_kit raises on purpose are printed as one line (no traceback) with exit
-status 2; anything else is a bug and keeps its traceback.
+Errors that gemma_kit raises on purpose, and option values the parser refuses, are printed as
+one line (no traceback) with exit status 2; anything else is a bug and keeps its traceback.
+Option values that can be checked without the model (numbers out of range, an empty prompt, an
+unknown dtype) are checked while parsing, before seconds of loading.
 
 The commands of a larger family (post-training: distill, reward, dpo, rl, ...) live in their own
 modules of this package, each with `add_parser(subparsers)`; `COMMAND_MODULES` lists them. Such a
@@ -12,45 +14,154 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import json
+import math
+import re
 import sys
+
+from gemma_kit.config import dtype_name
+from gemma_kit.errors import ConfigError, GemmaKitError
 
 # Modules of gemma_kit.cli that add subcommands (see the module docstring), in --help order.
 COMMAND_MODULES: tuple[str, ...] = ("finetune", "reward")
 
 
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, like every other gemma-kit error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+# -- option types: each refuses a bad value while parsing, before any model is loaded ----------
+
+
+def dtype_option(name: str) -> str:
+    """--dtype: a dtype name or alias (gemma_kit.config.DTYPE_NAMES) -> its canonical name."""
+    try:
+        return dtype_name(name)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def non_negative_number(text: str) -> float:
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def positive_number(text: str) -> float:
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def top_p_option(text: str) -> float:
+    value = _number(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def min_p_option(text: str) -> float:
+    value = _number(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def port_option(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in 1..65535, got {value}")
+    return value
+
+
+def text_option(text: str) -> str:
+    """A prompt or stop string: any text but the empty one."""
+    if not text:
+        raise argparse.ArgumentTypeError("is empty; give at least one character of text")
+    return text
+
+
+def size_option(text: str) -> int:
+    """'5GB', '500MB', '2GiB' or a plain number of bytes (at least 1)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMG]I?)?B?\s*", text.upper())
+    if not match:
+        raise argparse.ArgumentTypeError(f"cannot read {text!r} as a size; e.g. 5GB, 500MB")
+    factor = {None: 1, "K": 10**3, "M": 10**6, "G": 10**9, "KI": 2**10, "MI": 2**20,
+              "GI": 2**30}[match.group(2)]
+    size = int(float(match.group(1)) * factor)
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"must be at least one byte, got {text!r}")
+    return size
+
+
 def _dtype(name: str | None):
+    """A canonical dtype name from dtype_option (or None) -> the jax dtype (or None)."""
     if name is None:
         return None
     import jax.numpy as jnp
 
-    choices = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32,
-               "f32": jnp.float32}
-    if name not in choices:
-        raise argparse.ArgumentTypeError(f"unknown dtype {name!r}; use bfloat16 or float32")
-    return choices[name]
+    return jnp.dtype(name)
+
+
+# -- commands --------------------------------------------------------------------------------
 
 
 def _load(args):
-    """(model, tokenizer) from --ckpt/--tokenizer/--preset, or the embedded default model."""
-    from gemma_kit.embedded import default_model
+    """(model, tokenizer) from --ckpt/--tokenizer/--preset, or the embedded default model.
+
+    Everything that can be wrong with the options is reported before the weights are read.
+    """
     from gemma_kit.checkpoint.official import find_checkpoint, find_tokenizer
+    from gemma_kit.config import get_preset
+    from gemma_kit.embedded import default_model
     from gemma_kit.errors import TokenizerError
     from gemma_kit.loading import load_model
     from gemma_kit.tokenizer import Tokenizer
 
     if args.ckpt is None:
         if args.tokenizer or args.preset:
-            raise SystemExit("error: --tokenizer and --preset need --ckpt")
+            raise ConfigError(
+                "--tokenizer and --preset describe a checkpoint given with --ckpt; without "
+                "--ckpt the embedded Gemma 3 270M is used, which needs neither")
         return default_model(_dtype(args.dtype))
+    preset = get_preset(args.preset) if args.preset is not None else None
     find_checkpoint(args.ckpt)  # a missing checkpoint is the error to report, not its tokenizer
     tokenizer_path = args.tokenizer or find_tokenizer(args.ckpt)
     if tokenizer_path is None:
         raise TokenizerError(
             f"no tokenizer.model in or beside {args.ckpt!r}; pass --tokenizer FILE"
         )
-    model = load_model(args.ckpt, args.preset, _dtype(args.dtype))
-    return model, Tokenizer(tokenizer_path)
+    tokenizer = Tokenizer(tokenizer_path)  # a bad tokenizer file, before the weights are read
+    return load_model(args.ckpt, preset, _dtype(args.dtype)), tokenizer
 
 
 def cmd_convert(args) -> int:
@@ -62,9 +173,6 @@ def cmd_convert(args) -> int:
 
         out, config, info = convert_hf(args.hf, args.out, dtype=_dtype(args.dtype),
                                        overwrite=args.overwrite)
-        if info["skipped_vision"]:
-            print(f"note: skipped the {info['skipped_vision']} tensors of the vision tower; "
-                  "gemma_kit converts the text model", file=sys.stderr)
         if info["tokenizer"] is None:
             print(f"note: no tokenizer.model in {args.hf}; pass --tokenizer when sampling",
                   file=sys.stderr)
@@ -77,20 +185,8 @@ def cmd_convert(args) -> int:
     return 0
 
 
-def _bytes(text: str) -> int:
-    """'5GB', '500MB', '2GiB' or a plain number of bytes."""
-    import re
-
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMG]I?)?B?\s*", text.upper())
-    if not match:
-        raise argparse.ArgumentTypeError(f"cannot read {text!r} as a size; e.g. 5GB, 500MB")
-    factor = {None: 1, "K": 10**3, "M": 10**6, "G": 10**9, "KI": 2**10, "MI": 2**20,
-              "GI": 2**30}[match.group(2)]
-    return int(float(match.group(1)) * factor)
-
-
 def cmd_export(args) -> int:
-    from gemma_kit.checkpoint.hf_export import export_hf
+    from gemma_kit.checkpoint.hf_export import check_export_target, export_hf
     from gemma_kit.errors import AdapterError
 
     if args.to == "peft":
@@ -106,6 +202,7 @@ def cmd_export(args) -> int:
         print(f"wrote {out} (PEFT adapter_config.json + adapter_model.safetensors: apply it "
               "with peft's PeftModel.from_pretrained to the base exported with --to hf)")
         return 0
+    check_export_target(args.out, args.overwrite)  # before any loading or merging
     if args.ckpt is None:
         from gemma_kit.embedded import ensure_default_model
 
@@ -113,8 +210,8 @@ def cmd_export(args) -> int:
     source, tokenizer = args.ckpt, args.tokenizer
     if args.lora is not None:  # the adapter folded into the weights: a plain model
         from gemma_kit.checkpoint.official import find_tokenizer
-        from gemma_kit.lora import merge
         from gemma_kit.loading import load_model
+        from gemma_kit.lora import merge
 
         source = merge(load_model(args.ckpt, args.preset, text_only=True, lora=args.lora))
         tokenizer = tokenizer or find_tokenizer(args.ckpt)
@@ -167,11 +264,8 @@ def _sampling_args(args) -> dict:
 
 
 def cmd_sample(args) -> int:
-    from gemma_kit.sampler import Sampler
-    from gemma_kit.sampling import SamplingParams
+    from gemma_kit.sampler import GenerationResult, Sampler
 
-    # Check the settings before spending seconds on loading the model.
-    SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p)
     _check_lora(args)
     reward = None
     if args.best_of is not None or args.reward is not None:
@@ -184,6 +278,7 @@ def cmd_sample(args) -> int:
         return print_best_of(sampler, reward, args, _sampling_args(args))
     if args.json:
         result = sampler.generate(args.prompt, **_sampling_args(args))
+        assert isinstance(result, GenerationResult)  # one prompt string gives one result
         print(json.dumps({"prompt": args.prompt, "text": result.text, "tokens": result.tokens,
                           "logprobs": result.logprobs, "finish_reason": result.finish_reason}))
         return 0
@@ -197,7 +292,6 @@ def cmd_chat(args) -> int:
     from gemma_kit.chat import ChatSession
     from gemma_kit.sampling import SamplingParams
 
-    SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p)
     _check_lora(args)
     model, tokenizer = _load(args)
     chat = ChatSession(_with_lora(args, model), tokenizer, system=args.system,
@@ -246,7 +340,7 @@ def cmd_demo(args) -> int:
 def _check_lora(args) -> None:
     """A bad --lora folder is reported before seconds of loading the model."""
     if args.lora is not None:
-        from gemma_kit.lora import read_adapter_config
+        from gemma_kit.checkpoint.adapter import read_adapter_config
 
         read_adapter_config(args.lora)
 
@@ -265,15 +359,10 @@ def _with_lora(args, model):
     return model
 
 
-def _int8_flag(p) -> None:
-    p.add_argument("--int8", action="store_true",
-                   help="hold the weights as int8 with per-channel scales, the embedding too: "
-                        "half the memory, logits within ~4%% of bf16's (on CPU, one-prompt "
-                        "decoding is ~1.1x bf16's speed)")
 
 
 def cmd_merge(args) -> int:
-    from gemma_kit.lora import merge_checkpoint
+    from gemma_kit.checkpoint.merge import merge_checkpoint
 
     out = merge_checkpoint(args.base, args.lora, args.out, preset=args.preset,
                            overwrite=args.overwrite)
@@ -282,66 +371,126 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def _int8_flag(p) -> None:
+    p.add_argument("--int8", action="store_true",
+                   help="hold the weights as int8 with per-channel scales, the embedding too: "
+                        "half the memory, logits within ~4%% of bf16's (on CPU, one-prompt "
+                        "decoding is ~1.1x bf16's speed)")
+
+
 def _model_args(p) -> None:
-    p.add_argument("--ckpt", default=None, help="checkpoint folder (default: embedded model)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.model (default: found beside --ckpt)")
-    p.add_argument("--preset", default=None, help="model size (default: inferred from shapes)")
-    p.add_argument("--dtype", default=None, help="weights dtype: bfloat16 or float32")
+    p.add_argument("--ckpt", default=None, metavar="DIR",
+                   help="checkpoint or model folder: official Orbax, or Hugging Face "
+                        "safetensors (default: the embedded Gemma 3 270M)")
+    p.add_argument("--tokenizer", default=None, metavar="FILE",
+                   help="tokenizer.model (default: the one in or beside --ckpt)")
+    p.add_argument("--preset", default=None, metavar="NAME",
+                   help="model size, e.g. gemma3-1b, checked against the weights (default: "
+                        "inferred from their shapes); needs --ckpt")
+    p.add_argument("--dtype", default=None, type=dtype_option, metavar="DTYPE",
+                   help="hold the weights as bfloat16 (bf16) or float32 (f32) (default: as "
+                        "stored; the embedded model is bfloat16)")
 
 
 def _sampling_flags(p, max_new_tokens: int) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--min-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens, metavar="N",
+                   help=f"stop after N new tokens (default {max_new_tokens})")
+    p.add_argument("--temperature", type=non_negative_number, default=0.0, metavar="T",
+                   help="sampling temperature; 0 picks the most likely token (default 0)")
+    p.add_argument("--top-k", type=positive_int, default=None, metavar="K",
+                   help="sample among the K most likely tokens only (default: no limit)")
+    p.add_argument("--top-p", type=top_p_option, default=None, metavar="P",
+                   help="sample among the most likely tokens whose probabilities add up to P, "
+                        "in (0, 1] (default: no limit)")
+    p.add_argument("--min-p", type=min_p_option, default=None, metavar="M",
+                   help="drop tokens less likely than M times the most likely one, in [0, 1] "
+                        "(default: none dropped)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed of the sampling; the same seed gives the same text "
+                        "(default 0)")
+    p.add_argument("--stop", action="append", type=text_option, metavar="TEXT",
+                   help="stop when the text contains TEXT (repeatable; default: stop at the "
+                        "end-of-turn token only)")
+
+
+def _lora_flag(p, help_text: str) -> None:
+    p.add_argument("--lora", default=None, metavar="ADAPTER", help=help_text)
+
+
+def _version() -> str:
+    """gemma-kit's version and the versions of what it runs on, read without importing them."""
+    def version(package: str) -> str:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    return (f"gemma-kit {version('gemma-kit')} (jax {version('jax')}, flax {version('flax')}, "
+            f"Python {sys.version.split()[0]})")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gemma-kit", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="gemma-kit", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=_version(),
+                        help="print gemma-kit's version (and jax's, flax's) and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("convert", help="convert a GGUF file or a Hugging Face folder into an "
                        "official Orbax checkpoint")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--gguf", help="the .gguf file (Gemma 3)")
-    source.add_argument("--hf", help="a Hugging Face Gemma 2/3 folder (config.json + safetensors)")
-    p.add_argument("--out", required=True, help="folder to create (checkpoint/ + tokenizer.model)")
-    p.add_argument("--dtype", default=None,
-                   help="bfloat16 or float32 (default: bfloat16 for GGUF, as stored for --hf)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
+    source.add_argument("--gguf", metavar="FILE", help="a Gemma 3 .gguf file (llama.cpp)")
+    source.add_argument("--hf", metavar="DIR",
+                        help="a Hugging Face Gemma 2/3 folder (config.json + safetensors)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="folder to create (checkpoint/ + tokenizer.model)")
+    p.add_argument("--dtype", default=None, type=dtype_option, metavar="DTYPE",
+                   help="bfloat16 (bf16) or float32 (f32) (default: bfloat16 for --gguf, as "
+                        "stored for --hf)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier model folder at --out (never other files)")
     p.set_defaults(run=cmd_convert)
 
     p = sub.add_parser("export", help="write a checkpoint as a Hugging Face folder, or a LoRA "
                        "adapter as a PEFT adapter (safetensors)")
     p.add_argument("--to", required=True, choices=["hf", "peft"],
                    help="hf: a transformers/vLLM model folder; peft: a PEFT LoRA adapter")
-    p.add_argument("--ckpt", default=None, help="checkpoint or model folder (default: embedded)")
-    p.add_argument("--lora", default=None, help="a gemma_kit LoRA adapter folder: merged into "
-                   "the weights with --to hf, converted alone with --to peft")
-    p.add_argument("--out", required=True, help="folder to create")
-    p.add_argument("--preset", default=None, help="model size (default: inferred from shapes)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.model (default: beside --ckpt)")
-    p.add_argument("--dtype", default=None, help="bfloat16 or float32 (default: as stored)")
-    p.add_argument("--max-shard-size", type=_bytes, default="5GB",
-                   help="split the weights into files of at most this size (default 5GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier export")
+    p.add_argument("--ckpt", default=None, metavar="DIR",
+                   help="checkpoint or model folder (default: the embedded Gemma 3 270M)")
+    _lora_flag(p, "a gemma_kit LoRA adapter folder: merged into the weights with --to hf, "
+                  "converted alone with --to peft (default: none)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to create")
+    p.add_argument("--preset", default=None, metavar="NAME",
+                   help="model size (default: inferred from the shapes, or the base the "
+                        "adapter names)")
+    p.add_argument("--tokenizer", default=None, metavar="FILE",
+                   help="tokenizer.model (default: the one in or beside --ckpt)")
+    p.add_argument("--dtype", default=None, type=dtype_option, metavar="DTYPE",
+                   help="bfloat16 (bf16) or float32 (f32) (default: as stored)")
+    p.add_argument("--max-shard-size", type=size_option, default="5GB", metavar="SIZE",
+                   help="split the weights into files of at most SIZE, e.g. 500MB, 2GiB "
+                        "(default 5GB)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier export at --out (never other files)")
     p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("info", help="describe a checkpoint: preset, size, dtypes, layout")
-    p.add_argument("checkpoint")
-    p.add_argument("--preset", default=None, help="check against this preset instead of inferring")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("checkpoint", help="checkpoint or model folder")
+    p.add_argument("--preset", default=None, metavar="NAME",
+                   help="check the shapes against this preset (default: infer it)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=cmd_info)
 
     p = sub.add_parser("sample", help="complete a prompt (default: the embedded Gemma 3 270M)")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, type=text_option, metavar="TEXT",
+                   help="the text to continue, sent as is (for a chat model, write its turn "
+                        "markup, or use `gemma-kit chat`)")
     _model_args(p)
     _sampling_flags(p, max_new_tokens=64)
-    p.add_argument("--json", action="store_true", help="print one JSON object with tokens and logprobs")
-    p.add_argument("--lora", default=None, help="a LoRA adapter folder to add (unmerged)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (text, tokens, logprobs, finish_reason) instead "
+                        "of streaming the text")
+    _lora_flag(p, "a LoRA adapter folder to add, unmerged (OUT_DIR/adapter of a finetune run; "
+                  "default: none)")
     _int8_flag(p)
     p.add_argument("--best-of", type=int, default=None, metavar="N",
                    help="draw N candidates and print the one --reward scores highest")
@@ -352,30 +501,42 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="multi-turn chat in the terminal (streamed replies)")
     _model_args(p)
     _sampling_flags(p, max_new_tokens=256)
-    p.add_argument("--system", default=None, help="system prompt (folded into the first turn)")
-    p.add_argument("--cache-length", type=int, default=4096, help="tokens the chat can hold")
-    p.add_argument("--lora", default=None, help="a LoRA adapter folder to add (unmerged)")
+    p.add_argument("--system", default=None, metavar="TEXT",
+                   help="system prompt, folded into the first user turn (default: none)")
+    p.add_argument("--cache-length", type=positive_int, default=4096, metavar="N",
+                   help="tokens the conversation can hold before its oldest exchanges are "
+                        "dropped (default 4096)")
+    _lora_flag(p, "a LoRA adapter folder to add, unmerged (OUT_DIR/adapter of a finetune run; "
+                  "default: none)")
     _int8_flag(p)
     p.set_defaults(run=cmd_chat)
 
     p = sub.add_parser("demo", help="chat page in the browser (Gradio; pip install "
                        "'gemma-kit[demo]')")
     _model_args(p)
-    p.add_argument("--lora", default=None, help="a LoRA adapter folder to apply to the model")
-    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--cache-length", type=int, default=4096,
-                   help="tokens each conversation can hold")
-    p.add_argument("--concurrency", type=int, default=8, help="replies generated at once")
+    _lora_flag(p, "a LoRA adapter folder to apply to the model, folded into the weights "
+                  "(default: none)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to serve on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=port_option, default=7860, help="port (default 7860)")
+    p.add_argument("--cache-length", type=positive_int, default=4096, metavar="N",
+                   help="tokens each conversation can hold (default 4096)")
+    p.add_argument("--concurrency", type=positive_int, default=8, metavar="N",
+                   help="replies generated at once; more wait in a queue (default 8)")
     p.set_defaults(run=cmd_demo)
 
     p = sub.add_parser("merge", help="fold a LoRA adapter into its base: a full checkpoint in "
                        "the official layout")
-    p.add_argument("--base", required=True, help="the base checkpoint (or model) folder")
-    p.add_argument("--lora", required=True, help="the adapter folder (OUT_DIR/adapter)")
-    p.add_argument("--out", required=True, help="folder to create (checkpoint/ + tokenizer.model)")
-    p.add_argument("--preset", default=None, help="model size (default: inferred from shapes)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier merge")
+    p.add_argument("--base", required=True, metavar="DIR",
+                   help="the base checkpoint (or model) folder")
+    p.add_argument("--lora", required=True, metavar="ADAPTER",
+                   help="the adapter folder (OUT_DIR/adapter of a finetune run)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="folder to create (checkpoint/ + tokenizer.model)")
+    p.add_argument("--preset", default=None, metavar="NAME",
+                   help="model size (default: inferred from the shapes)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier model folder at --out (never other files)")
     p.set_defaults(run=cmd_merge)
 
     for name in COMMAND_MODULES:
@@ -384,9 +545,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gemma_kit.errors import GemmaKitError
-
-    args = build_parser().parse_args(argv)
+    """Runs one gemma-kit command; returns the exit status (2 for a refused input)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help, --version, or an option the parser refused
+        return stop.code if isinstance(stop.code, int) else 2
     try:
         return args.run(args)
     except (GemmaKitError, FileNotFoundError) as err:
@@ -394,7 +557,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
