@@ -550,15 +550,3 @@ class Sampler:
             raise
         if finished is not None:
             finished(state, result)
-
-
-
-
-def __getattr__(name: str):
-    # ChatSession lives in gemma_kit.chat (which imports this module); the old import path
-    # `from gemma_kit.sampler import ChatSession` keeps working without an import cycle.
-    if name in ("ChatSession", "ChatOverflowError"):
-        from gemma_kit import chat
-
-        return getattr(chat, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -129,7 +129,8 @@ def main(argv=None) -> int:
     gold = [s for texts in train_samples.values() for s in vader_sentiment([""] * len(texts),
                                                                            texts)]
     summary = dict(
-        settings=vars(args),
+        # The output folder is where the file lies: recorded without the machine's path.
+        settings={k: v for k, v in vars(args).items() if k != "out"},
         train_pairs=len(train), eval_pairs=len(held), dropped_ties=dict(train=train_ties,
                                                                         eval=eval_ties),
         flipped=sum(r["flipped"] for r in train),

@@ -17,7 +17,8 @@ from flax import nnx
 
 from gemma_kit.config import GlobalAttention, LocalAttention, get_preset
 from gemma_kit.embedded import ensure_default_model
-from gemma_kit.sampler import ChatOverflowError, ChatSession, SamplingError
+from gemma_kit.chat import ChatOverflowError, ChatSession
+from gemma_kit.sampling import SamplingError
 from gemma_kit.tokenizer import Tokenizer
 
 

@@ -203,7 +203,7 @@ def test_convert_the_packaged_gguf(tmp_path, capsys):
 def test_chat_streams_replies_over_turns(monkeypatch, capsys):
     import io
 
-    from gemma_kit.sampler import ChatSession
+    from gemma_kit.chat import ChatSession
 
     monkeypatch.setattr("sys.stdin", io.StringIO("Hello!\n/reset\nWhat is 2+2?\n/exit\n"))
     assert main(["chat", "--max-new-tokens", "6", "--system", "Be brief."]) == 0

@@ -18,7 +18,7 @@ import _tiny
 from gemma_kit.cli import main
 from gemma_kit.config import GlobalAttention, LocalAttention
 from gemma_kit.demo import ChatApp, DemoError, InputError, load_image, preflight, sampling_settings
-from gemma_kit.sampler import ChatSession
+from gemma_kit.chat import ChatSession
 from gemma_kit.sampling import SamplingError
 
 

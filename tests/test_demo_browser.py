@@ -147,7 +147,7 @@ def _words(text: str) -> str:
 
 
 def _reference(served, message: str, **sampling) -> str:
-    from gemma_kit.sampler import ChatSession
+    from gemma_kit.chat import ChatSession
 
     app, _, model, tokenizer = served
     return ChatSession(model, tokenizer, cache_length=app.cache_length).send(message, **sampling)
@@ -243,7 +243,7 @@ def test_images_for_a_vision_model(browser, tmp_path):
     from PIL import Image
 
     from gemma_kit.demo import ChatApp
-    from gemma_kit.sampler import ChatSession
+    from gemma_kit.chat import ChatSession
 
     model = _vision_tiny.random_vision_model(_vision_tiny.tiny_vision_config(), seed=3)
     tokenizer = _vision_tiny.image_tokenizer()

@@ -25,7 +25,8 @@ from _vision_tiny import (  # noqa: E402
 from gemma_kit import sampler as sampler_module  # noqa: E402
 from gemma_kit.cache import init_cache  # noqa: E402
 from gemma_kit.errors import ImageError  # noqa: E402
-from gemma_kit.sampler import ChatSession, Sampler  # noqa: E402
+from gemma_kit.chat import ChatSession  # noqa: E402
+from gemma_kit.sampler import Sampler  # noqa: E402
 from gemma_kit.vision import prompt as image_prompt  # noqa: E402
 from gemma_kit.vision.preprocess import prepare_images  # noqa: E402
 

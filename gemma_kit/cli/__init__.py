@@ -16,11 +16,18 @@ import argparse
 import importlib
 import importlib.metadata
 import json
-import math
-import re
 import sys
 
-from gemma_kit.config import dtype_name
+from gemma_kit.cli.options import (
+    dtype_option,
+    min_p_option,
+    non_negative_number,
+    port_option,
+    positive_int,
+    size_option,
+    text_option,
+    top_p_option,
+)
 from gemma_kit.errors import ConfigError, GemmaKitError
 
 # Modules of gemma_kit.cli that add subcommands (see the module docstring), in --help order.
@@ -32,95 +39,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
-
-
-# -- option types: each refuses a bad value while parsing, before any model is loaded ----------
-
-
-def dtype_option(name: str) -> str:
-    """--dtype: a dtype name or alias (gemma_kit.config.DTYPE_NAMES) -> its canonical name."""
-    try:
-        return dtype_name(name)
-    except ConfigError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
-    return value
-
-
-def _number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def non_negative_number(text: str) -> float:
-    value = _number(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def positive_number(text: str) -> float:
-    value = _number(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def top_p_option(text: str) -> float:
-    value = _number(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
-def min_p_option(text: str) -> float:
-    value = _number(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
-
-
-def port_option(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number in 1..65535, got {value}")
-    return value
-
-
-def text_option(text: str) -> str:
-    """A prompt or stop string: any text but the empty one."""
-    if not text:
-        raise argparse.ArgumentTypeError("is empty; give at least one character of text")
-    return text
-
-
-def size_option(text: str) -> int:
-    """'5GB', '500MB', '2GiB' or a plain number of bytes (at least 1)."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMG]I?)?B?\s*", text.upper())
-    if not match:
-        raise argparse.ArgumentTypeError(f"cannot read {text!r} as a size; e.g. 5GB, 500MB")
-    factor = {None: 1, "K": 10**3, "M": 10**6, "G": 10**9, "KI": 2**10, "MI": 2**20,
-              "GI": 2**30}[match.group(2)]
-    size = int(float(match.group(1)) * factor)
-    if size < 1:
-        raise argparse.ArgumentTypeError(f"must be at least one byte, got {text!r}")
-    return size
 
 
 def _dtype(name: str | None):
@@ -290,7 +208,6 @@ def cmd_sample(args) -> int:
 
 def cmd_chat(args) -> int:
     from gemma_kit.chat import ChatSession
-    from gemma_kit.sampling import SamplingParams
 
     _check_lora(args)
     model, tokenizer = _load(args)
@@ -492,10 +409,12 @@ def build_parser() -> argparse.ArgumentParser:
     _lora_flag(p, "a LoRA adapter folder to add, unmerged (OUT_DIR/adapter of a finetune run; "
                   "default: none)")
     _int8_flag(p)
-    p.add_argument("--best-of", type=int, default=None, metavar="N",
-                   help="draw N candidates and print the one --reward scores highest")
+    p.add_argument("--best-of", type=positive_int, default=None, metavar="N",
+                   help="draw N candidates and print the one --reward scores highest "
+                        "(default: one plain completion)")
     p.add_argument("--reward", default=None, metavar="SPEC",
-                   help="for --best-of: 'pkg.module:function' or 'rm:DIR' (a reward model)")
+                   help="for --best-of: 'pkg.module:function' or 'rm:DIR' (a reward model); "
+                        "no default, --best-of needs it")
     p.set_defaults(run=cmd_sample)
 
     p = sub.add_parser("chat", help="multi-turn chat in the terminal (streamed replies)")

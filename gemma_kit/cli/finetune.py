@@ -15,6 +15,6 @@ def cmd_finetune(args) -> int:
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("finetune", help="fine-tune on JSONL data: LoRA, QLoRA or full "
-                              "(pip install 'gemma-kit[finetune]'; see finetune/README.md)")
+                              "(pip install 'gemma-kit[finetune]'; see docs/fine-tuning.md)")
     add_training_arguments(p)
     p.set_defaults(run=cmd_finetune)

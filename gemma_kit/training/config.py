@@ -262,7 +262,7 @@ class TrainConfig:
             return DTYPES[self.compute_dtype]
         import jax
 
-        # XLA's CPU backend is slower in bf16 than in f32 (see shared/docs/cpu-notes.md);
+        # XLA's CPU backend is slower in bf16 than in f32 (gemma_kit.layers explains);
         # accelerators are the opposite.
         return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
