@@ -148,7 +148,7 @@ def test_kl_bound_closed_form():
 @pytest.mark.parametrize("argv, message", [
     (["--best-of", "4"], "--best-of N and --reward SPEC go together"),
     (["--reward", "x:y"], "--best-of N and --reward SPEC go together"),
-    (["--best-of", "0", "--reward", "x:y"], "--best-of must be >= 1"),
+    (["--best-of", "0", "--reward", "x:y"], "argument --best-of: must be an integer >= 1"),
     (["--best-of", "2", "--reward", "no_such_module_cli:f"],
      "module 'no_such_module_cli' does not import"),
 ])

@@ -107,8 +107,6 @@ def best_of_reward(args):
     if args.best_of is None or args.reward is None:
         raise RewardError("--best-of N and --reward SPEC go together: Best-of-N draws N "
                           "candidates and keeps the one the reward scores highest")
-    if args.best_of < 1:
-        raise RewardError(f"--best-of must be >= 1, got {args.best_of}")
     return load_reward(args.reward)
 
 
