@@ -34,56 +34,41 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from gemma_kit.attention import causal_mask, image_block_mask, image_blocks
+from gemma_kit.attention import attention_mask as build_mask
+from gemma_kit.attention import image_blocks
+from gemma_kit.training.chunks import map_chunks
 from gemma_kit.vision.prompt import soft_token_mask
 
 
 def attention_mask(positions: jax.Array, segments: jax.Array,
                    tokens: jax.Array | None = None) -> jax.Array:
-    """[B, T] positions and segment ids -> [B, T, T]: causal, within one packed example only.
+    """[B, T] positions and segment ids of packed rows -> [B, T, T]: causal, within one packed
+    example only (gemma_kit.attention.attention_mask, the one mask builder).
 
-    With `tokens`, the soft-token slots of each image also see each other in both directions
-    (gemma_kit.attention.image_block_mask), as in the model's own default mask.
+    With `tokens`, the soft-token slots of each image also see each other in both directions,
+    as in the model's own default mask.
     """
-    same = segments[:, :, None] == segments[:, None, :]
-    allowed = causal_mask(positions, positions)
-    if tokens is not None:
-        blocks = image_blocks(soft_token_mask(tokens))
-        allowed = allowed | image_block_mask(blocks, blocks)
-    return allowed & same & (segments > 0)[:, None, :]
+    blocks = None if tokens is None else image_blocks(soft_token_mask(tokens))
+    return build_mask(positions, blocks=blocks, segments=segments)
 
 
 def cross_entropy_sums(model, hidden: jax.Array, targets: jax.Array, weights: jax.Array,
                        chunk: int) -> tuple[jax.Array, jax.Array]:
     """(sum of weighted token losses, sum of weights) for hidden [B, T, D], targets [B, T].
 
-    Logits are made chunk tokens at a time inside jax.checkpoint, so the backward pass
-    recomputes each chunk instead of keeping [B * T, V] logits alive. Log-softmax in float32.
+    Logits are made `chunk` tokens at a time (gemma_kit.training.chunks.map_chunks), so
+    [B * T, V] logits never exist whole, forward or backward. Log-softmax in float32.
     """
-    D = hidden.shape[-1]
-    h, t, w = hidden.reshape(-1, D), targets.reshape(-1), weights.reshape(-1).astype(jnp.float32)
-    n = h.shape[0]
-    size = min(chunk, n)
-    count = -(-n // size)
-    pad = count * size - n
-    if pad:
-        h = jnp.concatenate([h, jnp.zeros((pad, D), h.dtype)])
-        t = jnp.concatenate([t, jnp.zeros((pad,), t.dtype)])
-        w = jnp.concatenate([w, jnp.zeros((pad,), w.dtype)])
-
-    @jax.checkpoint
-    def one(args):
-        h, t, w = args
-        logits = model.logits(h[None])[0].astype(jnp.float32)  # [size, V]
+    def token_losses(h, t):
+        logits = model.logits(h[None])[0].astype(jnp.float32)  # [chunk, V]
         # Targets that are image slots (SOFT_TOKEN, -2) are never weighted; clip to index.
         picked = jnp.take_along_axis(logits, jnp.maximum(t, 0)[:, None], axis=-1)[:, 0]
-        return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * w)
+        return (jax.nn.logsumexp(logits, axis=-1) - picked,)
 
-    if count == 1:  # one chunk: no loop (a smaller program, compiled faster)
-        return one((h, t, w)), jnp.sum(w)
-    sums = jax.lax.map(one, (h.reshape(count, size, D), t.reshape(count, size),
-                             w.reshape(count, size)))
-    return jnp.sum(sums), jnp.sum(w)
+    D = hidden.shape[-1]
+    (losses,) = map_chunks(token_losses, (hidden.reshape(-1, D), targets.reshape(-1)), chunk)
+    w = weights.reshape(-1).astype(jnp.float32)
+    return jnp.sum(losses * w), jnp.sum(w)
 
 
 def token_loss_sums(model, batch: dict[str, jax.Array],
