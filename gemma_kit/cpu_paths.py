@@ -36,6 +36,8 @@ from collections.abc import Callable
 
 import jax
 
+from gemma_kit.errors import ConfigError
+
 PATHS = ("dot", "upcast")
 REFERENCE = "dot"
 ENV_VAR = "GEMMA_KIT_MATMUL_PATH"
@@ -125,12 +127,12 @@ def _write_cache(key: str, entry: dict) -> None:
 
 
 def forced_path() -> str | None:
-    """The form GEMMA_KIT_MATMUL_PATH forces, if set (ValueError if it names no form)."""
+    """The form GEMMA_KIT_MATMUL_PATH forces, if set (ConfigError if it names no form)."""
     value = os.environ.get(ENV_VAR, "").strip()
     if not value:
         return None
     if value not in PATHS:
-        raise ValueError(f"{ENV_VAR}={value!r}: choose one of {', '.join(PATHS)} or unset it")
+        raise ConfigError(f"{ENV_VAR}={value!r}: choose one of {', '.join(PATHS)} or unset it")
     return value
 
 

@@ -124,7 +124,7 @@ def _scaled(y: jax.Array, scale: jax.Array | None) -> jax.Array:
 # Representative shapes of each probe class (cpu_paths.ProductClass.size): a decode step's
 # layer products (many matrices of ~1-4 MB in bf16, together larger than the L3 cache), and one
 # embedding-table-sized product (the logits). Rows: 1, or MAX_UPCAST_ROWS for "few".
-_PROBE_SHAPES = {"layer": (16, 4096, 1024), "table": (1, 131072, 640)}
+PROBE_SHAPES = {"layer": (16, 4096, 1024), "table": (1, 131072, 640)}
 
 
 def probe_product(cls: cpu_paths.ProductClass, path: str) -> float:
@@ -133,7 +133,7 @@ def probe_product(cls: cpu_paths.ProductClass, path: str) -> float:
     The probe applies `count` random weights of the class's shape and stored dtype in
     sequence, as a decode step does, inside one jitted function; its first call compiles.
     """
-    count, O, I = _PROBE_SHAPES[cls.size]
+    count, O, I = PROBE_SHAPES[cls.size]
     rows = 1 if cls.rows == "one" else MAX_UPCAST_ROWS
     with jax.ensure_compile_time_eval():
         key = (cls, path)

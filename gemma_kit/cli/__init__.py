@@ -231,6 +231,10 @@ def cmd_demo(args) -> int:
     lora = None
     if args.lora:
         model, lora = demo.load_lora(model, args.lora)
+    if args.int8 or args.int4:
+        from gemma_kit.quant import quantize_model
+
+        model = quantize_model(model, embedding=True, bits=8 if args.int8 else 4)
     demo.serve(model, tokenizer, args.host, args.port, lora=lora,
                cache_length=args.cache_length, concurrency=args.concurrency)
     return 0
@@ -246,23 +250,28 @@ def _check_lora(args) -> None:
 
 def _with_lora(args, model):
     """The model with the --lora adapter added (unmerged), if one was given, then with int8
-    weights if --int8 asked for them."""
+    or int4 weights if --int8 or --int4 asked for them."""
     if args.lora is not None:
         from gemma_kit.lora import load_adapter
 
         load_adapter(model, args.lora)
-    if getattr(args, "int8", False):
+    bits = 8 if getattr(args, "int8", False) else 4 if getattr(args, "int4", False) else None
+    if bits:
         from gemma_kit.quant import quantize_model
 
-        model = quantize_model(model, embedding=True)
+        model = quantize_model(model, embedding=True, bits=bits)
     return model
 
 
-def _int8_flag(p) -> None:
-    p.add_argument("--int8", action="store_true",
-                   help="hold the weights as int8 with per-channel scales, the embedding too: "
-                        "half the memory, logits within ~4%% of bf16's (on CPU, one-prompt "
-                        "decoding is ~1.1x bf16's speed)")
+def _quant_flags(p) -> None:  # --int8 | --int4
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--int8", action="store_true",
+                       help="hold the weights as int8 with per-channel scales, the embedding "
+                            "too: half the memory, logits within ~4%% of bf16's")
+    group.add_argument("--int4", action="store_true",
+                       help="hold the weights as int4 (groups of 32, a scale and minimum each), "
+                            "the embedding too: under a third of bf16's memory, but a visible "
+                            "loss of quality on small models (docs/speed.md)")
 
 
 def cmd_finetune(args) -> int:
@@ -362,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_flags(p, max_new_tokens=64)
     p.add_argument("--json", action="store_true", help="print one JSON object with tokens and logprobs")
     p.add_argument("--lora", default=None, help="a LoRA adapter folder to add (unmerged)")
-    _int8_flag(p)
+    _quant_flags(p)
     p.set_defaults(run=cmd_sample)
 
     p = sub.add_parser("chat", help="multi-turn chat in the terminal (streamed replies)")
@@ -371,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt (folded into the first turn)")
     p.add_argument("--cache-length", type=int, default=4096, help="tokens the chat can hold")
     p.add_argument("--lora", default=None, help="a LoRA adapter folder to add (unmerged)")
-    _int8_flag(p)
+    _quant_flags(p)
     p.set_defaults(run=cmd_chat)
 
     p = sub.add_parser("demo", help="chat page in the browser (Gradio; pip install "
@@ -383,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-length", type=int, default=4096,
                    help="tokens each conversation can hold")
     p.add_argument("--concurrency", type=int, default=8, help="replies generated at once")
+    _quant_flags(p)
     p.set_defaults(run=cmd_demo)
 
     p = sub.add_parser("finetune", help="fine-tune on JSONL data: LoRA, QLoRA or full "

@@ -42,6 +42,7 @@ class TrainConfig:
     preset: str | Config | None = None  # default: inferred from the checkpoint's shapes
     tokenizer: str | None = None  # default: tokenizer.model in or beside `base`
     method: str = "lora"  # lora | qlora (int8 frozen base) | full
+    quant: str = "int8"  # qlora's frozen base: int8 (per channel) | int4 (groups of 32)
     param_dtype: str | None = None  # base weights; default bfloat16 (LoRA), float32 (full)
     compute_dtype: str = "auto"  # auto: bfloat16 on accelerators, float32 on CPU
     lora_rank: int = 8
@@ -152,6 +153,7 @@ class TrainConfig:
         need(bool(self.out_dir), "out_dir is required (the folder for checkpoints and results)")
         need(self.method in METHODS,
              f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        need(self.quant in ("int8", "int4"), f"quant must be int8 or int4, got {self.quant!r}")
         for name in ("param_dtype",):
             value = getattr(self, name)
             need(value is None or value in DTYPES,

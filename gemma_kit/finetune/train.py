@@ -255,7 +255,7 @@ def build_model(config: TrainConfig, model=None, tokenizer=None):
     if config.method == "qlora":
         from gemma_kit.quant import quantize_model
 
-        model = quantize_model(model)
+        model = quantize_model(model, bits=4 if config.quant == "int4" else 8)
     if config.trains_lora and not has_lora(model):
         apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets,
                    seed=config.seed)
