@@ -46,12 +46,14 @@ from _log import T0, log  # noqa: E402  (benchmarks/ is on sys.path)
 
 # The gemma_kit weight configurations: default_model's dtype (None: as stored, bf16) and, for
 # the int8 ones, the quantize_model arguments applied to that model: int8 = every matrix
-# (`gemma-kit sample --int8`), int8-emb = the tied embedding alone.
+# (`gemma-kit sample --int8`), int8-emb = the tied embedding alone, int4 = every matrix int4
+# (`--int4`).
 WEIGHTS = {
     "bf16": (None, None),
     "f32": ("float32", None),
     "int8": (None, dict(embedding=True)),
     "int8-emb": (None, dict(embedding=True, einsums=False)),
+    "int4": (None, dict(embedding=True, bits=4)),
 }
 
 

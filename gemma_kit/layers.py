@@ -213,10 +213,11 @@ class Einsum(nnx.Module):
         #   weight.
         #   With `int4_shape` also set, `w` holds int4 values instead: the weight in matvec
         #   layout flattened to [O, I] and packed (gemma_kit.int4: uint8 [O/2, I]), `w_scale`
-        #   its group scales and minima [O, I/32, 2]; int4_shape is that layout's shape
-        #   ([kept axes..., contracted axes...]).
+        #   and `w_min` its group scales and minima [O, I/32]; int4_shape is that layout's
+        #   shape ([kept axes..., contracted axes...]).
         # - lora: set by gemma_kit.lora; a module adding (alpha / r) * x A B to the output.
         self.w_scale = nnx.data(None)
+        self.w_min = nnx.data(None)
         self.int4_shape: tuple[int, ...] | None = None
         self.lora = nnx.data(None)
 
@@ -228,7 +229,7 @@ class Einsum(nnx.Module):
 
     def _base(self, x: jax.Array) -> jax.Array:
         if self.int4_shape is not None:
-            m = int4.Int4Matrix.stored(self.w[...], self.w_scale[...])
+            m = int4.Int4Matrix(self.w[...], self.w_scale[...], self.w_min[...])
             return self._matvec_product(x, self.int4_shape, lambda x2: matmul_t(x2, m, None))
         dtype = matmul_dtype(self.w[...].dtype, x.dtype)
         if not self.matvec:

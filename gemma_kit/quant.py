@@ -22,8 +22,8 @@ transposes `w` and its scale together, so the sampler runs on an int8 model unch
 int4 (`bits=4`): group-wise, a bf16 scale and minimum per 32 inputs (gemma_kit.int4 has the
 format and its error bound, |w - (q s + m)| <= s / 2 = the group's range / 30). Each Einsum
 weight is moved to the matvec layout (contracted axes last), flattened to [O, I] and packed two
-values per byte (Int4Weight uint8 [O/2, I], Int4Groups bf16 [O, I/32, 2]); `Einsum.int4_shape`
-keeps the layout's shape. The table, with `embedding=True`, is packed the same way along D (per
+values per byte (Int4Weight uint8 [O/2, I]; Int4Scale and Int4Min bf16 [O, I/32] in `w_scale`
+and `w_min`); `Einsum.int4_shape` keeps the layout's shape. The table, with `embedding=True`, is packed the same way along D (per
 32 features of a row): the logits read 5 bits per weight. Several-row products (prefill,
 batches, training) dequantize each weight to bf16 inside the computation first.
 """
@@ -54,8 +54,12 @@ class Int4Weight(nnx.Variable):
     """int4 values of a quantized weight, two per byte (gemma_kit.int4; frozen)."""
 
 
-class Int4Groups(nnx.Variable):
-    """Scale and minimum of every group of 32 inputs of an Int4Weight: bf16 [O, I/32, 2]."""
+class Int4Scale(nnx.Variable):
+    """The scale of every group of 32 inputs of an Int4Weight: bf16 [O, I/32]."""
+
+
+class Int4Min(nnx.Variable):
+    """The minimum of every group of 32 inputs of an Int4Weight: bf16 [O, I/32]."""
 
 
 def contracted_axes(einsum: Einsum) -> tuple[int, ...]:
@@ -106,7 +110,8 @@ def quantize_model(model: nnx.Module, *, embedding: bool = False,
                 int4.check_shape(*table.shape, "the embedding table")
                 m = int4.quantize(table)
                 embedder.input_embedding = Int4Weight(m.packed)
-                embedder.input_embedding_scale = Int4Groups(m.groups())
+                embedder.input_embedding_scale = Int4Scale(m.scale)
+                embedder.input_embedding_min = Int4Min(m.minimum)
             else:
                 q, scale = quantize_int8(table, (1,))
                 embedder.input_embedding = Int8Weight(q)
@@ -136,7 +141,8 @@ def quantize_einsum_int4(module: Einsum, name: str = "an Einsum") -> None:
     m = int4.quantize(w.reshape(-1, n_in))
     module.int4_shape = tuple(int(n) for n in w.shape)
     module.w = Int4Weight(m.packed)
-    module.w_scale = Int4Groups(m.groups())
+    module.w_scale = Int4Scale(m.scale)
+    module.w_min = Int4Min(m.minimum)
     module.matvec = True
 
 

@@ -35,8 +35,10 @@ class Embedder(nnx.Module):
         self.input_embedding = nnx.Param(init(rngs.params(), (vocab_size, embed_dim), param_dtype))
         # Set by gemma_kit.quant when the table holds int8 values: a float32 scale per
         # vocabulary row, [V, 1], and the name of the dtype the table had (it rounds sqrt(D)).
-        # For int4 values (a uint8 table, gemma_kit.int4): group scales and minima [V, D/32, 2].
+        # For int4 values (a uint8 table, gemma_kit.int4): group scales [V, D/32] here and
+        # group minima [V, D/32] in input_embedding_min.
         self.input_embedding_scale = nnx.data(None)
+        self.input_embedding_min = nnx.data(None)
         self.normalizer_dtype = None
         if vision_width is not None:
             self.mm_soft_embedding_norm = RMSNorm(vision_width, param_dtype=vision_param_dtype)
@@ -93,7 +95,8 @@ class Embedder(nnx.Module):
         table = self.input_embedding[...]
         if table.dtype != jnp.uint8:
             return None
-        return int4.Int4Matrix.stored(table, self.input_embedding_scale[...])
+        return int4.Int4Matrix(table, self.input_embedding_scale[...],
+                               self.input_embedding_min[...])
 
 
 class FeedForward(nnx.Module):
