@@ -66,7 +66,6 @@ def parse_args(argv=None):
 ARGS = parse_args()
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 import gemma_kit  # noqa: E402
 from gemma_kit import Sampler, cpu_paths, quant  # noqa: E402
@@ -182,7 +181,7 @@ def main():
 
     official = None
     try:  # the official library, where installed (not a dependency of anything here)
-        import gemma as official  # noqa: F401
+        import gemma as official
         log("the official gemma library is installed but not wired into this benchmark yet")
     except ImportError:
         pass

@@ -84,7 +84,7 @@ def matmul_t(x: jax.Array, weight, stored, scale: jax.Array | None = None, *,
     Computes in matmul_dtype (x is rounded to bf16 against narrow weights) with float32
     accumulation, in the form `path` names, by default the one gemma_kit.cpu_paths chose for
     this CPU and product class (module docstring). The forms give the same products up to the
-    order of float32 sums, except that the dot form rounds int4 weights q * s to bf16.
+    order of float32 sums, except that the dot form rounds int4 weights q s + m to bf16.
     """
     rows = x.shape[0]
     packed = isinstance(weight, int4.Int4Matrix)
@@ -97,6 +97,7 @@ def matmul_t(x: jax.Array, weight, stored, scale: jax.Array | None = None, *,
             O, I = weight.shape if packed else weight(stored).shape
             cls = cpu_paths.product_class(_stored_name(weight, stored), rows, O, I)
             path = cpu_paths.choose(cls, lambda p: probe_product(cls, p))
+            _probe_cache.clear()  # the probe's weights (up to ~200 MB) are not needed again
     if path == "upcast":
         xr = x.astype(dtype).astype(x.dtype)
         if packed:

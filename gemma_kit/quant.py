@@ -23,8 +23,9 @@ int4 (`bits=4`): group-wise, a bf16 scale and minimum per 32 inputs (gemma_kit.i
 format and its error bound, |w - (q s + m)| <= s / 2 = the group's range / 30). Each Einsum
 weight is moved to the matvec layout (contracted axes last), flattened to [O, I] and packed two
 values per byte (Int4Weight uint8 [O/2, I]; Int4Scale and Int4Min bf16 [O, I/32] in `w_scale`
-and `w_min`); `Einsum.int4_shape` keeps the layout's shape. The table, with `embedding=True`, is packed the same way along D (per
-32 features of a row): the logits read 5 bits per weight. Several-row products (prefill,
+and `w_min`); `Einsum.int4_shape` keeps the layout's shape. The table, with `embedding=True`,
+is packed the same way along D (per 32 features of a row; input_embedding_scale and
+input_embedding_min): the logits read 5 bits per weight. Products of 5 or more rows (prefill,
 batches, training) dequantize each weight to bf16 inside the computation first.
 """
 

@@ -4,13 +4,13 @@ the real Gemma 3 270M."""
 
 from __future__ import annotations
 
+import _tiny
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-import _tiny
 from gemma_kit import int4, quant
 from gemma_kit.errors import CheckpointError, ConfigError
 from gemma_kit.layers import Einsum, to_matvec_layout
