@@ -237,7 +237,7 @@ def main():
         print("\n".join(("- " if md else "  ") + f"{kind}: {path.name} ({gguf_summary(path)})"
                         for kind, path in files.items()))
     paths = cpu_paths.read_cache()
-    mine = {k: v for k, v in paths.items() if k.startswith(cpu_paths.cpu_model())}
+    mine = {k: v for k, v in paths.items() if k.startswith(cpu_paths.cpu_signature())}
     if mine:
         print("\nCompiled product forms chosen on this CPU (gemma_kit.cpu_paths; probe seconds "
               "per call, dot / upcast):\n")

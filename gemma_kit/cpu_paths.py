@@ -14,7 +14,8 @@ forms, both with the same numerics (activations rounded to bf16, float32 accumul
 
 `choose` answers per product class (stored dtype, one row or a few, a layer-sized matrix or the
 embedding table) by timing both forms on random weights of that class, best of interleaved
-rounds, the first time the class is seen on this (CPU model, jax version). The answer is kept in
+rounds, the first time the class is seen on this CPU (cpu_signature: model, family, ISA flags,
+cores) and jax version. The answer is kept in
 $GEMMA_KIT_CACHE/cpu_paths.json (a corrupt or foreign file is ignored with a warning and
 rewritten) and in memory. GEMMA_KIT_MATMUL_PATH=dot|upcast forces one form everywhere (for
 debugging and tests); nothing else needs setting.
@@ -64,7 +65,8 @@ class ProductClass:
     size: str
 
     def key(self) -> str:
-        return f"{cpu_model()} | jax {jax.__version__} | {self.stored} | {self.rows} | {self.size}"
+        fields = (cpu_signature(), f"jax {jax.__version__}", self.stored, self.rows, self.size)
+        return " | ".join(fields)
 
 
 def product_class(stored: str, rows: int, out_features: int, in_features: int) -> ProductClass:
@@ -82,6 +84,33 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"
+
+
+# ISA extensions that change which form wins (bf16 and int8 dot units, AMX tiles).
+_FLAGS = ("avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+
+
+def cpu_signature() -> str:
+    """The CPU model, its family/model numbers, the ISA flags above and the usable cores: a
+    virtual machine often names only "AMD EPYC", and threading depends on the core count."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor is enough
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    flags = set(fields.get("flags", "").split())
+    isa = "+".join(f for f in _FLAGS if f in flags) or "-"
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return (f"{cpu_model()} (family {fields.get('cpu family', '?')} model "
+            f"{fields.get('model', '?')}, {isa}, {cores} cores)")
 
 
 def cache_path():
