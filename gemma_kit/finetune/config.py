@@ -41,7 +41,7 @@ class TrainConfig:
     base: str = "default"  # checkpoint folder, or "default" for the embedded Gemma 3 270M
     preset: str | Config | None = None  # default: inferred from the checkpoint's shapes
     tokenizer: str | None = None  # default: tokenizer.model in or beside `base`
-    method: str = "lora"  # lora | qlora (int8 frozen base) | full
+    method: str = "lora"  # lora | qlora (quantized frozen base, see quant) | full
     quant: str = "int8"  # qlora's frozen base: int8 (per channel) | int4 (groups of 32)
     param_dtype: str | None = None  # base weights; default bfloat16 (LoRA), float32 (full)
     compute_dtype: str = "auto"  # auto: bfloat16 on accelerators, float32 on CPU
