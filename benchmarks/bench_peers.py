@@ -53,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--decode-steps", type=int, default=None, help="D (default 48, quick 16)")
     p.add_argument("--rounds", type=int, default=None, help="rounds (default 3, quick 1)")
     p.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
+    p.add_argument("--llama-threads", type=int, default=None,
+                   help="llama.cpp threads (default: the cores of this process)")
     args = p.parse_args(argv)
     args.formats = [f for f in args.formats.split(",") if f]
     bad = [f for f in args.formats if f not in FORMATS]
@@ -119,12 +121,12 @@ def gguf_summary(path) -> str:
     return f"table {embedding}; {big}"
 
 
-def llama_generate(path, ids: list[int]):
+def llama_generate(path, ids: list[int], threads: int):
     import llama_cpp
     import numpy as np
 
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=CACHE_LEN, n_batch=CACHE_LEN,
-                          n_threads=core_count(), n_threads_batch=core_count(), verbose=False)
+                          n_threads=threads, n_threads_batch=threads, verbose=False)
     vocab = llm.n_vocab()
 
     def next_token():
@@ -165,6 +167,7 @@ def main():
         configs.append(Decode("gemma_kit", name, 1, jax_generate(sampler, PROMPT, 1), D))
 
     llama_version, files = None, {}
+    threads = args.llama_threads or core_count()
     if not args.no_llama:
         try:
             import llama_cpp
@@ -176,7 +179,7 @@ def main():
             kinds = [FORMATS[f][1] for f in args.formats] + [SHIPPED]
             for kind in kinds:
                 files[kind] = made_gguf(kind)
-                _, gen = llama_generate(files[kind], ids)
+                _, gen = llama_generate(files[kind], ids, threads)
                 configs.append(Decode("llama.cpp", kind, 1, gen, D))
 
     official = None
@@ -207,7 +210,7 @@ def main():
         f"machine: {cpu_model()}, {core_count()} cores; load average {load_start[0]:.1f} at "
         f"start, {load_end[0]:.1f} at end",
         f"python {platform.python_version()}, jax {jax.__version__}, llama-cpp-python "
-        f"{llama_version or 'not installed'} ({core_count()} threads); official gemma library: "
+        f"{llama_version or 'not installed'} ({threads} threads); official gemma library: "
         f"{'installed, not measured' if official else 'not installed'}",
         f"{args.rounds} interleaved round(s), best of each; prompt {len(ids)} tokens; "
         f"D = {D} steps = generate(1 + D) - generate(1); gemma_kit cache {CACHE_LEN} slots",
