@@ -164,3 +164,16 @@ def test_qlora_on_an_int4_base(tmp_path, small_tokenizer, tiny_model):
     assert result.eval_after < result.eval_before
     with pytest.raises(ConfigError, match="quant"):
         TrainConfig(train_file="x", out_dir="y", steps=1, quant="int3").validate()
+
+
+def test_cli_int4_flag():
+    """--int4 on sample, chat and demo; --int8 and --int4 together are one clear error."""
+    from gemma_kit.cli import build_parser
+
+    parser = build_parser()
+    for command in (["sample", "--prompt", "x"], ["chat"], ["demo"]):
+        args = parser.parse_args([*command, "--int4"])
+        assert args.int4 and not args.int8
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args(["sample", "--prompt", "x", "--int4", "--int8"])
+    assert exc.value.code == 2
