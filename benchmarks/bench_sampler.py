@@ -40,16 +40,20 @@ import platform
 import sys
 import time
 
+from _common import (BandwidthProbe, Decode, core_count, cpu_model, fmt_rate,  # noqa: E402
+                     fmt_ratio, jax_generate, table)
 from _log import T0, log  # noqa: E402  (benchmarks/ is on sys.path)
 
 # The gemma_kit weight configurations: default_model's dtype (None: as stored, bf16) and, for
 # the int8 ones, the quantize_model arguments applied to that model: int8 = every matrix
-# (`gemma-kit sample --int8`), int8-emb = the tied embedding alone.
+# (`gemma-kit sample --int8`), int8-emb = the tied embedding alone, int4 = every matrix int4
+# (`--int4`).
 WEIGHTS = {
     "bf16": (None, None),
     "f32": ("float32", None),
     "int8": (None, dict(embedding=True)),
     "int8-emb": (None, dict(embedding=True, einsums=False)),
+    "int4": (None, dict(embedding=True, bits=4)),
 }
 
 
@@ -92,7 +96,6 @@ ARGS = parse_args()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import gemma_kit  # noqa: E402
@@ -116,24 +119,6 @@ CACHE_LEN = 256  # fixed cache length of the decode samplers (prompt + 1 + D mus
 # Machine and helpers.
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def core_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def exact_prompt(tok, n: int) -> list[int]:
     """Ids (<bos> included) of a text of whole words that encodes to n tokens (or just under)."""
     words = (PARAGRAPH * (n // 8 + 1)).split()
@@ -145,106 +130,9 @@ def exact_prompt(tok, n: int) -> list[int]:
     return " ".join(words[:lo])
 
 
-def table(headers, rows, markdown: bool) -> str:
-    rows = [[str(c) for c in r] for r in rows]
-    if markdown:
-        out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-        out += ["| " + " | ".join(r) + " |" for r in rows]
-        return "\n".join(out)
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(headers)]
-    fmt = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w)  # noqa: E731
-                              for i, (c, w) in enumerate(zip(r, widths)))
-    return "\n".join([fmt(headers), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
-
-
-def fmt_rate(x):
-    return "n/a" if x is None or not math.isfinite(x) else (f"{x:.1f}" if x < 100 else f"{x:.0f}")
-
-
-def fmt_ratio(x):
-    return "n/a" if x is None or not math.isfinite(x) else f"{x:.2f}x"
-
-
 # ----------------------------------------------------------------------------------------------
 # Configurations. Each has warm() (compiles, run once before the rounds) and measure() (one
 # round); the best times are kept.
-
-
-class BandwidthProbe:
-    """f32 matrix-vector product with a [262144, 640] matrix (the 270M's logits projection)."""
-
-    label = "bandwidth probe"
-
-    def __init__(self, calls: int = 10):
-        rng = np.random.default_rng(0)
-        self.E = jnp.asarray(rng.standard_normal((262144, 640), dtype=np.float32) * 0.02)
-        self.x = jnp.ones((1, 640), jnp.float32)
-        self.f = jax.jit(lambda x, E: jnp.einsum("bd,vd->bv", x, E))
-        self.calls = calls
-        self.best = math.inf  # seconds per product
-
-    def warm(self):
-        self.f(self.x, self.E).block_until_ready()
-
-    def measure(self):
-        t = time.perf_counter()
-        for _ in range(self.calls):
-            y = self.f(self.x, self.E)
-        y.block_until_ready()
-        self.best = min(self.best, (time.perf_counter() - t) / self.calls)
-
-    @property
-    def bandwidth(self) -> float:
-        return self.E.nbytes / self.best
-
-
-@dataclasses.dataclass
-class Decode:
-    """Decode throughput of one engine/dtype/batch from two generate lengths (1 and 1 + D)."""
-
-    engine: str
-    dtype: str
-    batch: int
-    generate: object  # n -> list of token-id lists, one per row (blocks until done)
-    steps: int
-    t1: float = math.inf
-    t2: float = math.inf
-    first_row: list | None = None
-    compiled: bool = True  # warm-up must run both lengths (each compiles its program)
-
-    @property
-    def label(self):
-        return f"{self.engine} {self.dtype} decode B={self.batch}"
-
-    def _call(self, n):
-        t = time.perf_counter()
-        rows = self.generate(n)
-        dt = time.perf_counter() - t
-        bad = [len(r) for r in rows if len(r) != n]
-        if bad:
-            raise RuntimeError(f"{self.label}: asked for {n} tokens, got {bad[0]} (early stop?)")
-        return dt, rows
-
-    def warm(self):
-        self._call(1)
-        self._call(1 + self.steps if self.compiled else min(4, 1 + self.steps))
-
-    def measure(self):
-        dt, _ = self._call(1)
-        self.t1 = min(self.t1, dt)
-        dt, rows = self._call(1 + self.steps)
-        self.t2 = min(self.t2, dt)
-        self.first_row = list(rows[0])
-
-    @property
-    def step_time(self) -> float:
-        return (self.t2 - self.t1) / self.steps
-
-    @property
-    def rate(self) -> float:
-        s = self.step_time
-        return self.batch / s if s > 0 else math.nan
 
 
 @dataclasses.dataclass
@@ -270,16 +158,6 @@ class Prefill:
     @property
     def rate(self) -> float:
         return self.tokens / self.best
-
-
-def jax_generate(sampler, prompt: str, batch: int):
-    prompts = [prompt] * batch
-
-    def generate(n):
-        out = sampler.generate(prompts, max_new_tokens=n, stop_token_ids=())
-        return [r.tokens for r in out]
-
-    return generate
 
 
 def hf_generate(model, ids: list[int], batch: int):

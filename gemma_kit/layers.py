@@ -11,29 +11,32 @@ Dimension glossary, used in every einsum equation and docstring of gemma_kit:
 and for images (gemma_kit.vision): I images, P patches per image, W encoder width, M soft tokens
 per image, p patch side in pixels, c colour channels.
 
-Parameters may be stored in a narrower dtype (bf16, or int8 with scales) than the activations
-(float32). Such a weight multiplies bf16-rounded activations and accumulates in float32 on every
-path (`matmul_dtype`), the numerics of bf16 inference everywhere; how the product is computed
-depends on its shape, because XLA's CPU backend is fast at different things for each
-(measured by the scripts in benchmarks/):
-  * bf16 weights: a bf16 x bf16 product with float32 accumulation, which XLA runs through its
-    GEMM library (the CPU's bf16 units), ~10x faster than upcasting several rows (XLA
-    materialises a float32 copy of the weight first), and the native form on accelerators.
-    `matmul_t` pads fewer than MIN_ROWS rows with zero rows: one row alone takes a
-    matrix-vector path ~35x slower, and a few rows a slower GEMM kernel;
-  * int8 weights, one activation row (int8 decoding at batch 1): the weight is upcast inside
-    the computation, fused into a matrix-vector loop that reads one byte per weight; a
-    several-row product materialises a bf16 copy of the weight, so int8 is for batch 1.
+Parameters may be stored in a narrower dtype (bf16, int8 with per-channel scales, or int4 with
+group scales, gemma_kit.int4) than the activations (float32). Such a weight multiplies
+bf16-rounded activations and accumulates in float32 on every path (`matmul_dtype`), the
+numerics of bf16 inference everywhere. How the product is computed depends on its shape and on
+the CPU, because XLA's CPU backend is fast at different things on different machines
+(docs/speed.md): `matmul_t` takes one of the forms of
+gemma_kit.cpu_paths for fewer than MIN_ROWS rows, the one probed fastest on this CPU:
+  * "dot": a bf16 x bf16 product with float32 accumulation padded to MIN_ROWS rows, which XLA
+    runs through its GEMM library; the reference form, and the native one on accelerators.
+    Several rows always take it (int8 and int4 weights are dequantized to bf16 first);
+  * "upcast": the weight converted to float32 inside the computation, fused by XLA into one
+    matrix-vector loop per activation row that reads the stored bytes once.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import time
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from gemma_kit import cpu_paths, int4
 
 
 def _normal(stddev: float):
@@ -43,47 +46,144 @@ def _normal(stddev: float):
 def matmul_dtype(stored, activations) -> jnp.dtype:
     """The dtype in which activations of dtype `activations` meet a weight stored as `stored`.
 
-    bf16 for float32 activations against bf16 or int8 (scaled) weights, the activations'
-    dtype otherwise. The product always accumulates in the activations' dtype.
+    bf16 for float32 activations against bf16, int8 (scaled) or int4 (packed in uint8)
+    weights, the activations' dtype otherwise. The product always accumulates in the
+    activations' dtype.
     """
     stored, activations = jnp.dtype(stored), jnp.dtype(activations)
-    if activations == jnp.float32 and stored in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.int8)):
+    narrow = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.int8), jnp.dtype(jnp.uint8))
+    if activations == jnp.float32 and stored in narrow:
         return jnp.dtype(jnp.bfloat16)
     return activations
 
 
-# Narrow products of fewer rows are padded to this many with zero rows, whose outputs are
-# dropped. On the 2-core CPU of benchmarks/bench_sampler.py, the 18 blocks of a batch-1 decode
-# step of Gemma 3 270M (bf16, 200 MB of weights) took ~25 ms as a matrix-vector loop over
-# upcast weights, 19 ms padded to 2 rows, 15 ms padded to 8: the extra rows cost no extra
-# reads, and the GEMM kernel streams the weights faster.
+# Narrow products of fewer rows are padded to this many with zero rows in the "dot" form, whose
+# outputs are dropped. On the Intel 2-core CPU of earlier benchmarks, the 18 blocks of a batch-1
+# decode step of Gemma 3 270M (bf16, 200 MB of weights) took ~25 ms upcast, 19 ms padded to 2
+# rows, 15 ms padded to 8: the extra rows cost no extra reads, and the GEMM kernel streamed the
+# weights faster. On an AMD EPYC host the upcast form is the faster one (cpu_paths).
 MIN_ROWS = 8
+# The upcast form runs one matrix-vector product per row; past this many rows the "few" class
+# always takes the dot form (each row would read the whole weight again).
+MAX_UPCAST_ROWS = 4
 
 
-def matmul_t(x: jax.Array, weight, stored, scale: jax.Array | None = None) -> jax.Array:
-    """x [M, I] @ W^T for W [O, I] given as weight(dtype) (the stored W cast, inside the jit).
+def _stored_name(weight, stored) -> str:
+    return "int4" if isinstance(weight, int4.Int4Matrix) else jnp.dtype(stored).name
 
-    Computes in matmul_dtype(stored, x.dtype), choosing the fast form (module docstring): int8
-    weights against one row are upcast; otherwise a narrow product with wide accumulation runs
-    on at least MIN_ROWS rows. Either way x is rounded first, so every form and every M gives
-    the same products. `scale` [O], if given, multiplies the product's columns: the per-row
-    scales of int8 weights, applied to O outputs rather than to O x I weights (and exactly:
-    int8 values are exact in bf16, so only x is rounded).
+
+def matmul_t(x: jax.Array, weight, stored, scale: jax.Array | None = None, *,
+             path: str | None = None) -> jax.Array:
+    """x [M, I] @ W^T for W [O, I]: float32 (or the activations' dtype) [M, O].
+
+    `weight` is either a function weight(dtype) giving the stored W cast inside the jit (dense
+    weights of dtype `stored`), or a gemma_kit.int4.Int4Matrix (then `stored` is ignored).
+    `scale` [O], if given, multiplies the product's columns: the per-row scales of int8
+    weights, applied to O outputs rather than to O x I weights (and exactly: int8 values are
+    exact in bf16, so only x is rounded).
+
+    Computes in matmul_dtype (x is rounded to bf16 against narrow weights) with float32
+    accumulation, in the form `path` names, by default the one gemma_kit.cpu_paths chose for
+    this CPU and product class (module docstring). The forms give the same products up to the
+    order of float32 sums, except that the dot form rounds int4 weights q s + m to bf16.
     """
-    dtype = matmul_dtype(stored, x.dtype)
     rows = x.shape[0]
-    if dtype == x.dtype:
-        y = x @ weight(dtype).T
-    elif rows == 1 and jnp.dtype(stored) == jnp.int8:
-        y = x.astype(dtype).astype(x.dtype) @ weight(x.dtype).T
-    else:
-        # Contracting the last axis of both operands as they are: written as matmul(x, w.T),
-        # XLA's CPU backend upcasts both operands to float32 before the dot (measured ~10x
-        # slower).
-        padded = jnp.pad(x.astype(dtype), ((0, max(0, MIN_ROWS - rows)), (0, 0)))
-        y = jax.lax.dot_general(padded, weight(dtype), (((1,), (1,)), ((), ())),
-                                preferred_element_type=x.dtype)[:rows]
+    packed = isinstance(weight, int4.Int4Matrix)
+    dtype = matmul_dtype(jnp.uint8 if packed else stored, x.dtype)
+    if dtype == x.dtype and not packed:  # wide weights, or wide activations: nothing to pick
+        return _scaled(x @ weight(dtype).T, scale)
+    if path is None:
+        path = "dot"
+        if rows <= MAX_UPCAST_ROWS:
+            O, I = weight.shape if packed else weight(stored).shape
+            cls = cpu_paths.product_class(_stored_name(weight, stored), rows, O, I)
+            path = cpu_paths.choose(cls, lambda p: probe_product(cls, p))
+            _probe_cache.clear()  # the probe's weights (up to ~200 MB) are not needed again
+    if path == "upcast":
+        xr = x.astype(dtype).astype(x.dtype)
+        if packed:
+            y = jnp.concatenate([int4.matvec(xr[i:i + 1], weight) for i in range(rows)])
+        else:
+            w = weight(x.dtype)
+            y = jnp.concatenate([xr[i:i + 1] @ w.T for i in range(rows)])
+        return _scaled(y, scale)
+    if path != "dot":
+        raise ValueError(f"unknown product form {path!r}; one of {cpu_paths.PATHS}")
+    w = int4.dequantize(weight, dtype) if packed else weight(dtype)
+    # Contracting the last axis of both operands as they are: written as matmul(x, w.T),
+    # XLA's CPU backend upcasts both operands to float32 before the dot (measured ~10x
+    # slower).
+    padded = jnp.pad(x.astype(dtype), ((0, max(0, MIN_ROWS - rows)), (0, 0)))
+    y = jax.lax.dot_general(padded, w, (((1,), (1,)), ((), ())),
+                            preferred_element_type=x.dtype)[:rows]
+    return _scaled(y, scale)
+
+
+def _scaled(y: jax.Array, scale: jax.Array | None) -> jax.Array:
     return y if scale is None else y * scale.astype(y.dtype)
+
+
+# Representative shapes of each probe class (cpu_paths.ProductClass.size): a decode step's
+# layer products (many matrices of ~1-4 MB in bf16, together larger than the L3 cache), and one
+# embedding-table-sized product (the logits). Rows: 1, or MAX_UPCAST_ROWS for "few".
+PROBE_SHAPES = {"layer": (16, 4096, 1024), "table": (1, 131072, 640)}
+
+
+def probe_product(cls: cpu_paths.ProductClass, path: str) -> float:
+    """Seconds of one call of class `cls`'s probe in form `path` (cpu_paths.choose's measure).
+
+    The probe applies `count` random weights of the class's shape and stored dtype in
+    sequence, as a decode step does, inside one jitted function; its first call compiles.
+    """
+    count, O, I = PROBE_SHAPES[cls.size]
+    rows = 1 if cls.rows == "one" else MAX_UPCAST_ROWS
+    with jax.ensure_compile_time_eval():
+        key = (cls, path)
+        if key not in _probe_cache:
+            _probe_cache.clear()  # one class at a time in memory
+            weights = _probe_weights(cls.stored, count, O, I)
+
+            @jax.jit
+            def run(x, weights):
+                out = x
+                for w in weights:
+                    y = _probe_apply(x, w, cls.stored, path)
+                    out = out + y[:, :1]  # keeps every product alive
+                return out
+
+            x = jnp.ones((rows, I), jnp.float32)
+            run(x, weights).block_until_ready()
+            _probe_cache[key] = (run, x, weights)
+        run, x, weights = _probe_cache[key]
+        start = time.perf_counter()
+        run(x, weights).block_until_ready()
+        return time.perf_counter() - start
+
+
+_probe_cache: dict = {}
+
+
+def _probe_weights(stored: str, count: int, O: int, I: int):
+    """`count` distinct buffers of one random [O, I] weight in `stored` form (the values repeat;
+    the bytes read per call are what the timing is about)."""
+    w = jax.random.normal(jax.random.key(0), (O, I), jnp.float32) * 0.02
+    if stored == "int4":
+        m = int4.quantize(w)
+        return [int4.Int4Matrix(*(jnp.copy(a) for a in m)) for _ in range(count)]
+    if stored == "int8":
+        q = jnp.clip(jnp.round(w * 4000), -127, 127).astype(jnp.int8)
+        return [(jnp.copy(q), jnp.full((O,), 1 / 4000, jnp.float32)) for _ in range(count)]
+    w = w.astype(stored)
+    return [jnp.copy(w) for _ in range(count)]
+
+
+def _probe_apply(x, w, stored: str, path: str):
+    if stored == "int4":
+        return matmul_t(x, w, None, path=path)
+    if stored == "int8":
+        q, s = w
+        return matmul_t(x, q.astype, q.dtype, s, path=path)
+    return matmul_t(x, w.astype, w.dtype, path=path)
 
 
 class Einsum(nnx.Module):
@@ -103,7 +203,8 @@ class Einsum(nnx.Module):
             raise ValueError(f"equation {equation!r} does not fit a weight of shape {shape}")
         self.w = nnx.Param(_normal(stddev)(rngs.params(), tuple(shape), param_dtype))
         # Letters of w that are contracted with x, in x's order; they must end x's spec.
-        self.contracted = "".join(c for c in self.x_spec if c in self.w_spec and c not in self.out_spec)
+        self.contracted = "".join(c for c in self.x_spec
+                                  if c in self.w_spec and c not in self.out_spec)
         if not self.x_spec.endswith(self.contracted):
             raise ValueError(f"{equation!r}: contracted dims must be the last dims of x")
         self.matvec = False  # True once w is stored as [kept axes..., contracted axes...]
@@ -113,8 +214,14 @@ class Einsum(nnx.Module):
         #   with the int8 values themselves (exact in bf16) and its outputs are scaled, inside
         #   the caller's compiled computation: memory holds, and a matmul reads, one byte per
         #   weight.
+        #   With `int4_shape` also set, `w` holds int4 values instead: the weight in matvec
+        #   layout flattened to [O, I] and packed (gemma_kit.int4: uint8 [O/2, I]), `w_scale`
+        #   and `w_min` its group scales and minima [O, I/32]; int4_shape is that layout's
+        #   shape ([kept axes..., contracted axes...]).
         # - lora: set by gemma_kit.lora; a module adding (alpha / r) * x A B to the output.
         self.w_scale: Any = nnx.data(None)
+        self.w_min: Any = nnx.data(None)
+        self.int4_shape: tuple[int, ...] | None = None
         self.lora: Any = nnx.data(None)  # a gemma_kit.lora.LoRA once set
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -124,27 +231,35 @@ class Einsum(nnx.Module):
         return y
 
     def _base(self, x: jax.Array) -> jax.Array:
+        if self.int4_shape is not None:
+            m = int4.Int4Matrix(self.w[...], self.w_scale[...], self.w_min[...])
+            return self._matvec_product(x, self.int4_shape, lambda x2: matmul_t(x2, m, None))
         dtype = matmul_dtype(self.w[...].dtype, x.dtype)
         if not self.matvec:
             n_in = int(np.prod(x.shape[len(x.shape) - len(self.contracted):]))
             w = self.w[...]
             # One row upcasts (a one-row bf16 x bf16 product is ~35x slower on CPU); the CPU
-            # sampler uses the matvec layout instead, where matmul_t pads the rows.
+            # sampler uses the matvec layout instead, where matmul_t picks the form.
             if dtype == x.dtype or x.size == n_in:
                 y = jnp.einsum(self.equation, x.astype(dtype).astype(x.dtype), w.astype(x.dtype))
             else:
                 y = jnp.einsum(self.equation, x.astype(dtype), w.astype(dtype),
                                preferred_element_type=x.dtype)
             return y if self.w_scale is None else y * self._scale_for_output(y.dtype)
-        # w is [kept..., contracted...]: a plain x2 @ w2.T contracting W's contiguous axis, the
-        # form matmul_t's fast paths need.
+        shape = self.w[...].shape
+        n_in = int(np.prod(shape[len(shape) - len(self.contracted):]))
+        scale = None if self.w_scale is None else self.w_scale[...].reshape(-1)
+        return self._matvec_product(x, shape, lambda x2: matmul_t(
+            x2, lambda d: self.w[...].astype(d).reshape(-1, n_in), self.w[...].dtype, scale))
+
+    def _matvec_product(self, x: jax.Array, shape: Sequence[int], product) -> jax.Array:
+        """The einsum as product(x2 [M, I]) -> [M, O] for a weight of matvec-layout `shape`
+        ([kept..., contracted...]): a plain x2 @ W.T contracting W's contiguous axis, the form
+        matmul_t's fast paths need, reshaped and transposed to the equation's output."""
         kept = "".join(c for c in self.w_spec if c not in self.contracted)
         batch = self.x_spec[: len(self.x_spec) - len(self.contracted)]
-        shape = self.w[...].shape
         n_in = int(np.prod(shape[len(kept):]))
-        scale = None if self.w_scale is None else self.w_scale[...].reshape(-1)
-        y = matmul_t(x.reshape(-1, n_in), lambda d: self.w[...].astype(d).reshape(-1, n_in),
-                     self.w[...].dtype, scale)
+        y = product(x.reshape(-1, n_in))
         y = y.reshape(*x.shape[: len(batch)], *shape[: len(kept)])
         return jnp.transpose(y, [(batch + kept).index(c) for c in self.out_spec])
 
@@ -177,7 +292,9 @@ def to_matvec_layout(model: nnx.Module) -> nnx.Module:
     graphdef, state = nnx.split(model)
     copy = nnx.merge(graphdef, state)
     for _, module in copy.iter_modules():
-        if isinstance(module, Einsum) and not module.matvec:
+        if isinstance(module, Einsum) and module.int4_shape is not None:
+            module.matvec = True  # int4 weights are always held in the matvec layout
+        elif isinstance(module, Einsum) and not module.matvec:
             perm = module.matvec_permutation()
             # type(...) keeps the variable kind (an int8 weight stays an int8 weight).
             module.w = type(module.w)(jnp.transpose(module.w[...], perm))

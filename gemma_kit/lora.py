@@ -103,7 +103,7 @@ class LoRA(nnx.Module):
 
     @staticmethod
     def _official_shape(einsum: Einsum) -> tuple[int, ...]:
-        shape = einsum.w.shape
+        shape = einsum.int4_shape or einsum.w.shape  # int4: the unpacked matvec layout
         if not einsum.matvec:
             return tuple(shape)
         perm = einsum.matvec_permutation()

@@ -1,4 +1,4 @@
-"""int8 weights with per-channel float32 scales, dequantized inside the compiled computation.
+"""int8 (or int4) weights with float32 (bf16) scales, dequantized inside the compiled computation.
 
 Each Einsum weight is stored as int8 values q and a scale s per output channel (every kept axis;
 the contracted axes are reduced, kept at size 1 so s broadcasts against q in the einsum's own
@@ -18,6 +18,15 @@ int8 frozen base with LoRA on top) leaves the table as it is.
 The int8 values keep their names (`w`, `input_embedding`) with variable type `Int8Weight`, not
 `nnx.Param`, so nothing trains them and save_checkpoint refuses them; `to_matvec_layout`
 transposes `w` and its scale together, so the sampler runs on an int8 model unchanged.
+
+int4 (`bits=4`): group-wise, a bf16 scale and minimum per 32 inputs (gemma_kit.int4 has the
+format and its error bound, |w - (q s + m)| <= s / 2 = the group's range / 30). Each Einsum
+weight is moved to the matvec layout (contracted axes last), flattened to [O, I] and packed two
+values per byte (Int4Weight uint8 [O/2, I]; Int4Scale and Int4Min bf16 [O, I/32] in `w_scale`
+and `w_min`); `Einsum.int4_shape` keeps the layout's shape. The table, with `embedding=True`,
+is packed the same way along D (per 32 features of a row; input_embedding_scale and
+input_embedding_min): the logits read 5 bits per weight. Products of 5 or more rows (prefill,
+batches, training) dequantize each weight to bf16 inside the computation first.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gemma_kit import int4
 from gemma_kit.errors import ConfigError
 from gemma_kit.layers import Einsum
 
@@ -39,6 +49,18 @@ class Int8Weight(nnx.Variable):
 
 class Int8Scale(nnx.Variable):
     """Per-channel float32 scales of an Int8Weight, broadcastable against it."""
+
+
+class Int4Weight(nnx.Variable):
+    """int4 values of a quantized weight, two per byte (gemma_kit.int4; frozen)."""
+
+
+class Int4Scale(nnx.Variable):
+    """The scale of every group of 32 inputs of an Int4Weight: bf16 [O, I/32]."""
+
+
+class Int4Min(nnx.Variable):
+    """The minimum of every group of 32 inputs of an Int4Weight: bf16 [O, I/32]."""
 
 
 def contracted_axes(einsum: Einsum) -> tuple[int, ...]:
@@ -61,17 +83,19 @@ def quantize_int8(w: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.A
 
 
 def quantize_model(model: nnx.Module, *, embedding: bool = False,
-                   einsums: bool = True) -> nnx.Module:
-    """A copy of `model` whose Einsum weights are int8 with per-channel scales.
+                   einsums: bool = True, bits: int = 8) -> nnx.Module:
+    """A copy of `model` whose Einsum weights are int8 with per-channel scales (or int4).
 
-    embedding: also quantize the (tied) token embedding table, one scale per row.
+    embedding: also quantize the (tied) token embedding table, one scale per row (int4: per
+      group of 32 features of a row).
     einsums: quantize the Einsum weights (default). `embedding=True, einsums=False` quantizes
-      the table alone: on CPU at batch 1 that decodes fastest (the logits projection reads
-      half the bytes, while bf16 layer products keep their faster GEMM path; see the README's
-      Speed section) and it changes the logits least.
+      the table alone.
+    bits: 8 (per-channel int8) or 4 (group-wise int4, module docstring).
     The copy shares every other array (norms, LoRA factors, the image encoder) with `model`;
-    the original model is unchanged.
+    the original model is unchanged. Weights already quantized are left as they are.
     """
+    if bits not in (4, 8):
+        raise ConfigError(f"bits={bits!r}: gemma_kit quantizes to 8 or 4 bits")
     if not (embedding or einsums):
         raise ConfigError("nothing to quantize: pass embedding=True, einsums=True, or both")
     graphdef, state = nnx.split(model)
@@ -82,30 +106,55 @@ def quantize_model(model: nnx.Module, *, embedding: bool = False,
             table = embedder.input_embedding[...]
             if not jnp.issubdtype(table.dtype, jnp.floating):
                 raise ConfigError(f"cannot quantize an embedding of dtype {table.dtype}")
-            q, scale = quantize_int8(table, (1,))
             embedder.normalizer_dtype = jnp.dtype(table.dtype).name
-            embedder.input_embedding = Int8Weight(q)
-            embedder.input_embedding_scale = Int8Scale(scale)
-    modules = [m for _, m in copy.iter_modules() if isinstance(m, Einsum)] if einsums else []
-    for module in modules:
+            if bits == 4:
+                int4.check_shape(*table.shape, "the embedding table")
+                m = int4.quantize(table)
+                embedder.input_embedding = Int4Weight(m.packed)
+                embedder.input_embedding_scale = Int4Scale(m.scale)
+                embedder.input_embedding_min = Int4Min(m.minimum)
+            else:
+                q, scale = quantize_int8(table, (1,))
+                embedder.input_embedding = Int8Weight(q)
+                embedder.input_embedding_scale = Int8Scale(scale)
+    modules = [(p, m) for p, m in copy.iter_modules() if isinstance(m, Einsum)] if einsums else []
+    for path, module in modules:
         if module.w_scale is not None:
             continue
         if not jnp.issubdtype(module.w.dtype, jnp.floating):
             raise ConfigError(f"cannot quantize a weight of dtype {module.w.dtype}")
+        if bits == 4:
+            quantize_einsum_int4(module, "/".join(map(str, path)))
+            continue
         q, scale = quantize_int8(module.w[...], contracted_axes(module))
         module.w = Int8Weight(q)
         module.w_scale = Int8Scale(scale)
     return copy
 
 
+def quantize_einsum_int4(module: Einsum, name: str = "an Einsum") -> None:
+    """Replaces module's float weight by its int4 form in the matvec layout, in place."""
+    w = module.w[...]
+    if not module.matvec:
+        w = jnp.transpose(w, module.matvec_permutation())
+    n_in = int(np.prod(w.shape[w.ndim - len(module.contracted):]))
+    int4.check_shape(w.size // n_in, n_in, name)
+    m = int4.quantize(w.reshape(-1, n_in))
+    module.int4_shape = tuple(int(n) for n in w.shape)
+    module.w = Int4Weight(m.packed)
+    module.w_scale = Int4Scale(m.scale)
+    module.w_min = Int4Min(m.minimum)
+    module.matvec = True
+
+
 def is_quantized(model: nnx.Module) -> bool:
-    """Whether any weight of `model` (an Einsum's, or the embedding table) is int8."""
+    """Whether any weight of `model` (an Einsum's, or the embedding table) is int8 or int4."""
     return any((isinstance(m, Einsum) and m.w_scale is not None)
                or getattr(m, "input_embedding_scale", None) is not None
                for _, m in model.iter_modules())
 
 
 def weight_bytes(model: nnx.Module) -> int:
-    """Bytes of every array the model holds (int8 weights count one byte each)."""
+    """Bytes of every array the model holds (int8 weights count one byte each, int4 half)."""
     leaves = jax.tree.leaves(nnx.state(model))
     return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in leaves))

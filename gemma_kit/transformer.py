@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gemma_kit import int4
 from gemma_kit.attention import Attention, attention_mask, image_blocks
 from gemma_kit.config import Config
 from gemma_kit.errors import ConfigError, ImageError
@@ -34,7 +35,10 @@ class Embedder(nnx.Module):
         self.input_embedding = nnx.Param(init(rngs.params(), (vocab_size, embed_dim), param_dtype))
         # Set by gemma_kit.quant when the table holds int8 values: a float32 scale per
         # vocabulary row, [V, 1], and the name of the dtype the table had (it rounds sqrt(D)).
+        # For int4 values (a uint8 table, gemma_kit.int4): group scales [V, D/32] here and
+        # group minima [V, D/32] in input_embedding_min.
         self.input_embedding_scale = nnx.data(None)
+        self.input_embedding_min = nnx.data(None)
         self.normalizer_dtype = None
         if vision_width is not None:
             self.mm_soft_embedding_norm = RMSNorm(vision_width, param_dtype=vision_param_dtype)
@@ -57,25 +61,42 @@ class Embedder(nnx.Module):
         25.298 exactly but 25.25 in bf16).
         """
         table = self.input_embedding[...]
-        normalizer = jnp.asarray(np.sqrt(table.shape[1]), self.normalizer_dtype or table.dtype)
+        packed = self._int4_table()
+        width = packed.shape[1] if packed is not None else table.shape[1]
+        normalizer = jnp.asarray(np.sqrt(width), self.normalizer_dtype or table.dtype)
         normalizer = normalizer.astype(dtype)
-        rows = table[tokens].astype(dtype)
-        if self.input_embedding_scale is not None:
-            rows = rows * self.input_embedding_scale[...][tokens].astype(dtype)
+        if packed is not None:
+            rows = int4.gather_rows(packed, tokens, dtype)
+        else:
+            rows = table[tokens].astype(dtype)
+            if self.input_embedding_scale is not None:
+                rows = rows * self.input_embedding_scale[...][tokens].astype(dtype)
         return rows * normalizer
 
     def decode(self, x: jax.Array) -> jax.Array:
         """[B, T, D] -> [B, T, V] logits against the embedding table.
 
         Written as x @ E^T (layers.matmul_t) rather than an einsum: XLA's CPU backend streams
-        the bf16 table fastest in that form, ~10x faster for one token than the dot_general an
-        einsum over E's last axis lowers to.
+        the table fastest in that form (matmul_t picks the compiled form per CPU), ~10x faster
+        for one token than the dot_general an einsum over E's last axis lowers to.
         """
         table = self.input_embedding[...]
+        packed = self._int4_table()
+        if packed is not None:
+            logits = matmul_t(x.reshape(-1, x.shape[-1]), packed, None)
+            return logits.reshape(*x.shape[:-1], packed.shape[0])
         scale = self.input_embedding_scale
         logits = matmul_t(x.reshape(-1, x.shape[-1]), table.astype, table.dtype,
                           None if scale is None else scale[...].reshape(-1))
         return logits.reshape(*x.shape[:-1], table.shape[0])
+
+    def _int4_table(self) -> int4.Int4Matrix | None:
+        """The table as an Int4Matrix when gemma_kit.quant packed it (uint8 values)."""
+        table = self.input_embedding[...]
+        if table.dtype != jnp.uint8:
+            return None
+        return int4.Int4Matrix(table, self.input_embedding_scale[...],
+                               self.input_embedding_min[...])
 
 
 class FeedForward(nnx.Module):

@@ -249,6 +249,10 @@ def cmd_demo(args) -> int:
     lora = None
     if args.lora:
         model, lora = demo.load_lora(model, args.lora)
+    if args.int8 or args.int4:
+        from gemma_kit.quant import quantize_model
+
+        model = quantize_model(model, embedding=True, bits=8 if args.int8 else 4)
     demo.serve(model, tokenizer, args.host, args.port, lora=lora,
                cache_length=args.cache_length, concurrency=args.concurrency)
     return 0
@@ -264,16 +268,30 @@ def _check_lora(args) -> None:
 
 def _with_lora(args, model):
     """The model with the --lora adapter added (unmerged), if one was given, then with int8
-    weights if --int8 asked for them."""
+    or int4 weights if --int8 or --int4 asked for them."""
     if args.lora is not None:
         from gemma_kit.lora import load_adapter
 
         load_adapter(model, args.lora)
-    if getattr(args, "int8", False):
+    bits = 8 if getattr(args, "int8", False) else 4 if getattr(args, "int4", False) else None
+    if bits:
         from gemma_kit.quant import quantize_model
 
-        model = quantize_model(model, embedding=True)
+        model = quantize_model(model, embedding=True, bits=bits)
     return model
+
+
+def _quant_flags(p) -> None:  # --int8 | --int4
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--int8", action="store_true",
+                       help="hold the weights as int8 with per-channel scales, the embedding "
+                            "too: half the memory, logits within ~4%% of bf16's (default: the "
+                            "stored dtype)")
+    group.add_argument("--int4", action="store_true",
+                       help="hold the weights as int4 (groups of 32, a scale and minimum each), "
+                            "the embedding too: under a third of bf16's memory, but a visible "
+                            "loss of quality on small models, docs/speed.md (default: the "
+                            "stored dtype)")
 
 
 
@@ -286,13 +304,6 @@ def cmd_merge(args) -> int:
     print(f"wrote {out} (checkpoint/ in the official Orbax layout with the adapter folded in, "
           "tokenizer.model)")
     return 0
-
-
-def _int8_flag(p) -> None:
-    p.add_argument("--int8", action="store_true",
-                   help="hold the weights as int8 with per-channel scales, the embedding too: "
-                        "half the memory, logits within ~4%% of bf16's (on CPU, one-prompt "
-                        "decoding is ~1.1x bf16's speed)")
 
 
 def _model_args(p) -> None:
@@ -408,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "of streaming the text")
     _lora_flag(p, "a LoRA adapter folder to add, unmerged (OUT_DIR/adapter of a finetune run; "
                   "default: none)")
-    _int8_flag(p)
+    _quant_flags(p)
     p.add_argument("--best-of", type=positive_int, default=None, metavar="N",
                    help="draw N candidates and print the one --reward scores highest "
                         "(default: one plain completion)")
@@ -427,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "dropped (default 4096)")
     _lora_flag(p, "a LoRA adapter folder to add, unmerged (OUT_DIR/adapter of a finetune run; "
                   "default: none)")
-    _int8_flag(p)
+    _quant_flags(p)
     p.set_defaults(run=cmd_chat)
 
     p = sub.add_parser("demo", help="chat page in the browser (Gradio; pip install "
@@ -442,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens each conversation can hold (default 4096)")
     p.add_argument("--concurrency", type=positive_int, default=8, metavar="N",
                    help="replies generated at once; more wait in a queue (default 8)")
+    _quant_flags(p)
     p.set_defaults(run=cmd_demo)
 
     p = sub.add_parser("merge", help="fold a LoRA adapter into its base: a full checkpoint in "

@@ -43,7 +43,7 @@ PATH_FIELDS = ("train_file", "eval_file", "out_dir", "base", "tokenizer")
 DATA_ORDER_FIELDS = ("train_file", "eval_file", "eval_fraction", "max_length", "packing",
                      "skip_bad_rows", "batch_size", "grad_accum", "seed")
 # Settings that fix the shape of the trained variables.
-MODEL_FIELDS = ("method", "lora_rank", "lora_alpha", "lora_targets")
+MODEL_FIELDS = ("method", "quant", "lora_rank", "lora_alpha", "lora_targets")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +67,8 @@ class TrainConfig:
     base: str = "default"  # checkpoint folder, or "default" for the embedded Gemma 3 270M
     preset: str | Config | None = None  # default: inferred from the checkpoint's shapes
     tokenizer: str | None = None  # default: tokenizer.model in or beside `base`
-    method: str = "lora"  # lora | qlora (int8 frozen base) | full
+    method: str = "lora"  # lora | qlora (quantized frozen base, see quant) | full
+    quant: str = "int8"  # qlora's frozen base: int8 (per channel) | int4 (groups of 32)
     param_dtype: str | None = None  # base weights; default bfloat16 (LoRA), float32 (full)
     compute_dtype: str = "auto"  # auto: bfloat16 on accelerators, float32 on CPU
     lora_rank: int = 8
@@ -194,6 +195,7 @@ class TrainConfig:
         need(bool(self.out_dir), "out_dir is required (the folder for checkpoints and results)")
         need(self.method in METHODS,
              f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        need(self.quant in ("int8", "int4"), f"quant must be int8 or int4, got {self.quant!r}")
         for name in ("param_dtype",):
             value = getattr(self, name)
             need(value is None or value in DTYPES,

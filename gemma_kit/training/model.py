@@ -28,8 +28,8 @@ def build_model(config: TrainConfig, model=None, tokenizer=None):
     """(model ready to train, tokenizer, description of the base) from the config.
 
     A model passed in is used as given (its LoRA, if any, is kept), else the base checkpoint (or
-    the embedded 270M) is loaded in param_dtype. QLoRA quantizes the frozen base to int8 before
-    LoRA is added.
+    the embedded 270M) is loaded in param_dtype. QLoRA quantizes the frozen base (int8 or int4,
+    `quant`) before LoRA is added.
     """
     from gemma_kit.lora import has_lora
 
@@ -72,7 +72,7 @@ def build_model(config: TrainConfig, model=None, tokenizer=None):
     if config.method == "qlora":
         from gemma_kit.quant import quantize_model
 
-        model = quantize_model(model)
+        model = quantize_model(model, bits=4 if config.quant == "int4" else 8)
     if config.trains_lora and not has_lora(model):
         apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets,
                    seed=config.seed)
