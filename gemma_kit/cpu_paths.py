@@ -1,7 +1,7 @@
 """Which compiled form a weight product takes on this CPU: probed once, cached on disk.
 
 XLA's CPU backend runs the same product x [M, I] @ W^T at very different speeds depending on
-the form it is written in, and the fastest form differs between CPUs (shared/docs/cpu-notes.md,
+the form it is written in, and the fastest form differs between CPUs (measured in
 docs/speed.md). For a narrow weight (bf16, int8, int4) against few activation rows there are two
 forms, both with the same numerics (activations rounded to bf16, float32 accumulation):
 
