@@ -173,14 +173,16 @@ def cmd_sample(args) -> int:
     # Check the settings before spending seconds on loading the model.
     SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p)
     _check_lora(args)
+    _check_speculative(args)
     model, tokenizer = _load(args)
     sampler = Sampler(_with_lora(args, model), tokenizer)
+    speculative = _speculative(args)
     if args.json:
-        result = sampler.generate(args.prompt, **_sampling_args(args))
+        result = sampler.generate(args.prompt, **_sampling_args(args), speculative=speculative)
         print(json.dumps({"prompt": args.prompt, "text": result.text, "tokens": result.tokens,
                           "logprobs": result.logprobs, "finish_reason": result.finish_reason}))
         return 0
-    for piece in sampler.stream(args.prompt, **_sampling_args(args)):
+    for piece in sampler.stream(args.prompt, **_sampling_args(args), speculative=speculative):
         print(piece, end="", flush=True)
     print()
     return 0
@@ -192,9 +194,10 @@ def cmd_chat(args) -> int:
 
     SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p)
     _check_lora(args)
+    _check_speculative(args)
     model, tokenizer = _load(args)
     chat = ChatSession(_with_lora(args, model), tokenizer, system=args.system,
-                       cache_length=args.cache_length)
+                       cache_length=args.cache_length, speculative=_speculative(args))
     sampling = _sampling_args(args)
     print(f"Chatting with {model.config.name} (/reset forgets the conversation, /exit or "
           "Ctrl-D leaves). The embedded 270M is a pretrained model, not a chat model: expect "
@@ -256,6 +259,30 @@ def _with_lora(args, model):
 
         model = quantize_model(model, embedding=True)
     return model
+
+
+def _check_speculative(args) -> None:
+    """A missing --speculative draft checkpoint is reported before loading the model."""
+    if args.speculative not in (None, "ngram"):
+        from gemma_kit.checkpoint.official import find_checkpoint
+
+        find_checkpoint(args.speculative)
+
+
+def _speculative(args):
+    """None, "ngram", or the draft model in the --speculative folder (in --dtype)."""
+    if args.speculative in (None, "ngram"):
+        return args.speculative
+    from gemma_kit.loading import load_model
+
+    return load_model(args.speculative, None, _dtype(args.dtype))
+
+
+def _speculative_flag(p) -> None:
+    p.add_argument("--speculative", default=None, metavar="ngram|DIR",
+                   help="speculative decoding: 'ngram' drafts from the text so far (prompt "
+                        "lookup), DIR a smaller draft model sharing the vocabulary; the output "
+                        "is as without it (greedy: the same tokens)")
 
 
 def _int8_flag(p) -> None:
@@ -363,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object with tokens and logprobs")
     p.add_argument("--lora", default=None, help="a LoRA adapter folder to add (unmerged)")
     _int8_flag(p)
+    _speculative_flag(p)
     p.set_defaults(run=cmd_sample)
 
     p = sub.add_parser("chat", help="multi-turn chat in the terminal (streamed replies)")
@@ -372,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-length", type=int, default=4096, help="tokens the chat can hold")
     p.add_argument("--lora", default=None, help="a LoRA adapter folder to add (unmerged)")
     _int8_flag(p)
+    _speculative_flag(p)
     p.set_defaults(run=cmd_chat)
 
     p = sub.add_parser("demo", help="chat page in the browser (Gradio; pip install "
