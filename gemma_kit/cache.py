@@ -22,17 +22,26 @@ from gemma_kit.config import Config
 Cache = dict
 
 
-def layer_slots(config: Config, layer: int, length: int) -> int:
+def layer_slots(config: Config, layer: int, length: int, ring_slack: int = 0) -> int:
+    """Slots of one layer: the cache length, or for a local layer a ring of its window plus
+    `ring_slack` (at most the cache length)."""
     kind = config.layers[layer]
-    return min(kind.window, length) if kind.is_local else length
+    return min(kind.window + ring_slack, length) if kind.is_local else length
 
 
-def init_cache(config: Config, batch: int, length: int, dtype=jnp.bfloat16) -> Cache:
-    """An empty cache for `batch` rows of up to `length` tokens (prompt + generated)."""
+def init_cache(config: Config, batch: int, length: int, dtype=jnp.bfloat16,
+               ring_slack: int = 0) -> Cache:
+    """An empty cache for `batch` rows of up to `length` tokens (prompt + generated).
+
+    ring_slack: extra slots for every ring, so that a write of up to ring_slack + 1 tokens
+    never overwrites an entry inside the window (speculative decoding writes k + 1 entries
+    and may take some back; gemma_kit.speculative). Masks come from positions, so the extra,
+    older entries are never attended to.
+    """
     K, H = config.num_kv_heads, config.head_dim
     cache: Cache = {"index": jnp.zeros((), jnp.int32)}
     for i in range(config.num_layers):
-        S = layer_slots(config, i, length)
+        S = layer_slots(config, i, length, ring_slack)
         cache[f"layer_{i}"] = {
             "k": jnp.zeros((batch, S, K, H), dtype),
             "v": jnp.zeros((batch, S, K, H), dtype),
@@ -77,3 +86,42 @@ def write(layer: dict, k: jax.Array, v: jax.Array, positions: jax.Array, index) 
         "v": layer["v"].at[:, slots].set(v),
         "pos": layer["pos"].at[:, slots].set(positions),
     }
+
+
+def _slots(index, count: int, S: int) -> jax.Array:
+    return (index + jnp.arange(count)) % S
+
+
+def save_slots(cache: Cache, count: int) -> dict:
+    """What the next `count` entries will overwrite: per layer, {"k", "v", "pos"} of the slots
+    tokens index .. index + count - 1 take ([B, count, ...]), for `rollback`."""
+    saved = {}
+    for name, layer in cache.items():
+        if name == "index":
+            continue
+        S = layer["pos"].shape[1]
+        if count >= S:
+            raise ValueError(
+                f"{name} has {S} slots: a write of {count} entries would wrap onto itself and "
+                "could not be taken back; give the cache ring_slack >= count - 1")
+        slots = _slots(cache["index"], count, S)
+        saved[name] = {key: layer[key][:, slots] for key in ("k", "v", "pos")}
+    return saved
+
+
+def rollback(cache: Cache, saved: dict, index, kept) -> Cache:
+    """The cache after `count` entries were written from token `index` on -> the cache as if
+    only the first `kept` (a traced scalar) had been: the slots of the later ones get their
+    `saved` contents back and the index moves to index + kept."""
+    out: Cache = {"index": index + kept}
+    for name, old in saved.items():
+        layer = cache[name]
+        count = old["pos"].shape[1]
+        slots = _slots(index, count, layer["pos"].shape[1])
+        undo = jnp.arange(count) >= kept  # [count]
+        out[name] = {}
+        for key in ("k", "v", "pos"):
+            mask = undo.reshape((1, count) + (1,) * (layer[key].ndim - 2))
+            restored = jnp.where(mask, old[key], layer[key][:, slots])
+            out[name][key] = layer[key].at[:, slots].set(restored)
+    return out

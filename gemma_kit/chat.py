@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 
 import jax.numpy as jnp
 
+from gemma_kit import speculative as spec
 from gemma_kit.decode import DecodeState
 from gemma_kit.errors import ImageError
 from gemma_kit.sampler import GenerationResult, Sampler
@@ -33,16 +34,22 @@ class ChatSession:
     prompt, and re-reads what remains into a fresh cache; "error" raises ChatOverflowError and
     leaves the conversation as it was. A reply cut short by a full cache ends with
     finish_reason "cache_full" (see `last_result`).
+
+    speculative: "ngram" or a draft model (as Sampler.generate's): replies are decoded
+    speculatively, distributed as without it (greedy: the same replies). A draft model re-reads
+    the conversation into its own cache at every turn; images are then refused.
     """
 
     def __init__(self, model, tokenizer, system: str | None = None, *, cache_length: int = 4096,
                  cache_dtype=jnp.bfloat16, overflow: str = "drop_oldest",
-                 matvec_layout: bool | None = None):
+                 matvec_layout: bool | None = None, speculative=None):
         if overflow not in ("drop_oldest", "error"):
             raise SamplingError(f"overflow must be 'drop_oldest' or 'error', got {overflow!r}")
         cache_length = min(cache_length, model.config.max_context)
         self.sampler = Sampler(model, tokenizer, cache_dtype=cache_dtype,
                                cache_length=cache_length, matvec_layout=matvec_layout)
+        self.drafter = (None if speculative is None
+                        else self.sampler.resolve_drafter(speculative))
         self.tokenizer = tokenizer
         self.system = system
         self.overflow = overflow
@@ -52,6 +59,12 @@ class ChatSession:
         self.dropped_turns = 0  # exchanges forgotten under the drop_oldest policy
         self._state: DecodeState | None = None  # after the last reply; its cache holds the chat
         self.token_ids: list[int] = []  # the conversation as the model saw it (pads aside)
+
+    @property
+    def cached_tokens(self) -> int:
+        """Cache slots the conversation occupies now (0 before the first reply, or after a
+        reset or an undo, until the next turn re-reads it)."""
+        return 0 if self._state is None else int(self._state.cache["index"])
 
     def reset(self) -> None:
         """Forgets the conversation (the system prompt stays)."""
@@ -98,6 +111,11 @@ class ChatSession:
             raise SamplingError("the message is empty; type something to send")
         sampler, tok = self.sampler, self.tokenizer
         settings = sampler.settings(max_new_tokens, temperature, top_k, top_p, min_p)
+        drafter, slack = self.drafter, 0
+        if drafter is not None:
+            sampler.resolve_drafter(drafter, images)  # text only
+            settings = sampler.speculative_settings(settings, drafter, max_new_tokens)
+            slack = drafter.k
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         message, embeddings = sampler.read_images(message, images, pan_and_scan, "the message")
         user = {"role": "user", "content": message}
@@ -123,9 +141,22 @@ class ChatSession:
 
         def finished(final_state, result):
             nonlocal recorded
-            fed = int(final_state.step) - 1  # the last drawn token is not fed yet
-            self.token_ids += result.tokens[:fed]
-            self._state = final_state
+            n = len(result.tokens)
+            if int(final_state.step) == n + bool(final_state.done[0]):
+                fed = int(final_state.step) - 1  # the last drawn token is not fed yet
+                self.token_ids += result.tokens[:fed]
+                self._state = final_state
+            elif n:
+                # A speculative round drew past where the reply ended (a stop string, a closed
+                # stream): its cache holds tokens the reply does not. Re-read what plain
+                # decoding would have fed (all but the reply's last token, which goes in with
+                # the next turn) into a fresh cache.
+                self.token_ids += result.tokens[:-1]
+                state = sampler.start([self.token_ids], settings, seed, ring_slack=slack)
+                self._state = state.replace(token=jnp.asarray(result.tokens[-1:], jnp.int32),
+                                            done=jnp.zeros((1,), bool))
+            else:
+                self._state, self.token_ids = None, []
             self.last_result = result
             self.messages += [user, {"role": "model", "content": result.text}]
             recorded = True
@@ -133,10 +164,16 @@ class ChatSession:
         try:
             if self._state is None:
                 self.token_ids = list(ids)
-                state = sampler.start([ids], settings, seed, [self._images(self.messages + [user])])
+                state = sampler.start([ids], settings, seed, [self._images(self.messages + [user])],
+                                      ring_slack=slack)
             else:
                 state = self._continue(new_ids, settings, seed, embeddings)
-            yield from sampler.stream_state(state, settings, max_new_tokens, stops, finished)
+            rounds = None
+            if drafter is not None:
+                rounds = sampler.speculate(state, settings, drafter, max_new_tokens,
+                                           self.token_ids, seed, spec.SpeculativeStats())
+            yield from sampler.stream_state(state, settings, max_new_tokens, stops, finished,
+                                            rounds=rounds)
         except BaseException:
             if not recorded:
                 # Cut short inside a step (Ctrl-C, an error): the cache buffers were handed to

@@ -116,12 +116,6 @@ class DecodeState:
             key=key,
         )
 
-    def __getitem__(self, name: str):
-        """Mapping-style read access, state["cache"] == state.cache (the state was a dict)."""
-        if not isinstance(name, str) or name not in self.__dataclass_fields__:
-            raise KeyError(name)
-        return getattr(self, name)
-
     @property
     def capacity(self) -> int:
         """Tokens the cache holds before it is full (from shapes: no device work)."""
@@ -134,6 +128,13 @@ def log_softmax_at(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     return jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - lse
 
 
+def allowed_logits(settings: DecodeSettings, logits: jax.Array) -> jax.Array:
+    """[B, V] float32 logits with the forbidden tokens at -inf."""
+    if settings.forbidden_ids:
+        return logits.at[:, jnp.asarray(settings.forbidden_ids)].set(-jnp.inf)
+    return logits
+
+
 def choose(settings: DecodeSettings, logits: jax.Array, key: jax.Array):
     """[B, V] logits -> (tokens [B], their model log-probabilities [B]).
 
@@ -141,10 +142,7 @@ def choose(settings: DecodeSettings, logits: jax.Array, key: jax.Array):
     before temperature and filters reshape the distribution.
     """
     logits = logits.astype(jnp.float32)
-    allowed = logits
-    if settings.forbidden_ids:
-        allowed = logits.at[:, jnp.asarray(settings.forbidden_ids)].set(-jnp.inf)
-    tokens = sample(key, allowed, settings.params)
+    tokens = sample(key, allowed_logits(settings, logits), settings.params)
     return tokens, log_softmax_at(logits, tokens)
 
 
@@ -163,16 +161,19 @@ def record(settings: DecodeSettings, state: DecodeState, tokens, logprobs) -> De
     )
 
 
-@functools.partial(jax.jit, static_argnames=("settings", "length", "cache_dtype"))
+@functools.partial(jax.jit,
+                   static_argnames=("settings", "length", "cache_dtype", "ring_slack"))
 def prefill(params, tokens, positions, key, image_embeddings=None, *,
-            settings: DecodeSettings, length: int, cache_dtype) -> DecodeState:
+            settings: DecodeSettings, length: int, cache_dtype,
+            ring_slack: int = 0) -> DecodeState:
     """Prompt batch [B, P] (left-padded: pads at position -1) -> the state after the first draw.
 
-    The cache is made here, `length` tokens long. image_embeddings: None for text (the program
-    is then the text-only one), else [B, I, M, D] for the SOFT_TOKEN slots of `tokens`.
+    The cache is made here, `length` tokens long, its rings `ring_slack` slots longer than the
+    windows (gemma_kit.cache.init_cache). image_embeddings: None for text (the program is then
+    the text-only one), else [B, I, M, D] for the SOFT_TOKEN slots of `tokens`.
     """
     model = nnx.merge(settings.graphdef, params)
-    cache = kv_cache.init_cache(model.config, tokens.shape[0], length, cache_dtype)
+    cache = kv_cache.init_cache(model.config, tokens.shape[0], length, cache_dtype, ring_slack)
     hidden, cache = model.extend(tokens, positions, cache, fresh=True,
                                  image_embeddings=image_embeddings)
     key, sub = jax.random.split(key)

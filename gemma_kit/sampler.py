@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gemma_kit import speculative as spec
 from gemma_kit.decode import (
     PAD_ID,
     DecodeSettings,
@@ -50,6 +51,8 @@ class GenerationResult:
     logprobs: log-probability of each new token under the model (before temperature/filters).
     finish_reason: "stop" (stop token or string), "length" (max_new_tokens), "cache_full", or
       "interrupted" (a stream whose reader stopped early; text is what it was given).
+    speculative: with speculative decoding, its rounds, drafted and accepted tokens (not part
+      of equality: the completion is what counts).
     """
 
     text: str
@@ -57,6 +60,7 @@ class GenerationResult:
     logprobs: list[float]
     finish_reason: str
     prompt_tokens: int = 0
+    speculative: spec.SpeculativeStats | None = dataclasses.field(default=None, compare=False)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -70,6 +74,14 @@ def _image_list(images) -> list:
     if images is None:
         return []
     return list(images) if isinstance(images, (list, tuple)) else [images]
+
+
+def _any_image(images) -> bool:
+    """Whether an images argument (an image, a list of them, or one list per prompt) holds
+    any image."""
+    if isinstance(images, (list, tuple)):
+        return any(_any_image(x) for x in images)
+    return images is not None
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,6 +131,7 @@ class Sampler:
         self.cache_length = cache_length
         if matvec_layout is None:
             matvec_layout = jax.default_backend() == "cpu"
+        self.matvec_layout = matvec_layout
         self.graphdef, params = nnx.split(to_matvec_layout(model) if matvec_layout else model)
         # Every leaf committed to where it lives, as update_params places new values: jit keys
         # its compiled programs on placement, committed or not.
@@ -126,6 +139,7 @@ class Sampler:
         # Where the sampler stores a weight transposed (the matvec layout): its path -> the
         # permutation from the model's own layout, which update_params applies to new values.
         self._layouts = {}
+        self._drafts: dict[int, tuple] = {}  # id(draft model) -> (model, its Sampler)
         if matvec_layout:
             for path, module in nnx.merge(self.graphdef, self.params).iter_modules():
                 if isinstance(module, Einsum) and module.matvec:
@@ -222,11 +236,12 @@ class Sampler:
         return padded, length
 
     def start(self, ids: list[list[int]], settings: DecodeSettings, seed: int | jax.Array,
-              images=None) -> DecodeState:
+              images=None, *, ring_slack: int = 0) -> DecodeState:
         """Prefills a batch of prompts (token ids, left-padded here) and draws the first token.
 
         seed: an int, or a PRNG key (jax.random.key) the draws are split from.
         images: per row, None or embeddings [n, M, D] for the row's soft-token slots.
+        ring_slack: extra ring slots of the sliding-window layers (speculative decoding).
         """
         P, length = self._shapes(max(map(len, ids)), settings.max_new)
         B = len(ids)
@@ -238,7 +253,7 @@ class Sampler:
         key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
         return prefill(self.params, jnp.asarray(tokens), jnp.asarray(positions), key,
                        self._batch_images(images), settings=settings, length=length,
-                       cache_dtype=self.cache_dtype)
+                       cache_dtype=self.cache_dtype, ring_slack=ring_slack)
 
     # `feed` writes text in chunks of this many tokens, the remainder one by one, so that
     # every chunk shape recurs (few compiled programs).
@@ -276,6 +291,70 @@ class Sampler:
                                    jnp.asarray([position + len(body)], jnp.int32), key,
                                    settings.max_new)
         return decode_step(self.params, state, settings=settings)
+
+    # -- speculative decoding -------------------------------------------------------------
+    def speculative_settings(self, settings: DecodeSettings, drafter,
+                             max_new_tokens: int) -> DecodeSettings:
+        """`settings` with output buffers long enough for a round to write k + 1 tokens."""
+        return dataclasses.replace(settings, max_new=bucket(max_new_tokens + drafter.k + 1, 16))
+
+    def speculate(self, state: DecodeState, settings: DecodeSettings, drafter, limit: int,
+                  history: Sequence[int], seed: int | jax.Array,
+                  stats: spec.SpeculativeStats) -> Iterator[DecodeState]:
+        """Continues a one-row state by speculative rounds (gemma_kit.speculative), yielding
+        the state after each, until it stopped, `limit` tokens were drawn or the cache is full.
+
+        The state comes from `start` or `feed` on a cache made with ring_slack=drafter.k and
+        settings from `speculative_settings`; `history` is every token id its cache holds (the
+        prompt, or a whole conversation). A DraftModel prefills its own cache with `history`.
+        """
+        draft_state = draft_settings = draft_params = None
+        if isinstance(drafter, spec.DraftModel):
+            draft = self._draft_sampler(drafter.model)
+            # The same buffer length, hence the same cache length as the target's.
+            draft_settings = DecodeSettings(draft.graphdef, settings.params, (),
+                                            settings.forbidden_ids, settings.max_new)
+            key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
+            draft_state = draft.start([list(history)], draft_settings,
+                                      jax.random.fold_in(key, 1), ring_slack=drafter.k)
+            # The draft feeds the target's drawn token, not its own first draw.
+            draft_state = draft_state.replace(token=jnp.copy(state.token),
+                                              position=jnp.copy(state.position))
+            draft_params = draft.params
+        yield from spec.rounds(self, state, settings, drafter, limit, list(history), stats,
+                               draft_state, draft_settings, draft_params)
+
+    def _draft_sampler(self, model) -> Sampler:
+        """The Sampler of a draft model (made once per model), checked against this one."""
+        if model.config.vocab_size != self.config.vocab_size:
+            raise SamplingError(
+                f"the draft model ({model.config.name}) has a vocabulary of "
+                f"{model.config.vocab_size} tokens but the target ({self.config.name}) has "
+                f"{self.config.vocab_size}: a draft model must share the target's vocabulary")
+        cached = self._drafts.get(id(model))
+        if cached is None or cached[0] is not model:
+            draft = Sampler(model, self.tokenizer, cache_dtype=self.cache_dtype,
+                            cache_length=self.cache_length,
+                            matvec_layout=self.matvec_layout)
+            cached = self._drafts[id(model)] = (model, draft)
+        return cached[1]
+
+    def _speculative_one(self, ids: list[int], settings: DecodeSettings, drafter, seed,
+                         max_new_tokens: int, stops: Sequence[str]) -> GenerationResult:
+        """One prompt decoded speculatively (generate's path)."""
+        stats = spec.SpeculativeStats()
+        state = self.start([ids], settings, seed, ring_slack=drafter.k)
+        for state in self.speculate(state, settings, drafter, max_new_tokens, ids, seed,
+                                    stats):
+            if stops:  # stop strings are found in text, on the host, after each round
+                step, tokens = jax.device_get((state.step, state.tokens[0]))
+                if _find_stop(self.tokenizer.decode(tokens[:int(step)].tolist()), stops) >= 0:
+                    break
+        tokens, logprobs, step, stopped_at = jax.device_get(
+            (state.tokens[0], state.logprobs[0], state.step, state.stopped_at[0]))
+        row = dict(tokens=tokens, logprobs=logprobs, step=int(step), stopped_at=int(stopped_at),
+                   max_new=max_new_tokens)
+        return dataclasses.replace(self._result(row, len(ids), stops), speculative=stats)
 
     # -- images ---------------------------------------------------------------------------
     def encode_images(self, images, *, pan_and_scan: bool = False) -> tuple[jax.Array, list[int]]:
@@ -318,7 +397,6 @@ class Sampler:
             return ids
         return image_prompt.expand_markers(ids, self.tokenizer, self.config.vision.num_soft_tokens)
 
-    _expand = expand_images  # the name tests/test_vision_sampler.py knows it by
 
     def _batch_images(self, images):
         """Per-row embeddings (None or [n, M, D]) -> [B, I, M, D] zero-padded, or None."""
@@ -367,6 +445,7 @@ class Sampler:
         forbidden_token_ids: Sequence[int] | None = None,
         images=None,
         pan_and_scan: bool = False,
+        speculative=None,
     ) -> GenerationResult | list[GenerationResult]:
         """Completes one prompt (-> a GenerationResult) or a batch (-> a list of them).
 
@@ -380,6 +459,11 @@ class Sampler:
         per prompt. Each prompt holds one `<start_of_image>` per image, where the image goes.
         pan_and_scan: also show the model 2-4 crops of each elongated image (see
         gemma_kit.vision.preprocess).
+
+        speculative: "ngram" (prompt lookup), a draft model sharing the vocabulary, or an
+        NgramDrafter / DraftModel of gemma_kit.speculative: several tokens per pass of this
+        model, the output distributed as without it (greedy: the same tokens). Text prompts
+        only; a batch is decoded one prompt after another.
         """
         single = isinstance(prompts, str)
         batch = [prompts] if single else list(prompts)
@@ -396,7 +480,15 @@ class Sampler:
                 raise ImageError(
                     f"{len(batch)} prompts but {len(images)} image lists: for a batch give one "
                     "list of images per prompt (an empty list for a prompt without images)")
+        drafter = None
+        if speculative is not None:
+            drafter = self.resolve_drafter(speculative, images)
+            settings = self.speculative_settings(settings, drafter, max_new_tokens)
         ids, row_images = self._prepare(batch, [images] if single else images, pan_and_scan)
+        if drafter is not None:
+            results = [self._speculative_one(seq, settings, drafter, seed, max_new_tokens, stops)
+                       for seq in ids]
+            return results[0] if single else results
         state = self.start(ids, settings, seed, row_images)
         if not stops:
             state = decode_loop(self.params, state, jnp.int32(max_new_tokens), settings=settings)
@@ -449,17 +541,39 @@ class Sampler:
         forbidden_token_ids: Sequence[int] | None = None,
         images=None,
         pan_and_scan: bool = False,
+        speculative=None,
     ) -> Iterator[str]:
         """Yields the completion of one prompt piece by piece; the pieces join to the text
-        `generate` returns with the same arguments (images as there, for the one prompt)."""
+        `generate` returns with the same arguments (images and speculative as there, for the
+        one prompt)."""
         if not isinstance(prompt, str):
             raise SamplingError("stream() takes one prompt string")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         settings = self.settings(max_new_tokens, temperature, top_k, top_p, min_p,
                                  stop_token_ids, forbidden_token_ids)
+        drafter = None
+        if speculative is not None:
+            drafter = self.resolve_drafter(speculative, images)
+            settings = self.speculative_settings(settings, drafter, max_new_tokens)
         ids, row_images = self._prepare([prompt], [images], pan_and_scan)
-        state = self.start(ids, settings, seed, row_images)
-        yield from self.stream_state(state, settings, max_new_tokens, stops)
+        if drafter is None:
+            state = self.start(ids, settings, seed, row_images)
+            yield from self.stream_state(state, settings, max_new_tokens, stops)
+            return
+        state = self.start(ids, settings, seed, ring_slack=drafter.k)
+        rounds = self.speculate(state, settings, drafter, max_new_tokens, ids[0], seed,
+                                spec.SpeculativeStats())
+        yield from self.stream_state(next(rounds), settings, max_new_tokens, stops, rounds=rounds)
+
+    def resolve_drafter(self, speculative, images=None):
+        """The drafter a `speculative` argument names, checked against this Sampler."""
+        drafter = spec.resolve(speculative)
+        if _any_image(images):
+            raise SamplingError("speculative decoding takes text prompts only; leave images out "
+                                "or speculative=None")
+        if isinstance(drafter, spec.DraftModel):
+            self._draft_sampler(drafter.model)  # checks the vocabulary now
+        return drafter
 
     def _prepare(self, prompts: list[str], images, pan_and_scan: bool):
         """Prompts and their images (one entry per prompt, or None) -> (token ids with
@@ -485,53 +599,77 @@ class Sampler:
         return [self.expand_images(seq) for seq in ids], embeddings
 
     def stream_state(self, state: DecodeState, settings: DecodeSettings, max_new_tokens: int,
-                     stops: Sequence[str] = (), finished=None) -> Iterator[str]:
+                     stops: Sequence[str] = (), finished=None,
+                     rounds: Iterator[DecodeState] | None = None) -> Iterator[str]:
         """Streams row 0 of a decode state (as `start` or `feed` leave one) piece by piece.
 
         The pieces join to the text: the drawn tokens up to a stop token, `max_new_tokens` or a
         full cache, cut right before the first of the `stops` strings. `finished(state,
         result)` is called at the end, also when the reader stops early, with the final state
         (whose cache holds every token fed so far; its last drawn token is not fed yet) and the
-        GenerationResult of the streamed text.
+        GenerationResult of the streamed text. rounds: the states that follow `state`
+        (`speculate`), instead of one plain decode step at a time.
         """
         tokens: list[int] = []
         logprobs: list[float] = []
         emitted, reason, cut = 0, "length", -1
         capacity = state.capacity  # from shapes: no device work
         result = None
+        seen = 0  # tokens of the state's buffer read so far (rounds)
         try:
             while True:
-                # One transfer per token: everything the host decides on below.
-                token, logprob, done, index = jax.device_get(
-                    (state.token[0], state.logprobs[0, state.step - 1], state.done[0],
-                     state.cache["index"]))
+                # One transfer per step or round: everything the host decides on below.
+                if rounds is None:
+                    token, logprob, done, index = jax.device_get(
+                        (state.token[0], state.logprobs[0, state.step - 1], state.done[0],
+                         state.cache["index"]))
+                    new = [] if done else [(token, logprob)]
+                else:
+                    step, drawn, probs, stopped_at, index = jax.device_get(
+                        (state.step, state.tokens[0], state.logprobs[0], state.stopped_at[0],
+                         state.cache["index"]))
+                    done = stopped_at >= 0
+                    end = int(stopped_at) if done else int(step)  # the stop token is not text
+                    new = list(zip(drawn[seen:end], probs[seen:end]))
+                    seen = int(step)
+                ended = False
+                for token, logprob in new:
+                    tokens.append(int(token))
+                    logprobs.append(float(logprob))
+                    text = self.tokenizer.decode(tokens)
+                    cut = _find_stop(text, stops) if stops else -1
+                    if cut >= 0:
+                        if cut > emitted:
+                            piece, emitted = text[emitted:cut], cut
+                            yield piece
+                        reason, ended = "stop", True
+                        break
+                    safe = len(text) - (_held_back(text, stops) if stops else 0)
+                    # A trailing U+FFFD is an unfinished multi-byte character: wait for its
+                    # other bytes.
+                    while safe > emitted and text[safe - 1] == "\ufffd":
+                        safe -= 1
+                    if safe > emitted:
+                        piece, emitted = text[emitted:safe], safe
+                        yield piece
+                    if len(tokens) >= max_new_tokens:
+                        ended = True
+                        break
+                if ended:
+                    break
                 if done:
                     reason = "stop"
-                    break
-                tokens.append(int(token))
-                logprobs.append(float(logprob))
-                text = self.tokenizer.decode(tokens)
-                cut = _find_stop(text, stops) if stops else -1
-                if cut >= 0:
-                    if cut > emitted:
-                        piece, emitted = text[emitted:cut], cut
-                        yield piece
-                    reason = "stop"
-                    break
-                safe = len(text) - (_held_back(text, stops) if stops else 0)
-                # A trailing U+FFFD is an unfinished multi-byte character: wait for its other
-                # bytes.
-                while safe > emitted and text[safe - 1] == "\ufffd":
-                    safe -= 1
-                if safe > emitted:
-                    piece, emitted = text[emitted:safe], safe
-                    yield piece
-                if len(tokens) >= max_new_tokens:
                     break
                 if index >= capacity:  # the rest of can_continue was checked above
                     reason = "cache_full"
                     break
-                state = decode_step(self.params, state, settings=settings)
+                if rounds is None:
+                    state = decode_step(self.params, state, settings=settings)
+                else:
+                    following = next(rounds, None)
+                    if following is None:  # cannot happen: the rounds end where this loop does
+                        break
+                    state = following
             text = self.tokenizer.decode(tokens)
             if cut >= 0:
                 text = text[:cut]

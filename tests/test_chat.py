@@ -86,7 +86,7 @@ def test_overflow_drops_the_oldest_turns(model, tokenizer):
     for message in ["first message here", "second message here", "third message here",
                     "fourth message here"]:
         chat.send(message, max_new_tokens=16)
-        assert int(chat._state["cache"]["index"]) <= 96
+        assert chat.cached_tokens <= 96
     assert chat.dropped_turns >= 1
     assert chat.messages[-2]["content"] == "fourth message here"
     assert all(m["content"] != "first message here" for m in chat.messages)

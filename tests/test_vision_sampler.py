@@ -75,7 +75,7 @@ def _reference(model, ids: list[int], pixels: np.ndarray, n: int = NEW):
 
 
 def _prompt_ids(sampler, text: str) -> list[int]:
-    return sampler._expand(sampler.tokenizer.encode(text))
+    return sampler.expand_images(sampler.tokenizer.encode(text))
 
 
 def _check(result, model, ids, pixels):

@@ -189,18 +189,23 @@ def cmd_sample(args) -> int:
     if args.best_of is not None or args.reward is not None:
         from gemma_kit.cli.reward import best_of_reward, print_best_of
 
+        if args.speculative is not None:
+            raise ConfigError("--speculative decodes one completion; it does not go with "
+                              "--best-of, which draws N of them in one batch")
         reward = best_of_reward(args)  # a bad --reward fails before the model loads
+    _check_speculative(args)
     model, tokenizer = _load(args)
     sampler = Sampler(_with_lora(args, model), tokenizer)
     if reward is not None:
         return print_best_of(sampler, reward, args, _sampling_args(args))
+    speculative = _speculative(args)
     if args.json:
-        result = sampler.generate(args.prompt, **_sampling_args(args))
+        result = sampler.generate(args.prompt, **_sampling_args(args), speculative=speculative)
         assert isinstance(result, GenerationResult)  # one prompt string gives one result
         print(json.dumps({"prompt": args.prompt, "text": result.text, "tokens": result.tokens,
                           "logprobs": result.logprobs, "finish_reason": result.finish_reason}))
         return 0
-    for piece in sampler.stream(args.prompt, **_sampling_args(args)):
+    for piece in sampler.stream(args.prompt, **_sampling_args(args), speculative=speculative):
         print(piece, end="", flush=True)
     print()
     return 0
@@ -210,9 +215,10 @@ def cmd_chat(args) -> int:
     from gemma_kit.chat import ChatSession
 
     _check_lora(args)
+    _check_speculative(args)
     model, tokenizer = _load(args)
     chat = ChatSession(_with_lora(args, model), tokenizer, system=args.system,
-                       cache_length=args.cache_length)
+                       cache_length=args.cache_length, speculative=_speculative(args))
     sampling = _sampling_args(args)
     print(f"Chatting with {model.config.name} (/reset forgets the conversation, /exit or "
           "Ctrl-D leaves). The embedded 270M is a pretrained model, not a chat model: expect "
@@ -292,6 +298,30 @@ def _quant_flags(p) -> None:  # --int8 | --int4
                             "the embedding too: under a third of bf16's memory, but a visible "
                             "loss of quality on small models, docs/speed.md (default: the "
                             "stored dtype)")
+
+
+def _check_speculative(args) -> None:
+    """A missing --speculative draft checkpoint is reported before loading the model."""
+    if args.speculative not in (None, "ngram"):
+        from gemma_kit.checkpoint.official import find_checkpoint
+
+        find_checkpoint(args.speculative)
+
+
+def _speculative(args):
+    """None, "ngram", or the draft model in the --speculative folder (in --dtype)."""
+    if args.speculative in (None, "ngram"):
+        return args.speculative
+    from gemma_kit.loading import load_model
+
+    return load_model(args.speculative, None, _dtype(args.dtype))
+
+
+def _speculative_flag(p) -> None:
+    p.add_argument("--speculative", default=None, metavar="ngram|DIR",
+                   help="speculative decoding: 'ngram' drafts from the text so far (prompt "
+                        "lookup), DIR a smaller draft model sharing the vocabulary; the output "
+                        "is as without it (greedy: the same tokens; default: plain decoding)")
 
 
 
@@ -426,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward", default=None, metavar="SPEC",
                    help="for --best-of: 'pkg.module:function' or 'rm:DIR' (a reward model); "
                         "no default, --best-of needs it")
+    _speculative_flag(p)
     p.set_defaults(run=cmd_sample)
 
     p = sub.add_parser("chat", help="multi-turn chat in the terminal (streamed replies)")
@@ -439,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     _lora_flag(p, "a LoRA adapter folder to add, unmerged (OUT_DIR/adapter of a finetune run; "
                   "default: none)")
     _quant_flags(p)
+    _speculative_flag(p)
     p.set_defaults(run=cmd_chat)
 
     p = sub.add_parser("demo", help="chat page in the browser (Gradio; pip install "
