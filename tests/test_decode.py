@@ -57,7 +57,6 @@ def test_the_loop_equals_the_step_repeated(sampler, small_tokenizer):
     for x, y in zip(jax.tree.leaves(a.cache), jax.tree.leaves(b.cache)):
         np.testing.assert_allclose(x, y, atol=1e-6, rtol=0)
     np.testing.assert_array_equal(a.key, b.key)
-    assert a["cache"] is a.cache  # mapping-style access, as the state once was a dict
 
 
 def test_feed_continues_a_cache_as_one_prefill_would(sampler, small_tokenizer):
