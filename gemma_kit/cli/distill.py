@@ -21,12 +21,18 @@ def cmd_distill(args) -> int:
         return 0
     from gemma_kit.posttrain.distill import train_distill
 
-    return report(train_distill(config, resume=args.resume), what=_what(config))
+    result = train_distill(config, resume=args.resume)
+    return report(result, what=_what(result.evaluations))
 
 
-def _what(config) -> str:
-    return "held-out reverse KL(student || teacher)" if config.prompts_file else \
-        "held-out forward KL(teacher || student)"
+def _what(evaluations: dict) -> str:
+    """The name of the held-out metric the run reported (its objective's eval_key)."""
+    measured = evaluations.get("before") or evaluations.get("after") or {}
+    if "eval_reverse_kl" in measured:
+        return "held-out KL(student || teacher) on student samples"
+    if "eval_data_forward_kl" in measured:
+        return "held-out KL(teacher || student) on dataset rows"
+    return "held-out divergence (none measured: no held-out prompts or rows)"
 
 
 def add_parser(subparsers) -> None:
