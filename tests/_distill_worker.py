@@ -62,7 +62,7 @@ def run_train(job: dict) -> dict:
             time.sleep(pause)
             return metrics
 
-        Trainer.step = slow_step
+        setattr(Trainer, "step", slow_step)  # noqa: B010 (patching the class, on purpose)
     student, teacher, tokenizer = tiny_models()
     result = train_distill(DistillConfig(**job["config"]), student=student, teacher=teacher,
                            tokenizer=tokenizer, resume=job.get("resume", False))
@@ -190,9 +190,10 @@ def run_distributed(job: dict) -> dict:
     got = step_cases(student, teacher, tokenizer, make_mesh(data=2), 2, 1, 1, rows=8,
                      cases=("jsd",))["jsd"]
     path = pathlib.Path(job["out"]) / f"process-{jax.process_index()}.npz"
-    np.savez(path, **{f"params_{i}": p for i, p in enumerate(got["params"])},
-             **{f"metrics_{i}": np.asarray([m[k] for k in sorted(m)])
-                for i, m in enumerate(got["metrics"])})
+    arrays = {f"params_{i}": p for i, p in enumerate(got["params"])}
+    arrays.update({f"metrics_{i}": np.asarray([m[k] for k in sorted(m)])
+                   for i, m in enumerate(got["metrics"])})
+    np.savez(path, **arrays)  # type: ignore[arg-type]
     return dict(process=jax.process_index(), processes=jax.process_count(),
                 devices=len(jax.devices()), npz=str(path), moved=got["moved"])
 

@@ -133,7 +133,8 @@ def test_distillation_lowers_the_divergence(models, data, tmp_path, lmbda, diver
 def test_cli_distils_into_a_shrunk_student_from_folders(models, data, tmp_path, capsys):
     """`gemma-kit distill --config`: the student is a folder `gemma-kit shrink` wrote (its
     config stored with it), the teacher another folder; LoRA, sequence-level KD on fixed
-    teacher samples, sequence-mean reduction: adapter/, metrics.jsonl, summary.json."""
+    teacher samples, the alpha-divergence loss (alpha 1.5), sequence-mean reduction:
+    adapter/, metrics.jsonl, summary.json."""
     from gemma_kit.checkpoint.convert import write_model_folder
 
     _, teacher, tokenizer = models
@@ -147,6 +148,7 @@ def test_cli_distils_into_a_shrunk_student_from_folders(models, data, tmp_path, 
                       f'"{data["prompts"]}"\nout_dir = "run"\nsteps = 3\nbatch_size = 4\n'
                       'max_new_tokens = 8\nlmbda = 0.0\nseq_kd = true\n'
                       'teacher_samples = "fixed"\nreduction = "sequence-mean"\n'
+                      'divergence = "alpha"\nalpha = 1.5\n'
                       'eval_fraction = 0.0\nprogress = false\n')
     capsys.readouterr()
     assert main(["distill", "--config", str(config), "--set", "learning_rate=1e-2"]) == 0
@@ -260,6 +262,28 @@ def test_reduction_weights_are_the_losses_reductions():
                               "sequence-mean")
     np.testing.assert_allclose(lw, [[0, 0.5, 0.5, 0.5, 0.5, 0]])
     assert n.tolist() == [2.0]
+
+
+def test_the_sampling_temperature_reaches_the_draws_and_never_the_loss(models):
+    """rollout refuses another temperature unless the caller does not use the behaviour
+    log-probs (distillation); then the temperature is the draws': near 0 they are the greedy
+    tokens of Sampler.generate. The loss has its own temperature (loss_temperature)."""
+    from gemma_kit.posttrain.rollout import rollout
+    from gemma_kit.sampler import Sampler
+    from gemma_kit.sampling import SamplingError
+
+    student, _, tokenizer = models
+    sampler = Sampler(student, tokenizer)
+    prompts = ["The for statement", "The while loop"]
+    with pytest.raises(SamplingError, match="temperature 1"):
+        rollout(sampler, prompts, 1, 6, seed=0, step=0, temperature=0.5)
+    cold = rollout(sampler, prompts, 1, 6, seed=0, step=0, temperature=1e-4,
+                   behaviour_logprobs=False, stop_token_ids=())
+    greedy = sampler.generate(prompts, max_new_tokens=6, stop_token_ids=())
+    assert cold.completion_ids.tolist() == [r.tokens for r in greedy]
+    config = DistillConfig(teacher="t", prompts_file="p", out_dir="o", steps=1,
+                           sample_temperature=0.7, loss_temperature=2.0).validate()
+    assert (config.sample_temperature, config.loss_temperature) == (0.7, 2.0)
 
 
 # --------------------------------------------------------------------------------------------

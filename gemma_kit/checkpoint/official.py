@@ -389,12 +389,9 @@ def checkpoint_config(folder: pathlib.Path, shapes: Tree,
     """The config of the checkpoint in `folder` whose text weights have `shapes`: the preset
     given, else the config stored with it, else the preset its shapes match. Whichever it is,
     it is checked against the shapes."""
-    if preset is not None:
-        config = get_preset(preset)
-    else:
-        config = read_config(folder)
-        if config is None:
-            return infer_preset(shapes)
+    config = get_preset(preset) if preset is not None else read_config(folder)
+    if config is None:
+        return infer_preset(shapes)
     check_shapes(config, shapes)
     return config
 

@@ -122,8 +122,8 @@ def shrink_checkpoint(ckpt: str | os.PathLike, keep: str | Sequence[int],
     student = shrink_config(teacher, kept)
     convert.check_model_folder_target(out, overwrite)
     tokenizer_path = pathlib.Path(tokenizer) if tokenizer else official.find_tokenizer(ckpt)
-    if tokenizer is not None and not tokenizer_path.is_file():
-        raise ConfigError(f"tokenizer file {str(tokenizer_path)!r} does not exist")
+    if tokenizer is not None and not (tokenizer_path and tokenizer_path.is_file()):
+        raise ConfigError(f"tokenizer file {str(tokenizer)!r} does not exist")
     _, params, _ = official.load_params(folder, teacher, vision=True)
     written = convert.write_model_folder(
         out, shrink_params(params, kept),

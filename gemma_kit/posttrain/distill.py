@@ -299,6 +299,7 @@ class DistillLoss:
                                       temperature=self.temperature, chunk=self.chunk)
             return logprobs.sampled_topk_kd(model, hidden, ids, probs,
                                             temperature=self.temperature, chunk=self.chunk)
+        assert self.divergence is not None  # a divergence, or topk: DistillConfig's choice
         return logprobs.divergence(model, hidden, teacher, aligned, self.divergence,
                                    chunk=self.chunk)
 
@@ -434,6 +435,12 @@ class Distillation(Objective):
 
     name = "distillation"
     loss_label = "training divergence (nats / token)"
+    loss: DistillLoss
+    config: DistillConfig
+    # Set by prepare(): None where the run has none (kept loose: mypy cannot see when).
+    pool: Any  # the fixed off-policy rows, {name: [R, ...]}
+    data: Any  # the train_file Dataset
+    student_sampler: Any
 
     def __init__(self, *, teacher=None, golden=None, write_only: bool = False):
         """teacher / golden: models to use instead of loading config.teacher /
@@ -448,7 +455,7 @@ class Distillation(Objective):
         self.probes: dict[int, tuple] = {}
 
     # -- before the model ---------------------------------------------------------------
-    def check_inputs(self, config: DistillConfig) -> None:
+    def check_inputs(self, config) -> None:
         for path in (config.prompts_file, config.eval_prompts_file, config.train_file,
                      config.eval_file):
             if path:
@@ -568,6 +575,13 @@ class Distillation(Objective):
             self.eval_data_rows = same_rows(held.take(np.arange(cap)), self.T, self.T_teacher)
         if not self.eval_prompts:
             self.eval_key = "eval_data_forward_kl"
+        # A separate teacher's Sampler holds a copy of its weights in the decode layout: keep
+        # it only while steps still draw from it (fresh teacher samples).
+        fresh = c.seq_kd and c.teacher_samples == "fresh" and c.lmbda < 1
+        for handle in (self.teacher, self.golden):
+            if handle is not None and handle.model is not None and not (
+                    fresh and handle is self.teacher):
+                handle.sampler = None
 
         self.stats = dict(train_prompts=len(self.prompts), eval_prompts=len(self.eval_prompts),
                           pool_rows=0 if self.pool is None else len(self.pool["tokens"]),
@@ -593,7 +607,7 @@ class Distillation(Objective):
         return ModelHandle(Sampler(teacher, tok), model=teacher)
 
     @staticmethod
-    def describe(handle: ModelHandle, name: str) -> str:
+    def describe(handle: ModelHandle, name: str | None) -> str:
         if handle.model is None:
             return "the student's base model (its trained variables at their base values)"
         return f"{handle.model.config.name} ({name})"
@@ -606,7 +620,7 @@ class Distillation(Objective):
             items, per_step = len(self.prompts), c.batch_size // c.num_samples
         else:
             items, per_step = len(self.pool["tokens"]), c.batch_size
-        return max(1, math.ceil(c.epochs * items / per_step))
+        return max(1, math.ceil(float(c.epochs or 0) * items / per_step))
 
     # -- rows ---------------------------------------------------------------------------
     def draws(self, handle: ModelHandle, prompts: list[Prompt], k: int, *, source,
@@ -762,7 +776,7 @@ class Distillation(Objective):
     def offline_targets(self, context: RunContext) -> TopKTargets:
         """The pool's targets: read from config.topk_targets, or drawn and written there."""
         c = self.config
-        path = pathlib.Path(c.topk_targets).expanduser()
+        path = pathlib.Path(str(c.topk_targets)).expanduser()
         expected = self.targets_fingerprint()
         if path.is_file() and not self.write_only:
             targets = TopKTargets.load(path)
@@ -782,6 +796,7 @@ class Distillation(Objective):
     def draw_pool_targets(self, fingerprint_: str) -> TopKTargets:
         """The top-K draws of every pool row, by the same function and keys as the step's."""
         c = self.config
+        frozen: dict[str, Any]
         if self.teacher.model is None:  # the student's base network
             graphdef, values = nnx.split(self.student_model)
             frozen = dict(values=nnx.to_pure_dict(values), teacher=self.reference)
@@ -936,4 +951,4 @@ def write_topk_targets(config: DistillConfig, *, student=None, teacher=None,
     out = pathlib.Path(config.out_dir).expanduser().absolute()
     objective.prepare(RunContext(config, model, tokenizer, out, jax.process_index() == 0,
                                  lambda message: None))
-    return pathlib.Path(config.topk_targets).expanduser()
+    return pathlib.Path(str(config.topk_targets)).expanduser()
