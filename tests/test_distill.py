@@ -318,10 +318,10 @@ def test_a_new_teacher_of_the_same_shapes_does_not_compile_again(models):
 def test_offline_topk_targets_train_as_the_same_draws_made_in_the_step(models, data, tmp_path):
     """lambda 0 on the dataset rows with Gemma 3's sampled top-K (K = 8): targets drawn in each
     step, against the same targets written once to a file (write_topk_targets) and read back.
-    The offline run never runs the teacher in its steps (it is given another teacher, which the
-    file's fingerprint does not see: same config name), yet its losses equal the online run's
-    (rtol 1e-6; the teacher's hidden states come from programs of other batch shapes) and so
-    do its trained factors (atol 1e-6)."""
+    The offline run has nothing held out, so it never runs a teacher (it is given another one,
+    which its fingerprint does not see: the same config name, and which it must not use), yet
+    its losses equal the online run's (rtol 1e-6; the teacher's hidden states come from
+    programs of other batch shapes) and so do its trained factors (atol 1e-6)."""
     student, teacher, tokenizer = models
     settings = dict(lmbda=0.0, divergence="sampled_topk", topk=8, steps=3, eval_fraction=0.0,
                     prompts_file="")

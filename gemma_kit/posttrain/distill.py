@@ -438,6 +438,7 @@ class Distillation(Objective):
     loss: DistillLoss
     config: DistillConfig
     # Set by prepare(): None where the run has none (kept loose: mypy cannot see when).
+    teacher: Any  # a ModelHandle; None when offline targets make it unneeded
     pool: Any  # the fixed off-policy rows, {name: [R, ...]}
     data: Any  # the train_file Dataset
     student_sampler: Any
@@ -526,7 +527,14 @@ class Distillation(Objective):
             c.uses_prompts or self.eval_prompts or c.teacher == "base"
             or c.golden_teacher == "base") else None
         self.reference = reference_values(nnx.state(model, self.kind), self.kind)
-        self.teacher = self.handle(c.teacher, self.given_teacher, tok)
+        # Offline top-K targets already written for the dataset rows, and nothing held out to
+        # compare with the teacher: the run never needs the teacher, so it is not loaded.
+        offline_ready = (c.offline_topk and c.uses_dataset and not self.write_only
+                         and pathlib.Path(str(c.topk_targets)).expanduser().is_file())
+        held_out = bool(self.eval_prompts) or (self.data is not None
+                                               and self.data.eval is not None)
+        self.teacher = None if offline_ready and not held_out else self.handle(
+            c.teacher, self.given_teacher, tok)
         self.golden = self.handle(c.golden_teacher, self.given_golden, tok) \
             if c.golden_teacher else None
         say(f"teacher: {self.describe(self.teacher, c.teacher)}" + (
@@ -539,7 +547,8 @@ class Distillation(Objective):
         self.loss = DistillLoss(
             divergence=div, topk=c.topk if div is None else 0, offline=c.offline_topk,
             temperature=c.loss_temperature,
-            teacher=None if self.teacher.model is None else self.teacher.graphdef,
+            teacher=None if self.teacher is None or self.teacher.model is None
+            else self.teacher.graphdef,
             kind=self.kind, chunk=c.loss_chunk)
 
         # The fixed pool of off-policy rows: the dataset's, or the teacher's samples.
@@ -607,7 +616,9 @@ class Distillation(Objective):
         return ModelHandle(Sampler(teacher, tok), model=teacher)
 
     @staticmethod
-    def describe(handle: ModelHandle, name: str | None) -> str:
+    def describe(handle: ModelHandle | None, name: str | None) -> str:
+        if handle is None:
+            return f"{name}, not loaded: the steps read its written top-K targets"
         if handle.model is None:
             return "the student's base model (its trained variables at their base values)"
         return f"{handle.model.config.name} ({name})"
@@ -768,7 +779,7 @@ class Distillation(Objective):
         digest = hashlib.sha256()
         for key in ("tokens", "targets", "weights", "teacher_tokens", "teacher_index"):
             digest.update(np.ascontiguousarray(self.pool[key]).tobytes())
-        teacher = c.teacher if self.given_teacher is None else self.teacher.model.config.name
+        teacher = c.teacher if self.given_teacher is None else self.given_teacher.config.name
         digest.update(json.dumps(dict(teacher=teacher, k=c.topk, seed=c.seed,
                                       temperature=c.loss_temperature)).encode())
         return digest.hexdigest()[:16]
