@@ -304,3 +304,63 @@ def get_preset(name: str | Config) -> Config:
         f"Unknown preset {name!r}. Known presets: {', '.join(PRESETS)}. "
         "Pass one of these names, or a gemma_kit.Config for a custom size."
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Configs as JSON values: how a size that is no preset (a shrunk student, a converted custom
+# model) is stored beside its checkpoint (gemma_kit.checkpoint.official.write_config).
+
+_ATTENTION_KINDS = {"global": GlobalAttention, "local": LocalAttention}
+
+
+def config_to_dict(config: Config) -> dict:
+    """Every field of `config` as JSON values; each layer as {"attention": "global" | "local",
+    and that kind's own fields}. config_from_dict reads it back to an equal Config."""
+    out = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if field.name == "layers":
+            value = [dict(attention="local" if kind.is_local else "global",
+                          **dataclasses.asdict(kind)) for kind in value]
+        elif isinstance(value, VisionConfig):
+            value = dataclasses.asdict(value)
+        out[field.name] = value
+    return out
+
+
+def config_from_dict(values: dict) -> Config:
+    """The Config that config_to_dict wrote; ConfigError naming what is missing or unknown."""
+    def build(cls, fields: dict, where: str):
+        if not isinstance(fields, dict):
+            raise ConfigError(f"{where} must be a JSON object, got {type(fields).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ConfigError(f"{where} has unknown fields {unknown}; it was written by another "
+                              "version of gemma_kit, or edited by hand")
+        try:
+            return cls(**fields)
+        except TypeError as err:  # a missing required field
+            raise ConfigError(f"{where} is incomplete: {err}") from None
+
+    if not isinstance(values, dict):
+        raise ConfigError(f"a stored config must be a JSON object, got {type(values).__name__}")
+    values = dict(values)
+    layers = []
+    for i, layer in enumerate(values.get("layers") or []):
+        layer = dict(layer) if isinstance(layer, dict) else {}
+        kind = _ATTENTION_KINDS.get(layer.pop("attention", None))
+        if kind is None:
+            raise ConfigError(f"layer {i} of the stored config needs \"attention\": \"global\" "
+                              "or \"local\"")
+        layers.append(build(kind, layer, f"layer {i} of the stored config"))
+    values["layers"] = tuple(layers)
+    if values.get("vision_config") is not None:
+        values["vision_config"] = build(VisionConfig, values["vision_config"],
+                                        "the stored vision_config")
+    return build(Config, values, "the stored config")
+
+
+def is_preset(config: Config) -> bool:
+    """Whether `config` is one of the official presets (under its own name)."""
+    return PRESETS.get(config.name) == config

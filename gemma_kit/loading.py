@@ -49,8 +49,9 @@ def load_model(
 
     Args:
       path: the checkpoint folder, or a downloaded folder that contains it one level down.
-      preset: a preset name ("gemma3-1b", ...) or a Config. Default: inferred from the shapes;
-        a given preset is checked against them.
+      preset: a preset name ("gemma3-1b", ...) or a Config. Default: the config stored with
+        the checkpoint (a size no preset describes, e.g. `gemma-kit shrink`'s), else inferred
+        from the shapes; a given preset is checked against them.
       dtype: dtype to hold the weights in (cast while restoring). Default: as stored.
       compute_dtype: dtype activations are computed in (float32 by default).
       text_only: skip the image encoder of a Gemma 3 4B/12B/27B checkpoint (saves its ~0.4B
@@ -83,8 +84,8 @@ def save_checkpoint(
     overwrite: bool = False,
 ) -> pathlib.Path:
     """Saves the model's weights as an official Orbax checkpoint ("flat", as released, or
-    "nested"). The model must hold plain weights: not the sampler's transposed layout, not int8,
-    no unmerged LoRA."""
+    "nested"), with its config when that is no preset. The model must hold plain weights: not
+    the sampler's transposed layout, not int8, no unmerged LoRA."""
     if any(isinstance(m, Einsum) and m.matvec for _, m in model.iter_modules()):
         raise CheckpointError(
             "this model's weights are in the sampler's transposed decode layout "
@@ -100,4 +101,5 @@ def save_checkpoint(
             "a full checkpoint, or gemma_kit.lora.save_adapter(model, DIR) for the adapter alone"
         )
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return official.save_params(params, path, layout=layout, overwrite=overwrite)
+    return official.save_params(params, path, layout=layout, overwrite=overwrite,
+                                config=model.config)

@@ -326,7 +326,11 @@ def test_gemma2_checkpoint_with_a_gemma3_config(tiny_gemma2_config, tiny_gemma3_
     assert "layer_0/attn/q_einsum/w missing from the checkpoint" in str(err.value)
 
 
-def test_no_preset_matches_a_custom_size(saved):
+def test_no_preset_matches_a_custom_size(saved, tiny_gemma3_config):
+    # save_checkpoint stored the custom size's config with the weights: it loads as it was.
+    assert load_model(saved).config == tiny_gemma3_config
+    # Without the stored config only the official sizes are known.
+    (saved / official.CONFIG_FILE).unlink()
     with pytest.raises(CheckpointError, match="no preset matches") as err:
         load_model(saved)
     message = str(err.value)

@@ -13,6 +13,7 @@ import pathlib
 import jax.numpy as jnp
 
 from gemma_kit.checkpoint import official, staging
+from gemma_kit.config import Config
 
 CHECKPOINT_SUBDIR = "checkpoint"
 TOKENIZER_FILE = "tokenizer.model"
@@ -30,11 +31,12 @@ def check_model_folder_target(out: str | os.PathLike, overwrite: bool) -> None:
 
 
 def write_model_folder(out: str | os.PathLike, params: dict, tokenizer_proto: bytes | None, *,
-                       overwrite: bool = False) -> pathlib.Path:
-    """Writes canonical params (+ a serialized SentencePiece model) as a model folder."""
+                       overwrite: bool = False, config: Config | None = None) -> pathlib.Path:
+    """Writes canonical params (+ a serialized SentencePiece model) as a model folder; a
+    `config` that is no preset is stored with the checkpoint (official.write_config)."""
     with staging.staged_folder(out, overwrite=overwrite, replaceable=is_model_folder,
                                what="gemma_kit model folder") as folder:
-        official.save_params(params, folder / CHECKPOINT_SUBDIR, overwrite=True)
+        official.save_params(params, folder / CHECKPOINT_SUBDIR, overwrite=True, config=config)
         if tokenizer_proto is not None:
             (folder / TOKENIZER_FILE).write_bytes(tokenizer_proto)
     return pathlib.Path(out).expanduser().absolute()

@@ -131,11 +131,7 @@ def _source(source, preset) -> tuple[Config, Callable, np.dtype, Any]:
     if isinstance(source, (str, os.PathLike)):
         folder = official.find_checkpoint(source)
         layout, shapes, _ = official.split_layout(official.read_metadata(folder))
-        if preset is None:
-            config = official.infer_preset(shapes)
-        else:
-            config = get_preset(preset)
-            official.check_shapes(config, shapes)
+        config = official.checkpoint_config(folder, shapes, preset)
         stored = shapes["embedder"]["input_embedding"].dtype
         return config, _LayerByLayer(folder, layout, shapes), np.dtype(stored), \
             official.find_tokenizer(source)

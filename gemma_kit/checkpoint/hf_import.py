@@ -92,9 +92,11 @@ def convert_hf(path, out, *, dtype=None, overwrite: bool = False, progress: bool
     """Hugging Face folder -> gemma_kit model folder (`out/checkpoint/` + `out/tokenizer.model`).
 
     The weights keep their stored dtype unless `dtype` is given. Returns (out, config, info);
-    a config that is no official preset must be passed as `preset=` to load the result.
+    a config that is no official preset is stored with the checkpoint, so the result loads
+    without `preset=`.
     """
     convert.check_model_folder_target(out, overwrite)  # fail before the work
     config, params, info = read_hf(path, dtype=dtype, progress=progress)
-    written = convert.write_model_folder(out, params, info["tokenizer"], overwrite=overwrite)
+    written = convert.write_model_folder(out, params, info["tokenizer"], overwrite=overwrite,
+                                         config=config)
     return written, config, info

@@ -40,4 +40,4 @@ def merge_checkpoint(base: str | os.PathLike, adapter: str | os.PathLike,
     params = nnx.to_pure_dict(nnx.state(merged, nnx.Param))
     return convert.write_model_folder(out, params,
                                       tokenizer.read_bytes() if tokenizer else None,
-                                      overwrite=overwrite)
+                                      overwrite=overwrite, config=merged.config)

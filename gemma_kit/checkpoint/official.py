@@ -32,7 +32,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from gemma_kit.config import PRESETS, Config, VisionConfig, get_preset
+from gemma_kit.config import (
+    PRESETS,
+    Config,
+    VisionConfig,
+    config_from_dict,
+    config_to_dict,
+    get_preset,
+    is_preset,
+)
 from gemma_kit.errors import CheckpointError, CheckpointNotFoundError
 from gemma_kit.transformer import Embedder, Transformer
 from gemma_kit.vision.siglip import SigLiPFromPatches
@@ -50,6 +58,9 @@ _EMBEDDER_MM_KEYS = ("mm_input_projection", "mm_soft_embedding_norm")
 _ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt", "checkpoint")
 # Written by Orbax itself, so only these make it safe to delete a folder we are replacing.
 _ORBAX_OWN_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA")
+# The config of a checkpoint whose size is no preset (a shrunk student, a custom conversion),
+# stored in the checkpoint folder beside Orbax's own files (write_config / read_config).
+CONFIG_FILE = "gemma_config.json"
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,6 +354,49 @@ def check_shapes(config: Config, params_shapes: Tree) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Stored configs: sizes that are no preset
+
+
+def write_config(folder: str | os.PathLike, config: Config) -> pathlib.Path:
+    """Stores `config` in the checkpoint folder `folder` (JSON, written atomically), so that
+    load_model, `gemma-kit info` and the exports know a size no preset describes."""
+    from gemma_kit.checkpoint.staging import write_json
+
+    return write_json(pathlib.Path(folder) / CONFIG_FILE,
+                      {"format": "gemma_kit.config", "version": 1,
+                       "config": config_to_dict(config)})
+
+
+def read_config(folder: str | os.PathLike) -> Config | None:
+    """The config write_config stored in checkpoint folder `folder` (None when there is none)."""
+    path = pathlib.Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    import json
+
+    try:
+        stored = json.loads(path.read_text())
+        if not isinstance(stored, dict) or stored.get("format") != "gemma_kit.config":
+            raise ValueError("it is not a gemma_kit config file")
+        return config_from_dict(stored["config"])
+    except (ValueError, KeyError) as err:  # ConfigError is a ValueError
+        raise CheckpointError(f"{path} is damaged ({err}); delete it to infer the size from "
+                              "the weights (official sizes only), or write it again") from None
+
+
+def checkpoint_config(folder: pathlib.Path, shapes: Tree,
+                      preset: str | Config | None = None) -> Config:
+    """The config of the checkpoint in `folder` whose text weights have `shapes`: the preset
+    given, else the config stored with it, else the preset its shapes match. Whichever it is,
+    it is checked against the shapes."""
+    config = get_preset(preset) if preset is not None else read_config(folder)
+    if config is None:
+        return infer_preset(shapes)
+    check_shapes(config, shapes)
+    return config
+
+
+# --------------------------------------------------------------------------------------------
 # Reading and writing
 
 
@@ -405,12 +459,14 @@ def restore_params(
 
 
 def save_params(
-    params: Tree, path: str | os.PathLike, *, layout: Layout = "flat", overwrite: bool = False
+    params: Tree, path: str | os.PathLike, *, layout: Layout = "flat", overwrite: bool = False,
+    config: Config | None = None,
 ) -> pathlib.Path:
     """Writes a canonical tree as an official Orbax checkpoint.
 
     Orbax writes into a temporary folder and renames it when every array is on disk, so an
-    interrupted save never leaves a folder that looks like a complete checkpoint.
+    interrupted save never leaves a folder that looks like a complete checkpoint. A `config`
+    that is no official preset is stored with it (write_config).
     """
     path = pathlib.Path(path).expanduser().absolute()
     if path.exists():
@@ -431,6 +487,8 @@ def save_params(
     path.parent.mkdir(parents=True, exist_ok=True)
     tree = canonical_to_layout(jax.tree.map(np.asarray, params), layout)
     _checkpointer().save(path, tree)
+    if config is not None and not is_preset(config):
+        write_config(path, config)
     return path
 
 
@@ -451,11 +509,7 @@ def load_params(
     """
     folder = find_checkpoint(path)
     layout, shapes, vision_shapes = split_layout(read_metadata(folder))
-    if preset is None:
-        config = infer_preset(shapes)
-    else:
-        config = get_preset(preset)
-        check_shapes(config, shapes)
+    config = checkpoint_config(folder, shapes, preset)
     stored = sorted({str(leaf.dtype) for leaf in flatten(shapes).values()})
     target = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype) if dtype is not None else s.dtype),

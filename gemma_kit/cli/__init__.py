@@ -31,7 +31,7 @@ from gemma_kit.cli.options import (
 from gemma_kit.errors import ConfigError, GemmaKitError
 
 # Modules of gemma_kit.cli that add subcommands (see the module docstring), in --help order.
-COMMAND_MODULES: tuple[str, ...] = ("finetune", "reward")
+COMMAND_MODULES: tuple[str, ...] = ("finetune", "reward", "distill", "shrink")
 
 
 class Parser(argparse.ArgumentParser):
@@ -95,7 +95,7 @@ def cmd_convert(args) -> int:
             print(f"note: no tokenizer.model in {args.hf}; pass --tokenizer when sampling",
                   file=sys.stderr)
         size = (f"preset {config.name}" if PRESETS.get(config.name) == config else
-                "a custom size, not an official preset: load it with preset=Config(...)")
+                "a custom size, not an official preset: its config is stored with it")
         print(f"wrote {out} (checkpoint/ in the official Orbax layout, {size})")
         return 0
     out = convert_gguf(args.gguf, args.out, dtype=_dtype(args.dtype), overwrite=args.overwrite)
@@ -145,20 +145,18 @@ def cmd_info(args) -> int:
     import numpy as np
 
     from gemma_kit.checkpoint import official
+    from gemma_kit.config import is_preset
 
     folder = official.find_checkpoint(args.checkpoint)
     layout, shapes, vision = official.split_layout(official.read_metadata(folder))
-    config = official.infer_preset(shapes) if args.preset is None else args.preset
-    if isinstance(config, str):
-        from gemma_kit.config import get_preset
-
-        config = get_preset(config)
-        official.check_shapes(config, shapes)
+    config = official.checkpoint_config(folder, shapes, args.preset)
     leaves = official.flatten(shapes).values()
     info = {
         "checkpoint": str(folder),
         "layout": layout,
-        "preset": config.name,
+        "preset": config.name if is_preset(config) else
+        f"none: {config.name}, config stored in {official.CONFIG_FILE}",
+        "layers": " ".join("G" if not kind.is_local else "L" for kind in config.layers),
         "parameters": int(sum(int(np.prod(leaf.shape)) for leaf in leaves)),
         "dtypes": sorted({str(leaf.dtype) for leaf in leaves}),
         "vision_encoder": "present (loaded unless text_only=True)" if vision else "absent",
@@ -434,7 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="describe a checkpoint: preset, size, dtypes, layout")
     p.add_argument("checkpoint", help="checkpoint or model folder")
     p.add_argument("--preset", default=None, metavar="NAME",
-                   help="check the shapes against this preset (default: infer it)")
+                   help="check the shapes against this preset (default: the config stored with the "
+                        "checkpoint, else the preset its shapes match)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=cmd_info)
 

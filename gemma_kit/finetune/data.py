@@ -110,12 +110,7 @@ class Dataset:
         perm_e a permutation drawn from (seed, e): a pure function of the step, so a resumed
         run continues with the very batch the interrupted one would have taken next.
         """
-        n = len(self.train)
-        index = np.empty(batch_size, np.int64)
-        for j in range(batch_size):
-            g = step * batch_size + j
-            index[j] = epoch_order(seed, g // n, n)[g % n]
-        return index
+        return batch_index(step, batch_size, seed, len(self.train))
 
     def batch(self, step: int, batch_size: int, seed: int) -> dict[str, np.ndarray]:
         """The arrays of step `step`'s rows ([batch_size, T] each)."""
@@ -136,6 +131,17 @@ class Dataset:
 
 
 _ORDER_CACHE: dict[tuple[int, int, int], np.ndarray] = {}
+
+
+def batch_index(step: int, batch_size: int, seed: int, n: int) -> np.ndarray:
+    """Indices [batch_size] into n items of optimizer step `step`: item g = step * batch_size
+    + j of the run is item epoch_order(seed, e, n)[g mod n] of epoch e = g // n (a pure
+    function of the step; distillation draws its prompts the same way)."""
+    index = np.empty(batch_size, np.int64)
+    for j in range(batch_size):
+        g = step * batch_size + j
+        index[j] = epoch_order(seed, g // n, n)[g % n]
+    return index
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:

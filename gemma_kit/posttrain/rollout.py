@@ -110,16 +110,20 @@ def rollout(sampler, prompts: Sequence[str | Sequence[int]], num_samples: int,
             max_new_tokens: int, *, seed: int, step: int,
             stop_token_ids: Sequence[int] | None = None, temperature: float = 1.0,
             top_k: int | None = None, top_p: float | None = None,
-            min_p: float | None = None) -> Rollout:
+            min_p: float | None = None, behaviour_logprobs: bool = True) -> Rollout:
     """Draws `num_samples` completions of each prompt with the Sampler's current parameters.
 
     prompts: strings (encoded with <bos>) or token-id lists (used as given, e.g. chat-formatted
       and already tokenised). stop_token_ids: ids that end a completion (kept in it); default
       <eos> and <end_of_turn>. seed, step: the draws are a pure function of these (and of the
       prompts, K and the parameters). temperature, top_k, top_p, min_p: accepted only at their
-      on-policy values (1 and no filters); anything else is refused (see the module doc).
+      on-policy values (1 and no filters); anything else is refused (see the module doc),
+      unless behaviour_logprobs=False: for callers that never use Rollout.logprobs as the
+      sampling distribution's (distillation scores completions by forward passes), which then
+      hold the untempered, unfiltered model's log-probs, as Sampler.generate reports them.
     """
-    if temperature != 1.0 or top_k is not None or top_p is not None or min_p is not None:
+    filtered = temperature != 1.0 or top_k is not None or top_p is not None or min_p is not None
+    if filtered and behaviour_logprobs:
         raise SamplingError(
             "rollouts for on-policy losses sample at temperature 1 without top_k / top_p / "
             f"min_p (got temperature={temperature}, top_k={top_k}, top_p={top_p}, "
@@ -138,8 +142,8 @@ def rollout(sampler, prompts: Sequence[str | Sequence[int]], num_samples: int,
         else:
             raise SamplingError(
                 f"prompt {i} is neither a string nor a non-empty list of token ids")
-    settings = sampler.settings(max_new_tokens, 1.0, stop_token_ids=stop_token_ids,
-                                forbidden_token_ids=())
+    settings = sampler.settings(max_new_tokens, temperature, top_k, top_p, min_p,
+                                stop_token_ids=stop_token_ids, forbidden_token_ids=())
     ids = [p for p in encoded for _ in range(num_samples)]
     state = sampler.start(ids, settings, rollout_key(seed, step))
     state = decode_loop(sampler.params, state, jnp.int32(max_new_tokens), settings=settings)

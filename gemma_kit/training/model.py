@@ -86,4 +86,5 @@ def save_full(model, tokenizer, folder: pathlib.Path) -> pathlib.Path:
     from gemma_kit.checkpoint.convert import write_model_folder
 
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return write_model_folder(folder, params, tokenizer.to_bytes(), overwrite=True)
+    return write_model_folder(folder, params, tokenizer.to_bytes(), overwrite=True,
+                              config=model.config)
