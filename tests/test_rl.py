@@ -242,24 +242,95 @@ def test_a_run_with_an_ema_anchor_and_ppo_epochs(tiny, prompts, tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_the_scoring_pass_takes_new_anchors_without_compiling(tiny, prompts, tmp_path):
-    """The reference's and the anchor's values are arguments of the compiled scoring pass: new
-    anchor values give new KLs and compile nothing."""
-    from gemma_kit.posttrain.policy import snapshot
+def _objective(tiny, config, reward, tmp_path):
+    """The objective prepared and a Trainer built, as the run loop does it."""
     from gemma_kit.posttrain.rl import PolicyOptimisation
     from gemma_kit.training.model import build_model
     from gemma_kit.training.objective import RunContext
     from gemma_kit.training.trainer import Trainer
 
     model, tokenizer = tiny
+    objective = PolicyOptimisation(reward)
+    objective.check_inputs(config)
+    built, tokenizer, _ = build_model(config, model, tokenizer)
+    steps = objective.prepare(RunContext(config, built, tokenizer, tmp_path, True,
+                                         lambda _: None))
+    return objective, Trainer(config, built, steps, objective.loss), tokenizer
+
+
+@pytest.mark.parametrize("algo", ["rloo", "reinforce", "bond", "jbond"])
+def test_the_rows_of_a_step_follow_the_definitions(tiny, prompts, tmp_path, algo):
+    """The batch host_batch builds, against the definitions written out here in numpy from the
+    rewards the reward function was called with (kl_coef = 0, so the reward is the task's):
+    per-token weights = the sequence's advantage (RLOO: r - mean of the others; REINFORCE: r -
+    the batch mean; BOND: Jeffreys beta x the leave-one-out advantage of (N - 1) log p<= from
+    the anchor samples, Laplace-smoothed, / k; J-BOND: of -log 16 when worse than both anchor
+    samples), on completion tokens only; BOND's forward rows are the best of each group of N
+    anchor samples (ties to the first), weighted (1 - beta) / groups; the normaliser counts
+    sequences (prompts for BOND). Weights: 1e-6 (float32)."""
+    calls = []
+
+    def reward(prompts_, completions):
+        values = [float(len(c) % 5) for c in completions]  # ties on purpose
+        calls.append((list(completions), values))
+        return values
+
+    k = 1 if algo == "reinforce" else 2
+    extra = dict(best_of=2, anchor_samples=4) if algo == "bond" else {}
+    config = RLConfig(prompts_file=str(prompts), out_dir=str(tmp_path), steps=2, batch_size=2,
+                      num_samples=k, max_new_tokens=6, eval_fraction=0.0, max_length=32,
+                      algo=algo, kl_coef=0.0, jeffreys_beta=0.25, anchor="ema", **extra)
+    objective, trainer, tokenizer = _objective(tiny, config.validate(), reward, tmp_path)
+    rows = {name: v.reshape(-1, *v.shape[2:]) for name, v in
+            objective.host_batch(0, trainer).items()}
+    (completions, values), = calls
+    P, r = 2, np.array(values)
+    policy = r[:P * k]
+    if algo == "rloo":
+        grouped = policy.reshape(P, k)
+        adv = (grouped - (grouped.sum(1, keepdims=True) - grouped) / (k - 1)).reshape(-1)
+        weight, share = adv, np.ones(P * k)
+    elif algo == "reinforce":
+        weight, share = policy - policy.mean(), np.ones(P * k)
+    else:
+        M = config.resolved_anchor_samples
+        anchors = r[P * k:].reshape(P, M)
+        mine = np.repeat(anchors, k, axis=0)
+        if algo == "bond":
+            count = (mine <= policy[:, None]).sum(1)
+            shaped = (config.best_of - 1) * np.log((count + 1) / (M + 2))
+        else:
+            shaped = np.where(policy < mine.min(1), -np.log(16.0), 0.0)
+        grouped = shaped.reshape(P, k)
+        adv = (grouped - (grouped.sum(1, keepdims=True) - grouped) / (k - 1)).reshape(-1)
+        weight, share = 0.25 * adv / k, np.full(P * k, 1.0 / k)
+    mask = rows["mask"][:P * k]
+    np.testing.assert_allclose(rows["weights"][:P * k], mask * weight[:, None], atol=1e-6)
+    np.testing.assert_allclose(rows["normaliser"][:P * k], share, rtol=1e-6)
+    assert np.all(mask.sum(1) >= 1) and np.all(rows["weights"][:P * k][mask == 0] == 0)
+    if algo in ("bond", "jbond"):
+        G = config.best_of_groups
+        groups = r[P * k:].reshape(P * G, config.best_of)
+        best = [completions[P * k + g * config.best_of + int(np.argmax(groups[g]))]
+                for g in range(P * G)]
+        forward = slice(P * k, None)
+        assert rows["tokens"].shape[0] == P * k + P * G
+        texts = [tokenizer.decode(t[m > 0].tolist()) for t, m in
+                 zip(rows["targets"][forward], rows["mask"][forward])]
+        assert [t.removesuffix(tokenizer.decode([1])) for t in texts] == best
+        np.testing.assert_allclose(rows["weights"][forward], 0.75 / G * rows["mask"][forward])
+        assert np.all(rows["normaliser"][forward] == 0)
+
+
+def test_the_scoring_pass_takes_new_anchors_without_compiling(tiny, prompts, tmp_path):
+    """The reference's and the anchor's values are arguments of the compiled scoring pass: new
+    anchor values give new KLs and compile nothing."""
+    from gemma_kit.posttrain.policy import snapshot
+
     config = RLConfig(prompts_file=str(prompts), out_dir=str(tmp_path), steps=3, batch_size=2,
                       num_samples=2, max_new_tokens=5, anchor="ema", eval_fraction=0.0,
                       max_length=32).validate()
-    objective = PolicyOptimisation(worker.letter_reward)
-    objective.check_inputs(config)
-    built, tokenizer, _ = build_model(config, model, tokenizer)
-    objective.prepare(RunContext(config, built, tokenizer, tmp_path, True, lambda _: None))
-    trainer = Trainer(config, built, 3, objective.loss)
+    objective, trainer, _ = _objective(tiny, config, worker.letter_reward, tmp_path)
     objective.host_batch(0, trainer)  # compiles the rollout and the scoring pass
     rows = objective.scorer.rows(objective.scorer.draw(
         trainer.trainable, objective.train.batch(1, 2, seed=0), 2, seed=0, step=1))

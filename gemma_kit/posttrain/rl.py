@@ -161,16 +161,21 @@ class PolicyLoss:
 
 
 def _scores(graphdef, chunk, kinds, trainable, fixed, reference, anchor, batch):
-    """Per position [B, T]: logp, entropy, kl_ref, logp_ref (and logp_anchor, kl_anchor)."""
+    """Per completion position [B, N]: logp, entropy, kl_ref, logp_ref (and kl_anchor,
+    logp_anchor). batch: the rows' tokens, positions, segments, targets [B, T] and index
+    [B, N], the positions whose targets are completion tokens (padded with any position)."""
     policy = nnx.merge(graphdef, trainable, fixed)
     models = [policy, with_trained(policy, reference, kinds[0])]
     if anchor is not None:
         models.append(with_trained(policy, anchor, kinds[1]))
     mask = attention_mask(batch["positions"], batch["segments"])
-    B, T = batch["tokens"].shape
-    hidden = [m.hidden_states(batch["tokens"], batch["positions"], mask).reshape(B * T, -1)
-              for m in models]
-    targets = jnp.maximum(batch["targets"], 0).reshape(-1)
+    index = batch["index"]
+    B, N = index.shape
+    # Logits only where a completion token is predicted: they are most of the cost (the
+    # [*, V] projection of every network), and prompt positions do not count.
+    hidden = [jnp.take_along_axis(m.hidden_states(batch["tokens"], batch["positions"], mask),
+                                  index[..., None], axis=1).reshape(B * N, -1) for m in models]
+    targets = jnp.maximum(jnp.take_along_axis(batch["targets"], index, axis=1), 0).reshape(-1)
 
     def logits(model, h):
         return model.logits(h[None])[0].astype(jnp.float32)
@@ -186,7 +191,20 @@ def _scores(graphdef, chunk, kinds, trainable, fixed, reference, anchor, batch):
 
     values = map_chunks(per_chunk, (*hidden, targets), chunk)
     names = ["logp", "entropy", "kl_ref", "logp_ref", "kl_anchor", "logp_anchor"]
-    return {name: v.reshape(B, T) for name, v in zip(names, values)}
+    return {name: v.reshape(B, N) for name, v in zip(names, values)}
+
+
+def completion_index(weights: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(index [B, count] int32, valid [B, count] bool): each row's positions with weight > 0
+    in order, padded with position 0 (not valid)."""
+    B = weights.shape[0]
+    index = np.zeros((B, count), np.int32)
+    valid = np.zeros((B, count), bool)
+    for r in range(B):
+        where = np.flatnonzero(weights[r] > 0)[:count]
+        index[r, :len(where)] = where
+        valid[r, :len(where)] = True
+    return index, valid
 
 
 _score_program = jax.jit(_scores, static_argnums=(0, 1, 2))
@@ -239,14 +257,23 @@ class RolloutScorer:
 
     def score(self, graphdef, trainable, fixed, reference, anchor, batch: dict,
               kinds: tuple | None = None) -> dict[str, np.ndarray]:
-        """The scoring pass (module docstring, step 3) on host rows; numpy [B, T] each.
-        reference / anchor: values of the variables `kinds` selects (default: self.kind);
-        anchor None: no anchor outputs."""
+        """The scoring pass (module docstring, step 3) on host rows; numpy [B, T] each, at the
+        completion positions (batch["weights"] > 0; 0 elsewhere). reference / anchor: values
+        of the variables `kinds` selects (default: self.kind); anchor None: no anchor
+        outputs."""
         kinds = kinds or (self.kind, self.kind)
         rows = {k: batch[k] for k in SEQUENCE_FIELDS}
+        index, valid = completion_index(batch["weights"], self.max_new_tokens)
+        rows["index"] = index
         out = _score_program(graphdef, self.chunk, kinds, trainable, fixed, reference, anchor,
                              self.place(rows))
-        return {k: np.asarray(v) for k, v in jax.device_get(out).items()}
+        # Back to the rows' [B, T] layout, 0 at every other position.
+        r, j = np.nonzero(valid)
+        full = {}
+        for name, value in jax.device_get(out).items():
+            full[name] = np.zeros(batch["weights"].shape, np.float32)
+            full[name][r, index[r, j]] = np.asarray(value)[r, j]
+        return full
 
 
 def sequence_sums(values: np.ndarray, mask: np.ndarray) -> np.ndarray:

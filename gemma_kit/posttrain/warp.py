@@ -7,7 +7,8 @@ vectors, LITI towards the initialisation over a sweep of eta as a reward-KL fron
 A WARPConfig is an RLConfig (the settings of each RL run: prompts, reward, RLOO / REINFORCE, the
 KL coefficient, anchor = "ema" by default) plus the WARP fields. Each iteration i = 1..I:
   1. M RL runs (gemma_kit.posttrain.rl) from the current initialisation, with seeds seed + 100 i
-     + m (different LoRA initialisations and rollouts), in OUT/iter_i/run_m;
+     + m (different LoRA initialisations and rollouts), in OUT/iter_i/run_m, on all of
+     prompts_file (WARP evaluates the runs itself, step 3);
   2. their merge: SLERP of the task vectors per tensor (merging.slerp; LoRA runs exactly, on
      their factors, merging.lora_slerp: a LoRA of rank M r with the same scaling), lambda =
      slerp_lambda for two runs; for M > 2 runs the merge is taken pairwise, run j entering with
@@ -85,7 +86,10 @@ class WARPConfig(RLConfig):
     def rl_config(self, iteration: int, run: int, out: pathlib.Path) -> RLConfig:
         """The settings of run `run` of iteration `iteration` (both from 0)."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(RLConfig)}
-        values.update(seed=self.seed + 100 * iteration + run, out_dir=str(out))
+        # No held-out evaluation inside a run: WARP evaluates every run itself, with the key
+        # and the reference of the merges, so that all points of a front compare.
+        values.update(seed=self.seed + 100 * iteration + run, out_dir=str(out),
+                      eval_prompts_file=None, eval_fraction=0.0)
         return RLConfig(**values)
 
     def validate(self) -> WARPConfig:
