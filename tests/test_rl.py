@@ -157,8 +157,8 @@ def test_bond_reaches_the_best_of_n_distribution(tiny, tmp_path):
 
 
 def test_policy_loss_without_ratio_is_the_signed_cross_entropy_step(tiny):
-    """PolicyLoss (policy_gradient_loss over rollout rows) is the core's SignedCrossEntropy when
-    nothing else enters: the same loss and gradient norm (1e-6 relative: the same sums through
+    """PolicyLoss (policy_gradient_loss at the rows' completion positions) is the core's
+    SignedCrossEntropy (every position) when nothing else enters: the same loss and gradient norm (1e-6 relative: the same sums through
     different chunked log-prob code) and parameters after a first Adam step within 1e-3 of the
     learning rate (that step moves each entry by ~lr * sign(g), so a gradient entry at the f32
     rounding level may move differently; observed 3.6e-8), so the RL step inherits
@@ -168,17 +168,19 @@ def test_policy_loss_without_ratio_is_the_signed_cross_entropy_step(tiny):
     from gemma_kit.training import SignedCrossEntropy, Trainer, micro_batches
 
     model, _ = tiny
-    rows = toy.completion_rows(5, 8, 24, 384)
-    rows["mask"] = (rows["weights"] != 0).astype(np.float32)
+    from gemma_kit.posttrain.rl import gather_completions
+
+    plain = toy.completion_rows(5, 8, 24, 384)
+    rows = gather_completions(dict(plain, mask=(plain["weights"] != 0).astype(np.float32)), 24)
     config = toy.step_config(grad_accum=2)
     from flax import nnx
 
     lora_model = nnx.merge(*nnx.split(model))
     apply_lora(lora_model, rank=2, alpha=4.0, seed=1)
     results = []
-    for loss in (PolicyLoss(chunk=64), SignedCrossEntropy(chunk=64)):
+    for loss, batch in ((PolicyLoss(chunk=64), rows), (SignedCrossEntropy(chunk=64), plain)):
         trainer = Trainer(config, lora_model, 10, loss)
-        m = trainer.step(trainer.place(micro_batches(rows, 2), batch_axis=1))
+        m = trainer.step(trainer.place(micro_batches(batch, 2), batch_axis=1))
         results.append((m, [np.asarray(x) for x in jax.tree.leaves(trainer.trainable)]))
     (a, pa), (b, pb) = results
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
@@ -315,8 +317,9 @@ def test_the_rows_of_a_step_follow_the_definitions(tiny, prompts, tmp_path, algo
                 for g in range(P * G)]
         forward = slice(P * k, None)
         assert rows["tokens"].shape[0] == P * k + P * G
+        targets = np.take_along_axis(rows["targets"], rows["index"], axis=1)
         texts = [tokenizer.decode(t[m > 0].tolist()) for t, m in
-                 zip(rows["targets"][forward], rows["mask"][forward])]
+                 zip(targets[forward], rows["mask"][forward])]
         assert [t.removesuffix(tokenizer.decode([1])) for t in texts] == best
         np.testing.assert_allclose(rows["weights"][forward], 0.75 / G * rows["mask"][forward])
         assert np.all(rows["normaliser"][forward] == 0)

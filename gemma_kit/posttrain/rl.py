@@ -85,9 +85,9 @@ from flax import nnx
 
 from gemma_kit.errors import ConfigError, DataError
 from gemma_kit.posttrain import losses
-from gemma_kit.posttrain.logprobs import map_chunks
+from gemma_kit.posttrain.logprobs import map_chunks, token_logprobs
 from gemma_kit.posttrain.merging import ema
-from gemma_kit.posttrain.policy import completion_logprobs, reference_values, snapshot, with_trained
+from gemma_kit.posttrain.policy import reference_values, snapshot, with_trained
 from gemma_kit.posttrain.prompts import Prompts, read_prompts
 from gemma_kit.posttrain.rewards import as_reward, call_reward, load_reward, reward_name
 from gemma_kit.posttrain.rl_config import RLConfig
@@ -120,11 +120,13 @@ class PolicyLoss:
     """The policy-gradient loss on rollout rows (losses.policy_gradient_loss), with an explicit
     normaliser.
 
-    batch [B, T]: tokens, targets, positions, segments (the rows of Rollout.training_batch),
-    mask (1 on completion tokens), weights (the signed weight of each token: its sequence's
-    advantage, or BOND's forward weight), normaliser [B] (each row's share of the count the
-    loss is a mean over); with `importance`, old_logprobs (the log-probs of the policy that
-    drew the rows); with kl_coef > 0, anchor_logprobs (k3 in the loss).
+    batch: tokens, targets, positions, segments [B, T] (the rows of Rollout.training_batch);
+    index [B, N], the positions whose targets are completion tokens (gather_completions), and
+    at those positions [B, N]: mask (1 where the position is real), weights (the signed weight
+    of each token: its sequence's advantage, or BOND's forward weight), with `importance`
+    old_logprobs (the log-probs of the policy that drew the rows), with kl_coef > 0
+    anchor_logprobs (k3 in the loss); normaliser [B] (each row's share of the count the loss
+    is a mean over). Logits are made at the N completion positions only.
 
     chunk: tokens per logits chunk. importance: weight by pi / pi_old (ppo_epochs > 1), clipped
     with clip_epsilon. kl_coef: beta of the per-token k3 term (0: none).
@@ -138,7 +140,12 @@ class PolicyLoss:
     kl_coef: float = 0.0
 
     def __call__(self, model, batch, frozen=None):
-        logps = completion_logprobs(model, batch, self.chunk)
+        attend = attention_mask(batch["positions"], batch["segments"])
+        hidden = model.hidden_states(batch["tokens"], batch["positions"], attend)
+        index = batch["index"]
+        hidden = jnp.take_along_axis(hidden, index[..., None], axis=1)
+        targets = jnp.maximum(jnp.take_along_axis(batch["targets"], index, axis=1), 0)
+        logps = token_logprobs(model, hidden, targets, chunk=self.chunk)
         mask = batch["mask"]
         loss_sum, _, m = losses.policy_gradient_loss(
             logps, batch["weights"], mask,
@@ -192,6 +199,23 @@ def _scores(graphdef, chunk, kinds, trainable, fixed, reference, anchor, batch):
     values = map_chunks(per_chunk, (*hidden, targets), chunk)
     names = ["logp", "entropy", "kl_ref", "logp_ref", "kl_anchor", "logp_anchor"]
     return {name: v.reshape(B, N) for name, v in zip(names, values)}
+
+
+PER_POSITION = ("mask", "weights", "old_logprobs", "anchor_logprobs")
+
+
+def gather_completions(batch: dict[str, np.ndarray], count: int) -> dict[str, np.ndarray]:
+    """Rows [R, T] whose "mask" marks the completion targets -> the same rows with "index"
+    [R, count] (those positions, completion_index) and the per-position arrays (mask, weights,
+    old_logprobs, anchor_logprobs) taken at them, [R, count], 0 where not valid: PolicyLoss's
+    layout."""
+    index, valid = completion_index(batch["mask"], count)
+    out = dict(batch, index=index)
+    for name in PER_POSITION:
+        if name in batch:
+            out[name] = (np.take_along_axis(batch[name], index, axis=1) * valid).astype(
+                np.float32)
+    return out
 
 
 def completion_index(weights: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -407,8 +431,9 @@ class PolicyOptimisation(Objective):
                                self.kl_coef if c.kl_penalty == "loss" else 0.0)
         rows = c.batch_size * c.rows_per_prompt
         self.cached = {name: np.zeros((rows, length), np.int32) for name in SEQUENCE_FIELDS}
+        self.cached["index"] = np.zeros((rows, c.max_new_tokens), np.int32)
         for name in self.batch_floats():
-            self.cached[name] = np.zeros((rows, length), np.float32)
+            self.cached[name] = np.zeros((rows, c.max_new_tokens), np.float32)
         self.cached["normaliser"] = np.zeros((rows,), np.float32)
         self.stats = dict(algo=c.algo, reward=reward_name(self.reward_fn),
                           train_prompts=len(train), held_out_prompts=len(held) if held else 0,
@@ -423,7 +448,7 @@ class PolicyOptimisation(Objective):
         return max(1, math.ceil(c.epochs * len(train) / c.batch_size)) * c.ppo_epochs
 
     def batch_floats(self) -> tuple[str, ...]:
-        """The float [rows, T] arrays of a step's batch (fixed by the settings)."""
+        """The float [rows, N] arrays of a step's batch (fixed by the settings)."""
         names = ["mask", "weights"]
         if self.loss.importance:
             names.append("old_logprobs")
@@ -550,6 +575,7 @@ class PolicyOptimisation(Objective):
             extra["weights"] = (1.0 - c.jeffreys_beta) / G * forward["weights"][:P * G]
             extra["normaliser"] = np.zeros(P * G, np.float32)
             batch = {name: np.concatenate([batch[name], extra[name]]) for name in batch}
+        batch = gather_completions(batch, c.max_new_tokens)
         metrics.update(timings)
         self.pending = metrics
         return {name: np.ascontiguousarray(v) for name, v in batch.items()}
