@@ -36,8 +36,8 @@ def _deltas(model) -> dict[str, np.ndarray]:
 
 def test_a_warp_run_merges_exactly_and_iterates(tiny, tmp_path):
     """Two iterations of WARP with two RLOO runs each (EMA anchors), SLERP and LERP, LITI at
-    eta 0, 0.5, 1: the front's eta = 0 points are the initialisation (KL 0 in iteration 1, the
-    same reward as each other), iteration 2's runs start from the merged base (their KL to the
+    eta 0, 0.5, 1: the front's eta = 0 point is the initialisation (KL 0 in iteration 1; it is
+    evaluated once and shared by SLERP's and LERP's sweeps), iteration 2's runs start from the merged base (their KL to the
     ORIGINAL initialisation is that of the chosen point, plus their own), and the final model
     is the base plus LITI(SLERP) of iteration 2's runs on the merged base, equal to the
     dense per-tensor definitions computed here from the runs' saved adapters (1e-5 of the

@@ -392,12 +392,18 @@ def _run(config: WARPConfig, out, reward_fn, model, tokenizer, resume, say) -> W
             measure(f"run_{m}", None, pad_rank(values, rank) if lora else values)
         kinds = ("slerp", "lerp") if config.compare_lerp else ("slerp",)
         best = None
+        start = None  # eta = 0 is the initialisation itself, whatever the merge
         for merge_kind in kinds:
             merged = merge_runs(runs, merge_kind, lora=lora, lam=config.slerp_lambda,
                                 init=init_values)
             for eta in etas:
                 values = liti_point(merged, eta, lora=lora, init=init_values)
-                point = measure(merge_kind, eta, values)
+                if eta == 0 and start is not None:
+                    point = dict(start, merge=merge_kind)
+                    points.append(point)
+                else:
+                    point = measure(merge_kind, eta, values)
+                start = point if eta == 0 else start
                 if merge_kind == "slerp" and eta == config.liti_eta:
                     best, chosen_values = point, values
         fronts.append(points)
