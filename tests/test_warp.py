@@ -37,11 +37,11 @@ def _deltas(model) -> dict[str, np.ndarray]:
 def test_a_warp_run_merges_exactly_and_iterates(tiny, tmp_path):
     """Two iterations of WARP with two RLOO runs each (EMA anchors), SLERP and LERP, LITI at
     eta 0 and 0.5: the front's eta = 0 point is the initialisation (KL 0 in iteration 1; it is
-    evaluated once and shared by SLERP's and LERP's sweeps), iteration 2's runs start from the merged base (their KL to the
-    ORIGINAL initialisation is that of the chosen point, plus their own), and the final model
-    is the base plus LITI(SLERP) of iteration 2's runs on the merged base, equal to the
-    dense per-tensor definitions computed here from the runs' saved adapters (1e-5 of the
-    largest delta entry: float32 products in another order)."""
+    evaluated once and shared by SLERP's and LERP's sweeps); iteration 2 starts from the chosen
+    point merged into the base (its eta = 0 point has the chosen point's KL to the ORIGINAL
+    initialisation); and the final model is the merged base plus LITI(SLERP) of iteration 2's
+    runs, equal to the dense per-tensor definitions computed here from the runs' saved
+    adapters (1e-5 of the largest delta entry: float32 products in another order)."""
     model, tokenizer = tiny
     prompts = worker.write_prompts(tmp_path / "prompts.jsonl", 8)
     held = worker.write_prompts(tmp_path / "held.jsonl", 4)
