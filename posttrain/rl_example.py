@@ -109,12 +109,14 @@ def plot() -> pathlib.Path | None:
         ax.annotate(f"n={r['n']}", (r["kl_bound_nats"], r["gold_reward"]),
                     textcoords="offset points", xytext=(4, -11), fontsize=8)
     drawn = False
-    for arm, label in ARMS.items():
+    earlier = {"jbond_first_try": "J-BOND, first try (4 prompts a step, lr 5e-4)"}
+    for arm, label in {**ARMS, **earlier}.items():
         path = HERE / "results" / f"rl_{arm}.json"
         if not path.exists():
             continue
         evals = json.loads(path.read_text())["held_out"]
-        ax.plot([e["kl"] for e in evals], [e["reward"] for e in evals], "o-", label=label)
+        ax.plot([e["kl"] for e in evals], [e["reward"] for e in evals],
+                "o:" if arm in earlier else "o-", label=label, alpha=0.6 if arm in earlier else 1)
         drawn = True
     if not drawn:
         plt.close(fig)
