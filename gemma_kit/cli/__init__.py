@@ -20,6 +20,7 @@ import sys
 
 from gemma_kit.cli.options import (
     dtype_option,
+    fraction_option,
     min_p_option,
     non_negative_number,
     port_option,
@@ -31,7 +32,7 @@ from gemma_kit.cli.options import (
 from gemma_kit.errors import ConfigError, GemmaKitError
 
 # Modules of gemma_kit.cli that add subcommands (see the module docstring), in --help order.
-COMMAND_MODULES: tuple[str, ...] = ("finetune", "reward", "distill", "shrink")
+COMMAND_MODULES: tuple[str, ...] = ("finetune", "reward", "distill", "shrink", "rl", "warp")
 
 
 class Parser(argparse.ArgumentParser):
@@ -325,11 +326,15 @@ def _speculative_flag(p) -> None:
 
 
 def cmd_merge(args) -> int:
-    from gemma_kit.checkpoint.merge import merge_checkpoint
+    from gemma_kit.posttrain.merge_models import merge_models
 
-    out = merge_checkpoint(args.base, args.lora, args.out, preset=args.preset,
-                           overwrite=args.overwrite)
-    print(f"wrote {out} (checkpoint/ in the official Orbax layout with the adapter folded in, "
+    runs = args.lora or args.model
+    out = merge_models(args.base, runs, args.out, method=args.method, lam=args.lam,
+                       eta=args.eta, preset=args.preset, overwrite=args.overwrite)
+    what = ("the adapter folded in" if args.method == "lora" else
+            f"{args.method} of {len(runs)} run(s)" + (f", LITI eta {args.eta:g}"
+                                                      if args.eta != 1.0 else ""))
+    print(f"wrote {out} (checkpoint/ in the official Orbax layout with {what}, "
           "tokenizer.model)")
     return 0
 
@@ -487,12 +492,27 @@ def build_parser() -> argparse.ArgumentParser:
     _quant_flags(p)
     p.set_defaults(run=cmd_demo)
 
-    p = sub.add_parser("merge", help="fold a LoRA adapter into its base: a full checkpoint in "
-                       "the official layout")
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base, or merge several runs "
+                       "of one base (average, LERP, SLERP, LITI): a full checkpoint in the "
+                       "official layout")
     p.add_argument("--base", required=True, metavar="DIR",
                    help="the base checkpoint (or model) folder")
-    p.add_argument("--lora", required=True, metavar="ADAPTER",
-                   help="the adapter folder (OUT_DIR/adapter of a finetune run)")
+    runs = p.add_mutually_exclusive_group(required=True)
+    runs.add_argument("--lora", nargs="+", metavar="ADAPTER",
+                      help="adapter folder(s) of runs of --base (OUT_DIR/adapter of a finetune "
+                           "or rl run)")
+    runs.add_argument("--model", nargs="+", metavar="DIR",
+                      help="model folders of fully fine-tuned runs of --base")
+    p.add_argument("--method", default="lora",
+                   choices=["lora", "average", "lerp", "slerp", "liti"],
+                   help="lora: fold one adapter in; average: the mean of the runs; lerp / "
+                        "slerp: two runs' task vectors, linearly or spherically; liti: one "
+                        "run's task vector times --eta (default lora)")
+    p.add_argument("--lambda", dest="lam", type=fraction_option, default=0.5, metavar="LAM",
+                   help="weight of the second run for lerp and slerp, in [0, 1] (default 0.5)")
+    p.add_argument("--eta", type=fraction_option, default=1.0, metavar="ETA",
+                   help="LITI: keep this fraction of the merged task vector, in [0, 1] "
+                        "(default 1: the merge itself)")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="folder to create (checkpoint/ + tokenizer.model)")
     p.add_argument("--preset", default=None, metavar="NAME",

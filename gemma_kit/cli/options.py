@@ -67,6 +67,14 @@ def min_p_option(text: str) -> float:
     return value
 
 
+def fraction_option(text: str) -> float:
+    """A weight in [0, 1] (merge --lambda, --eta)."""
+    value = _number(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 def port_option(text: str) -> int:
     try:
         value = int(text)
