@@ -31,7 +31,7 @@ from gemma_kit.cli.options import (
 from gemma_kit.errors import ConfigError, GemmaKitError
 
 # Modules of gemma_kit.cli that add subcommands (see the module docstring), in --help order.
-COMMAND_MODULES: tuple[str, ...] = ("finetune", "reward")
+COMMAND_MODULES: tuple[str, ...] = ("finetune", "reward", "dpo")
 
 
 class Parser(argparse.ArgumentParser):

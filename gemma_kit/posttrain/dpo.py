@@ -259,8 +259,13 @@ class DPO(Objective):
         config = context.config
         if not isinstance(config, DPOConfig):
             raise ConfigError("DPO training takes a DPOConfig")
+        return self.prepare_with(context, load_preference_data(config, context.tokenizer))
+
+    def prepare_with(self, context: RunContext, data: PreferenceData) -> int:
+        """prepare() with the pairs given (tests, notebooks): the loss and the reference."""
+        config = context.config
         self.config, self.pad_id = config, context.tokenizer.pad_id
-        self.data = load_preference_data(config, context.tokenizer)
+        self.data = data
         self.stats = dict(self.data.stats)
         kind = trained_kind(config.trains_lora)
         self.loss = DPOLoss(float(config.beta), float(config.label_smoothing), config.loss_type,

@@ -75,6 +75,16 @@ class PreferenceData:
     fingerprint: str
     stats: dict[str, Any]
 
+    @classmethod
+    def from_pairs(cls, train: Preferences, held: Preferences | None = None,
+                   fingerprint: str = "") -> PreferenceData:
+        """The data of a run from pairs already loaded (and the facts the log reports)."""
+        stats = dict(train_pairs=len(train), eval_pairs=0 if held is None else len(held),
+                     skipped=train.stats.get("skipped", 0),
+                     train_length=int(train.chosen.shape[1]),
+                     with_margin=int(np.sum(train.margin != 0)))
+        return cls(train, held, fingerprint, stats)
+
     def batch_index(self, step: int, batch_size: int, seed: int) -> np.ndarray:
         """The training pairs of optimizer step `step` ([batch_size] indices)."""
         n = len(self.train)
@@ -109,13 +119,10 @@ def load_preference_data(config: PreferenceConfig, tokenizer: Tokenizer) -> Pref
         held = load_preferences(config.eval_file, tokenizer, **read)
     elif config.eval_fraction > 0:
         train, held = train.split(config.eval_fraction, seed=config.seed)
-    stats = dict(train_pairs=len(train), eval_pairs=0 if held is None else len(held),
-                 skipped=train.stats.get("skipped", 0), train_length=int(train.chosen.shape[1]),
-                 with_margin=int(np.sum(train.margin != 0)))
     fp = fingerprint(config.train_file, config.eval_file, max_length=config.max_length,
                      eval_fraction=config.eval_fraction, seed=config.seed,
                      skip_bad_rows=config.skip_bad_rows, kind="preferences")
-    return PreferenceData(train, held, fp, stats)
+    return PreferenceData.from_pairs(train, held, fp)
 
 
 def held_out_batches(pairs: Preferences, rows: int, *, limit: int | None = None,

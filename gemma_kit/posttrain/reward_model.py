@@ -310,7 +310,7 @@ class RewardModel:
         out = pathlib.Path(path).expanduser().absolute()
         meta = dict(format=FORMAT, version=VERSION, backbone="lora" if lora else "full",
                     base=self.base if lora else None, trained_from=self.trained_from,
-                    preset=self.config.name,
+                    preset=self.config.name, param_dtype=weights_dtype(self.network.model),
                     config=config_to_json(self.config), pad_id=self.network.pad_id,
                     embed_dim=self.config.embed_dim)
         head = np.asarray(self.network.score.weight[...], np.float32)
@@ -344,6 +344,13 @@ class RewardModel:
         head = np.asarray(self.network.score.weight[...], np.float32)
         return export_hf(model, path, tokenizer=self.tokenizer, dtype=dtype,
                          overwrite=overwrite, progress=progress, score=head)
+
+
+def weights_dtype(model) -> str | None:
+    """The dtype of a backbone's weights (of its embedding table, the largest of them); None
+    for int8 weights (QLoRA: its adapter reloads over the base as stored)."""
+    dtype = jnp.dtype(model.embedder.input_embedding[...].dtype)
+    return str(dtype) if jnp.issubdtype(dtype, jnp.floating) else None
 
 
 def config_to_json(config) -> dict | None:
@@ -393,6 +400,8 @@ def load_reward_model(path: str | os.PathLike, *, preset=None, dtype=None,
     merge: fold a LoRA adapter into the weights (RewardModel.merged), for scoring only.
     preset: the backbone's size; default: the official preset or the config the folder
       records (a checkpoint's shapes are checked against it).
+    dtype: the backbone's weights; default: the dtype they had when saved (a LoRA model's base
+      is cast to it, so that it scores as it did when trained, e.g. over a bfloat16 base).
     """
     from gemma_kit.config import PRESETS
     from gemma_kit.loading import load_model
@@ -416,6 +425,8 @@ def load_reward_model(path: str | os.PathLike, *, preset=None, dtype=None,
         preset = meta["preset"]
     elif preset is None and isinstance(meta.get("config"), dict):
         preset = config_from_json(meta["config"], str(meta.get("preset") or "custom"))
+    if dtype is None and meta.get("param_dtype"):
+        dtype = jnp.dtype(meta["param_dtype"])
     if meta.get("backbone") == "lora":
         base = meta.get("base")
         model, tokenizer = _load_base(base, preset, dtype)

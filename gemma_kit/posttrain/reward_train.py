@@ -126,8 +126,13 @@ class RewardTraining(Objective):
         config = context.config
         if not isinstance(config, RewardConfig):
             raise ConfigError("reward-model training takes a RewardConfig")
+        return self.prepare_with(context, load_preference_data(config, context.tokenizer))
+
+    def prepare_with(self, context: RunContext, data: PreferenceData) -> int:
+        """prepare() with the pairs given (tests, notebooks): the head and the loss."""
+        config = context.config
         self.config, self.pad_id = config, context.tokenizer.pad_id
-        self.data = load_preference_data(config, context.tokenizer)
+        self.data = data
         self.stats = self.data.stats
         context.model = RewardTransformer(context.model, pad_id=self.pad_id,
                                           init_std=config.head_init_std, seed=config.seed)
