@@ -115,9 +115,11 @@ def lora_policy(model, seed: int = 4):
     apply_lora(model, rank=4, alpha=8.0, seed=seed)
     rng = np.random.default_rng(seed)
     state = nnx.state(model, LoRAParam)
-    nnx.update(model, jax.tree_util.tree_map_with_path(
-        lambda p, x: x if p[-1].key == "a" else np.asarray(rng.normal(0, 0.2, x.shape),
-                                                           np.float32), state))
+    values = jax.tree_util.tree_map_with_path(
+        lambda p, x: x if p[-1].key == "a" else jax.numpy.asarray(
+            rng.normal(0, 0.2, x.shape), np.float32), nnx.to_pure_dict(state))
+    nnx.replace_by_pure_dict(state, values)
+    nnx.update(model, state)
     return model
 
 
