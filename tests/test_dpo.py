@@ -236,6 +236,61 @@ def test_mesh_step_equals_one_device(tmp_path, base):
     assert report["max_param_diff"] <= 2e-2 * 1e-2
 
 
+def test_trl_dpo_trainer_agrees(base, pairs, tmp_path):
+    """TRL's DPOTrainer as the oracle (posttrain-reference.md 3.1 item 4): the policy (random
+    LoRA, merged) and its base exported to transformers, one batch of the same 8 pairs at
+    learning_rate 0. TRL's logged loss, implicit rewards, accuracy, margin and log-probs equal
+    the objective's (the reference (a), the adapter off): <= 1e-4 relative (observed ~1e-6).
+    TRL is given our token ids (prompt = <bos> prompt, completion = reply <eos>): its own
+    tokenising joins prompt and completion, which the HF tokenizer may split differently."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    datasets = pytest.importorskip("datasets")
+    trl = pytest.importorskip("trl")
+    from gemma_kit.checkpoint.hf_export import export_hf
+
+    folder, model, tokenizer = base
+    policy = toy.lora_policy(model)
+    objective, trainer = _prepared(_config(), policy, tokenizer, pairs)
+    total, n, sums = trainer.loss_sums(trainer.place(_batch(pairs), batch_axis=0),
+                                       objective.frozen(0, trainer))
+    ours = {"loss": total / n, **{k: v / n for k, v in sums.items()}}
+
+    rows = []
+    for i in range(len(pairs)):
+        start = int(np.argmax(pairs.chosen_completion[i]))
+        rows.append(dict(prompt_ids=pairs.chosen[i, :start].tolist(),
+                         chosen_ids=pairs.chosen[i][pairs.chosen_completion[i]].tolist(),
+                         rejected_ids=pairs.rejected[i][pairs.rejected_completion[i]].tolist()))
+
+    class Pretokenized(trl.DPOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset  # already token ids
+
+    def load(path):
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, attn_implementation="eager")
+
+    exported = export_hf(merge(policy), tmp_path / "policy", tokenizer=tokenizer,
+                         progress=False)
+    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), learning_rate=0.0, beta=BETA,
+                         per_device_train_batch_size=len(pairs), max_steps=1, logging_steps=1,
+                         report_to=[], save_strategy="no", use_cpu=True, max_length=None,
+                         bf16=False, disable_tqdm=True)
+    oracle = Pretokenized(model=load(exported), ref_model=load(folder), args=args,
+                          train_dataset=datasets.Dataset.from_list(rows),
+                          processing_class=transformers.AutoTokenizer.from_pretrained(folder))
+    oracle.train()
+    logged = oracle.state.log_history[0]
+    pairs_of = {"loss": "loss", "rewards/chosen": "rewards_chosen",
+                "rewards/rejected": "rewards_rejected", "rewards/accuracies": "accuracy",
+                "rewards/margins": "margin", "logps/chosen": "logps_chosen",
+                "logps/rejected": "logps_rejected"}
+    assert abs(logged["loss"] - math.log(2)) > 0.1  # a policy away from its reference
+    for theirs, key in pairs_of.items():
+        assert ours[key] == pytest.approx(logged[theirs], rel=1e-4, abs=1e-5), key
+
+
 def test_bad_input_is_one_clear_error(tmp_path, base, capsys):
     from gemma_kit.cli import main
 
