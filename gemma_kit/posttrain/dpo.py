@@ -238,8 +238,10 @@ class DPO(Objective):
     eval_key = "eval_loss"
     loss_label = "DPO loss (nats / pair)"
 
+    config: DPOConfig
+    data: PreferenceData  # set by prepare
+
     def __init__(self):
-        self.data: PreferenceData | None = None
         self.stats: dict[str, Any] = {}
         self.reference: Any = None  # the frozen values of (a) / (b)
         self.placed: Any = None
@@ -264,6 +266,8 @@ class DPO(Objective):
     def prepare_with(self, context: RunContext, data: PreferenceData) -> int:
         """prepare() with the pairs given (tests, notebooks): the loss and the reference."""
         config = context.config
+        if not isinstance(config, DPOConfig):
+            raise ConfigError("DPO training takes a DPOConfig")
         self.config, self.pad_id = config, context.tokenizer.pad_id
         self.data = data
         self.stats = dict(self.data.stats)
@@ -298,6 +302,7 @@ class DPO(Objective):
         from gemma_kit.loading import load_model
 
         c = self.config
+        assert c.reference, "called only with a reference path"
         context.say(f"reference model: {c.reference}")
         return load_model(c.reference, c.preset, jnp.dtype(c.resolved_param_dtype()),
                           compute_dtype=jnp.dtype(c.resolved_compute_dtype()), text_only=True)
@@ -427,7 +432,8 @@ def reference_key(fingerprint: str, config: DPOConfig) -> str:
 def write_reference_logps(path: pathlib.Path, key: str, train: _RefLogps,
                           held: _RefLogps | None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = dict(key=np.asarray(key), train_chosen=train.chosen, train_rejected=train.rejected)
+    arrays: dict[str, Any] = dict(key=np.asarray(key), train_chosen=train.chosen,
+                                  train_rejected=train.rejected)
     if held is not None:
         arrays.update(eval_chosen=held.chosen, eval_rejected=held.rejected)
     tmp = path.with_name(path.stem + ".tmp.npz")

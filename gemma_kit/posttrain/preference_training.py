@@ -100,10 +100,11 @@ class PreferenceData:
     def total_steps(self, config: PreferenceConfig) -> int:
         if config.steps is not None:
             return config.steps
-        return max(1, math.ceil(config.epochs * len(self.train) / config.batch_size))
+        epochs = config.epochs if config.epochs is not None else 1.0  # validate: one is set
+        return max(1, math.ceil(epochs * len(self.train) / config.batch_size))
 
 
-def check_preference_files(config: PreferenceConfig) -> None:
+def check_preference_files(config: TrainConfig) -> None:
     """DataError for a missing or empty data file, before the model loads."""
     for path in (config.train_file, config.eval_file):
         if path:
@@ -112,11 +113,14 @@ def check_preference_files(config: PreferenceConfig) -> None:
 
 def load_preference_data(config: PreferenceConfig, tokenizer: Tokenizer) -> PreferenceData:
     """The training and held-out pairs of a run (see the module docstring)."""
-    read = dict(max_length=config.max_length, skip_bad_rows=config.skip_bad_rows)
-    train = load_preferences(config.train_file, tokenizer, **read)
+    def read(path: str) -> Preferences:
+        return load_preferences(path, tokenizer, max_length=config.max_length,
+                                skip_bad_rows=config.skip_bad_rows)
+
+    train = read(config.train_file)
     held: Preferences | None = None
     if config.eval_file:
-        held = load_preferences(config.eval_file, tokenizer, **read)
+        held = read(config.eval_file)
     elif config.eval_fraction > 0:
         train, held = train.split(config.eval_fraction, seed=config.seed)
     fp = fingerprint(config.train_file, config.eval_file, max_length=config.max_length,

@@ -113,9 +113,11 @@ class RewardTraining(Objective):
     eval_key = "eval_accuracy"
     loss_label = "Bradley-Terry loss (nats / pair)"
 
+    config: RewardConfig
+    data: PreferenceData  # set by prepare
+
     def __init__(self, *, given_model: bool = False):
         self.given_model = given_model
-        self.data: PreferenceData | None = None
         self.stats: dict[str, Any] = {}
         self.saved: pathlib.Path | None = None
 
@@ -131,6 +133,8 @@ class RewardTraining(Objective):
     def prepare_with(self, context: RunContext, data: PreferenceData) -> int:
         """prepare() with the pairs given (tests, notebooks): the head and the loss."""
         config = context.config
+        if not isinstance(config, RewardConfig):
+            raise ConfigError("reward-model training takes a RewardConfig")
         self.config, self.pad_id = config, context.tokenizer.pad_id
         self.data = data
         self.stats = self.data.stats

@@ -259,7 +259,8 @@ def train_warm(config, members: int | Sequence[dict] = 4, *, model=None, tokeniz
 
     root = pathlib.Path(config.out_dir).expanduser().absolute()
     settings = member_settings(config, members)
-    folders, results = [], []
+    folders: list[pathlib.Path] = []
+    results: list[Any] = []
     for i, changes in enumerate(settings):
         member = config.replace(out_dir=str(root / f"member-{i}"), **changes).validate()
         folder = pathlib.Path(member.out_dir) / RESULT_DIR
@@ -274,6 +275,7 @@ def train_warm(config, members: int | Sequence[dict] = 4, *, model=None, tokeniz
                                     resume=can_resume)
         if result.interrupted:
             raise KeyboardInterrupt(f"WARM member {i} was interrupted; continue with resume")
+        assert result.model_dir is not None  # RewardTraining.save_result wrote it
         folders.append(pathlib.Path(result.model_dir))
         results.append(result)
     out = root / "average"
