@@ -222,7 +222,7 @@ class RewardEnsemble:
 class WarmResult:
     members: list[pathlib.Path]  # each member's reward model folder
     average: pathlib.Path  # the weight average's folder
-    results: list[Any]  # each member's TrainResult (None for one trained before, on resume)
+    results: list[Any]  # each member's TrainResult, without .model (None: trained before)
 
 
 def member_settings(config, members: int | Sequence[dict]) -> list[dict]:
@@ -276,6 +276,7 @@ def train_warm(config, members: int | Sequence[dict] = 4, *, model=None, tokeniz
         if result.interrupted:
             raise KeyboardInterrupt(f"WARM member {i} was interrupted; continue with resume")
         assert result.model_dir is not None  # RewardTraining.save_result wrote it
+        result.model = None  # each member holds its own copy of the base: the folder suffices
         folders.append(pathlib.Path(result.model_dir))
         results.append(result)
     out = root / "average"
