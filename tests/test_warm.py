@@ -92,6 +92,13 @@ def test_weight_average_equals_the_ensemble_on_a_frozen_backbone(base, tmp_path,
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     np.testing.assert_allclose([r["rewards"] for r in rows], scores.T, rtol=0, atol=1e-6)
     np.testing.assert_allclose([r["reward"] for r in rows], by_average, rtol=0, atol=1e-5)
+    pairs = toy.write_jsonl(tmp_path / "p.jsonl", toy.toy_rows(6))
+    assert main(["reward", "score", "--rm", *(str(tmp_path / f"m{i}") for i in range(2)),
+                 "--file", str(pairs), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    np.testing.assert_allclose([r["chosen_rewards"] for r in rows], scores[:2, :6].T, atol=1e-6)
+    np.testing.assert_allclose([r["rejected_reward"] for r in rows],
+                               scores[:2, 6:].mean(axis=0), atol=1e-6)
 
 
 def test_lora_average_is_the_average_of_the_merged_models(base, tmp_path):
