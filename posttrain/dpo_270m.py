@@ -15,7 +15,8 @@ to the base, before and after training on the noisy preference pairs.
    (gemma_kit.posttrain.logprobs.divergence, "reverse_kl", the policy as student), then
    averaged over the samples. The base's KL to itself is 0 by construction.
 
-Writes posttrain/results/dpo.json and docs/images/dpo_270m.png (the run's implicit rewards).
+Writes posttrain/results/dpo.json (--name) and docs/images/dpo_270m.png (--plot: the run's
+implicit rewards).
 """
 
 from __future__ import annotations
@@ -81,6 +82,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(HERE / "configs" / "dpo_270m.toml"))
     parser.add_argument("--steps", type=int, default=None, help="default: the config's")
+    parser.add_argument("--learning-rate", type=float, default=None,
+                        help="default: the config's")
+    parser.add_argument("--name", default="dpo", help="results/NAME.json")
     parser.add_argument("--out-dir", default=None, help="the run's folder (default: config's)")
     parser.add_argument("--samples", type=int, default=8, help="completions per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=24)
@@ -97,6 +101,8 @@ def main(argv=None) -> int:
     start = time.time()
     config = DPOConfig.from_file(args.config)
     changes = {"steps": args.steps} if args.steps else {}
+    if args.learning_rate:
+        changes["learning_rate"] = args.learning_rate
     if args.out_dir:
         changes["out_dir"] = args.out_dir
     config = config.replace(**changes).validate()
@@ -140,7 +146,7 @@ def main(argv=None) -> int:
                      total=round(time.time() - start, 1)))
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "dpo.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
     png = pathlib.Path(config.out_dir) / "dpo.png"
     if png.is_file():
         pathlib.Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
