@@ -32,7 +32,8 @@ from gemma_kit.cli.options import (
 from gemma_kit.errors import ConfigError, GemmaKitError
 
 # Modules of gemma_kit.cli that add subcommands (see the module docstring), in --help order.
-COMMAND_MODULES: tuple[str, ...] = ("finetune", "reward", "distill", "shrink", "rl", "warp")
+COMMAND_MODULES: tuple[str, ...] = (
+    "finetune", "reward", "dpo", "distill", "shrink", "rl", "warp")
 
 
 class Parser(argparse.ArgumentParser):

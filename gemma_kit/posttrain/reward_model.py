@@ -40,7 +40,11 @@ from tqdm.auto import tqdm
 
 from gemma_kit.errors import CheckpointError, CheckpointNotFoundError, RewardError
 from gemma_kit.lora import LoRAParam, apply_lora, has_lora
-from gemma_kit.posttrain.losses import bradley_terry_loss, reward_centering
+from gemma_kit.posttrain.losses import (
+    bradley_terry_loss,
+    bradley_terry_losses,
+    reward_centering,
+)
 from gemma_kit.posttrain.preferences import Preferences, encode_pair, pad_right
 from gemma_kit.tokenizer import Tokenizer
 from gemma_kit.transformer import Transformer
@@ -104,6 +108,11 @@ class RewardTransformer(nnx.Module):
         self.score = ScoreHead(model.config.embed_dim, init_std=init_std, seed=seed)
         self.pad_id = int(pad_id)
 
+    @property
+    def config(self):
+        """The backbone's Config (what the training core reports and checks)."""
+        return self.model.config
+
     def __call__(self, tokens: jax.Array) -> jax.Array:
         tokens = jnp.asarray(tokens)
         valid = tokens != self.pad_id
@@ -122,12 +131,14 @@ def _forward(state, tokens, *, graphdef):
 # The Bradley-Terry loss (core convention)
 
 
-def pair_metric_sums(chosen: jax.Array, rejected: jax.Array) -> dict[str, jax.Array]:
+def pair_metric_sums(chosen: jax.Array, rejected: jax.Array,
+                     valid: jax.Array | None = None) -> dict[str, jax.Array]:
     """Sums over pairs (divide by the pair count): accuracy counts chosen > rejected strictly,
-    as TRL's RewardTrainer does."""
-    return dict(accuracy=jnp.sum((chosen > rejected).astype(jnp.float32)),
-                margin=jnp.sum(chosen - rejected), chosen_reward=jnp.sum(chosen),
-                rejected_reward=jnp.sum(rejected))
+    as TRL's RewardTrainer does. valid [B]: each pair's weight (0 for padding pairs)."""
+    v = jnp.ones_like(chosen) if valid is None else valid.astype(jnp.float32)
+    return dict(accuracy=jnp.sum(v * (chosen > rejected).astype(jnp.float32)),
+                margin=jnp.sum(v * (chosen - rejected)), chosen_reward=jnp.sum(v * chosen),
+                rejected_reward=jnp.sum(v * rejected))
 
 
 def reward_loss(network: RewardTransformer, batch: dict, frozen=None, *,
@@ -136,22 +147,24 @@ def reward_loss(network: RewardTransformer, batch: dict, frozen=None, *,
     convention `(model, batch, frozen) -> (loss_sum, normaliser, metrics)`.
 
     batch: "chosen", "rejected" int32 [b, T] (one length T: chosen and rejected run as one
-    [2b, T] forward pass) and optionally "margin" [b] (used when use_margin). The loss is TRL's
-    RewardTrainer's (gemma_kit.posttrain.losses.bradley_terry_loss): -log sigmoid(r_c - r_r -
-    margin), plus center_coefficient * losses.reward_centering (mean((r_c + r_r)^2),
-    Eisenstein et al. 2023; TRL's center_rewards_coefficient, 0.01 suggested) when given.
-    `frozen` is unused: no reference model.
+    [2b, T] forward pass), optionally "margin" [b] (used when use_margin) and "valid" [b] (each
+    pair's weight: 0 for the padding pairs of a held-out batch; default all 1). The loss is
+    TRL's RewardTrainer's (gemma_kit.posttrain.losses.bradley_terry_losses): -log sigmoid(r_c -
+    r_r - margin), plus center_coefficient * (r_c + r_r)^2 per pair (the summand of
+    losses.reward_centering: Eisenstein et al. 2023; TRL's center_rewards_coefficient, 0.01
+    suggested) when given. `frozen` is unused: no reference model.
     """
     del frozen
     b = batch["chosen"].shape[0]
     rewards = network(jnp.concatenate([batch["chosen"], batch["rejected"]]))
     chosen, rejected = rewards[:b], rewards[b:]
     margin = batch.get("margin") if use_margin else None
-    loss = bradley_terry_loss(chosen, rejected, margin=margin)
+    per_pair = bradley_terry_losses(chosen, rejected, margin=margin)
     if center_coefficient:
-        loss = loss + center_coefficient * reward_centering(chosen, rejected)
-    pairs = jnp.float32(b)
-    return loss * pairs, pairs, pair_metric_sums(chosen, rejected)
+        per_pair = per_pair + center_coefficient * (chosen + rejected) ** 2
+    valid = batch.get("valid")
+    v = jnp.ones((b,), jnp.float32) if valid is None else valid.astype(jnp.float32)
+    return jnp.sum(v * per_pair), jnp.sum(v), pair_metric_sums(chosen, rejected, v)
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,6 +185,9 @@ class RewardModel:
         self.base = None if base is None else (
             base if str(base) == DEFAULT_BASE else str(pathlib.Path(base).expanduser().absolute()))
         self.name = name or "reward model"
+        # The checkpoint training started from, for both backbone kinds: what WARM checks its
+        # members share (a LoRA model's `base` is that too; a full one reloads from itself).
+        self.trained_from = self.base
 
     @classmethod
     def from_base(cls, base="default", *, method: str = "lora", rank: int = 8,
@@ -209,7 +225,9 @@ class RewardModel:
 
         network = RewardTransformer(merge(self.network.model), pad_id=self.network.pad_id)
         network.score.weight = HeadParam(self.network.score.weight[...])
-        return RewardModel(network, self.tokenizer, name=self.name)
+        merged = RewardModel(network, self.tokenizer, name=self.name)
+        merged.trained_from = self.trained_from
+        return merged
 
     def __call__(self, prompts: Sequence, completions: Sequence[str]) -> np.ndarray:
         return self.score(prompts, completions, progress=False)
@@ -291,7 +309,8 @@ class RewardModel:
                               "checkpoint its backbone was loaded from, or 'default')")
         out = pathlib.Path(path).expanduser().absolute()
         meta = dict(format=FORMAT, version=VERSION, backbone="lora" if lora else "full",
-                    base=self.base if lora else None, preset=self.config.name,
+                    base=self.base if lora else None, trained_from=self.trained_from,
+                    preset=self.config.name, param_dtype=weights_dtype(self.network.model),
                     config=config_to_json(self.config), pad_id=self.network.pad_id,
                     embed_dim=self.config.embed_dim)
         head = np.asarray(self.network.score.weight[...], np.float32)
@@ -325,6 +344,13 @@ class RewardModel:
         head = np.asarray(self.network.score.weight[...], np.float32)
         return export_hf(model, path, tokenizer=self.tokenizer, dtype=dtype,
                          overwrite=overwrite, progress=progress, score=head)
+
+
+def weights_dtype(model) -> str | None:
+    """The dtype of a backbone's weights (of its embedding table, the largest of them); None
+    for int8 weights (QLoRA: its adapter reloads over the base as stored)."""
+    dtype = jnp.dtype(model.embedder.input_embedding[...].dtype)
+    return str(dtype) if jnp.issubdtype(dtype, jnp.floating) else None
 
 
 def config_to_json(config) -> dict | None:
@@ -374,6 +400,8 @@ def load_reward_model(path: str | os.PathLike, *, preset=None, dtype=None,
     merge: fold a LoRA adapter into the weights (RewardModel.merged), for scoring only.
     preset: the backbone's size; default: the official preset or the config the folder
       records (a checkpoint's shapes are checked against it).
+    dtype: the backbone's weights; default: the dtype they had when saved (a LoRA model's base
+      is cast to it, so that it scores as it did when trained, e.g. over a bfloat16 base).
     """
     from gemma_kit.config import PRESETS
     from gemma_kit.loading import load_model
@@ -397,6 +425,8 @@ def load_reward_model(path: str | os.PathLike, *, preset=None, dtype=None,
         preset = meta["preset"]
     elif preset is None and isinstance(meta.get("config"), dict):
         preset = config_from_json(meta["config"], str(meta.get("preset") or "custom"))
+    if dtype is None and meta.get("param_dtype"):
+        dtype = jnp.dtype(meta["param_dtype"])
     if meta.get("backbone") == "lora":
         base = meta.get("base")
         model, tokenizer = _load_base(base, preset, dtype)
@@ -426,4 +456,5 @@ def load_reward_model(path: str | os.PathLike, *, preset=None, dtype=None,
     network.score.weight = HeadParam(jnp.asarray(head, jnp.float32))
     base = meta.get("base") if meta.get("backbone") == "lora" else folder / CHECKPOINT_DIR
     rm = RewardModel(network, tokenizer, base=base, name=f"rm:{folder}")
+    rm.trained_from = meta.get("trained_from", rm.base)
     return rm.merged() if merge else rm

@@ -20,7 +20,8 @@ What a run does (the objective's hooks: gemma_kit.training.objective):
 
 OUT_DIR receives: config.json, checkpoints/ (Orbax CheckpointManager: trainable variables,
 optimizer state, progress JSON, the objective's arrays; the last `keep_checkpoints`),
-metrics.jsonl, loss.png, summary.json, and adapter/ or model/.
+metrics.jsonl, loss.png, summary.json, and adapter/ or model/ (or what the objective's
+save_result writes instead, e.g. a reward model folder).
 
 With several processes, each runs the same command on the same data: every process builds the
 same global batch and hands JAX the rows its devices hold; Orbax writes the checkpoints from all
@@ -188,7 +189,9 @@ def run(config: TrainConfig, objective: Objective, *, model=None, tokenizer=None
     objective.check_inputs(config)
     given_model = model is not None
     model, tokenizer, base = build_model(config, model, tokenizer)
-    steps = objective.prepare(RunContext(config, model, tokenizer, out, lead, say))
+    context = RunContext(config, model, tokenizer, out, lead, say)
+    steps = objective.prepare(context)
+    model = context.model  # prepare may wrap it (e.g. a reward model's head around it)
 
     devices = config.mesh_data * config.mesh_fsdp
     if jax.process_count() > 1 and devices != jax.device_count():
@@ -201,7 +204,8 @@ def run(config: TrainConfig, objective: Objective, *, model=None, tokenizer=None
         from gemma_kit.sharding import make_mesh
 
         mesh = make_mesh(data=config.mesh_data, fsdp=config.mesh_fsdp)
-    trainer = Trainer(config, model, steps, objective.loss, mesh, keep_model=given_model)
+    trainer = Trainer(config, model, steps, objective.loss, mesh, keep_model=given_model,
+                      trainable=objective.trainable(config))
     say(f"model: {model.config.name} ({base}), method {config.method}, "
         f"{trainer.trainable_count:,} trainable parameters, compute "
         f"{config.resolved_compute_dtype()}")
@@ -315,7 +319,10 @@ def run(config: TrainConfig, objective: Objective, *, model=None, tokenizer=None
     trained = trainer.model()
     result.model = trained
     if lead:
-        if config.trains_lora:
+        own = objective.save_result(trained, tokenizer, out, base)
+        if own is not None:
+            result.model_dir = own
+        elif config.trains_lora:
             result.adapter = save_adapter(
                 trained, out / "adapter", overwrite=True,
                 extra=dict(base=base, method=config.method, steps=steps))

@@ -44,11 +44,13 @@ def build_model(config: TrainConfig, model=None, tokenizer=None):
             base = "default"
         else:
             from gemma_kit.checkpoint.official import find_checkpoint, find_tokenizer
+            from gemma_kit.checkpoint.safetensors_io import is_hf_folder
             from gemma_kit.errors import TokenizerError
             from gemma_kit.loading import load_model
             from gemma_kit.tokenizer import Tokenizer
 
-            find_checkpoint(config.base)
+            if not is_hf_folder(config.base):  # a transformers folder loads too (its own size)
+                find_checkpoint(config.base)
             if tokenizer is None:
                 path = config.tokenizer or find_tokenizer(config.base)
                 if path is None:

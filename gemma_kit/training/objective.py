@@ -6,8 +6,9 @@ the NaN stop, metrics.jsonl, loss.png, summary.json and the final adapter/ or mo
 objective subclasses `Objective` and supplies the rest; the hooks run in this order:
 
     check_inputs(config)           before loading the model: report missing files early
-    prepare(context) -> steps      load data (and e.g. a teacher); the number of steps
-    --- the Trainer is built with `loss` ---
+    prepare(context) -> steps      load data (and e.g. a teacher); the number of steps; may
+                                   replace context.model by what trains (a head around it)
+    --- the Trainer is built with `loss`, training the variables `trainable(config)` selects ---
     restore_state(arrays, info)    on --resume: what checkpoint_state saved
     evaluate(trainer)              held-out metrics before training (fresh runs only)
     for each step s:
@@ -18,7 +19,7 @@ objective subclasses `Objective` and supplies the rest; the hooks run in this or
         after_step(s, trainer, m)  e.g. update an EMA anchor from trainer.trainable
         evaluate(trainer)          every eval_every steps
         checkpoint_state(s + 1)    (arrays, JSON info) saved with each checkpoint
-    evaluate(trainer), plots(...), summary()   at the end
+    evaluate(trainer), save_result(...), plots(...), summary()   at the end
 
 Determinism: a resumed run is bit-identical to an uninterrupted one when host_batch(s) and
 frozen(s) are pure functions of s and of the state checkpoint_state saves (draw randomness
@@ -40,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from gemma_kit.training.config import TrainConfig
+from gemma_kit.training.model import trainable_filter
 from gemma_kit.training.step import LossFn
 
 
@@ -48,7 +50,7 @@ class RunContext:
     """What prepare() gets: the run's settings, the model to train, and where to report."""
 
     config: TrainConfig
-    model: Any  # the model about to be trained (LoRA added; not yet split)
+    model: Any  # the model about to be trained (LoRA added; not yet split); prepare may replace it
     tokenizer: Any
     out_dir: pathlib.Path
     lead: bool  # process 0: the one that writes files and prints
@@ -91,6 +93,12 @@ class Objective:
         """The frozen pytrees the loss gets at step `step` (None: none)."""
         return None
 
+    def trainable(self, config: TrainConfig):
+        """The nnx filter of the variables the step trains. Default: the LoRA factors, or every
+        text-model Param (gemma_kit.training.model.trainable_filter); an objective whose model
+        has parts of its own (a reward head) adds them."""
+        return trainable_filter(config)
+
     def count_tokens(self, batch: dict[str, np.ndarray]) -> int:
         """Tokens the step processes (for tokens/s): non-padding slots of packed rows."""
         if "segments" in batch:
@@ -118,6 +126,12 @@ class Objective:
 
     def fingerprint(self) -> str | None:
         """The identity of the data; a resumed run refuses data whose fingerprint changed."""
+        return None
+
+    def save_result(self, model, tokenizer, out_dir: pathlib.Path,
+                    base: str) -> pathlib.Path | None:
+        """Writes the trained model in the objective's own format (process 0, at the end) and
+        returns its folder; None (the default): the core writes adapter/ or model/."""
         return None
 
     def plots(self, metrics_path: pathlib.Path, out_dir: pathlib.Path) -> dict[str, Any]:

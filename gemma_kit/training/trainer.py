@@ -39,17 +39,20 @@ class Trainer:
     """Holds the split model, the optimizer and the compiled step; knows how to save/restore."""
 
     def __init__(self, config: TrainConfig, model, steps: int, loss: LossFn, mesh=None, *,
-                 keep_model: bool = True):
+                 keep_model: bool = True, trainable=None):
         """loss: the objective's loss function (gemma_kit.training.losses); it keys the compiled
         step, so it must be hashable and equal for equal settings (a frozen dataclass).
 
         keep_model: copy the trainable arrays first. The step donates its inputs' buffers,
         so without a copy the trainable arrays `model` holds are consumed by the first step
-        (what a run does with a model it loaded itself: no second copy of the weights)."""
+        (what a run does with a model it loaded itself: no second copy of the weights).
+
+        trainable: the nnx filter of the variables the step trains (Objective.trainable);
+        default gemma_kit.training.model.trainable_filter(config)."""
         self.config = config
         self.mesh = mesh
         self.loss = loss
-        self.kind = trainable_filter(config)
+        self.kind = trainable_filter(config) if trainable is None else trainable
         self.graphdef, trainable, fixed = nnx.split(model, self.kind, ...)
         if not jax.tree.leaves(trainable):
             raise TrainingError("the model has no variables to train for method "
