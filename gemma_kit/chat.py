@@ -74,8 +74,9 @@ class ChatSession:
 
     speculative: "ngram" or a draft model (as Sampler.generate's): replies are decoded
     speculatively, distributed as without it (greedy: the same replies), and without the DRY
-    penalty (pass dry=None). A draft model re-reads the conversation into its own cache at
-    every turn; images are then refused.
+    penalty, which speculative decoding does not apply (off by default in such a session;
+    asking for it raises). A draft model re-reads the conversation into its own cache at every
+    turn; images are then refused.
     """
 
     def __init__(self, model, tokenizer, system: str | None = None, *, cache_length: int = 4096,
@@ -152,6 +153,8 @@ class ChatSession:
         if not isinstance(message, str) or not message.strip():
             raise SamplingError("the message is empty; type something to send")
         sampler, tok = self.sampler, self.tokenizer
+        if self.drafter is not None and dry is CHAT_SAMPLING["dry"]:
+            dry = None  # the default; speculative decoding does not apply the penalty
         settings = sampler.settings(max_new_tokens, temperature, top_k, top_p, min_p, dry=dry)
         drafter, slack = self.drafter, 0
         if drafter is not None:

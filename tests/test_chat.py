@@ -245,13 +245,16 @@ def test_dry_replies_match_the_definition_over_turns(model, tokenizer):
             assert repeats == [0, 0]  # 5 nats outweigh what this model puts between tokens
 
 
-def test_speculative_sessions_need_the_dry_penalty_off(model, tokenizer):
+def test_speculative_sessions_leave_the_dry_penalty_off(model, tokenizer):
+    """Speculative decoding does not apply the DRY penalty: a speculative session leaves it off
+    by default (its replies are a plain session's with dry=None) and refuses it when asked."""
     chat = ChatSession(model, tokenizer, cache_length=256, speculative="ngram")
+    plain = ChatSession(model, tokenizer, cache_length=256)
+    assert chat.send("Hello there!", max_new_tokens=4, temperature=0.0) == plain.send(
+        "Hello there!", max_new_tokens=4, **GREEDY)
     with pytest.raises(SamplingError, match="speculative decoding does not apply the DRY"):
-        chat.send("Hello there!", max_new_tokens=4)
-    assert chat.messages == []
-    assert chat.send("Hello there!", max_new_tokens=4, **GREEDY) == ChatSession(
-        model, tokenizer, cache_length=256).send("Hello there!", max_new_tokens=4, **GREEDY)
+        chat.send("Tell me more.", max_new_tokens=4, dry=DryPenalty())
+    assert len(chat.messages) == 2  # the refused turn left nothing behind
 
 
 @pytest.mark.parametrize("name, tuned", [

@@ -16,9 +16,9 @@ pytest.importorskip("gradio", reason="the demo needs the [demo] extra (pip insta
                     "'gemma-kit[demo]')")
 
 import _tiny
+from gemma_kit.chat import ChatSession
 from gemma_kit.cli import main
 from gemma_kit.config import GlobalAttention, LocalAttention
-from gemma_kit.chat import ChatSession
 from gemma_kit.demo import (
     ChatApp,
     DemoError,

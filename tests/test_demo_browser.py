@@ -18,6 +18,7 @@ import pathlib
 import re
 import socket
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -33,7 +34,7 @@ TIMEOUT_MS = 180_000  # the first continuation compiles the model's programs (te
 # page's default settings and MAX_NEW new tokens from a short text, so one prefill and one decode
 # program serve them all (the sampling settings and the bucketed max_new_tokens are static in
 # the compiled programs).
-SAMPLING = dict(temperature=1.0, top_p=0.95, top_k=64)  # the page's defaults, with DRY 0.8
+SAMPLING: dict[str, Any] = dict(temperature=1.0, top_p=0.95, top_k=64)  # + DRY 0.8: the page's
 MAX_NEW = 96
 
 pytestmark = pytest.mark.skipif(
@@ -287,7 +288,7 @@ def _send(page, text: str, number: int = 1, *, watch: bool = False) -> tuple[str
     replies = len(_bot_texts(page))
     page.fill("#message textarea", text)
     page.press("#message textarea", "Enter")
-    seen = []
+    seen: list[str] = []
     deadline = time.monotonic() + TIMEOUT_MS / 1000
     while watch and not _finished(page, number) and time.monotonic() < deadline:
         texts = _bot_texts(page)
