@@ -385,9 +385,13 @@ def test_dry_penalty_by_hand():
     d = DryPenalty()  # multiplier 0.8, base 1.75, allowed_length 2
     x = np.zeros((1, 6), np.float32)
 
+    penalise = jax.jit(dry_penalty, static_argnames="dry")
+
     def lowered(history, length=None, dry=d):
-        h = jnp.asarray([history], jnp.int32)
-        out = dry_penalty(jnp.asarray(x), h, len(history) if length is None else length, dry)
+        h = np.full((1, 8), 5, np.int32)  # one shape for all: the tail is never read
+        h[0, :len(history)] = history
+        n = jnp.int32(len(history) if length is None else length)
+        out = penalise(jnp.asarray(x), jnp.asarray(h), n, dry=dry)
         return [round(-float(v), 5) + 0.0 for v in np.asarray(out)[0]]  # + 0.0: no -0.0
 
     # "1 2 3 1 2": the last two tokens occurred before, followed by 3: drawing 3 would repeat
@@ -409,7 +413,8 @@ def test_dry_penalty_by_hand():
 def test_dry_greedy_breaks_a_loop():
     """Greedy decoding of a toy "model" that always prefers to repeat the token two back (a
     loop of period 2) leaves the loop within a few tokens under DRY, and never without it."""
-    V = 4
+    V, N = 4, 16
+    penalise = jax.jit(dry_penalty, static_argnames="dry")
 
     def run(dry):
         tokens = [0, 1]
@@ -417,9 +422,10 @@ def test_dry_greedy_breaks_a_loop():
             logits = np.full((1, V), 0.0, np.float32)
             logits[0, tokens[-2]] = 3.0  # the loop's next token, 3 nats ahead of the rest
             logits[0, 3] = 1.0
-            hist = jnp.asarray([tokens], jnp.int32)
-            x = jnp.asarray(logits) if dry is None else dry_penalty(
-                jnp.asarray(logits), hist, len(tokens), dry)
+            history = np.zeros((1, N), np.int32)  # one shape: one compiled program
+            history[0, :len(tokens)] = tokens
+            x = logits if dry is None else penalise(jnp.asarray(logits), jnp.asarray(history),
+                                                    jnp.int32(len(tokens)), dry=dry)
             tokens.append(int(np.argmax(np.asarray(x)[0])))
         return tokens
 
