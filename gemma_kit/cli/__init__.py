@@ -417,7 +417,7 @@ def _sampling_flags(p, max_new_tokens: int, chat: bool = False) -> None:
                        help="sample among the most likely tokens whose probabilities add up to "
                             f"P, in (0, 1]; 1 is no limit (default {top_p})")
         dry = CHAT_SAMPLING["dry"].multiplier
-        p.add_argument("--dry", type=non_negative_number, default=None, metavar="M",
+        p.add_argument("--dry", type=non_negative_number, default=None, metavar="D",
                        help="strength of the DRY repetition penalty, which makes going on with "
                             "a stretch already written less likely with every repeated token "
                             f"(it breaks loops); 0 switches it off (default {dry}; 0 with "
@@ -430,7 +430,7 @@ def _sampling_flags(p, max_new_tokens: int, chat: bool = False) -> None:
         p.add_argument("--top-p", type=top_p_option, default=None, metavar="P",
                        help="sample among the most likely tokens whose probabilities add up to "
                             "P, in (0, 1] (default: no limit)")
-        p.add_argument("--dry", type=non_negative_number, default=0.0, metavar="M",
+        p.add_argument("--dry", type=non_negative_number, default=0.0, metavar="D",
                        help="strength of the DRY repetition penalty, which makes going on with "
                             "a stretch already written less likely with every repeated token "
                             "(it breaks loops; 0.8 is the usual strength); 0 is off (default 0)")
@@ -516,8 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "pretrained model: it continues text, it does not follow instructions)",
                        description="Continues --prompt and streams the continuation. Greedy "
                        "by default (the most likely continuation, the same each time), which "
-                       "a small pretrained model soon turns into a loop: --temperature 1 "
-                       "--top-k 64 --top-p 0.95 --dry 0.8 samples as `gemma-kit chat` does.")
+                       "a small pretrained model soon turns into a loop: --dry 0.8 keeps it "
+                       "out of loops, and --temperature 1 --top-k 64 --top-p 0.95 --dry 0.8 "
+                       "samples as `gemma-kit chat` does.")
     p.add_argument("--prompt", required=True, type=text_option, metavar="TEXT",
                    help="the text to continue, sent as is (for a chat model, write its turn "
                         "markup, or use `gemma-kit chat`)")
