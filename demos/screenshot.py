@@ -1,10 +1,11 @@
-"""Makes docs/demo.png, the README's picture of the chat page.
+"""Makes docs/demo.png, the README's picture of the demo page.
 
-Serves the embedded 270M on a free port of 127.0.0.1, has Debian's chromium (driven by
-Playwright) send two messages with a fixed seed, and saves the page. Needs the [demo] and [test]
-extras and /usr/bin/chromium.
+Serves the embedded 270M on a free port of 127.0.0.1 as `gemma-kit demo` does (a pretrained
+model: the text-completion page), has Debian's chromium (driven by Playwright) write the
+beginning of a story and press Continue with a fixed seed, and saves the page. Needs the [demo]
+and [test] extras and /usr/bin/chromium.
 
-    python demos/screenshot.py [--out docs/demo.png]
+    python demos/screenshot.py [--out docs/demo.png] [--seed 3]
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import gemma_kit
 from gemma_kit.demo import ChatApp
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-MESSAGES = ("Write a haiku about the sea.", "Now one about mountains.")
-MAX_NEW = 48
+BEGINNING = "Once upon a time, in a small village by the sea,"
+MAX_NEW = 96
 
 
 def main() -> None:
@@ -30,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model, tokenizer = gemma_kit.default_model()
-    app = ChatApp(model, tokenizer)
+    app = ChatApp(model, tokenizer, mode="completion", kind="pretrained")
     app.warm_up(max_new_tokens=MAX_NEW)  # so that the page shows steady-state speed
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -43,14 +44,15 @@ def main() -> None:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.set_default_timeout(300_000)
             page.goto(url)
-            page.fill("#system textarea", "You are a poet. Answer in verse.")
             for name, value in (("max-new", MAX_NEW), ("seed", args.seed)):
                 page.fill(f"#{name} input[type=number]", str(value))
                 page.press(f"#{name} input[type=number]", "Enter")
-            for number, message in enumerate(MESSAGES, 1):
-                page.fill("#message textarea", message)
-                page.press("#message textarea", "Enter")
-                page.wait_for_selector(f"#stats:has-text('Reply {number}:')")
+            page.fill("#text textarea", BEGINNING)
+            page.click("#continue")
+            page.wait_for_selector("#stats:has-text('Continuation 1:')")
+            page.wait_for_selector("#text textarea:not([disabled])")
+            page.mouse.move(0, 0)  # no button under the pointer
+            page.wait_for_timeout(500)  # the buttons' transitions
             page.screenshot(path=args.out, full_page=True)
             browser.close()
     finally:

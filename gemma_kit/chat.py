@@ -7,7 +7,12 @@ the one decode state of gemma_kit.decode.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import os
+import pathlib
+import re
+import types
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -15,7 +20,35 @@ from gemma_kit import speculative as spec
 from gemma_kit.decode import DecodeState
 from gemma_kit.errors import ImageError
 from gemma_kit.sampler import GenerationResult, Sampler
-from gemma_kit.sampling import SamplingError
+from gemma_kit.sampling import DryPenalty, SamplingError
+
+# Gemma's recommended sampling (the generation config of the official instruction-tuned Gemma 3
+# checkpoints), with the DRY penalty against loops: ChatSession's defaults, and those of
+# `gemma-kit chat` and the demo page.
+CHAT_SAMPLING: Mapping[str, Any] = types.MappingProxyType(
+    dict(temperature=1.0, top_k=64, top_p=0.95, dry=DryPenalty()))
+
+
+def instruction_tuned(checkpoint: str | os.PathLike) -> bool | None:
+    """Whether a checkpoint is an instruction-tuned (chat) model, as far as its name tells.
+
+    The official names mark instruction-tuned checkpoints with "it" (gemma-3-1b-it, Kaggle's
+    gemma3-4b-it) and pretrained ones with "pt" or with no mark at all (gemma-3-270m,
+    gemma-2-2b, the embedded gemma3-270m). The folder's name is read, or its parent's when the
+    folder is the `checkpoint/` inside a model folder. Returns True ("it", "instruct", "chat"),
+    False ("pt", "pretrained", "base", or an official name and size with no mark), or None: a
+    name that says nothing (a fine-tuned model in a folder of its own name, say).
+    """
+    path = pathlib.Path(checkpoint).expanduser()
+    name = path.name if path.name not in ("checkpoint", "") else path.parent.name
+    words = set(re.split(r"[^a-z0-9]+", name.lower()))
+    if words & {"it", "instruct", "instruction", "chat"}:
+        return True
+    official = re.fullmatch(r"gemma-?[0-9]?-[0-9]+(\.[0-9]+)?[mb]", "-".join(
+        w for w in re.split(r"[^a-z0-9.]+", name.lower()) if w))
+    if words & {"pt", "pretrained", "base"} or official:
+        return False
+    return None
 
 
 class ChatOverflowError(SamplingError):
@@ -35,9 +68,15 @@ class ChatSession:
     leaves the conversation as it was. A reply cut short by a full cache ends with
     finish_reason "cache_full" (see `last_result`).
 
+    Replies are sampled as Gemma's instruction-tuned models are meant to be (CHAT_SAMPLING:
+    temperature 1.0, top-k 64, top-p 0.95) with the DRY penalty, which breaks a reply that
+    starts to loop; `send(message, temperature=0.0, dry=None)` is plain greedy decoding.
+
     speculative: "ngram" or a draft model (as Sampler.generate's): replies are decoded
-    speculatively, distributed as without it (greedy: the same replies). A draft model re-reads
-    the conversation into its own cache at every turn; images are then refused.
+    speculatively, distributed as without it (greedy: the same replies), and without the DRY
+    penalty, which speculative decoding does not apply (off by default in such a session;
+    asking for it raises). A draft model re-reads the conversation into its own cache at every
+    turn; images are then refused.
     """
 
     def __init__(self, model, tokenizer, system: str | None = None, *, cache_length: int = 4096,
@@ -94,7 +133,8 @@ class ChatSession:
         return jnp.concatenate(found) if found else None
 
     def send(self, message: str, **sampling) -> str:
-        """Sends a user message and returns the model's reply (sampling as Sampler.generate).
+        """Sends a user message and returns the model's reply (sampling as Sampler.generate,
+        by default CHAT_SAMPLING's).
 
         `images=[...]` (models with an image encoder) go with the message, which holds one
         `<start_of_image>` per image; each image is encoded once and stays in the conversation
@@ -102,15 +142,20 @@ class ChatSession:
         """
         return "".join(self.stream(message, **sampling))
 
-    def stream(self, message: str, max_new_tokens: int = 256, temperature: float = 0.0,
-               top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+    def stream(self, message: str, max_new_tokens: int = 256,
+               temperature: float = CHAT_SAMPLING["temperature"],
+               top_k: int | None = CHAT_SAMPLING["top_k"],
+               top_p: float | None = CHAT_SAMPLING["top_p"], min_p: float | None = None,
                seed: int = 0, stop: str | Sequence[str] | None = None, *, images=None,
-               pan_and_scan: bool = False) -> Iterator[str]:
+               pan_and_scan: bool = False,
+               dry: DryPenalty | None = CHAT_SAMPLING["dry"]) -> Iterator[str]:
         """Like `send`, yielding the reply piece by piece."""
         if not isinstance(message, str) or not message.strip():
             raise SamplingError("the message is empty; type something to send")
         sampler, tok = self.sampler, self.tokenizer
-        settings = sampler.settings(max_new_tokens, temperature, top_k, top_p, min_p)
+        if self.drafter is not None and dry is CHAT_SAMPLING["dry"]:
+            dry = None  # the default; speculative decoding does not apply the penalty
+        settings = sampler.settings(max_new_tokens, temperature, top_k, top_p, min_p, dry=dry)
         drafter, slack = self.drafter, 0
         if drafter is not None:
             sampler.resolve_drafter(drafter, images)  # text only

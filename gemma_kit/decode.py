@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from gemma_kit import cache as kv_cache
-from gemma_kit.sampling import SamplingParams, sample
+from gemma_kit.sampling import SamplingParams, dry_penalty, sample
 
 PAD_ID = 0
 
@@ -135,14 +135,18 @@ def allowed_logits(settings: DecodeSettings, logits: jax.Array) -> jax.Array:
     return logits
 
 
-def choose(settings: DecodeSettings, logits: jax.Array, key: jax.Array):
+def choose(settings: DecodeSettings, logits: jax.Array, key: jax.Array, state=None):
     """[B, V] logits -> (tokens [B], their model log-probabilities [B]).
 
     The log-probabilities are the model's own: taken before forbidden tokens are removed and
-    before temperature and filters reshape the distribution.
+    before the DRY penalty, temperature and filters reshape the distribution. state: the
+    DecodeState whose drawn tokens the DRY penalty reads (None: nothing drawn yet).
     """
     logits = logits.astype(jnp.float32)
-    tokens = sample(key, allowed_logits(settings, logits), settings.params)
+    allowed = allowed_logits(settings, logits)
+    if settings.params.dry is not None and state is not None:
+        allowed = dry_penalty(allowed, state.tokens, state.step, settings.params.dry)
+    tokens = sample(key, allowed, settings.params)
     return tokens, log_softmax_at(logits, tokens)
 
 
@@ -187,7 +191,7 @@ def step(settings: DecodeSettings, model, state: DecodeState) -> DecodeState:
     """Feeds each row's last drawn token, draws the next one (uncompiled: the loop body)."""
     hidden, cache = model.extend(state.token[:, None], state.position[:, None], state.cache)
     key, sub = jax.random.split(state.key)
-    tokens, logprobs = choose(settings, model.logits(hidden)[:, 0], sub)
+    tokens, logprobs = choose(settings, model.logits(hidden)[:, 0], sub, state)
     state = state.replace(cache=cache, key=key, position=state.position + 1)
     return record(settings, state, tokens, logprobs)
 

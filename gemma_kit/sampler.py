@@ -38,7 +38,7 @@ from gemma_kit.decode import (
 )
 from gemma_kit.errors import ImageError
 from gemma_kit.layers import Einsum, to_matvec_layout
-from gemma_kit.sampling import SamplingError, SamplingParams
+from gemma_kit.sampling import DryPenalty, SamplingError, SamplingParams
 from gemma_kit.vision import prompt as image_prompt
 
 
@@ -189,14 +189,15 @@ class Sampler:
     def settings(self, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, min_p: float | None = None,
                  stop_token_ids: Sequence[int] | None = None,
-                 forbidden_token_ids: Sequence[int] | None = None) -> DecodeSettings:
+                 forbidden_token_ids: Sequence[int] | None = None, *,
+                 dry: DryPenalty | None = None) -> DecodeSettings:
         """The static settings of a decode (arguments as for `generate`), checked.
 
         Stop ids default to <eos> and <end_of_turn>, forbidden ids to Gemma 3's image markers.
         """
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise SamplingError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        params = SamplingParams(float(temperature), top_k, top_p, min_p)
+        params = SamplingParams(float(temperature), top_k, top_p, min_p, dry)
         tok = self.tokenizer
         stops = tuple(stop_token_ids) if stop_token_ids is not None else tuple(
             i for i in (tok.eos_id, tok.end_of_turn_id) if i is not None)
@@ -296,6 +297,9 @@ class Sampler:
     def speculative_settings(self, settings: DecodeSettings, drafter,
                              max_new_tokens: int) -> DecodeSettings:
         """`settings` with output buffers long enough for a round to write k + 1 tokens."""
+        if settings.params.dry is not None:
+            raise SamplingError("speculative decoding does not apply the DRY repetition "
+                                "penalty: pass dry=None with it (on the command line, --dry 0)")
         return dataclasses.replace(settings, max_new=bucket(max_new_tokens + drafter.k + 1, 16))
 
     def speculate(self, state: DecodeState, settings: DecodeSettings, drafter, limit: int,
@@ -446,10 +450,13 @@ class Sampler:
         images=None,
         pan_and_scan: bool = False,
         speculative=None,
+        dry: DryPenalty | None = None,
     ) -> GenerationResult | list[GenerationResult]:
         """Completes one prompt (-> a GenerationResult) or a batch (-> a list of them).
 
-        temperature 0 is greedy; top_k / top_p / min_p filter before drawing. `stop` strings end
+        temperature 0 is greedy; top_k / top_p / min_p filter before drawing; dry (a
+        gemma_kit.sampling.DryPenalty, default off) penalises tokens that would go on repeating
+        an earlier stretch of the completion, before temperature and filters. `stop` strings end
         a completion where they first appear (the text stops right before them). Generation also
         stops at <eos> and <end_of_turn> unless `stop_token_ids` says otherwise; Gemma 3's image
         markers are never drawn unless `forbidden_token_ids` says otherwise.
@@ -463,7 +470,7 @@ class Sampler:
         speculative: "ngram" (prompt lookup), a draft model sharing the vocabulary, or an
         NgramDrafter / DraftModel of gemma_kit.speculative: several tokens per pass of this
         model, the output distributed as without it (greedy: the same tokens). Text prompts
-        only; a batch is decoded one prompt after another.
+        only, without `dry`; a batch is decoded one prompt after another.
         """
         single = isinstance(prompts, str)
         batch = [prompts] if single else list(prompts)
@@ -473,7 +480,7 @@ class Sampler:
         if any(not s for s in stops):
             raise SamplingError("stop strings must be non-empty")
         settings = self.settings(max_new_tokens, temperature, top_k, top_p, min_p,
-                                 stop_token_ids, forbidden_token_ids)
+                                 stop_token_ids, forbidden_token_ids, dry=dry)
         if images is not None and not single:
             images = list(images)
             if len(images) != len(batch):
@@ -542,6 +549,7 @@ class Sampler:
         images=None,
         pan_and_scan: bool = False,
         speculative=None,
+        dry: DryPenalty | None = None,
     ) -> Iterator[str]:
         """Yields the completion of one prompt piece by piece; the pieces join to the text
         `generate` returns with the same arguments (images and speculative as there, for the
@@ -550,7 +558,7 @@ class Sampler:
             raise SamplingError("stream() takes one prompt string")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         settings = self.settings(max_new_tokens, temperature, top_k, top_p, min_p,
-                                 stop_token_ids, forbidden_token_ids)
+                                 stop_token_ids, forbidden_token_ids, dry=dry)
         drafter = None
         if speculative is not None:
             drafter = self.resolve_drafter(speculative, images)

@@ -1,4 +1,5 @@
-"""Pure functions from logits to tokens: greedy, temperature, top-k, top-p, min-p.
+"""Pure functions from logits to tokens: greedy, temperature, top-k, top-p, min-p, and the
+DRY penalty against repetition (`dry_penalty`, which also reads the tokens drawn so far).
 
 Everything works on [B, V] float32 logits and is written for XLA on a small CPU as much as for
 accelerators: a full sort of a 262k vocabulary costs ~100 ms on CPU and a reduction over one
@@ -31,32 +32,81 @@ class SamplingError(GemmaKitError, ValueError):
     """An invalid sampling parameter."""
 
 
+def _number(x) -> bool:  # bool is an int subclass; True as a temperature is a mistake
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _integer(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class DryPenalty:
+    """The DRY ("don't repeat yourself") penalty: a guard against degenerate repetition.
+
+    When the last L tokens drawn also occur earlier, followed there by token t, drawing t now
+    would repeat L + 1 tokens. For L >= allowed_length, t's logit is lowered by
+
+        multiplier * base ** (L - allowed_length)     (the longest such L counts)
+
+    before temperature and filters. Reusing a word or a short phrase costs nothing; a loop
+    costs more with every token it goes on (x1.75 per token by default), so it is broken
+    within a few tokens, where a flat penalty on every token seen before (the classic
+    repetition penalty) would also tax ordinary words. The method is p-e-w's (text-generation-
+    webui #5677, 2024); the defaults are its own and llama.cpp's (base 1.75, allowed length 2,
+    and the multiplier 0.8 its documentation recommends).
+
+    max_length caps L (a bound on the work per step; the penalty at the cap, 0.8 * 1.75 ** 30,
+    already rules a token out). The history is the tokens drawn so far in this completion or
+    reply, not the prompt: quoting the prompt is not penalised.
+    """
+
+    multiplier: float = 0.8
+    base: float = 1.75
+    allowed_length: int = 2
+    max_length: int = 32
+
+    def __post_init__(self):
+        if not (_number(self.multiplier) and self.multiplier > 0):
+            raise SamplingError(f"DRY multiplier must be a finite number > 0, got "
+                                f"{self.multiplier!r} (dry=None switches the penalty off)")
+        if not (_number(self.base) and self.base >= 1.0):
+            raise SamplingError(f"DRY base must be a finite number >= 1, got {self.base!r}")
+        if not (_integer(self.allowed_length) and self.allowed_length >= 1):
+            raise SamplingError(f"DRY allowed_length must be an integer >= 1, got "
+                                f"{self.allowed_length!r}")
+        if not (_integer(self.max_length) and self.max_length >= self.allowed_length):
+            raise SamplingError(f"DRY max_length must be an integer >= allowed_length "
+                                f"({self.allowed_length}), got {self.max_length!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """Static sampling settings (hashable: part of the compiled program's key).
 
-    temperature 0 means greedy; top_k / top_p / min_p of None mean "no such filter".
+    temperature 0 means greedy; top_k / top_p / min_p of None mean "no such filter"; dry: a
+    DryPenalty on the tokens drawn so far, or None (off).
     """
 
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
     min_p: float | None = None
+    dry: DryPenalty | None = None
 
     def __post_init__(self):
-        def number(x) -> bool:  # bool is an int subclass; True as a temperature is a mistake
-            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
         t = self.temperature
-        if not (number(t) and t >= 0):
+        if not (_number(t) and t >= 0):
             raise SamplingError(f"temperature must be a finite number >= 0, got {t!r}")
         k = self.top_k
-        if k is not None and not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
+        if k is not None and not (_integer(k) and k >= 1):
             raise SamplingError(f"top_k must be an integer >= 1 or None, got {k!r}")
-        if self.top_p is not None and not (number(self.top_p) and 0.0 < self.top_p <= 1.0):
+        if self.top_p is not None and not (_number(self.top_p) and 0.0 < self.top_p <= 1.0):
             raise SamplingError(f"top_p must be in (0, 1] or None, got {self.top_p!r}")
-        if self.min_p is not None and not (number(self.min_p) and 0.0 <= self.min_p <= 1.0):
+        if self.min_p is not None and not (_number(self.min_p) and 0.0 <= self.min_p <= 1.0):
             raise SamplingError(f"min_p must be in [0, 1] or None, got {self.min_p!r}")
+        if self.dry is not None and not isinstance(self.dry, DryPenalty):
+            raise SamplingError(f"dry must be a DryPenalty or None, got {self.dry!r}")
 
     @property
     def greedy(self) -> bool:
@@ -180,3 +230,34 @@ def sample(key: jax.Array, logits: jax.Array, params: SamplingParams) -> jax.Arr
     if params.greedy:
         return argmax(logits)
     return sample_categorical(key, filter_logits(logits, params))
+
+
+def dry_penalty(logits: jax.Array, history: jax.Array, length, dry: DryPenalty) -> jax.Array:
+    """[B, V] logits lowered by the DRY penalty (see DryPenalty) of each row's history.
+
+    history: [B, N] token ids, of which the first `length` ([] or [B] int) are the tokens drawn
+    so far; the rest is ignored. For every earlier position j < length, L_j is the length of
+    the longest run of tokens ending right before j that equals the run ending at the last
+    token (at most min(j, max_length)); drawing history[j] now would repeat L_j + 1 tokens.
+    The work is [B, N, max_length] comparisons and one scatter of N values per row.
+    """
+    B, N = history.shape
+    K = dry.max_length
+    n = jnp.broadcast_to(jnp.asarray(length, jnp.int32), (B,))
+    # -1 before the history: no token equals it, so a run stops at the start.
+    padded = jnp.pad(history.astype(jnp.int32), ((0, 0), (K, 0)), constant_values=-1)
+    k = jnp.arange(K)
+    tail = jnp.take_along_axis(padded, n[:, None] - 1 - k[None] + K, axis=1)  # [B, K]: h[n-1-k]
+    before = padded[:, jnp.arange(N)[:, None] - 1 - k[None] + K]  # [B, N, K]: h[j-1-k]
+    same = (before == tail[:, None, :]) & (before >= 0)
+    run = jnp.sum(jnp.cumprod(same.astype(jnp.int32), axis=-1), axis=-1)  # [B, N]: L_j
+    run = jnp.where(jnp.arange(N)[None] < n[:, None], run, 0)
+    penalty = jnp.where(run >= dry.allowed_length,
+                        dry.multiplier * dry.base ** (run - dry.allowed_length).astype(
+                            jnp.float32), 0.0)
+    # A token that follows several matches takes the largest penalty: a scatter-min of
+    # logit - penalty (a penalty of 0 leaves the logit as it is).
+    rows = jnp.arange(B)[:, None]
+    token = jnp.clip(history, 0, logits.shape[-1] - 1)
+    lowered = jnp.take_along_axis(logits, token, axis=1) - penalty
+    return logits.at[rows, token].min(lowered)

@@ -1,5 +1,6 @@
-"""The chat demo's server side: input checks, the CLI, and 8 conversations at once through
-gradio_client against a real server on 127.0.0.1 (a tiny random model keeps it cheap).
+"""The demo's server side: input checks, the CLI and the page it picks for a model, 8
+conversations at once through gradio_client against a real server on 127.0.0.1, and text
+completion (a tiny random model keeps it cheap).
 
 The browser tests are in test_demo_browser.py.
 """
@@ -15,11 +16,20 @@ pytest.importorskip("gradio", reason="the demo needs the [demo] extra (pip insta
                     "'gemma-kit[demo]')")
 
 import _tiny
+from gemma_kit.chat import ChatSession
 from gemma_kit.cli import main
 from gemma_kit.config import GlobalAttention, LocalAttention
-from gemma_kit.demo import ChatApp, DemoError, InputError, load_image, preflight, sampling_settings
-from gemma_kit.chat import ChatSession
-from gemma_kit.sampling import SamplingError
+from gemma_kit.demo import (
+    ChatApp,
+    DemoError,
+    InputError,
+    ModelCard,
+    load_image,
+    preflight,
+    sampling_settings,
+)
+from gemma_kit.sampler import Sampler
+from gemma_kit.sampling import DryPenalty, SamplingError
 
 
 def free_port() -> int:
@@ -39,8 +49,13 @@ def tiny_chat_model():
 
 def test_sampling_settings_map_the_controls():
     got = sampling_settings(0.7, 1.0, 0, 32, 123)
-    assert got == dict(temperature=0.7, top_p=None, top_k=None, max_new_tokens=32, seed=123)
+    assert got == dict(temperature=0.7, top_p=None, top_k=None, max_new_tokens=32, seed=123,
+                       dry=None)
     assert sampling_settings(1.0, 0.9, 40, 8, 5)["top_p"] == 0.9
+    assert sampling_settings(1.0, 0.9, 40, 8, 5, 0.8)["dry"] == DryPenalty()
+    assert sampling_settings(1.0, 0.9, 40, 8, 5, 1.5)["dry"] == DryPenalty(multiplier=1.5)
+    with pytest.raises(InputError, match="the DRY penalty must be at least 0"):
+        sampling_settings(1.0, 1.0, 0, 8, 0, -0.1)
     drawn = {sampling_settings(1.0, 0.9, 40, 8, -1)["seed"] for _ in range(4)}
     assert all(0 <= s < 2**31 for s in drawn) and len(drawn) > 1
     with pytest.raises(SamplingError, match="temperature"):
@@ -140,8 +155,9 @@ def test_eight_parallel_conversations(tiny_chat_model):
         app.close()
     for i in range(8):
         alone = ChatSession(model, tokenizer, cache_length=256)
-        want = [alone.send(m, temperature=1.0, max_new_tokens=12, seed=100 + i)
-                for m in turns[i]]
+        # The API's default DRY penalty is ChatSession's (0.8); top-p 1 and top-k 0 are off.
+        want = [alone.send(m, temperature=1.0, top_k=None, top_p=None, max_new_tokens=12,
+                           seed=100 + i) for m in turns[i]]
         assert got[i] == want, f"client {i}"
     assert len({reply for replies in got for reply in replies}) == 16
 
@@ -196,3 +212,93 @@ def test_a_long_conversation_forgets_its_oldest_turns_and_says_so(tiny_chat_mode
     assert "Reply 6:" in conv.stats
     assert conv.chat.messages[-2]["content"].startswith("5: ")  # the newest turns are kept
     assert app.conversation("tab-2") is not conv  # another tab, another conversation
+
+
+# --------------------------------------------------------------------------------------------
+# The page a model gets, and text completion.
+
+
+def test_model_card_says_what_kind_of_model_it_is(tiny_chat_model):
+    model, _ = tiny_chat_model
+
+    def card(kind, mode):
+        return ModelCard.of(model, lora=None, cache_length=256, kind=kind,
+                            mode=mode).markdown()
+
+    assert "**Kind:** pretrained: it continues text" in card("pretrained", "completion")
+    assert "--mode completion" not in card("pretrained", "completion")
+    assert "**Memory:** 256 tokens per text" in card("pretrained", "completion")
+    # A pretrained model on the chat page (--mode chat): the page says what to expect.
+    assert "expect wandering replies" in card("pretrained", "chat")
+    assert "**Kind:** instruction-tuned: it chats" in card("instruction-tuned", "chat")
+    assert "--mode completion" not in card("instruction-tuned", "chat")
+    unknown = card(None, "chat")
+    assert "not stated by the checkpoint's name" in unknown and "--mode completion" in unknown
+    with pytest.raises(DemoError, match="mode must be 'chat' or 'completion'"):
+        ChatApp(*tiny_chat_model, mode="story")
+
+
+def test_cli_picks_completion_for_a_pretrained_model(tiny_chat_model, monkeypatch, tmp_path):
+    """`gemma-kit demo` offers the embedded (pretrained) model as text completion, a model
+    with a LoRA adapter as a chat, and --mode overrides either."""
+    from gemma_kit import lora
+
+    model, tokenizer = tiny_chat_model
+    served = []
+    monkeypatch.setattr("gemma_kit.embedded.default_model",
+                        lambda dtype=None: (_tiny.random_model(model.config, seed=5), tokenizer))
+    monkeypatch.setattr("gemma_kit.demo.serve",
+                        lambda model, tokenizer, host, port, **options: served.append(options))
+    port = str(free_port())
+    folder = lora.save_adapter(lora.apply_lora(_tiny.random_model(model.config, seed=5),
+                                               rank=2, alpha=4.0, targets="attn"),
+                               tmp_path / "adapter")
+    for argv, mode, kind in [
+        ([], "completion", "pretrained"),
+        (["--mode", "chat"], "chat", "pretrained"),
+        (["--lora", str(folder)], "chat", "fine-tuned"),
+        (["--lora", str(folder), "--mode", "completion"], "completion", "fine-tuned"),
+    ]:
+        assert main(["demo", "--port", port, *argv]) == 0
+        assert (served[-1]["mode"], served[-1]["kind"]) == (mode, kind), argv
+
+
+def test_completion_continues_the_text(tiny_chat_model):
+    """A continuation is what the Sampler gives for the text with the same settings, streamed
+    in growing pieces; a text too long for the cache is continued from its end, and says so;
+    an empty text is refused."""
+    from gradio_client import Client
+
+    model, tokenizer = tiny_chat_model
+    app = ChatApp(model, tokenizer, mode="completion", kind="pretrained", cache_length=256)
+    assert app.max_new_tokens == 128  # the completion page's default
+    sampling = sampling_settings(1.0, 0.95, 64, 16, 7, 0.8)
+    text = "Once upon a time, in a small village by the sea,"
+    parts = list(app.complete(app.conversation("tab"), text, sampling))
+    want = Sampler(model, tokenizer, cache_length=256).generate(
+        text, max_new_tokens=16, temperature=1.0, top_p=0.95, top_k=64, seed=7,
+        dry=DryPenalty())
+    assert parts[-1].text == want.text and want.text
+    assert all(b.text.startswith(a.text) for a, b in zip(parts, parts[1:]))
+    assert len(parts) >= 3
+    assert parts[-1].stats.startswith("**Continuation 1:** 16 tokens in ")
+    assert parts[-1].notice is None
+
+    long = "the story of the sea and the ship, " * 40  # ~400 tokens for a 256-token cache
+    *_, last = app.complete(app.conversation("tab"), long, sampling)
+    assert last.notice == ("The text is longer than the 256-token memory holds with 16 new "
+                           "tokens: it was continued from its last 239 tokens.")
+    assert "**Continuation 2:** 16 tokens" in last.stats
+
+    url = app.launch("127.0.0.1", free_port(), block=False, quiet=True)
+    try:
+        client = Client(url, verbose=False)
+        got = client.predict(text=text, temperature=1.0, top_p=0.95, top_k=64,
+                             max_new_tokens=16, seed=7, api_name="/complete")
+        assert got == want.text  # the API's default DRY penalty is the page's, 0.8
+        with pytest.raises(Exception, match="the text is empty"):
+            client.predict(text="  ", api_name="/complete")
+        assert "/chat" not in client.view_api(print_info=False, return_format="dict")[
+            "named_endpoints"]  # the completion page holds no conversation
+    finally:
+        app.close()

@@ -15,6 +15,9 @@ hand-built examples with ties at the cut.
 
 Each distinct SamplingParams is a static argument (a fresh compile, ~0.5 s), so the property
 tests use few shapes and modest example counts.
+
+The DRY penalty is checked against a direct transcription of its definition (for each earlier
+position, walk back while the tokens agree with the end of the history), in float64.
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ from hypothesis import strategies as st
 
 from gemma_kit.errors import GemmaKitError
 from gemma_kit.sampling import (
+    DryPenalty,
     SamplingError,
     SamplingParams,
     argmax,
+    dry_penalty,
     filter_logits,
     sample,
     sample_categorical,
@@ -313,6 +318,125 @@ def test_sample_with_filters_matches_the_renormalised_reference():
 
 
 # --------------------------------------------------------------------------------------------
+# The DRY penalty.
+
+
+def dry_reference(logits: np.ndarray, history: np.ndarray, length: int,
+                  dry: DryPenalty) -> np.ndarray:
+    """The definition, walked token by token: for each position j < length, L_j is how far
+    the tokens before j agree with the end of the history (at most max_length); history[j]
+    loses multiplier * base ** (L_j - allowed_length) when L_j >= allowed_length (the largest
+    such penalty)."""
+    out = logits.astype(np.float64).copy()
+    for row in range(history.shape[0]):
+        h = history[row, :length].tolist()
+        worst: dict[int, float] = {}
+        for j in range(length):
+            L = 0
+            while L < min(j, dry.max_length) and h[j - 1 - L] == h[length - 1 - L]:
+                L += 1
+            if L >= dry.allowed_length:
+                penalty = dry.multiplier * dry.base ** (L - dry.allowed_length)
+                worst[h[j]] = max(worst.get(h[j], 0.0), penalty)
+        for token, penalty in worst.items():
+            out[row, token] -= penalty
+    return out
+
+
+@st.composite
+def dry_cases(draw):
+    """Histories over few distinct tokens (repeats and loops are common), a length that may
+    stop anywhere in the buffer (the rest is garbage the penalty must ignore), logits with
+    -inf entries, and a DryPenalty."""
+    B, N, V = draw(st.sampled_from([(1, 12, 5), (3, 40, 9), (2, 33, 700)]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    distinct = draw(st.sampled_from([1, 2, 3, V]))
+    history = rng.integers(0, distinct, (B, N))
+    if draw(st.booleans()):  # a loop of a random period, the way a model gets stuck
+        period = int(rng.integers(1, 6))
+        history = np.tile(history[:, :period], (1, N // period + 1))[:, :N]
+    length = draw(st.integers(0, N))
+    history[:, length:] = rng.integers(0, V, (B, N - length))
+    logits = rng.normal(0.0, 3.0, (B, V)).astype(np.float32)
+    logits[rng.random((B, V)) < 0.2] = -np.inf
+    dry = DryPenalty(multiplier=draw(st.sampled_from([0.8, 2.5])),
+                     base=draw(st.sampled_from([1.0, 1.75, 2.0])),
+                     allowed_length=draw(st.integers(1, 3)),
+                     max_length=draw(st.sampled_from([3, 8])))
+    return logits, history.astype(np.int32), length, dry
+
+
+@PROPERTY
+@given(case=dry_cases())
+def test_dry_penalty_matches_its_definition(case):
+    logits, history, length, dry = case
+    got = np.asarray(dry_penalty(jnp.asarray(logits), jnp.asarray(history), length, dry))
+    want = dry_reference(logits, history, length, dry)
+    # float32 subtraction of a penalty of at most 2.5 * 2 ** 7 from logits of a few units.
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-4)
+    assert (got <= logits).all(), "the penalty only ever lowers a logit"
+    seen = np.zeros_like(logits, bool)
+    for row in range(history.shape[0]):
+        seen[row, history[row, :length]] = True
+    np.testing.assert_array_equal(got[~seen], logits[~seen])  # unseen tokens are untouched
+
+
+def test_dry_penalty_by_hand():
+    d = DryPenalty()  # multiplier 0.8, base 1.75, allowed_length 2
+    x = np.zeros((1, 6), np.float32)
+
+    penalise = jax.jit(dry_penalty, static_argnames="dry")
+
+    def lowered(history, length=None, dry=d):
+        h = np.full((1, 8), 5, np.int32)  # one shape for all: the tail is never read
+        h[0, :len(history)] = history
+        n = jnp.int32(len(history) if length is None else length)
+        out = penalise(jnp.asarray(x), jnp.asarray(h), n, dry=dry)
+        return [round(-float(v), 5) + 0.0 for v in np.asarray(out)[0]]  # + 0.0: no -0.0
+
+    # "1 2 3 1 2": the last two tokens occurred before, followed by 3: drawing 3 would repeat
+    # three tokens (L = 2 = allowed_length): 0.8. Nothing else is penalised.
+    assert lowered([1, 2, 3, 1, 2]) == [0, 0, 0, 0.8, 0, 0]
+    # "1 2 3 1": L = 1 < allowed_length: repeating a pair costs nothing.
+    assert lowered([1, 2, 3, 1]) == [0] * 6
+    # One token over and over: after four, a fifth would repeat four (L = 3): 0.8 * 1.75.
+    assert lowered([4, 4, 4, 4]) == [0, 0, 0, 0, 1.4, 0]
+    # A longer loop costs more with every token: "1 2 1 2 1 2" -> 1 (L = 4): 0.8 * 1.75 ** 2.
+    assert lowered([1, 2, 1, 2, 1, 2]) == [0, 2.45, 0, 0, 0, 0]
+    # Only the first `length` tokens are the history.
+    assert lowered([1, 2, 3, 1, 2, 5, 5], length=5) == [0, 0, 0, 0.8, 0, 0]
+    assert lowered([1, 2, 3, 1, 2], length=0) == [0] * 6
+    # max_length caps L: a loop of 5 tokens of one kind with max_length 2 costs 0.8 * 1.75 ** 0.
+    assert lowered([4] * 5, dry=DryPenalty(max_length=2)) == [0, 0, 0, 0, 0.8, 0]
+
+
+def test_dry_greedy_breaks_a_loop():
+    """Greedy decoding of a toy "model" that always prefers to repeat the token two back (a
+    loop of period 2) leaves the loop within a few tokens under DRY, and never without it."""
+    V, N = 4, 16
+    penalise = jax.jit(dry_penalty, static_argnames="dry")
+
+    def run(dry):
+        tokens = [0, 1]
+        for _ in range(12):
+            logits = np.full((1, V), 0.0, np.float32)
+            logits[0, tokens[-2]] = 3.0  # the loop's next token, 3 nats ahead of the rest
+            logits[0, 3] = 1.0
+            history = np.zeros((1, N), np.int32)  # one shape: one compiled program
+            history[0, :len(tokens)] = tokens
+            x = logits if dry is None else penalise(jnp.asarray(logits), jnp.asarray(history),
+                                                    jnp.int32(len(tokens)), dry=dry)
+            tokens.append(int(np.argmax(np.asarray(x)[0])))
+        return tokens
+
+    assert run(None) == [0, 1] * 7
+    broken = run(DryPenalty())
+    # L grows by one per token of the loop: 0.8, 1.4, 2.45 > 3 - 1: the fifth token of the loop
+    # (L = 4) is the first one the penalty outweighs.
+    assert broken[:6] == [0, 1, 0, 1, 0, 1] and broken[6] == 3
+
+
+# --------------------------------------------------------------------------------------------
 # Validation.
 
 
@@ -338,6 +462,7 @@ def test_sample_with_filters_matches_the_renormalised_reference():
         (dict(top_k=True), "top_k must be an integer >= 1 or None, got True"),
         (dict(top_p=True), r"top_p must be in \(0, 1\] or None, got True"),
         (dict(top_p="0.9"), r"top_p must be in \(0, 1\] or None, got '0.9'"),
+        (dict(dry=0.8), "dry must be a DryPenalty or None, got 0.8"),
     ],
 )
 def test_sampling_params_validation(kwargs, message):
@@ -347,9 +472,26 @@ def test_sampling_params_validation(kwargs, message):
     assert isinstance(info.value, GemmaKitError) and isinstance(info.value, ValueError)
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(multiplier=0), r"DRY multiplier must be a finite number > 0, got 0 \(dry=None"),
+        (dict(multiplier=float("inf")), "DRY multiplier must be a finite number > 0, got inf"),
+        (dict(base=0.9), "DRY base must be a finite number >= 1, got 0.9"),
+        (dict(allowed_length=0), "DRY allowed_length must be an integer >= 1, got 0"),
+        (dict(allowed_length=2.0), "DRY allowed_length must be an integer >= 1, got 2.0"),
+        (dict(max_length=1), r"DRY max_length must be an integer >= allowed_length \(2\)"),
+    ],
+)
+def test_dry_penalty_validation(kwargs, message):
+    with pytest.raises(SamplingError, match=message):
+        DryPenalty(**kwargs)
+
+
 def test_sampling_params_accepts_the_edges_and_is_hashable():
     edges = SamplingParams(temperature=0, top_k=1, top_p=1.0, min_p=0.0)
     assert edges.greedy
     assert not SamplingParams(temperature=1e-3, min_p=1.0).greedy
     # Static argument of the compiled functions: equal settings must hash alike.
     assert hash(SamplingParams(0.5, 3, 0.9)) == hash(SamplingParams(0.5, 3, 0.9))
+    assert hash(SamplingParams(dry=DryPenalty())) == hash(SamplingParams(dry=DryPenalty(0.8)))

@@ -154,7 +154,8 @@ def test_chat_with_speculation_replies_as_without(target, draft, small_tokenizer
              ChatSession(target, small_tokenizer, speculative=draft, **kw)]
     for message, stop in (("for each item in the list", None), ("and then?", "the"),
                           ("while it holds", None)):
-        replies = [c.send(message, max_new_tokens=12, stop=stop) for c in chats]
+        replies = [c.send(message, max_new_tokens=12, stop=stop, temperature=0.0, dry=None)
+                   for c in chats]
         assert replies[1] == replies[0] and replies[2] == replies[0]
         # The model saw the same conversation, also after a stop string ended a reply inside
         # a round (the speculative sessions then re-read it as plain decoding had fed it).

@@ -147,10 +147,10 @@ def test_chat_with_images_across_turns(setup, monkeypatch):
     model, tok, _ = setup
     count = _CountEncodings(monkeypatch)
     chat = ChatSession(model, tok, cache_length=256, cache_dtype=jnp.float32)
-    chat.send("Look at <start_of_image> please", images=[IMAGES[0]], max_new_tokens=NEW)
-    chat.send("And now <start_of_image> and <start_of_image>?", images=IMAGES[1:],
-              max_new_tokens=NEW)
-    chat.send("Which one was first?", max_new_tokens=NEW)
+    greedy = dict(max_new_tokens=NEW, temperature=0.0, dry=None)  # ChatSession samples
+    chat.send("Look at <start_of_image> please", images=[IMAGES[0]], **greedy)
+    chat.send("And now <start_of_image> and <start_of_image>?", images=IMAGES[1:], **greedy)
+    chat.send("Which one was first?", **greedy)
     assert count.images == 3  # each image once, the text-only turn none
     # Every reply token is the greedy choice of a full forward pass over the conversation so
     # far with all its images in order, although each turn only fed the new tokens.

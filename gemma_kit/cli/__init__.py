@@ -18,6 +18,7 @@ import importlib.metadata
 import json
 import sys
 
+from gemma_kit.chat import CHAT_SAMPLING
 from gemma_kit.cli.options import (
     dtype_option,
     fraction_option,
@@ -176,9 +177,33 @@ def cmd_info(args) -> int:
 
 
 def _sampling_args(args) -> dict:
+    from gemma_kit.sampling import DryPenalty
+
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                 top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
-                stop=args.stop or None)
+                stop=args.stop or None, dry=DryPenalty(args.dry) if args.dry else None)
+
+
+def _model_kind(args) -> str | None:
+    """What is known of the model: "pretrained", "instruction-tuned", "fine-tuned" (a LoRA
+    adapter, trained on conversations as a rule) or None (its checkpoint's name does not say;
+    see gemma_kit.chat.instruction_tuned). The embedded 270M is pretrained."""
+    if getattr(args, "lora", None):
+        return "fine-tuned"
+    from gemma_kit.chat import instruction_tuned
+    from gemma_kit.embedded import default_model_dir
+
+    tuned = instruction_tuned(args.ckpt or default_model_dir())
+    return None if tuned is None else "instruction-tuned" if tuned else "pretrained"
+
+
+# `gemma-kit chat`'s commands, typed instead of a message.
+CHAT_COMMANDS = {
+    "/help": "list these commands",
+    "/reset": "forget the conversation (the system prompt stays)",
+    "/undo": "forget the last exchange",
+    "/exit": "leave (also /quit or Ctrl-D; Ctrl-C stops a reply)",
+}
 
 
 def cmd_sample(args) -> int:
@@ -216,25 +241,49 @@ def cmd_chat(args) -> int:
 
     _check_lora(args)
     _check_speculative(args)
+    if args.dry is None:  # speculative decoding does not apply the DRY penalty
+        args.dry = 0.0 if args.speculative else CHAT_SAMPLING["dry"].multiplier
+    elif args.dry and args.speculative:
+        raise ConfigError("--speculative does not apply the DRY penalty: leave --dry out or "
+                          "set it to 0")
     model, tokenizer = _load(args)
     chat = ChatSession(_with_lora(args, model), tokenizer, system=args.system,
                        cache_length=args.cache_length, speculative=_speculative(args))
     sampling = _sampling_args(args)
-    print(f"Chatting with {model.config.name} (/reset forgets the conversation, /exit or "
-          "Ctrl-D leaves). The embedded 270M is a pretrained model, not a chat model: expect "
-          "continuations rather than answers.", file=sys.stderr)
+    name = model.config.name
+    print(f"Chatting with {name} (/help lists the commands, /exit or Ctrl-D leaves).",
+          file=sys.stderr)
+    if _model_kind(args) == "pretrained":
+        print(f"Note: {name} is a pretrained model, not a chat model: its replies wander. It "
+              "continues text well: try `gemma-kit sample --prompt \"Once upon a time\"`, or "
+              "`gemma-kit demo`, which offers it as text completion.", file=sys.stderr)
     while True:
         try:
             message = input("> ")
         except EOFError:
             print()
             return 0
-        if message.strip() in ("/exit", "/quit"):
+        command = message.strip()
+        if command in ("/exit", "/quit"):
             return 0
-        if message.strip() == "/reset":
-            chat.reset()
+        if command == "/help":
+            width = max(map(len, CHAT_COMMANDS))
+            for cmd, what in CHAT_COMMANDS.items():
+                print(f"  {cmd:<{width}}  {what}", file=sys.stderr)
             continue
-        if not message.strip():
+        if command == "/reset":
+            chat.reset()
+            print("[conversation cleared]", file=sys.stderr)
+            continue
+        if command == "/undo":
+            undone = chat.undo()
+            print("[nothing to undo]" if undone is None else
+                  "[the last exchange is forgotten]", file=sys.stderr)
+            continue
+        if command.startswith("/") and " " not in command:
+            print(f"[unknown command {command}: /help lists the commands]", file=sys.stderr)
+            continue
+        if not command:
             continue
         try:
             for piece in chat.stream(message, **sampling):
@@ -259,7 +308,9 @@ def cmd_demo(args) -> int:
         from gemma_kit.quant import quantize_model
 
         model = quantize_model(model, embedding=True, bits=8 if args.int8 else 4)
-    demo.serve(model, tokenizer, args.host, args.port, lora=lora,
+    kind = _model_kind(args)
+    mode = args.mode or ("completion" if kind == "pretrained" else "chat")
+    demo.serve(model, tokenizer, args.host, args.port, lora=lora, mode=mode, kind=kind,
                cache_length=args.cache_length, concurrency=args.concurrency)
     return 0
 
@@ -354,16 +405,39 @@ def _model_args(p) -> None:
                         "stored; the embedded model is bfloat16)")
 
 
-def _sampling_flags(p, max_new_tokens: int) -> None:
+def _sampling_flags(p, max_new_tokens: int, chat: bool = False) -> None:
+    """The sampling options; chat=True: defaults of Gemma's recommended sampling with the DRY
+    penalty (gemma_kit.chat.CHAT_SAMPLING), else greedy decoding."""
     p.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens, metavar="N",
                    help=f"stop after N new tokens (default {max_new_tokens})")
-    p.add_argument("--temperature", type=non_negative_number, default=0.0, metavar="T",
-                   help="sampling temperature; 0 picks the most likely token (default 0)")
-    p.add_argument("--top-k", type=positive_int, default=None, metavar="K",
-                   help="sample among the K most likely tokens only (default: no limit)")
-    p.add_argument("--top-p", type=top_p_option, default=None, metavar="P",
-                   help="sample among the most likely tokens whose probabilities add up to P, "
-                        "in (0, 1] (default: no limit)")
+    if chat:
+        t, k, top_p = (CHAT_SAMPLING[n] for n in ("temperature", "top_k", "top_p"))
+        p.add_argument("--temperature", type=non_negative_number, default=t, metavar="T",
+                       help=f"sampling temperature; 0 picks the most likely token (default {t}, "
+                            "Gemma's recommended setting)")
+        p.add_argument("--top-k", type=positive_int, default=k, metavar="K",
+                       help=f"sample among the K most likely tokens only (default {k})")
+        p.add_argument("--top-p", type=top_p_option, default=top_p, metavar="P",
+                       help="sample among the most likely tokens whose probabilities add up to "
+                            f"P, in (0, 1]; 1 is no limit (default {top_p})")
+        dry = CHAT_SAMPLING["dry"].multiplier
+        p.add_argument("--dry", type=non_negative_number, default=None, metavar="D",
+                       help="strength of the DRY repetition penalty, which makes going on with "
+                            "a stretch already written less likely with every repeated token "
+                            f"(it breaks loops); 0 switches it off (default {dry}; 0 with "
+                            "--speculative, which does not apply it)")
+    else:
+        p.add_argument("--temperature", type=non_negative_number, default=0.0, metavar="T",
+                       help="sampling temperature; 0 picks the most likely token (default 0)")
+        p.add_argument("--top-k", type=positive_int, default=None, metavar="K",
+                       help="sample among the K most likely tokens only (default: no limit)")
+        p.add_argument("--top-p", type=top_p_option, default=None, metavar="P",
+                       help="sample among the most likely tokens whose probabilities add up to "
+                            "P, in (0, 1] (default: no limit)")
+        p.add_argument("--dry", type=non_negative_number, default=0.0, metavar="D",
+                       help="strength of the DRY repetition penalty, which makes going on with "
+                            "a stretch already written less likely with every repeated token "
+                            "(it breaks loops; 0.8 is the usual strength); 0 is off (default 0)")
     p.add_argument("--min-p", type=min_p_option, default=None, metavar="M",
                    help="drop tokens less likely than M times the most likely one, in [0, 1] "
                         "(default: none dropped)")
@@ -443,7 +517,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=cmd_info)
 
-    p = sub.add_parser("sample", help="complete a prompt (default: the embedded Gemma 3 270M)")
+    p = sub.add_parser("sample", help="continue a text (default: the embedded Gemma 3 270M, a "
+                       "pretrained model: it continues text, it does not follow instructions)",
+                       description="Continues --prompt and streams the continuation. Greedy "
+                       "by default (the most likely continuation, the same each time), which "
+                       "a small pretrained model soon turns into a loop: --dry 0.8 keeps it "
+                       "out of loops, and --temperature 1 --top-k 64 --top-p 0.95 --dry 0.8 "
+                       "samples as `gemma-kit chat` does.")
     p.add_argument("--prompt", required=True, type=text_option, metavar="TEXT",
                    help="the text to continue, sent as is (for a chat model, write its turn "
                         "markup, or use `gemma-kit chat`)")
@@ -464,9 +544,10 @@ def build_parser() -> argparse.ArgumentParser:
     _speculative_flag(p)
     p.set_defaults(run=cmd_sample)
 
-    p = sub.add_parser("chat", help="multi-turn chat in the terminal (streamed replies)")
+    p = sub.add_parser("chat", help="multi-turn chat in the terminal (streamed replies; for "
+                       "an instruction-tuned model)")
     _model_args(p)
-    _sampling_flags(p, max_new_tokens=256)
+    _sampling_flags(p, max_new_tokens=256, chat=True)
     p.add_argument("--system", default=None, metavar="TEXT",
                    help="system prompt, folded into the first user turn (default: none)")
     p.add_argument("--cache-length", type=positive_int, default=4096, metavar="N",
@@ -478,9 +559,15 @@ def build_parser() -> argparse.ArgumentParser:
     _speculative_flag(p)
     p.set_defaults(run=cmd_chat)
 
-    p = sub.add_parser("demo", help="chat page in the browser (Gradio; pip install "
-                       "'gemma-kit[demo]')")
+    p = sub.add_parser("demo", help="chat page in the browser, or text completion for a "
+                       "pretrained model (Gradio; pip install 'gemma-kit[demo]')")
     _model_args(p)
+    p.add_argument("--mode", choices=["chat", "completion"], default=None,
+                   help="chat: the chat page; completion: a text box the model continues, for "
+                        "a pretrained model (default: completion for a pretrained model, i.e. "
+                        "the embedded 270M or a checkpoint named like gemma-3-1b-pt or "
+                        "gemma-3-270m; chat for one named like gemma-3-1b-it, with --lora, or "
+                        "when the name does not say)")
     _lora_flag(p, "a LoRA adapter folder to apply to the model, folded into the weights "
                   "(default: none)")
     p.add_argument("--host", default="127.0.0.1",
