@@ -27,6 +27,7 @@ gemma_kit.cpu_paths for fewer than MIN_ROWS rows, the one probed fastest on this
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -207,21 +208,23 @@ class Einsum(nnx.Module):
                                   if c in self.w_spec and c not in self.out_spec)
         if not self.x_spec.endswith(self.contracted):
             raise ValueError(f"{equation!r}: contracted dims must be the last dims of x")
-        self.matvec = False  # True once w is stored as [kept axes..., contracted axes...]
+        self.matvec = False  # True once w is stored in the matvec layout (see matvec_shape)
+        # The matvec layout holds w as a matrix [O, I]: its kept axes, then its contracted
+        # axes, each group flattened (to_matvec_layout; int4 weights always). matvec_shape is
+        # the unflattened shape [kept axes..., contracted axes...]; None in the official
+        # layout.
+        self.matvec_shape: tuple[int, ...] | None = None
         # Hooks, both empty unless set by another module:
         # - w_scale: set by gemma_kit.quant when `w` holds int8 values; a per-output-channel
         #   scale of w's shape with the contracted axes kept at size 1. The product is taken
         #   with the int8 values themselves (exact in bf16) and its outputs are scaled, inside
         #   the caller's compiled computation: memory holds, and a matmul reads, one byte per
         #   weight.
-        #   With `int4_shape` also set, `w` holds int4 values instead: the weight in matvec
-        #   layout flattened to [O, I] and packed (gemma_kit.int4: uint8 [O/2, I]), `w_scale`
-        #   and `w_min` its group scales and minima [O, I/32]; int4_shape is that layout's
-        #   shape ([kept axes..., contracted axes...]).
+        #   When `w` holds int4 values instead (uint8: gemma_kit.int4, packed [O/2, I] in the
+        #   matvec layout), `w_scale` and `w_min` are its group scales and minima [O, I/32].
         # - lora: set by gemma_kit.lora; a module adding (alpha / r) * x A B to the output.
         self.w_scale: Any = nnx.data(None)
         self.w_min: Any = nnx.data(None)
-        self.int4_shape: tuple[int, ...] | None = None
         self.lora: Any = nnx.data(None)  # a gemma_kit.lora.LoRA once set
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -230,10 +233,15 @@ class Einsum(nnx.Module):
             y = y + self.lora(x)
         return y
 
+    @property
+    def is_int4(self) -> bool:
+        """Whether `w` holds packed int4 values (gemma_kit.int4; always in the matvec layout)."""
+        return self.w_min is not None
+
     def _base(self, x: jax.Array) -> jax.Array:
-        if self.int4_shape is not None:
+        if self.is_int4:
             m = int4.Int4Matrix(self.w[...], self.w_scale[...], self.w_min[...])
-            return self._matvec_product(x, self.int4_shape, lambda x2: matmul_t(x2, m, None))
+            return self._matvec_product(x, lambda x2: matmul_t(x2, m, None))
         dtype = matmul_dtype(self.w[...].dtype, x.dtype)
         if not self.matvec:
             n_in = int(np.prod(x.shape[len(x.shape) - len(self.contracted):]))
@@ -246,21 +254,18 @@ class Einsum(nnx.Module):
                 y = jnp.einsum(self.equation, x.astype(dtype), w.astype(dtype),
                                preferred_element_type=x.dtype)
             return y if self.w_scale is None else y * self._scale_for_output(y.dtype)
-        shape = self.w[...].shape
-        n_in = int(np.prod(shape[len(shape) - len(self.contracted):]))
         scale = None if self.w_scale is None else self.w_scale[...].reshape(-1)
-        return self._matvec_product(x, shape, lambda x2: matmul_t(
-            x2, lambda d: self.w[...].astype(d).reshape(-1, n_in), self.w[...].dtype, scale))
+        return self._matvec_product(x, lambda x2: matmul_t(
+            x2, lambda d: self.w[...].astype(d), self.w[...].dtype, scale))
 
-    def _matvec_product(self, x: jax.Array, shape: Sequence[int], product) -> jax.Array:
-        """The einsum as product(x2 [M, I]) -> [M, O] for a weight of matvec-layout `shape`
-        ([kept..., contracted...]): a plain x2 @ W.T contracting W's contiguous axis, the form
-        matmul_t's fast paths need, reshaped and transposed to the equation's output."""
+    def _matvec_product(self, x: jax.Array, product) -> jax.Array:
+        """The einsum as product(x2 [M, I]) -> [M, O] on the matvec layout's [O, I] matrix (a
+        plain x2 @ W.T contracting W's contiguous axis, the form matmul_t's fast paths need),
+        reshaped and transposed to the equation's output."""
         kept = "".join(c for c in self.w_spec if c not in self.contracted)
         batch = self.x_spec[: len(self.x_spec) - len(self.contracted)]
-        n_in = int(np.prod(shape[len(kept):]))
-        y = product(x.reshape(-1, n_in))
-        y = y.reshape(*x.shape[: len(batch)], *shape[: len(kept)])
+        y = product(flatten_rows(x, len(self.contracted)))
+        y = y.reshape(*x.shape[: len(batch)], *self.matvec_shape[: len(kept)])
         return jnp.transpose(y, [(batch + kept).index(c) for c in self.out_spec])
 
     def _scale_for_output(self, dtype) -> jax.Array:
@@ -273,6 +278,11 @@ class Einsum(nnx.Module):
         scale = jnp.einsum(f"{kept}->{in_out_order}", scale)
         return scale.reshape([scale.shape[in_out_order.index(c)] if c in kept else 1
                               for c in self.out_spec])
+
+    def matvec_rows(self) -> int:
+        """O: the product of the kept (not contracted) axes of w."""
+        shape = self.matvec_shape or tuple(self.w[...].shape[i] for i in self.matvec_permutation())
+        return int(np.prod(shape[: len(shape) - len(self.contracted)]))
 
     def matvec_permutation(self) -> tuple[int, ...]:
         """Axes of the official `w` in matvec-layout order: kept axes, then contracted ones."""
@@ -292,16 +302,71 @@ def to_matvec_layout(model: nnx.Module) -> nnx.Module:
     graphdef, state = nnx.split(model)
     copy = nnx.merge(graphdef, state)
     for _, module in copy.iter_modules():
-        if isinstance(module, Einsum) and module.int4_shape is not None:
-            module.matvec = True  # int4 weights are always held in the matvec layout
-        elif isinstance(module, Einsum) and not module.matvec:
+        if isinstance(module, Einsum) and not module.matvec:
+            layouts = {name: matvec_layout_of(module, name) for name in ("w", "w_scale")
+                       if getattr(module, name) is not None}
             perm = module.matvec_permutation()
-            # type(...) keeps the variable kind (an int8 weight stays an int8 weight).
-            module.w = type(module.w)(jnp.transpose(module.w[...], perm))
-            if module.w_scale is not None:
-                module.w_scale = type(module.w_scale)(jnp.transpose(module.w_scale[...], perm))
+            module.matvec_shape = tuple(module.w[...].shape[i] for i in perm)
+            for name, layout in layouts.items():
+                # type(...) keeps the variable kind (an int8 weight stays an int8 weight).
+                variable = getattr(module, name)
+                setattr(module, name, type(variable)(layout.to_stored(variable[...])))
             module.matvec = True
     return copy
+
+
+@dataclasses.dataclass(frozen=True)
+class MatvecLayout:
+    """How the matvec layout stores one variable of an Einsum ("w" or "w_scale"): the
+    official value transposed by `permutation`, then (w) flattened to [rows, -1]."""
+
+    permutation: tuple[int, ...]
+    official_shape: tuple[int, ...]
+    rows: int | None  # None: not flattened (w_scale)
+
+    def to_stored(self, value: jax.Array) -> jax.Array:
+        """A value in the official layout -> as the matvec layout stores it."""
+        value = jnp.transpose(value, self.permutation)
+        return value if self.rows is None else value.reshape(self.rows, -1)
+
+
+def matvec_layout_of(module: Einsum, name: str) -> MatvecLayout:
+    """The MatvecLayout of `module.<name>` ("w" or a dense weight's "w_scale")."""
+    perm = module.matvec_permutation()
+    if module.matvec:
+        stored = module.matvec_shape if name == "w" else getattr(module, name)[...].shape
+        official = [0] * len(perm)
+        for stored_axis, official_axis in enumerate(perm):
+            official[official_axis] = stored[stored_axis]
+    else:
+        official = getattr(module, name)[...].shape
+    return MatvecLayout(perm, tuple(int(n) for n in official),
+                        module.matvec_rows() if name == "w" else None)
+
+
+def to_matvec_value(module: Einsum, name: str, value: jax.Array) -> jax.Array:
+    """A value of `module.<name>` in the official layout -> as the matvec layout stores it."""
+    return matvec_layout_of(module, name).to_stored(value)
+
+
+def flatten_rows(x: jax.Array, contracted: int) -> jax.Array:
+    """x [batch axes..., `contracted` axes...] -> [M, I]: the rows a matvec-layout product
+    takes, row-major over the contracted axes.
+
+    With several contracted axes (the attention's output projection, over heads and head
+    dim) and few rows, the rows are built by concatenating slices instead of a reshape: XLA
+    folds such a reshape into the product's loop as a bitcast whose index arithmetic
+    (division and remainder per element) the loop vectorizer cannot see through, and the loop
+    then loads x one element at a time (that projection took 4-5x longer per weight byte than
+    the others in a batch-1 decode step, measured). The concatenation writes the flat rows
+    once (a few KB).
+    """
+    n_batch = x.ndim - contracted
+    rows = int(np.prod(x.shape[:n_batch]))
+    if contracted == 1 or rows > MAX_UPCAST_ROWS:
+        return x.reshape(rows, -1)
+    x3 = x.reshape(rows, -1, x.shape[-1])
+    return jnp.concatenate([x3[:, i] for i in range(x3.shape[1])], axis=-1)
 
 
 class RMSNorm(nnx.Module):

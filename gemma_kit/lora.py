@@ -37,7 +37,7 @@ from flax import nnx
 from gemma_kit.checkpoint import adapter as adapter_io
 from gemma_kit.checkpoint.adapter import read_adapter_config
 from gemma_kit.errors import AdapterError, ConfigError
-from gemma_kit.layers import Einsum
+from gemma_kit.layers import Einsum, to_matvec_value
 
 # Einsum attribute names (the official checkpoint names) and the groups a user may name.
 ATTENTION_TARGETS = ("q_einsum", "kv_einsum", "qkv_einsum", "attn_vec_einsum")
@@ -103,7 +103,7 @@ class LoRA(nnx.Module):
 
     @staticmethod
     def _official_shape(einsum: Einsum) -> tuple[int, ...]:
-        shape = einsum.int4_shape or einsum.w.shape  # int4: the unpacked matvec layout
+        shape = einsum.matvec_shape or einsum.w.shape  # matvec: the unflattened layout
         if not einsum.matvec:
             return tuple(shape)
         perm = einsum.matvec_permutation()
@@ -219,7 +219,7 @@ def merge(model: nnx.Module) -> nnx.Module:
             )
         delta = module.lora.delta()
         if module.matvec:
-            delta = jnp.transpose(delta, module.matvec_permutation())
+            delta = to_matvec_value(module, "w", delta)
         w = module.w[...]
         module.w = type(module.w)((w.astype(jnp.float32) + delta).astype(w.dtype))
         module.lora = None

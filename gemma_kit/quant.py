@@ -23,10 +23,11 @@ int4 (`bits=4`): group-wise, a bf16 scale and minimum per 32 inputs (gemma_kit.i
 format and its error bound, |w - (q s + m)| <= s / 2 = the group's range / 30). Each Einsum
 weight is moved to the matvec layout (contracted axes last), flattened to [O, I] and packed two
 values per byte (Int4Weight uint8 [O/2, I]; Int4Scale and Int4Min bf16 [O, I/32] in `w_scale`
-and `w_min`); `Einsum.int4_shape` keeps the layout's shape. The table, with `embedding=True`,
-is packed the same way along D (per 32 features of a row; input_embedding_scale and
-input_embedding_min): the logits read 5 bits per weight. Products of 5 or more rows (prefill,
-batches, training) dequantize each weight to bf16 inside the computation first.
+and `w_min`); `Einsum.matvec_shape` keeps the layout's unflattened shape. The table, with
+`embedding=True`, is packed the same way along D (per 32 features of a row;
+input_embedding_scale and input_embedding_min): the logits read 5 bits per weight. Products of
+5 or more rows (prefill, batches, training) dequantize each weight to bf16 inside the
+computation first.
 """
 
 from __future__ import annotations
@@ -64,10 +65,10 @@ class Int4Min(nnx.Variable):
 
 
 def contracted_axes(einsum: Einsum) -> tuple[int, ...]:
-    """Axes of the stored `w` that are contracted with x (the last ones in matvec layout)."""
+    """Axes of the stored `w` that are contracted with x (the last one in the matvec layout's
+    [O, I] matrix)."""
     if einsum.matvec:
-        n = len(einsum.contracted)
-        return tuple(range(einsum.w.ndim - n, einsum.w.ndim))
+        return (einsum.w.ndim - 1,)
     return tuple(i for i, c in enumerate(einsum.w_spec) if c in einsum.contracted)
 
 
@@ -127,6 +128,9 @@ def quantize_model(model: nnx.Module, *, embedding: bool = False,
             quantize_einsum_int4(module, "/".join(map(str, path)))
             continue
         q, scale = quantize_int8(module.w[...], contracted_axes(module))
+        if module.matvec:  # the scale keeps the unflattened layout, as to_matvec_layout's
+            kept = len(module.matvec_shape) - len(module.contracted)
+            scale = scale.reshape(*module.matvec_shape[:kept], *[1] * len(module.contracted))
         module.w = Int8Weight(q)
         module.w_scale = Int8Scale(scale)
     return copy
@@ -137,10 +141,10 @@ def quantize_einsum_int4(module: Einsum, name: str = "an Einsum") -> None:
     w = module.w[...]
     if not module.matvec:
         w = jnp.transpose(w, module.matvec_permutation())
-    n_in = int(np.prod(w.shape[w.ndim - len(module.contracted):]))
-    int4.check_shape(w.size // n_in, n_in, name)
-    m = int4.quantize(w.reshape(-1, n_in))
-    module.int4_shape = tuple(int(n) for n in w.shape)
+        module.matvec_shape = tuple(int(n) for n in w.shape)
+    w = w.reshape(module.matvec_rows(), -1)
+    int4.check_shape(*w.shape, name)
+    m = int4.quantize(w)
     module.w = Int4Weight(m.packed)
     module.w_scale = Int4Scale(m.scale)
     module.w_min = Int4Min(m.minimum)

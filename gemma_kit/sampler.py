@@ -37,7 +37,7 @@ from gemma_kit.decode import (
     prefill,
 )
 from gemma_kit.errors import ImageError
-from gemma_kit.layers import Einsum, to_matvec_layout
+from gemma_kit.layers import Einsum, matvec_layout_of, to_matvec_layout
 from gemma_kit.sampling import DryPenalty, SamplingError, SamplingParams
 from gemma_kit.vision import prompt as image_prompt
 
@@ -136,15 +136,17 @@ class Sampler:
         # Every leaf committed to where it lives, as update_params places new values: jit keys
         # its compiled programs on placement, committed or not.
         self.params = jax.tree.map(lambda x: jax.device_put(x, x.sharding), params)
-        # Where the sampler stores a weight transposed (the matvec layout): its path -> the
-        # permutation from the model's own layout, which update_params applies to new values.
+        # Where the sampler stores a weight in the matvec layout: its path -> (the Einsum's
+        # static settings, variable name, official shape), which update_params uses to move
+        # new values into that layout (gemma_kit.layers.to_matvec_value).
         self._layouts = {}
         self._drafts: dict[int, tuple] = {}  # id(draft model) -> (model, its Sampler)
         if matvec_layout:
             for path, module in nnx.merge(self.graphdef, self.params).iter_modules():
-                if isinstance(module, Einsum) and module.matvec:
-                    for name in ("w", "w_scale"):
-                        self._layouts[(*path, name)] = module.matvec_permutation()
+                if isinstance(module, Einsum) and module.matvec and not module.is_int4:
+                    self._layouts[(*path, "w")] = matvec_layout_of(module, "w")
+                    if module.w_scale is not None:
+                        self._layouts[(*path, "w_scale")] = matvec_layout_of(module, "w_scale")
 
     def update_params(self, params) -> None:
         """Swaps in new values of some of the model's variables, keeping the compiled programs.
@@ -171,16 +173,15 @@ class Sampler:
                     f"update_params: the Sampler's model has no variable {name}; pass the state "
                     "of the same model (e.g. lora_state(model) or nnx.state(model))")
             want = old[...]
-            perm = self._layouts.get(path)
-            official = want.shape if perm is None else tuple(
-                want.shape[perm.index(i)] for i in range(len(perm)))
-            if tuple(value.shape) != official or value.dtype != want.dtype:
+            layout = self._layouts.get(path)
+            official = want.shape if layout is None else layout.official_shape
+            if tuple(value.shape) != tuple(official) or value.dtype != want.dtype:
                 raise SamplingError(
                     f"update_params: {name} is {value.dtype}{list(value.shape)} but the "
                     f"Sampler's model has {want.dtype}{list(official)}; pass values of the "
                     "same shape and dtype (cast them first), or build a new Sampler")
-            if perm is not None:
-                value = jnp.transpose(value, perm)
+            if layout is not None:
+                value = layout.to_stored(value)
             # Placed as the old value was: the compiled programs' keys include placement.
             updated[path] = old.replace(jax.device_put(value, want.sharding))
         self.params = nnx.State.from_flat_path(updated)

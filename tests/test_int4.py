@@ -70,7 +70,7 @@ def test_int4_model_runs_like_its_dequantized_weights(tiny_model):
     q = quant.quantize_model(model, embedding=True, bits=4)
     assert quant.is_quantized(q) and not quant.is_quantized(model)
     einsums = [m for _, m in q.iter_modules() if isinstance(m, Einsum)]
-    assert all(m.w[...].dtype == jnp.uint8 and m.int4_shape for m in einsums)
+    assert all(m.w[...].dtype == jnp.uint8 and m.matvec_shape for m in einsums)
     assert not any(x.dtype == jnp.uint8 for x in jax.tree.leaves(nnx.state(q, nnx.Param)))
     logits = np.asarray(q(tokens))
 
@@ -80,7 +80,7 @@ def test_int4_model_runs_like_its_dequantized_weights(tiny_model):
         if isinstance(a, Einsum):
             dense = int4.dequantize(int4.Int4Matrix(b.w[...], b.w_scale[...], b.w_min[...]))
             perm = a.matvec_permutation()
-            official = jnp.transpose(dense.reshape(b.int4_shape), np.argsort(perm))
+            official = jnp.transpose(dense.reshape(b.matvec_shape), np.argsort(perm))
             a.w = nnx.Param(official)
     e = q.embedder
     table = int4.Int4Matrix(e.input_embedding[...], e.input_embedding_scale[...],

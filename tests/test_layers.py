@@ -131,7 +131,27 @@ def test_matvec_layout_gives_the_same_logits(tiny_gemma3_config, tiny_gemma2_con
         einsums = [m for _, m in fast.iter_modules() if isinstance(m, Einsum)]
         assert einsums and all(m.matvec for m in einsums)
         assert not any(m.matvec for _, m in model.iter_modules() if isinstance(m, Einsum))
+        # One token of one row: the matrix-vector forms (flatten_rows' concatenation for
+        # the output projection, which contracts two axes).
+        np.testing.assert_allclose(fast(tokens[:1, :1]), model(tokens[:1, :1]), atol=1e-5)
         linear = fast.layer_0.mlp.linear.w[...]
         assert linear.shape == (config.embed_dim, config.hidden_dim)  # [D, F]: F contracted last
+        out = fast.layer_0.attn.attn_vec_einsum  # [N, H, D] stored as [D, N * H]
+        N, H, D = config.num_heads, config.head_dim, config.embed_dim
+        assert out.matvec_shape == (D, N, H) and out.w[...].shape == (D, N * H)
         with pytest.raises(CheckpointError, match="decode layout"):
             save_checkpoint(fast, "/nonexistent/never-written")
+
+
+@pytest.mark.parametrize("shape, contracted", [((1, 1, 4, 8), 2), ((3, 1, 4, 8), 2),
+                                               ((2, 5, 4, 8), 2), ((1, 2, 3, 4, 5), 3),
+                                               ((2, 7, 6), 1)])
+def test_flatten_rows_is_a_row_major_reshape(shape, contracted):
+    """flatten_rows builds few rows by concatenation (for XLA's loop, not the values): it is
+    x.reshape(rows, -1) exactly, for any number of contracted axes and rows."""
+    from gemma_kit.layers import flatten_rows
+
+    x = jnp.asarray(np.random.default_rng(1).standard_normal(shape), jnp.float32)
+    rows = int(np.prod(shape[: len(shape) - contracted]))
+    y = jax.jit(lambda a: flatten_rows(a, contracted))(x)
+    np.testing.assert_array_equal(y, x.reshape(rows, -1))
