@@ -34,10 +34,13 @@ def table(headers, rows, markdown: bool) -> str:
         out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
         out += ["| " + " | ".join(r) + " |" for r in rows]
         return "\n".join(out)
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(headers)]
-    fmt = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w)  # noqa: E731
-                              for i, (c, w) in enumerate(zip(r, widths)))
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+
+    def fmt(r):
+        return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
     return "\n".join([fmt(headers), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
 
 
@@ -137,5 +140,3 @@ def jax_generate(sampler, prompt: str, batch: int):
         return [r.tokens for r in out]
 
     return generate
-
-

@@ -13,5 +13,8 @@ T0 = time.perf_counter()
 
 
 def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')} +{time.perf_counter() - T0:6.1f}s] {msg}",
-          file=sys.stderr, flush=True)
+    print(
+        f"[{time.strftime('%H:%M:%S')} +{time.perf_counter() - T0:6.1f}s] {msg}",
+        file=sys.stderr,
+        flush=True,
+    )

@@ -56,8 +56,10 @@ def main(argv=None) -> int:
     from gemma_kit.posttrain.reward_model import RewardModel
     from gemma_kit.posttrain.rewards import call_reward, vader_sentiment
 
-    print(f"machine: {cpu_model()}, {len(os.sched_getaffinity(0))} usable cores, load average "
-          f"{os.getloadavg()[0]:.1f} at start (shared: other processes slow every figure)")
+    print(
+        f"machine: {cpu_model()}, {len(os.sched_getaffinity(0))} usable cores, load average "
+        f"{os.getloadavg()[0]:.1f} at start (shared: other processes slow every figure)"
+    )
     log("loading the 270M")
     model, tokenizer = gemma_kit.default_model()
     sampler = gemma_kit.Sampler(model, tokenizer)
@@ -67,14 +69,14 @@ def main(argv=None) -> int:
         return best_of_n(sampler, PROMPT, args.n, vader_sentiment, seed=seed, **sampling)
 
     def separate(seed):
-        texts = [sampler.generate(PROMPT, seed=seed * args.n + i, **sampling).text
-                 for i in range(args.n)]
+        texts = [
+            sampler.generate(PROMPT, seed=seed * args.n + i, **sampling).text for i in range(args.n)
+        ]
         return call_reward(vader_sentiment, [PROMPT] * args.n, texts)
 
     log("reward model: the 270M with LoRA and a head")
     rm = RewardModel.from_base("default", method="lora")
-    completions = [r.text for r in sampler.generate([PROMPT] * args.rm_pairs, seed=99,
-                                                    **sampling)]
+    completions = [r.text for r in sampler.generate([PROMPT] * args.rm_pairs, seed=99, **sampling)]
     prompts = [PROMPT] * args.rm_pairs
 
     merged = rm.merged()
@@ -85,9 +87,12 @@ def main(argv=None) -> int:
     def scoring_merged(seed):
         return merged.score(prompts, completions, batch_size=args.rm_batch, progress=False)
 
-    configs = {"best_of_n (one batched generate)": batched,
-               f"{args.n} separate generate calls": separate, "reward model scoring": scoring,
-               "reward model scoring, LoRA merged": scoring_merged}
+    configs = {
+        "best_of_n (one batched generate)": batched,
+        f"{args.n} separate generate calls": separate,
+        "reward model scoring": scoring,
+        "reward model scoring, LoRA merged": scoring_merged,
+    }
     for name, run in configs.items():
         log(f"warm-up (compiling): {name}")
         run(0)
@@ -101,18 +106,26 @@ def main(argv=None) -> int:
 
     bon, sep, score, score_merged = best.values()
     tokens = sum(len(tokenizer.encode(PROMPT + c)) + 1 for c in completions)
-    print(f"\nBest-of-{args.n}, {args.new_tokens} new tokens per candidate, best of "
-          f"{args.rounds} rounds")
+    print(
+        f"\nBest-of-{args.n}, {args.new_tokens} new tokens per candidate, best of "
+        f"{args.rounds} rounds"
+    )
     print(f"{'':36} {'seconds':>8} {'candidates/s':>13}")
     print(f"{'best_of_n (one batched generate)':36} {bon:8.2f} {args.n / bon:13.2f}")
     print(f"{f'{args.n} separate generate calls':36} {sep:8.2f} {args.n / sep:13.2f}")
     print(f"speed-up of one batched generate: {sep / bon:.2f}x")
-    print(f"\nreward-model scoring (270M + LoRA rank 8), {args.rm_pairs} pairs of {tokens} "
-          f"tokens in all, batches of {args.rm_batch}")
-    for name, seconds in (("LoRA unmerged (training form)", score),
-                          ("LoRA merged (RewardModel.merged)", score_merged)):
-        print(f"{name:36} {seconds:8.2f} s {args.rm_pairs / seconds:8.1f} sequences/s "
-              f"{tokens / seconds:8.0f} tokens/s")
+    print(
+        f"\nreward-model scoring (270M + LoRA rank 8), {args.rm_pairs} pairs of {tokens} "
+        f"tokens in all, batches of {args.rm_batch}"
+    )
+    for name, seconds in (
+        ("LoRA unmerged (training form)", score),
+        ("LoRA merged (RewardModel.merged)", score_merged),
+    ):
+        print(
+            f"{name:36} {seconds:8.2f} s {args.rm_pairs / seconds:8.1f} sequences/s "
+            f"{tokens / seconds:8.0f} tokens/s"
+        )
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
     return 0
 

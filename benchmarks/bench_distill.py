@@ -56,9 +56,16 @@ from gemma_kit.posttrain.distill_config import DistillConfig  # noqa: E402
 from gemma_kit.posttrain.rollout import rollout  # noqa: E402
 from gemma_kit.training import CrossEntropy, Trainer, micro_batches  # noqa: E402
 
-PROMPTS = ["The for statement is used to", "A class definition", "The try statement",
-           "Assignment statements are used to", "The with statement", "Function definitions",
-           "The while statement", "An if statement"]
+PROMPTS = [
+    "The for statement is used to",
+    "A class definition",
+    "The try statement",
+    "Assignment statements are used to",
+    "The with statement",
+    "Function definitions",
+    "The while statement",
+    "An if statement",
+]
 
 
 def text_rows(tokenizer, rows: int, length: int) -> dict[str, np.ndarray]:
@@ -67,9 +74,14 @@ def text_rows(tokenizer, rows: int, length: int) -> dict[str, np.ndarray]:
 
     text = "\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
     ids = tokenizer.encode(text[:200_000], add_bos=False)
-    examples = [Example(np.asarray([tokenizer.bos_id] + ids[i * length:(i + 1) * length],
-                                   np.int32), np.ones(length + 1, bool), "pydoc")
-                for i in range(rows)]
+    examples = [
+        Example(
+            np.asarray([tokenizer.bos_id] + ids[i * length : (i + 1) * length], np.int32),
+            np.ones(length + 1, bool),
+            "pydoc",
+        )
+        for i in range(rows)
+    ]
     packed = pack(examples, length, packing=False)
     return packed.take(np.arange(rows))
 
@@ -78,19 +90,27 @@ def main():
     args = ARGS
     load = os.getloadavg()[0]
     teacher, tok = gemma_kit.default_model()
-    student = gemma_kit.load_model(args.student) if args.student else \
-        gemma_kit.default_model()[0]
+    student = gemma_kit.load_model(args.student) if args.student else gemma_kit.default_model()[0]
     apply_lora(student, rank=16, alpha=32.0)
-    config = DistillConfig(teacher="default", train_file="-", out_dir="-", steps=100,
-                           batch_size=args.rows, learning_rate=1e-4, loss_chunk=args.chunk,
-                           lmbda=0.0).validate()
+    config = DistillConfig(
+        teacher="default",
+        train_file="-",
+        out_dir="-",
+        steps=100,
+        batch_size=args.rows,
+        learning_rate=1e-4,
+        loss_chunk=args.chunk,
+        lmbda=0.0,
+    ).validate()
     rows = same_rows(text_rows(tok, args.rows, args.length), args.length, args.length)
     rows["loss_weights"], rows["normaliser"] = reduction_weights(
-        rows["weights"], rows["segments"], "token-mean")
+        rows["weights"], rows["segments"], "token-mean"
+    )
     K = 256
     rng = np.random.default_rng(0)
-    topk_ids = rng.integers(0, teacher.config.vocab_size, (args.rows, args.length, K),
-                            dtype=np.int32)
+    topk_ids = rng.integers(
+        0, teacher.config.vocab_size, (args.rows, args.length, K), dtype=np.int32
+    )
     topk_probs = rng.dirichlet(np.ones(K), (args.rows, args.length)).astype(np.float32)
     from flax import nnx
 
@@ -100,10 +120,14 @@ def main():
         "SFT (CrossEntropy)": (CrossEntropy(args.chunk), None, {}),
         "KD, forward KL (full vocabulary)": (
             DistillLoss(losses.Divergence("forward_kl"), teacher=t_graphdef, chunk=args.chunk),
-            teacher_values, {}),
+            teacher_values,
+            {},
+        ),
         f"KD, offline sampled top-{K} (no teacher)": (
-            DistillLoss(topk=K, offline=True, chunk=args.chunk), None,
-            dict(topk_ids=topk_ids, topk_probs=topk_probs)),
+            DistillLoss(topk=K, offline=True, chunk=args.chunk),
+            None,
+            dict(topk_ids=topk_ids, topk_probs=topk_probs),
+        ),
     }
     trainers = {}
     for name, (loss, frozen, extra) in variants.items():
@@ -117,54 +141,64 @@ def main():
         trainers[name] = (trainer, placed, frozen)
 
     sampler = gemma_kit.Sampler(student, tok)
-    batch_prompts = (PROMPTS * (args.prompts // len(PROMPTS) + 1))[:args.prompts]
+    batch_prompts = (PROMPTS * (args.prompts // len(PROMPTS) + 1))[: args.prompts]
 
     def do_rollout():
         out = rollout(sampler, batch_prompts, 1, args.new, seed=0, step=0, stop_token_ids=())
         assert out.completion_mask.all()
 
     def do_generate():
-        out = sampler.generate(batch_prompts, max_new_tokens=args.new, temperature=1.0,
-                               stop_token_ids=())
+        out = sampler.generate(
+            batch_prompts, max_new_tokens=args.new, temperature=1.0, stop_token_ids=()
+        )
         assert all(len(r.tokens) == args.new for r in out)
 
     pieces = {name: (lambda t=t: t[0].step(t[1], t[2])) for name, t in trainers.items()}
-    pieces.update({"rollout (temperature 1)": do_rollout,
-                   "Sampler.generate (temperature 1)": do_generate})
+    pieces.update(
+        {"rollout (temperature 1)": do_rollout, "Sampler.generate (temperature 1)": do_generate}
+    )
     for name in ("rollout (temperature 1)", "Sampler.generate (temperature 1)"):
         pieces[name]()  # compiles
     best: dict[str, float] = {}
     for r in range(args.rounds):
-        for name, fn in (list(pieces.items()) if r % 2 == 0 else list(pieces.items())[::-1]):
+        for name, fn in list(pieces.items()) if r % 2 == 0 else list(pieces.items())[::-1]:
             t = time.perf_counter()
             fn()
             best[name] = min(best.get(name, math.inf), time.perf_counter() - t)
         log(f"round {r + 1} done")
 
-    print(f"\nDistillation benchmark: {machine()}, {jax.default_backend()}; load {load:.1f} at "
-          f"start, {os.getloadavg()[0]:.1f} at end (a shared machine); {args.rounds} "
-          "interleaved rounds, best of each")
-    print(f"student {student.config.name} + LoRA r16 (all projections), teacher "
-          f"{teacher.config.name}; weights bf16, compute f32; logits chunks of {args.chunk}\n")
+    print(
+        f"\nDistillation benchmark: {machine()}, {jax.default_backend()}; load {load:.1f} at "
+        f"start, {os.getloadavg()[0]:.1f} at end (a shared machine); {args.rounds} "
+        "interleaved rounds, best of each"
+    )
+    print(
+        f"student {student.config.name} + LoRA r16 (all projections), teacher "
+        f"{teacher.config.name}; weights bf16, compute f32; logits chunks of {args.chunk}\n"
+    )
     tokens = args.rows * args.length
     sft = best["SFT (CrossEntropy)"]
-    print(f"training step, {args.rows} rows x {args.length} tokens "
-          f"{'seconds':>22} {'tokens/s':>9} {'vs SFT step':>12}")
+    print(
+        f"training step, {args.rows} rows x {args.length} tokens "
+        f"{'seconds':>22} {'tokens/s':>9} {'vs SFT step':>12}"
+    )
     for name in trainers:
-        print(f"  {name:52} {best[name]:8.2f} {tokens / best[name]:9.1f} "
-              f"{best[name] / sft:11.2f}x")
+        print(f"  {name:52} {best[name]:8.2f} {tokens / best[name]:9.1f} {best[name] / sft:11.2f}x")
     gen = best["Sampler.generate (temperature 1)"]
     new = args.prompts * args.new
-    print(f"\nsampling, {args.prompts} rows x {args.new} new tokens{'':17} {'seconds':>8} "
-          f"{'tokens/s':>9} {'vs generate':>12}")
+    print(
+        f"\nsampling, {args.prompts} rows x {args.new} new tokens{'':17} {'seconds':>8} "
+        f"{'tokens/s':>9} {'vs generate':>12}"
+    )
     for name in ("rollout (temperature 1)", "Sampler.generate (temperature 1)"):
-        print(f"  {name:52} {best[name]:8.2f} {new / best[name]:9.1f} "
-              f"{gen / best[name]:11.2f}x")
+        print(f"  {name:52} {best[name]:8.2f} {new / best[name]:9.1f} {gen / best[name]:11.2f}x")
     kd = best["KD, forward KL (full vocabulary)"] / sft
     ro = gen / best["rollout (temperature 1)"]
-    print(f"\ntargets: KD step <= 1.5x the SFT step: {kd:.2f}x "
-          f"({'met' if kd <= 1.5 else 'NOT met'}); rollouts within 10% of generate: "
-          f"{ro:.2f}x ({'met' if ro >= 0.9 else 'NOT met'})")
+    print(
+        f"\ntargets: KD step <= 1.5x the SFT step: {kd:.2f}x "
+        f"({'met' if kd <= 1.5 else 'NOT met'}); rollouts within 10% of generate: "
+        f"{ro:.2f}x ({'met' if ro >= 0.9 else 'NOT met'})"
+    )
 
 
 if __name__ == "__main__":

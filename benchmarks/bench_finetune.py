@@ -33,7 +33,6 @@ import time
 from _log import log  # noqa: E402  (benchmarks/ is on sys.path)
 
 
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seq", type=int, default=512, help="tokens per row")
@@ -41,10 +40,13 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=3, help="timed steps (the best is kept)")
     p.add_argument("--method", default="lora", choices=["lora", "qlora"])
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--compute", default="f32", choices=["f32", "bf16"],
-                   help="activation dtype")
-    p.add_argument("--weights", default="bf16", choices=["f32", "bf16"],
-                   help="dtype the frozen base is held in (bf16 as stored, or upcast once)")
+    p.add_argument("--compute", default="f32", choices=["f32", "bf16"], help="activation dtype")
+    p.add_argument(
+        "--weights",
+        default="bf16",
+        choices=["f32", "bf16"],
+        help="dtype the frozen base is held in (bf16 as stored, or upcast once)",
+    )
     p.add_argument("--quick", action="store_true", help="seq 128, 2 timed steps")
     return p.parse_args(argv)
 
@@ -67,16 +69,25 @@ def synthetic_rows(batch: int, seq: int, vocab: int, seed: int = 0):
 
     rng = np.random.default_rng(seed)
     tokens = rng.integers(1000, vocab, (batch, seq + 1)).astype(np.int32)
-    return Rows(tokens[:, :-1], tokens[:, 1:], np.ones((batch, seq), np.float32),
-                np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
-                np.ones((batch, seq), np.int32))
+    return Rows(
+        tokens[:, :-1],
+        tokens[:, 1:],
+        np.ones((batch, seq), np.float32),
+        np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
+        np.ones((batch, seq), np.int32),
+    )
 
 
 def model_flops_per_token(config, seq: int) -> float:
     """Forward matmul FLOPs per token: 2 per weight read (embedding lookup excluded, output
     projection included) plus the attention as computed (T x T scores and values)."""
-    D, F, N, K, H = (config.embed_dim, config.hidden_dim, config.num_heads,
-                     config.num_kv_heads, config.head_dim)
+    D, F, N, K, H = (
+        config.embed_dim,
+        config.hidden_dim,
+        config.num_heads,
+        config.num_kv_heads,
+        config.head_dim,
+    )
     per_layer = N * D * H + 2 * K * D * H + N * H * D + 3 * D * F
     weights = config.num_layers * per_layer + config.vocab_size * D
     attention = config.num_layers * 2 * 2 * N * H * seq
@@ -97,10 +108,18 @@ def main(argv=None) -> int:
 
     load_start = os.getloadavg()[0]
     log(f"jax {jax.__version__} on {cpu_name()}, {os.cpu_count()} cores, load {load_start:.1f}")
-    config = TrainConfig(train_file="-", out_dir="-", steps=1000, method=args.method,
-                         lora_rank=args.rank, batch_size=args.batch, max_length=args.seq,
-                         compute_dtype=args.compute, param_dtype=args.weights,
-                         progress=False).validate()
+    config = TrainConfig(
+        train_file="-",
+        out_dir="-",
+        steps=1000,
+        method=args.method,
+        lora_rank=args.rank,
+        batch_size=args.batch,
+        max_length=args.seq,
+        compute_dtype=args.compute,
+        param_dtype=args.weights,
+        progress=False,
+    ).validate()
     base, tokenizer = gemma_kit.default_model(jnp.float32 if args.weights == "f32" else None)
     model, _, _ = build_model(config, base, tokenizer)
     trainer = Trainer(config, model, steps=1000)
@@ -143,22 +162,34 @@ def main(argv=None) -> int:
     train_flops = 2 * fwd_flops  # forward + input gradients; the base gets no weight gradients
     load_end = os.getloadavg()[0]
     print(f"\n### LoRA fine-tuning on {cpu_name()} ({os.cpu_count()} cores)\n")
-    print(f"- gemma3-270m, {args.weights} weights ({args.method}, rank {args.rank}, every "
-          "projection), "
-          f"{args.compute} activations; {args.batch} x {args.seq} tokens per step; jax "
-          f"{jax.__version__}; load average {load_start:.1f} at start, {load_end:.1f} at end")
-    print(f"- {trainer.trainable_count:,} trainable parameters; best of {args.steps} steps after "
-          "a warm-up\n")
+    print(
+        f"- gemma3-270m, {args.weights} weights ({args.method}, rank {args.rank}, every "
+        "projection), "
+        f"{args.compute} activations; {args.batch} x {args.seq} tokens per step; jax "
+        f"{jax.__version__}; load average {load_start:.1f} at start, {load_end:.1f} at end"
+    )
+    print(
+        f"- {trainer.trainable_count:,} trainable parameters; best of {args.steps} steps after "
+        "a warm-up\n"
+    )
     print("| what | time per step | tokens/s | model GFLOP/s | of matmul rate |")
     print("|---|---|---|---|---|")
-    print(f"| training step (LoRA) | {best_train:.2f} s | {tokens / best_train:.1f} | "
-          f"{train_flops / best_train / 1e9:.1f} | {train_flops / best_train / mm_rate:.0%} |")
-    print(f"| forward only (same rows) | {best_fwd:.2f} s | {tokens / best_fwd:.1f} | "
-          f"{fwd_flops / best_fwd / 1e9:.1f} | {fwd_flops / best_fwd / mm_rate:.0%} |")
-    print(f"| f32 matmul [{args.seq},640]x[640,16384] | {best_mm * 1e3:.1f} ms | | "
-          f"{mm_rate / 1e9:.1f} | 100% |")
-    print(f"\ntrain / forward time: {best_train / best_fwd:.2f} (about 2 expected: the forward "
-          "plus the input gradients)")
+    print(
+        f"| training step (LoRA) | {best_train:.2f} s | {tokens / best_train:.1f} | "
+        f"{train_flops / best_train / 1e9:.1f} | {train_flops / best_train / mm_rate:.0%} |"
+    )
+    print(
+        f"| forward only (same rows) | {best_fwd:.2f} s | {tokens / best_fwd:.1f} | "
+        f"{fwd_flops / best_fwd / 1e9:.1f} | {fwd_flops / best_fwd / mm_rate:.0%} |"
+    )
+    print(
+        f"| f32 matmul [{args.seq},640]x[640,16384] | {best_mm * 1e3:.1f} ms | | "
+        f"{mm_rate / 1e9:.1f} | 100% |"
+    )
+    print(
+        f"\ntrain / forward time: {best_train / best_fwd:.2f} (about 2 expected: the forward "
+        "plus the input gradients)"
+    )
     return 0
 
 

@@ -30,8 +30,16 @@ import platform
 import sys
 import time
 
-from _common import (BandwidthProbe, Decode, core_count, cpu_model, fmt_rate,  # noqa: E402
-                     fmt_ratio, jax_generate, table)
+from _common import (
+    BandwidthProbe,
+    Decode,
+    core_count,
+    cpu_model,
+    fmt_rate,  # noqa: E402
+    fmt_ratio,
+    jax_generate,
+    table,
+)
 from _log import log  # noqa: E402  (benchmarks/ is on sys.path)
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time, in a land far away,"
@@ -53,8 +61,12 @@ def parse_args(argv=None):
     p.add_argument("--decode-steps", type=int, default=None, help="D (default 48, quick 16)")
     p.add_argument("--rounds", type=int, default=None, help="rounds (default 3, quick 1)")
     p.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
-    p.add_argument("--llama-threads", type=int, default=None,
-                   help="llama.cpp threads (default: the cores of this process)")
+    p.add_argument(
+        "--llama-threads",
+        type=int,
+        default=None,
+        help="llama.cpp threads (default: the cores of this process)",
+    )
     args = p.parse_args(argv)
     args.formats = [f for f in args.formats.split(",") if f]
     bad = [f for f in args.formats if f not in FORMATS]
@@ -72,7 +84,6 @@ import jax  # noqa: E402
 import gemma_kit  # noqa: E402
 from gemma_kit import Sampler, cpu_paths, quant  # noqa: E402
 from gemma_kit.paths import cache_dir, default_gguf_path  # noqa: E402
-
 
 # ----------------------------------------------------------------------------------------------
 # llama.cpp
@@ -125,13 +136,18 @@ def llama_generate(path, ids: list[int], threads: int):
     import llama_cpp
     import numpy as np
 
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=CACHE_LEN, n_batch=CACHE_LEN,
-                          n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm = llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=CACHE_LEN,
+        n_batch=CACHE_LEN,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
     vocab = llm.n_vocab()
 
     def next_token():
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1),
-                                       shape=(vocab,))
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
         return int(logits.argmax())
 
     def generate(n):
@@ -172,8 +188,10 @@ def main():
         try:
             import llama_cpp
         except ImportError:
-            log("llama-cpp-python is not installed (pip install 'gemma-kit[bench]'): gemma_kit "
-                "rows only")
+            log(
+                "llama-cpp-python is not installed (pip install 'gemma-kit[bench]'): gemma_kit "
+                "rows only"
+            )
         else:
             llama_version = llama_cpp.__version__
             kinds = [FORMATS[f][1] for f in args.formats] + [SHIPPED]
@@ -185,6 +203,7 @@ def main():
     official = None
     try:  # the official library, where installed (not a dependency of anything here)
         import gemma as official
+
         log("the official gemma library is installed but not wired into this benchmark yet")
     except ImportError:
         pass
@@ -224,42 +243,94 @@ def main():
         kind = FORMATS[name][1]
         peer = by.get(("llama.cpp", kind))
         roof = weight_bytes[name] / bw
-        rows.append([name, fmt_rate(ours.rate), f"{ours.step_time * 1e3:.1f}",
-                     f"{weight_bytes[name] / 1e6:.0f}", f"{roof / ours.step_time:.0%}", kind,
-                     fmt_rate(peer.rate) if peer else "n/a",
-                     f"{peer.step_time * 1e3:.1f}" if peer else "n/a",
-                     fmt_ratio(ours.rate / peer.rate) if peer else "n/a"])
+        rows.append(
+            [
+                name,
+                fmt_rate(ours.rate),
+                f"{ours.step_time * 1e3:.1f}",
+                f"{weight_bytes[name] / 1e6:.0f}",
+                f"{roof / ours.step_time:.0%}",
+                kind,
+                fmt_rate(peer.rate) if peer else "n/a",
+                f"{peer.step_time * 1e3:.1f}" if peer else "n/a",
+                fmt_ratio(ours.rate / peer.rate) if peer else "n/a",
+            ]
+        )
     shipped = by.get(("llama.cpp", SHIPPED))
     if shipped:
-        rows.append(["", "", "", "", "", f"{SHIPPED} (shipped)", fmt_rate(shipped.rate),
-                     f"{shipped.step_time * 1e3:.1f}", ""])
-    print(table(["gemma_kit", "tokens/s", "ms/step", "MB weights", "of bandwidth roofline",
-                 "llama.cpp", "tokens/s", "ms/step", "gemma_kit / llama.cpp"], rows, md))
+        rows.append(
+            [
+                "",
+                "",
+                "",
+                "",
+                "",
+                f"{SHIPPED} (shipped)",
+                fmt_rate(shipped.rate),
+                f"{shipped.step_time * 1e3:.1f}",
+                "",
+            ]
+        )
+    print(
+        table(
+            [
+                "gemma_kit",
+                "tokens/s",
+                "ms/step",
+                "MB weights",
+                "of bandwidth roofline",
+                "llama.cpp",
+                "tokens/s",
+                "ms/step",
+                "gemma_kit / llama.cpp",
+            ],
+            rows,
+            md,
+        )
+    )
     if files:
         print()
-        print("\n".join(("- " if md else "  ") + f"{kind}: {path.name} ({gguf_summary(path)})"
-                        for kind, path in files.items()))
+        print(
+            "\n".join(
+                ("- " if md else "  ") + f"{kind}: {path.name} ({gguf_summary(path)})"
+                for kind, path in files.items()
+            )
+        )
     paths = cpu_paths.read_cache()
     mine = {k: v for k, v in paths.items() if k.startswith(cpu_paths.cpu_signature())}
     if mine:
-        print("\nCompiled product forms chosen on this CPU (gemma_kit.cpu_paths; probe seconds "
-              "per call, dot / upcast):\n")
-        rows = [[k.split(" | ", 2)[2], v["path"], " / ".join(
-            f"{v['seconds'][p] * 1e3:.1f} ms" for p in cpu_paths.PATHS if p in v["seconds"])]
-            for k, v in sorted(mine.items())]
+        print(
+            "\nCompiled product forms chosen on this CPU (gemma_kit.cpu_paths; probe seconds "
+            "per call, dot / upcast):\n"
+        )
+        rows = [
+            [
+                k.split(" | ", 2)[2],
+                v["path"],
+                " / ".join(
+                    f"{v['seconds'][p] * 1e3:.1f} ms" for p in cpu_paths.PATHS if p in v["seconds"]
+                ),
+            ]
+            for k, v in sorted(mine.items())
+        ]
         print(table(["class (dtype | rows | size)", "form", "probe"], rows, md))
     agree = []
     for name in args.formats:
         ours, peer = by.get(("gemma_kit", name)), by.get(("llama.cpp", FORMATS[name][1]))
         if ours and peer and ours.first_row and peer.first_row:
-            same = next((i for i, (a, b) in enumerate(zip(ours.first_row, peer.first_row))
-                         if a != b), len(ours.first_row))
-            agree.append(f"{name} vs {FORMATS[name][1]}: first {same} of "
-                         f"{len(ours.first_row)} greedy tokens equal")
+            same = next(
+                (i for i, (a, b) in enumerate(zip(ours.first_row, peer.first_row)) if a != b),
+                len(ours.first_row),
+            )
+            agree.append(
+                f"{name} vs {FORMATS[name][1]}: first {same} of "
+                f"{len(ours.first_row)} greedy tokens equal"
+            )
     if agree:
         print("\n" + "\n".join(("- " if md else "  ") + a for a in agree))
-    json.dump({"bandwidth": bw, "rates": {f"{e} {d}": c.rate for (e, d), c in by.items()}},
-              sys.stderr)
+    json.dump(
+        {"bandwidth": bw, "rates": {f"{e} {d}": c.rate for (e, d), c in by.items()}}, sys.stderr
+    )
     print(file=sys.stderr)
     log("done")
 

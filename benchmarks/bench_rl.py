@@ -44,9 +44,12 @@ p.add_argument("--prompts", type=int, default=4, help="prompts per step (default
 p.add_argument("--k", type=int, default=4, help="rollouts per prompt (default 4)")
 p.add_argument("--new", type=int, default=24, help="new tokens per rollout (default 24)")
 p.add_argument("--rounds", type=int, default=3, help="timed steps after the warm-up (default 3)")
-p.add_argument("--anchor", choices=["ema", "reference"], default="ema",
-               help="the KL's anchor: ema (three networks scored) or reference (two) "
-                    "(default ema)")
+p.add_argument(
+    "--anchor",
+    choices=["ema", "reference"],
+    default="ema",
+    help="the KL's anchor: ema (three networks scored) or reference (two) (default ema)",
+)
 ARGS = p.parse_args()
 
 
@@ -71,11 +74,20 @@ def main() -> None:
     log(f"machine: {machine()}")
     data = ROOT / "posttrain" / "data"
     out = pathlib.Path(tempfile.mkdtemp(prefix="bench_rl_"))
-    config = RLConfig(prompts_file=str(data / "prompts_train.jsonl"), out_dir=str(out),
-                      reward="gemma_kit.posttrain.rewards:vader_sentiment", steps=100,
-                      batch_size=ARGS.prompts, num_samples=ARGS.k, max_new_tokens=ARGS.new,
-                      kl_coef=0.1, anchor=ARGS.anchor, eval_fraction=0.0, learning_rate=1e-4,
-                      max_length=64).validate()
+    config = RLConfig(
+        prompts_file=str(data / "prompts_train.jsonl"),
+        out_dir=str(out),
+        reward="gemma_kit.posttrain.rewards:vader_sentiment",
+        steps=100,
+        batch_size=ARGS.prompts,
+        num_samples=ARGS.k,
+        max_new_tokens=ARGS.new,
+        kl_coef=0.1,
+        anchor=ARGS.anchor,
+        eval_fraction=0.0,
+        learning_rate=1e-4,
+        max_length=64,
+    ).validate()
     objective = PolicyOptimisation()
     objective.check_inputs(config)
     model, tokenizer, _ = build_model(config)
@@ -102,27 +114,44 @@ def main() -> None:
         sft.step(sft.place(micro_batches(plain, config.grad_accum), batch_axis=1))
         parts["sft"] = time.perf_counter() - tick
         tokens = int((flat["segments"] > 0).sum())
-        log(f"step {step}{' (warm-up: compiles)' if step == 0 else ''}: "
-            + ", ".join(f"{k} {v:.2f}s" for k, v in parts.items()))
+        log(
+            f"step {step}{' (warm-up: compiles)' if step == 0 else ''}: "
+            + ", ".join(f"{k} {v:.2f}s" for k, v in parts.items())
+        )
         if step:
             for k, v in parts.items():
                 times.setdefault(k, []).append(v)
     median = {k: statistics.median(v) for k, v in times.items()}
     rl = sum(v for k, v in median.items() if k != "sft")
     print(f"machine: {machine()}")
-    print(f"RL step: {ARGS.prompts} prompts x k={ARGS.k}, {ARGS.new} new tokens, anchor "
-          f"{ARGS.anchor}; {tokens} tokens in the step's rows; median of {ARGS.rounds} steps")
+    print(
+        f"RL step: {ARGS.prompts} prompts x k={ARGS.k}, {ARGS.new} new tokens, anchor "
+        f"{ARGS.anchor}; {tokens} tokens in the step's rows; median of {ARGS.rounds} steps"
+    )
     print(f"{'part':<10} {'seconds':>8} {'share':>7}")
     for k in ("rollout", "reward", "score", "host", "update", "anchor"):
         print(f"{k:<10} {median[k]:>8.2f} {median[k] / rl:>7.1%}")
     print(f"{'RL step':<10} {rl:>8.2f} {1:>7.1%}")
-    print(f"{'SFT step':<10} {median['sft']:>8.2f}   (same rows; RL step / SFT step = "
-          f"{rl / median['sft']:.2f}, update / SFT = {median['update'] / median['sft']:.2f})")
-    print(json.dumps(dict(machine=machine(), prompts=ARGS.prompts, k=ARGS.k, new=ARGS.new,
-                          anchor=ARGS.anchor, tokens=tokens,
-                          median_seconds={k: round(v, 3) for k, v in median.items()},
-                          rl_step=round(rl, 3), rollout_share=round(median["rollout"] / rl, 3),
-                          rl_over_sft=round(rl / median["sft"], 3))))
+    print(
+        f"{'SFT step':<10} {median['sft']:>8.2f}   (same rows; RL step / SFT step = "
+        f"{rl / median['sft']:.2f}, update / SFT = {median['update'] / median['sft']:.2f})"
+    )
+    print(
+        json.dumps(
+            dict(
+                machine=machine(),
+                prompts=ARGS.prompts,
+                k=ARGS.k,
+                new=ARGS.new,
+                anchor=ARGS.anchor,
+                tokens=tokens,
+                median_seconds={k: round(v, 3) for k, v in median.items()},
+                rl_step=round(rl, 3),
+                rollout_share=round(median["rollout"] / rl, 3),
+                rl_over_sft=round(rl / median["sft"], 3),
+            )
+        )
+    )
     objective.close()
     sys.stdout.flush()
 

@@ -33,8 +33,9 @@ p.add_argument("--prompts", type=int, default=4, help="distinct prompts (default
 p.add_argument("--k", type=int, default=4, help="samples per prompt (default 4)")
 p.add_argument("--new", type=int, default=32, help="new tokens per row (default 32)")
 p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-p.add_argument("--no-plain-layout", action="store_true",
-               help="skip the Sampler without the matvec layout")
+p.add_argument(
+    "--no-plain-layout", action="store_true", help="skip the Sampler without the matvec layout"
+)
 ARGS = p.parse_args()
 
 import jax  # noqa: E402
@@ -68,7 +69,7 @@ def main():
     load = os.getloadavg()[0]
     model, tok = gemma_kit.default_model()
     lora.apply_lora(model, rank=8, alpha=16.0, targets="all")
-    prompts = (PROMPTS * (args.prompts // len(PROMPTS) + 1))[:args.prompts]
+    prompts = (PROMPTS * (args.prompts // len(PROMPTS) + 1))[: args.prompts]
     rows = args.prompts * args.k
     batch = [p for p in prompts for _ in range(args.k)]
     sampler = gemma_kit.Sampler(model, tok)
@@ -110,16 +111,20 @@ def main():
     best: dict[str, float] = {}
     for r in range(args.rounds):
         # Every other round in reverse order: nothing always runs right after the same thing.
-        for name, fn in (list(pieces.items()) if r % 2 == 0 else list(pieces.items())[::-1]):
+        for name, fn in list(pieces.items()) if r % 2 == 0 else list(pieces.items())[::-1]:
             best_of(fn, best, name)
         log(f"round {r + 1} done")
 
     tokens = rows * args.new
-    print(f"\nRollouts vs Sampler.generate, Gemma 3 270M bf16 + LoRA r8 (all projections), "
-          f"{jax.default_backend()}, {os.cpu_count()} cores; load {load:.1f} at start, "
-          f"{os.getloadavg()[0]:.1f} at end; {args.rounds} interleaved rounds, best of each")
-    print(f"batch {rows} = {args.prompts} prompts x K={args.k}, {args.new} new tokens per row, "
-          "whole calls (prefill + decode + host work)\n")
+    print(
+        f"\nRollouts vs Sampler.generate, Gemma 3 270M bf16 + LoRA r8 (all projections), "
+        f"{jax.default_backend()}, {os.cpu_count()} cores; load {load:.1f} at start, "
+        f"{os.getloadavg()[0]:.1f} at end; {args.rounds} interleaved rounds, best of each"
+    )
+    print(
+        f"batch {rows} = {args.prompts} prompts x K={args.k}, {args.new} new tokens per row, "
+        "whole calls (prefill + decode + host work)\n"
+    )
     ref = best["generate, temperature 1"]
     print(f"{'':46} {'seconds':>8} {'tokens/s':>9} {'vs generate T=1':>16}")
     for name, t in best.items():

@@ -40,8 +40,16 @@ import platform
 import sys
 import time
 
-from _common import (BandwidthProbe, Decode, core_count, cpu_model, fmt_rate,  # noqa: E402
-                     fmt_ratio, jax_generate, table)
+from _common import (
+    BandwidthProbe,
+    Decode,
+    core_count,
+    cpu_model,
+    fmt_rate,  # noqa: E402
+    fmt_ratio,
+    jax_generate,
+    table,
+)
 from _log import T0, log  # noqa: E402  (benchmarks/ is on sys.path)
 
 # The gemma_kit weight configurations: default_model's dtype (None: as stored, bf16) and, for
@@ -59,28 +67,49 @@ WEIGHTS = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true",
-                   help="smoke test: batch 1 only, 16 decode steps, one round")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke test: batch 1 only, 16 decode steps, one round"
+    )
     p.add_argument("--markdown", action="store_true", help="print the tables as markdown")
-    p.add_argument("--breakdown", action="store_true",
-                   help="also time extend / logits / sampling of one decode step")
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time extend / logits / sampling of one decode step",
+    )
     p.add_argument("--batches", default=None, help="decode batch sizes (default 1,8,16)")
-    p.add_argument("--hf-batches", default=None,
-                   help="transformers batch sizes (default: the same as --batches)")
-    p.add_argument("--dtypes", default="bf16,f32,int8,int8-emb",
-                   help="gemma_kit weights: bf16, f32, int8 (every matrix), int8-emb (the "
-                        "embedding alone); the int8 ones at batch 1 only, their use")
-    p.add_argument("--decode-steps", type=int, default=None,
-                   help="timed decode steps D per configuration (default 48, quick 16)")
+    p.add_argument(
+        "--hf-batches",
+        default=None,
+        help="transformers batch sizes (default: the same as --batches)",
+    )
+    p.add_argument(
+        "--dtypes",
+        default="bf16,f32,int8,int8-emb",
+        help="gemma_kit weights: bf16, f32, int8 (every matrix), int8-emb (the "
+        "embedding alone); the int8 ones at batch 1 only, their use",
+    )
+    p.add_argument(
+        "--decode-steps",
+        type=int,
+        default=None,
+        help="timed decode steps D per configuration (default 48, quick 16)",
+    )
     p.add_argument("--rounds", type=int, default=None, help="most rounds (default 3, quick 1)")
-    p.add_argument("--budget", type=float, default=540.0,
-                   help="seconds: no new round starts if it would end after this (>= 1 round)")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=540.0,
+        help="seconds: no new round starts if it would end after this (>= 1 round)",
+    )
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
     args = p.parse_args(argv)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     args.batches = ints(args.batches) if args.batches else ([1] if args.quick else [1, 8, 16])
-    args.hf_batches = [] if args.no_hf else (
-        ints(args.hf_batches) if args.hf_batches is not None else list(args.batches))
+    args.hf_batches = (
+        []
+        if args.no_hf
+        else (ints(args.hf_batches) if args.hf_batches is not None else list(args.batches))
+    )
     args.dtypes = [d for d in args.dtypes.split(",") if d]
     unknown = [d for d in args.dtypes if d not in WEIGHTS]
     if unknown or not args.dtypes:
@@ -99,9 +128,8 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import gemma_kit  # noqa: E402
-from gemma_kit import Sampler  # noqa: E402
+from gemma_kit import Sampler, quant  # noqa: E402
 from gemma_kit import cache as kv_cache  # noqa: E402
-from gemma_kit import quant  # noqa: E402
 from gemma_kit.paths import default_gguf_path  # noqa: E402
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time, in a land far away,"
@@ -168,10 +196,16 @@ def hf_generate(model, ids: list[int], batch: int):
 
     def generate(n):
         with torch.inference_mode():
-            out = model.generate(input_ids=x, attention_mask=mask, do_sample=False,
-                                 min_new_tokens=n, max_new_tokens=n, use_cache=True,
-                                 pad_token_id=0)
-        return out[:, x.shape[1]:].tolist()
+            out = model.generate(
+                input_ids=x,
+                attention_mask=mask,
+                do_sample=False,
+                min_new_tokens=n,
+                max_new_tokens=n,
+                use_cache=True,
+                pad_token_id=0,
+            )
+        return out[:, x.shape[1] :].tolist()
 
     return generate
 
@@ -188,7 +222,8 @@ def load_transformers():
     try:
         with contextlib.redirect_stderr(captured):
             model = transformers.AutoModelForCausalLM.from_pretrained(
-                path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+                path.parent, gguf_file=path.name, dtype=torch.float32
+            ).eval()
     except Exception:
         print(captured.getvalue()[-4000:], file=sys.stderr)
         raise
@@ -227,6 +262,7 @@ def breakdown(model, tok, batch: int, rounds: int, calls: int = 5, loop_steps: i
                 y = f()
             jax.block_until_ready(y)
             return (time.perf_counter() - t) / calls
+
         return run
 
     def step():
@@ -241,9 +277,11 @@ def breakdown(model, tok, batch: int, rounds: int, calls: int = 5, loop_steps: i
         def run():
             st = fresh()
             t = time.perf_counter()
-            jax.block_until_ready(decode.decode_loop(params, st, jnp.int32(limit),
-                                                     settings=settings).token)
+            jax.block_until_ready(
+                decode.decode_loop(params, st, jnp.int32(limit), settings=settings).token
+            )
             return time.perf_counter() - t
+
         return run
 
     hidden = extend()
@@ -265,7 +303,8 @@ def breakdown(model, tok, batch: int, rounds: int, calls: int = 5, loop_steps: i
             best[name] = min(best[name], run())
     entry = best["while_loop call, 0 steps (entry cost)"]
     best["while_loop, per step"] = (best.pop(f"while_loop call, {loop_steps} steps") - entry) / (
-        loop_steps)
+        loop_steps
+    )
     return best
 
 
@@ -315,8 +354,9 @@ def main():
         log("loading transformers' model from the GGUF (f32)")
         hf = load_transformers()
         for B in args.hf_batches:
-            configs.append(Decode("transformers", "f32", B, hf_generate(hf, prompt_ids, B), D,
-                                  compiled=False))
+            configs.append(
+                Decode("transformers", "f32", B, hf_generate(hf, prompt_ids, B), D, compiled=False)
+            )
         hf_pre = hf_generate(hf, long_ids, 1)
         configs.append(Prefill("transformers", "f32", len(long_ids), lambda: hf_pre(1)))
 
@@ -354,9 +394,11 @@ def main():
         import torch
         import transformers
 
-        versions += (f", torch {torch.__version__} ({torch.get_num_threads()} threads), "
-                     f"transformers {transformers.__version__} "
-                     f"(attention: {hf.config._attn_implementation})")
+        versions += (
+            f", torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"transformers {transformers.__version__} "
+            f"(attention: {hf.config._attn_implementation})"
+        )
     title = "gemma_kit Sampler vs transformers, Gemma 3 270M, CPU"
     print(f"\n## {title}\n" if md else f"\n{title}\n")
     bullets = [
@@ -373,21 +415,58 @@ def main():
             "WARNING: the machine was busy (load average at start above): every number is low "
             "and noisy, and the ratios are less reliable too, since torch's OpenMP threads and "
             "XLA's thread pool do not slow down alike when the cores are shared. Re-run on a "
-            "quiet machine before quoting them.")
+            "quiet machine before quoting them."
+        )
     print("\n".join(("- " if md else "  ") + b for b in bullets) + "\n")
 
     rows = []
     for c in decodes:
         base = hf_dec.get(c.batch)
-        rows.append([c.engine, c.dtype, c.batch, fmt_rate(c.rate), f"{c.step_time * 1e3:.1f}",
-                     f"{c.t1 * 1e3:.0f}", fmt_ratio(c.rate / base.rate) if base else "n/a"])
-    print(table(["decode", "weights", "batch", "tokens/s", "ms/step", "generate(1) ms",
-                 "vs transformers f32 (same batch)"], rows, md))
+        rows.append(
+            [
+                c.engine,
+                c.dtype,
+                c.batch,
+                fmt_rate(c.rate),
+                f"{c.step_time * 1e3:.1f}",
+                f"{c.t1 * 1e3:.0f}",
+                fmt_ratio(c.rate / base.rate) if base else "n/a",
+            ]
+        )
+    print(
+        table(
+            [
+                "decode",
+                "weights",
+                "batch",
+                "tokens/s",
+                "ms/step",
+                "generate(1) ms",
+                "vs transformers f32 (same batch)",
+            ],
+            rows,
+            md,
+        )
+    )
     print()
-    rows = [[c.engine, c.dtype, c.tokens, fmt_rate(c.rate), f"{c.best * 1e3:.0f}",
-             fmt_ratio(c.rate / hf_pre.rate) if hf_pre else "n/a"] for c in prefills]
-    print(table(["prefill", "weights", "prompt tokens", "tokens/s", "ms",
-                 "vs transformers f32"], rows, md))
+    rows = [
+        [
+            c.engine,
+            c.dtype,
+            c.tokens,
+            fmt_rate(c.rate),
+            f"{c.best * 1e3:.0f}",
+            fmt_ratio(c.rate / hf_pre.rate) if hf_pre else "n/a",
+        ]
+        for c in prefills
+    ]
+    print(
+        table(
+            ["prefill", "weights", "prompt tokens", "tokens/s", "ms", "vs transformers f32"],
+            rows,
+            md,
+        )
+    )
     print()
 
     # Every step reads all weights once and every row's whole KV cache (all slots: shapes are
@@ -399,15 +478,28 @@ def main():
         if c.engine == "gemma_kit":
             nbytes = weight_bytes[c.dtype] + kv_bytes * c.batch
             roof = nbytes / bw
-            rows.append([f"gemma_kit {c.dtype} B={c.batch}", f"{nbytes / 1e6:.0f}",
-                         f"{roof * 1e3:.1f}", f"{c.step_time * 1e3:.1f}",
-                         f"{roof / c.step_time:.0%}"])
-    print(f"Bandwidth roofline: {n_params / 1e6:.0f}M parameters and the KV cache "
-          f"({kv_bytes / 1e6:.1f} MB per row, {CACHE_LEN} slots) read once per step; probe "
-          f"bandwidth {bw / 2**30:.1f} GiB/s (f32 [1,640]x[640,262144] under XLA, "
-          f"{probe.best * 1e3:.1f} ms; best of the rounds).\n")
-    print(table(["config", "MB read/step", "roofline ms/step", "measured ms/step",
-                 "of roofline"], rows, md))
+            rows.append(
+                [
+                    f"gemma_kit {c.dtype} B={c.batch}",
+                    f"{nbytes / 1e6:.0f}",
+                    f"{roof * 1e3:.1f}",
+                    f"{c.step_time * 1e3:.1f}",
+                    f"{roof / c.step_time:.0%}",
+                ]
+            )
+    print(
+        f"Bandwidth roofline: {n_params / 1e6:.0f}M parameters and the KV cache "
+        f"({kv_bytes / 1e6:.1f} MB per row, {CACHE_LEN} slots) read once per step; probe "
+        f"bandwidth {bw / 2**30:.1f} GiB/s (f32 [1,640]x[640,262144] under XLA, "
+        f"{probe.best * 1e3:.1f} ms; best of the rounds).\n"
+    )
+    print(
+        table(
+            ["config", "MB read/step", "roofline ms/step", "measured ms/step", "of roofline"],
+            rows,
+            md,
+        )
+    )
 
     by = {(c.engine, c.dtype, c.batch): c for c in decodes}
     ref = by.get(("transformers", "f32", 1))
@@ -420,18 +512,22 @@ def main():
                 if a != b:
                     break
                 same += 1
-            notes.append(f"greedy tokens, gemma_kit {name} vs transformers f32 (batch 1): the "
-                         f"first {same} of {len(ref.first_row)} agree")
+            notes.append(
+                f"greedy tokens, gemma_kit {name} vs transformers f32 (batch 1): the "
+                f"first {same} of {len(ref.first_row)} agree"
+            )
     if notes:
         print()
         print("\n".join(("- " if md else "  ") + n for n in notes))
 
     if args.breakdown:
         print()
-        print("Decode-step breakdown, best of 3 interleaved rounds: the step jitted alone and its "
-              "pieces, then the compiled while_loop of generate() called for 0 and for 8 steps. A "
-              "loop step slower than the step alone, or a large entry cost, means XLA moved work "
-              "around the loop (e.g. hoisted weight casts).\n")
+        print(
+            "Decode-step breakdown, best of 3 interleaved rounds: the step jitted alone and its "
+            "pieces, then the compiled while_loop of generate() called for 0 and for 8 steps. A "
+            "loop step slower than the step alone, or a large entry cost, means XLA moved work "
+            "around the loop (e.g. hoisted weight casts).\n"
+        )
         rows = []
         for name in args.dtypes:
             for B in args.batches:

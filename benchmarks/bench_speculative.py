@@ -47,20 +47,21 @@ PARAGRAPH = (
     "The history of computing is a story of abstraction. Early machines were programmed by "
     "rewiring panels; later ones read instructions from punched cards, then from magnetic "
     "memory. Each step let people describe what they wanted at a higher level and leave the "
-    "details to the machine.")
-CODE = '''def total_price(items, tax_rate):
+    "details to the machine."
+)
+CODE = """def total_price(items, tax_rate):
     total = 0.0
     for item in items:
         if item.quantity <= 0:
             continue
         total += item.price * item.quantity
     return total * (1.0 + tax_rate)
-'''
+"""
 TASKS = {
-    "paragraph": f"Original text:\n{PARAGRAPH}\n\nThe same text with \"machines\" replaced by "
-                 "\"computers\":\n",
+    "paragraph": f'Original text:\n{PARAGRAPH}\n\nThe same text with "machines" replaced by '
+    '"computers":\n',
     "code": f"```python\n{CODE}```\n\nThe same function with `total` renamed to `subtotal`:"
-            "\n\n```python\n",
+    "\n\n```python\n",
 }
 
 
@@ -70,13 +71,18 @@ def main():
     model, tok = gemma_kit.default_model()
     sampler = gemma_kit.Sampler(model, tok)
     configs = [("bf16", "plain", sampler, None)]
-    configs += [("bf16", f"prompt lookup k={k}", sampler, NgramDrafter(k=int(k)))
-                for k in args.k.split(",") if k]
+    configs += [
+        ("bf16", f"prompt lookup k={k}", sampler, NgramDrafter(k=int(k)))
+        for k in args.k.split(",")
+        if k
+    ]
     if args.draft:
         f32, _ = gemma_kit.default_model(jnp.float32)
         target = gemma_kit.Sampler(f32, tok)
-        configs += [("f32", "plain", target, None),
-                    ("f32", "draft: the 270M in bf16, k=4", target, DraftModel(model, k=4))]
+        configs += [
+            ("f32", "plain", target, None),
+            ("f32", "draft: the 270M in bf16, k=4", target, DraftModel(model, k=4)),
+        ]
     kw = dict(max_new_tokens=args.new, stop_token_ids=())
     best, results = {}, {}
     jobs = [(task, c) for task in TASKS for c in configs]
@@ -85,7 +91,7 @@ def main():
         s.generate(TASKS[task], speculative=drafter, **kw)
         log(f"warm-up {task} {dtype} {name}: {time.perf_counter() - t:.1f} s")
     for r in range(args.rounds):
-        for task, (dtype, name, s, drafter) in (jobs if r % 2 == 0 else jobs[::-1]):
+        for task, (dtype, name, s, drafter) in jobs if r % 2 == 0 else jobs[::-1]:
             t = time.perf_counter()
             out = s.generate(TASKS[task], speculative=drafter, **kw)
             dt = time.perf_counter() - t
@@ -95,23 +101,42 @@ def main():
         log(f"round {r + 1} done")
 
     rows = []
-    for task, (dtype, name, _, drafter) in jobs:
+    for task, (dtype, name, _, _drafter) in jobs:
         out = results[task, dtype, name]
         base = results[task, dtype, "plain"]
         stats = out.speculative
-        same = next((i for i, (a, b) in enumerate(zip(out.tokens, base.tokens)) if a != b),
-                    len(out.tokens))
+        same = next(
+            (i for i, (a, b) in enumerate(zip(out.tokens, base.tokens)) if a != b), len(out.tokens)
+        )
         passes = "" if stats is None else f"{stats.tokens_per_pass:.2f}"
-        rows.append([task, dtype, name, f"{args.new / best[task, dtype, name]:.1f}",
-                     f"{best[task, dtype, 'plain'] / best[task, dtype, name]:.2f}x",
-                     "" if stats is None else f"{stats.acceptance:.2f}", passes,
-                     "yes" if same == len(base.tokens) else f"first {same}"])
-    headers = ["task", "weights", "decoding", "tokens/s", "speedup", "acceptance",
-               "tokens/pass", "same tokens"]
-    print(f"\nSpeculative decoding, Gemma 3 270M, {jax.default_backend()}, {os.cpu_count()} "
-          f"cores; load {load:.1f} at start, {os.getloadavg()[0]:.1f} at end; greedy, "
-          f"{args.new} new tokens, whole generate calls, best of {args.rounds} interleaved "
-          "rounds\n")
+        rows.append(
+            [
+                task,
+                dtype,
+                name,
+                f"{args.new / best[task, dtype, name]:.1f}",
+                f"{best[task, dtype, 'plain'] / best[task, dtype, name]:.2f}x",
+                "" if stats is None else f"{stats.acceptance:.2f}",
+                passes,
+                "yes" if same == len(base.tokens) else f"first {same}",
+            ]
+        )
+    headers = [
+        "task",
+        "weights",
+        "decoding",
+        "tokens/s",
+        "speedup",
+        "acceptance",
+        "tokens/pass",
+        "same tokens",
+    ]
+    print(
+        f"\nSpeculative decoding, Gemma 3 270M, {jax.default_backend()}, {os.cpu_count()} "
+        f"cores; load {load:.1f} at start, {os.getloadavg()[0]:.1f} at end; greedy, "
+        f"{args.new} new tokens, whole generate calls, best of {args.rounds} interleaved "
+        "rounds\n"
+    )
     if args.markdown:
         print("| " + " | ".join(headers) + " |\n|" + "---|" * len(headers))
         for row in rows:

@@ -35,13 +35,14 @@ import time
 from _log import log  # noqa: E402  (benchmarks/ is on sys.path)
 
 
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=3, help="timed rounds (best is kept)")
     p.add_argument("--markdown", action="store_true", help="print the table as markdown")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
-    p.add_argument("--smoke", action="store_true", help="tiny encoder, one round: checks the script")
+    p.add_argument(
+        "--smoke", action="store_true", help="tiny encoder, one round: checks the script"
+    )
     return p.parse_args(argv)
 
 
@@ -77,10 +78,24 @@ def main(argv=None) -> int:
     config = get_preset("gemma3-4b")
     if args.smoke:
         config = config.replace(
-            vocab_size=256, embed_dim=32, hidden_dim=48, num_heads=4, num_kv_heads=2,
-            head_dim=16, layers=config.layers[:1], query_pre_attn_scalar=16,
-            vision_config=VisionConfig(width=16, depth=2, mlp_dim=24, num_heads=2,
-                                       patch_size=14, image_size=56, num_soft_tokens=4))
+            vocab_size=256,
+            embed_dim=32,
+            hidden_dim=48,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=16,
+            layers=config.layers[:1],
+            query_pre_attn_scalar=16,
+            vision_config=VisionConfig(
+                width=16,
+                depth=2,
+                mlp_dim=24,
+                num_heads=2,
+                patch_size=14,
+                image_size=56,
+                num_soft_tokens=4,
+            ),
+        )
         args.rounds = 1
     vision = config.vision
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -95,19 +110,27 @@ def main(argv=None) -> int:
         y0, y1 = sorted(rng.integers(0, 1200, 2))
         draw.ellipse((x0, y0, x1, y1), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
 
-    log("building the encoder with random weights of the official shapes (text layers "
-        "are not built: only the image path is timed)")
+    log(
+        "building the encoder with random weights of the official shapes (text layers "
+        "are not built: only the image path is timed)"
+    )
     # Only the image path: a one-layer, 256-token text model around the full encoder and the
     # projection to the real embed dim.
     small_text = config.replace(layers=config.layers[:1], vocab_size=256)
     abstract = nnx.eval_shape(lambda: Transformer(small_text, with_vision=True))
     graphdef, state = nnx.split(abstract)
-    params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, 0.02, s.shape).astype(s.dtype)),
-                          nnx.to_pure_dict(state))
+    params = jax.tree.map(
+        lambda s: jnp.asarray(rng.normal(0.0, 0.02, s.shape).astype(s.dtype)),
+        nnx.to_pure_dict(state),
+    )
     nnx.replace_by_pure_dict(state, params)
     n_params = sum(x.size for x in jax.tree.leaves(params["vision_encoder"]))
-    n_params += sum(x.size for k, leaves in params["embedder"].items() if k.startswith("mm_")
-                    for x in jax.tree.leaves(leaves))
+    n_params += sum(
+        x.size
+        for k, leaves in params["embedder"].items()
+        if k.startswith("mm_")
+        for x in jax.tree.leaves(leaves)
+    )
 
     @jax.jit
     def encode(state, pixels):
@@ -140,14 +163,25 @@ def main(argv=None) -> int:
         log("transformers: building Gemma3ForConditionalGeneration's image path")
         hf_config = transformers.Gemma3Config(
             text_config=transformers.Gemma3TextConfig(
-                vocab_size=256, hidden_size=config.embed_dim, intermediate_size=64,
-                num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=32),
+                vocab_size=256,
+                hidden_size=config.embed_dim,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                head_dim=32,
+            ),
             vision_config=transformers.SiglipVisionConfig(
-                hidden_size=vision.width, intermediate_size=vision.mlp_dim,
-                num_hidden_layers=vision.depth, num_attention_heads=vision.num_heads,
-                image_size=vision.image_size, patch_size=vision.patch_size,
-                vision_use_head=False),
-            mm_tokens_per_image=vision.num_soft_tokens)
+                hidden_size=vision.width,
+                intermediate_size=vision.mlp_dim,
+                num_hidden_layers=vision.depth,
+                num_attention_heads=vision.num_heads,
+                image_size=vision.image_size,
+                patch_size=vision.patch_size,
+                vision_use_head=False,
+            ),
+            mm_tokens_per_image=vision.num_soft_tokens,
+        )
         hf_config._attn_implementation = "eager"
         hf_model = transformers.Gemma3ForConditionalGeneration(hf_config).eval()
         tensor = torch.tensor(pixels.transpose(2, 0, 1)[None])
@@ -163,11 +197,13 @@ def main(argv=None) -> int:
         log(f"transformers: {t_hf:.2f} s")
 
     load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"machine: {platform.processor() or platform.machine()}, {cores} cores, load "
-          f"{load_start:.1f} -> {load_end:.1f}; jax {jax.__version__}; encoder "
-          f"{n_params / 1e6:.0f}M parameters ({'smoke' if args.smoke else 'So400m/14'}), "
-          f"{vision.image_size}x{vision.image_size}, {flops / 1e12:.2f} TFLOP per image; "
-          f"best of {args.rounds}; compile {compile_s:.1f} s")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {cores} cores, load "
+        f"{load_start:.1f} -> {load_end:.1f}; jax {jax.__version__}; encoder "
+        f"{n_params / 1e6:.0f}M parameters ({'smoke' if args.smoke else 'So400m/14'}), "
+        f"{vision.image_size}x{vision.image_size}, {flops / 1e12:.2f} TFLOP per image; "
+        f"best of {args.rounds}; compile {compile_s:.1f} s"
+    )
     header = ("what", "seconds per image", "GFLOP/s", "vs transformers")
     table = []
     for name, t, _ in rows:

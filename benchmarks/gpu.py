@@ -31,11 +31,13 @@ import time
 from _log import log  # noqa: E402  (benchmarks/ is on sys.path)
 
 
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny config on CPU, to check that the script runs end to end")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny config on CPU, to check that the script runs end to end",
+    )
     p.add_argument("--reps", type=int, default=3, help="timed repetitions (the minimum is kept)")
     return p.parse_args(argv)
 
@@ -84,8 +86,10 @@ class FakeTokenizer:
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         # Deterministic ids in [200, vocab): one per word, clear of the special ids above.
-        ids = [200 + (sum(map(ord, w)) * 7919 + i * 104729) % (self.vocab_size - 200)
-               for i, w in enumerate(text.split())]
+        ids = [
+            200 + (sum(map(ord, w)) * 7919 + i * 104729) % (self.vocab_size - 200)
+            for i, w in enumerate(text.split())
+        ]
         return [self.bos_id, *ids] if add_bos else ids
 
     def decode(self, ids) -> str:
@@ -109,12 +113,14 @@ def random_model(config, key, dtype=jnp.bfloat16) -> Transformer:
     output took two minutes to compile for the 2B on an H200).
     """
     abstract = nnx.eval_shape(
-        lambda: Transformer(config, param_dtype=dtype, dtype=dtype, rngs=nnx.Rngs(0)))
+        lambda: Transformer(config, param_dtype=dtype, dtype=dtype, rngs=nnx.Rngs(0))
+    )
     graphdef, state = nnx.split(abstract)
     leaves, treedef = jax.tree.flatten(state)
     keys = jax.random.split(key, len(leaves))
-    arrays = [_random_leaf(k, tuple(leaf.shape), jnp.dtype(leaf.dtype))
-              for k, leaf in zip(keys, leaves)]
+    arrays = [
+        _random_leaf(k, tuple(leaf.shape), jnp.dtype(leaf.dtype)) for k, leaf in zip(keys, leaves)
+    ]
     arrays = jax.block_until_ready(arrays)
     return nnx.merge(graphdef, jax.tree.unflatten(treedef, arrays))
 
@@ -144,10 +150,10 @@ def measure_bandwidth(nbytes: int, reps: int):
             for _ in range(inner):
                 y = f(x)
             jax.block_until_ready(y)
+
         return timed(go, reps) / inner
 
     t_copy, t_sum = run(copy), run(total)
-    del x
     return 2 * n * 4 / t_copy, n * 4 / t_sum
 
 
@@ -160,8 +166,16 @@ def main():
 
     if smoke:
         config = get_preset("gemma2-2b").replace(
-            name="gemma2-tiny", vocab_size=4096, embed_dim=64, hidden_dim=128, num_heads=2,
-            num_kv_heads=1, head_dim=16, layers=gemma2_layers(2), query_pre_attn_scalar=16)
+            name="gemma2-tiny",
+            vocab_size=4096,
+            embed_dim=64,
+            hidden_dim=128,
+            num_heads=2,
+            num_kv_heads=1,
+            head_dim=16,
+            layers=gemma2_layers(2),
+            query_pre_attn_scalar=16,
+        )
         decode_batches, prefill_batches, prefill_len = (1, 4), (1, 2), 128
         n1, n2 = 33, 48  # one bucket (48): one compiled program per batch size
         probe_bytes = 64 << 20
@@ -197,7 +211,7 @@ def main():
     for B in decode_batches:
         prompts = [prompt] * B
 
-        def call(n):
+        def call(n, prompts=prompts):
             out = dec.generate(prompts, max_new_tokens=n, stop_token_ids=())
             assert len(out[0].tokens) == n, (len(out[0].tokens), n)
 
@@ -208,13 +222,24 @@ def main():
         t1, t2 = timed(lambda: call(n1), reps), timed(lambda: call(n2), reps)
         step = (t2 - t1) / steps
         cache_shapes = jax.eval_shape(
-            lambda: kv_cache.init_cache(config, B, cache_len, jnp.bfloat16))
+            lambda B=B: kv_cache.init_cache(config, B, cache_len, jnp.bfloat16)
+        )
         cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache_shapes))
         read = weight_bytes + cache_bytes
-        rows.append(dict(kind="decode", B=B, step=step, tps=B / step if step > 0 else math.nan,
-                         read=read, cache_bytes=cache_bytes))
-        log(f"decode B={B}: {steps} steps in {t2 - t1:.3f} s -> {step * 1e3:.2f} ms/step, "
-            f"{B / step:.1f} tokens/s")
+        rows.append(
+            dict(
+                kind="decode",
+                B=B,
+                step=step,
+                tps=B / step if step > 0 else math.nan,
+                read=read,
+                cache_bytes=cache_bytes,
+            )
+        )
+        log(
+            f"decode B={B}: {steps} steps in {t2 - t1:.3f} s -> {step * 1e3:.2f} ms/step, "
+            f"{B / step:.1f} tokens/s"
+        )
 
     # Prefill.
     pre = Sampler(model, tok, cache_dtype=jnp.bfloat16)
@@ -222,7 +247,7 @@ def main():
     for B in prefill_batches:
         prompts = [long_prompt] * B
 
-        def call():
+        def call(prompts=prompts):
             out = pre.generate(prompts, max_new_tokens=1, stop_token_ids=())
             assert out[0].prompt_tokens == prefill_len
 
@@ -231,8 +256,9 @@ def main():
         log(f"prefill B={B}: compile + first call {time.perf_counter() - t:.1f} s")
         dt = timed(call, reps)
         rows.append(dict(kind="prefill", B=B, time=dt, tps=B * prefill_len / dt))
-        log(f"prefill B={B}x{prefill_len}: {dt * 1e3:.1f} ms -> "
-            f"{B * prefill_len / dt:.0f} tokens/s")
+        log(
+            f"prefill B={B}x{prefill_len}: {dt * 1e3:.1f} ms -> {B * prefill_len / dt:.0f} tokens/s"
+        )
 
     # Report.
     def bw_cells(read, step):
@@ -245,27 +271,42 @@ def main():
                 cells += [f"{roof * 1e3:.2f}", f"{roof / step:.0%}"]
         return cells
 
-    print(f"\n### gemma_kit on {kind} ({config.name}, random bf16 weights, bf16 compute and "
-          f"KV cache)\n")
-    print(f"- jax {jax.__version__}; {n_params / 1e9:.3f} B parameters "
-          f"({embed_params / 1e9:.3f} B in the tied embedding), {weight_bytes / 1e9:.2f} GB of "
-          "weights read per decode step")
-    print(f"- HBM bandwidth: table {bw_label}; measured in this run: copy "
-          f"{bw_copy / 1e9:.0f} GB/s (bytes read + written), read-only sum "
-          f"{bw_read / 1e9:.0f} GB/s")
-    print(f"- decode: prompt {decode_prompt} tokens, cache {cache_len} slots, "
-          f"tokens/s from generate({n2}) - generate({n1}) = {steps} steps, min of {reps} "
-          "after a warm-up")
-    print(f"- prefill: generate(max_new_tokens=1) on a {prefill_len}-token prompt, min of "
-          f"{reps} after a warm-up\n")
-    print("| phase | batch | tokens/s | ms/step | bytes read/step (GB) | roofline ms (table BW)"
-          " | of roofline | roofline ms (copy BW) | of roofline |")
+    print(
+        f"\n### gemma_kit on {kind} ({config.name}, random bf16 weights, bf16 compute and "
+        f"KV cache)\n"
+    )
+    print(
+        f"- jax {jax.__version__}; {n_params / 1e9:.3f} B parameters "
+        f"({embed_params / 1e9:.3f} B in the tied embedding), {weight_bytes / 1e9:.2f} GB of "
+        "weights read per decode step"
+    )
+    print(
+        f"- HBM bandwidth: table {bw_label}; measured in this run: copy "
+        f"{bw_copy / 1e9:.0f} GB/s (bytes read + written), read-only sum "
+        f"{bw_read / 1e9:.0f} GB/s"
+    )
+    print(
+        f"- decode: prompt {decode_prompt} tokens, cache {cache_len} slots, "
+        f"tokens/s from generate({n2}) - generate({n1}) = {steps} steps, min of {reps} "
+        "after a warm-up"
+    )
+    print(
+        f"- prefill: generate(max_new_tokens=1) on a {prefill_len}-token prompt, min of "
+        f"{reps} after a warm-up\n"
+    )
+    print(
+        "| phase | batch | tokens/s | ms/step | bytes read/step (GB) | roofline ms (table BW)"
+        " | of roofline | roofline ms (copy BW) | of roofline |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r["kind"] == "decode":
-            print(f"| decode | {r['B']} | {r['tps']:.1f} | {r['step'] * 1e3:.2f} | "
-                  f"{r['read'] / 1e9:.2f} (KV {r['cache_bytes'] / 1e9:.2f}) | "
-                  + " | ".join(bw_cells(r["read"], r["step"])) + " |")
+            print(
+                f"| decode | {r['B']} | {r['tps']:.1f} | {r['step'] * 1e3:.2f} | "
+                f"{r['read'] / 1e9:.2f} (KV {r['cache_bytes'] / 1e9:.2f}) | "
+                + " | ".join(bw_cells(r["read"], r["step"]))
+                + " |"
+            )
     for r in rows:
         if r["kind"] == "prefill":
             B, P = r["B"], prefill_len
@@ -274,8 +315,10 @@ def main():
             dense = n_params - embed_params
             flops = 2 * dense * B * P + 2 * embed_params * B
             flops += 4 * B * P * P * config.num_heads * config.head_dim * config.num_layers
-            print(f"| prefill {P} | {B} | {r['tps']:.0f} | {r['time'] * 1e3:.1f} ms total | "
-                  f"{flops / r['time'] / 1e12:.3g} TFLOP/s (model FLOPs) | | | | |")
+            print(
+                f"| prefill {P} | {B} | {r['tps']:.0f} | {r['time'] * 1e3:.1f} ms total | "
+                f"{flops / r['time'] / 1e12:.3g} TFLOP/s (model FLOPs) | | | | |"
+            )
     log("done")
 
 

@@ -40,14 +40,14 @@ PEAK_TABLE = [
 ]
 
 
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny config on CPU, end-to-end check")
     p.add_argument("--reps", type=int, default=5, help="timed steps (the best is kept)")
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--shapes", default="8x1024,16x1024,4x2048",
-                   help="rows x tokens per step, comma-separated")
+    p.add_argument(
+        "--shapes", default="8x1024,16x1024,4x2048", help="rows x tokens per step, comma-separated"
+    )
     return p.parse_args(argv)
 
 
@@ -82,8 +82,16 @@ def main(argv=None) -> int:
     log(f"jax {jax.__version__}, device {dev.platform}: {dev.device_kind}")
     if args.smoke:
         config = get_preset("gemma2-2b").replace(
-            name="gemma2-tiny", vocab_size=4096, embed_dim=64, hidden_dim=128, num_heads=2,
-            num_kv_heads=1, head_dim=16, layers=gemma2_layers(2), query_pre_attn_scalar=16)
+            name="gemma2-tiny",
+            vocab_size=4096,
+            embed_dim=64,
+            hidden_dim=128,
+            num_heads=2,
+            num_kv_heads=1,
+            head_dim=16,
+            layers=gemma2_layers(2),
+            query_pre_attn_scalar=16,
+        )
         shapes = [(2, 64), (4, 64)]
         args.reps = min(args.reps, 2)
     else:
@@ -95,13 +103,15 @@ def main(argv=None) -> int:
         return jax.random.normal(key, shape, dtype) * jnp.asarray(0.02, dtype)
 
     log(f"building {config.name} with random bf16 weights on the device")
-    abstract = nnx.eval_shape(lambda: Transformer(config, param_dtype=jnp.bfloat16,
-                                                  dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(
+        lambda: Transformer(config, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    )
     graphdef, state = nnx.split(abstract)
     leaves, treedef = jax.tree.flatten(state)
     keys = jax.random.split(jax.random.key(0), len(leaves))
-    arrays = jax.block_until_ready([random_leaf(k, tuple(x.shape), jnp.dtype(x.dtype))
-                                    for k, x in zip(keys, leaves)])
+    arrays = jax.block_until_ready(
+        [random_leaf(k, tuple(x.shape), jnp.dtype(x.dtype)) for k, x in zip(keys, leaves)]
+    )
     model = nnx.merge(graphdef, jax.tree.unflatten(treedef, arrays))
     n_params = sum(x.size for x in arrays)
     apply_lora(model, args.rank, 2.0 * args.rank, "all")
@@ -109,12 +119,23 @@ def main(argv=None) -> int:
     peak, peak_label = peak_flops(dev.device_kind)
     rows_out = []
     for batch, seq in shapes:
-        tc = TrainConfig(train_file="-", out_dir="-", steps=1000, batch_size=batch,
-                         max_length=seq, lora_rank=args.rank, compute_dtype="bfloat16",
-                         progress=False).validate()
+        tc = TrainConfig(
+            train_file="-",
+            out_dir="-",
+            steps=1000,
+            batch_size=batch,
+            max_length=seq,
+            lora_rank=args.rank,
+            compute_dtype="bfloat16",
+            progress=False,
+        ).validate()
         trainer = Trainer(tc, model, steps=1000)
-        data = Dataset(train=synthetic_rows(batch, seq, config.vocab_size), eval=None,
-                       stats={}, fingerprint="synthetic")
+        data = Dataset(
+            train=synthetic_rows(batch, seq, config.vocab_size),
+            eval=None,
+            stats={},
+            fingerprint="synthetic",
+        )
         step_batch = trainer.place(trainer.host_batch(data, 0), batch_axis=1)
         t = time.perf_counter()
         trainer.step(step_batch)
@@ -130,18 +151,26 @@ def main(argv=None) -> int:
         log(f"{batch}x{seq}: {best * 1e3:.1f} ms/step, {tokens / best:,.0f} tokens/s")
         del trainer
 
-    print(f"\n### LoRA training step on {dev.device_kind} ({config.name}, random bf16 weights, "
-          f"bf16 activations, LoRA rank {args.rank} on every projection)\n")
-    print(f"- jax {jax.__version__}; {n_params / 1e9:.3f} B base parameters; peak: "
-          f"{peak_label}; best of {args.reps} steps after a warm-up\n")
-    print("| rows x tokens | ms/step | tokens/s | model TFLOP/s (LoRA: 2x fwd) | MFU | "
-          "MFU if counted as full fine-tuning (3x fwd) |")
+    print(
+        f"\n### LoRA training step on {dev.device_kind} ({config.name}, random bf16 weights, "
+        f"bf16 activations, LoRA rank {args.rank} on every projection)\n"
+    )
+    print(
+        f"- jax {jax.__version__}; {n_params / 1e9:.3f} B base parameters; peak: "
+        f"{peak_label}; best of {args.reps} steps after a warm-up\n"
+    )
+    print(
+        "| rows x tokens | ms/step | tokens/s | model TFLOP/s (LoRA: 2x fwd) | MFU | "
+        "MFU if counted as full fine-tuning (3x fwd) |"
+    )
     print("|---|---|---|---|---|---|")
     for batch, seq, best, tps, lora_rate, full_rate in rows_out:
         mfu = f"{lora_rate / peak:.1%}" if peak else "n/a"
         mfu_full = f"{full_rate / peak:.1%}" if peak else "n/a"
-        print(f"| {batch} x {seq} | {best * 1e3:.1f} | {tps:,.0f} | {lora_rate / 1e12:.1f} | "
-              f"{mfu} | {mfu_full} |")
+        print(
+            f"| {batch} x {seq} | {best * 1e3:.1f} | {tps:,.0f} | {lora_rate / 1e12:.1f} | "
+            f"{mfu} | {mfu_full} |"
+        )
     log("done")
     return 0
 

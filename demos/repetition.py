@@ -59,7 +59,7 @@ SETTINGS = {  # name -> sampling keyword arguments (the old defaults first)
 
 
 def repeated_ngrams(tokens: list[int], n: int = 4) -> float:
-    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
     if not grams:
         return 0.0
     seen, repeats = set(), 0
@@ -79,12 +79,25 @@ def measure(sampler, prompts: list[str], sampling: Mapping, seeds: int, max_new:
     for seed in range(1 if greedy else seeds):
         for result in sampler.generate(prompts, max_new_tokens=max_new, seed=seed, **sampling):
             rep = repeated_ngrams(result.tokens)
-            rows.append(dict(repeated_4grams=rep, top_token_share=top_token_share(result.tokens),
-                             loop=rep > 0.5, tokens=len(result.tokens), text=result.text))
-    mean = {k: sum(r[k] for r in rows) / len(rows)
-            for k in ("repeated_4grams", "top_token_share", "tokens")}
-    return dict(replies=len(rows), loops=sum(r["loop"] for r in rows), **mean,
-                worst=max(rows, key=lambda r: r["repeated_4grams"])["text"][:160])
+            rows.append(
+                dict(
+                    repeated_4grams=rep,
+                    top_token_share=top_token_share(result.tokens),
+                    loop=rep > 0.5,
+                    tokens=len(result.tokens),
+                    text=result.text,
+                )
+            )
+    mean = {
+        k: sum(r[k] for r in rows) / len(rows)
+        for k in ("repeated_4grams", "top_token_share", "tokens")
+    }
+    return dict(
+        replies=len(rows),
+        loops=sum(r["loop"] for r in rows),
+        **mean,
+        worst=max(rows, key=lambda r: r["repeated_4grams"])["text"][:160],
+    )
 
 
 def main() -> None:
@@ -98,16 +111,18 @@ def main() -> None:
     model, tokenizer = gemma_kit.default_model()
     sampler = gemma_kit.Sampler(model, tokenizer)
     chat_prompts = [tokenizer.format_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
-    results: dict = {"chat (questions in the chat format)": {},
-                     "completion (text beginnings)": {}}
+    results: dict = {"chat (questions in the chat format)": {}, "completion (text beginnings)": {}}
     for mode, prompts in zip(results, (chat_prompts, list(BEGINNINGS))):
         print(f"\n{mode}: {len(prompts)} prompts, {args.max_new_tokens} new tokens at most")
         print(f"  {'setting':<52} {'loops':>9} {'rep. 4-grams':>12} {'top token':>9}")
         for name, sampling in SETTINGS.items():
             got = measure(sampler, prompts, sampling, args.seeds, args.max_new_tokens)
             results[mode][name] = got
-            print(f"  {name:<52} {got['loops']:>4}/{got['replies']:<4} "
-                  f"{got['repeated_4grams']:>12.3f} {got['top_token_share']:>9.3f}", flush=True)
+            print(
+                f"  {name:<52} {got['loops']:>4}/{got['replies']:<4} "
+                f"{got['repeated_4grams']:>12.3f} {got['top_token_share']:>9.3f}",
+                flush=True,
+            )
     elapsed = time.perf_counter() - start
     cpu = platform.processor() or platform.machine()
     try:
@@ -120,9 +135,20 @@ def main() -> None:
     print(f"\n{cpu}; {elapsed:.0f} s")
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(machine=cpu, seconds=round(elapsed), seeds=args.seeds,
-                                   max_new_tokens=args.max_new_tokens, results=results),
-                              indent=2, ensure_ascii=False) + "\n")
+    out.write_text(
+        json.dumps(
+            dict(
+                machine=cpu,
+                seconds=round(elapsed),
+                seeds=args.seeds,
+                max_new_tokens=args.max_new_tokens,
+                results=results,
+            ),
+            indent=2,
+            ensure_ascii=False,
+        )
+        + "\n"
+    )
     print(f"wrote {out}")
 
 

@@ -39,8 +39,11 @@ def main() -> None:
     url = app.launch("127.0.0.1", port, block=False, quiet=True)
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
-                                        args=["--no-sandbox", "--disable-background-networking"])
+            browser = p.chromium.launch(
+                executable_path="/usr/bin/chromium",
+                headless=True,
+                args=["--no-sandbox", "--disable-background-networking"],
+            )
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.set_default_timeout(300_000)
             page.goto(url)

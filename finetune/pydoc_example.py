@@ -50,8 +50,9 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.out).absolute()
     data = out / "data" / "topics.jsonl"
     print(f"wrote {write_topics(data)} pydoc topics to {data}", file=sys.stderr)
-    config = TrainConfig.from_file(args.config).replace(train_file=str(data),
-                                                        out_dir=str(out / "run"))
+    config = TrainConfig.from_file(args.config).replace(
+        train_file=str(data), out_dir=str(out / "run")
+    )
     if args.steps is not None:
         config = config.replace(steps=args.steps)
     result = train(config, resume=args.resume)

@@ -13,7 +13,12 @@ interop in gemma_kit.checkpoint (hf_import, hf_export, hf_peft); the web demo in
 
 from gemma_kit.chat import ChatOverflowError, ChatSession
 from gemma_kit.config import (
-    PRESETS, Config, GlobalAttention, LocalAttention, VisionConfig, get_preset,
+    PRESETS,
+    Config,
+    GlobalAttention,
+    LocalAttention,
+    VisionConfig,
+    get_preset,
 )
 from gemma_kit.embedded import default_model
 from gemma_kit.errors import (
@@ -23,8 +28,8 @@ from gemma_kit.errors import (
     ConfigError,
     ConversionError,
     DataError,
-    GemmaKitError,
     DivergenceError,
+    GemmaKitError,
     ImageError,
     TokenizerError,
     TrainingError,
@@ -38,10 +43,32 @@ from gemma_kit.transformer import Transformer
 __version__ = "0.1.0"
 
 __all__ = [
-    "PRESETS", "Config", "GlobalAttention", "LocalAttention", "get_preset", "default_model",
-    "CheckpointError", "CheckpointNotFoundError", "ConfigError", "ConversionError",
-    "GemmaKitError", "TokenizerError", "load_model", "save_checkpoint", "GenerationResult",
-    "Sampler", "ChatSession", "ChatOverflowError", "Tokenizer", "Transformer", "make_mesh",
-    "shard_model", "VisionConfig", "DataError", "ImageError",
-    "AdapterError", "TrainingError", "DivergenceError",
+    "PRESETS",
+    "Config",
+    "GlobalAttention",
+    "LocalAttention",
+    "get_preset",
+    "default_model",
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "ConfigError",
+    "ConversionError",
+    "GemmaKitError",
+    "TokenizerError",
+    "load_model",
+    "save_checkpoint",
+    "GenerationResult",
+    "Sampler",
+    "ChatSession",
+    "ChatOverflowError",
+    "Tokenizer",
+    "Transformer",
+    "make_mesh",
+    "shard_model",
+    "VisionConfig",
+    "DataError",
+    "ImageError",
+    "AdapterError",
+    "TrainingError",
+    "DivergenceError",
 ]

@@ -123,13 +123,15 @@ def attend(
     vv = v.astype(dtype).transpose(0, 2, 1, 3)  # [B, K, S, H]
     # Logits and softmax in float32 whatever the compute dtype: bf16 logits of long contexts
     # lose the small differences that decide the attention weights.
-    logits = jax.lax.dot_general(qg, kk, (((3,), (3,)), ((0, 1), (0, 1))),
-                                 preferred_element_type=jnp.float32)
+    logits = jax.lax.dot_general(
+        qg, kk, (((3,), (3,)), ((0, 1), (0, 1))), preferred_element_type=jnp.float32
+    )
     logits = softcap(logits.reshape(B, K, T, G, S), logit_cap)
     logits = jnp.where(mask[:, None, :, None, :], logits, MASKED_LOGIT)
     probs = jax.nn.softmax(logits, axis=-1).astype(dtype).reshape(B, K, T * G, S)
-    out = jax.lax.dot_general(probs, vv, (((3,), (2,)), ((0, 1), (0, 1))),
-                              preferred_element_type=jnp.float32)  # [B, K, T*G, H]
+    out = jax.lax.dot_general(
+        probs, vv, (((3,), (2,)), ((0, 1), (0, 1))), preferred_element_type=jnp.float32
+    )  # [B, K, T*G, H]
     out = out.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4)
     return out.reshape(B, T, N, H).astype(q.dtype)
 
@@ -145,26 +147,27 @@ class Attention(nnx.Module):
     def __init__(self, config: Config, kind: AttentionKind, *, param_dtype, rngs: nnx.Rngs):
         N, K, D, H = config.num_heads, config.num_kv_heads, config.embed_dim, config.head_dim
         if config.uses_qkv_einsum:
-            self.qkv_einsum = Einsum("BTD,CNDH->CBTNH", (3, N, D, H), param_dtype=param_dtype,
-                                     rngs=rngs)
+            self.qkv_einsum = Einsum(
+                "BTD,CNDH->CBTNH", (3, N, D, H), param_dtype=param_dtype, rngs=rngs
+            )
         else:
             self.q_einsum = Einsum("BTD,NDH->BTNH", (N, D, H), param_dtype=param_dtype, rngs=rngs)
-            self.kv_einsum = Einsum("BTD,CKDH->CBTKH", (2, K, D, H), param_dtype=param_dtype,
-                                    rngs=rngs)
-        self.attn_vec_einsum = Einsum("BTNH,NHD->BTD", (N, H, D), param_dtype=param_dtype,
-                                      rngs=rngs)
+            self.kv_einsum = Einsum(
+                "BTD,CKDH->CBTKH", (2, K, D, H), param_dtype=param_dtype, rngs=rngs
+            )
+        self.attn_vec_einsum = Einsum(
+            "BTNH,NHD->BTD", (N, H, D), param_dtype=param_dtype, rngs=rngs
+        )
         if config.use_qk_norm:
             self._query_norm = RMSNorm(H, param_dtype=param_dtype, eps=config.norm_eps)
             self._key_norm = RMSNorm(H, param_dtype=param_dtype, eps=config.norm_eps)
         self.kind = kind
         self.use_qk_norm = config.use_qk_norm
-        self.query_scale = config.query_pre_attn_scalar ** -0.5
+        self.query_scale = config.query_pre_attn_scalar**-0.5
         self.logit_cap = config.attn_logit_softcap
 
-    def project(self, x: jax.Array, positions: jax.Array
-                ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """[B, T, D] -> scaled, rotated queries [B, T, N, H]; rotated keys and values [B, T, K, H].
-        """
+    def project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """[B, T, D] -> scaled, rotated queries [B, T, N, H]; rotated keys, values [B, T, K, H]."""
         if hasattr(self, "qkv_einsum"):
             q, k, v = self.qkv_einsum(x)
         else:

@@ -29,8 +29,9 @@ def layer_slots(config: Config, layer: int, length: int, ring_slack: int = 0) ->
     return min(kind.window + ring_slack, length) if kind.is_local else length
 
 
-def init_cache(config: Config, batch: int, length: int, dtype=jnp.bfloat16,
-               ring_slack: int = 0) -> Cache:
+def init_cache(
+    config: Config, batch: int, length: int, dtype=jnp.bfloat16, ring_slack: int = 0
+) -> Cache:
     """An empty cache for `batch` rows of up to `length` tokens (prompt + generated).
 
     ring_slack: extra slots for every ring, so that a write of up to ring_slack + 1 tokens
@@ -69,9 +70,9 @@ def write(layer: dict, k: jax.Array, v: jax.Array, positions: jax.Array, index) 
         # The last S entries fill every slot; entry index+T-S+j goes to slot (index+T-S+j) % S.
         shift = (index + T - S) % S
         return {
-            "k": jnp.roll(k[:, T - S:], shift, axis=1),
-            "v": jnp.roll(v[:, T - S:], shift, axis=1),
-            "pos": jnp.roll(positions[:, T - S:], shift, axis=1),
+            "k": jnp.roll(k[:, T - S :], shift, axis=1),
+            "v": jnp.roll(v[:, T - S :], shift, axis=1),
+            "pos": jnp.roll(positions[:, T - S :], shift, axis=1),
         }
     if T == 1:  # the decode step: one contiguous in-place update
         slot = index % S
@@ -103,7 +104,8 @@ def save_slots(cache: Cache, count: int) -> dict:
         if count >= S:
             raise ValueError(
                 f"{name} has {S} slots: a write of {count} entries would wrap onto itself and "
-                "could not be taken back; give the cache ring_slack >= count - 1")
+                "could not be taken back; give the cache ring_slack >= count - 1"
+            )
         slots = _slots(cache["index"], count, S)
         saved[name] = {key: layer[key][:, slots] for key in ("k", "v", "pos")}
     return saved

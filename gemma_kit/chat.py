@@ -26,7 +26,8 @@ from gemma_kit.sampling import DryPenalty, SamplingError
 # checkpoints), with the DRY penalty against loops: ChatSession's defaults, and those of
 # `gemma-kit chat` and the demo page.
 CHAT_SAMPLING: Mapping[str, Any] = types.MappingProxyType(
-    dict(temperature=1.0, top_k=64, top_p=0.95, dry=DryPenalty()))
+    dict(temperature=1.0, top_k=64, top_p=0.95, dry=DryPenalty())
+)
 
 
 def instruction_tuned(checkpoint: str | os.PathLike) -> bool | None:
@@ -44,8 +45,10 @@ def instruction_tuned(checkpoint: str | os.PathLike) -> bool | None:
     words = set(re.split(r"[^a-z0-9]+", name.lower()))
     if words & {"it", "instruct", "instruction", "chat"}:
         return True
-    official = re.fullmatch(r"gemma-?[0-9]?-[0-9]+(\.[0-9]+)?[mb]", "-".join(
-        w for w in re.split(r"[^a-z0-9.]+", name.lower()) if w))
+    official = re.fullmatch(
+        r"gemma-?[0-9]?-[0-9]+(\.[0-9]+)?[mb]",
+        "-".join(w for w in re.split(r"[^a-z0-9.]+", name.lower()) if w),
+    )
     if words & {"pt", "pretrained", "base"} or official:
         return False
     return None
@@ -79,16 +82,29 @@ class ChatSession:
     turn; images are then refused.
     """
 
-    def __init__(self, model, tokenizer, system: str | None = None, *, cache_length: int = 4096,
-                 cache_dtype=jnp.bfloat16, overflow: str = "drop_oldest",
-                 matvec_layout: bool | None = None, speculative=None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        system: str | None = None,
+        *,
+        cache_length: int = 4096,
+        cache_dtype=jnp.bfloat16,
+        overflow: str = "drop_oldest",
+        matvec_layout: bool | None = None,
+        speculative=None,
+    ):
         if overflow not in ("drop_oldest", "error"):
             raise SamplingError(f"overflow must be 'drop_oldest' or 'error', got {overflow!r}")
         cache_length = min(cache_length, model.config.max_context)
-        self.sampler = Sampler(model, tokenizer, cache_dtype=cache_dtype,
-                               cache_length=cache_length, matvec_layout=matvec_layout)
-        self.drafter = (None if speculative is None
-                        else self.sampler.resolve_drafter(speculative))
+        self.sampler = Sampler(
+            model,
+            tokenizer,
+            cache_dtype=cache_dtype,
+            cache_length=cache_length,
+            matvec_layout=matvec_layout,
+        )
+        self.drafter = None if speculative is None else self.sampler.resolve_drafter(speculative)
         self.tokenizer = tokenizer
         self.system = system
         self.overflow = overflow
@@ -124,7 +140,8 @@ class ChatSession:
             raise ImageError(
                 f"the conversation's text holds {markers} <start_of_image> markers for "
                 f"{images.shape[0]} images, so it cannot be re-read; call reset() (or undo()) to "
-                "go on")
+                "go on"
+            )
         return self.sampler.expand_images(ids)
 
     def _images(self, messages):
@@ -142,13 +159,21 @@ class ChatSession:
         """
         return "".join(self.stream(message, **sampling))
 
-    def stream(self, message: str, max_new_tokens: int = 256,
-               temperature: float = CHAT_SAMPLING["temperature"],
-               top_k: int | None = CHAT_SAMPLING["top_k"],
-               top_p: float | None = CHAT_SAMPLING["top_p"], min_p: float | None = None,
-               seed: int = 0, stop: str | Sequence[str] | None = None, *, images=None,
-               pan_and_scan: bool = False,
-               dry: DryPenalty | None = CHAT_SAMPLING["dry"]) -> Iterator[str]:
+    def stream(
+        self,
+        message: str,
+        max_new_tokens: int = 256,
+        temperature: float = CHAT_SAMPLING["temperature"],
+        top_k: int | None = CHAT_SAMPLING["top_k"],
+        top_p: float | None = CHAT_SAMPLING["top_p"],
+        min_p: float | None = None,
+        seed: int = 0,
+        stop: str | Sequence[str] | None = None,
+        *,
+        images=None,
+        pan_and_scan: bool = False,
+        dry: DryPenalty | None = CHAT_SAMPLING["dry"],
+    ) -> Iterator[str]:
         """Like `send`, yielding the reply piece by piece."""
         if not isinstance(message, str) or not message.strip():
             raise SamplingError("the message is empty; type something to send")
@@ -198,8 +223,9 @@ class ChatSession:
                 # the next turn) into a fresh cache.
                 self.token_ids += result.tokens[:-1]
                 state = sampler.start([self.token_ids], settings, seed, ring_slack=slack)
-                self._state = state.replace(token=jnp.asarray(result.tokens[-1:], jnp.int32),
-                                            done=jnp.zeros((1,), bool))
+                self._state = state.replace(
+                    token=jnp.asarray(result.tokens[-1:], jnp.int32), done=jnp.zeros((1,), bool)
+                )
             else:
                 self._state, self.token_ids = None, []
             self.last_result = result
@@ -209,16 +235,25 @@ class ChatSession:
         try:
             if self._state is None:
                 self.token_ids = list(ids)
-                state = sampler.start([ids], settings, seed, [self._images(self.messages + [user])],
-                                      ring_slack=slack)
+                state = sampler.start(
+                    [ids], settings, seed, [self._images(self.messages + [user])], ring_slack=slack
+                )
             else:
                 state = self._continue(new_ids, settings, seed, embeddings)
             rounds = None
             if drafter is not None:
-                rounds = sampler.speculate(state, settings, drafter, max_new_tokens,
-                                           self.token_ids, seed, spec.SpeculativeStats())
-            yield from sampler.stream_state(state, settings, max_new_tokens, stops, finished,
-                                            rounds=rounds)
+                rounds = sampler.speculate(
+                    state,
+                    settings,
+                    drafter,
+                    max_new_tokens,
+                    self.token_ids,
+                    seed,
+                    spec.SpeculativeStats(),
+                )
+            yield from sampler.stream_state(
+                state, settings, max_new_tokens, stops, finished, rounds=rounds
+            )
         except BaseException:
             if not recorded:
                 # Cut short inside a step (Ctrl-C, an error): the cache buffers were handed to
@@ -246,8 +281,9 @@ class ChatSession:
                 "overflow='drop_oldest'"
             )
         messages = list(self.messages)
-        while (messages and len(self._full_ids(messages + [user])) + max_new_tokens
-               > self.cache_length):
+        while (
+            messages and len(self._full_ids(messages + [user])) + max_new_tokens > self.cache_length
+        ):
             messages = messages[2:]  # one user/model exchange
             self.dropped_turns += 1
         if len(self._full_ids(messages + [user])) + max_new_tokens > self.cache_length:
@@ -270,5 +306,6 @@ class ChatSession:
             # turn's markup closes the model's turn itself.)
             new_ids = [int(state.token[0])] + new_ids
         self.token_ids += new_ids
-        return self.sampler.feed(state.cache, int(state.position[0]), new_ids, settings, seed,
-                                 images)
+        return self.sampler.feed(
+            state.cache, int(state.position[0]), new_ids, settings, seed, images
+        )

@@ -23,8 +23,7 @@ DTYPE_NAMES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32",
 def dtype_name(name: str) -> str:
     """A dtype name or alias ("bf16") -> its canonical name ("bfloat16"); ConfigError otherwise."""
     if name not in DTYPE_NAMES:
-        raise ConfigError(
-            f"unknown dtype {name!r}; use bfloat16 (bf16) or float32 (f32)")
+        raise ConfigError(f"unknown dtype {name!r}; use bfloat16 (bf16) or float32 (f32)")
     return DTYPE_NAMES[name]
 
 
@@ -80,23 +79,33 @@ class VisionConfig:
     norm_eps: float = 1e-6  # the encoder's LayerNorms (flax and transformers default)
 
     def __post_init__(self):
-        for field in ("width", "depth", "mlp_dim", "num_heads", "patch_size", "image_size",
-                      "num_soft_tokens"):
+        for field in (
+            "width",
+            "depth",
+            "mlp_dim",
+            "num_heads",
+            "patch_size",
+            "image_size",
+            "num_soft_tokens",
+        ):
             if getattr(self, field) < 1:
                 raise ConfigError(f"VisionConfig: {field} must be >= 1, got {getattr(self, field)}")
         if self.width % self.num_heads:
             raise ConfigError(
                 f"VisionConfig: width ({self.width}) must be a multiple of num_heads "
-                f"({self.num_heads})")
+                f"({self.num_heads})"
+            )
         if self.image_size % self.patch_size:
             raise ConfigError(
                 f"VisionConfig: image_size ({self.image_size}) must be a multiple of patch_size "
-                f"({self.patch_size})")
-        side, out = self.patches_per_side, int(round(self.num_soft_tokens ** 0.5))
+                f"({self.patch_size})"
+            )
+        side, out = self.patches_per_side, int(round(self.num_soft_tokens**0.5))
         if out * out != self.num_soft_tokens or side % out:
             raise ConfigError(
                 f"VisionConfig: num_soft_tokens ({self.num_soft_tokens}) must be a square whose "
-                f"side divides the {side} patches per side (the pooling window is square)")
+                f"side divides the {side} patches per side (the pooling window is square)"
+            )
 
     @property
     def patches_per_side(self) -> int:
@@ -104,12 +113,12 @@ class VisionConfig:
 
     @property
     def num_patches(self) -> int:  # P
-        return self.patches_per_side ** 2
+        return self.patches_per_side**2
 
     @property
     def pool_window(self) -> int:
         """Side of the square average-pooling window (4 for 64 patches -> 16 soft tokens/side)."""
-        return self.patches_per_side // int(round(self.num_soft_tokens ** 0.5))
+        return self.patches_per_side // int(round(self.num_soft_tokens**0.5))
 
     @property
     def head_dim(self) -> int:
@@ -184,7 +193,8 @@ class Config:
         if self.vision_config is not None and not self.has_vision:
             raise ConfigError(
                 f"Config {self.name!r}: vision_config is set but has_vision is False; pass "
-                "has_vision=True for a model with an image encoder")
+                "has_vision=True for a model with an image encoder"
+            )
         for cap in ("attn_logit_softcap", "final_logit_softcap"):
             value = getattr(self, cap)
             if value is not None and not value > 0:
@@ -248,8 +258,9 @@ def _gemma2(name, *, D, F, N, K, H, L, query_pre_attn_scalar, transpose_gating=T
     )
 
 
-def _gemma3(name, *, D, F, N, K, H, L, window, query_pre_attn_scalar, vision, context,
-            global_rope_scale=1.0):
+def _gemma3(
+    name, *, D, F, N, K, H, L, window, query_pre_attn_scalar, vision, context, global_rope_scale=1.0
+):
     return Config(
         name=name,
         family="gemma3",
@@ -272,23 +283,89 @@ def _gemma3(name, *, D, F, N, K, H, L, window, query_pre_attn_scalar, vision, co
 PRESETS: dict[str, Config] = {
     c.name: c
     for c in (
-        _gemma2("gemma2-2b", D=2304, F=9216, N=8, K=4, H=256, L=26,
-                query_pre_attn_scalar=256, transpose_gating=False),
-        _gemma2("gemma2-9b", D=3584, F=14336, N=16, K=8, H=256, L=42,
-                query_pre_attn_scalar=256),
-        _gemma2("gemma2-27b", D=4608, F=36864, N=32, K=16, H=128, L=46,
-                query_pre_attn_scalar=4608 // 32),
-        _gemma3("gemma3-270m", D=640, F=2048, N=4, K=1, H=256, L=18, window=512,
-                query_pre_attn_scalar=256, vision=False, context=32_768),
-        _gemma3("gemma3-1b", D=1152, F=6912, N=4, K=1, H=256, L=26, window=512,
-                query_pre_attn_scalar=256, vision=False, context=32_768),
-        _gemma3("gemma3-4b", D=2560, F=10240, N=8, K=4, H=256, L=34, window=1024,
-                query_pre_attn_scalar=256, vision=True, context=131_072, global_rope_scale=8.0),
-        _gemma3("gemma3-12b", D=3840, F=15360, N=16, K=8, H=256, L=48, window=1024,
-                query_pre_attn_scalar=256, vision=True, context=131_072, global_rope_scale=8.0),
-        _gemma3("gemma3-27b", D=5376, F=21504, N=32, K=16, H=128, L=62, window=1024,
-                query_pre_attn_scalar=5376 // 32, vision=True, context=131_072,
-                global_rope_scale=8.0),
+        _gemma2(
+            "gemma2-2b",
+            D=2304,
+            F=9216,
+            N=8,
+            K=4,
+            H=256,
+            L=26,
+            query_pre_attn_scalar=256,
+            transpose_gating=False,
+        ),
+        _gemma2("gemma2-9b", D=3584, F=14336, N=16, K=8, H=256, L=42, query_pre_attn_scalar=256),
+        _gemma2(
+            "gemma2-27b", D=4608, F=36864, N=32, K=16, H=128, L=46, query_pre_attn_scalar=4608 // 32
+        ),
+        _gemma3(
+            "gemma3-270m",
+            D=640,
+            F=2048,
+            N=4,
+            K=1,
+            H=256,
+            L=18,
+            window=512,
+            query_pre_attn_scalar=256,
+            vision=False,
+            context=32_768,
+        ),
+        _gemma3(
+            "gemma3-1b",
+            D=1152,
+            F=6912,
+            N=4,
+            K=1,
+            H=256,
+            L=26,
+            window=512,
+            query_pre_attn_scalar=256,
+            vision=False,
+            context=32_768,
+        ),
+        _gemma3(
+            "gemma3-4b",
+            D=2560,
+            F=10240,
+            N=8,
+            K=4,
+            H=256,
+            L=34,
+            window=1024,
+            query_pre_attn_scalar=256,
+            vision=True,
+            context=131_072,
+            global_rope_scale=8.0,
+        ),
+        _gemma3(
+            "gemma3-12b",
+            D=3840,
+            F=15360,
+            N=16,
+            K=8,
+            H=256,
+            L=48,
+            window=1024,
+            query_pre_attn_scalar=256,
+            vision=True,
+            context=131_072,
+            global_rope_scale=8.0,
+        ),
+        _gemma3(
+            "gemma3-27b",
+            D=5376,
+            F=21504,
+            N=32,
+            K=16,
+            H=128,
+            L=62,
+            window=1024,
+            query_pre_attn_scalar=5376 // 32,
+            vision=True,
+            context=131_072,
+            global_rope_scale=8.0,
+        ),
     )
 }
 
@@ -320,8 +397,10 @@ def config_to_dict(config: Config) -> dict:
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         if field.name == "layers":
-            value = [dict(attention="local" if kind.is_local else "global",
-                          **dataclasses.asdict(kind)) for kind in value]
+            value = [
+                dict(attention="local" if kind.is_local else "global", **dataclasses.asdict(kind))
+                for kind in value
+            ]
         elif isinstance(value, VisionConfig):
             value = dataclasses.asdict(value)
         out[field.name] = value
@@ -330,14 +409,17 @@ def config_to_dict(config: Config) -> dict:
 
 def config_from_dict(values: dict) -> Config:
     """The Config that config_to_dict wrote; ConfigError naming what is missing or unknown."""
+
     def build(cls, fields: dict, where: str):
         if not isinstance(fields, dict):
             raise ConfigError(f"{where} must be a JSON object, got {type(fields).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(fields) - known)
         if unknown:
-            raise ConfigError(f"{where} has unknown fields {unknown}; it was written by another "
-                              "version of gemma_kit, or edited by hand")
+            raise ConfigError(
+                f"{where} has unknown fields {unknown}; it was written by another "
+                "version of gemma_kit, or edited by hand"
+            )
         try:
             return cls(**fields)
         except TypeError as err:  # a missing required field
@@ -351,13 +433,15 @@ def config_from_dict(values: dict) -> Config:
         layer = dict(layer) if isinstance(layer, dict) else {}
         kind = _ATTENTION_KINDS.get(layer.pop("attention", None))
         if kind is None:
-            raise ConfigError(f"layer {i} of the stored config needs \"attention\": \"global\" "
-                              "or \"local\"")
+            raise ConfigError(
+                f'layer {i} of the stored config needs "attention": "global" or "local"'
+            )
         layers.append(build(kind, layer, f"layer {i} of the stored config"))
     values["layers"] = tuple(layers)
     if values.get("vision_config") is not None:
-        values["vision_config"] = build(VisionConfig, values["vision_config"],
-                                        "the stored vision_config")
+        values["vision_config"] = build(
+            VisionConfig, values["vision_config"], "the stored vision_config"
+        )
     return build(Config, values, "the stored config")
 
 

@@ -109,8 +109,10 @@ def cpu_signature() -> str:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count() or 1
-    return (f"{cpu_model()} (family {fields.get('cpu family', '?')} model "
-            f"{fields.get('model', '?')}, {isa}, {cores} cores)")
+    return (
+        f"{cpu_model()} (family {fields.get('cpu family', '?')} model "
+        f"{fields.get('model', '?')}, {isa}, {cores} cores)"
+    )
 
 
 def cache_path():
@@ -131,12 +133,17 @@ def read_cache() -> dict[str, dict]:
             raise ValueError(f"not a format-{CACHE_FORMAT} cache")
         entries = data["entries"]
         if not isinstance(entries, dict) or not all(
-                isinstance(v, dict) and v.get("path") in PATHS for v in entries.values()):
+            isinstance(v, dict) and v.get("path") in PATHS for v in entries.values()
+        ):
             raise ValueError("malformed entries")
         return entries
     except (OSError, ValueError, KeyError, TypeError) as e:
-        warnings.warn(f"ignoring the compiled-path cache {path} ({e}); the products will be "
-                      "probed again and the file rewritten", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"ignoring the compiled-path cache {path} ({e}); the products will be "
+            "probed again and the file rewritten",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return {}
 
 
@@ -203,8 +210,12 @@ def probe(measure: Callable[[str], float], rounds: int) -> dict:
             best[path] = min(best[path], measure(path))
     fastest = min(best, key=best.get)
     chosen = fastest if best[fastest] < MARGIN * best[REFERENCE] else REFERENCE
-    return {"path": chosen, "seconds": best, "probe_seconds": time.perf_counter() - start,
-            "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return {
+        "path": chosen,
+        "seconds": best,
+        "probe_seconds": time.perf_counter() - start,
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
 
 
 def forget() -> None:

@@ -100,8 +100,9 @@ class DecodeState:
     key: jax.Array
 
     @classmethod
-    def create(cls, cache: dict, token: jax.Array, position: jax.Array, key: jax.Array,
-               max_new: int) -> DecodeState:
+    def create(
+        cls, cache: dict, token: jax.Array, position: jax.Array, key: jax.Array, max_new: int
+    ) -> DecodeState:
         """A state with nothing drawn yet: `token` [B] goes in next, at `position` [B]."""
         B = token.shape[0]
         return cls(
@@ -165,11 +166,19 @@ def record(settings: DecodeSettings, state: DecodeState, tokens, logprobs) -> De
     )
 
 
-@functools.partial(jax.jit,
-                   static_argnames=("settings", "length", "cache_dtype", "ring_slack"))
-def prefill(params, tokens, positions, key, image_embeddings=None, *,
-            settings: DecodeSettings, length: int, cache_dtype,
-            ring_slack: int = 0) -> DecodeState:
+@functools.partial(jax.jit, static_argnames=("settings", "length", "cache_dtype", "ring_slack"))
+def prefill(
+    params,
+    tokens,
+    positions,
+    key,
+    image_embeddings=None,
+    *,
+    settings: DecodeSettings,
+    length: int,
+    cache_dtype,
+    ring_slack: int = 0,
+) -> DecodeState:
     """Prompt batch [B, P] (left-padded: pads at position -1) -> the state after the first draw.
 
     The cache is made here, `length` tokens long, its rings `ring_slack` slots longer than the
@@ -178,12 +187,12 @@ def prefill(params, tokens, positions, key, image_embeddings=None, *,
     """
     model = nnx.merge(settings.graphdef, params)
     cache = kv_cache.init_cache(model.config, tokens.shape[0], length, cache_dtype, ring_slack)
-    hidden, cache = model.extend(tokens, positions, cache, fresh=True,
-                                 image_embeddings=image_embeddings)
+    hidden, cache = model.extend(
+        tokens, positions, cache, fresh=True, image_embeddings=image_embeddings
+    )
     key, sub = jax.random.split(key)
     first, logprob = choose(settings, model.logits(hidden[:, -1:])[:, 0], sub)
-    state = DecodeState.create(cache, first, jnp.max(positions, axis=1) + 1, key,
-                               settings.max_new)
+    state = DecodeState.create(cache, first, jnp.max(positions, axis=1) + 1, key, settings.max_new)
     return record(settings, state, first, logprob)
 
 
@@ -205,6 +214,7 @@ def can_continue(state: DecodeState, limit) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("settings",), donate_argnames=("state",))
 def decode_loop(params, state: DecodeState, limit, *, settings: DecodeSettings) -> DecodeState:
     """Decodes until every row stopped, `limit` tokens were drawn, or the cache is full."""
+
     def body(s):
         # Without the barrier XLA hoists every bf16 -> f32 weight cast out of the loop: each
         # call then converts all weights up front and every step reads the f32 copies (twice

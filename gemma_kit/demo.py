@@ -71,9 +71,13 @@ KINDS = {
 # The page's sampling controls start at Gemma's recommended settings (the generation config of
 # the official instruction-tuned Gemma 3 checkpoints) with the DRY penalty: CHAT_SAMPLING.
 # max_new_tokens: per mode; a continuation is shorter, the user continues again.
-DEFAULT_SAMPLING = dict(temperature=CHAT_SAMPLING["temperature"], top_p=CHAT_SAMPLING["top_p"],
-                        top_k=CHAT_SAMPLING["top_k"], dry=CHAT_SAMPLING["dry"].multiplier,
-                        seed=-1)
+DEFAULT_SAMPLING = dict(
+    temperature=CHAT_SAMPLING["temperature"],
+    top_p=CHAT_SAMPLING["top_p"],
+    top_k=CHAT_SAMPLING["top_k"],
+    dry=CHAT_SAMPLING["dry"].multiplier,
+    seed=-1,
+)
 MAX_NEW_TOKENS = {"chat": 256, "completion": 128}
 
 # Beginnings offered under the completion box.
@@ -109,8 +113,10 @@ def preflight(host: str, port: int, lora: str | os.PathLike | None = None) -> No
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.bind((host, port))
     except OSError as err:
-        raise DemoError(f"cannot serve on {host}:{port} ({err.strerror or err}); pass another "
-                        "--port (or --host)") from None
+        raise DemoError(
+            f"cannot serve on {host}:{port} ({err.strerror or err}); pass another "
+            "--port (or --host)"
+        ) from None
 
 
 def load_lora(model, path: str | os.PathLike):
@@ -123,8 +129,10 @@ def load_lora(model, path: str | os.PathLike):
 
     lora.load_adapter(model, path)
     info = lora.adapter_info(model)
-    description = (f"`{pathlib.Path(path).name}` (rank {info['rank']}, alpha "
-                   f"{info['alpha']:g}, on {', '.join(info['targets'])})")
+    description = (
+        f"`{pathlib.Path(path).name}` (rank {info['rank']}, alpha "
+        f"{info['alpha']:g}, on {', '.join(info['targets'])})"
+    )
     try:
         model = lora.merge(model)
     except GemmaKitError:  # an int8 base keeps the adapter beside its weights
@@ -149,8 +157,15 @@ class ModelCard:
     mode: str = "chat"
 
     @classmethod
-    def of(cls, model, *, lora: str | None, cache_length: int, kind: str | None = None,
-           mode: str = "chat") -> ModelCard:
+    def of(
+        cls,
+        model,
+        *,
+        lora: str | None,
+        cache_length: int,
+        kind: str | None = None,
+        mode: str = "chat",
+    ) -> ModelCard:
         leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
         return cls(
             name=model.config.name,
@@ -165,42 +180,60 @@ class ModelCard:
         )
 
     def markdown(self) -> str:
-        vision = ("yes: attach images to a message" if self.vision else
-                  "no, text only: images need a Gemma 3 4B, 12B or 27B checkpoint "
-                  "(`gemma-kit demo --ckpt DIR`)")
+        vision = (
+            "yes: attach images to a message"
+            if self.vision
+            else "no, text only: images need a Gemma 3 4B, 12B or 27B checkpoint "
+            "(`gemma-kit demo --ckpt DIR`)"
+        )
         rows = [
             ("Model", f"`{self.name}`"),
             ("Kind", KINDS[self.kind]),
-            ("Parameters", f"{self.parameters / 1e6:,.0f} M" if self.parameters >= 1e6
-             else f"{self.parameters:,}"),
+            (
+                "Parameters",
+                f"{self.parameters / 1e6:,.0f} M"
+                if self.parameters >= 1e6
+                else f"{self.parameters:,}",
+            ),
             ("Weights", ", ".join(self.dtypes)),
             ("Vision", vision),
             ("LoRA adapter", self.lora or "none"),
-            ("Memory", f"{self.cache_length:,} tokens per "
-                       + ("conversation" if self.mode == "chat" else "text")),
+            (
+                "Memory",
+                f"{self.cache_length:,} tokens per "
+                + ("conversation" if self.mode == "chat" else "text"),
+            ),
             ("Runs on", self.backend),
         ]
         text = "\n".join(f"- **{k}:** {v}" for k, v in rows)
         if self.mode == "chat" and self.kind == "pretrained":
-            text += ("\n\nA pretrained model continues text rather than answering: expect "
-                     "wandering replies. `gemma-kit demo --mode completion` offers it as text "
-                     "completion.")
+            text += (
+                "\n\nA pretrained model continues text rather than answering: expect "
+                "wandering replies. `gemma-kit demo --mode completion` offers it as text "
+                "completion."
+            )
         elif self.mode == "chat" and self.kind is None:
-            text += ("\n\nIf this model is pretrained rather than instruction-tuned, "
-                     "`gemma-kit demo --mode completion` offers it as text completion.")
+            text += (
+                "\n\nIf this model is pretrained rather than instruction-tuned, "
+                "`gemma-kit demo --mode completion` offers it as text completion."
+            )
         return text
 
     def notice(self) -> str:
         """What the completion page says first, above the text box."""
-        what = ("a pretrained model" if self.kind == "pretrained" else "offered here as a "
-                "pretrained model")
+        what = (
+            "a pretrained model"
+            if self.kind == "pretrained"
+            else "offered here as a pretrained model"
+        )
         return (
             f"**Text completion.** `{self.name}` is {what}: it continues text, it does not "
             "answer questions or follow instructions. Write the beginning of a text (a story, "
             "an article, a list, code) and press **Continue** (or Shift+Enter): the model "
             "writes what could come next, in the same box. Edit it and continue again as you "
             "like. For a chat, start the demo with an instruction-tuned checkpoint, e.g. "
-            "`gemma-kit demo --ckpt gemma-3-1b-it/`.")
+            "`gemma-kit demo --ckpt gemma-3-1b-it/`."
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,8 +257,14 @@ def sampling_settings(temperature, top_p, top_k, max_new_tokens, seed, dry=0.0) 
     seed = -1 if seed is None else int(seed)
     if seed < 0:
         seed = secrets.randbelow(2**31)
-    return dict(temperature=float(temperature), top_p=top_p, top_k=top_k,
-                max_new_tokens=int(max_new_tokens), seed=seed, dry=penalty)
+    return dict(
+        temperature=float(temperature),
+        top_p=top_p,
+        top_k=top_k,
+        max_new_tokens=int(max_new_tokens),
+        seed=seed,
+        dry=penalty,
+    )
 
 
 def load_image(path: str | os.PathLike, max_bytes: int):
@@ -240,19 +279,20 @@ def load_image(path: str | os.PathLike, max_bytes: int):
     name = path.name
     size = path.stat().st_size
     if size > max_bytes:
-        raise InputError(f"{name} is {size / 2**20:.1f} MB; images up to "
-                         f"{max_bytes / 2**20:.0f} MB are accepted")
+        raise InputError(
+            f"{name} is {size / 2**20:.1f} MB; images up to {max_bytes / 2**20:.0f} MB are accepted"
+        )
     try:
         image = Image.open(path)
     except (UnidentifiedImageError, OSError):
-        raise InputError(f"{name} is not an image (accepted: "
-                         f"{', '.join(IMAGE_FORMATS)})") from None
+        raise InputError(f"{name} is not an image (accepted: {', '.join(IMAGE_FORMATS)})") from None
     if image.format not in IMAGE_FORMATS:
-        raise InputError(f"{name} is a {image.format} image; accepted: "
-                         f"{', '.join(IMAGE_FORMATS)}")
+        raise InputError(f"{name} is a {image.format} image; accepted: {', '.join(IMAGE_FORMATS)}")
     if image.width * image.height > MAX_IMAGE_PIXELS:
-        raise InputError(f"{name} is {image.width}x{image.height} pixels; images up to "
-                         f"{MAX_IMAGE_PIXELS / 1e6:.0f} megapixels are accepted")
+        raise InputError(
+            f"{name} is {image.width}x{image.height} pixels; images up to "
+            f"{MAX_IMAGE_PIXELS / 1e6:.0f} megapixels are accepted"
+        )
     try:
         image.load()
     except (OSError, SyntaxError, ValueError):  # what Pillow raises for truncated data
@@ -315,25 +355,41 @@ class ChatApp:
         closed tab's is forgotten at once).
     """
 
-    def __init__(self, model, tokenizer, *, mode: str = "chat", kind: str | None = None,
-                 lora: str | None = None, cache_length: int = 4096, concurrency: int = 8,
-                 max_image_mb: float = 20, max_conversations: int = 64):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        mode: str = "chat",
+        kind: str | None = None,
+        lora: str | None = None,
+        cache_length: int = 4096,
+        concurrency: int = 8,
+        max_image_mb: float = 20,
+        max_conversations: int = 64,
+    ):
         _require_gradio()
         if mode not in MODES:
             raise DemoError(f"mode must be 'chat' or 'completion', got {mode!r}")
         if kind not in KINDS:
             raise DemoError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
         self.mode = mode
-        self.card = ModelCard.of(model, lora=lora, kind=kind, mode=mode,
-                                 cache_length=min(cache_length, model.config.max_context))
+        self.card = ModelCard.of(
+            model,
+            lora=lora,
+            kind=kind,
+            mode=mode,
+            cache_length=min(cache_length, model.config.max_context),
+        )
         # One copy of the weights for all sessions, in the layout the sampler decodes fastest
         # from (each ChatSession would otherwise make one on CPU).
         self.model = to_matvec_layout(model) if jax.default_backend() == "cpu" else model
         self.tokenizer = tokenizer
         self.cache_length = self.card.cache_length
         # Continuations (the completion page and the /complete endpoint) share one Sampler.
-        self.sampler = Sampler(self.model, tokenizer, cache_length=self.cache_length,
-                               matvec_layout=False)
+        self.sampler = Sampler(
+            self.model, tokenizer, cache_length=self.cache_length, matvec_layout=False
+        )
         self.max_new_tokens = min(MAX_NEW_TOKENS[mode], self.cache_length // 2)
         self.concurrency = concurrency
         self.max_image_bytes = int(max_image_mb * 2**20)
@@ -344,8 +400,13 @@ class ChatApp:
 
     # -- sessions -----------------------------------------------------------------------------
     def _new_chat(self, system: str | None) -> ChatSession:
-        return ChatSession(self.model, self.tokenizer, system=(system or "").strip() or None,
-                           cache_length=self.cache_length, matvec_layout=False)
+        return ChatSession(
+            self.model,
+            self.tokenizer,
+            system=(system or "").strip() or None,
+            cache_length=self.cache_length,
+            matvec_layout=False,
+        )
 
     def conversation(self, session: str, system: str | None = None) -> _Session:
         """The session of one browser tab or client (created on first use)."""
@@ -381,15 +442,18 @@ class ChatApp:
             raise InputError(
                 f"this model ({self.card.name}) reads text only, so it cannot look at images. "
                 "Images need a Gemma 3 4B, 12B or 27B checkpoint: start the demo with "
-                "`gemma-kit demo --ckpt DIR`. Remove the image to send the text alone.")
+                "`gemma-kit demo --ckpt DIR`. Remove the image to send the text alone."
+            )
         if not text:
-            raise InputError("the message is empty: type some text"
-                             + (" to go with the image" if files else ""))
+            raise InputError(
+                "the message is empty: type some text" + (" to go with the image" if files else "")
+            )
         images = [load_image(_file_path(f), self.max_image_bytes) for f in files]
         return text, images
 
-    def _pieces(self, conv: _Session, pieces: Iterator[str]
-                ) -> Generator[_Reply, None, tuple[float, float]]:
+    def _pieces(
+        self, conv: _Session, pieces: Iterator[str]
+    ) -> Generator[_Reply, None, tuple[float, float]]:
         """Yields the text so far after each piece, until the end or Stop; returns (seconds
         it took, seconds to the first piece)."""
         start = time.perf_counter()
@@ -407,8 +471,15 @@ class ChatApp:
         end = time.perf_counter()
         return end - start, (first or end) - start
 
-    def _finish(self, conv: _Session, what: str, result: GenerationResult,
-                timing: tuple[float, float], seed: int, notice: str | None) -> _Reply:
+    def _finish(
+        self,
+        conv: _Session,
+        what: str,
+        result: GenerationResult,
+        timing: tuple[float, float],
+        seed: int,
+        notice: str | None,
+    ) -> _Reply:
         """The last _Reply of a reply or continuation, with its stats line."""
         elapsed, first = timing
         n = len(result.tokens)
@@ -416,17 +487,20 @@ class ChatApp:
         conv.stats = (
             f"**{what} {conv.replies}:** {n} tokens in {elapsed:.2f} s "
             f"({n / elapsed:.1f} tokens/s), first token after {first:.2f} s · "
-            f"{FINISH_REASONS.get(result.finish_reason, result.finish_reason)} · seed {seed}")
+            f"{FINISH_REASONS.get(result.finish_reason, result.finish_reason)} · seed {seed}"
+        )
         if notice:
             conv.stats += f"  \n{notice}"
         return _Reply(result.text, conv.stats, notice)
 
-    def reply(self, conv: _Session, text: str, images: list, sampling: dict
-              ) -> Generator[_Reply, None, None]:
+    def reply(
+        self, conv: _Session, text: str, images: list, sampling: dict
+    ) -> Generator[_Reply, None, None]:
         """Streams the reply to one message of a conversation (the text so far each time)."""
         if not conv.busy.acquire(blocking=False):
-            raise InputError("a reply is still being written in this conversation: wait for "
-                             "it or press Stop")
+            raise InputError(
+                "a reply is still being written in this conversation: wait for it or press Stop"
+            )
         try:
             chat = conv.chat
             if chat is None:
@@ -441,45 +515,54 @@ class ChatApp:
             conv.last_images = images
             notice = None
             if chat.dropped_turns > dropped:
-                notice = (f"The conversation outgrew the {self.cache_length:,}-token memory: "
-                          f"its {chat.dropped_turns - dropped} oldest exchange(s) were "
-                          "forgotten (they stay on the page). Clear starts afresh.")
+                notice = (
+                    f"The conversation outgrew the {self.cache_length:,}-token memory: "
+                    f"its {chat.dropped_turns - dropped} oldest exchange(s) were "
+                    "forgotten (they stay on the page). Clear starts afresh."
+                )
             elif result.finish_reason == "cache_full":
-                notice = (f"The reply stopped because the {self.cache_length:,}-token memory "
-                          "is full; the next message will forget the oldest exchanges.")
+                notice = (
+                    f"The reply stopped because the {self.cache_length:,}-token memory "
+                    "is full; the next message will forget the oldest exchanges."
+                )
             yield self._finish(conv, "Reply", result, timing, sampling["seed"], notice)
         finally:
             conv.busy.release()
 
-    def complete(self, conv: _Session, text: str, sampling: dict
-                 ) -> Generator[_Reply, None, None]:
+    def complete(self, conv: _Session, text: str, sampling: dict) -> Generator[_Reply, None, None]:
         """Streams the continuation of `text` (`_Reply.text`: the continuation so far).
 
         A text longer than the cache allows (with max_new_tokens) is continued from its end:
         <bos> and as many of its last tokens as fit.
         """
         if not conv.busy.acquire(blocking=False):
-            raise InputError("a continuation is still being written: wait for it or press "
-                             "Stop")
+            raise InputError("a continuation is still being written: wait for it or press Stop")
         try:
             sampler, max_new = self.sampler, sampling["max_new_tokens"]
-            settings = sampler.settings(max_new, sampling["temperature"], sampling["top_k"],
-                                        sampling["top_p"], dry=sampling["dry"])
+            settings = sampler.settings(
+                max_new,
+                sampling["temperature"],
+                sampling["top_k"],
+                sampling["top_p"],
+                dry=sampling["dry"],
+            )
             ids = sampler.encode([text])[0]
             room = self.cache_length - settings.max_new  # prompt slots left by the new tokens
             notice = None
             if len(ids) > room:
-                ids = ids[:1] + ids[len(ids) - room + 1:]
-                notice = (f"The text is longer than the {self.cache_length:,}-token memory "
-                          f"holds with {max_new} new tokens: it was continued from its last "
-                          f"{room - 1:,} tokens.")
+                ids = ids[:1] + ids[len(ids) - room + 1 :]
+                notice = (
+                    f"The text is longer than the {self.cache_length:,}-token memory "
+                    f"holds with {max_new} new tokens: it was continued from its last "
+                    f"{room - 1:,} tokens."
+                )
             results: list[GenerationResult] = []
             state = sampler.start([ids], settings, sampling["seed"])
-            pieces = sampler.stream_state(state, settings, max_new,
-                                          finished=lambda _, result: results.append(result))
+            pieces = sampler.stream_state(
+                state, settings, max_new, finished=lambda _, result: results.append(result)
+            )
             timing = yield from self._pieces(conv, pieces)
-            yield self._finish(conv, "Continuation", results[-1], timing, sampling["seed"],
-                               notice)
+            yield self._finish(conv, "Continuation", results[-1], timing, sampling["seed"], notice)
         finally:
             conv.busy.release()
 
@@ -492,8 +575,9 @@ class ChatApp:
         )
         self.theme = theme
         title = "chat" if self.mode == "chat" else "text completion"
-        with gr.Blocks(title=f"gemma_kit {title}: {self.card.name}", analytics_enabled=False,
-                       fill_height=True) as blocks:
+        with gr.Blocks(
+            title=f"gemma_kit {title}: {self.card.name}", analytics_enabled=False, fill_height=True
+        ) as blocks:
             gr.Markdown(f"## gemma_kit {title} · {self.card.name}")
             with gr.Row(equal_height=False):
                 with gr.Column(scale=3):
@@ -505,9 +589,12 @@ class ChatApp:
                     gr.Markdown(self.card.markdown(), elem_id="model-card")
                     system = None
                     if self.mode == "chat":
-                        system = gr.Textbox(label="System prompt", lines=3, elem_id="system",
-                                            info="Used from the start of a conversation "
-                                                 "(Clear starts a new one).")
+                        system = gr.Textbox(
+                            label="System prompt",
+                            lines=3,
+                            elem_id="system",
+                            info="Used from the start of a conversation (Clear starts a new one).",
+                        )
                     controls = self._sampling_controls()
             gen = dict(concurrency_id="generate", concurrency_limit=self.concurrency)
             if self.mode == "chat":
@@ -523,22 +610,46 @@ class ChatApp:
 
     def _sampling_controls(self) -> list:
         with gr.Accordion("Sampling", open=True):
-            temperature = gr.Slider(0, 2, DEFAULT_SAMPLING["temperature"], step=0.05,
-                                    label="Temperature (0: greedy)", elem_id="temperature")
-            top_p = gr.Slider(0.01, 1, DEFAULT_SAMPLING["top_p"], step=0.01,
-                              label="Top-p (1: off)", elem_id="top-p")
-            top_k = gr.Slider(0, 256, DEFAULT_SAMPLING["top_k"], step=1, label="Top-k (0: off)",
-                              elem_id="top-k")
-            dry = gr.Slider(0, 3, DEFAULT_SAMPLING["dry"], step=0.05,
-                            label="Repetition penalty (DRY, 0: off)", elem_id="dry",
-                            info="Penalises going on with a stretch already written, more "
-                                 "with every token: it breaks loops.")
+            temperature = gr.Slider(
+                0,
+                2,
+                DEFAULT_SAMPLING["temperature"],
+                step=0.05,
+                label="Temperature (0: greedy)",
+                elem_id="temperature",
+            )
+            top_p = gr.Slider(
+                0.01,
+                1,
+                DEFAULT_SAMPLING["top_p"],
+                step=0.01,
+                label="Top-p (1: off)",
+                elem_id="top-p",
+            )
+            top_k = gr.Slider(
+                0, 256, DEFAULT_SAMPLING["top_k"], step=1, label="Top-k (0: off)", elem_id="top-k"
+            )
+            dry = gr.Slider(
+                0,
+                3,
+                DEFAULT_SAMPLING["dry"],
+                step=0.05,
+                label="Repetition penalty (DRY, 0: off)",
+                elem_id="dry",
+                info="Penalises going on with a stretch already written, more "
+                "with every token: it breaks loops.",
+            )
             # Half the memory at most: a reply must leave room for its prompt.
             most = min(1024, self.cache_length // 2)
-            max_new = gr.Slider(1, most, self.max_new_tokens, step=1, label="Max new tokens",
-                                elem_id="max-new")
-            seed = gr.Number(DEFAULT_SAMPLING["seed"], precision=0,
-                             label="Seed (-1: a new one each time)", elem_id="seed")
+            max_new = gr.Slider(
+                1, most, self.max_new_tokens, step=1, label="Max new tokens", elem_id="max-new"
+            )
+            seed = gr.Number(
+                DEFAULT_SAMPLING["seed"],
+                precision=0,
+                label="Seed (-1: a new one each time)",
+                elem_id="seed",
+            )
         return [temperature, top_p, top_k, dry, max_new, seed]
 
     @staticmethod
@@ -547,35 +658,61 @@ class ChatApp:
 
     # -- the chat page ------------------------------------------------------------------------
     def _chat_column(self) -> dict:
-        placeholder = ("Type a message" + (" and attach images" if self.card.vision else
-                                          " (text only: this model has no image encoder)"))
-        chatbot = gr.Chatbot(label="Conversation", height=560, elem_id="chatbot",
-                             buttons=["copy"], feedback_options=None)
+        placeholder = "Type a message" + (
+            " and attach images"
+            if self.card.vision
+            else " (text only: this model has no image encoder)"
+        )
+        chatbot = gr.Chatbot(
+            label="Conversation",
+            height=560,
+            elem_id="chatbot",
+            buttons=["copy"],
+            feedback_options=None,
+        )
         box = gr.MultimodalTextbox(
-            placeholder=placeholder, show_label=False, elem_id="message",
-            file_count="multiple", file_types=list(IMAGE_SUFFIXES), sources=["upload"],
-            autofocus=True)
+            placeholder=placeholder,
+            show_label=False,
+            elem_id="message",
+            file_count="multiple",
+            file_types=list(IMAGE_SUFFIXES),
+            sources=["upload"],
+            autofocus=True,
+        )
         with gr.Row():
             stop = gr.Button("Stop", variant="stop", elem_id="stop", size="sm")
             regenerate = gr.Button("Regenerate", elem_id="regenerate", size="sm")
             clear = gr.Button("Clear", elem_id="clear", size="sm")
         stats = gr.Markdown("", elem_id="stats")
-        return dict(chatbot=chatbot, box=box, stop=stop, regenerate=regenerate, clear=clear,
-                    stats=stats)
+        return dict(
+            chatbot=chatbot, box=box, stop=stop, regenerate=regenerate, clear=clear, stats=stats
+        )
 
     def _wire_chat(self, parts: dict, system, controls: list, gen: dict) -> None:
         chatbot, box, stats = parts["chatbot"], parts["box"], parts["stats"]
         # Sending: take the message (quick, never queued behind replies), then answer it.
         quick = dict(concurrency_limit=None, api_visibility="private")
-        sent = box.submit(self._ui_add, [box, chatbot, system, *controls], [box, chatbot],
-                          **quick)
-        answered = sent.success(self._ui_respond, [chatbot], [chatbot, stats],
-                                api_visibility="private", show_progress_on=[chatbot], **gen)
+        sent = box.submit(self._ui_add, [box, chatbot, system, *controls], [box, chatbot], **quick)
+        answered = sent.success(
+            self._ui_respond,
+            [chatbot],
+            [chatbot, stats],
+            api_visibility="private",
+            show_progress_on=[chatbot],
+            **gen,
+        )
         answered.then(lambda: gr.MultimodalTextbox(interactive=True), None, [box], **quick)
-        again = parts["regenerate"].click(self._ui_regenerate, [chatbot, *controls], [chatbot],
-                                          **quick)
-        again.success(self._ui_respond, [chatbot], [chatbot, stats], api_visibility="private",
-                      show_progress_on=[chatbot], **gen)
+        again = parts["regenerate"].click(
+            self._ui_regenerate, [chatbot, *controls], [chatbot], **quick
+        )
+        again.success(
+            self._ui_respond,
+            [chatbot],
+            [chatbot, stats],
+            api_visibility="private",
+            show_progress_on=[chatbot],
+            **gen,
+        )
         parts["stop"].click(self._ui_stop, None, None, **quick)
         parts["clear"].click(self._ui_clear, [system], [chatbot, stats, box], **quick)
         chatbot.clear(self._ui_clear, [system], [chatbot, stats, box], **quick)
@@ -584,8 +721,19 @@ class ChatApp:
     def _session(request) -> str:
         return request.session_hash
 
-    def _ui_add(self, value, history, system, temperature, top_p, top_k, dry, max_new, seed,
-                request: gr.Request):
+    def _ui_add(
+        self,
+        value,
+        history,
+        system,
+        temperature,
+        top_p,
+        top_k,
+        dry,
+        max_new,
+        seed,
+        request: gr.Request,
+    ):
         value = value or {}
         conv = self.conversation(self._session(request), system)
         try:
@@ -594,8 +742,11 @@ class ChatApp:
         except GemmaKitError as err:
             raise gr.Error(_sentence(err), title="Not sent", print_exception=False) from None
         if conv.busy.locked():
-            raise gr.Error("A reply is still being written: wait for it or press Stop.",
-                           title="Not sent", print_exception=False)
+            raise gr.Error(
+                "A reply is still being written: wait for it or press Stop.",
+                title="Not sent",
+                print_exception=False,
+            )
         assert conv.chat is not None  # the chat page's sessions have one
         if not conv.chat.messages and (system or "").strip() != (conv.chat.system or ""):
             conv.chat = self._new_chat(system)
@@ -615,8 +766,10 @@ class ChatApp:
             for part in self.reply(conv, *pending):
                 if conv.forgotten:  # cleared meanwhile: leave the page as Clear left it
                     return
-                history[-1] = {"role": "assistant",
-                               "content": part.text or "*(no text: the model ended its turn)*"}
+                history[-1] = {
+                    "role": "assistant",
+                    "content": part.text or "*(no text: the model ended its turn)*",
+                }
                 if part.notice:
                     gr.Info(part.notice, title="Memory")
                 yield history, part.stats
@@ -624,25 +777,29 @@ class ChatApp:
             # The turn failed (an image the encoder refuses, a message that cannot fit): say
             # so where the reply would have been; the conversation stays as it was.
             if not conv.forgotten:
-                history[-1] = {"role": "assistant",
-                               "content": f"*Not answered: {_sentence(err)}*"}
+                history[-1] = {"role": "assistant", "content": f"*Not answered: {_sentence(err)}*"}
                 yield history, conv.stats
 
-    def _ui_regenerate(self, history, temperature, top_p, top_k, dry, max_new, seed,
-                       request: gr.Request):
+    def _ui_regenerate(
+        self, history, temperature, top_p, top_k, dry, max_new, seed, request: gr.Request
+    ):
         conv = self.conversation(self._session(request))
         try:
             sampling = self._sampling(temperature, top_p, top_k, dry, max_new, seed)
         except GemmaKitError as err:
             raise gr.Error(_sentence(err), title="Regenerate", print_exception=False) from None
         if conv.busy.locked():
-            raise gr.Error("A reply is still being written: wait for it or press Stop.",
-                           title="Regenerate", print_exception=False)
+            raise gr.Error(
+                "A reply is still being written: wait for it or press Stop.",
+                title="Regenerate",
+                print_exception=False,
+            )
         assert conv.chat is not None  # the chat page's sessions have one
         user = conv.chat.undo()
         if user is None:
-            raise gr.Error("There is no reply to regenerate yet.", title="Regenerate",
-                           print_exception=False)
+            raise gr.Error(
+                "There is no reply to regenerate yet.", title="Regenerate", print_exception=False
+            )
         conv.stop.clear()
         conv.pending = (user["content"], conv.last_images, sampling)
         history = list(history or [])
@@ -663,17 +820,27 @@ class ChatApp:
     # -- the completion page ------------------------------------------------------------------
     def _completion_column(self) -> dict:
         gr.Markdown(self.card.notice(), elem_id="mode-notice")
-        box = gr.Textbox(label="Text", lines=14, max_lines=40, elem_id="text",
-                         placeholder=f"{EXAMPLES[0]} ...", autofocus=True,
-                         info="The model continues it here. Shift+Enter continues too.")
+        box = gr.Textbox(
+            label="Text",
+            lines=14,
+            max_lines=40,
+            elem_id="text",
+            placeholder=f"{EXAMPLES[0]} ...",
+            autofocus=True,
+            info="The model continues it here. Shift+Enter continues too.",
+        )
         with gr.Row():
             go = gr.Button("Continue", variant="primary", elem_id="continue", size="sm")
             stop = gr.Button("Stop", variant="stop", elem_id="stop", size="sm")
             undo = gr.Button("Undo", elem_id="undo", size="sm")
             clear = gr.Button("Clear", elem_id="clear", size="sm")
         stats = gr.Markdown("", elem_id="stats")
-        gr.Examples([[e] for e in EXAMPLES], inputs=[box], label="Or start from one of these",
-                    elem_id="examples")
+        gr.Examples(
+            [[e] for e in EXAMPLES],
+            inputs=[box],
+            label="Or start from one of these",
+            elem_id="examples",
+        )
         return dict(box=box, go=go, stop=stop, undo=undo, clear=clear, stats=stats)
 
     def _wire_completion(self, parts: dict, controls: list, gen: dict) -> None:
@@ -681,27 +848,35 @@ class ChatApp:
         quick = dict(concurrency_limit=None, api_visibility="private")
         for trigger in (parts["go"].click, box.submit):
             taken = trigger(self._ui_take, [box, *controls], [box], **quick)
-            continued = taken.success(self._ui_continue, None, [box, stats],
-                                      api_visibility="private", show_progress="hidden", **gen)
+            continued = taken.success(
+                self._ui_continue,
+                None,
+                [box, stats],
+                api_visibility="private",
+                show_progress="hidden",
+                **gen,
+            )
             continued.then(lambda: gr.Textbox(interactive=True), None, [box], **quick)
         parts["stop"].click(self._ui_stop, None, None, **quick)
         parts["undo"].click(self._ui_undo, None, [box], **quick)
         parts["clear"].click(self._ui_clear_text, None, [box, stats], **quick)
 
-    def _ui_take(self, text, temperature, top_p, top_k, dry, max_new, seed,
-                 request: gr.Request):
+    def _ui_take(self, text, temperature, top_p, top_k, dry, max_new, seed, request: gr.Request):
         conv = self.conversation(self._session(request))
         try:
             if not (text or "").strip():
-                raise InputError("the text is empty: write the beginning of a text for the "
-                                 "model to continue")
+                raise InputError(
+                    "the text is empty: write the beginning of a text for the model to continue"
+                )
             sampling = self._sampling(temperature, top_p, top_k, dry, max_new, seed)
         except GemmaKitError as err:
-            raise gr.Error(_sentence(err), title="Not continued",
-                           print_exception=False) from None
+            raise gr.Error(_sentence(err), title="Not continued", print_exception=False) from None
         if conv.busy.locked():
-            raise gr.Error("A continuation is still being written: wait for it or press Stop.",
-                           title="Not continued", print_exception=False)
+            raise gr.Error(
+                "A continuation is still being written: wait for it or press Stop.",
+                title="Not continued",
+                print_exception=False,
+            )
         conv.stop.clear()
         conv.pending = (text, sampling)
         return gr.Textbox(interactive=False)
@@ -721,17 +896,18 @@ class ChatApp:
                     gr.Info(part.notice, title="Memory")
                 yield text + part.text, part.stats
         except GemmaKitError as err:
-            raise gr.Error(_sentence(err), title="Not continued",
-                           print_exception=False) from None
+            raise gr.Error(_sentence(err), title="Not continued", print_exception=False) from None
 
     def _ui_undo(self, request: gr.Request):
         conv = self.conversation(self._session(request))
         if conv.busy.locked():
-            raise gr.Error("A continuation is still being written: wait for it or press Stop.",
-                           title="Undo", print_exception=False)
+            raise gr.Error(
+                "A continuation is still being written: wait for it or press Stop.",
+                title="Undo",
+                print_exception=False,
+            )
         if conv.before is None:
-            raise gr.Error("There is no continuation to undo.", title="Undo",
-                           print_exception=False)
+            raise gr.Error("There is no continuation to undo.", title="Undo", print_exception=False)
         text, conv.before = conv.before, None
         return text
 
@@ -740,12 +916,18 @@ class ChatApp:
         return gr.Textbox(value="", interactive=True), ""
 
     # -- API for programs (gradio_client) ----------------------------------------------------
-    def _api_chat(self, message: str, system: str = "",
-                  temperature: float = DEFAULT_SAMPLING["temperature"],
-                  top_p: float = DEFAULT_SAMPLING["top_p"], top_k: int = DEFAULT_SAMPLING["top_k"],
-                  max_new_tokens: int = MAX_NEW_TOKENS["chat"], seed: int = -1,
-                  dry: float = DEFAULT_SAMPLING["dry"],
-                  request: gr.Request | None = None) -> Iterator[str]:
+    def _api_chat(
+        self,
+        message: str,
+        system: str = "",
+        temperature: float = DEFAULT_SAMPLING["temperature"],
+        top_p: float = DEFAULT_SAMPLING["top_p"],
+        top_k: int = DEFAULT_SAMPLING["top_k"],
+        max_new_tokens: int = MAX_NEW_TOKENS["chat"],
+        seed: int = -1,
+        dry: float = DEFAULT_SAMPLING["dry"],
+        request: gr.Request | None = None,
+    ) -> Iterator[str]:
         """Sends a message in this client's conversation; yields the reply as it grows.
 
         temperature 0 is greedy; top_p 1, top_k 0 and dry 0 switch those off; seed -1 draws
@@ -766,12 +948,17 @@ class ChatApp:
         self.clear(self._session(request), system)
         return "cleared"
 
-    def _api_complete(self, text: str, temperature: float = DEFAULT_SAMPLING["temperature"],
-                      top_p: float = DEFAULT_SAMPLING["top_p"],
-                      top_k: int = DEFAULT_SAMPLING["top_k"],
-                      max_new_tokens: int = MAX_NEW_TOKENS["completion"], seed: int = -1,
-                      dry: float = DEFAULT_SAMPLING["dry"],
-                      request: gr.Request | None = None) -> Iterator[str]:
+    def _api_complete(
+        self,
+        text: str,
+        temperature: float = DEFAULT_SAMPLING["temperature"],
+        top_p: float = DEFAULT_SAMPLING["top_p"],
+        top_k: int = DEFAULT_SAMPLING["top_k"],
+        max_new_tokens: int = MAX_NEW_TOKENS["completion"],
+        seed: int = -1,
+        dry: float = DEFAULT_SAMPLING["dry"],
+        request: gr.Request | None = None,
+    ) -> Iterator[str]:
         """Continues `text`; yields the continuation (without the text) as it grows.
 
         temperature 0 is greedy; top_p 1, top_k 0 and dry 0 switch those off; seed -1 draws
@@ -792,8 +979,9 @@ class ChatApp:
     def warm_up(self, **sampling) -> None:
         """Compiles what the first replies (or continuations) with the page's default settings
         (or `sampling`) need, so that the first visitor does not wait for it."""
-        settings = sampling_settings(**{**DEFAULT_SAMPLING, "seed": 0,
-                                        "max_new_tokens": self.max_new_tokens, **sampling})
+        settings = sampling_settings(
+            **{**DEFAULT_SAMPLING, "seed": 0, "max_new_tokens": self.max_new_tokens, **sampling}
+        )
         settings["max_new_tokens"] = min(settings["max_new_tokens"], self.cache_length // 2)
         if self.mode == "completion":
             streams = [self.complete(_Session(None), "Once upon a time", settings)]
@@ -801,26 +989,38 @@ class ChatApp:
             # A first turn and a later one, long enough to be fed in a chunk and then token by
             # token (each generator starts when the one before it is closed).
             conv = _Session(self._new_chat(None))
-            streams = [self.reply(conv, message, [], settings)
-                       for message in ("Hello.", "Hello again, " * 12)]
+            streams = [
+                self.reply(conv, message, [], settings)
+                for message in ("Hello.", "Hello again, " * 12)
+            ]
         for stream in streams:
             for _, _ in zip(range(2), stream):  # two pieces: the prefill and a decode step
                 pass
             stream.close()
 
-    def launch(self, host: str = "127.0.0.1", port: int = 7860, *, block: bool = True,
-               quiet: bool = False) -> str:
+    def launch(
+        self, host: str = "127.0.0.1", port: int = 7860, *, block: bool = True, quiet: bool = False
+    ) -> str:
         """Serves the page at http://host:port; returns its URL (block=False) or runs until
         Ctrl-C (block=True)."""
         self.blocks.queue(default_concurrency_limit=self.concurrency)
         try:
             _, url, _ = self.blocks.launch(
-                server_name=host, server_port=port, prevent_thread_lock=not block,
-                quiet=quiet, theme=self.theme, max_file_size=self.max_image_bytes,
-                footer_links=["api"], show_error=True, ssr_mode=False, share=False)
+                server_name=host,
+                server_port=port,
+                prevent_thread_lock=not block,
+                quiet=quiet,
+                theme=self.theme,
+                max_file_size=self.max_image_bytes,
+                footer_links=["api"],
+                show_error=True,
+                ssr_mode=False,
+                share=False,
+            )
         except OSError as err:
-            raise DemoError(f"cannot serve on {host}:{port} ({err}); pass another --port or "
-                            "--host") from None
+            raise DemoError(
+                f"cannot serve on {host}:{port} ({err}); pass another --port or --host"
+            ) from None
         return url
 
     def close(self) -> None:
@@ -849,20 +1049,24 @@ def _file_path(f) -> str:
     return f.path
 
 
-def serve(model, tokenizer, host: str = "127.0.0.1", port: int = 7860, *,
-          warm_up: bool = True, **options) -> None:
+def serve(
+    model, tokenizer, host: str = "127.0.0.1", port: int = 7860, *, warm_up: bool = True, **options
+) -> None:
     """Serves the page until Ctrl-C (what `gemma-kit demo` runs); options as ChatApp's."""
     app = ChatApp(model, tokenizer, **options)
     if warm_up:
         print("Compiling the model's programs for the default settings (once)...", flush=True)
         app.warm_up()
     if app.mode == "chat":
-        print(f"Chat page for {app.card.name} at http://{host}:{port} (Ctrl-C stops it)",
-              flush=True)
+        print(
+            f"Chat page for {app.card.name} at http://{host}:{port} (Ctrl-C stops it)", flush=True
+        )
     else:
-        print(f"Text completion page for {app.card.name} at http://{host}:{port} (Ctrl-C "
-              "stops it): a pretrained model continues text; --mode chat gives the chat page",
-              flush=True)
+        print(
+            f"Text completion page for {app.card.name} at http://{host}:{port} (Ctrl-C "
+            "stops it): a pretrained model continues text; --mode chat gives the chat page",
+            flush=True,
+        )
     try:
         app.launch(host, port, block=True, quiet=True)
     finally:

@@ -33,8 +33,10 @@ def ensure_default_model() -> pathlib.Path:
         folder / convert.CHECKPOINT_SUBDIR
     )
     if not complete:
-        print(f"Building the default model (Gemma 3 270M) in {folder}; this happens once. "
-              f"Its weights come under the Gemma Terms of Use: {TERMS_URL}")
+        print(
+            f"Building the default model (Gemma 3 270M) in {folder}; this happens once. "
+            f"Its weights come under the Gemma Terms of Use: {TERMS_URL}"
+        )
         convert.convert_gguf(default_gguf_path(), folder, overwrite=True)
     return folder
 

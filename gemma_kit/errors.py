@@ -51,8 +51,11 @@ class DataError(GemmaKitError, ValueError):
     """Training data that cannot be used; the message names the file and line."""
 
     def __init__(self, message: str, *, path=None, line: int | None = None):
-        where = f"{path}:{line}: " if path is not None and line is not None else (
-            f"{path}: " if path is not None else "")
+        where = (
+            f"{path}:{line}: "
+            if path is not None and line is not None
+            else (f"{path}: " if path is not None else "")
+        )
         super().__init__(where + message)
         self.path = path
         self.line = line

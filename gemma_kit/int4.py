@@ -57,9 +57,11 @@ class Int4Matrix(NamedTuple):
 def check_shape(outputs: int, inputs: int, what: str = "the matrix") -> None:
     """Raises ConfigError unless an [outputs, inputs] matrix can be packed (module docstring)."""
     if outputs % 2 or inputs % GROUP:
-        raise ConfigError(f"{what} is [{outputs}, {inputs}] (outputs, inputs); int4 packing needs "
-                          f"an even number of outputs and inputs in whole groups of {GROUP}; "
-                          "keep it in bf16 or int8")
+        raise ConfigError(
+            f"{what} is [{outputs}, {inputs}] (outputs, inputs); int4 packing needs "
+            f"an even number of outputs and inputs in whole groups of {GROUP}; "
+            "keep it in bf16 or int8"
+        )
 
 
 def _to_bf16(x: jax.Array, direction: float) -> jax.Array:
@@ -79,10 +81,11 @@ def quantize(w: jax.Array) -> Int4Matrix:
     spread = jnp.max(w32, axis=-1) - minimum.astype(jnp.float32)
     # A constant group gets scale 1 (its q are 0, W = m up to bf16's step; avoids 0 / 0).
     scale = _to_bf16(jnp.where(spread > 0, spread / LEVELS, 1.0), jnp.inf)
-    q = jnp.round((w32 - minimum.astype(jnp.float32)[..., None])
-                  / scale.astype(jnp.float32)[..., None])
+    q = jnp.round(
+        (w32 - minimum.astype(jnp.float32)[..., None]) / scale.astype(jnp.float32)[..., None]
+    )
     nibbles = jnp.clip(q, 0, LEVELS).reshape(O, I).astype(jnp.uint8)
-    packed = nibbles[: O // 2] | (nibbles[O // 2:] << 4)
+    packed = nibbles[: O // 2] | (nibbles[O // 2 :] << 4)
     return Int4Matrix(packed, scale, minimum)
 
 

@@ -73,8 +73,9 @@ def _stored_name(weight, stored) -> str:
     return "int4" if isinstance(weight, int4.Int4Matrix) else jnp.dtype(stored).name
 
 
-def matmul_t(x: jax.Array, weight, stored, scale: jax.Array | None = None, *,
-             path: str | None = None) -> jax.Array:
+def matmul_t(
+    x: jax.Array, weight, stored, scale: jax.Array | None = None, *, path: str | None = None
+) -> jax.Array:
     """x [M, I] @ W^T for W [O, I]: float32 (or the activations' dtype) [M, O].
 
     `weight` is either a function weight(dtype) giving the stored W cast inside the jit (dense
@@ -103,10 +104,10 @@ def matmul_t(x: jax.Array, weight, stored, scale: jax.Array | None = None, *,
     if path == "upcast":
         xr = x.astype(dtype).astype(x.dtype)
         if packed:
-            y = jnp.concatenate([int4.matvec(xr[i:i + 1], weight) for i in range(rows)])
+            y = jnp.concatenate([int4.matvec(xr[i : i + 1], weight) for i in range(rows)])
         else:
             w = weight(x.dtype)
-            y = jnp.concatenate([xr[i:i + 1] @ w.T for i in range(rows)])
+            y = jnp.concatenate([xr[i : i + 1] @ w.T for i in range(rows)])
         return _scaled(y, scale)
     if path != "dot":
         raise ValueError(f"unknown product form {path!r}; one of {cpu_paths.PATHS}")
@@ -115,8 +116,9 @@ def matmul_t(x: jax.Array, weight, stored, scale: jax.Array | None = None, *,
     # XLA's CPU backend upcasts both operands to float32 before the dot (measured ~10x
     # slower).
     padded = jnp.pad(x.astype(dtype), ((0, max(0, MIN_ROWS - rows)), (0, 0)))
-    y = jax.lax.dot_general(padded, w, (((1,), (1,)), ((), ())),
-                            preferred_element_type=x.dtype)[:rows]
+    y = jax.lax.dot_general(padded, w, (((1,), (1,)), ((), ())), preferred_element_type=x.dtype)[
+        :rows
+    ]
     return _scaled(y, scale)
 
 
@@ -195,8 +197,15 @@ class Einsum(nnx.Module):
     (see there); `__call__` gives the same result either way.
     """
 
-    def __init__(self, equation: str, shape: Sequence[int], *, param_dtype, rngs: nnx.Rngs,
-                 stddev: float = 0.02):
+    def __init__(
+        self,
+        equation: str,
+        shape: Sequence[int],
+        *,
+        param_dtype,
+        rngs: nnx.Rngs,
+        stddev: float = 0.02,
+    ):
         inputs, self.out_spec = equation.replace(" ", "").split("->")
         self.x_spec, self.w_spec = inputs.split(",")
         self.equation = equation
@@ -204,8 +213,9 @@ class Einsum(nnx.Module):
             raise ValueError(f"equation {equation!r} does not fit a weight of shape {shape}")
         self.w = nnx.Param(_normal(stddev)(rngs.params(), tuple(shape), param_dtype))
         # Letters of w that are contracted with x, in x's order; they must end x's spec.
-        self.contracted = "".join(c for c in self.x_spec
-                                  if c in self.w_spec and c not in self.out_spec)
+        self.contracted = "".join(
+            c for c in self.x_spec if c in self.w_spec and c not in self.out_spec
+        )
         if not self.x_spec.endswith(self.contracted):
             raise ValueError(f"{equation!r}: contracted dims must be the last dims of x")
         self.matvec = False  # True once w is stored in the matvec layout (see matvec_shape)
@@ -244,19 +254,21 @@ class Einsum(nnx.Module):
             return self._matvec_product(x, lambda x2: matmul_t(x2, m, None))
         dtype = matmul_dtype(self.w[...].dtype, x.dtype)
         if not self.matvec:
-            n_in = int(np.prod(x.shape[len(x.shape) - len(self.contracted):]))
+            n_in = int(np.prod(x.shape[len(x.shape) - len(self.contracted) :]))
             w = self.w[...]
             # One row upcasts (a one-row bf16 x bf16 product is ~35x slower on CPU); the CPU
             # sampler uses the matvec layout instead, where matmul_t picks the form.
             if dtype == x.dtype or x.size == n_in:
                 y = jnp.einsum(self.equation, x.astype(dtype).astype(x.dtype), w.astype(x.dtype))
             else:
-                y = jnp.einsum(self.equation, x.astype(dtype), w.astype(dtype),
-                               preferred_element_type=x.dtype)
+                y = jnp.einsum(
+                    self.equation, x.astype(dtype), w.astype(dtype), preferred_element_type=x.dtype
+                )
             return y if self.w_scale is None else y * self._scale_for_output(y.dtype)
         scale = None if self.w_scale is None else self.w_scale[...].reshape(-1)
-        return self._matvec_product(x, lambda x2: matmul_t(
-            x2, lambda d: self.w[...].astype(d), self.w[...].dtype, scale))
+        return self._matvec_product(
+            x, lambda x2: matmul_t(x2, lambda d: self.w[...].astype(d), self.w[...].dtype, scale)
+        )
 
     def _matvec_product(self, x: jax.Array, product) -> jax.Array:
         """The einsum as product(x2 [M, I]) -> [M, O] on the matvec layout's [O, I] matrix (a
@@ -272,12 +284,16 @@ class Einsum(nnx.Module):
         """The int8 scale (w's shape, contracted axes of size 1) arranged to broadcast against
         the einsum's output: kept letters in output order, size 1 for x's batch letters."""
         kept = "".join(c for c in self.w_spec if c not in self.contracted)
-        scale = self.w_scale[...].astype(dtype).reshape(
-            [n for c, n in zip(self.w_spec, self.w[...].shape) if c in kept])
+        scale = (
+            self.w_scale[...]
+            .astype(dtype)
+            .reshape([n for c, n in zip(self.w_spec, self.w[...].shape) if c in kept])
+        )
         in_out_order = "".join(c for c in self.out_spec if c in kept)
         scale = jnp.einsum(f"{kept}->{in_out_order}", scale)
-        return scale.reshape([scale.shape[in_out_order.index(c)] if c in kept else 1
-                              for c in self.out_spec])
+        return scale.reshape(
+            [scale.shape[in_out_order.index(c)] if c in kept else 1 for c in self.out_spec]
+        )
 
     def matvec_rows(self) -> int:
         """O: the product of the kept (not contracted) axes of w."""
@@ -303,8 +319,11 @@ def to_matvec_layout(model: nnx.Module) -> nnx.Module:
     copy = nnx.merge(graphdef, state)
     for _, module in copy.iter_modules():
         if isinstance(module, Einsum) and not module.matvec:
-            layouts = {name: matvec_layout_of(module, name) for name in ("w", "w_scale")
-                       if getattr(module, name) is not None}
+            layouts = {
+                name: matvec_layout_of(module, name)
+                for name in ("w", "w_scale")
+                if getattr(module, name) is not None
+            }
             perm = module.matvec_permutation()
             module.matvec_shape = tuple(module.w[...].shape[i] for i in perm)
             for name, layout in layouts.items():
@@ -340,8 +359,9 @@ def matvec_layout_of(module: Einsum, name: str) -> MatvecLayout:
             official[official_axis] = stored[stored_axis]
     else:
         official = getattr(module, name)[...].shape
-    return MatvecLayout(perm, tuple(int(n) for n in official),
-                        module.matvec_rows() if name == "w" else None)
+    return MatvecLayout(
+        perm, tuple(int(n) for n in official), module.matvec_rows() if name == "w" else None
+    )
 
 
 def to_matvec_value(module: Einsum, name: str, value: jax.Array) -> jax.Array:
@@ -388,9 +408,7 @@ class RMSNorm(nnx.Module):
         return (normed * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
 
 
-def apply_rope(
-    x: jax.Array, positions: jax.Array, *, base: float, scale: float = 1.0
-) -> jax.Array:
+def apply_rope(x: jax.Array, positions: jax.Array, *, base: float, scale: float = 1.0) -> jax.Array:
     """Rotary position embedding, half-split form (the first H/2 features pair with the last).
 
     Args:

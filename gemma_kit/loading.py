@@ -28,8 +28,7 @@ def model_from_params(config: Config, params: dict, *, compute_dtype=jnp.float32
     """
     # An image encoder in the tree (vision_encoder/...) makes a model that takes images.
     vision = "vision_encoder" in params
-    abstract = nnx.eval_shape(lambda: Transformer(config, dtype=compute_dtype,
-                                                  with_vision=vision))
+    abstract = nnx.eval_shape(lambda: Transformer(config, dtype=compute_dtype, with_vision=vision))
     graphdef, state = nnx.split(abstract)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
@@ -66,8 +65,9 @@ def load_model(
     if lora is not None:  # a bad adapter path is reported before seconds of loading
         read_adapter_config(lora)
     if is_hf_folder(path):
-        config, params, _ = read_hf(path, preset, dtype, vision=not text_only,
-                                    place=jax.device_put, progress=False)
+        config, params, _ = read_hf(
+            path, preset, dtype, vision=not text_only, place=jax.device_put, progress=False
+        )
     else:
         config, params, _ = official.load_params(path, preset, dtype, vision=not text_only)
     model = model_from_params(config, params, compute_dtype=compute_dtype)
@@ -101,5 +101,6 @@ def save_checkpoint(
             "a full checkpoint, or gemma_kit.lora.save_adapter(model, DIR) for the adapter alone"
         )
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return official.save_params(params, path, layout=layout, overwrite=overwrite,
-                                config=model.config)
+    return official.save_params(
+        params, path, layout=layout, overwrite=overwrite, config=model.config
+    )

@@ -47,8 +47,11 @@ TARGET_GROUPS = {
     "attn": ATTENTION_TARGETS,
     "mlp": MLP_TARGETS,
     # Short names for single projections.
-    "q": ("q_einsum",), "kv": ("kv_einsum",), "qkv": ("qkv_einsum",),
-    "o": ("attn_vec_einsum",), "attn_vec": ("attn_vec_einsum",),
+    "q": ("q_einsum",),
+    "kv": ("kv_einsum",),
+    "qkv": ("qkv_einsum",),
+    "o": ("attn_vec_einsum",),
+    "attn_vec": ("attn_vec_einsum",),
     "gating": ("gating_einsum",),
 }
 
@@ -73,8 +76,13 @@ def lora_equations(equation: str) -> tuple[str, str, str, str, str]:
         raise ConfigError(f"LoRA needs an einsum that contracts x with w, got {equation!r}")
     batch = "".join(c for c in x_spec if c not in w_spec)
     a_spec, b_spec = contracted + "R", "R" + kept
-    return (f"{x_spec},{a_spec}->{batch}R", f"{batch}R,{b_spec}->{out_spec}",
-            f"{a_spec},{b_spec}->{w_spec}", a_spec, b_spec)
+    return (
+        f"{x_spec},{a_spec}->{batch}R",
+        f"{batch}R,{b_spec}->{out_spec}",
+        f"{a_spec},{b_spec}->{w_spec}",
+        a_spec,
+        b_spec,
+    )
 
 
 class LoRA(nnx.Module):
@@ -84,8 +92,15 @@ class LoRA(nnx.Module):
     activation dtype.
     """
 
-    def __init__(self, einsum: Einsum, rank: int, alpha: float, *, dtype=jnp.float32,
-                 rng: np.random.Generator):
+    def __init__(
+        self,
+        einsum: Einsum,
+        rank: int,
+        alpha: float,
+        *,
+        dtype=jnp.float32,
+        rng: np.random.Generator,
+    ):
         if not (isinstance(rank, (int, np.integer)) and rank >= 1):
             raise ConfigError(f"LoRA rank must be an integer >= 1, got {rank!r}")
         self.down_eq, self.up_eq, self.delta_eq, a_spec, b_spec = lora_equations(einsum.equation)
@@ -95,7 +110,7 @@ class LoRA(nnx.Module):
         fan_in = int(np.prod(a_shape[:-1]))
         # Values from numpy, not jax.random: an eager random kernel per distinct shape would
         # compile for seconds on a large model, for nothing.
-        self.a = LoRAParam(jnp.asarray(rng.normal(0.0, fan_in ** -0.5, a_shape), dtype))
+        self.a = LoRAParam(jnp.asarray(rng.normal(0.0, fan_in**-0.5, a_shape), dtype))
         self.b = LoRAParam(jnp.zeros(tuple(sizes[c] for c in b_spec), dtype))
         self.rank = int(rank)
         self.alpha = float(alpha)
@@ -146,13 +161,20 @@ def resolve_targets(targets: str | Iterable[str]) -> tuple[str, ...]:
 
 def einsums(model: nnx.Module) -> list[tuple[str, Einsum]]:
     """("layer_0/attn/q_einsum", module) for every Einsum of `model`, in a stable order."""
-    return [("/".join(map(str, path)), m) for path, m in model.iter_modules()
-            if isinstance(m, Einsum)]
+    return [
+        ("/".join(map(str, path)), m) for path, m in model.iter_modules() if isinstance(m, Einsum)
+    ]
 
 
-def apply_lora(model: nnx.Module, rank: int = 8, alpha: float = 16.0,
-               targets: str | Iterable[str] = "all", *, seed: int = 0,
-               dtype=jnp.float32) -> nnx.Module:
+def apply_lora(
+    model: nnx.Module,
+    rank: int = 8,
+    alpha: float = 16.0,
+    targets: str | Iterable[str] = "all",
+    *,
+    seed: int = 0,
+    dtype=jnp.float32,
+) -> nnx.Module:
     """Adds LoRA to every targeted Einsum of `model`, in place; returns the model.
 
     B starts at zero, so the adapted model computes exactly what the base did.
@@ -192,9 +214,13 @@ def adapter_info(model: nnx.Module) -> dict:
     if len(ranks) != 1 or len(alphas) != 1:
         raise AdapterError(f"mixed LoRA ranks {ranks} / alphas {alphas} cannot be one adapter")
     dtypes = {str(lora.a[...].dtype) for _, lora in adapted}
-    return dict(rank=ranks.pop(), alpha=alphas.pop(), dtype=dtypes.pop(),
-                targets=sorted({p.rsplit("/", 1)[-1] for p, _ in adapted}),
-                modules=[p for p, _ in adapted])
+    return dict(
+        rank=ranks.pop(),
+        alpha=alphas.pop(),
+        dtype=dtypes.pop(),
+        targets=sorted({p.rsplit("/", 1)[-1] for p, _ in adapted}),
+        modules=[p for p, _ in adapted],
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -237,8 +263,13 @@ def remove_lora(model: nnx.Module) -> nnx.Module:
 # Saving and loading an adapter alone (the folder format: gemma_kit.checkpoint.adapter)
 
 
-def save_adapter(model: nnx.Module, path: str | os.PathLike, *, overwrite: bool = False,
-                 extra: dict | None = None) -> pathlib.Path:
+def save_adapter(
+    model: nnx.Module,
+    path: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    extra: dict | None = None,
+) -> pathlib.Path:
     """Writes the LoRA factors of `model` (and nothing of the base) to the folder `path`.
 
     The folder holds `adapter_config.json` (rank, alpha, adapted modules, base preset, and
@@ -247,8 +278,9 @@ def save_adapter(model: nnx.Module, path: str | os.PathLike, *, overwrite: bool 
     """
     config = getattr(model, "config", None)
     meta = dict(base_preset=getattr(config, "name", None), **adapter_info(model), **(extra or {}))
-    return adapter_io.write_adapter(path, meta, nnx.to_pure_dict(lora_state(model)),
-                                    overwrite=overwrite)
+    return adapter_io.write_adapter(
+        path, meta, nnx.to_pure_dict(lora_state(model)), overwrite=overwrite
+    )
 
 
 def load_adapter(model: nnx.Module, path: str | os.PathLike) -> nnx.Module:
@@ -269,16 +301,21 @@ def load_adapter(model: nnx.Module, path: str | os.PathLike) -> nnx.Module:
     missing = [m for m in meta["modules"] if m not in present]
     if missing:
         raise AdapterError(f"adapter {str(path)!r} adapts {missing[0]}, which this model lacks")
-    apply_lora(model, meta["rank"], meta["alpha"], meta["targets"],
-               dtype=jnp.dtype(meta.get("dtype", "float32")))
+    apply_lora(
+        model,
+        meta["rank"],
+        meta["alpha"],
+        meta["targets"],
+        dtype=jnp.dtype(meta.get("dtype", "float32")),
+    )
     try:
         adapted = {p for p, m in einsums(model) if m.lora is not None}
         if adapted != set(meta["modules"]):
-            raise AdapterError(
-                f"adapter {str(path)!r} does not cover the modules its targets name")
+            raise AdapterError(f"adapter {str(path)!r} does not cover the modules its targets name")
         state = lora_state(model)
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                              nnx.to_pure_dict(state))
+        target = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(state)
+        )
         restored = adapter_io.read_adapter_params(path, target)
     except AdapterError:
         remove_lora(model)
@@ -293,7 +330,19 @@ def trainable_count(model: nnx.Module, kind=LoRAParam) -> int:
 
 
 __all__: Sequence[str] = (
-    "LoRA", "LoRAParam", "apply_lora", "merge", "remove_lora", "save_adapter", "load_adapter",
-    "read_adapter_config", "lora_state", "adapter_info", "has_lora", "resolve_targets",
-    "lora_equations", "einsums", "trainable_count",
+    "LoRA",
+    "LoRAParam",
+    "apply_lora",
+    "merge",
+    "remove_lora",
+    "save_adapter",
+    "load_adapter",
+    "read_adapter_config",
+    "lora_state",
+    "adapter_info",
+    "has_lora",
+    "resolve_targets",
+    "lora_equations",
+    "einsums",
+    "trainable_count",
 )

@@ -83,8 +83,9 @@ def quantize_int8(w: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.A
     return q, scale
 
 
-def quantize_model(model: nnx.Module, *, embedding: bool = False,
-                   einsums: bool = True, bits: int = 8) -> nnx.Module:
+def quantize_model(
+    model: nnx.Module, *, embedding: bool = False, einsums: bool = True, bits: int = 8
+) -> nnx.Module:
     """A copy of `model` whose Einsum weights are int8 with per-channel scales (or int4).
 
     embedding: also quantize the (tied) token embedding table, one scale per row (int4: per
@@ -153,9 +154,11 @@ def quantize_einsum_int4(module: Einsum, name: str = "an Einsum") -> None:
 
 def is_quantized(model: nnx.Module) -> bool:
     """Whether any weight of `model` (an Einsum's, or the embedding table) is int8 or int4."""
-    return any((isinstance(m, Einsum) and m.w_scale is not None)
-               or getattr(m, "input_embedding_scale", None) is not None
-               for _, m in model.iter_modules())
+    return any(
+        (isinstance(m, Einsum) and m.w_scale is not None)
+        or getattr(m, "input_embedding_scale", None) is not None
+        for _, m in model.iter_modules()
+    )
 
 
 def weight_bytes(model: nnx.Module) -> int:

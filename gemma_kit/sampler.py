@@ -122,8 +122,15 @@ class Sampler:
     batch), `feed` (continue a cache with more tokens), `stream_state`, and the image helpers.
     """
 
-    def __init__(self, model, tokenizer, *, cache_dtype=jnp.bfloat16, cache_length=None,
-                 matvec_layout: bool | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        cache_dtype=jnp.bfloat16,
+        cache_length=None,
+        matvec_layout: bool | None = None,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
@@ -171,7 +178,8 @@ class Sampler:
             if old is None:
                 raise SamplingError(
                     f"update_params: the Sampler's model has no variable {name}; pass the state "
-                    "of the same model (e.g. lora_state(model) or nnx.state(model))")
+                    "of the same model (e.g. lora_state(model) or nnx.state(model))"
+                )
             want = old[...]
             layout = self._layouts.get(path)
             official = want.shape if layout is None else layout.official_shape
@@ -179,7 +187,8 @@ class Sampler:
                 raise SamplingError(
                     f"update_params: {name} is {value.dtype}{list(value.shape)} but the "
                     f"Sampler's model has {want.dtype}{list(official)}; pass values of the "
-                    "same shape and dtype (cast them first), or build a new Sampler")
+                    "same shape and dtype (cast them first), or build a new Sampler"
+                )
             if layout is not None:
                 value = layout.to_stored(value)
             # Placed as the old value was: the compiled programs' keys include placement.
@@ -187,11 +196,18 @@ class Sampler:
         self.params = nnx.State.from_flat_path(updated)
 
     # -- settings and prompts -------------------------------------------------------------
-    def settings(self, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-                 top_p: float | None = None, min_p: float | None = None,
-                 stop_token_ids: Sequence[int] | None = None,
-                 forbidden_token_ids: Sequence[int] | None = None, *,
-                 dry: DryPenalty | None = None) -> DecodeSettings:
+    def settings(
+        self,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        forbidden_token_ids: Sequence[int] | None = None,
+        *,
+        dry: DryPenalty | None = None,
+    ) -> DecodeSettings:
         """The static settings of a decode (arguments as for `generate`), checked.
 
         Stop ids default to <eos> and <end_of_turn>, forbidden ids to Gemma 3's image markers.
@@ -200,11 +216,23 @@ class Sampler:
             raise SamplingError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         params = SamplingParams(float(temperature), top_k, top_p, min_p, dry)
         tok = self.tokenizer
-        stops = tuple(stop_token_ids) if stop_token_ids is not None else tuple(
-            i for i in (tok.eos_id, tok.end_of_turn_id) if i is not None)
-        forbidden = tuple(forbidden_token_ids) if forbidden_token_ids is not None else tuple(
-            i for i in (getattr(tok, "start_of_image_id", None),
-                        getattr(tok, "end_of_image_id", None)) if i is not None)
+        stops = (
+            tuple(stop_token_ids)
+            if stop_token_ids is not None
+            else tuple(i for i in (tok.eos_id, tok.end_of_turn_id) if i is not None)
+        )
+        forbidden = (
+            tuple(forbidden_token_ids)
+            if forbidden_token_ids is not None
+            else tuple(
+                i
+                for i in (
+                    getattr(tok, "start_of_image_id", None),
+                    getattr(tok, "end_of_image_id", None),
+                )
+                if i is not None
+            )
+        )
         return DecodeSettings(self.graphdef, params, stops, forbidden, bucket(max_new_tokens, 16))
 
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
@@ -229,16 +257,26 @@ class Sampler:
             where = "the Sampler's cache_length" if self.cache_length else "the model's context"
             raise SamplingError(
                 f"the prompt has {prompt_len} tokens but {where} is {limit}: shorten the prompt"
-                + ("" if not self.cache_length
-                   else " or create the Sampler with a larger cache_length")
+                + (
+                    ""
+                    if not self.cache_length
+                    else " or create the Sampler with a larger cache_length"
+                )
             )
         padded = bucket(prompt_len)
         length = self.cache_length or min(bucket(padded + max_new, 64), limit)
         padded = max(prompt_len, min(padded, length - max_new))
         return padded, length
 
-    def start(self, ids: list[list[int]], settings: DecodeSettings, seed: int | jax.Array,
-              images=None, *, ring_slack: int = 0) -> DecodeState:
+    def start(
+        self,
+        ids: list[list[int]],
+        settings: DecodeSettings,
+        seed: int | jax.Array,
+        images=None,
+        *,
+        ring_slack: int = 0,
+    ) -> DecodeState:
         """Prefills a batch of prompts (token ids, left-padded here) and draws the first token.
 
         seed: an int, or a PRNG key (jax.random.key) the draws are split from.
@@ -250,19 +288,34 @@ class Sampler:
         tokens = np.full((B, P), PAD_ID, np.int32)
         positions = np.full((B, P), -1, np.int32)
         for row, seq in enumerate(ids):
-            tokens[row, P - len(seq):] = seq
-            positions[row, P - len(seq):] = np.arange(len(seq))
+            tokens[row, P - len(seq) :] = seq
+            positions[row, P - len(seq) :] = np.arange(len(seq))
         key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
-        return prefill(self.params, jnp.asarray(tokens), jnp.asarray(positions), key,
-                       self._batch_images(images), settings=settings, length=length,
-                       cache_dtype=self.cache_dtype, ring_slack=ring_slack)
+        return prefill(
+            self.params,
+            jnp.asarray(tokens),
+            jnp.asarray(positions),
+            key,
+            self._batch_images(images),
+            settings=settings,
+            length=length,
+            cache_dtype=self.cache_dtype,
+            ring_slack=ring_slack,
+        )
 
     # `feed` writes text in chunks of this many tokens, the remainder one by one, so that
     # every chunk shape recurs (few compiled programs).
     FEED_CHUNK = 32
 
-    def feed(self, cache: dict, position: int, ids: list[int], settings: DecodeSettings,
-             seed: int | jax.Array, images=None) -> DecodeState:
+    def feed(
+        self,
+        cache: dict,
+        position: int,
+        ids: list[int],
+        settings: DecodeSettings,
+        seed: int | jax.Array,
+        images=None,
+    ) -> DecodeState:
         """Continues row 0 of a filled cache with `ids` and draws the token after them.
 
         All but the last id are written into the cache (positions position, position + 1,
@@ -278,34 +331,54 @@ class Sampler:
             embeddings = None
             if body[start] == image_prompt.SOFT_TOKEN:
                 size = self.config.vision.num_soft_tokens
-                embeddings = images[None, image:image + 1]
+                embeddings = images[None, image : image + 1]
                 image += 1
             else:
                 run = next((i for i in soft if i > start), len(body)) - start  # text up to an image
                 size = self.FEED_CHUNK if run >= self.FEED_CHUNK else 1
-            chunk = np.asarray([body[start:start + size]], np.int32)
+            chunk = np.asarray([body[start : start + size]], np.int32)
             pos = np.arange(position + start, position + start + size, dtype=np.int32)[None]
-            _, cache = extend_chunk(self.params, jnp.asarray(chunk), jnp.asarray(pos), cache,
-                                    embeddings, graphdef=self.graphdef)
+            _, cache = extend_chunk(
+                self.params,
+                jnp.asarray(chunk),
+                jnp.asarray(pos),
+                cache,
+                embeddings,
+                graphdef=self.graphdef,
+            )
             start += size
         key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
-        state = DecodeState.create(cache, jnp.asarray([ids[-1]], jnp.int32),
-                                   jnp.asarray([position + len(body)], jnp.int32), key,
-                                   settings.max_new)
+        state = DecodeState.create(
+            cache,
+            jnp.asarray([ids[-1]], jnp.int32),
+            jnp.asarray([position + len(body)], jnp.int32),
+            key,
+            settings.max_new,
+        )
         return decode_step(self.params, state, settings=settings)
 
     # -- speculative decoding -------------------------------------------------------------
-    def speculative_settings(self, settings: DecodeSettings, drafter,
-                             max_new_tokens: int) -> DecodeSettings:
+    def speculative_settings(
+        self, settings: DecodeSettings, drafter, max_new_tokens: int
+    ) -> DecodeSettings:
         """`settings` with output buffers long enough for a round to write k + 1 tokens."""
         if settings.params.dry is not None:
-            raise SamplingError("speculative decoding does not apply the DRY repetition "
-                                "penalty: pass dry=None with it (on the command line, --dry 0)")
+            raise SamplingError(
+                "speculative decoding does not apply the DRY repetition "
+                "penalty: pass dry=None with it (on the command line, --dry 0)"
+            )
         return dataclasses.replace(settings, max_new=bucket(max_new_tokens + drafter.k + 1, 16))
 
-    def speculate(self, state: DecodeState, settings: DecodeSettings, drafter, limit: int,
-                  history: Sequence[int], seed: int | jax.Array,
-                  stats: spec.SpeculativeStats) -> Iterator[DecodeState]:
+    def speculate(
+        self,
+        state: DecodeState,
+        settings: DecodeSettings,
+        drafter,
+        limit: int,
+        history: Sequence[int],
+        seed: int | jax.Array,
+        stats: spec.SpeculativeStats,
+    ) -> Iterator[DecodeState]:
         """Continues a one-row state by speculative rounds (gemma_kit.speculative), yielding
         the state after each, until it stopped, `limit` tokens were drawn or the cache is full.
 
@@ -317,17 +390,30 @@ class Sampler:
         if isinstance(drafter, spec.DraftModel):
             draft = self._draft_sampler(drafter.model)
             # The same buffer length, hence the same cache length as the target's.
-            draft_settings = DecodeSettings(draft.graphdef, settings.params, (),
-                                            settings.forbidden_ids, settings.max_new)
+            draft_settings = DecodeSettings(
+                draft.graphdef, settings.params, (), settings.forbidden_ids, settings.max_new
+            )
             key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
-            draft_state = draft.start([list(history)], draft_settings,
-                                      jax.random.fold_in(key, 1), ring_slack=drafter.k)
+            draft_state = draft.start(
+                [list(history)], draft_settings, jax.random.fold_in(key, 1), ring_slack=drafter.k
+            )
             # The draft feeds the target's drawn token, not its own first draw.
-            draft_state = draft_state.replace(token=jnp.copy(state.token),
-                                              position=jnp.copy(state.position))
+            draft_state = draft_state.replace(
+                token=jnp.copy(state.token), position=jnp.copy(state.position)
+            )
             draft_params = draft.params
-        yield from spec.rounds(self, state, settings, drafter, limit, list(history), stats,
-                               draft_state, draft_settings, draft_params)
+        yield from spec.rounds(
+            self,
+            state,
+            settings,
+            drafter,
+            limit,
+            list(history),
+            stats,
+            draft_state,
+            draft_settings,
+            draft_params,
+        )
 
     def _draft_sampler(self, model) -> Sampler:
         """The Sampler of a draft model (made once per model), checked against this one."""
@@ -335,30 +421,48 @@ class Sampler:
             raise SamplingError(
                 f"the draft model ({model.config.name}) has a vocabulary of "
                 f"{model.config.vocab_size} tokens but the target ({self.config.name}) has "
-                f"{self.config.vocab_size}: a draft model must share the target's vocabulary")
+                f"{self.config.vocab_size}: a draft model must share the target's vocabulary"
+            )
         cached = self._drafts.get(id(model))
         if cached is None or cached[0] is not model:
-            draft = Sampler(model, self.tokenizer, cache_dtype=self.cache_dtype,
-                            cache_length=self.cache_length,
-                            matvec_layout=self.matvec_layout)
+            draft = Sampler(
+                model,
+                self.tokenizer,
+                cache_dtype=self.cache_dtype,
+                cache_length=self.cache_length,
+                matvec_layout=self.matvec_layout,
+            )
             cached = self._drafts[id(model)] = (model, draft)
         return cached[1]
 
-    def _speculative_one(self, ids: list[int], settings: DecodeSettings, drafter, seed,
-                         max_new_tokens: int, stops: Sequence[str]) -> GenerationResult:
+    def _speculative_one(
+        self,
+        ids: list[int],
+        settings: DecodeSettings,
+        drafter,
+        seed,
+        max_new_tokens: int,
+        stops: Sequence[str],
+    ) -> GenerationResult:
         """One prompt decoded speculatively (generate's path)."""
         stats = spec.SpeculativeStats()
-        state = self.start([ids], settings, seed, ring_slack=drafter.k)
-        for state in self.speculate(state, settings, drafter, max_new_tokens, ids, seed,
-                                    stats):
+        first = self.start([ids], settings, seed, ring_slack=drafter.k)
+        state = first
+        for state in self.speculate(first, settings, drafter, max_new_tokens, ids, seed, stats):
             if stops:  # stop strings are found in text, on the host, after each round
                 step, tokens = jax.device_get((state.step, state.tokens[0]))
-                if _find_stop(self.tokenizer.decode(tokens[:int(step)].tolist()), stops) >= 0:
+                if _find_stop(self.tokenizer.decode(tokens[: int(step)].tolist()), stops) >= 0:
                     break
         tokens, logprobs, step, stopped_at = jax.device_get(
-            (state.tokens[0], state.logprobs[0], state.step, state.stopped_at[0]))
-        row = dict(tokens=tokens, logprobs=logprobs, step=int(step), stopped_at=int(stopped_at),
-                   max_new=max_new_tokens)
+            (state.tokens[0], state.logprobs[0], state.step, state.stopped_at[0])
+        )
+        row = dict(
+            tokens=tokens,
+            logprobs=logprobs,
+            step=int(step),
+            stopped_at=int(stopped_at),
+            max_new=max_new_tokens,
+        )
         return dataclasses.replace(self._result(row, len(ids), stops), speculative=stats)
 
     # -- images ---------------------------------------------------------------------------
@@ -372,14 +476,16 @@ class Sampler:
         from gemma_kit.vision.preprocess import prepare_images
 
         self.model.require_vision()
-        pixels, crops = prepare_images(_image_list(images), self.config.vision.image_size,
-                                       pan_and_scan=pan_and_scan)
-        embeddings = [_encode_images(self.params, jnp.asarray(p[None]), graphdef=self.graphdef)
-                      for p in pixels]
+        pixels, crops = prepare_images(
+            _image_list(images), self.config.vision.image_size, pan_and_scan=pan_and_scan
+        )
+        embeddings = [
+            _encode_images(self.params, jnp.asarray(p[None]), graphdef=self.graphdef)
+            for p in pixels
+        ]
         return jnp.concatenate(embeddings), crops
 
-    def read_images(self, text: str, images, pan_and_scan: bool = False,
-                    where: str = "the prompt"):
+    def read_images(self, text: str, images, pan_and_scan: bool = False, where: str = "the prompt"):
         """(text, its images) -> (text with Pan & Scan markers, embeddings [n, M, D] or None).
 
         Checks that the text holds one <start_of_image> per image (`where` names the text in
@@ -401,7 +507,6 @@ class Sampler:
         if not self.model.has_vision:
             return ids
         return image_prompt.expand_markers(ids, self.tokenizer, self.config.vision.num_soft_tokens)
-
 
     def _batch_images(self, images):
         """Per-row embeddings (None or [n, M, D]) -> [B, I, M, D] zero-padded, or None."""
@@ -480,22 +585,33 @@ class Sampler:
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if any(not s for s in stops):
             raise SamplingError("stop strings must be non-empty")
-        settings = self.settings(max_new_tokens, temperature, top_k, top_p, min_p,
-                                 stop_token_ids, forbidden_token_ids, dry=dry)
+        settings = self.settings(
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            stop_token_ids,
+            forbidden_token_ids,
+            dry=dry,
+        )
         if images is not None and not single:
             images = list(images)
             if len(images) != len(batch):
                 raise ImageError(
                     f"{len(batch)} prompts but {len(images)} image lists: for a batch give one "
-                    "list of images per prompt (an empty list for a prompt without images)")
+                    "list of images per prompt (an empty list for a prompt without images)"
+                )
         drafter = None
         if speculative is not None:
             drafter = self.resolve_drafter(speculative, images)
             settings = self.speculative_settings(settings, drafter, max_new_tokens)
         ids, row_images = self._prepare(batch, [images] if single else images, pan_and_scan)
         if drafter is not None:
-            results = [self._speculative_one(seq, settings, drafter, seed, max_new_tokens, stops)
-                       for seq in ids]
+            results = [
+                self._speculative_one(seq, settings, drafter, seed, max_new_tokens, stops)
+                for seq in ids
+            ]
             return results[0] if single else results
         state = self.start(ids, settings, seed, row_images)
         if not stops:
@@ -508,19 +624,29 @@ class Sampler:
                 state = decode_loop(self.params, state, jnp.int32(limit), settings=settings)
                 host = jax.device_get({k: getattr(state, k) for k in ("tokens", "step", "done")})
                 steps = int(host["step"])
-                texts = [self.tokenizer.decode([t for t in row[:steps] if t != PAD_ID])
-                         for row in host["tokens"]]
+                texts = [
+                    self.tokenizer.decode([t for t in row[:steps] if t != PAD_ID])
+                    for row in host["tokens"]
+                ]
                 finished = host["done"] | np.array([_find_stop(t, stops) >= 0 for t in texts])
-                if finished.all() or steps >= max_new_tokens or not bool(
-                        can_continue(state, max_new_tokens)):
+                if (
+                    finished.all()
+                    or steps >= max_new_tokens
+                    or not bool(can_continue(state, max_new_tokens))
+                ):
                     break
-        host = jax.device_get({k: getattr(state, k)
-                               for k in ("tokens", "logprobs", "step", "stopped_at")})
+        host = jax.device_get(
+            {k: getattr(state, k) for k in ("tokens", "logprobs", "step", "stopped_at")}
+        )
         results = []
         for row, seq in enumerate(ids):
-            row_state = dict(tokens=host["tokens"][row], logprobs=host["logprobs"][row],
-                             step=int(host["step"]), stopped_at=int(host["stopped_at"][row]),
-                             max_new=max_new_tokens)
+            row_state = dict(
+                tokens=host["tokens"][row],
+                logprobs=host["logprobs"][row],
+                step=int(host["step"]),
+                stopped_at=int(host["stopped_at"][row]),
+                max_new=max_new_tokens,
+            )
             results.append(self._result(row_state, len(seq), stops))
         return results[0] if single else results
 
@@ -558,8 +684,16 @@ class Sampler:
         if not isinstance(prompt, str):
             raise SamplingError("stream() takes one prompt string")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        settings = self.settings(max_new_tokens, temperature, top_k, top_p, min_p,
-                                 stop_token_ids, forbidden_token_ids, dry=dry)
+        settings = self.settings(
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            stop_token_ids,
+            forbidden_token_ids,
+            dry=dry,
+        )
         drafter = None
         if speculative is not None:
             drafter = self.resolve_drafter(speculative, images)
@@ -570,16 +704,18 @@ class Sampler:
             yield from self.stream_state(state, settings, max_new_tokens, stops)
             return
         state = self.start(ids, settings, seed, ring_slack=drafter.k)
-        rounds = self.speculate(state, settings, drafter, max_new_tokens, ids[0], seed,
-                                spec.SpeculativeStats())
+        rounds = self.speculate(
+            state, settings, drafter, max_new_tokens, ids[0], seed, spec.SpeculativeStats()
+        )
         yield from self.stream_state(next(rounds), settings, max_new_tokens, stops, rounds=rounds)
 
     def resolve_drafter(self, speculative, images=None):
         """The drafter a `speculative` argument names, checked against this Sampler."""
         drafter = spec.resolve(speculative)
         if _any_image(images):
-            raise SamplingError("speculative decoding takes text prompts only; leave images out "
-                                "or speculative=None")
+            raise SamplingError(
+                "speculative decoding takes text prompts only; leave images out or speculative=None"
+            )
         if isinstance(drafter, spec.DraftModel):
             self._draft_sampler(drafter.model)  # checks the vocabulary now
         return drafter
@@ -588,8 +724,9 @@ class Sampler:
         """Prompts and their images (one entry per prompt, or None) -> (token ids with
         soft-token slots, per-row embeddings [n, M, D] or None)."""
         per_row = [None] * len(prompts) if images is None else images
-        wheres = (["the prompt"] if len(prompts) == 1
-                  else [f"prompt {i}" for i in range(len(prompts))])
+        wheres = (
+            ["the prompt"] if len(prompts) == 1 else [f"prompt {i}" for i in range(len(prompts))]
+        )
         for p, row, where in zip(prompts, per_row, wheres):  # every check before any encoding
             if not isinstance(p, str):
                 raise SamplingError(f"prompts must be strings, got {type(p).__name__}")
@@ -607,9 +744,15 @@ class Sampler:
             return ids, None  # text only: no expansion, the text-only compiled programs
         return [self.expand_images(seq) for seq in ids], embeddings
 
-    def stream_state(self, state: DecodeState, settings: DecodeSettings, max_new_tokens: int,
-                     stops: Sequence[str] = (), finished=None,
-                     rounds: Iterator[DecodeState] | None = None) -> Iterator[str]:
+    def stream_state(
+        self,
+        state: DecodeState,
+        settings: DecodeSettings,
+        max_new_tokens: int,
+        stops: Sequence[str] = (),
+        finished=None,
+        rounds: Iterator[DecodeState] | None = None,
+    ) -> Iterator[str]:
         """Streams row 0 of a decode state (as `start` or `feed` leave one) piece by piece.
 
         The pieces join to the text: the drawn tokens up to a stop token, `max_new_tokens` or a
@@ -630,13 +773,24 @@ class Sampler:
                 # One transfer per step or round: everything the host decides on below.
                 if rounds is None:
                     token, logprob, done, index = jax.device_get(
-                        (state.token[0], state.logprobs[0, state.step - 1], state.done[0],
-                         state.cache["index"]))
+                        (
+                            state.token[0],
+                            state.logprobs[0, state.step - 1],
+                            state.done[0],
+                            state.cache["index"],
+                        )
+                    )
                     new = [] if done else [(token, logprob)]
                 else:
                     step, drawn, probs, stopped_at, index = jax.device_get(
-                        (state.step, state.tokens[0], state.logprobs[0], state.stopped_at[0],
-                         state.cache["index"]))
+                        (
+                            state.step,
+                            state.tokens[0],
+                            state.logprobs[0],
+                            state.stopped_at[0],
+                            state.cache["index"],
+                        )
+                    )
                     done = stopped_at >= 0
                     end = int(stopped_at) if done else int(step)  # the stop token is not text
                     new = list(zip(drawn[seen:end], probs[seen:end]))

@@ -68,16 +68,21 @@ class DryPenalty:
 
     def __post_init__(self):
         if not (_number(self.multiplier) and self.multiplier > 0):
-            raise SamplingError(f"DRY multiplier must be a finite number > 0, got "
-                                f"{self.multiplier!r} (dry=None switches the penalty off)")
+            raise SamplingError(
+                f"DRY multiplier must be a finite number > 0, got "
+                f"{self.multiplier!r} (dry=None switches the penalty off)"
+            )
         if not (_number(self.base) and self.base >= 1.0):
             raise SamplingError(f"DRY base must be a finite number >= 1, got {self.base!r}")
         if not (_integer(self.allowed_length) and self.allowed_length >= 1):
-            raise SamplingError(f"DRY allowed_length must be an integer >= 1, got "
-                                f"{self.allowed_length!r}")
+            raise SamplingError(
+                f"DRY allowed_length must be an integer >= 1, got {self.allowed_length!r}"
+            )
         if not (_integer(self.max_length) and self.max_length >= self.allowed_length):
-            raise SamplingError(f"DRY max_length must be an integer >= allowed_length "
-                                f"({self.allowed_length}), got {self.max_length!r}")
+            raise SamplingError(
+                f"DRY max_length must be an integer >= allowed_length "
+                f"({self.allowed_length}), got {self.max_length!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +156,7 @@ def _bisect_threshold(keys: jax.Array, weights: jax.Array, target: jax.Array) ->
     keys, weights: [B, nb, block] (pads: key 0, weight 0); target: [B], at most the row total.
     32 halvings of the uint32 range find the exact key.
     """
+
     def step(_, bounds):
         lo, hi = bounds  # invariant: mass(keys >= lo) >= target > mass(keys >= hi + 1)
         mid = lo + (hi - lo) // 2 + 1  # in (lo, hi]; (hi - lo + 1) would overflow uint32
@@ -215,7 +221,9 @@ def sample_categorical(key: jax.Array, x: jax.Array) -> jax.Array:
     # First block whose cumulative mass exceeds u; never one of zero mass (u < its cdf).
     block = jnp.sum(block_cdf <= u[:, None], axis=-1)
     block = jnp.minimum(block, block_cdf.shape[-1] - 1)
-    before = jnp.where(block > 0, jnp.take_along_axis(block_cdf, jnp.maximum(block - 1, 0)[:, None], 1)[:, 0], 0.0)
+    before = jnp.where(
+        block > 0, jnp.take_along_axis(block_cdf, jnp.maximum(block - 1, 0)[:, None], 1)[:, 0], 0.0
+    )
     inner = jnp.take_along_axis(weights, block[:, None, None], axis=1)[:, 0]  # [B, block]
     inner_cdf = jnp.cumsum(inner, axis=-1) + before[:, None]
     offset = jnp.sum(inner_cdf <= u[:, None], axis=-1)
@@ -252,9 +260,11 @@ def dry_penalty(logits: jax.Array, history: jax.Array, length, dry: DryPenalty) 
     same = (before == tail[:, None, :]) & (before >= 0)
     run = jnp.sum(jnp.cumprod(same.astype(jnp.int32), axis=-1), axis=-1)  # [B, N]: L_j
     run = jnp.where(jnp.arange(N)[None] < n[:, None], run, 0)
-    penalty = jnp.where(run >= dry.allowed_length,
-                        dry.multiplier * dry.base ** (run - dry.allowed_length).astype(
-                            jnp.float32), 0.0)
+    penalty = jnp.where(
+        run >= dry.allowed_length,
+        dry.multiplier * dry.base ** (run - dry.allowed_length).astype(jnp.float32),
+        0.0,
+    )
     # A token that follows several matches takes the largest penalty: a scatter-min of
     # logit - penalty (a penalty of 0 leaves the logit as it is).
     rows = jnp.arange(B)[:, None]

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Union
 
 import jax
 import numpy as np
@@ -39,9 +38,9 @@ AXES = ("data", "fsdp", "tensor")
 
 # One entry per dimension: a mesh axis name, a tuple of names (split over their product), or
 # None (not split). A rule's spec is such a tuple, or a function of the shape returning one.
-DimSpec = Union[str, tuple[str, ...], None]
+DimSpec = str | tuple[str, ...] | None
 Spec = tuple[DimSpec, ...]
-Rule = tuple[str, Union[Spec, Callable[[tuple[int, ...]], Spec]]]
+Rule = tuple[str, Spec | Callable[[tuple[int, ...]], Spec]]
 
 
 def _gating_spec(shape: tuple[int, ...]) -> Spec:
@@ -94,12 +93,16 @@ def _axis_sizes(mesh: Mesh | Mapping[str, int]) -> dict[str, int]:
     return dict(mesh.shape) if isinstance(mesh, Mesh) else dict(mesh)
 
 
-def spec_for(path: str, shape: Sequence[int], mesh: Mesh | Mapping[str, int],
-             rules: Sequence[Rule] | None = None) -> PartitionSpec:
+def spec_for(
+    path: str,
+    shape: Sequence[int],
+    mesh: Mesh | Mapping[str, int],
+    rules: Sequence[Rule] | None = None,
+) -> PartitionSpec:
     """The PartitionSpec of one parameter (path like "layer_0/attn/q_einsum/w")."""
     shape = tuple(int(n) for n in shape)
     sizes = _axis_sizes(mesh)
-    for pattern, spec in (*(rules or ()), *DEFAULT_RULES):
+    for pattern, spec in (*(rules or ()), *DEFAULT_RULES):  # noqa: B007 (used after the break)
         if re.search(pattern, path):
             break
     else:
@@ -142,8 +145,7 @@ def spec_for(path: str, shape: Sequence[int], mesh: Mesh | Mapping[str, int],
 def _map_tree(fn, tree, prefix: str = ""):
     """fn(path, leaf) over a nested Mapping of arrays, keeping its structure."""
     if isinstance(tree, Mapping):
-        return {k: _map_tree(fn, v, f"{prefix}/{k}" if prefix else str(k))
-                for k, v in tree.items()}
+        return {k: _map_tree(fn, v, f"{prefix}/{k}" if prefix else str(k)) for k, v in tree.items()}
     return fn(prefix, tree)
 
 
@@ -166,8 +168,7 @@ def put(x, sharding: jax.sharding.Sharding) -> jax.Array:
     device or the host; device_put cannot move a device array to another process's devices, so
     each process hands over the slices its own devices hold instead.
     """
-    if (isinstance(x, jax.Array) and x.is_fully_addressable
-            and not sharding.is_fully_addressable):
+    if isinstance(x, jax.Array) and x.is_fully_addressable and not sharding.is_fully_addressable:
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
     return jax.device_put(x, sharding)
 
@@ -180,6 +181,7 @@ def shard_params(params, mesh: Mesh, rules: Sequence[Rule] | None = None):
     State with sharded arrays (the given one is left as it is). Feed the result to
     nnx.update(model, state), nnx.merge, or gemma_kit.loading.model_from_params.
     """
+
     def place(path, x):
         return put(x, NamedSharding(mesh, spec_for(path, np.shape(x), mesh, rules)))
 

@@ -77,8 +77,9 @@ class NgramDrafter:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise SamplingError(f"NgramDrafter {name} must be an integer >= 1, got {value!r}")
         if self.min_ngram > self.max_ngram:
-            raise SamplingError(f"NgramDrafter min_ngram ({self.min_ngram}) is above max_ngram "
-                                f"({self.max_ngram})")
+            raise SamplingError(
+                f"NgramDrafter min_ngram ({self.min_ngram}) is above max_ngram ({self.max_ngram})"
+            )
 
     def propose(self, history: Sequence[int]) -> list[int]:
         """Up to k draft tokens to follow `history` (token ids), possibly none."""
@@ -90,7 +91,7 @@ class NgramDrafter:
             if hits.size:
                 full = hits[hits + n + self.k <= len(ids)]
                 start = int(full[-1] if full.size else hits[0]) + n
-                return ids[start:start + self.k].tolist()
+                return ids[start : start + self.k].tolist()
         return []
 
 
@@ -111,7 +112,7 @@ class DraftModel:
 
 
 def resolve(speculative) -> NgramDrafter | DraftModel:
-    """"ngram", an NgramDrafter, a DraftModel, or a model (-> DraftModel(model))."""
+    """ "ngram", an NgramDrafter, a DraftModel, or a model (-> DraftModel(model))."""
     if isinstance(speculative, (NgramDrafter, DraftModel)):
         return speculative
     if speculative == "ngram":
@@ -120,7 +121,8 @@ def resolve(speculative) -> NgramDrafter | DraftModel:
         return DraftModel(speculative)
     raise SamplingError(
         f"speculative must be 'ngram', a draft model (a gemma_kit Transformer sharing the "
-        f"vocabulary), NgramDrafter(...) or DraftModel(...); got {speculative!r}")
+        f"vocabulary), NgramDrafter(...) or DraftModel(...); got {speculative!r}"
+    )
 
 
 @dataclasses.dataclass
@@ -155,8 +157,15 @@ def target_distribution(settings: DecodeSettings, allowed: jax.Array) -> jax.Arr
     return jax.nn.softmax(filter_logits(allowed, settings.params), axis=-1)
 
 
-def verify(settings: DecodeSettings, model, state: DecodeState, drafts: jax.Array,
-           q: jax.Array | None, n: jax.Array, limit: jax.Array):
+def verify(
+    settings: DecodeSettings,
+    model,
+    state: DecodeState,
+    drafts: jax.Array,
+    q: jax.Array | None,
+    n: jax.Array,
+    limit: jax.Array,
+):
     """One round: the target reads [token, drafts], keeps what acceptance keeps.
 
     drafts: [1, k] int32, the first n valid; q: [1, k, V] the draft's probabilities of each
@@ -251,8 +260,13 @@ def draft(settings: DecodeSettings, model, state: DecodeState, k: int, barrier=N
         qs = jax.lax.dynamic_update_slice_in_dim(qs, probs[:, None], j, 1)
         return cache, token, key, drafts, qs
 
-    init = (state.cache, state.token, state.key, jnp.zeros((B, k + 1), jnp.int32),
-            jnp.zeros((B, k + 1, V), jnp.float32))
+    init = (
+        state.cache,
+        state.token,
+        state.key,
+        jnp.zeros((B, k + 1), jnp.int32),
+        jnp.zeros((B, k + 1, V), jnp.float32),
+    )
     cache, _, key, drafts, qs = jax.lax.fori_loop(0, k + 1, body, init)
     state = state.replace(cache=cache, key=key, position=state.position + k + 1)
     return state, saved, drafts[:, :k], qs[:, :k]
@@ -277,18 +291,29 @@ def rollback_draft(state: DecodeState, saved, index, kept, token, position) -> D
     from `index`, and the target's last drawn token to feed next, at `position`."""
     # Copies: returned as they are, the target's own buffers would be handed to the draft's
     # next (donating) step.
-    return state.replace(cache=kv_cache.rollback(state.cache, saved, index, kept),
-                         token=jnp.copy(token), position=jnp.copy(position))
+    return state.replace(
+        cache=kv_cache.rollback(state.cache, saved, index, kept),
+        token=jnp.copy(token),
+        position=jnp.copy(position),
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # Host side: the rounds of one prompt.
 
 
-def rounds(sampler, state: DecodeState, settings: DecodeSettings, drafter, limit: int,
-           history: list[int], stats: SpeculativeStats, draft_state: DecodeState | None = None,
-           draft_settings: DecodeSettings | None = None,
-           draft_params=None) -> Iterator[DecodeState]:
+def rounds(
+    sampler,
+    state: DecodeState,
+    settings: DecodeSettings,
+    drafter,
+    limit: int,
+    history: list[int],
+    stats: SpeculativeStats,
+    draft_state: DecodeState | None = None,
+    draft_settings: DecodeSettings | None = None,
+    draft_params=None,
+) -> Iterator[DecodeState]:
     """Advances the state of one prompt (made with ring_slack = drafter.k) round by round,
     yielding it after each round, until it stopped, `limit` tokens were drawn, or the cache
     is full. `history` (the prompt's ids) grows by the drawn tokens (prompt lookup reads it).
@@ -303,7 +328,8 @@ def rounds(sampler, state: DecodeState, settings: DecodeSettings, drafter, limit
     limit_arr = jnp.int32(limit)
     while True:
         step, done, index, tokens = jax.device_get(
-            (state.step, state.done[0], state.cache["index"], state.tokens[0]))
+            (state.step, state.done[0], state.cache["index"], state.tokens[0])
+        )
         step = int(step)
         history.extend(int(t) for t in tokens[seen:step])
         seen = step
@@ -317,13 +343,16 @@ def rounds(sampler, state: DecodeState, settings: DecodeSettings, drafter, limit
             state = decode_step(sampler.params, state, settings=settings)
             stats.steps += 1
         elif draft_state is not None:
-            draft_state, saved, drafts, q = draft_step(draft_params, draft_state,
-                                                       settings=draft_settings, k=k)
-            state, _ = verify_step(sampler.params, state, drafts, q, jnp.int32(k), limit_arr,
-                                   settings=settings)
+            draft_state, saved, drafts, q = draft_step(
+                draft_params, draft_state, settings=draft_settings, k=k
+            )
+            state, _ = verify_step(
+                sampler.params, state, drafts, q, jnp.int32(k), limit_arr, settings=settings
+            )
             kept = state.step - step
-            draft_state = rollback_draft(draft_state, saved, d_index, kept, state.token,
-                                         state.position)
+            draft_state = rollback_draft(
+                draft_state, saved, d_index, kept, state.token, state.position
+            )
             stats.rounds += 1
             stats.drafted += k
             stats.accepted += int(kept) - 1
@@ -336,8 +365,15 @@ def rounds(sampler, state: DecodeState, settings: DecodeSettings, drafter, limit
                 n = len(proposal)
                 drafts = np.zeros((1, k), np.int32)
                 drafts[0, :n] = proposal
-                state, _ = verify_step(sampler.params, state, jnp.asarray(drafts), None,
-                                       jnp.int32(n), limit_arr, settings=settings)
+                state, _ = verify_step(
+                    sampler.params,
+                    state,
+                    jnp.asarray(drafts),
+                    None,
+                    jnp.int32(n),
+                    limit_arr,
+                    settings=settings,
+                )
                 stats.rounds += 1
                 stats.drafted += n
                 stats.accepted += int(state.step) - step - 1

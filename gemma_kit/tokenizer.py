@@ -110,12 +110,14 @@ class Tokenizer:
         pad = self.pad_id
         return self._sp.DecodeIds([int(i) for i in ids if int(i) != pad])
 
-    def encode_chat(self, messages: Sequence[Mapping[str, str]],
-                    add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(
+        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
+    ) -> list[int]:
         return self.encode(format_chat(messages, add_generation_prompt), add_bos=True)
 
-    def format_chat(self, messages: Sequence[Mapping[str, str]],
-                    add_generation_prompt: bool = True) -> str:
+    def format_chat(
+        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
+    ) -> str:
         return format_chat(messages, add_generation_prompt)
 
 

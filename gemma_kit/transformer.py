@@ -29,8 +29,16 @@ class Embedder(nnx.Module):
     ([W, D]), which map the image encoder's soft tokens into the embedding space.
     """
 
-    def __init__(self, vocab_size: int, embed_dim: int, *, param_dtype, rngs: nnx.Rngs,
-                 vision_width: int | None = None, vision_param_dtype=jnp.float32):
+    def __init__(
+        self,
+        vocab_size: int,
+        embed_dim: int,
+        *,
+        param_dtype,
+        rngs: nnx.Rngs,
+        vision_width: int | None = None,
+        vision_param_dtype=jnp.float32,
+    ):
         init = jax.nn.initializers.normal(1.0)
         self.input_embedding = nnx.Param(init(rngs.params(), (vocab_size, embed_dim), param_dtype))
         # Set by gemma_kit.quant when the table holds int8 values: a float32 scale per
@@ -42,8 +50,9 @@ class Embedder(nnx.Module):
         self.normalizer_dtype = None
         if vision_width is not None:
             self.mm_soft_embedding_norm = RMSNorm(vision_width, param_dtype=vision_param_dtype)
-            self.mm_input_projection = Einsum("IMW,WD->IMD", (vision_width, embed_dim),
-                                              param_dtype=vision_param_dtype, rngs=rngs)
+            self.mm_input_projection = Einsum(
+                "IMW,WD->IMD", (vision_width, embed_dim), param_dtype=vision_param_dtype, rngs=rngs
+            )
 
     def encode_vision(self, soft_tokens: jax.Array) -> jax.Array:
         """[I, M, W] soft tokens of the image encoder -> [I, M, D] embeddings.
@@ -86,8 +95,12 @@ class Embedder(nnx.Module):
             logits = matmul_t(x.reshape(-1, x.shape[-1]), packed, None)
             return logits.reshape(*x.shape[:-1], packed.shape[0])
         scale = self.input_embedding_scale
-        logits = matmul_t(x.reshape(-1, x.shape[-1]), table.astype, table.dtype,
-                          None if scale is None else scale[...].reshape(-1))
+        logits = matmul_t(
+            x.reshape(-1, x.shape[-1]),
+            table.astype,
+            table.dtype,
+            None if scale is None else scale[...].reshape(-1),
+        )
         return logits.reshape(*x.shape[:-1], table.shape[0])
 
     def _int4_table(self) -> int4.Int4Matrix | None:
@@ -95,8 +108,9 @@ class Embedder(nnx.Module):
         table = self.input_embedding[...]
         if table.dtype != jnp.uint8:
             return None
-        return int4.Int4Matrix(table, self.input_embedding_scale[...],
-                               self.input_embedding_min[...])
+        return int4.Int4Matrix(
+            table, self.input_embedding_scale[...], self.input_embedding_min[...]
+        )
 
 
 class FeedForward(nnx.Module):
@@ -109,11 +123,13 @@ class FeedForward(nnx.Module):
     def __init__(self, config: Config, *, param_dtype, rngs: nnx.Rngs):
         D, F = config.embed_dim, config.hidden_dim
         if config.transpose_gating:
-            self.gating_einsum = Einsum("BTD,CFD->CBTF", (2, F, D), param_dtype=param_dtype,
-                                        rngs=rngs)
+            self.gating_einsum = Einsum(
+                "BTD,CFD->CBTF", (2, F, D), param_dtype=param_dtype, rngs=rngs
+            )
         else:
-            self.gating_einsum = Einsum("BTD,CDF->CBTF", (2, D, F), param_dtype=param_dtype,
-                                        rngs=rngs)
+            self.gating_einsum = Einsum(
+                "BTD,CDF->CBTF", (2, D, F), param_dtype=param_dtype, rngs=rngs
+            )
         self.linear = Einsum("BTF,FD->BTD", (F, D), param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -158,8 +174,15 @@ class Transformer(nnx.Module):
         gemma_kit.layers); pass bfloat16 on accelerators.
     """
 
-    def __init__(self, config: Config, *, param_dtype=jnp.float32, dtype=jnp.float32,
-                 rngs: nnx.Rngs | None = None, with_vision: bool = False):
+    def __init__(
+        self,
+        config: Config,
+        *,
+        param_dtype=jnp.float32,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs | None = None,
+        with_vision: bool = False,
+    ):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = config
         self.dtype = jnp.dtype(dtype)
@@ -167,10 +190,16 @@ class Transformer(nnx.Module):
         if with_vision and vision is None:
             raise ConfigError(
                 f"Config {config.name!r} has no image encoder (has_vision=False); build it with "
-                "with_vision=False, or use a Gemma 3 4B/12B/27B config")
+                "with_vision=False, or use a Gemma 3 4B/12B/27B config"
+            )
         vision_width = vision.width if vision is not None else None
-        self.embedder = Embedder(config.vocab_size, config.embed_dim, param_dtype=param_dtype,
-                                 rngs=rngs, vision_width=vision_width)
+        self.embedder = Embedder(
+            config.vocab_size,
+            config.embed_dim,
+            param_dtype=param_dtype,
+            rngs=rngs,
+            vision_width=vision_width,
+        )
         for i in range(config.num_layers):
             setattr(self, f"layer_{i}", Block(config, i, param_dtype=param_dtype, rngs=rngs))
         self.final_norm = RMSNorm(config.embed_dim, param_dtype=param_dtype, eps=config.norm_eps)
@@ -193,7 +222,8 @@ class Transformer(nnx.Module):
             raise ImageError(
                 f"this {self.config.name} model has no image encoder, so it cannot read images: "
                 "load a Gemma 3 4B/12B/27B checkpoint with its vision weights (load_model's "
-                "default), or send text only")
+                "default), or send text only"
+            )
 
     def encode_images(self, pixels: jax.Array) -> jax.Array:
         """Preprocessed images [I, S, S, 3] (gemma_kit.vision.preprocess) -> [I, M, D].
@@ -214,7 +244,8 @@ class Transformer(nnx.Module):
             images = jnp.asarray(images)
             if images.ndim != 5:
                 raise ImageError(
-                    f"images must be [batch, images per row, S, S, 3], got shape {images.shape}")
+                    f"images must be [batch, images per row, S, S, 3], got shape {images.shape}"
+                )
             B, I = images.shape[:2]
             image_embeddings = self.encode_images(images.reshape(B * I, *images.shape[2:]))
             image_embeddings = image_embeddings.reshape(B, I, *image_embeddings.shape[1:])
@@ -251,8 +282,11 @@ class Transformer(nnx.Module):
         Returns:
           [B, T, V] logits in the compute dtype (final soft-cap applied for Gemma 2).
         """
-        return self.logits(self.hidden_states(tokens, positions, mask, images=images,
-                                              image_embeddings=image_embeddings))
+        return self.logits(
+            self.hidden_states(
+                tokens, positions, mask, images=images, image_embeddings=image_embeddings
+            )
+        )
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final hidden states [B, T, D] -> logits [B, T, V]."""

@@ -46,8 +46,9 @@ def main(argv=None) -> int:
     parser.add_argument("--candidates", type=int, default=32, help="K samples per prompt")
     parser.add_argument("--ns", default="1,2,4,8")
     parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--select", default=None,
-                        help="the selecting reward spec (default: the gold reward, VADER)")
+    parser.add_argument(
+        "--select", default=None, help="the selecting reward spec (default: the gold reward, VADER)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     ns = [int(n) for n in args.ns.split(",")]
@@ -63,22 +64,33 @@ def main(argv=None) -> int:
     sampler = gemma_kit.Sampler(model, tokenizer)
     _, prompts = review_prompts.split(seed=args.seed)
     selector = args.select or vader_sentiment
-    results = best_of_n(sampler, prompts, args.candidates, selector,
-                        max_new_tokens=args.max_new_tokens, seed=args.seed)
+    results = best_of_n(
+        sampler,
+        prompts,
+        args.candidates,
+        selector,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    )
     sampled = time.time() - start
     curve = {n: 0.0 for n in ns}
     for candidates in results:
         candidates = sorted(candidates, key=lambda c: c.index)  # generation order
-        gold = call_reward(vader_sentiment, [c.prompt for c in candidates],
-                           [c.text for c in candidates]).tolist()
+        gold = call_reward(
+            vader_sentiment, [c.prompt for c in candidates], [c.text for c in candidates]
+        ).tolist()
         select = [c.reward for c in candidates]
         for n in ns:
             curve[n] += expected_best_of(select, gold, n) / len(results)
     report = dict(
-        prompts=len(prompts), candidates_per_prompt=args.candidates,
-        max_new_tokens=args.max_new_tokens, selected_by=args.select or "gold (VADER)",
-        rows=[dict(n=n, gold_reward=round(curve[n], 4), kl_bound_nats=round(kl_bound(n), 4))
-              for n in ns],
+        prompts=len(prompts),
+        candidates_per_prompt=args.candidates,
+        max_new_tokens=args.max_new_tokens,
+        selected_by=args.select or "gold (VADER)",
+        rows=[
+            dict(n=n, gold_reward=round(curve[n], 4), kl_bound_nats=round(kl_bound(n), 4))
+            for n in ns
+        ],
         seconds=dict(sampling_and_scoring=round(sampled, 1), total=round(time.time() - start, 1)),
     )
     out = pathlib.Path(args.out)
@@ -87,8 +99,10 @@ def main(argv=None) -> int:
     print(f"{'n':>3}  {'gold reward':>11}  {'KL bound (nats)':>15}")
     for row in report["rows"]:
         print(f"{row['n']:>3}  {row['gold_reward']:>11.4f}  {row['kl_bound_nats']:>15.4f}")
-    print(f"({len(prompts)} held-out prompts x {args.candidates} candidates, "
-          f"{report['seconds']['total']} s)")
+    print(
+        f"({len(prompts)} held-out prompts x {args.candidates} candidates, "
+        f"{report['seconds']['total']} s)"
+    )
     try:
         import matplotlib
 

@@ -62,12 +62,18 @@ def held_out(student, teacher, rows, *, batch: int = 8, chunk: int = 512) -> dic
             total[k] = total.get(k, 0.0) + float(v)
     n = max(total["tokens"], 1.0)
     nll = total["nll"] / n
-    return dict(forward_kl=total["forward_kl"] / n, reverse_kl=total["reverse_kl"] / n,
-                nll=nll, ppl=float(np.exp(nll)), tokens=int(total["tokens"]))
+    return dict(
+        forward_kl=total["forward_kl"] / n,
+        reverse_kl=total["reverse_kl"] / n,
+        nll=nll,
+        ppl=float(np.exp(nll)),
+        tokens=int(total["tokens"]),
+    )
 
 
-def decode_speeds(models: dict, tokenizer, prompt: str, *, new_tokens: int = 64,
-                  rounds: int = 5) -> dict[str, float]:
+def decode_speeds(
+    models: dict, tokenizer, prompt: str, *, new_tokens: int = 64, rounds: int = 5
+) -> dict[str, float]:
     """Greedy batch-1 decode tokens/s of each model with gemma_kit.Sampler, in interleaved
     rounds (every other one in reverse order; the best of each after a warm-up call), so that
     the ratio holds on a shared machine. Stop ids off: every call makes `new_tokens` tokens."""
@@ -78,7 +84,7 @@ def decode_speeds(models: dict, tokenizer, prompt: str, *, new_tokens: int = 64,
     for sampler in samplers.values():
         sampler.generate(prompt, max_new_tokens=new_tokens, stop_token_ids=())  # compiles
     for r in range(rounds):
-        for name in (list(samplers) if r % 2 == 0 else list(samplers)[::-1]):
+        for name in list(samplers) if r % 2 == 0 else list(samplers)[::-1]:
             start = time.perf_counter()
             samplers[name].generate(prompt, max_new_tokens=new_tokens, stop_token_ids=())
             best[name] = min(best[name], time.perf_counter() - start)

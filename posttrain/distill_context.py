@@ -50,9 +50,15 @@ def cmd_arm(args) -> int:
     result = train_distill(config_for(args.arm, args.runs, args.steps), resume=args.resume)
     if result.interrupted:
         return 130
-    report = dict(arm=args.arm, label=LABELS[args.arm], machine=common.machine(),
-                  steps=result.step, seconds=round(time.time() - start, 1),
-                  evaluations=result.evaluations, adapter=str(result.adapter))
+    report = dict(
+        arm=args.arm,
+        label=LABELS[args.arm],
+        machine=common.machine(),
+        steps=result.step,
+        seconds=round(time.time() - start, 1),
+        evaluations=result.evaluations,
+        adapter=str(result.adapter),
+    )
     common.write_json(args.runs / args.arm / "result.json", report)
     print(json.dumps(report, indent=2))
     return 0
@@ -64,8 +70,9 @@ def vader_of(sampler, prompts: list[str], *, n: int, seed: int) -> float:
 
     batch = [p for p in prompts for _ in range(n)]
     results = sampler.generate(batch, max_new_tokens=24, temperature=1.0, seed=seed)
-    scores = call_reward(vader_sentiment, [p for p in prompts for _ in range(n)],
-                         [r.text for r in results])
+    scores = call_reward(
+        vader_sentiment, [p for p in prompts for _ in range(n)], [r.text for r in results]
+    )
     return float(scores.mean())
 
 
@@ -75,52 +82,79 @@ def cmd_report(args) -> int:
 
     runs = args.runs
     config = config_for("on", runs, None)
-    arms = {arm: json.loads((runs / arm / "result.json").read_text())
-            for arm in ARMS if (runs / arm / "result.json").is_file()}
+    arms = {
+        arm: json.loads((runs / arm / "result.json").read_text())
+        for arm in ARMS
+        if (runs / arm / "result.json").is_file()
+    }
     start = time.time()
     model, tokenizer = gemma_kit.default_model()
-    prompts = [json.loads(line)["prompt"] for line in
-               pathlib.Path(config.eval_prompts_file).read_text().splitlines() if line.strip()]
+    prompts = [
+        json.loads(line)["prompt"]
+        for line in pathlib.Path(config.eval_prompts_file).read_text().splitlines()
+        if line.strip()
+    ]
     sampler = gemma_kit.Sampler(model, tokenizer)
-    vader = dict(base=vader_of(sampler, prompts, n=args.samples, seed=1),
-                 teacher=vader_of(sampler, [config.teacher_prefix + p for p in prompts],
-                                  n=args.samples, seed=1))
+    vader = dict(
+        base=vader_of(sampler, prompts, n=args.samples, seed=1),
+        teacher=vader_of(
+            sampler, [config.teacher_prefix + p for p in prompts], n=args.samples, seed=1
+        ),
+    )
     for arm, r in arms.items():
         student, _ = gemma_kit.default_model()
         load_adapter(student, r["adapter"])
-        vader[arm] = vader_of(gemma_kit.Sampler(student, tokenizer), prompts, n=args.samples,
-                              seed=1)
+        vader[arm] = vader_of(
+            gemma_kit.Sampler(student, tokenizer), prompts, n=args.samples, seed=1
+        )
     rows = []
     for arm, r in arms.items():
         before, after = r["evaluations"]["before"], r["evaluations"]["after"]
         moved = (vader[arm] - vader["base"]) / (vader["teacher"] - vader["base"])
-        rows.append(dict(arm=arm, label=LABELS[arm], steps=r["steps"],
-                         minutes=round(r["seconds"] / 60, 1),
-                         reverse_kl=[before["eval_reverse_kl"], after["eval_reverse_kl"]],
-                         forward_kl=[before["eval_forward_kl"], after["eval_forward_kl"]],
-                         golden_reverse_kl=[before["eval_golden_reverse_kl"],
-                                            after["eval_golden_reverse_kl"]],
-                         vader=vader[arm], vader_moved_fraction=moved))
-    lines = ["| arm | steps | time | held-out KL(student \\|\\| teacher), student samples | "
-             "KL(teacher \\|\\| student), teacher samples | KL(student \\|\\| golden) | "
-             "VADER (moved toward the teacher) |", "|---|---|---|---|---|---|---|"]
+        rows.append(
+            dict(
+                arm=arm,
+                label=LABELS[arm],
+                steps=r["steps"],
+                minutes=round(r["seconds"] / 60, 1),
+                reverse_kl=[before["eval_reverse_kl"], after["eval_reverse_kl"]],
+                forward_kl=[before["eval_forward_kl"], after["eval_forward_kl"]],
+                golden_reverse_kl=[
+                    before["eval_golden_reverse_kl"],
+                    after["eval_golden_reverse_kl"],
+                ],
+                vader=vader[arm],
+                vader_moved_fraction=moved,
+            )
+        )
+    lines = [
+        "| arm | steps | time | held-out KL(student \\|\\| teacher), student samples | "
+        "KL(teacher \\|\\| student), teacher samples | KL(student \\|\\| golden) | "
+        "VADER (moved toward the teacher) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         lines.append(
             f"| {r['label']} | {r['steps']} | {r['minutes']} min | "
             f"{r['reverse_kl'][0]:.3f} -> {r['reverse_kl'][1]:.3f} | "
             f"{r['forward_kl'][0]:.3f} -> {r['forward_kl'][1]:.3f} | "
             f"{r['golden_reverse_kl'][0]:.3f} -> {r['golden_reverse_kl'][1]:.3f} | "
-            f"{r['vader']:.3f} ({r['vader_moved_fraction']:.0%}) |")
+            f"{r['vader']:.3f} ({r['vader_moved_fraction']:.0%}) |"
+        )
     table = "\n".join(lines)
-    results = dict(machine=common.machine(), teacher_prefix=config.teacher_prefix,
-                   golden_prefix=config.golden_prefix,
-                   vader=dict(vader, samples_per_prompt=args.samples, prompts=len(prompts)),
-                   arms=rows, table=table, report_seconds=round(time.time() - start, 1))
+    results = dict(
+        machine=common.machine(),
+        teacher_prefix=config.teacher_prefix,
+        golden_prefix=config.golden_prefix,
+        vader=dict(vader, samples_per_prompt=args.samples, prompts=len(prompts)),
+        arms=rows,
+        table=table,
+        report_seconds=round(time.time() - start, 1),
+    )
     common.write_json(common.RESULTS / "distill_context.json", results)
     plot(runs, list(arms), common.IMAGES / "distill_context.png")
     print(table)
-    print(f"VADER: base {vader['base']:.3f}, teacher (base + instruction) "
-          f"{vader['teacher']:.3f}")
+    print(f"VADER: base {vader['base']:.3f}, teacher (base + instruction) {vader['teacher']:.3f}")
     return 0
 
 
@@ -133,11 +167,14 @@ def plot(runs: pathlib.Path, arms: list[str], png: pathlib.Path) -> None:
 
     from gemma_kit.training.metrics import read_metrics
 
-    series = {"eval_reverse_kl": "KL(student || teacher), student samples",
-              "eval_forward_kl": "KL(teacher || student), teacher samples",
-              "eval_golden_reverse_kl": "KL(student || golden), student samples"}
-    fig, axes = plt.subplots(1, len(arms), figsize=(5 * len(arms), 4), dpi=110, sharey=True,
-                             squeeze=False)
+    series = {
+        "eval_reverse_kl": "KL(student || teacher), student samples",
+        "eval_forward_kl": "KL(teacher || student), teacher samples",
+        "eval_golden_reverse_kl": "KL(student || golden), student samples",
+    }
+    fig, axes = plt.subplots(
+        1, len(arms), figsize=(5 * len(arms), 4), dpi=110, sharey=True, squeeze=False
+    )
     for ax, arm in zip(axes[0], arms):
         rows = read_metrics(runs / arm / "metrics.jsonl")
         train = [(m["step"], m["loss"]) for m in rows if "loss" in m]
@@ -159,9 +196,12 @@ def plot(runs: pathlib.Path, arms: list[str], png: pathlib.Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=pathlib.Path,
-                        default=pathlib.Path("runs/distill_context"),
-                        help="folder of the runs (default runs/distill_context)")
+    parser.add_argument(
+        "--runs",
+        type=pathlib.Path,
+        default=pathlib.Path("runs/distill_context"),
+        help="folder of the runs (default runs/distill_context)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     arm = sub.add_parser("arm", help="train one arm")
     arm.add_argument("arm", choices=sorted(ARMS))

@@ -37,10 +37,16 @@ import distill_common as common  # noqa: E402
 
 KEEP = "0-7,17"
 CONFIGS = common.HERE / "configs"
-ARMS = {"sft": "distill_pydoc_sft.toml", "kd": "distill_pydoc_kd.toml",
-        "gkd": "distill_pydoc_gkd.toml"}
-LABELS = {"sft": "(a) SFT on the text", "kd": "(b) supervised KD, forward KL",
-          "gkd": "(c) on-policy GKD, JSD(0.5)"}
+ARMS = {
+    "sft": "distill_pydoc_sft.toml",
+    "kd": "distill_pydoc_kd.toml",
+    "gkd": "distill_pydoc_gkd.toml",
+}
+LABELS = {
+    "sft": "(a) SFT on the text",
+    "kd": "(b) supervised KD, forward KL",
+    "gkd": "(c) on-policy GKD, JSD(0.5)",
+}
 HELD_OUT_TOPICS = 8
 MAX_LENGTH = 64
 EVAL_ROWS = 48
@@ -62,18 +68,20 @@ def write_data(folder: pathlib.Path) -> dict:
         for name in names:
             text = topics[name]
             for start in range(0, max(len(text) - 300, 1), 600):
-                piece = text[start:start + 160]
+                piece = text[start : start + 160]
                 cut = piece.rfind(" ", 0, 120)
-                piece = piece[:cut if cut > 40 else 120].strip()
+                piece = piece[: cut if cut > 40 else 120].strip()
                 if len(piece) > 40:
                     out.append(piece)
         return out
 
     folder.mkdir(parents=True, exist_ok=True)
-    files = {"topics.jsonl": [{"text": topics[n]} for n in train],
-             "topics_eval.jsonl": [{"text": topics[n]} for n in held],
-             "openings.jsonl": [{"prompt": p} for p in openings(train)],
-             "openings_eval.jsonl": [{"prompt": p} for p in openings(held)[:12]]}
+    files = {
+        "topics.jsonl": [{"text": topics[n]} for n in train],
+        "topics_eval.jsonl": [{"text": topics[n]} for n in held],
+        "openings.jsonl": [{"prompt": p} for p in openings(train)],
+        "openings_eval.jsonl": [{"prompt": p} for p in openings(held)[:12]],
+    }
     for name, rows in files.items():
         (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {name: len(rows) for name, rows in files.items()} | dict(held_out_topics=held)
@@ -83,8 +91,13 @@ def held_out_rows(runs: pathlib.Path, tokenizer):
     """The first EVAL_ROWS packed held-out rows, as every run's evaluation reads them."""
     from gemma_kit.finetune.data import load_dataset
 
-    data = load_dataset(runs / "data" / "topics.jsonl", tokenizer, max_length=MAX_LENGTH,
-                        eval_file=runs / "data" / "topics_eval.jsonl", seed=0)
+    data = load_dataset(
+        runs / "data" / "topics.jsonl",
+        tokenizer,
+        max_length=MAX_LENGTH,
+        eval_file=runs / "data" / "topics_eval.jsonl",
+        seed=0,
+    )
     return data.eval.take(range(min(EVAL_ROWS, len(data.eval)))), data
 
 
@@ -101,12 +114,19 @@ def config_for(arm: str, runs: pathlib.Path, steps: int | None):
     cls = TrainConfig if arm == "sft" else DistillConfig
     config = cls.from_file(CONFIGS / ARMS[arm])
     data = runs / "data"
-    changes = dict(base=str(runs / "student"), train_file=str(data / "topics.jsonl"),
-                   eval_file=str(data / "topics_eval.jsonl"), out_dir=str(runs / arm),
-                   eval_max_rows=EVAL_ROWS, max_length=MAX_LENGTH)
+    changes = dict(
+        base=str(runs / "student"),
+        train_file=str(data / "topics.jsonl"),
+        eval_file=str(data / "topics_eval.jsonl"),
+        out_dir=str(runs / arm),
+        eval_max_rows=EVAL_ROWS,
+        max_length=MAX_LENGTH,
+    )
     if arm == "gkd":
-        changes.update(prompts_file=str(data / "openings.jsonl"),
-                       eval_prompts_file=str(data / "openings_eval.jsonl"))
+        changes.update(
+            prompts_file=str(data / "openings.jsonl"),
+            eval_prompts_file=str(data / "openings_eval.jsonl"),
+        )
     if steps is not None:
         changes.update(steps=steps)
     return config.replace(**changes)
@@ -128,14 +148,20 @@ def cmd_prepare(args) -> int:
     student = gemma_kit.load_model(student_dir)
     rows, _ = held_out_rows(runs, tokenizer)
     rows = rows_of(rows)
-    report = dict(machine=common.machine(), keep_layers=KEEP, data=counts,
-                  student=student.config.name, teacher=teacher.config.name,
-                  student_layers=student.config.num_layers,
-                  parameters=dict(student=_count(student), teacher=_count(teacher)))
+    report = dict(
+        machine=common.machine(),
+        keep_layers=KEEP,
+        data=counts,
+        student=student.config.name,
+        teacher=teacher.config.name,
+        student_layers=student.config.num_layers,
+        parameters=dict(student=_count(student), teacher=_count(teacher)),
+    )
     report["teacher_on_held_out"] = common.held_out(teacher, teacher, rows)
     report["student_before"] = common.held_out(student, teacher, rows)
-    speeds = common.decode_speeds(dict(teacher=teacher, student=student), tokenizer,
-                                  "The for statement is used to iterate")
+    speeds = common.decode_speeds(
+        dict(teacher=teacher, student=student), tokenizer, "The for statement is used to iterate"
+    )
     report["decode_tokens_per_s"] = speeds
     report["seconds"] = round(time.time() - start, 1)
     common.write_json(runs / "prepare.json", report)
@@ -171,11 +197,17 @@ def cmd_arm(args) -> int:
     student = gemma_kit.load_model(runs / "student", lora=result.adapter)
     rows, _ = held_out_rows(runs, tokenizer)
     after = common.held_out(student, teacher, rows_of(rows))
-    report = dict(arm=arm, label=LABELS[arm], machine=common.machine(), steps=result.step,
-                  train_seconds=round(seconds, 1), held_out_after=after,
-                  evaluations=result.evaluations, last_loss=result.last_loss,
-                  tokens_seen=json.loads((runs / arm / "summary.json").read_text())
-                  ["tokens_seen"])
+    report = dict(
+        arm=arm,
+        label=LABELS[arm],
+        machine=common.machine(),
+        steps=result.step,
+        train_seconds=round(seconds, 1),
+        held_out_after=after,
+        evaluations=result.evaluations,
+        last_loss=result.last_loss,
+        tokens_seen=json.loads((runs / arm / "summary.json").read_text())["tokens_seen"],
+    )
     common.write_json(runs / arm / "held_out.json", report)
     print(json.dumps(report, indent=2))
     return 0
@@ -184,35 +216,54 @@ def cmd_arm(args) -> int:
 def cmd_report(args) -> int:
     runs = args.runs
     prepared = json.loads((runs / "prepare.json").read_text())
-    arms = {arm: json.loads((runs / arm / "held_out.json").read_text())
-            for arm in ARMS if (runs / arm / "held_out.json").is_file()}
+    arms = {
+        arm: json.loads((runs / arm / "held_out.json").read_text())
+        for arm in ARMS
+        if (runs / arm / "held_out.json").is_file()
+    }
     before = prepared["student_before"]
     teacher = prepared["teacher_on_held_out"]
-    lines = ["| arm | steps | train time | held-out KL(teacher \\|\\| student) | held-out "
-             "perplexity |", "|---|---|---|---|---|",
-             f"| shrunk student, before | - | - | {before['forward_kl']:.3f} | "
-             f"{before['ppl']:.1f} |"]
+    lines = [
+        "| arm | steps | train time | held-out KL(teacher \\|\\| student) | held-out perplexity |",
+        "|---|---|---|---|---|",
+        f"| shrunk student, before | - | - | {before['forward_kl']:.3f} | {before['ppl']:.1f} |",
+    ]
     for arm, r in arms.items():
         a = r["held_out_after"]
-        lines.append(f"| {LABELS[arm]} | {r['steps']} | {r['train_seconds'] / 60:.1f} min | "
-                     f"{a['forward_kl']:.3f} | {a['ppl']:.1f} |")
+        lines.append(
+            f"| {LABELS[arm]} | {r['steps']} | {r['train_seconds'] / 60:.1f} min | "
+            f"{a['forward_kl']:.3f} | {a['ppl']:.1f} |"
+        )
     lines.append(f"| teacher (Gemma 3 270M) | - | - | 0 | {teacher['ppl']:.1f} |")
     table = "\n".join(lines)
     speeds = prepared["decode_tokens_per_s"]
-    results = dict(machine=prepared["machine"], keep_layers=prepared["keep_layers"],
-                   parameters=prepared["parameters"], student_before=before,
-                   teacher_on_held_out=teacher, decode_tokens_per_s=speeds,
-                   decode_speedup=round(speeds["student"] / speeds["teacher"], 3),
-                   arms={arm: dict(steps=r["steps"], train_seconds=r["train_seconds"],
-                                   tokens_seen=r["tokens_seen"],
-                                   held_out_after=r["held_out_after"],
-                                   evaluations=r["evaluations"]) for arm, r in arms.items()},
-                   table=table)
+    results = dict(
+        machine=prepared["machine"],
+        keep_layers=prepared["keep_layers"],
+        parameters=prepared["parameters"],
+        student_before=before,
+        teacher_on_held_out=teacher,
+        decode_tokens_per_s=speeds,
+        decode_speedup=round(speeds["student"] / speeds["teacher"], 3),
+        arms={
+            arm: dict(
+                steps=r["steps"],
+                train_seconds=r["train_seconds"],
+                tokens_seen=r["tokens_seen"],
+                held_out_after=r["held_out_after"],
+                evaluations=r["evaluations"],
+            )
+            for arm, r in arms.items()
+        },
+        table=table,
+    )
     common.write_json(common.RESULTS / "distill_pydoc.json", results)
     plot(runs, arms, before, teacher, common.IMAGES / "distill_pydoc.png")
     print(table)
-    print(f"decode tokens/s (batch 1, greedy): student {speeds['student']:.1f}, teacher "
-          f"{speeds['teacher']:.1f} ({speeds['student'] / speeds['teacher']:.2f}x)")
+    print(
+        f"decode tokens/s (batch 1, greedy): student {speeds['student']:.1f}, teacher "
+        f"{speeds['teacher']:.1f} ({speeds['student'] / speeds['teacher']:.2f}x)"
+    )
     return 0
 
 
@@ -234,8 +285,9 @@ def plot(runs: pathlib.Path, arms: dict, before: dict, teacher: dict, png: pathl
             kl = [(0, before["forward_kl"]), (r["steps"], r["held_out_after"]["forward_kl"])]
         else:
             ppl = [(m["step"], m["eval_data_ppl"]) for m in rows if "eval_data_ppl" in m]
-            kl = [(m["step"], m["eval_data_forward_kl"]) for m in rows
-                  if "eval_data_forward_kl" in m]
+            kl = [
+                (m["step"], m["eval_data_forward_kl"]) for m in rows if "eval_data_forward_kl" in m
+            ]
         kl_ax.plot(*zip(*kl), "o-", label=LABELS[arm])
         ppl_ax.plot(*zip(*ppl), "o-", label=LABELS[arm])
     ppl_ax.axhline(teacher["ppl"], color="gray", linestyle="--", label="teacher")
@@ -255,8 +307,12 @@ def plot(runs: pathlib.Path, arms: dict, before: dict, teacher: dict, png: pathl
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=pathlib.Path, default=pathlib.Path("runs/distill_pydoc"),
-                        help="folder of the runs (default runs/distill_pydoc)")
+    parser.add_argument(
+        "--runs",
+        type=pathlib.Path,
+        default=pathlib.Path("runs/distill_pydoc"),
+        help="folder of the runs (default runs/distill_pydoc)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("prepare", help="shrink the teacher, write the data, measure baselines")
     arm = sub.add_parser("arm", help="train and evaluate one arm")

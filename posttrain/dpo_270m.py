@@ -35,8 +35,16 @@ import review_prompts  # noqa: E402  (this folder's prompt list)
 from warm_rm import cpu_name  # noqa: E402
 
 
-def sample_and_score(model, tokenizer, prompts, samples: int, max_new_tokens: int, seed: int,
-                     reference=None, chunk: int = 128):
+def sample_and_score(
+    model,
+    tokenizer,
+    prompts,
+    samples: int,
+    max_new_tokens: int,
+    seed: int,
+    reference=None,
+    chunk: int = 128,
+):
     """(gold rewards [R], KL to `reference` per sample [R] or None, texts) of `samples`
     completions of each prompt drawn from `model` at temperature 1."""
     import jax
@@ -72,8 +80,11 @@ def sample_and_score(model, tokenizer, prompts, samples: int, max_new_tokens: in
 
     kl = []
     for start in range(0, len(gold), 16):  # 16 samples at a time (bounded memory)
-        rows = {k: v[start:start + 16] for k, v in batch.items()
-                if k in ("tokens", "positions", "segments", "weights")}
+        rows = {
+            k: v[start : start + 16]
+            for k, v in batch.items()
+            if k in ("tokens", "positions", "segments", "weights")
+        }
         kl.append(np.asarray(kl_per_sample(state, ref_state, rows)))
     return gold, np.concatenate(kl), drawn.texts
 
@@ -82,8 +93,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(HERE / "configs" / "dpo_270m.toml"))
     parser.add_argument("--steps", type=int, default=None, help="default: the config's")
-    parser.add_argument("--learning-rate", type=float, default=None,
-                        help="default: the config's")
+    parser.add_argument("--learning-rate", type=float, default=None, help="default: the config's")
     parser.add_argument("--name", default="dpo", help="results/NAME.json")
     parser.add_argument("--out-dir", default=None, help="the run's folder (default: config's)")
     parser.add_argument("--samples", type=int, default=8, help="completions per prompt")
@@ -110,8 +120,9 @@ def main(argv=None) -> int:
     model, tokenizer = gemma_kit.default_model()
 
     t = time.time()
-    gold_before, _, texts_before = sample_and_score(model, tokenizer, prompts, args.samples,
-                                                    args.max_new_tokens, args.seed)
+    gold_before, _, texts_before = sample_and_score(
+        model, tokenizer, prompts, args.samples, args.max_new_tokens, args.seed
+    )
     before_seconds = time.time() - t
 
     t = time.time()
@@ -122,28 +133,46 @@ def main(argv=None) -> int:
     reference = with_trained(policy, reference_values(lora_state(policy)))
 
     t = time.time()
-    gold_after, kl, texts_after = sample_and_score(policy, tokenizer, prompts, args.samples,
-                                                   args.max_new_tokens, args.seed, reference)
+    gold_after, kl, texts_after = sample_and_score(
+        policy, tokenizer, prompts, args.samples, args.max_new_tokens, args.seed, reference
+    )
     after_seconds = time.time() - t
 
     lengths = [len(tokenizer.encode(x, add_bos=False)) for x in texts_after]
     report = dict(
         machine=f"{cpu_name()} (shared with other jobs)",
-        settings=dict(steps=config.steps, batch_size=config.batch_size, beta=config.beta,
-                      learning_rate=config.learning_rate, lora_rank=config.lora_rank,
-                      loss_type=config.loss_type, label_smoothing=config.label_smoothing,
-                      samples_per_prompt=args.samples, prompts=len(prompts),
-                      max_new_tokens=args.max_new_tokens),
-        held_out_pairs=dict(before=result.evaluations.get("before"),
-                            after=result.evaluations.get("after")),
-        gold_reward=dict(before=round(float(gold_before.mean()), 4),
-                         after=round(float(gold_after.mean()), 4)),
-        kl_to_base_nats=dict(before=0.0, after=round(float(kl.mean()), 4),
-                             after_per_token=round(float(kl.sum() / max(sum(lengths), 1)), 4)),
-        examples_after=texts_after[:4], examples_before=texts_before[:4],
-        seconds=dict(sampling_before=round(before_seconds, 1), training=round(trained, 1),
-                     sampling_and_kl_after=round(after_seconds, 1),
-                     total=round(time.time() - start, 1)))
+        settings=dict(
+            steps=config.steps,
+            batch_size=config.batch_size,
+            beta=config.beta,
+            learning_rate=config.learning_rate,
+            lora_rank=config.lora_rank,
+            loss_type=config.loss_type,
+            label_smoothing=config.label_smoothing,
+            samples_per_prompt=args.samples,
+            prompts=len(prompts),
+            max_new_tokens=args.max_new_tokens,
+        ),
+        held_out_pairs=dict(
+            before=result.evaluations.get("before"), after=result.evaluations.get("after")
+        ),
+        gold_reward=dict(
+            before=round(float(gold_before.mean()), 4), after=round(float(gold_after.mean()), 4)
+        ),
+        kl_to_base_nats=dict(
+            before=0.0,
+            after=round(float(kl.mean()), 4),
+            after_per_token=round(float(kl.sum() / max(sum(lengths), 1)), 4),
+        ),
+        examples_after=texts_after[:4],
+        examples_before=texts_before[:4],
+        seconds=dict(
+            sampling_before=round(before_seconds, 1),
+            training=round(trained, 1),
+            sampling_and_kl_after=round(after_seconds, 1),
+            total=round(time.time() - start, 1),
+        ),
+    )
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -152,14 +181,20 @@ def main(argv=None) -> int:
         pathlib.Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(png, args.plot)
     held = report["held_out_pairs"]
-    print(f"gold reward (VADER) of the policy's samples: {report['gold_reward']['before']:.4f} "
-          f"-> {report['gold_reward']['after']:.4f}")
-    print(f"KL to the base (nats per completion, exact): 0 -> "
-          f"{report['kl_to_base_nats']['after']:.4f}")
+    print(
+        f"gold reward (VADER) of the policy's samples: {report['gold_reward']['before']:.4f} "
+        f"-> {report['gold_reward']['after']:.4f}"
+    )
+    print(
+        f"KL to the base (nats per completion, exact): 0 -> "
+        f"{report['kl_to_base_nats']['after']:.4f}"
+    )
     if held["before"] and held["after"]:
-        print(f"held-out pairs: accuracy {held['before']['eval_accuracy']:.4f} -> "
-              f"{held['after']['eval_accuracy']:.4f}, loss {held['before']['eval_loss']:.4f} "
-              f"-> {held['after']['eval_loss']:.4f}")
+        print(
+            f"held-out pairs: accuracy {held['before']['eval_accuracy']:.4f} -> "
+            f"{held['after']['eval_accuracy']:.4f}, loss {held['before']['eval_loss']:.4f} "
+            f"-> {held['after']['eval_loss']:.4f}"
+        )
     print(f"({report['machine']}; {report['seconds']})")
     return 0
 

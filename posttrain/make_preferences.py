@@ -49,10 +49,16 @@ def sample(sampler, prompts: list[str], k: int, args, seed: int) -> dict[str, li
     rows = [p for p in prompts for _ in range(k)]
     texts = []
     for i, start in enumerate(range(0, len(rows), args.batch)):
-        chunk = rows[start:start + args.batch]
-        texts += [r.text for r in sampler.generate(chunk, max_new_tokens=args.max_new_tokens,
-                                                   temperature=args.temperature,
-                                                   seed=seed + i)]
+        chunk = rows[start : start + args.batch]
+        texts += [
+            r.text
+            for r in sampler.generate(
+                chunk,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                seed=seed + i,
+            )
+        ]
         print(f"  sampled {len(texts)}/{len(rows)}", file=sys.stderr, flush=True)
     out: dict[str, list[str]] = {p: [] for p in prompts}
     for prompt, text in zip(rows, texts):
@@ -60,8 +66,9 @@ def sample(sampler, prompts: list[str], k: int, args, seed: int) -> dict[str, li
     return out
 
 
-def make_pairs(samples: dict[str, list[str]], gold, *, flip: float, min_gap: float,
-               rng: random.Random) -> tuple[list[dict], int]:
+def make_pairs(
+    samples: dict[str, list[str]], gold, *, flip: float, min_gap: float, rng: random.Random
+) -> tuple[list[dict], int]:
     """(pair rows, pairs dropped as ties)."""
     rows, dropped = [], 0
     for prompt, texts in samples.items():
@@ -78,23 +85,40 @@ def make_pairs(samples: dict[str, list[str]], gold, *, flip: float, min_gap: flo
             flipped = rng.random() < flip
             if flipped:
                 (ta, ga), (tb, gb) = (tb, gb), (ta, ga)
-            rows.append({"prompt": prompt, "chosen": ta, "rejected": tb, "gold_chosen": ga,
-                         "gold_rejected": gb, "flipped": flipped})
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "chosen": ta,
+                    "rejected": tb,
+                    "gold_chosen": ga,
+                    "gold_rejected": gb,
+                    "flipped": flipped,
+                }
+            )
     return rows, dropped
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "data"))
-    parser.add_argument("--samples-per-prompt", type=int, default=24,
-                        help="training samples per prompt (paired two by two)")
+    parser.add_argument(
+        "--samples-per-prompt",
+        type=int,
+        default=24,
+        help="training samples per prompt (paired two by two)",
+    )
     parser.add_argument("--eval-samples-per-prompt", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--flip", type=float, default=0.25,
-                        help="fraction of training labels swapped (WARM's noisy labels)")
-    parser.add_argument("--min-gap", type=float, default=0.05,
-                        help="drop pairs whose gold rewards differ by less")
+    parser.add_argument(
+        "--flip",
+        type=float,
+        default=0.25,
+        help="fraction of training labels swapped (WARM's noisy labels)",
+    )
+    parser.add_argument(
+        "--min-gap", type=float, default=0.05, help="drop pairs whose gold rewards differ by less"
+    )
     parser.add_argument("--batch", type=int, default=96, help="rows per generate call")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -111,31 +135,39 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
-    print(f"sampling {len(train_prompts)} x {args.samples_per_prompt} training and "
-          f"{len(eval_prompts)} x {args.eval_samples_per_prompt} held-out completions",
-          file=sys.stderr)
+    print(
+        f"sampling {len(train_prompts)} x {args.samples_per_prompt} training and "
+        f"{len(eval_prompts)} x {args.eval_samples_per_prompt} held-out completions",
+        file=sys.stderr,
+    )
     train_samples = sample(sampler, train_prompts, args.samples_per_prompt, args, args.seed)
-    eval_samples = sample(sampler, eval_prompts, args.eval_samples_per_prompt, args,
-                          args.seed + 10_000)
+    eval_samples = sample(
+        sampler, eval_prompts, args.eval_samples_per_prompt, args, args.seed + 10_000
+    )
     sampled = time.time()
-    train, train_ties = make_pairs(train_samples, vader_sentiment, flip=args.flip,
-                                   min_gap=args.min_gap, rng=rng)
-    held, eval_ties = make_pairs(eval_samples, vader_sentiment, flip=0.0,
-                                 min_gap=args.min_gap, rng=rng)
+    train, train_ties = make_pairs(
+        train_samples, vader_sentiment, flip=args.flip, min_gap=args.min_gap, rng=rng
+    )
+    held, eval_ties = make_pairs(
+        eval_samples, vader_sentiment, flip=0.0, min_gap=args.min_gap, rng=rng
+    )
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "eval.jsonl", held)
     write_jsonl(out / "prompts_train.jsonl", [{"prompt": p} for p in train_prompts])
     write_jsonl(out / "prompts_eval.jsonl", [{"prompt": p} for p in eval_prompts])
-    gold = [s for texts in train_samples.values() for s in vader_sentiment([""] * len(texts),
-                                                                           texts)]
+    gold = [
+        s for texts in train_samples.values() for s in vader_sentiment([""] * len(texts), texts)
+    ]
     summary = dict(
         # The output folder is where the file lies: recorded without the machine's path.
         settings={k: v for k, v in vars(args).items() if k != "out"},
-        train_pairs=len(train), eval_pairs=len(held), dropped_ties=dict(train=train_ties,
-                                                                        eval=eval_ties),
+        train_pairs=len(train),
+        eval_pairs=len(held),
+        dropped_ties=dict(train=train_ties, eval=eval_ties),
         flipped=sum(r["flipped"] for r in train),
         mean_gold_of_samples=sum(gold) / len(gold),
-        sampling_seconds=round(sampled - start, 1), total_seconds=round(time.time() - start, 1),
+        sampling_seconds=round(sampled - start, 1),
+        total_seconds=round(time.time() - start, 1),
     )
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "settings"}, indent=2))

@@ -28,8 +28,7 @@ import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
-ARMS = {"rloo_nokl": "RLOO, no KL", "rloo_ema": "RLOO, KL to an EMA anchor",
-        "jbond": "J-BOND"}
+ARMS = {"rloo_nokl": "RLOO, no KL", "rloo_ema": "RLOO, KL to an EMA anchor", "jbond": "J-BOND"}
 
 
 def machine() -> str:
@@ -64,23 +63,39 @@ def run_arm(arm: str, resume: bool, train: bool = True) -> dict:
 def report(arm: str, out: pathlib.Path, seconds: float | None) -> dict:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = max(r["step"] for r in rows)
-    evals = [dict(step=r["step"], reward=r["eval_reward"], kl=r["eval_kl"],
-                  kl_anchor=r["eval_kl_anchor"], length=r["eval_length"],
-                  entropy=r["eval_entropy"]) for r in rows if "eval_reward" in r]
+    evals = [
+        dict(
+            step=r["step"],
+            reward=r["eval_reward"],
+            kl=r["eval_kl"],
+            kl_anchor=r["eval_kl_anchor"],
+            length=r["eval_length"],
+            entropy=r["eval_entropy"],
+        )
+        for r in rows
+        if "eval_reward" in r
+    ]
     train = [r for r in rows if "reward_mean" in r]
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     first, last = samples[0]["step"], samples[-1]["step"]
     result = dict(
-        arm=arm, label=ARMS[arm], config=str((HERE / "configs" / f"rl_{arm}.toml")
-                                             .relative_to(ROOT)),
-        machine=machine(), seconds=None if seconds is None else round(seconds, 1),
+        arm=arm,
+        label=ARMS[arm],
+        config=str((HERE / "configs" / f"rl_{arm}.toml").relative_to(ROOT)),
+        machine=machine(),
+        seconds=None if seconds is None else round(seconds, 1),
         steps=steps,
         held_out=evals,
-        training=dict(first_reward=train[0]["reward_mean"], last_reward=train[-1]["reward_mean"],
-                      last_kl=train[-1]["kl"], mean_rollout_s=sum(r["rollout_s"] for r in train)
-                      / len(train)),
-        samples=dict(first=[s for s in samples if s["step"] == first][:4],
-                     last=[s for s in samples if s["step"] == last][:4]),
+        training=dict(
+            first_reward=train[0]["reward_mean"],
+            last_reward=train[-1]["reward_mean"],
+            last_kl=train[-1]["kl"],
+            mean_rollout_s=sum(r["rollout_s"] for r in train) / len(train),
+        ),
+        samples=dict(
+            first=[s for s in samples if s["step"] == first][:4],
+            last=[s for s in samples if s["step"] == last][:4],
+        ),
     )
     path = HERE / "results" / f"rl_{arm}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
@@ -103,11 +118,20 @@ def plot() -> pathlib.Path | None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     bon = json.loads((HERE / "results" / "bon_curve.json").read_text())
     rows = bon["rows"]
-    ax.plot([r["kl_bound_nats"] for r in rows], [r["gold_reward"] for r in rows], "k--o",
-            label="Best-of-n of the base (KL: the bound)")
+    ax.plot(
+        [r["kl_bound_nats"] for r in rows],
+        [r["gold_reward"] for r in rows],
+        "k--o",
+        label="Best-of-n of the base (KL: the bound)",
+    )
     for r in rows:
-        ax.annotate(f"n={r['n']}", (r["kl_bound_nats"], r["gold_reward"]),
-                    textcoords="offset points", xytext=(4, -11), fontsize=8)
+        ax.annotate(
+            f"n={r['n']}",
+            (r["kl_bound_nats"], r["gold_reward"]),
+            textcoords="offset points",
+            xytext=(4, -11),
+            fontsize=8,
+        )
     drawn = False
     earlier = {"jbond_first_try": "J-BOND, first try (4 prompts a step, lr 5e-4)"}
     for arm, label in {**ARMS, **earlier}.items():
@@ -115,8 +139,13 @@ def plot() -> pathlib.Path | None:
         if not path.exists():
             continue
         evals = json.loads(path.read_text())["held_out"]
-        ax.plot([e["kl"] for e in evals], [e["reward"] for e in evals],
-                "o:" if arm in earlier else "o-", label=label, alpha=0.6 if arm in earlier else 1)
+        ax.plot(
+            [e["kl"] for e in evals],
+            [e["reward"] for e in evals],
+            "o:" if arm in earlier else "o-",
+            label=label,
+            alpha=0.6 if arm in earlier else 1,
+        )
         drawn = True
     if not drawn:
         plt.close(fig)
@@ -140,8 +169,9 @@ def main(argv=None) -> int:
     parser.add_argument("--arm", choices=sorted(ARMS), help="the arm to run")
     parser.add_argument("--resume", action="store_true", help="resume the arm's run")
     parser.add_argument("--plot", action="store_true", help="only redraw the plot")
-    parser.add_argument("--report", action="store_true",
-                        help="only rewrite the arm's results from its run folder")
+    parser.add_argument(
+        "--report", action="store_true", help="only rewrite the arm's results from its run folder"
+    )
     args = parser.parse_args(argv)
     if args.arm is None and not args.plot:
         parser.error("give --arm ARM or --plot")

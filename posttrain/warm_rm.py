@@ -80,25 +80,41 @@ def main(argv=None) -> int:
     start = time.time()
     config = RewardConfig.from_file(args.config)
     held_out = pathlib.Path(config.eval_file)
-    train_pairs = sum(1 for line in pathlib.Path(config.train_file).read_text().splitlines()
-                      if line.strip())
+    train_pairs = sum(
+        1 for line in pathlib.Path(config.train_file).read_text().splitlines() if line.strip()
+    )
     # Held-out pairs are scored below, once per selector, with merged adapters: the members'
     # runs skip their own (identical, zero-head) before/after evaluations.
-    config = config.replace(out_dir=args.runs, eval_file=None, eval_fraction=0.0,
-                            **({"steps": args.steps} if args.steps else {}))
+    config = config.replace(
+        out_dir=args.runs,
+        eval_file=None,
+        eval_fraction=0.0,
+        **({"steps": args.steps} if args.steps else {}),
+    )
     warm = train_warm(config, args.members, resume=True)
     trained = time.time() - start
-    member_seconds = [None if r is None else round(json.loads(
-        (r.out_dir / "metrics.jsonl").read_text().splitlines()[-1])["elapsed"], 1)
-        for r in warm.results]
+    member_seconds = [
+        None
+        if r is None
+        else round(
+            json.loads((r.out_dir / "metrics.jsonl").read_text().splitlines()[-1])["elapsed"], 1
+        )
+        for r in warm.results
+    ]
 
     # Candidates: drawn once from the base, scored by the gold reward (VADER).
     t = time.time()
     model, tokenizer = gemma_kit.default_model()
     sampler = gemma_kit.Sampler(model, tokenizer)
     _, prompts = review_prompts.split(seed=args.seed)
-    drawn = best_of_n(sampler, prompts, args.candidates, vader_sentiment,
-                      max_new_tokens=args.max_new_tokens, seed=args.seed)
+    drawn = best_of_n(
+        sampler,
+        prompts,
+        args.candidates,
+        vader_sentiment,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    )
     groups = [sorted(c, key=lambda c: c.index) for c in drawn]
     cand_prompts = [c.prompt for g in groups for c in g]
     cand_texts = [c.text for g in groups for c in g]
@@ -115,13 +131,15 @@ def main(argv=None) -> int:
     for name, folder in selectors:
         rm = load_reward_model(folder, merge=True)
         both = rm.score(pair_prompts * 2, chosen + rejected, progress=False)
-        scores[name] = (both[:len(chosen)], both[len(chosen):],
-                        rm.score(cand_prompts, cand_texts, progress=False))
+        scores[name] = (
+            both[: len(chosen)],
+            both[len(chosen) :],
+            rm.score(cand_prompts, cand_texts, progress=False),
+        )
         print(f"  scored with {name}", file=sys.stderr, flush=True)
         del rm
     members = [scores[f"member {i}"] for i in range(len(warm.members))]
-    scores["ENS (ensemble)"] = tuple(np.mean([m[k] for m in members], axis=0)
-                                     for k in range(3))
+    scores["ENS (ensemble)"] = tuple(np.mean([m[k] for m in members], axis=0) for k in range(3))
     scored = time.time() - t
 
     K = args.candidates
@@ -129,27 +147,52 @@ def main(argv=None) -> int:
     def best_of(select: np.ndarray) -> dict[int, float]:
         curve = {}
         for n in ns:
-            per_prompt = [bon_curve.expected_best_of(select[p * K:(p + 1) * K].tolist(),
-                                                     gold[p * K:(p + 1) * K].tolist(), n)
-                          for p in range(len(groups))]
+            per_prompt = [
+                bon_curve.expected_best_of(
+                    select[p * K : (p + 1) * K].tolist(), gold[p * K : (p + 1) * K].tolist(), n
+                )
+                for p in range(len(groups))
+            ]
             curve[n] = float(np.mean(per_prompt))
         return curve
 
     rows = []
     for name, (c, r, cand) in scores.items():
-        rows.append(dict(selector=name, held_out_accuracy=round(float(np.mean(c > r)), 4),
-                         best_of_gold={n: round(v, 4) for n, v in best_of(cand).items()}))
-    rows.append(dict(selector="gold (VADER itself)", held_out_accuracy=1.0,
-                     best_of_gold={n: round(v, 4) for n, v in best_of(gold).items()}))
+        rows.append(
+            dict(
+                selector=name,
+                held_out_accuracy=round(float(np.mean(c > r)), 4),
+                best_of_gold={n: round(v, 4) for n, v in best_of(cand).items()},
+            )
+        )
+    rows.append(
+        dict(
+            selector="gold (VADER itself)",
+            held_out_accuracy=1.0,
+            best_of_gold={n: round(v, 4) for n, v in best_of(gold).items()},
+        )
+    )
     report = dict(
         machine=f"{cpu_name()}, {platform.system()} (shared with other jobs)",
-        members=len(warm.members), steps=config.steps, batch_size=config.batch_size,
-        learning_rate=config.learning_rate, lora_rank=config.lora_rank,
-        train_pairs=train_pairs, flipped_fraction=0.25, held_out_pairs=len(chosen),
-        prompts=len(groups), candidates_per_prompt=K, rows=rows,
-        seconds=dict(training=round(trained, 1), per_member=member_seconds,
-                     sampling=round(sampled, 1), scoring=round(scored, 1),
-                     total=round(time.time() - start, 1)))
+        members=len(warm.members),
+        steps=config.steps,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        lora_rank=config.lora_rank,
+        train_pairs=train_pairs,
+        flipped_fraction=0.25,
+        held_out_pairs=len(chosen),
+        prompts=len(groups),
+        candidates_per_prompt=K,
+        rows=rows,
+        seconds=dict(
+            training=round(trained, 1),
+            per_member=member_seconds,
+            sampling=round(sampled, 1),
+            scoring=round(scored, 1),
+            total=round(time.time() - start, 1),
+        ),
+    )
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "warm.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -37,16 +37,26 @@ def matched(slerp: list[dict], lerp: list[dict]) -> list[dict]:
             if a["kl"] <= p["kl"] <= b["kl"] and b["kl"] > a["kl"]:
                 t = (p["kl"] - a["kl"]) / (b["kl"] - a["kl"])
                 at = a["reward"] + t * (b["reward"] - a["reward"])
-                out.append(dict(eta=p["eta"], kl=p["kl"], lerp_reward=p["reward"],
-                                slerp_reward_at_kl=at, slerp_minus_lerp=at - p["reward"]))
+                out.append(
+                    dict(
+                        eta=p["eta"],
+                        kl=p["kl"],
+                        lerp_reward=p["reward"],
+                        slerp_reward_at_kl=at,
+                        slerp_minus_lerp=at - p["reward"],
+                    )
+                )
                 break
     return out
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--resume", action="store_true",
-                        help="load the runs that finished and resume an interrupted one")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="load the runs that finished and resume an interrupted one",
+    )
     args = parser.parse_args(argv)
     from gemma_kit.posttrain.warp import WARPConfig, run_warp
 
@@ -59,9 +69,16 @@ def main(argv=None) -> int:
     lerp = [p for p in points if p["merge"] == "lerp"]
     runs = [p for p in points if p["merge"].startswith("run")]
     comparison = matched(slerp, lerp)
-    report = dict(config="posttrain/configs/warp_lite.toml", machine=machine(),
-                  seconds=round(seconds, 1), runs=runs, slerp=slerp, lerp=lerp,
-                  slerp_vs_lerp_at_matched_kl=comparison, chosen=result.chosen[0])
+    report = dict(
+        config="posttrain/configs/warp_lite.toml",
+        machine=machine(),
+        seconds=round(seconds, 1),
+        runs=runs,
+        slerp=slerp,
+        lerp=lerp,
+        slerp_vs_lerp_at_matched_kl=comparison,
+        chosen=result.chosen[0],
+    )
     (HERE / "results" / "warp_lite.json").write_text(json.dumps(report, indent=2) + "\n")
     images = ROOT / "docs" / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -72,8 +89,10 @@ def main(argv=None) -> int:
         eta = "-" if p["eta"] is None else f"{p['eta']:g}"
         print(f"{p['merge']:>8} {eta:>5}  {p['reward']:>7.4f}  {p['kl']:>9.4f}")
     for c in comparison:
-        print(f"at KL {c['kl']:.4f} (LERP eta {c['eta']:g}): SLERP {c['slerp_reward_at_kl']:.4f}"
-              f" vs LERP {c['lerp_reward']:.4f} ({c['slerp_minus_lerp']:+.4f})")
+        print(
+            f"at KL {c['kl']:.4f} (LERP eta {c['eta']:g}): SLERP {c['slerp_reward_at_kl']:.4f}"
+            f" vs LERP {c['lerp_reward']:.4f} ({c['slerp_minus_lerp']:+.4f})"
+        )
     return 0
 
 

@@ -38,10 +38,13 @@ def uses(path: pathlib.Path) -> list[str]:
                 if alias.name.startswith("gemma_kit"):
                     modules[alias.asname or alias.name.split(".")[0]] = alias.name
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and private(node.attr)
-                and isinstance(node.value, ast.Name) and node.value.id in modules):
-            found.append(f"{node.lineno}: {node.value.id}.{node.attr} "
-                         f"({modules[node.value.id]})")
+        if (
+            isinstance(node, ast.Attribute)
+            and private(node.attr)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in modules
+        ):
+            found.append(f"{node.lineno}: {node.value.id}.{node.attr} ({modules[node.value.id]})")
     return sorted(found, key=lambda line: int(line.split(":")[0]))
 
 

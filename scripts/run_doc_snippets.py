@@ -43,7 +43,7 @@ def snippets(path: pathlib.Path) -> list[tuple[int, str]]:
         if i + 1 >= len(lines) or not re.fullmatch(r"```python\s*", lines[i + 1]):
             raise SystemExit(f"{path}:{i + 1}: the marker must be followed by a ```python fence")
         end = next(j for j in range(i + 2, len(lines)) if lines[j].startswith("```"))
-        found.append((i + 3, "\n".join(lines[i + 2:end]) + "\n"))
+        found.append((i + 3, "\n".join(lines[i + 2 : end]) + "\n"))
     return found
 
 
@@ -58,21 +58,33 @@ def run(code: str) -> tuple[int, float, float, str]:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, "-c", WRAPPER, str(script)], cwd=work, env=env,
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, "-c", WRAPPER, str(script)],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         seconds = time.perf_counter() - start
     peak = re.search(r"PEAK_KB (\d+)", done.stderr)
     # The snippet's own output, then what it reported on stderr (progress bars left out).
-    errors = [line for line in done.stderr.splitlines()
-              if line.strip() and "%|" not in line and not line.startswith("PEAK_KB")]
+    errors = [
+        line
+        for line in done.stderr.splitlines()
+        if line.strip() and "%|" not in line and not line.startswith("PEAK_KB")
+    ]
     tail = "\n".join(done.stdout.strip().splitlines()[-15:] + errors[-15:])
     return done.returncode, seconds, int(peak.group(1)) / 2**20 if peak else float("nan"), tail
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("files", nargs="*", type=pathlib.Path,
-                        help="Markdown files (default: README.md and docs/*.md)")
+    parser.add_argument(
+        "files",
+        nargs="*",
+        type=pathlib.Path,
+        help="Markdown files (default: README.md and docs/*.md)",
+    )
     parser.add_argument("--list", action="store_true", help="list the snippets, run nothing")
     args = parser.parse_args()
     files = args.files or [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -88,8 +100,9 @@ def main() -> int:
             status, seconds, peak_gb, tail = run(code)
             print(tail)
             verdict = "ok" if status == 0 else f"FAILED (exit status {status})"
-            print(f"{where}: {verdict}, {seconds:.0f} s, peak memory {peak_gb:.1f} GB\n",
-                  flush=True)
+            print(
+                f"{where}: {verdict}, {seconds:.0f} s, peak memory {peak_gb:.1f} GB\n", flush=True
+            )
             failed += status != 0
     return 1 if failed else 0
 

@@ -43,8 +43,10 @@ def tiny_models(family: str = "gemma3"):
     config = {"gemma3": _tiny.tiny_gemma3, "gemma2": _tiny.tiny_gemma2}[family]()
     config = config.replace(vocab_size=tokenizer.vocab_size)
     device = jax.local_devices()[0]
-    student, teacher = (model_from_params(config, jax.device_put(
-        _tiny.random_params(config, seed=seed), device)) for seed in (0, 1))
+    student, teacher = (
+        model_from_params(config, jax.device_put(_tiny.random_params(config, seed=seed), device))
+        for seed in (0, 1)
+    )
     return student, teacher, tokenizer
 
 
@@ -64,10 +66,19 @@ def run_train(job: dict) -> dict:
 
         setattr(Trainer, "step", slow_step)  # noqa: B010 (patching the class, on purpose)
     student, teacher, tokenizer = tiny_models()
-    result = train_distill(DistillConfig(**job["config"]), student=student, teacher=teacher,
-                           tokenizer=tokenizer, resume=job.get("resume", False))
-    return dict(step=result.step, interrupted=result.interrupted,
-                eval_before=result.eval_before, eval_after=result.eval_after)
+    result = train_distill(
+        DistillConfig(**job["config"]),
+        student=student,
+        teacher=teacher,
+        tokenizer=tokenizer,
+        resume=job.get("resume", False),
+    )
+    return dict(
+        step=result.step,
+        interrupted=result.interrupted,
+        eval_before=result.eval_before,
+        eval_after=result.eval_after,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,20 +98,34 @@ def step_rows(rows: int, vocab: int, seed: int = 4) -> dict:
     lengths = rng.integers(3, N + 1, rows)
     students = [list(rng.integers(4, vocab, int(rng.integers(3, 9)))) for _ in range(rows)]
     teachers = [list(rng.integers(4, vocab, 3)) + s for s in students]
-    out = Rollout(prompt_index=np.arange(rows, dtype=np.int32), prompt_ids=students,
-                  completion_ids=rng.integers(4, vocab, (rows, N)).astype(np.int32),
-                  completion_mask=np.arange(N)[None] < lengths[:, None],
-                  logprobs=np.zeros((rows, N), np.float32), finish_reasons=[""] * rows,
-                  texts=[""] * rows)
+    out = Rollout(
+        prompt_index=np.arange(rows, dtype=np.int32),
+        prompt_ids=students,
+        completion_ids=rng.integers(4, vocab, (rows, N)).astype(np.int32),
+        completion_mask=np.arange(N)[None] < lengths[:, None],
+        logprobs=np.zeros((rows, N), np.float32),
+        finish_reasons=[""] * rows,
+        texts=[""] * rows,
+    )
     batch = paired_rows(out, students, teachers, 24, 32)
     batch["loss_weights"], batch["normaliser"] = reduction_weights(
-        batch["weights"], batch["segments"], "token-mean")
+        batch["weights"], batch["segments"], "token-mean"
+    )
     batch["topk_keys"] = np.arange(2 * rows, dtype=np.uint32).reshape(rows, 2)
     return batch
 
 
-def step_cases(student, teacher, tokenizer, mesh, data: int, fsdp: int, accum: int,
-               rows: int = 16, cases=("jsd", "topk")) -> dict[str, dict]:
+def step_cases(
+    student,
+    teacher,
+    tokenizer,
+    mesh,
+    data: int,
+    fsdp: int,
+    accum: int,
+    rows: int = 16,
+    cases=("jsd", "topk"),
+) -> dict[str, dict]:
     """Two steps of each case on `mesh` (None: one device); what each gave."""
     import jax
     import numpy as np
@@ -120,9 +145,18 @@ def step_cases(student, teacher, tokenizer, mesh, data: int, fsdp: int, accum: i
     host = micro_batches(step_rows(rows, tokenizer.vocab_size), accum)
     out = {}
     for case in cases:
-        config = DistillConfig(teacher="t", prompts_file="p", out_dir="-", steps=10,
-                               batch_size=rows, grad_accum=accum, learning_rate=LR,
-                               warmup_steps=0, mesh_data=data, mesh_fsdp=fsdp).validate()
+        config = DistillConfig(
+            teacher="t",
+            prompts_file="p",
+            out_dir="-",
+            steps=10,
+            batch_size=rows,
+            grad_accum=accum,
+            learning_rate=LR,
+            warmup_steps=0,
+            mesh_data=data,
+            mesh_fsdp=fsdp,
+        ).validate()
         model = nnx.merge(*nnx.split(student))
         apply_lora(model, rank=4, alpha=8.0, seed=1)
         # B factors made non-zero (so that A gets gradients, and the student is not its base).
@@ -130,12 +164,14 @@ def step_cases(student, teacher, tokenizer, mesh, data: int, fsdp: int, accum: i
         for _, m in nnx.iter_modules(model):
             lora = getattr(m, "lora", None)
             if lora is not None:
-                lora.b.value = jax.device_put(rng.normal(0, 0.05, lora.b.shape).astype(
-                    np.float32), jax.local_devices()[0])
+                lora.b.value = jax.device_put(
+                    rng.normal(0, 0.05, lora.b.shape).astype(np.float32), jax.local_devices()[0]
+                )
         graphdef, state = nnx.split(teacher)
         if case == "jsd":
-            loss = DistillLoss(divergence=losses.Divergence("jsd", beta=0.5), teacher=graphdef,
-                               chunk=16)
+            loss = DistillLoss(
+                divergence=losses.Divergence("jsd", beta=0.5), teacher=graphdef, chunk=16
+            )
             other = jax.tree.map(lambda x: x * 1.01, nnx.to_pure_dict(state))
             frozen = [{"teacher": nnx.to_pure_dict(state)}, {"teacher": other}]
         else:  # the student's own base network as the teacher (LoRA B = 0)
@@ -146,20 +182,29 @@ def step_cases(student, teacher, tokenizer, mesh, data: int, fsdp: int, accum: i
         metrics = [trainer.step(trainer.place(host, batch_axis=1), f) for f in frozen]
         mu = optax.tree_utils.tree_get(trainer.opt_state, "mu")
         after = leaves(trainer.trainable)
-        out[case] = dict(metrics=metrics, params=after, mu=leaves(mu),
-                         moved=max(float(np.abs(a - b).max()) for a, b in zip(after, before)))
+        out[case] = dict(
+            metrics=metrics,
+            params=after,
+            mu=leaves(mu),
+            moved=max(float(np.abs(a - b).max()) for a, b in zip(after, before)),
+        )
     return out
 
 
 def compare(got: dict, ref: dict) -> dict:
     import numpy as np
 
-    return dict(metrics=got["metrics"], reference_metrics=ref["metrics"],
-                max_param_diff=max(float(np.abs(a - b).max())
-                                   for a, b in zip(got["params"], ref["params"])),
-                mu_rel_diff=max(float(np.abs(a - b).max() / np.abs(b).max())
-                                for a, b in zip(got["mu"], ref["mu"])),
-                moved=ref["moved"])
+    return dict(
+        metrics=got["metrics"],
+        reference_metrics=ref["metrics"],
+        max_param_diff=max(
+            float(np.abs(a - b).max()) for a, b in zip(got["params"], ref["params"])
+        ),
+        mu_rel_diff=max(
+            float(np.abs(a - b).max() / np.abs(b).max()) for a, b in zip(got["mu"], ref["mu"])
+        ),
+        moved=ref["moved"],
+    )
 
 
 def run_mesh(job: dict) -> dict:
@@ -170,8 +215,10 @@ def run_mesh(job: dict) -> dict:
     student, teacher, tokenizer = tiny_models("gemma2")
     single = step_cases(student, teacher, tokenizer, None, 1, 1, 1)
     meshed = step_cases(student, teacher, tokenizer, make_mesh(data=2, fsdp=4), 2, 4, 2)
-    return dict(devices=len(jax.devices()),
-                cases={case: compare(meshed[case], single[case]) for case in single})
+    return dict(
+        devices=len(jax.devices()),
+        cases={case: compare(meshed[case], single[case]) for case in single},
+    )
 
 
 def run_distributed(job: dict) -> dict:
@@ -182,20 +229,38 @@ def run_distributed(job: dict) -> dict:
     from gemma_kit.sharding import make_mesh
     from gemma_kit.training import initialize_distributed
 
-    config = DistillConfig(teacher="t", prompts_file="p", out_dir="-", steps=1, distributed=True,
-                           coordinator_address=f"127.0.0.1:{job['port']}", num_processes=2,
-                           process_id=job["process"], mesh_data=2)
+    config = DistillConfig(
+        teacher="t",
+        prompts_file="p",
+        out_dir="-",
+        steps=1,
+        distributed=True,
+        coordinator_address=f"127.0.0.1:{job['port']}",
+        num_processes=2,
+        process_id=job["process"],
+        mesh_data=2,
+    )
     initialize_distributed(config)  # before this process makes any array
     student, teacher, tokenizer = tiny_models("gemma2")
-    got = step_cases(student, teacher, tokenizer, make_mesh(data=2), 2, 1, 1, rows=8,
-                     cases=("jsd",))["jsd"]
+    got = step_cases(
+        student, teacher, tokenizer, make_mesh(data=2), 2, 1, 1, rows=8, cases=("jsd",)
+    )["jsd"]
     path = pathlib.Path(job["out"]) / f"process-{jax.process_index()}.npz"
     arrays = {f"params_{i}": p for i, p in enumerate(got["params"])}
-    arrays.update({f"metrics_{i}": np.asarray([m[k] for k in sorted(m)])
-                   for i, m in enumerate(got["metrics"])})
+    arrays.update(
+        {
+            f"metrics_{i}": np.asarray([m[k] for k in sorted(m)])
+            for i, m in enumerate(got["metrics"])
+        }
+    )
     np.savez(path, **arrays)  # type: ignore[arg-type]
-    return dict(process=jax.process_index(), processes=jax.process_count(),
-                devices=len(jax.devices()), npz=str(path), moved=got["moved"])
+    return dict(
+        process=jax.process_index(),
+        processes=jax.process_count(),
+        devices=len(jax.devices()),
+        npz=str(path),
+        moved=got["moved"],
+    )
 
 
 def main(path: str) -> None:

@@ -48,11 +48,19 @@ def run_train(job: dict) -> dict:
 
         Trainer.step = slow_step
     model, tokenizer = tiny_model_and_tokenizer(job.get("model_seed", 0))
-    result = train(TrainConfig(**job["config"]), model=model, tokenizer=tokenizer,
-                   resume=job.get("resume", False))
-    return dict(step=result.step, interrupted=result.interrupted,
-                eval_before=result.eval_before, eval_after=result.eval_after,
-                adapter=str(result.adapter) if result.adapter else None)
+    result = train(
+        TrainConfig(**job["config"]),
+        model=model,
+        tokenizer=tokenizer,
+        resume=job.get("resume", False),
+    )
+    return dict(
+        step=result.step,
+        interrupted=result.interrupted,
+        eval_before=result.eval_before,
+        eval_after=result.eval_after,
+        adapter=str(result.adapter) if result.adapter else None,
+    )
 
 
 def run_sharded(job: dict) -> dict:
@@ -86,17 +94,27 @@ def run_sharded(job: dict) -> dict:
             for _, m in model.iter_modules():
                 lora = getattr(m, "lora", None)
                 if lora is not None:
-                    lora.b.value = jax.numpy.asarray(rng.normal(0, 0.05, lora.b.shape),
-                                                     jax.numpy.float32)
+                    lora.b.value = jax.numpy.asarray(
+                        rng.normal(0, 0.05, lora.b.shape), jax.numpy.float32
+                    )
         else:
             from gemma_kit.lora import remove_lora
 
             remove_lora(model)
         results = {}
         for name, (data, fsdp, accum) in job["layouts"].items():
-            config = TrainConfig(train_file="-", out_dir="-", steps=10, method=method,
-                                 batch_size=rows, grad_accum=accum, learning_rate=1e-2,
-                                 warmup_steps=0, mesh_data=data, mesh_fsdp=fsdp).validate()
+            config = TrainConfig(
+                train_file="-",
+                out_dir="-",
+                steps=10,
+                method=method,
+                batch_size=rows,
+                grad_accum=accum,
+                learning_rate=1e-2,
+                warmup_steps=0,
+                mesh_data=data,
+                mesh_fsdp=fsdp,
+            ).validate()
             mesh = make_mesh(data=data, fsdp=fsdp) if data * fsdp > 1 else None
             trainer = Trainer(config, model, steps=10, mesh=mesh)
             # Copies (np.array), not views: the step donates its inputs' buffers.
@@ -106,24 +124,37 @@ def run_sharded(job: dict) -> dict:
             params = [np.array(x) for x in jax.tree.leaves(trainer.trainable)]
             moved = max(float(np.abs(a - b).max()) for a, b in zip(params, before))
             # Adam's first moment is linear in the gradients (0.9 * 0.1 g1 + 0.1 g2).
-            mu = [np.array(x) for x in jax.tree.leaves(optax.tree_utils.tree_get(
-                trainer.opt_state, "mu"))]
-            shardings = {str(x.sharding.spec) for x in jax.tree.leaves(trainer.trainable)
-                         if hasattr(x.sharding, "spec")}
+            mu = [
+                np.array(x)
+                for x in jax.tree.leaves(optax.tree_utils.tree_get(trainer.opt_state, "mu"))
+            ]
+            shardings = {
+                str(x.sharding.spec)
+                for x in jax.tree.leaves(trainer.trainable)
+                if hasattr(x.sharding, "spec")
+            }
             results[name] = (metrics, params, sorted(shardings), moved, mu)
         reference = results.pop("single")
         for name, (metrics, params, shardings, _, mu) in results.items():
-            report["cases"].append(dict(
-                method=method, layout=name, shardings=shardings,
-                loss=[m["loss"] for m in metrics], reference_loss=[m["loss"] for m in reference[0]],
-                grad_norm=[m["grad_norm"] for m in metrics],
-                reference_grad_norm=[m["grad_norm"] for m in reference[0]],
-                max_param_diff=max(float(np.abs(a - b).max())
-                                   for a, b in zip(params, reference[1])),
-                max_param_change=reference[3],
-                mu_rel_diff=max(float(np.abs(a - b).max() / np.abs(b).max())
-                                for a, b in zip(mu, reference[4])),
-            ))
+            report["cases"].append(
+                dict(
+                    method=method,
+                    layout=name,
+                    shardings=shardings,
+                    loss=[m["loss"] for m in metrics],
+                    reference_loss=[m["loss"] for m in reference[0]],
+                    grad_norm=[m["grad_norm"] for m in metrics],
+                    reference_grad_norm=[m["grad_norm"] for m in reference[0]],
+                    max_param_diff=max(
+                        float(np.abs(a - b).max()) for a, b in zip(params, reference[1])
+                    ),
+                    max_param_change=reference[3],
+                    mu_rel_diff=max(
+                        float(np.abs(a - b).max() / np.abs(b).max())
+                        for a, b in zip(mu, reference[4])
+                    ),
+                )
+            )
     return report
 
 

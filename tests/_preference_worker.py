@@ -29,10 +29,20 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 import _tiny  # noqa: E402
 
-GOOD = [" the loop ends here", " the loop runs over the items", " a for loop over a sequence",
-        " the while loop ends", " each item of the loop"]
-BAD = [" raise an exception", " it raises an error", " the error is raised here",
-       " an exception is raised", " the try statement fails"]
+GOOD = [
+    " the loop ends here",
+    " the loop runs over the items",
+    " a for loop over a sequence",
+    " the while loop ends",
+    " each item of the loop",
+]
+BAD = [
+    " raise an exception",
+    " it raises an error",
+    " the error is raised here",
+    " an exception is raised",
+    " the try statement fails",
+]
 PROMPTS = ["The for statement", "while", "An if statement", "try", "with", "The function"]
 
 
@@ -41,8 +51,11 @@ def toy_rows(n: int, seed: int = 0, *, margin: bool = False) -> list[dict]:
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n):
-        row = {"prompt": PROMPTS[i % len(PROMPTS)], "chosen": GOOD[rng.integers(len(GOOD))],
-               "rejected": BAD[rng.integers(len(BAD))]}
+        row = {
+            "prompt": PROMPTS[i % len(PROMPTS)],
+            "chosen": GOOD[rng.integers(len(GOOD))],
+            "rejected": BAD[rng.integers(len(BAD))],
+        }
         if margin:
             row["margin"] = float(rng.integers(0, 3)) * 0.25
         rows.append(row)
@@ -69,10 +82,23 @@ def tiny_base(folder: pathlib.Path, seed: int = 0) -> tuple[pathlib.Path, object
 
 def rm_settings(data: pathlib.Path, out: pathlib.Path, base: pathlib.Path, **changes) -> dict:
     """The reward-model run of the resume test (RewardConfig fields)."""
-    settings = dict(train_file=str(data), out_dir=str(out), base=str(base), steps=6,
-                    batch_size=4, grad_accum=2, learning_rate=1e-2, warmup_steps=1,
-                    save_every=2, eval_every=3, eval_fraction=0.25, progress=False,
-                    method="full", seed=3, data_seed=5)
+    settings = dict(
+        train_file=str(data),
+        out_dir=str(out),
+        base=str(base),
+        steps=6,
+        batch_size=4,
+        grad_accum=2,
+        learning_rate=1e-2,
+        warmup_steps=1,
+        save_every=2,
+        eval_every=3,
+        eval_fraction=0.25,
+        progress=False,
+        method="full",
+        seed=3,
+        data_seed=5,
+    )
     return {**settings, **changes}
 
 
@@ -116,8 +142,11 @@ def lora_policy(model, seed: int = 4):
     rng = np.random.default_rng(seed)
     state = nnx.state(model, LoRAParam)
     values = jax.tree_util.tree_map_with_path(
-        lambda p, x: x if p[-1].key == "a" else jax.numpy.asarray(
-            rng.normal(0, 0.2, x.shape), np.float32), nnx.to_pure_dict(state))
+        lambda p, x: (
+            x if p[-1].key == "a" else jax.numpy.asarray(rng.normal(0, 0.2, x.shape), np.float32)
+        ),
+        nnx.to_pure_dict(state),
+    )
     nnx.replace_by_pure_dict(state, values)
     nnx.update(model, state)
     return model
@@ -135,28 +164,45 @@ def run_mesh(job: dict) -> dict:
     pairs = mesh_pairs(tokenizer)
     results = {}
     for name, (data, fsdp, accum) in job["layouts"].items():
-        config = DPOConfig(train_file="-", out_dir="-", steps=4, batch_size=16, grad_accum=accum,
-                           learning_rate=1e-2, warmup_steps=0, eval_fraction=0.0,
-                           mesh_data=data, mesh_fsdp=fsdp, beta=0.5).validate()
+        config = DPOConfig(
+            train_file="-",
+            out_dir="-",
+            steps=4,
+            batch_size=16,
+            grad_accum=accum,
+            learning_rate=1e-2,
+            warmup_steps=0,
+            eval_fraction=0.0,
+            mesh_data=data,
+            mesh_fsdp=fsdp,
+            beta=0.5,
+        ).validate()
         objective = DPO()
         policy = lora_policy(model)
         context = RunContext(config, policy, tokenizer, pathlib.Path("-"), True, lambda s: None)
         objective.prepare_with(context, PreferenceData.from_pairs(pairs))
         mesh = make_mesh(data=data, fsdp=fsdp) if data * fsdp > 1 else None
-        trainer = Trainer(config, context.model, 4, objective.loss, mesh,
-                          trainable=objective.trainable(config))
+        trainer = Trainer(
+            config, context.model, 4, objective.loss, mesh, trainable=objective.trainable(config)
+        )
         metrics = []
         for step in range(2):
             rows = micro_batches(pairs.take(np.arange(16)), accum)
-            metrics.append(trainer.step(trainer.place(rows, batch_axis=1),
-                                        objective.frozen(step, trainer)))
-        results[name] = dict(metrics=metrics,
-                             params=[np.asarray(x) for x in jax.tree.leaves(trainer.trainable)])
+            metrics.append(
+                trainer.step(trainer.place(rows, batch_axis=1), objective.frozen(step, trainer))
+            )
+        results[name] = dict(
+            metrics=metrics, params=[np.asarray(x) for x in jax.tree.leaves(trainer.trainable)]
+        )
     ref, got = results["single"], results["mesh"]
-    return dict(devices=len(jax.devices()), metrics=got["metrics"],
-                reference_metrics=ref["metrics"],
-                max_param_diff=max(float(np.abs(a - b).max())
-                                   for a, b in zip(got["params"], ref["params"])))
+    return dict(
+        devices=len(jax.devices()),
+        metrics=got["metrics"],
+        reference_metrics=ref["metrics"],
+        max_param_diff=max(
+            float(np.abs(a - b).max()) for a, b in zip(got["params"], ref["params"])
+        ),
+    )
 
 
 def main(path: str) -> None:

@@ -14,7 +14,7 @@ from gemma_kit.checkpoint.gguf import open_gguf
 from gemma_kit.paths import default_gguf_path
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gguf_reader():
     return open_gguf(default_gguf_path())
 
@@ -25,13 +25,13 @@ def _transformers():
     return pytest.importorskip("transformers", reason="comparing needs the [test] extra")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def hf_gguf_tokenizer():
     path = default_gguf_path()
     return _transformers().AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def hf_gguf_model():
     import torch
 

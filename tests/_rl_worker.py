@@ -39,7 +39,7 @@ def tiny_model(seed: int = 0):
 
 def write_prompts(path: pathlib.Path, count: int = 12) -> pathlib.Path:
     """`count` plain-text prompts of 3 to 6 words of CPython's reference text."""
-    rows = [" ".join(WORDS[7 * i:7 * i + 3 + i % 4]) for i in range(count)]
+    rows = [" ".join(WORDS[7 * i : 7 * i + 3 + i % 4]) for i in range(count)]
     path.write_text("".join(json.dumps({"prompt": r}) + "\n" for r in rows))
     return path
 
@@ -65,10 +65,19 @@ def run_train(job: dict) -> dict:
 
         Trainer.step = slow_step
     model, tokenizer = tiny_model()
-    result = train_rl(RLConfig(**job["config"]), reward=letter_reward, model=model,
-                      tokenizer=tokenizer, resume=job.get("resume", False))
-    return dict(step=result.step, interrupted=result.interrupted,
-                eval_before=result.eval_before, eval_after=result.eval_after)
+    result = train_rl(
+        RLConfig(**job["config"]),
+        reward=letter_reward,
+        model=model,
+        tokenizer=tokenizer,
+        resume=job.get("resume", False),
+    )
+    return dict(
+        step=result.step,
+        interrupted=result.interrupted,
+        eval_before=result.eval_before,
+        eval_after=result.eval_after,
+    )
 
 
 def one_step(config, model, tokenizer) -> dict:
@@ -84,8 +93,9 @@ def one_step(config, model, tokenizer) -> dict:
     objective = PolicyOptimisation(letter_reward)
     objective.check_inputs(config)
     model, tokenizer, _ = build_model(config, model, tokenizer)
-    steps = objective.prepare(RunContext(config, model, tokenizer, pathlib.Path(config.out_dir),
-                                         True, lambda _: None))
+    steps = objective.prepare(
+        RunContext(config, model, tokenizer, pathlib.Path(config.out_dir), True, lambda _: None)
+    )
     mesh = None
     if config.mesh_data * config.mesh_fsdp > 1:
         from gemma_kit.sharding import make_mesh
@@ -100,11 +110,14 @@ def one_step(config, model, tokenizer) -> dict:
     def leaves(tree):
         return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
-    return dict(metrics=metrics, params=leaves(trainer.trainable),
-                anchor=leaves(objective.anchor),
-                # [grad_accum, micro, T] -> [rows, T]: the layouts split the rows differently
-                tokens=rows["tokens"].reshape(-1, rows["tokens"].shape[-1]).tolist(),
-                weights=rows["weights"].reshape(-1, rows["weights"].shape[-1]))
+    return dict(
+        metrics=metrics,
+        params=leaves(trainer.trainable),
+        anchor=leaves(objective.anchor),
+        # [grad_accum, micro, T] -> [rows, T]: the layouts split the rows differently
+        tokens=rows["tokens"].reshape(-1, rows["tokens"].shape[-1]).tolist(),
+        weights=rows["weights"].reshape(-1, rows["weights"].shape[-1]),
+    )
 
 
 def run_mesh(job: dict) -> dict:
@@ -116,21 +129,29 @@ def run_mesh(job: dict) -> dict:
     model, tokenizer = tiny_model()
     results = {}
     for name, (data, fsdp, accum) in job["layouts"].items():
-        config = RLConfig(**dict(job["config"], mesh_data=data, mesh_fsdp=fsdp,
-                                 grad_accum=accum)).validate()
+        config = RLConfig(
+            **dict(job["config"], mesh_data=data, mesh_fsdp=fsdp, grad_accum=accum)
+        ).validate()
         results[name] = one_step(config, model, tokenizer)
     ref = results.pop("single")
     cases = []
     for name, got in results.items():
-        cases.append(dict(
-            layout=name, metrics=got["metrics"], reference_metrics=ref["metrics"],
-            same_tokens=got["tokens"] == ref["tokens"],
-            max_weight_diff=float(np.abs(got["weights"] - ref["weights"]).max()),
-            max_weight=float(np.abs(ref["weights"]).max()),
-            max_param_diff=max(float(np.abs(a - b).max())
-                               for a, b in zip(got["params"], ref["params"])),
-            max_anchor_diff=max(float(np.abs(a - b).max())
-                                for a, b in zip(got["anchor"], ref["anchor"]))))
+        cases.append(
+            dict(
+                layout=name,
+                metrics=got["metrics"],
+                reference_metrics=ref["metrics"],
+                same_tokens=got["tokens"] == ref["tokens"],
+                max_weight_diff=float(np.abs(got["weights"] - ref["weights"]).max()),
+                max_weight=float(np.abs(ref["weights"]).max()),
+                max_param_diff=max(
+                    float(np.abs(a - b).max()) for a, b in zip(got["params"], ref["params"])
+                ),
+                max_anchor_diff=max(
+                    float(np.abs(a - b).max()) for a, b in zip(got["anchor"], ref["anchor"])
+                ),
+            )
+        )
     return dict(devices=len(jax.devices()), cases=cases)
 
 

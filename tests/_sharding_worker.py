@@ -38,11 +38,15 @@ def describe(state) -> dict:
     for path, x in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]:
         name = "/".join(str(getattr(k, "key", k)) for k in path)
         spec = tuple(x.sharding.spec) if hasattr(x.sharding, "spec") else ()
-        distinct = len({tuple((s.start, s.stop) for s in shard.index)
-                        for shard in x.addressable_shards})
-        out[name] = dict(spec=[list(e) if isinstance(e, tuple) else e for e in spec],
-                         shard_shape=list(x.addressable_shards[0].data.shape),
-                         devices=len(x.sharding.device_set), distinct_shards=distinct)
+        distinct = len(
+            {tuple((s.start, s.stop) for s in shard.index) for shard in x.addressable_shards}
+        )
+        out[name] = dict(
+            spec=[list(e) if isinstance(e, tuple) else e for e in spec],
+            shard_shape=list(x.addressable_shards[0].data.shape),
+            devices=len(x.sharding.device_set),
+            distinct_shards=distinct,
+        )
     return out
 
 
@@ -55,30 +59,42 @@ def main(job: dict) -> None:
         config = FAMILIES[case["family"]]().replace(vocab_size=tokenizer.vocab_size)
         params = _tiny.random_params(config, seed=case["seed"])
         plain = model_from_params(config, jax.tree.map(jnp.asarray, params))
-        reference = Sampler(plain, tokenizer, cache_dtype=jnp.float32,
-                            matvec_layout=case["matvec"]).generate(job["prompts"], **gen)
+        reference = Sampler(
+            plain, tokenizer, cache_dtype=jnp.float32, matvec_layout=case["matvec"]
+        ).generate(job["prompts"], **gen)
         ref_logits = forward(plain, tokens)
         for axes in case["meshes"]:
             mesh = make_mesh(**axes)
             if case["via"] == "dict":  # a numpy checkpoint tree -> sharded arrays -> model
                 model = model_from_params(config, shard_params(params, mesh))
             else:
-                model = shard_model(model_from_params(config, jax.tree.map(jnp.asarray, params)),
-                                    mesh)
-            sampler = Sampler(model, tokenizer, cache_dtype=jnp.float32,
-                              matvec_layout=case["matvec"])
+                model = shard_model(
+                    model_from_params(config, jax.tree.map(jnp.asarray, params)), mesh
+                )
+            sampler = Sampler(
+                model, tokenizer, cache_dtype=jnp.float32, matvec_layout=case["matvec"]
+            )
             results = sampler.generate(job["prompts"], **gen)
-            report["cases"].append(dict(
-                name=case["family"], mesh=axes, matvec=case["matvec"], via=case["via"],
-                tokens=[r.tokens for r in results],
-                reference_tokens=[r.tokens for r in reference],
-                logprob_diff=float(max(np.abs(np.subtract(r.logprobs, q.logprobs)).max()
-                                       for r, q in zip(results, reference))),
-                logits_diff=float(np.abs(forward(model, tokens) - ref_logits).max()),
-                logits_scale=float(np.abs(ref_logits).max()),
-                params=describe(nnx.state(model, nnx.Param)),
-                sampler_params=describe(sampler.params),
-            ))
+            report["cases"].append(
+                dict(
+                    name=case["family"],
+                    mesh=axes,
+                    matvec=case["matvec"],
+                    via=case["via"],
+                    tokens=[r.tokens for r in results],
+                    reference_tokens=[r.tokens for r in reference],
+                    logprob_diff=float(
+                        max(
+                            np.abs(np.subtract(r.logprobs, q.logprobs)).max()
+                            for r, q in zip(results, reference)
+                        )
+                    ),
+                    logits_diff=float(np.abs(forward(model, tokens) - ref_logits).max()),
+                    logits_scale=float(np.abs(ref_logits).max()),
+                    params=describe(nnx.state(model, nnx.Param)),
+                    sampler_params=describe(sampler.params),
+                )
+            )
     print(json.dumps(report))
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import functools
 import io
+import pydoc_data.topics
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pydoc_data.topics
 from flax import nnx
 
 from gemma_kit.config import Config, GlobalAttention, LocalAttention, get_preset
@@ -22,8 +22,9 @@ from gemma_kit.transformer import Transformer
 
 SMALL_VOCAB = 384
 # CPython's own reference text (pydoc_data, PSF licence): real prose and code, always installed.
-SMALL_TEXT = "\n".join(pydoc_data.topics.topics[k] for k in ("for", "while", "if", "try", "with",
-                                                               "function"))
+SMALL_TEXT = "\n".join(
+    pydoc_data.topics.topics[k] for k in ("for", "while", "if", "try", "with", "function")
+)
 
 
 def tiny_gemma3() -> Config:
@@ -71,8 +72,10 @@ def random_params(config: Config, *, seed: int = 0, param_dtype=jnp.float32) -> 
     """
     abstract = nnx.eval_shape(lambda: Transformer(config, param_dtype=param_dtype))
     rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda p: rng.normal(0.0, 0.3, p.shape).astype(p.dtype),
-                        nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+    return jax.tree.map(
+        lambda p: rng.normal(0.0, 0.3, p.shape).astype(p.dtype),
+        nnx.to_pure_dict(nnx.state(abstract, nnx.Param)),
+    )
 
 
 def random_model(config: Config, *, seed: int = 0, param_dtype=jnp.float32) -> Transformer:
@@ -82,13 +85,15 @@ def random_model(config: Config, *, seed: int = 0, param_dtype=jnp.float32) -> T
     device = jax.devices()[0]
     # Committed to the device, as restored checkpoints are, so that a jitted forward pass
     # compiled for one model is reused for the other side of a comparison.
-    params = jax.tree.map(lambda x: jax.device_put(x, device),
-                          random_params(config, seed=seed, param_dtype=param_dtype))
+    params = jax.tree.map(
+        lambda x: jax.device_put(x, device),
+        random_params(config, seed=seed, param_dtype=param_dtype),
+    )
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def small_tokenizer_bytes(vocab: int = SMALL_VOCAB) -> bytes:
     """A real SentencePiece BPE model trained on SMALL_TEXT, laid out like Gemma 3's vocabulary.
 
@@ -101,9 +106,18 @@ def small_tokenizer_bytes(vocab: int = SMALL_VOCAB) -> bytes:
     symbols = [f"<unused{i}>" for i in range(101)] + ["<start_of_turn>", "<end_of_turn>"]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(SMALL_TEXT.splitlines()), model_writer=model, vocab_size=vocab,
-        model_type="bpe", pad_id=0, eos_id=1, bos_id=2, unk_id=3, user_defined_symbols=symbols,
-        character_coverage=1.0, num_threads=1, minloglevel=2,
+        sentence_iterator=iter(SMALL_TEXT.splitlines()),
+        model_writer=model,
+        vocab_size=vocab,
+        model_type="bpe",
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        user_defined_symbols=symbols,
+        character_coverage=1.0,
+        num_threads=1,
+        minloglevel=2,
     )
     return model.getvalue()
 

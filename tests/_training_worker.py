@@ -33,7 +33,6 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 import _tiny
-
 from gemma_kit.lora import apply_lora, lora_state
 from gemma_kit.training import (
     Objective,
@@ -60,21 +59,25 @@ def tiny_lora_model(seed: int = 0, rank: int = 4):
     for _, m in model.iter_modules():
         lora = getattr(m, "lora", None)
         if lora is not None:
-            lora.b.value = jax.device_put(rng.normal(0, 0.05, lora.b.shape).astype(np.float32),
-                                          jax.local_devices()[0])
+            lora.b.value = jax.device_put(
+                rng.normal(0, 0.05, lora.b.shape).astype(np.float32), jax.local_devices()[0]
+            )
     return model, tokenizer
 
 
-def completion_rows(seed: int, rows: int, length: int, vocab: int,
-                    advantages: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def completion_rows(
+    seed: int, rows: int, length: int, vocab: int, advantages: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
     """Rows of one prompt + completion each, as the policy-gradient loss takes them: packed-row
     arrays [rows, length] (padding at the end), weights = the row's advantage on its completion
     targets (0 on the prompt and padding), normaliser [rows] = its completion tokens."""
     rng = np.random.default_rng(seed)
     if advantages is None:
         advantages = rng.normal(0.0, 1.0, rows).astype(np.float32)
-    out = {k: np.zeros((rows, length), np.int32) for k in ("tokens", "targets", "positions",
-                                                           "segments")}
+    out = {
+        k: np.zeros((rows, length), np.int32)
+        for k in ("tokens", "targets", "positions", "segments")
+    }
     out["weights"] = np.zeros((rows, length), np.float32)
     out["normaliser"] = np.zeros((rows,), np.float32)
     for r in range(rows):
@@ -101,8 +104,9 @@ class AnchoredLoss:
     def __call__(self, model, batch, frozen):
         loss, normaliser, metrics = SignedCrossEntropy(self.chunk)(model, batch, frozen)
         current = jax.tree.leaves(nnx.to_pure_dict(lora_state(model)))
-        pull = sum(jnp.sum((a - b) ** 2) for a, b in zip(current, jax.tree.leaves(frozen),
-                                                           strict=True))
+        pull = sum(
+            jnp.sum((a - b) ** 2) for a, b in zip(current, jax.tree.leaves(frozen), strict=True)
+        )
         return loss + self.strength * normaliser * pull, normaliser, dict(metrics, pull=pull)
 
 
@@ -152,8 +156,9 @@ class AnchorObjective(Objective):
 
     def after_step(self, step: int, trainer, metrics) -> None:
         mu = self.config.ema_rate
-        self.anchor = jax.tree.map(lambda a, t: (1 - mu) * a + mu * t, self.anchor,
-                                   nnx.to_pure_dict(trainer.trainable))
+        self.anchor = jax.tree.map(
+            lambda a, t: (1 - mu) * a + mu * t, self.anchor, nnx.to_pure_dict(trainer.trainable)
+        )
         self.updates += 1
         if self.interrupt_after == step + 1:
             os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C would: save, stop, return
@@ -169,9 +174,15 @@ class AnchorObjective(Objective):
     def plots(self, metrics_path, out_dir) -> dict:
         from gemma_kit.training.metrics import plot_metrics
 
-        return {"pull": plot_metrics(metrics_path, out_dir / "pull.png",
-                                     {"pull": "|theta - anchor|^2, summed over micro-batches"},
-                                     ylabel="squared distance", smooth=("pull",))}
+        return {
+            "pull": plot_metrics(
+                metrics_path,
+                out_dir / "pull.png",
+                {"pull": "|theta - anchor|^2, summed over micro-batches"},
+                ylabel="squared distance",
+                smooth=("pull",),
+            )
+        }
 
     def restore_state(self, arrays, info) -> None:
         self.anchor, self.updates = arrays, info["updates"]
@@ -191,17 +202,27 @@ def anchor_steps(trainer, rows: dict[str, np.ndarray], anchors: list) -> list[di
 
 
 def step_config(grad_accum: int, data: int = 1, fsdp: int = 1, rows: int = 8) -> ToyConfig:
-    return ToyConfig(out_dir="-", steps=10, batch_size=rows, grad_accum=grad_accum,
-                     learning_rate=1e-2, warmup_steps=0, max_length=24, mesh_data=data,
-                     mesh_fsdp=fsdp).validate()
+    return ToyConfig(
+        out_dir="-",
+        steps=10,
+        batch_size=rows,
+        grad_accum=grad_accum,
+        learning_rate=1e-2,
+        warmup_steps=0,
+        max_length=24,
+        mesh_data=data,
+        mesh_fsdp=fsdp,
+    ).validate()
 
 
 def anchors_for(model, count: int) -> list[dict]:
     """`count` anchors: the model's factors moved by a different random offset each."""
     rng = np.random.default_rng(7)
     base = lora_copy(model)
-    return [jax.tree.map(lambda x: x + rng.normal(0, 0.02, x.shape).astype(np.float32), base)
-            for _ in range(count)]
+    return [
+        jax.tree.map(lambda x: x + rng.normal(0, 0.02, x.shape).astype(np.float32), base)
+        for _ in range(count)
+    ]
 
 
 def run_mesh(job: dict) -> dict:
@@ -221,27 +242,50 @@ def run_mesh(job: dict) -> dict:
         import optax
 
         mu = optax.tree_utils.tree_get(trainer.opt_state, "mu")
-        results[name] = dict(metrics=metrics, params=leaves(trainer.trainable), mu=leaves(mu),
-                             moved=max(float(np.abs(a - b).max()) for a, b in
-                                       zip(leaves(trainer.trainable), before)))
+        results[name] = dict(
+            metrics=metrics,
+            params=leaves(trainer.trainable),
+            mu=leaves(mu),
+            moved=max(
+                float(np.abs(a - b).max()) for a, b in zip(leaves(trainer.trainable), before)
+            ),
+        )
     ref = results.pop("single")
     report = dict(devices=len(jax.devices()), cases=[])
     for name, got in results.items():
-        report["cases"].append(dict(
-            layout=name, metrics=got["metrics"], reference_metrics=ref["metrics"],
-            max_param_diff=max(float(np.abs(a - b).max())
-                               for a, b in zip(got["params"], ref["params"])),
-            mu_rel_diff=max(float(np.abs(a - b).max() / np.abs(b).max())
-                            for a, b in zip(got["mu"], ref["mu"])),
-            moved=ref["moved"]))
+        report["cases"].append(
+            dict(
+                layout=name,
+                metrics=got["metrics"],
+                reference_metrics=ref["metrics"],
+                max_param_diff=max(
+                    float(np.abs(a - b).max()) for a, b in zip(got["params"], ref["params"])
+                ),
+                mu_rel_diff=max(
+                    float(np.abs(a - b).max() / np.abs(b).max())
+                    for a, b in zip(got["mu"], ref["mu"])
+                ),
+                moved=ref["moved"],
+            )
+        )
     return report
 
 
 def finetune_config(data_file: str, out_dir: str, **changes) -> TrainConfig:
     """The fine-tuning run of the two-process test (and of its one-process reference)."""
-    return TrainConfig(train_file=data_file, out_dir=out_dir, steps=2, batch_size=4,
-                       max_length=48, learning_rate=1e-2, warmup_steps=0, eval_fraction=0.1,
-                       save_every=1, progress=False, **changes)
+    return TrainConfig(
+        train_file=data_file,
+        out_dir=out_dir,
+        steps=2,
+        batch_size=4,
+        max_length=48,
+        learning_rate=1e-2,
+        warmup_steps=0,
+        eval_fraction=0.1,
+        save_every=1,
+        progress=False,
+        **changes,
+    )
 
 
 def distributed_job(model, tokenizer, config: TrainConfig, mesh) -> dict[str, list]:
@@ -250,33 +294,51 @@ def distributed_job(model, tokenizer, config: TrainConfig, mesh) -> dict[str, li
     from gemma_kit.training import Trainer
 
     result = train(config, model=model, tokenizer=tokenizer)
-    losses = [json.loads(line).get("loss") for line in
-              (pathlib.Path(config.out_dir) / "metrics.jsonl").read_text().splitlines()] \
-        if jax.process_index() == 0 else []
+    losses = (
+        [
+            json.loads(line).get("loss")
+            for line in (pathlib.Path(config.out_dir) / "metrics.jsonl").read_text().splitlines()
+        ]
+        if jax.process_index() == 0
+        else []
+    )
     trainer = Trainer(step_config(1, data=config.mesh_data), model, 10, AnchoredLoss(), mesh)
     rows = micro_batches(completion_rows(5, 8, 24, tokenizer.vocab_size), 1)
     metrics = anchor_steps(trainer, rows, anchors_for(model, 1))[0]
-    return dict(finetuned=leaves(lora_state(result.model)), toy=leaves(trainer.trainable),
-                toy_metrics=[metrics[k] for k in sorted(metrics)],
-                eval=[result.eval_before, result.eval_after], losses=[x for x in losses if x])
+    return dict(
+        finetuned=leaves(lora_state(result.model)),
+        toy=leaves(trainer.trainable),
+        toy_metrics=[metrics[k] for k in sorted(metrics)],
+        eval=[result.eval_before, result.eval_after],
+        losses=[x for x in losses if x],
+    )
 
 
 def run_distributed(job: dict) -> dict:
     from gemma_kit.sharding import make_mesh
     from gemma_kit.training import initialize_distributed
 
-    changes = dict(distributed=True, coordinator_address=f"127.0.0.1:{job['port']}",
-                   num_processes=2, process_id=job["process"], mesh_data=2)
+    changes = dict(
+        distributed=True,
+        coordinator_address=f"127.0.0.1:{job['port']}",
+        num_processes=2,
+        process_id=job["process"],
+        mesh_data=2,
+    )
     config = finetune_config(job["data"], job["out"], **changes)
     initialize_distributed(config)  # before this process makes any array
     model, tokenizer = tiny_lora_model()
     got = distributed_job(model, tokenizer, config, make_mesh(data=2))
     path = pathlib.Path(job["out"]).parent / f"process-{jax.process_index()}.npz"
-    np.savez(path, **{f"{k}_{i}": np.asarray(v) for k, vs in got.items()
-                      for i, v in enumerate(vs)})
-    return dict(process=jax.process_index(), processes=jax.process_count(),
-                devices=len(jax.devices()), local_devices=len(jax.local_devices()),
-                adapter=(pathlib.Path(job["out"]) / "adapter").is_dir(), npz=str(path))
+    np.savez(path, **{f"{k}_{i}": np.asarray(v) for k, vs in got.items() for i, v in enumerate(vs)})
+    return dict(
+        process=jax.process_index(),
+        processes=jax.process_count(),
+        devices=len(jax.devices()),
+        local_devices=len(jax.local_devices()),
+        adapter=(pathlib.Path(job["out"]) / "adapter").is_dir(),
+        npz=str(path),
+    )
 
 
 def main(path: str) -> None:

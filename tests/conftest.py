@@ -35,5 +35,9 @@ def small_tokenizer() -> Tokenizer:
     """A real 384-piece SentencePiece model with Gemma 3's special ids (see _tiny)."""
     tok = _tiny.small_tokenizer()
     assert (tok.version, tok.vocab_size, tok.start_of_turn_id, tok.end_of_turn_id) == (
-        3, _tiny.SMALL_VOCAB, 105, 106)
+        3,
+        _tiny.SMALL_VOCAB,
+        105,
+        106,
+    )
     return tok

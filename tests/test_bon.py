@@ -43,8 +43,7 @@ _SHARED: dict = {}
 def tiny(tiny_gemma3_config, tiny_model, small_tokenizer):
     """(sampler, reward model) sharing the tiny model's compilations across tests."""
     if not _SHARED:
-        config = tiny_gemma3_config.replace(vocab_size=small_tokenizer.vocab_size,
-                                            max_context=128)
+        config = tiny_gemma3_config.replace(vocab_size=small_tokenizer.vocab_size, max_context=128)
         sampler = Sampler(tiny_model(config, seed=1), small_tokenizer, cache_dtype=jnp.float32)
         network = RewardTransformer(tiny_model(config, seed=4), init_std=0.5, seed=1)
         _SHARED.update(sampler=sampler, rm=RewardModel(network, small_tokenizer))
@@ -70,8 +69,7 @@ def test_each_prompt_gets_its_own_n_sorted_from_one_batched_generate(tiny):
         assert rewards == sorted(rewards, reverse=True) and rewards[0] == max(rewards)
         for c in candidates:
             row = direct[k * n + c.index]  # the candidate is that row of the batch
-            assert (c.text, c.tokens, c.finish_reason) == (row.text, row.tokens,
-                                                           row.finish_reason)
+            assert (c.text, c.tokens, c.finish_reason) == (row.text, row.tokens, row.finish_reason)
             np.testing.assert_allclose(c.logprobs, row.logprobs, rtol=1e-6)
             # Scored in a batch of 2n, equal to scoring it alone.
             alone = call_reward(rm, [prompt], [c.text])[0]
@@ -93,8 +91,9 @@ def test_ties_keep_generation_order(tiny):
     flat = best_of_n(sampler, PROMPTS, 4, lambda p, c: [1.0] * len(c), **SAMPLING)
     assert [[c.index for c in cs] for cs in flat] == [[0, 1, 2, 3], [0, 1, 2, 3]]
     # Two tied groups: each keeps its order, the higher group first.
-    halves = best_of_n(sampler, PROMPTS[0], 4,
-                       lambda p, c: [float(i % 2) for i in range(len(c))], **SAMPLING)
+    halves = best_of_n(
+        sampler, PROMPTS[0], 4, lambda p, c: [float(i % 2) for i in range(len(c))], **SAMPLING
+    )
     assert [c.index for c in halves] == [1, 3, 0, 2]
 
 
@@ -102,11 +101,13 @@ def test_a_spec_reward_runs_in_its_worker(tiny, tmp_path, monkeypatch):
     sampler, _ = tiny
     (tmp_path / "bon_rewards.py").write_text(
         "def vowels(prompts, completions):\n"
-        "    return [sum(ch in 'aeiou' for ch in c) for c in completions]\n")
+        "    return [sum(ch in 'aeiou' for ch in c) for c in completions]\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     best = best_of_n(sampler, PROMPTS[1], 3, "bon_rewards:vowels", **SAMPLING)
     assert [c.reward for c in best] == sorted(
-        (float(sum(ch in "aeiou" for ch in c.text)) for c in best), reverse=True)
+        (float(sum(ch in "aeiou" for ch in c.text)) for c in best), reverse=True
+    )
 
 
 def test_bad_settings_and_rewards_are_one_error_each(tiny):
@@ -145,13 +146,18 @@ def test_kl_bound_closed_form():
 # gemma-kit sample --best-of N --reward SPEC
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--best-of", "4"], "--best-of N and --reward SPEC go together"),
-    (["--reward", "x:y"], "--best-of N and --reward SPEC go together"),
-    (["--best-of", "0", "--reward", "x:y"], "argument --best-of: must be an integer >= 1"),
-    (["--best-of", "2", "--reward", "no_such_module_cli:f"],
-     "module 'no_such_module_cli' does not import"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--best-of", "4"], "--best-of N and --reward SPEC go together"),
+        (["--reward", "x:y"], "--best-of N and --reward SPEC go together"),
+        (["--best-of", "0", "--reward", "x:y"], "argument --best-of: must be an integer >= 1"),
+        (
+            ["--best-of", "2", "--reward", "no_such_module_cli:f"],
+            "module 'no_such_module_cli' does not import",
+        ),
+    ],
+)
 def test_cli_best_of_bad_input_fails_before_loading(argv, message, capsys, monkeypatch):
     from gemma_kit import cli
 
@@ -171,8 +177,23 @@ def test_cli_best_of_on_the_real_model(capsys):
     from gemma_kit.posttrain.rewards import vader_sentiment
 
     prompt = "The hotel was"
-    assert main(["sample", "--prompt", prompt, "--best-of", "4", "--max-new-tokens", "12",
-                 "--reward", "gemma_kit.posttrain.rewards:vader_sentiment", "--json"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--prompt",
+                prompt,
+                "--best-of",
+                "4",
+                "--max-new-tokens",
+                "12",
+                "--reward",
+                "gemma_kit.posttrain.rewards:vader_sentiment",
+                "--json",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "samples at temperature 1.0" in captured.err
     out = json.loads(captured.out)
@@ -187,6 +208,7 @@ def test_sampler_best_of_n_is_the_same_draw(tiny):
     sampler, rm = tiny
     via_method = sampler.sampler.best_of_n(PROMPTS, 3, rm, **SAMPLING)
     via_function = best_of_n(sampler.sampler, PROMPTS, 3, rm, **SAMPLING)
-    assert [[(c.tokens, c.reward) for c in row] for row in via_method] == \
-        [[(c.tokens, c.reward) for c in row] for row in via_function]
+    assert [[(c.tokens, c.reward) for c in row] for row in via_method] == [
+        [(c.tokens, c.reward) for c in row] for row in via_function
+    ]
     assert len(via_method) == 2 and all(len(row) == 3 for row in via_method)

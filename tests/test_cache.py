@@ -41,7 +41,7 @@ def _cached_logits(model, tokens, chunks, length=None):
     cache = init_cache(model.config, B, length or T, dtype=jnp.float32)
     out, start = [], 0
     for n, size in enumerate(chunks):
-        piece = tokens[:, start:start + size]
+        piece = tokens[:, start : start + size]
         pos = np.broadcast_to(np.arange(start, start + size), piece.shape)
         logits, cache = _extend(model, piece, pos, cache, fresh=n == 0)
         out.append(np.asarray(logits))
@@ -78,7 +78,9 @@ def test_local_layers_keep_only_a_window_of_slots(model):
     cache = init_cache(model.config, 3, 1000)
     for i, kind in enumerate(model.config.layers):
         slots = cache[f"layer_{i}"]["k"].shape[1]
-        assert slots == (kind.window if kind.is_local else 1000) == layer_slots(model.config, i, 1000)
+        assert (
+            slots == (kind.window if kind.is_local else 1000) == layer_slots(model.config, i, 1000)
+        )
     assert cache["layer_0"]["k"].dtype == jnp.bfloat16  # the default cache dtype
 
 
@@ -89,26 +91,29 @@ def test_left_padded_rows_decode_like_alone(model):
     short, long_ = rng.integers(0, V, 6), rng.integers(0, V, 13)
     P = 13
     tokens = np.zeros((2, P), np.int32)
-    tokens[0, P - 6:], tokens[1] = short, long_
+    tokens[0, P - 6 :], tokens[1] = short, long_
     pos = np.full((2, P), -1)
-    pos[0, P - 6:], pos[1] = np.arange(6), np.arange(13)
+    pos[0, P - 6 :], pos[1] = np.arange(6), np.arange(13)
     cache = init_cache(model.config, 2, 40, dtype=jnp.float32)
     logits, cache = _extend(model, tokens, pos, cache, fresh=True)
     steps = [np.asarray(logits[:, -1:])]
     nxt = rng.integers(0, V, (2, 12))
     for t in range(12):
         step_pos = np.array([[6 + t], [13 + t]])
-        logits, cache = _extend(model, nxt[:, t:t + 1], step_pos, cache)
+        logits, cache = _extend(model, nxt[:, t : t + 1], step_pos, cache)
         steps.append(np.asarray(logits))
     batched = np.concatenate(steps, axis=1)  # logits after the prompt and after each new token
     for row, prompt in enumerate([short, long_]):
         alone = _full_logits(model, np.concatenate([prompt, nxt[row]])[None])[0]
-        np.testing.assert_allclose(batched[row], alone[len(prompt) - 1:], rtol=0, atol=ATOL)
+        np.testing.assert_allclose(batched[row], alone[len(prompt) - 1 :], rtol=0, atol=ATOL)
 
 
 def test_ring_write_keeps_the_last_slots():
-    layer = {"k": jnp.zeros((1, 4, 1, 1)), "v": jnp.zeros((1, 4, 1, 1)),
-             "pos": jnp.full((1, 4), -1, jnp.int32)}
+    layer = {
+        "k": jnp.zeros((1, 4, 1, 1)),
+        "v": jnp.zeros((1, 4, 1, 1)),
+        "pos": jnp.full((1, 4), -1, jnp.int32),
+    }
     vals = jnp.arange(10, dtype=jnp.float32).reshape(1, 10, 1, 1)
     pos = jnp.arange(10, dtype=jnp.int32)[None]
     # Ten tokens starting at index 3 into 4 slots: only tokens 6..9 survive, at (3+j) % 4.

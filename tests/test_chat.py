@@ -37,9 +37,16 @@ def tokenizer():
 @pytest.fixture
 def model(tiny_model):
     config = get_preset("gemma3-270m").replace(
-        name="tiny-vocab", embed_dim=32, hidden_dim=48, num_heads=2, num_kv_heads=1,
-        head_dim=16, query_pre_attn_scalar=16, max_context=4096,
-        layers=(LocalAttention(8), LocalAttention(8), GlobalAttention(rope_base=1e6)))
+        name="tiny-vocab",
+        embed_dim=32,
+        hidden_dim=48,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        max_context=4096,
+        layers=(LocalAttention(8), LocalAttention(8), GlobalAttention(rope_base=1e6)),
+    )
     return tiny_model(config, seed=11)
 
 
@@ -62,8 +69,9 @@ def _dry(logits: np.ndarray, drawn: list[int], dry: DryPenalty) -> np.ndarray:
         while L < min(j, dry.max_length) and drawn[j - 1 - L] == drawn[n - 1 - L]:
             L += 1
         if L >= dry.allowed_length:
-            worst[drawn[j]] = max(worst.get(drawn[j], 0.0),
-                                  dry.multiplier * dry.base ** (L - dry.allowed_length))
+            worst[drawn[j]] = max(
+                worst.get(drawn[j], 0.0), dry.multiplier * dry.base ** (L - dry.allowed_length)
+            )
     for token, penalty in worst.items():
         out[token] -= penalty
     return out
@@ -87,8 +95,9 @@ def _greedy_reference(model, ids, n, dry: DryPenalty | None = None):
 
 
 def test_turns_reuse_the_cache_and_match_full_forward(model, tokenizer):
-    chat = ChatSession(model, tokenizer, system="Be brief.", cache_length=256,
-                       cache_dtype=jnp.float32)
+    chat = ChatSession(
+        model, tokenizer, system="Be brief.", cache_length=256, cache_dtype=jnp.float32
+    )
     for turn, message in enumerate(["Hello there!", "Tell me more.", "Thanks."]):
         before = list(chat.token_ids)
         reply = chat.send(message, max_new_tokens=6, **GREEDY)
@@ -100,20 +109,30 @@ def test_turns_reuse_the_cache_and_match_full_forward(model, tokenizer):
         prompt_len = len(seen) - (len(result.tokens) - (result.finish_reason == "length"))
         prompt = seen[:prompt_len]
         if turn == 0:
-            assert prompt == tokenizer.encode(tokenizer.format_chat(
-                [{"role": "system", "content": "Be brief."},
-                 {"role": "user", "content": message}]))
+            assert prompt == tokenizer.encode(
+                tokenizer.format_chat(
+                    [
+                        {"role": "system", "content": "Be brief."},
+                        {"role": "user", "content": message},
+                    ]
+                )
+            )
         else:
-            assert tokenizer.decode(prompt[len(before):]).endswith(
-                f"<start_of_turn>user\n{message}<end_of_turn>\n<start_of_turn>model\n")
+            assert tokenizer.decode(prompt[len(before) :]).endswith(
+                f"<start_of_turn>user\n{message}<end_of_turn>\n<start_of_turn>model\n"
+            )
         assert result.tokens == _greedy_reference(model, prompt, len(result.tokens))
     assert [m["role"] for m in chat.messages] == ["user", "model"] * 3
 
 
 def test_overflow_drops_the_oldest_turns(model, tokenizer):
     chat = ChatSession(model, tokenizer, system="S.", cache_length=96)
-    for message in ["first message here", "second message here", "third message here",
-                    "fourth message here"]:
+    for message in [
+        "first message here",
+        "second message here",
+        "third message here",
+        "fourth message here",
+    ]:
         chat.send(message, max_new_tokens=16)
         assert chat.cached_tokens <= 96
     assert chat.dropped_turns >= 1
@@ -177,22 +196,27 @@ def test_an_error_inside_a_turn_forgets_only_that_turn(model, tokenizer):
         stream.throw(KeyboardInterrupt)  # Ctrl-C while the reply streams
     assert chat.messages == kept
     reply = chat.send("Thanks.", max_new_tokens=6, **GREEDY)
-    assert chat.messages[-2:] == [{"role": "user", "content": "Thanks."},
-                                  {"role": "model", "content": reply}]
+    assert chat.messages[-2:] == [
+        {"role": "user", "content": "Thanks."},
+        {"role": "model", "content": reply},
+    ]
     assert "Tell me more." not in tokenizer.decode(chat.token_ids)
     _check_reply_against_reference(chat, model)
 
 
 def test_undo_then_resend_regenerates_the_same_reply(model, tokenizer):
-    chat = ChatSession(model, tokenizer, system="Be brief.", cache_length=256,
-                       cache_dtype=jnp.float32)
+    chat = ChatSession(
+        model, tokenizer, system="Be brief.", cache_length=256, cache_dtype=jnp.float32
+    )
     assert chat.undo() is None
     first = chat.send("Hello there!", max_new_tokens=6, **GREEDY)
     second = chat.send("Tell me more.", max_new_tokens=6, **GREEDY)
     ids_after_second = list(chat.token_ids)
     assert chat.undo() == {"role": "user", "content": "Tell me more."}
-    assert chat.messages == [{"role": "user", "content": "Hello there!"},
-                             {"role": "model", "content": first}]
+    assert chat.messages == [
+        {"role": "user", "content": "Hello there!"},
+        {"role": "model", "content": first},
+    ]
     # Re-read from the messages rather than continued from the cache; the replies here
     # re-tokenize to the tokens drawn, so the model sees the same conversation again.
     assert chat.send("Tell me more.", max_new_tokens=6, **GREEDY) == second
@@ -205,19 +229,23 @@ def test_undo_then_resend_regenerates_the_same_reply(model, tokenizer):
 
 
 def test_defaults_are_gemmas_recommended_sampling_with_dry(model, tokenizer):
-    defaults = {name: p.default for name, p in
-                inspect.signature(ChatSession.stream).parameters.items()}
+    defaults = {
+        name: p.default for name, p in inspect.signature(ChatSession.stream).parameters.items()
+    }
     assert {k: defaults[k] for k in CHAT_SAMPLING} == dict(CHAT_SAMPLING)
-    assert dict(CHAT_SAMPLING) == dict(temperature=1.0, top_k=64, top_p=0.95,
-                                       dry=DryPenalty(multiplier=0.8, base=1.75,
-                                                      allowed_length=2))
+    assert dict(CHAT_SAMPLING) == dict(
+        temperature=1.0,
+        top_k=64,
+        top_p=0.95,
+        dry=DryPenalty(multiplier=0.8, base=1.75, allowed_length=2),
+    )
     # Sampled: the default reply is the one drawn with those settings spelled out, not greedy.
     kw = dict(max_new_tokens=12, seed=3)
     plain = ChatSession(model, tokenizer, cache_length=256).send("Hello there!", **kw)
-    spelled = ChatSession(model, tokenizer, cache_length=256).send("Hello there!", **kw,
-                                                                   **CHAT_SAMPLING)
-    greedy = ChatSession(model, tokenizer, cache_length=256).send("Hello there!", **kw,
-                                                                  **GREEDY)
+    spelled = ChatSession(model, tokenizer, cache_length=256).send(
+        "Hello there!", **kw, **CHAT_SAMPLING
+    )
+    greedy = ChatSession(model, tokenizer, cache_length=256).send("Hello there!", **kw, **GREEDY)
     assert plain == spelled and plain != greedy
 
 
@@ -234,8 +262,7 @@ def test_dry_replies_match_the_definition_over_turns(model, tokenizer):
             result = chat.last_result
             seen = chat.token_ids
             prompt = seen[: len(seen) - (len(result.tokens) - (result.finish_reason == "length"))]
-            assert result.tokens == _greedy_reference(model, prompt, len(result.tokens),
-                                                      with_dry)
+            assert result.tokens == _greedy_reference(model, prompt, len(result.tokens), with_dry)
             replies.append(result.tokens)
         pairs = [list(zip(r, r[1:])) for r in replies]
         repeats = [len(p) - len(set(p)) for p in pairs]
@@ -251,20 +278,32 @@ def test_speculative_sessions_leave_the_dry_penalty_off(model, tokenizer):
     chat = ChatSession(model, tokenizer, cache_length=256, speculative="ngram")
     plain = ChatSession(model, tokenizer, cache_length=256)
     assert chat.send("Hello there!", max_new_tokens=4, temperature=0.0) == plain.send(
-        "Hello there!", max_new_tokens=4, **GREEDY)
+        "Hello there!", max_new_tokens=4, **GREEDY
+    )
     with pytest.raises(SamplingError, match="speculative decoding does not apply the DRY"):
         chat.send("Tell me more.", max_new_tokens=4, dry=DryPenalty())
     assert len(chat.messages) == 2  # the refused turn left nothing behind
 
 
-@pytest.mark.parametrize("name, tuned", [
-    ("gemma-3-1b-it", True), ("~/models/gemma3-4b-it/checkpoint", True),
-    ("/data/Gemma-3-270M-IT/", True), ("gemma-3-1b-it-qat-q4_0-unquantized", True),
-    ("my-chat-model", True),
-    ("gemma-3-1b-pt", False), ("gemma-3-270m", False), ("gemma-2-2b", False),
-    ("gemma2_9b", False), ("~/.cache/gemma_kit/gemma3-270m", False), ("gemma-7b", False),
-    ("runs/merged", None), ("gemma-2b-sft", None), ("checkpoints/step-100", None),
-])
+@pytest.mark.parametrize(
+    "name, tuned",
+    [
+        ("gemma-3-1b-it", True),
+        ("~/models/gemma3-4b-it/checkpoint", True),
+        ("/data/Gemma-3-270M-IT/", True),
+        ("gemma-3-1b-it-qat-q4_0-unquantized", True),
+        ("my-chat-model", True),
+        ("gemma-3-1b-pt", False),
+        ("gemma-3-270m", False),
+        ("gemma-2-2b", False),
+        ("gemma2_9b", False),
+        ("~/.cache/gemma_kit/gemma3-270m", False),
+        ("gemma-7b", False),
+        ("runs/merged", None),
+        ("gemma-2b-sft", None),
+        ("checkpoints/step-100", None),
+    ],
+)
 def test_instruction_tuned_from_the_checkpoint_name(name, tuned):
     assert instruction_tuned(name) is tuned
 
@@ -296,8 +335,20 @@ def _replies(out: str) -> list[str]:
 
 
 def test_cli_commands_reset_help_undo(terminal, model, tokenizer):
-    out, err = terminal(["Hello there!", "/reset", "Hello there!", "/help", "/undo", "/undo",
-                         "/nonsense", "Tell me more.", "/exit", "never read"])
+    out, err = terminal(
+        [
+            "Hello there!",
+            "/reset",
+            "Hello there!",
+            "/help",
+            "/undo",
+            "/undo",
+            "/nonsense",
+            "Tell me more.",
+            "/exit",
+            "never read",
+        ]
+    )
     replies = _replies(out)
     assert len(replies) == 3  # one per message; the commands print to stderr
     # /reset forgot the first exchange: the same message gets the first reply again.
@@ -313,16 +364,14 @@ def test_cli_commands_reset_help_undo(terminal, model, tokenizer):
     assert "[unknown command /nonsense: /help lists the commands]" in err
 
 
-def test_cli_pretrained_notice_only_for_a_pretrained_model(terminal, tiny_model, model,
-                                                           tmp_path):
+def test_cli_pretrained_notice_only_for_a_pretrained_model(terminal, tiny_model, model, tmp_path):
     from gemma_kit import lora
 
     _, err = terminal(["/exit"])
     assert "Chatting with tiny-vocab (/help lists the commands" in err
     assert "is a pretrained model, not a chat model" in err
     # Fine-tuned with a LoRA adapter (conversations, as a rule): a chat model, no notice.
-    adapted = lora.apply_lora(tiny_model(model.config, seed=11), rank=2, alpha=4.0,
-                              targets="attn")
+    adapted = lora.apply_lora(tiny_model(model.config, seed=11), rank=2, alpha=4.0, targets="attn")
     folder = lora.save_adapter(adapted, tmp_path / "adapter")
     _, err = terminal(["/exit"], "--lora", str(folder))
     assert "Chatting with tiny-vocab" in err and "pretrained" not in err
@@ -334,7 +383,8 @@ def test_cli_dry_and_speculative(terminal, capsys):
     assert len(_replies(out)) == 1
     assert main(["chat", "--speculative", "ngram", "--dry", "0.8"]) == 2
     err = capsys.readouterr().err
-    assert err == ("error: --speculative does not apply the DRY penalty: leave --dry out or "
-                   "set it to 0\n")
+    assert err == (
+        "error: --speculative does not apply the DRY penalty: leave --dry out or set it to 0\n"
+    )
     assert main(["chat", "--dry", "-1"]) == 2
     assert "argument --dry: must be >= 0" in capsys.readouterr().err

@@ -98,7 +98,9 @@ def _vision_extras(embed_dim: int) -> dict:
         "SigLiPFromPatches_0/siglip_encoder": {"pos_embedding": r(1, 16, P)},
         "SigLiPFromPatches_0/siglip_encoder/embedding": {"kernel": r(2, 2, 3, P), "bias": r(P)},
         "SigLiPFromPatches_0/siglip_encoder/Transformer/encoder_norm": {
-            "scale": r(P), "bias": r(P)},
+            "scale": r(P),
+            "bias": r(P),
+        },
     }
 
 
@@ -188,8 +190,9 @@ def test_released_checkpoint_with_vision_loads_text_only(tiny_gemma3_config, tin
         "checkpoint",  # the name gemma_kit's own model folders use
     ],
 )
-def test_finds_checkpoint_and_tokenizer_in_a_download(tiny_gemma3_config, tiny_model, tmp_path,
-                                                       subfolder):
+def test_finds_checkpoint_and_tokenizer_in_a_download(
+    tiny_gemma3_config, tiny_model, tmp_path, subfolder
+):
     download = tmp_path / "download"
     model = tiny_model(tiny_gemma3_config)
     save_checkpoint(model, download / subfolder)
@@ -286,13 +289,20 @@ def test_damaged_checkpoints(tiny_gemma3_config, tiny_model, tmp_path):
                     os.truncate(f, f.stat().st_size // 2)
             cases[f"{data_dir} {damage}"] = path
     child = subprocess.run(
-        [sys.executable, "-c", _LOAD_EACH, str(pathlib.Path(__file__).parent),
-         *map(str, cases.values())],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            _LOAD_EACH,
+            str(pathlib.Path(__file__).parent),
+            *map(str, cases.values()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     lines = [l for l in child.stdout.splitlines() if l.startswith("RESULTS=")]
     assert lines, f"child process failed:\n{child.stderr[-3000:]}"
-    for (case, path), result in zip(cases.items(), json.loads(lines[0][len("RESULTS="):])):
+    for (case, path), result in zip(cases.items(), json.loads(lines[0][len("RESULTS=") :])):
         assert result is not None, f"{case}: a damaged checkpoint loaded without an error"
         kind, message = result
         assert kind == "gemma_kit.errors.CheckpointError", f"{case}: {kind}: {message}"
@@ -317,8 +327,9 @@ def test_mismatched_config_names_the_mismatch(saved, tiny_gemma3_config):
     assert "expects (2, 64, 32)" in message
 
 
-def test_gemma2_checkpoint_with_a_gemma3_config(tiny_gemma2_config, tiny_gemma3_config,
-                                                tiny_model, tmp_path):
+def test_gemma2_checkpoint_with_a_gemma3_config(
+    tiny_gemma2_config, tiny_gemma3_config, tiny_model, tmp_path
+):
     save_checkpoint(tiny_model(tiny_gemma2_config), tmp_path / "ckpt")
     with pytest.raises(CheckpointError, match="does not match") as err:
         load_model(tmp_path / "ckpt", preset=tiny_gemma3_config)
@@ -365,8 +376,9 @@ def test_save_overwrites_a_checkpoint_when_asked(saved, tiny_gemma3_config, tiny
     _assert_same_params(_params(load_model(saved, preset=tiny_gemma3_config)), _params(other))
 
 
-def test_save_never_deletes_a_folder_that_is_not_a_checkpoint(tiny_gemma3_config, tiny_model,
-                                                              tmp_path):
+def test_save_never_deletes_a_folder_that_is_not_a_checkpoint(
+    tiny_gemma3_config, tiny_model, tmp_path
+):
     folder = tmp_path / "my-data"
     folder.mkdir()
     (folder / "notes.txt").write_text("precious")
@@ -395,8 +407,9 @@ def test_save_into_an_empty_folder_with_overwrite(tiny_gemma3_config, tiny_model
     (tmp_path / "empty").mkdir()
     model = tiny_model(tiny_gemma3_config)
     save_checkpoint(model, tmp_path / "empty", overwrite=True)
-    _assert_same_params(_params(load_model(tmp_path / "empty", preset=tiny_gemma3_config)),
-                        _params(model))
+    _assert_same_params(
+        _params(load_model(tmp_path / "empty", preset=tiny_gemma3_config)), _params(model)
+    )
 
 
 def test_save_onto_a_file_is_a_clear_error(tiny_gemma3_config, tiny_model, tmp_path):

@@ -36,12 +36,15 @@ def test_info_checks_a_given_preset(capsys):
 def test_sample_json_equals_the_library(capsys):
     import gemma_kit
 
-    assert main(["sample", "--prompt", "The capital of France is", "--max-new-tokens", "8",
-                 "--json"]) == 0
+    assert (
+        main(["sample", "--prompt", "The capital of France is", "--max-new-tokens", "8", "--json"])
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     model, tokenizer = gemma_kit.default_model()
-    expected = gemma_kit.Sampler(model, tokenizer).generate("The capital of France is",
-                                                            max_new_tokens=8)
+    expected = gemma_kit.Sampler(model, tokenizer).generate(
+        "The capital of France is", max_new_tokens=8
+    )
     assert out["tokens"] == expected.tokens and out["text"] == expected.text
     assert len(out["tokens"]) == 8 and out["finish_reason"] == "length"
     np.testing.assert_allclose(out["logprobs"], expected.logprobs, rtol=1e-6)
@@ -53,12 +56,25 @@ def test_sample_int8_equals_the_library_on_int8_weights(capsys):
     import gemma_kit
     from gemma_kit.quant import quantize_model
 
-    assert main(["sample", "--prompt", "The capital of France is", "--max-new-tokens", "6",
-                 "--json", "--int8"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--prompt",
+                "The capital of France is",
+                "--max-new-tokens",
+                "6",
+                "--json",
+                "--int8",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     model, tokenizer = gemma_kit.default_model()
     expected = gemma_kit.Sampler(quantize_model(model, embedding=True), tokenizer).generate(
-        "The capital of France is", max_new_tokens=6)
+        "The capital of France is", max_new_tokens=6
+    )
     assert out["tokens"] == expected.tokens and len(out["tokens"]) == 6
     np.testing.assert_allclose(out["logprobs"], expected.logprobs, rtol=1e-6)
 
@@ -66,25 +82,33 @@ def test_sample_int8_equals_the_library_on_int8_weights(capsys):
 @pytest.fixture
 def no_loading(monkeypatch):
     """Makes any model load fail the test: the inputs below must be refused before one."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad input was refused")
 
-    for target in ("gemma_kit.embedded.default_model", "gemma_kit.embedded.ensure_default_model",
-                   "gemma_kit.loading.load_model"):
+    for target in (
+        "gemma_kit.embedded.default_model",
+        "gemma_kit.embedded.ensure_default_model",
+        "gemma_kit.loading.load_model",
+    ):
         monkeypatch.setattr(target, refuse)
 
 
 # (argv, what the one-line message must contain). Every one is refused before any model loads.
 BAD_INPUT = [
-    (["sample", "--prompt", "hi", "--dtype", "float16"],
-     "argument --dtype: unknown dtype 'float16'; use bfloat16 (bf16) or float32 (f32)"),
+    (
+        ["sample", "--prompt", "hi", "--dtype", "float16"],
+        "argument --dtype: unknown dtype 'float16'; use bfloat16 (bf16) or float32 (f32)",
+    ),
     (["chat", "--dtype", "float16"], "argument --dtype: unknown dtype 'float16'"),
     (["export", "--to", "hf", "--out", "x", "--dtype", "float16"], "unknown dtype 'float16'"),
     (["convert", "--gguf", "a.gguf", "--out", "x", "--dtype", "fp16"], "unknown dtype 'fp16'"),
     (["demo", "--dtype", "int8"], "unknown dtype 'int8'"),
     (["sample", "--prompt", ""], "argument --prompt: is empty; give at least one character"),
-    (["sample", "--prompt", "hi", "--max-new-tokens", "0"],
-     "argument --max-new-tokens: must be an integer >= 1, got 0"),
+    (
+        ["sample", "--prompt", "hi", "--max-new-tokens", "0"],
+        "argument --max-new-tokens: must be an integer >= 1, got 0",
+    ),
     (["chat", "--max-new-tokens", "-3"], "argument --max-new-tokens: must be an integer >= 1"),
     (["sample", "--prompt", "hi", "--max-new-tokens", "ten"], "expected an integer >= 1"),
     (["sample", "--prompt", "hi", "--top-p", "0"], "argument --top-p: must be in (0, 1], got 0"),
@@ -97,19 +121,27 @@ BAD_INPUT = [
     (["chat", "--cache-length", "0"], "argument --cache-length: must be an integer >= 1"),
     (["demo", "--port", "70000"], "argument --port: must be a port number in 1..65535"),
     (["demo", "--concurrency", "0"], "argument --concurrency: must be an integer >= 1"),
-    (["export", "--to", "hf", "--out", "x", "--max-shard-size", "0"],
-     "argument --max-shard-size: must be at least one byte"),
+    (
+        ["export", "--to", "hf", "--out", "x", "--max-shard-size", "0"],
+        "argument --max-shard-size: must be at least one byte",
+    ),
     (["export", "--to", "hf", "--out", "x", "--max-shard-size", "lots"], "cannot read 'lots'"),
     (["export", "--to", "onnx", "--out", "x"], "argument --to: invalid choice: 'onnx'"),
     (["finetune", "--steps", "0"], "argument --steps: must be an integer >= 1"),
-    (["sample", "--prompt", "hi", "--preset", "gemma3-1b"],
-     "--tokenizer and --preset describe a checkpoint given with --ckpt"),
+    (
+        ["sample", "--prompt", "hi", "--preset", "gemma3-1b"],
+        "--tokenizer and --preset describe a checkpoint given with --ckpt",
+    ),
     (["chat", "--tokenizer", "t.model"], "--tokenizer and --preset describe a checkpoint"),
     (["sample", "--prompt", "hi", "--ckpt", "/nonexistent/ckpt"], "does not exist"),
-    (["sample", "--prompt", "hi", "--ckpt", "/nonexistent/ckpt", "--preset", "gemma9-1b"],
-     "Unknown preset 'gemma9-1b'"),
-    (["sample", "--prompt", "hi", "--lora", "/nonexistent/adapter"],
-     "adapter folder '/nonexistent/adapter' does not exist"),
+    (
+        ["sample", "--prompt", "hi", "--ckpt", "/nonexistent/ckpt", "--preset", "gemma9-1b"],
+        "Unknown preset 'gemma9-1b'",
+    ),
+    (
+        ["sample", "--prompt", "hi", "--lora", "/nonexistent/adapter"],
+        "adapter folder '/nonexistent/adapter' does not exist",
+    ),
     (["export", "--to", "peft", "--out", "x"], "--to peft converts a LoRA adapter alone"),
     (["info", "/nonexistent/ckpt"], "does not exist"),
     (["sample"], "the following arguments are required: --prompt"),
@@ -147,8 +179,9 @@ def _options():
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     for name, sub in [("gemma-kit", parser), *commands.choices.items()]:
         # One of a required group (convert's --gguf / --hf) has no default to state.
-        required = {id(a) for g in sub._mutually_exclusive_groups if g.required
-                    for a in g._group_actions}
+        required = {
+            id(a) for g in sub._mutually_exclusive_groups if g.required for a in g._group_actions
+        }
         for action in sub._actions:
             if not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
                 yield name, action, action.required or id(action) in required
@@ -213,6 +246,7 @@ def test_chat_streams_replies_over_turns(monkeypatch, capsys):
     import gemma_kit
 
     model, tokenizer = gemma_kit.default_model()
-    expected = ChatSession(model, tokenizer, system="Be brief.").send("What is 2+2?",
-                                                                       max_new_tokens=6)
+    expected = ChatSession(model, tokenizer, system="Be brief.").send(
+        "What is 2+2?", max_new_tokens=6
+    )
     assert replies[1].rstrip("\n") == expected

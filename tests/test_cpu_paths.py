@@ -16,8 +16,9 @@ from gemma_kit.layers import matmul_t
 
 
 def _bf16(x):
-    return np.asarray(jnp.asarray(x, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32),
-                      np.float64)
+    return np.asarray(
+        jnp.asarray(x, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32), np.float64
+    )
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8])
@@ -48,10 +49,13 @@ def test_every_form_gives_the_reference_products(stored, rows):
     reference = xr @ dense.T
     magnitude = np.abs(xr) @ np.abs(dense).T
     for path in cpu_paths.PATHS:
-        got = np.asarray(matmul_t(jnp.asarray(x), *args,
-                                  None if scale is None else jnp.asarray(scale), path=path))
+        got = np.asarray(
+            matmul_t(
+                jnp.asarray(x), *args, None if scale is None else jnp.asarray(scale), path=path
+            )
+        )
         assert got.shape == (rows, O) and got.dtype == np.float32
-        tol = (2.0 ** -8 if (stored, path) == ("int4", "dot") else 1e-5) * magnitude + 1e-30
+        tol = (2.0**-8 if (stored, path) == ("int4", "dot") else 1e-5) * magnitude + 1e-30
         assert (np.abs(got - reference) <= tol).all(), (path, np.abs(got - reference).max())
 
 
@@ -99,8 +103,11 @@ def test_the_faster_form_wins_and_ties_keep_the_reference(fresh_cache):
 
 def test_corrupt_cache_file_is_ignored_with_a_warning(fresh_cache):
     path = fresh_cache / cpu_paths.CACHE_FILE
-    for junk in ("{not json", json.dumps({"format": 1, "entries": {"k": {"path": "gpu"}}}),
-                 json.dumps([1, 2])):
+    for junk in (
+        "{not json",
+        json.dumps({"format": 1, "entries": {"k": {"path": "gpu"}}}),
+        json.dumps([1, 2]),
+    ):
         path.write_text(junk)
         cpu_paths.forget()
         cls = cpu_paths.ProductClass("bfloat16", "few", "layer")

@@ -22,8 +22,9 @@ _SHARED: dict = {}
 def sampler(tiny_gemma3_config, tiny_model, small_tokenizer) -> Sampler:
     if "sampler" not in _SHARED:
         config = tiny_gemma3_config.replace(vocab_size=SMALL_VOCAB, max_context=256)
-        _SHARED["sampler"] = Sampler(tiny_model(config, seed=3), small_tokenizer,
-                                     cache_dtype=jnp.float32, cache_length=128)
+        _SHARED["sampler"] = Sampler(
+            tiny_model(config, seed=3), small_tokenizer, cache_dtype=jnp.float32, cache_length=128
+        )
     return _SHARED["sampler"]
 
 
@@ -43,8 +44,9 @@ def test_the_loop_equals_the_step_repeated(sampler, small_tokenizer):
     DecodeState to the same state: tokens, log-probs, positions, the whole cache, the key."""
     settings = sampler.settings(8, temperature=1.0, stop_token_ids=())
     ids = [_ids(small_tokenizer, 11), _ids(small_tokenizer, 6)]
-    looped = decode.decode_loop(sampler.params, sampler.start(ids, settings, 4), jnp.int32(8),
-                                settings=settings)
+    looped = decode.decode_loop(
+        sampler.params, sampler.start(ids, settings, 4), jnp.int32(8), settings=settings
+    )
     stepped = sampler.start(ids, settings, 4)
     assert int(stepped.step) == 1  # the prefill draws the first token
     for _ in range(7):
@@ -65,8 +67,9 @@ def test_feed_continues_a_cache_as_one_prefill_would(sampler, small_tokenizer):
     settings = sampler.settings(6, stop_token_ids=())
     ids = _ids(small_tokenizer, 50)
     head, tail = ids[:9], ids[9:]  # 41 new tokens: one chunk of 32, then 8 singles, then a step
-    whole = decode.decode_loop(sampler.params, sampler.start([ids], settings, 0),
-                               jnp.int32(6), settings=settings)
+    whole = decode.decode_loop(
+        sampler.params, sampler.start([ids], settings, 0), jnp.int32(6), settings=settings
+    )
     first = sampler.start([head], settings, 0)
     # The prefill drew a token after `head`; the continuation feeds `tail` instead.
     used = int(first.cache["index"])
@@ -83,9 +86,13 @@ def test_one_constructor_makes_every_state(sampler, small_tokenizer):
     """DecodeState.create is the only way a state starts: nothing drawn, empty buffers."""
     settings = sampler.settings(5)
     cache = sampler.start([_ids(small_tokenizer, 4)], settings, 0).cache
-    state = decode.DecodeState.create(cache, jnp.asarray([7], jnp.int32),
-                                      jnp.asarray([4], jnp.int32), jax.random.key(0),
-                                      settings.max_new)
+    state = decode.DecodeState.create(
+        cache,
+        jnp.asarray([7], jnp.int32),
+        jnp.asarray([4], jnp.int32),
+        jax.random.key(0),
+        settings.max_new,
+    )
     assert state.tokens.shape == state.logprobs.shape == (1, settings.max_new) == (1, 16)
     assert (int(state.step), state.stopped_at.tolist(), state.done.tolist()) == (0, [-1], [False])
     assert state.capacity == 128

@@ -12,8 +12,9 @@ import socket
 
 import pytest
 
-pytest.importorskip("gradio", reason="the demo needs the [demo] extra (pip install "
-                    "'gemma-kit[demo]')")
+pytest.importorskip(
+    "gradio", reason="the demo needs the [demo] extra (pip install 'gemma-kit[demo]')"
+)
 
 import _tiny
 from gemma_kit.chat import ChatSession
@@ -42,15 +43,19 @@ def free_port() -> int:
 def tiny_chat_model():
     """A random text model over the small real tokenizer (384 pieces, Gemma 3 chat ids)."""
     config = _tiny.tiny_gemma3().replace(
-        name="tiny-chat", vocab_size=_tiny.SMALL_VOCAB, max_context=512,
-        layers=(LocalAttention(8), LocalAttention(8), GlobalAttention(rope_base=1e6)))
+        name="tiny-chat",
+        vocab_size=_tiny.SMALL_VOCAB,
+        max_context=512,
+        layers=(LocalAttention(8), LocalAttention(8), GlobalAttention(rope_base=1e6)),
+    )
     return _tiny.random_model(config, seed=5), _tiny.small_tokenizer()
 
 
 def test_sampling_settings_map_the_controls():
     got = sampling_settings(0.7, 1.0, 0, 32, 123)
-    assert got == dict(temperature=0.7, top_p=None, top_k=None, max_new_tokens=32, seed=123,
-                       dry=None)
+    assert got == dict(
+        temperature=0.7, top_p=None, top_k=None, max_new_tokens=32, seed=123, dry=None
+    )
     assert sampling_settings(1.0, 0.9, 40, 8, 5)["top_p"] == 0.9
     assert sampling_settings(1.0, 0.9, 40, 8, 5, 0.8)["dry"] == DryPenalty()
     assert sampling_settings(1.0, 0.9, 40, 8, 5, 1.5)["dry"] == DryPenalty(multiplier=1.5)
@@ -111,7 +116,8 @@ def test_image_markers_go_before_the_text_unless_placed():
     from gemma_kit.demo import with_image_markers
 
     assert with_image_markers("Compare them.", 2) == (
-        "<start_of_image><start_of_image>Compare them.")
+        "<start_of_image><start_of_image>Compare them."
+    )
     placed = "Is <start_of_image> brighter than <start_of_image>?"
     assert with_image_markers(placed, 2) == placed
 
@@ -145,8 +151,9 @@ def test_eight_parallel_conversations(tiny_chat_model):
 
     def converse(i):
         client = Client(url, verbose=False)
-        return [client.predict(message=m, seed=100 + i, api_name="/chat", **sampling)
-                for m in turns[i]]
+        return [
+            client.predict(message=m, seed=100 + i, api_name="/chat", **sampling) for m in turns[i]
+        ]
 
     try:
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -156,8 +163,10 @@ def test_eight_parallel_conversations(tiny_chat_model):
     for i in range(8):
         alone = ChatSession(model, tokenizer, cache_length=256)
         # The API's default DRY penalty is ChatSession's (0.8); top-p 1 and top-k 0 are off.
-        want = [alone.send(m, temperature=1.0, top_k=None, top_p=None, max_new_tokens=12,
-                           seed=100 + i) for m in turns[i]]
+        want = [
+            alone.send(m, temperature=1.0, top_k=None, top_p=None, max_new_tokens=12, seed=100 + i)
+            for m in turns[i]
+        ]
         assert got[i] == want, f"client {i}"
     assert len({reply for replies in got for reply in replies}) == 16
 
@@ -172,19 +181,19 @@ def test_lora_adapter_is_applied_and_shown(tiny_chat_model, tmp_path, capsys):
 
     model, tokenizer = tiny_chat_model
     config = model.config
-    adapted = lora.apply_lora(_tiny.random_model(config, seed=5), rank=2, alpha=4.0,
-                              targets="attn")
+    adapted = lora.apply_lora(_tiny.random_model(config, seed=5), rank=2, alpha=4.0, targets="attn")
     state = lora.lora_state(adapted)
     rng = np.random.default_rng(0)  # B starts at zero: make the adapter change something
-    nnx.update(adapted, jax.tree.map(lambda x: rng.normal(0, 0.5, x.shape).astype(x.dtype),
-                                     state))
+    nnx.update(adapted, jax.tree.map(lambda x: rng.normal(0, 0.5, x.shape).astype(x.dtype), state))
     folder = lora.save_adapter(adapted, tmp_path / "adapter")
 
     served, description = load_lora(_tiny.random_model(config, seed=5), folder)
     assert not lora.has_lora(served)  # folded into the weights
     assert description == "`adapter` (rank 2, alpha 4, on attn_vec_einsum, kv_einsum, q_einsum)"
-    assert "**LoRA adapter:** `adapter` (rank 2" in ModelCard.of(
-        served, lora=description, cache_length=256).markdown()
+    assert (
+        "**LoRA adapter:** `adapter` (rank 2"
+        in ModelCard.of(served, lora=description, cache_length=256).markdown()
+    )
     # Folded into the weights, the adapter computes what it computes beside them (f32).
     tokens = jax.numpy.asarray([tokenizer.encode("Hi there, how are you?")])
     want = np.asarray(adapted(tokens))
@@ -222,8 +231,7 @@ def test_model_card_says_what_kind_of_model_it_is(tiny_chat_model):
     model, _ = tiny_chat_model
 
     def card(kind, mode):
-        return ModelCard.of(model, lora=None, cache_length=256, kind=kind,
-                            mode=mode).markdown()
+        return ModelCard.of(model, lora=None, cache_length=256, kind=kind, mode=mode).markdown()
 
     assert "**Kind:** pretrained: it continues text" in card("pretrained", "completion")
     assert "--mode completion" not in card("pretrained", "completion")
@@ -245,14 +253,21 @@ def test_cli_picks_completion_for_a_pretrained_model(tiny_chat_model, monkeypatc
 
     model, tokenizer = tiny_chat_model
     served = []
-    monkeypatch.setattr("gemma_kit.embedded.default_model",
-                        lambda dtype=None: (_tiny.random_model(model.config, seed=5), tokenizer))
-    monkeypatch.setattr("gemma_kit.demo.serve",
-                        lambda model, tokenizer, host, port, **options: served.append(options))
+    monkeypatch.setattr(
+        "gemma_kit.embedded.default_model",
+        lambda dtype=None: (_tiny.random_model(model.config, seed=5), tokenizer),
+    )
+    monkeypatch.setattr(
+        "gemma_kit.demo.serve",
+        lambda model, tokenizer, host, port, **options: served.append(options),
+    )
     port = str(free_port())
-    folder = lora.save_adapter(lora.apply_lora(_tiny.random_model(model.config, seed=5),
-                                               rank=2, alpha=4.0, targets="attn"),
-                               tmp_path / "adapter")
+    folder = lora.save_adapter(
+        lora.apply_lora(
+            _tiny.random_model(model.config, seed=5), rank=2, alpha=4.0, targets="attn"
+        ),
+        tmp_path / "adapter",
+    )
     for argv, mode, kind in [
         ([], "completion", "pretrained"),
         (["--mode", "chat"], "chat", "pretrained"),
@@ -276,8 +291,8 @@ def test_completion_continues_the_text(tiny_chat_model):
     text = "Once upon a time, in a small village by the sea,"
     parts = list(app.complete(app.conversation("tab"), text, sampling))
     want = Sampler(model, tokenizer, cache_length=256).generate(
-        text, max_new_tokens=16, temperature=1.0, top_p=0.95, top_k=64, seed=7,
-        dry=DryPenalty())
+        text, max_new_tokens=16, temperature=1.0, top_p=0.95, top_k=64, seed=7, dry=DryPenalty()
+    )
     assert parts[-1].text == want.text and want.text
     assert all(b.text.startswith(a.text) for a, b in zip(parts, parts[1:]))
     assert len(parts) >= 3
@@ -286,19 +301,30 @@ def test_completion_continues_the_text(tiny_chat_model):
 
     long = "the story of the sea and the ship, " * 40  # ~400 tokens for a 256-token cache
     *_, last = app.complete(app.conversation("tab"), long, sampling)
-    assert last.notice == ("The text is longer than the 256-token memory holds with 16 new "
-                           "tokens: it was continued from its last 239 tokens.")
+    assert last.notice == (
+        "The text is longer than the 256-token memory holds with 16 new "
+        "tokens: it was continued from its last 239 tokens."
+    )
     assert "**Continuation 2:** 16 tokens" in last.stats
 
     url = app.launch("127.0.0.1", free_port(), block=False, quiet=True)
     try:
         client = Client(url, verbose=False)
-        got = client.predict(text=text, temperature=1.0, top_p=0.95, top_k=64,
-                             max_new_tokens=16, seed=7, api_name="/complete")
+        got = client.predict(
+            text=text,
+            temperature=1.0,
+            top_p=0.95,
+            top_k=64,
+            max_new_tokens=16,
+            seed=7,
+            api_name="/complete",
+        )
         assert got == want.text  # the API's default DRY penalty is the page's, 0.8
         with pytest.raises(Exception, match="the text is empty"):
             client.predict(text="  ", api_name="/complete")
-        assert "/chat" not in client.view_api(print_info=False, return_format="dict")[
-            "named_endpoints"]  # the completion page holds no conversation
+        assert (
+            "/chat"
+            not in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+        )  # the completion page holds no conversation
     finally:
         app.close()

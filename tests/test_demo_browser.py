@@ -24,8 +24,9 @@ import numpy as np
 import pytest
 
 pytest.importorskip("gradio", reason="the demo needs the [demo] extra")
-playwright = pytest.importorskip("playwright.sync_api",
-                                 reason="the browser tests need playwright (the [test] extra)")
+playwright = pytest.importorskip(
+    "playwright.sync_api", reason="the browser tests need playwright (the [test] extra)"
+)
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = pathlib.Path(__file__).resolve().parent.parent / "test-artifacts" / "demo"
@@ -39,7 +40,8 @@ MAX_NEW = 96
 
 pytestmark = pytest.mark.skipif(
     not os.access(CHROMIUM, os.X_OK),
-    reason="needs Debian's chromium: apt-get install chromium (.ci/run does)")
+    reason="needs Debian's chromium: apt-get install chromium (.ci/run does)",
+)
 
 
 def _free_port() -> int:
@@ -70,8 +72,11 @@ def chat_served():
     from gemma_kit.demo import ChatApp
 
     config = _tiny.tiny_gemma3().replace(
-        name="tiny-chat", vocab_size=_tiny.SMALL_VOCAB, max_context=512,
-        layers=(LocalAttention(8), LocalAttention(8), GlobalAttention(rope_base=1e6)))
+        name="tiny-chat",
+        vocab_size=_tiny.SMALL_VOCAB,
+        max_context=512,
+        layers=(LocalAttention(8), LocalAttention(8), GlobalAttention(rope_base=1e6)),
+    )
     model, tokenizer = _tiny.random_model(config, seed=5), _tiny.small_tokenizer()
     app = ChatApp(model, tokenizer, kind="instruction-tuned", cache_length=256)
     url = app.launch("127.0.0.1", _free_port(), block=False, quiet=True)
@@ -83,8 +88,10 @@ def chat_served():
 def browser():
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-background-networking"])
+            executable_path=CHROMIUM,
+            headless=True,
+            args=["--no-sandbox", "--disable-background-networking"],
+        )
         yield browser
         browser.close()
 
@@ -152,8 +159,11 @@ def _continue(page, number: int, *, watch: bool = False) -> list[str]:
     page.click("#continue")
     seen: list[str] = []
     deadline = time.monotonic() + TIMEOUT_MS / 1000
-    while watch and f"Continuation {number}:" not in page.inner_text("#stats") and (
-            time.monotonic() < deadline):
+    while (
+        watch
+        and f"Continuation {number}:" not in page.inner_text("#stats")
+        and (time.monotonic() < deadline)
+    ):
         text = _text(page)
         if not seen or text != seen[-1]:
             seen.append(text)
@@ -165,8 +175,7 @@ def _continue(page, number: int, *, watch: bool = False) -> list[str]:
 
 def _undo(page, back_to: str) -> None:
     page.click("#undo")
-    page.wait_for_function(
-        f"() => document.querySelector('#text textarea').value == {back_to!r}")
+    page.wait_for_function(f"() => document.querySelector('#text textarea').value == {back_to!r}")
 
 
 def _reference(served, text: str, seed: int) -> tuple[str, list[int]]:
@@ -178,14 +187,15 @@ def _reference(served, text: str, seed: int) -> tuple[str, list[int]]:
 
     app, _, model, tokenizer = served
     sampler = Sampler(model, tokenizer, cache_length=app.cache_length)
-    continuation = "".join(sampler.stream(text, max_new_tokens=MAX_NEW, seed=seed,
-                                          dry=DryPenalty(), **SAMPLING))
+    continuation = "".join(
+        sampler.stream(text, max_new_tokens=MAX_NEW, seed=seed, dry=DryPenalty(), **SAMPLING)
+    )
     return continuation, tokenizer.encode(continuation, add_bos=False)
 
 
 def _repeated_4grams(tokens: list[int]) -> float:
     """The share of the 4-grams that occurred earlier in the sequence (a loop tends to 1)."""
-    grams = [tuple(tokens[i:i + 4]) for i in range(len(tokens) - 3)]
+    grams = [tuple(tokens[i : i + 4]) for i in range(len(tokens) - 3)]
     return sum(g in set(grams[:i]) for i, g in enumerate(grams)) / max(len(grams), 1)
 
 
@@ -249,8 +259,9 @@ def test_completion_seed_undo_stop_clear(page, served):
     # Stop: a continuation ends where it was stopped, and stays in the box.
     _undo(page, beginning)
     page.click("#continue")
-    page.wait_for_function(f"() => document.querySelector('#text textarea').value.length > "
-                           f"{len(beginning) + 5}")
+    page.wait_for_function(
+        f"() => document.querySelector('#text textarea').value.length > {len(beginning) + 5}"
+    )
     page.click("#stop")
     page.wait_for_selector("#stats:has-text('stopped')")
     tokens = int(re.search(r"Continuation 4: (\d+) tokens", page.inner_text("#stats")).group(1))
@@ -261,8 +272,10 @@ def test_completion_seed_undo_stop_clear(page, served):
 
     # Clear: an empty box and no stats.
     page.click("#clear")
-    page.wait_for_function("() => document.querySelector('#text textarea').value == '' && "
-                           "!document.querySelector('#stats').innerText.includes('Continuation')")
+    page.wait_for_function(
+        "() => document.querySelector('#text textarea').value == '' && "
+        "!document.querySelector('#stats').innerText.includes('Continuation')"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,8 +315,10 @@ def _send(page, text: str, number: int = 1, *, watch: bool = False) -> tuple[str
 
 def _clear(page) -> None:
     page.click("#clear")
-    page.wait_for_function("() => !document.querySelector('[data-testid=\"bot\"]')"
-                           " && !document.querySelector('#stats').innerText.includes('Reply')")
+    page.wait_for_function(
+        "() => !document.querySelector('[data-testid=\"bot\"]')"
+        " && !document.querySelector('#stats').innerText.includes('Reply')"
+    )
 
 
 def test_chat_page(chat_page, chat_served, tmp_path):
@@ -322,7 +337,8 @@ def test_chat_page(chat_page, chat_served, tmp_path):
     _settings(page, max_new=32, seed=42)
     reply, seen = _send(page, message, watch=True)
     want = ChatSession(model, tokenizer, cache_length=app.cache_length).send(
-        message, max_new_tokens=32, seed=42)  # the page's defaults are ChatSession's
+        message, max_new_tokens=32, seed=42
+    )  # the page's defaults are ChatSession's
     assert _words(reply) == _words(want) and _words(want)
     assert len(seen) >= 2, seen
     assert re.search(r"Reply 1: \d+ tokens in [\d.]+ s", page.inner_text("#stats"))
@@ -388,7 +404,8 @@ def test_images_for_a_vision_model(browser, tmp_path):
         page.fill("#message textarea", message)
         page.set_input_files("#message input[type=file]", [str(p) for p in paths])
         page.wait_for_function(
-            "() => document.querySelectorAll('#message .thumbnail-item').length == 2")
+            "() => document.querySelectorAll('#message .thumbnail-item').length == 2"
+        )
         page.press("#message textarea", "Enter")
         _wait_finished(page, 1)
         reply = _bot_texts(page)[-1]
@@ -408,8 +425,9 @@ def test_images_for_a_vision_model(browser, tmp_path):
 
         _clear(page)
         big = tmp_path / "big.png"
-        Image.fromarray(np.random.default_rng(0).integers(0, 256, (160, 160, 3), np.uint8)
-                        ).save(big)  # noise does not compress: about 77 kB
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (160, 160, 3), np.uint8)).save(
+            big
+        )  # noise does not compress: about 77 kB
         page.set_input_files("#message input[type=file]", str(big))
         page.wait_for_selector(".toast-body:has-text('exceed the maximum allowed size')")
         assert len(_bot_texts(page)) == 0
@@ -418,10 +436,18 @@ def test_images_for_a_vision_model(browser, tmp_path):
         app.close()
     images = [Image.open(p) for p in paths]
     want = ChatSession(model, tokenizer, cache_length=256).send(
-        "<start_of_image><start_of_image>" + message, images=images, **SAMPLING,
-        max_new_tokens=12, seed=9)
+        "<start_of_image><start_of_image>" + message,
+        images=images,
+        **SAMPLING,
+        max_new_tokens=12,
+        seed=9,
+    )
     assert _words(reply) == _words(want) and _words(want)
     without = ChatSession(model, tokenizer, cache_length=256).send(
-        "<start_of_image><start_of_image>" + message, images=images[::-1], **SAMPLING,
-        max_new_tokens=12, seed=9)
+        "<start_of_image><start_of_image>" + message,
+        images=images[::-1],
+        **SAMPLING,
+        max_new_tokens=12,
+        seed=9,
+    )
     assert _words(without) != _words(want)  # the images, and their order, matter

@@ -63,18 +63,33 @@ def data(tmp_path_factory) -> dict[str, pathlib.Path]:
     folder = tmp_path_factory.mktemp("data")
     lines = [line.strip() for line in _tiny.SMALL_TEXT.splitlines() if len(line.strip()) > 20]
     paths = dict(prompts=folder / "prompts.jsonl", train=folder / "train.jsonl")
-    paths["prompts"].write_text("".join(json.dumps({"prompt": line[:20]}) + "\n"
-                                        for line in lines[:24]))
-    paths["train"].write_text("".join(json.dumps({"text": line[:60]}) + "\n"
-                                      for line in lines[:40]))
+    paths["prompts"].write_text(
+        "".join(json.dumps({"prompt": line[:20]}) + "\n" for line in lines[:24])
+    )
+    paths["train"].write_text(
+        "".join(json.dumps({"text": line[:60]}) + "\n" for line in lines[:40])
+    )
     return paths
 
 
 def _config(data, out: pathlib.Path, **changes) -> DistillConfig:
-    settings = dict(prompts_file=str(data["prompts"]), train_file=str(data["train"]),
-                    out_dir=str(out), teacher="given", steps=12, batch_size=4, max_new_tokens=8,
-                    max_length=32, learning_rate=LR, warmup_steps=1, eval_every=100,
-                    save_every=100, eval_fraction=0.2, eval_samples=2, progress=False)
+    settings = dict(
+        prompts_file=str(data["prompts"]),
+        train_file=str(data["train"]),
+        out_dir=str(out),
+        teacher="given",
+        steps=12,
+        batch_size=4,
+        max_new_tokens=8,
+        max_length=32,
+        learning_rate=LR,
+        warmup_steps=1,
+        eval_every=100,
+        save_every=100,
+        eval_fraction=0.2,
+        eval_samples=2,
+        progress=False,
+    )
     return DistillConfig(**{**settings, **changes})
 
 
@@ -111,9 +126,12 @@ def test_distillation_lowers_the_divergence(models, data, tmp_path, lmbda, diver
     at least 0.1 nats. The outputs are finetune's and divergence.png."""
     student, teacher, tokenizer = models
     out = tmp_path / "run"
-    result = train_distill(_config(data, out, lmbda=lmbda, divergence=divergence,
-                                   method="full"),
-                           student=student, teacher=teacher, tokenizer=tokenizer)
+    result = train_distill(
+        _config(data, out, lmbda=lmbda, divergence=divergence, method="full"),
+        student=student,
+        teacher=teacher,
+        tokenizer=tokenizer,
+    )
     before, after = result.evaluations["before"], result.evaluations["after"]
     for key in ("eval_reverse_kl", "eval_forward_kl", "eval_data_forward_kl"):
         assert after[key] < before[key] - 0.1, (key, before[key], after[key])
@@ -139,17 +157,32 @@ def test_cli_distils_into_a_shrunk_student_from_folders(models, data, tmp_path, 
 
     _, teacher, tokenizer = models
     params = nnx.to_pure_dict(nnx.state(teacher, nnx.Param))
-    folder = write_model_folder(tmp_path / "teacher", params, tokenizer.to_bytes(),
-                                config=teacher.config)
-    assert main(["shrink", "--ckpt", str(folder), "--keep-layers", "0,2",
-                 "--out", str(tmp_path / "student")]) == 0
+    folder = write_model_folder(
+        tmp_path / "teacher", params, tokenizer.to_bytes(), config=teacher.config
+    )
+    assert (
+        main(
+            [
+                "shrink",
+                "--ckpt",
+                str(folder),
+                "--keep-layers",
+                "0,2",
+                "--out",
+                str(tmp_path / "student"),
+            ]
+        )
+        == 0
+    )
     config = tmp_path / "distill.toml"
-    config.write_text(f'base = "student"\nteacher = "teacher"\nprompts_file = '
-                      f'"{data["prompts"]}"\nout_dir = "run"\nsteps = 3\nbatch_size = 4\n'
-                      'max_new_tokens = 8\nlmbda = 0.0\nseq_kd = true\n'
-                      'teacher_samples = "fixed"\nreduction = "sequence-mean"\n'
-                      'divergence = "alpha"\nalpha = 1.5\n'
-                      'eval_fraction = 0.0\nprogress = false\n')
+    config.write_text(
+        f'base = "student"\nteacher = "teacher"\nprompts_file = '
+        f'"{data["prompts"]}"\nout_dir = "run"\nsteps = 3\nbatch_size = 4\n'
+        "max_new_tokens = 8\nlmbda = 0.0\nseq_kd = true\n"
+        'teacher_samples = "fixed"\nreduction = "sequence-mean"\n'
+        'divergence = "alpha"\nalpha = 1.5\n'
+        "eval_fraction = 0.0\nprogress = false\n"
+    )
     capsys.readouterr()
     assert main(["distill", "--config", str(config), "--set", "learning_rate=1e-2"]) == 0
     line = capsys.readouterr().out
@@ -167,16 +200,26 @@ def test_cli_distils_into_a_shrunk_student_from_folders(models, data, tmp_path, 
 
 def test_prompts_carry_the_hidden_prefix_for_the_teacher_only(small_tokenizer, tmp_path):
     path = tmp_path / "p.jsonl"
-    path.write_text(json.dumps({"prompt": "The for loop"}) + "\n" + json.dumps(
-        {"messages": [{"role": "user", "content": "Explain while."}]}) + "\n")
+    path.write_text(
+        json.dumps({"prompt": "The for loop"})
+        + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "Explain while."}]})
+        + "\n"
+    )
     plain, chat = read_prompts(path, small_tokenizer, "Be brief. ")
     assert plain.student == tuple(small_tokenizer.encode("The for loop"))
     assert plain.teacher == tuple(small_tokenizer.encode("Be brief. The for loop"))
-    assert chat.student == tuple(small_tokenizer.encode_chat(
-        [{"role": "user", "content": "Explain while."}]))
-    assert chat.teacher == tuple(small_tokenizer.encode_chat(
-        [{"role": "system", "content": "Be brief. "},
-         {"role": "user", "content": "Explain while."}]))
+    assert chat.student == tuple(
+        small_tokenizer.encode_chat([{"role": "user", "content": "Explain while."}])
+    )
+    assert chat.teacher == tuple(
+        small_tokenizer.encode_chat(
+            [
+                {"role": "system", "content": "Be brief. "},
+                {"role": "user", "content": "Explain while."},
+            ]
+        )
+    )
     assert plain.source == f"{path}:1"
 
 
@@ -197,18 +240,24 @@ def test_context_distillation_compares_the_same_completion_tokens(models, small_
         if getattr(m, "lora", None) is not None:
             m.lora.b.value = jnp.asarray(rng.normal(0, 0.1, m.lora.b.shape), jnp.float32)
     prefixes = ["Here is a calm answer. ", "Terse: "]
-    prompts = [Prompt(tuple(small_tokenizer.encode(p)), tuple(small_tokenizer.encode(x + p)), "")
-               for p, x in zip(["The for statement", "while"], prefixes)]
-    completions = [small_tokenizer.encode(" is used to iterate", add_bos=False) + [1],
-                   small_tokenizer.encode(" loops", add_bos=False)]
+    prompts = [
+        Prompt(tuple(small_tokenizer.encode(p)), tuple(small_tokenizer.encode(x + p)), "")
+        for p, x in zip(["The for statement", "while"], prefixes)
+    ]
+    completions = [
+        small_tokenizer.encode(" is used to iterate", add_bos=False) + [1],
+        small_tokenizer.encode(" loops", add_bos=False),
+    ]
     N = max(map(len, completions))
-    out = Rollout(prompt_index=np.arange(2, dtype=np.int32),
-                  prompt_ids=[list(p.student) for p in prompts],
-                  completion_ids=np.array([c + [0] * (N - len(c)) for c in completions],
-                                          np.int32),
-                  completion_mask=np.array([[i < len(c) for i in range(N)] for c in completions]),
-                  logprobs=np.zeros((2, N), np.float32), finish_reasons=["stop", "length"],
-                  texts=["", ""])
+    out = Rollout(
+        prompt_index=np.arange(2, dtype=np.int32),
+        prompt_ids=[list(p.student) for p in prompts],
+        completion_ids=np.array([c + [0] * (N - len(c)) for c in completions], np.int32),
+        completion_mask=np.array([[i < len(c) for i in range(N)] for c in completions]),
+        logprobs=np.zeros((2, N), np.float32),
+        finish_reasons=["stop", "length"],
+        texts=["", ""],
+    )
     rows = paired_rows(out, [p.student for p in prompts], [p.teacher for p in prompts], 16, 32)
     for r, (p, c) in enumerate(zip(prompts, completions)):
         w = rows["weights"][r] > 0
@@ -218,17 +267,19 @@ def test_context_distillation_compares_the_same_completion_tokens(models, small_
         # prompt, completion) one position on.
         full = np.array(list(p.teacher) + c)
         assert list(full[rows["teacher_index"][r][w] + 1]) == c
-        teacher_seq = list(rows["teacher_tokens"][r][:len(p.teacher)])
+        teacher_seq = list(rows["teacher_tokens"][r][: len(p.teacher)])
         assert teacher_seq == list(p.teacher)  # the prefix is in the teacher's row only
-        assert list(rows["tokens"][r][:len(p.student)]) == list(p.student)
+        assert list(rows["tokens"][r][: len(p.student)]) == list(p.student)
         shift = len(p.teacher) - len(p.student)
         assert (rows["teacher_index"][r][w] == np.nonzero(w)[0] + shift).all()
         # The teacher's input at the mapped position is the student's input there.
-        assert (rows["teacher_tokens"][r][rows["teacher_index"][r][w]]
-                == rows["tokens"][r][w]).all()
+        assert (
+            rows["teacher_tokens"][r][rows["teacher_index"][r][w]] == rows["tokens"][r][w]
+        ).all()
 
-    loss = DistillLoss(divergence=losses.Divergence("reverse_kl"), teacher=None, kind=LoRAParam,
-                       chunk=8)
+    loss = DistillLoss(
+        divergence=losses.Divergence("reverse_kl"), teacher=None, kind=LoRAParam, chunk=8
+    )
     frozen = {"teacher": reference_values(nnx.state(student, LoRAParam))}
     graphdef, state = nnx.split(student)
     per_position = jax.jit(lambda s, b, f: loss.per_position(nnx.merge(graphdef, s), b, f))
@@ -237,8 +288,8 @@ def test_context_distillation_compares_the_same_completion_tokens(models, small_
     for r, (p, c) in enumerate(zip(prompts, completions)):
         s_logits = forward(nnx.split(student), jnp.asarray([list(p.student) + c[:-1]]))[0]
         t_logits = forward(nnx.split(base), jnp.asarray([list(p.teacher) + c[:-1]]))[0]
-        s_at = s_logits[len(p.student) - 1:]  # the positions that predict c[0], c[1], ...
-        t_at = t_logits[len(p.teacher) - 1:]
+        s_at = s_logits[len(p.student) - 1 :]  # the positions that predict c[0], c[1], ...
+        t_at = t_logits[len(p.teacher) - 1 :]
         expected = np.asarray(losses.reverse_kl_per_position(s_at, t_at))
         w = rows["weights"][r] > 0
         np.testing.assert_allclose(per[r][w], expected, rtol=0, atol=1e-5)
@@ -258,8 +309,7 @@ def test_reduction_weights_are_the_losses_reductions():
         expected = float(losses.reduce_mean(values, weights, reduction))
         np.testing.assert_allclose((values * lw).sum() / n.sum(), expected, rtol=1e-6)
     packed = np.array([[1, 1, 1, 2, 2, 0]])
-    lw, n = reduction_weights(np.array([[0, 1, 1, 1, 1, 0]], np.float32), packed,
-                              "sequence-mean")
+    lw, n = reduction_weights(np.array([[0, 1, 1, 1, 1, 0]], np.float32), packed, "sequence-mean")
     np.testing.assert_allclose(lw, [[0, 0.5, 0.5, 0.5, 0.5, 0]])
     assert n.tolist() == [2.0]
 
@@ -277,12 +327,27 @@ def test_the_sampling_temperature_reaches_the_draws_and_never_the_loss(models):
     prompts = ["The for statement", "The while loop"]
     with pytest.raises(SamplingError, match="temperature 1"):
         rollout(sampler, prompts, 1, 6, seed=0, step=0, temperature=0.5)
-    cold = rollout(sampler, prompts, 1, 6, seed=0, step=0, temperature=1e-4,
-                   behaviour_logprobs=False, stop_token_ids=())
+    cold = rollout(
+        sampler,
+        prompts,
+        1,
+        6,
+        seed=0,
+        step=0,
+        temperature=1e-4,
+        behaviour_logprobs=False,
+        stop_token_ids=(),
+    )
     greedy = sampler.generate(prompts, max_new_tokens=6, stop_token_ids=())
     assert cold.completion_ids.tolist() == [r.tokens for r in greedy]
-    config = DistillConfig(teacher="t", prompts_file="p", out_dir="o", steps=1,
-                           sample_temperature=0.7, loss_temperature=2.0).validate()
+    config = DistillConfig(
+        teacher="t",
+        prompts_file="p",
+        out_dir="o",
+        steps=1,
+        sample_temperature=0.7,
+        loss_temperature=2.0,
+    ).validate()
     assert (config.sample_temperature, config.loss_temperature) == (0.7, 2.0)
 
 
@@ -303,14 +368,15 @@ def test_a_new_teacher_of_the_same_shapes_does_not_compile_again(models):
     graphdef, state = nnx.split(teacher)
     assert nnx.split(other)[0] == graphdef
     config = _config({"prompts": "p", "train": "t"}, pathlib.Path("-"), batch_size=4)
-    trainer = Trainer(config, model, 10, DistillLoss(losses.Divergence("forward_kl"),
-                                                     teacher=graphdef, chunk=16))
+    trainer = Trainer(
+        config, model, 10, DistillLoss(losses.Divergence("forward_kl"), teacher=graphdef, chunk=16)
+    )
     rows = micro_batches(worker.step_rows(4, tokenizer.vocab_size), 1)
-    first = trainer.step(trainer.place(rows, batch_axis=1),
-                         {"teacher": nnx.to_pure_dict(state)})
+    first = trainer.step(trainer.place(rows, batch_axis=1), {"teacher": nnx.to_pure_dict(state)})
     with _count_compiles() as seen:
-        second = trainer.step(trainer.place(rows, batch_axis=1),
-                              {"teacher": nnx.to_pure_dict(nnx.state(other))})
+        second = trainer.step(
+            trainer.place(rows, batch_axis=1), {"teacher": nnx.to_pure_dict(nnx.state(other))}
+        )
     assert seen == []
     assert abs(second["loss"] - first["loss"]) > 0.1  # the other teacher's values were used
 
@@ -323,34 +389,46 @@ def test_offline_topk_targets_train_as_the_same_draws_made_in_the_step(models, d
     its losses equal the online run's (rtol 1e-6; the teacher's hidden states come from
     programs of other batch shapes) and so do its trained factors (atol 1e-6)."""
     student, teacher, tokenizer = models
-    settings = dict(lmbda=0.0, divergence="sampled_topk", topk=8, steps=3, eval_fraction=0.0,
-                    prompts_file="")
-    online = train_distill(_config(data, tmp_path / "online", **settings), student=student,
-                           teacher=teacher, tokenizer=tokenizer)
+    settings = dict(
+        lmbda=0.0, divergence="sampled_topk", topk=8, steps=3, eval_fraction=0.0, prompts_file=""
+    )
+    online = train_distill(
+        _config(data, tmp_path / "online", **settings),
+        student=student,
+        teacher=teacher,
+        tokenizer=tokenizer,
+    )
     file = tmp_path / "targets.npz"
     offline_config = _config(data, tmp_path / "offline", topk_targets=str(file), **settings)
-    written = write_topk_targets(offline_config, student=student, teacher=teacher,
-                                 tokenizer=tokenizer)
+    written = write_topk_targets(
+        offline_config, student=student, teacher=teacher, tokenizer=tokenizer
+    )
     assert written == file
     targets = TopKTargets.load(file)
     assert targets.ids.shape[1] == 8 and targets.ids.dtype == np.int32
     np.testing.assert_allclose(targets.probs.sum(axis=1), 1.0, rtol=1e-5)
     assert len(targets.offsets) == online.stats["pool_rows"] + 1
     stranger = _tiny.random_model(teacher.config, seed=9)
-    offline = train_distill(offline_config, student=student, teacher=stranger,
-                            tokenizer=tokenizer)
+    offline = train_distill(offline_config, student=student, teacher=stranger, tokenizer=tokenizer)
 
     def losses_of(run):
         return [r["loss"] for r in _rows(run.out_dir / "metrics.jsonl") if "loss" in r]
 
     np.testing.assert_allclose(losses_of(offline), losses_of(online), rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(nnx.state(offline.model, nnx.Param)),
-                    jax.tree.leaves(nnx.state(online.model, nnx.Param)), strict=True):
+    for a, b in zip(
+        jax.tree.leaves(nnx.state(offline.model, nnx.Param)),
+        jax.tree.leaves(nnx.state(online.model, nnx.Param)),
+        strict=True,
+    ):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
     # The file belongs to its rows and settings.
     with pytest.raises(DataError, match="was written for other rows"):
-        train_distill(offline_config.replace(topk=4, out_dir=str(tmp_path / "other")),
-                      student=student, teacher=teacher, tokenizer=tokenizer)
+        train_distill(
+            offline_config.replace(topk=4, out_dir=str(tmp_path / "other")),
+            student=student,
+            teacher=teacher,
+            tokenizer=tokenizer,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -360,16 +438,25 @@ def test_offline_topk_targets_train_as_the_same_draws_made_in_the_step(models, d
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     cache = tmp_path_factory.mktemp("jax-cache")
-    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", JAX_PLATFORMS="cpu")
+    return dict(
+        os.environ,
+        JAX_COMPILATION_CACHE_DIR=str(cache),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        JAX_PLATFORMS="cpu",
+    )
 
 
 def _start(job: dict, folder: pathlib.Path, env: dict) -> subprocess.Popen:
     path = folder / f"job-{time.monotonic_ns()}.json"
     path.write_text(json.dumps(job))
-    return subprocess.Popen([sys.executable, str(WORKER), str(path)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), str(path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, dict | None, str]:
@@ -397,8 +484,9 @@ def test_a_run_killed_by_sigkill_resumes_bit_identically(data, tmp_path, env):
     by (seed, step)): killed by SIGKILL after step 5, resumed from the checkpoint of step 4, it
     ends with the uninterrupted run's adapter bit for bit, and its metrics.jsonl holds each
     step once with the same losses and the same choice of on- or off-policy."""
-    config = _config(data, tmp_path / "ref", lmbda=0.5, steps=8, save_every=4,
-                     eval_fraction=0.0).to_dict()
+    config = _config(
+        data, tmp_path / "ref", lmbda=0.5, steps=8, save_every=4, eval_fraction=0.0
+    ).to_dict()
     code, ref, err = _finish(_start(dict(kind="train", config=config), tmp_path, env))
     assert code == 0, err[-3000:]
     out = tmp_path / "run"
@@ -422,8 +510,11 @@ def test_a_run_killed_by_sigkill_resumes_bit_identically(data, tmp_path, env):
         np.testing.assert_array_equal(a, b)
 
     def steps(folder):
-        return [(r["step"], r["loss"], r["on_policy"]) for r in _rows(folder / "metrics.jsonl")
-                if "loss" in r]
+        return [
+            (r["step"], r["loss"], r["on_policy"])
+            for r in _rows(folder / "metrics.jsonl")
+            if "loss" in r
+        ]
 
     assert steps(out) == steps(tmp_path / "ref")
     assert {s[2] for s in steps(out)} == {0, 1}  # both kinds of step happened
@@ -439,10 +530,17 @@ def test_mesh_step_equals_one_device(tmp_path):
     0.04%, 0.003%)."""
     job = tmp_path / "job.json"
     job.write_text(json.dumps(dict(kind="mesh")))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, str(WORKER), str(job)], env=env, capture_output=True,
-                          check=False, text=True, timeout=900)
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
+    )
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), str(job)],
+        env=env,
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.splitlines()[-1])
     assert report["devices"] == 8 and set(report["cases"]) == {"jsd", "topk"}
@@ -469,11 +567,18 @@ def test_two_processes_equal_one(tmp_path):
     procs = []
     for process in (0, 1):
         job = tmp_path / f"job{process}.json"
-        job.write_text(json.dumps(dict(kind="distributed", process=process, port=port,
-                                       out=str(tmp_path))))
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(job)],
-                                      env=dict(os.environ, JAX_PLATFORMS="cpu"),
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        job.write_text(
+            json.dumps(dict(kind="distributed", process=process, port=port, out=str(tmp_path)))
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(WORKER), str(job)],
+                env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     reports = []
     try:
         for proc in procs:
@@ -484,18 +589,16 @@ def test_two_processes_equal_one(tmp_path):
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
-    assert [(r["process"], r["processes"], r["devices"]) for r in reports] == [(0, 2, 2),
-                                                                                (1, 2, 2)]
+    assert [(r["process"], r["processes"], r["devices"]) for r in reports] == [(0, 2, 2), (1, 2, 2)]
     student, teacher, tokenizer = worker.tiny_models("gemma2")
-    ref = worker.step_cases(student, teacher, tokenizer, None, 1, 1, 1, rows=8,
-                            cases=("jsd",))["jsd"]
+    ref = worker.step_cases(student, teacher, tokenizer, None, 1, 1, 1, rows=8, cases=("jsd",))[
+        "jsd"
+    ]
     for r in reports:
         got = np.load(r["npz"])
         for i, m in enumerate(ref["metrics"]):
-            np.testing.assert_allclose(got[f"metrics_{i}"], [m[k] for k in sorted(m)],
-                                       rtol=1e-5)
-        diff = max(float(np.abs(got[f"params_{i}"] - p).max())
-                   for i, p in enumerate(ref["params"]))
+            np.testing.assert_allclose(got[f"metrics_{i}"], [m[k] for k in sorted(m)], rtol=1e-5)
+        diff = max(float(np.abs(got[f"params_{i}"] - p).max()) for i, p in enumerate(ref["params"]))
         assert diff <= 2e-2 * LR, diff
     assert ref["moved"] > LR
 
@@ -504,18 +607,23 @@ def test_two_processes_equal_one(tmp_path):
 # Bad input: one clear error each
 
 
-@pytest.mark.parametrize("setting, message", [
-    ("teacher=''", "teacher is required"),
-    ("lmbda=1.5", r"lmbda must lie in \[0, 1\], got 1.5"),
-    ("beta=-0.1", r"beta must lie in \[0, 1\], got -0.1"),
-    ("topk=0", "topk .* must be an integer >= 1, got 0"),
-    ("divergence='tv'", "divergence must be one of"),
-    ("teacher_prefix='x'", "teacher_prefix is for prompts"),
-])
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("teacher=''", "teacher is required"),
+        ("lmbda=1.5", r"lmbda must lie in \[0, 1\], got 1.5"),
+        ("beta=-0.1", r"beta must lie in \[0, 1\], got -0.1"),
+        ("topk=0", "topk .* must be an integer >= 1, got 0"),
+        ("divergence='tv'", "divergence must be one of"),
+        ("teacher_prefix='x'", "teacher_prefix is for prompts"),
+    ],
+)
 def test_bad_settings_are_one_line(data, tmp_path, capsys, setting, message):
     config = tmp_path / "c.toml"
-    config.write_text(f'teacher = "t"\nprompts_file = "{data["prompts"]}"\ntrain_file = '
-                      f'"{data["train"]}"\nout_dir = "o"\nsteps = 1\nlmbda = 0.5\n')
+    config.write_text(
+        f'teacher = "t"\nprompts_file = "{data["prompts"]}"\ntrain_file = '
+        f'"{data["train"]}"\nout_dir = "o"\nsteps = 1\nlmbda = 0.5\n'
+    )
     assert main(["distill", "--config", str(config), "--set", setting]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ")
@@ -528,22 +636,58 @@ def test_bad_files_and_teachers_are_one_clear_error(models, data, tmp_path, caps
     student, teacher, tokenizer = models
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    assert main(["distill", "--teacher", str(tmp_path / "nowhere"), "--prompts-file",
-                 str(data["prompts"]), "--out-dir", str(tmp_path / "o"), "--steps", "1"]) == 2
+    assert (
+        main(
+            [
+                "distill",
+                "--teacher",
+                str(tmp_path / "nowhere"),
+                "--prompts-file",
+                str(data["prompts"]),
+                "--out-dir",
+                str(tmp_path / "o"),
+                "--steps",
+                "1",
+            ]
+        )
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err
-    assert main(["distill", "--teacher", "default", "--prompts-file", str(empty),
-                 "--out-dir", str(tmp_path / "o"), "--steps", "1"]) == 2
+    assert (
+        main(
+            [
+                "distill",
+                "--teacher",
+                "default",
+                "--prompts-file",
+                str(empty),
+                "--out-dir",
+                str(tmp_path / "o"),
+                "--steps",
+                "1",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{empty}: is empty" in err
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"text": "no"}) + "\n")
     with pytest.raises(DataError, match=rf"{bad}:2: a prompt row needs exactly one of"):
-        train_distill(_config({"prompts": bad, "train": data["train"]}, tmp_path / "r"),
-                      student=student, teacher=teacher, tokenizer=tokenizer)
+        train_distill(
+            _config({"prompts": bad, "train": data["train"]}, tmp_path / "r"),
+            student=student,
+            teacher=teacher,
+            tokenizer=tokenizer,
+        )
 
     other = _tiny.random_model(teacher.config.replace(vocab_size=512), seed=1)
-    with pytest.raises(ConfigError, match=r"the teacher \(tiny-gemma3, a vocabulary of 512 ids\)"
-                                          r" and the student \(tiny-gemma3, 384 ids\)"):
-        train_distill(_config(data, tmp_path / "v"), student=student, teacher=other,
-                      tokenizer=tokenizer)
+    with pytest.raises(
+        ConfigError,
+        match=r"the teacher \(tiny-gemma3, a vocabulary of 512 ids\)"
+        r" and the student \(tiny-gemma3, 384 ids\)",
+    ):
+        train_distill(
+            _config(data, tmp_path / "v"), student=student, teacher=other, tokenizer=tokenizer
+        )

@@ -45,8 +45,9 @@ def test_relative_links_resolve():
 
 def test_nothing_points_outside_the_repository():
     """No tracked file cites a path of the machine it was written on (notes, mirrors)."""
-    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.split()
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
     pattern = re.compile(r"/work/|\.\./shared\b|\bshared/(docs|tools)/")
     found = []
     for name in tracked:
@@ -92,8 +93,15 @@ def test_python_examples_compile_and_name_real_things():
                 problems.append(f"{where}: {err}")
                 continue
             defined |= _defined(tree)
-            undefined = sorted({node.id for node in ast.walk(tree) if isinstance(node, ast.Name)
-                                and isinstance(node.ctx, ast.Load) and node.id not in defined})
+            undefined = sorted(
+                {
+                    node.id
+                    for node in ast.walk(tree)
+                    if isinstance(node, ast.Name)
+                    and isinstance(node.ctx, ast.Load)
+                    and node.id not in defined
+                }
+            )
             if undefined:
                 problems.append(f"{where}: undefined names {undefined}")
             for node in ast.walk(tree):
@@ -108,8 +116,11 @@ def test_python_examples_compile_and_name_real_things():
                 elif isinstance(node, ast.Import):
                     for alias in node.names:
                         importlib.import_module(alias.name)
-                elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-                      and node.value.id == "gemma_kit"):
+                elif (
+                    isinstance(node, ast.Attribute)
+                    and isinstance(node.value, ast.Name)
+                    and node.value.id == "gemma_kit"
+                ):
                     if not hasattr(importlib.import_module("gemma_kit"), node.attr):
                         problems.append(f"{where}: gemma_kit has no {node.attr}")
     assert runnable >= 2  # the README's quickstart and fine-tuning examples

@@ -48,8 +48,17 @@ def pairs(base):
 
 
 def _config(**changes) -> DPOConfig:
-    settings = dict(train_file="-", out_dir="-", steps=4, batch_size=8, learning_rate=1e-2,
-                    warmup_steps=0, eval_fraction=0.0, beta=BETA, progress=False)
+    settings = dict(
+        train_file="-",
+        out_dir="-",
+        steps=4,
+        batch_size=8,
+        learning_rate=1e-2,
+        warmup_steps=0,
+        eval_fraction=0.0,
+        beta=BETA,
+        progress=False,
+    )
     return DPOConfig(**{**settings, **changes}).validate()
 
 
@@ -58,8 +67,9 @@ def _prepared(config: DPOConfig, policy, tokenizer, pairs, out_dir=pathlib.Path(
     objective = DPO()
     context = RunContext(config, policy, tokenizer, out_dir, True, lambda s: None)
     objective.prepare_with(context, PreferenceData.from_pairs(pairs))
-    trainer = Trainer(config, context.model, config.steps, objective.loss,
-                      trainable=objective.trainable(config))
+    trainer = Trainer(
+        config, context.model, config.steps, objective.loss, trainable=objective.trainable(config)
+    )
     return objective, trainer
 
 
@@ -81,8 +91,14 @@ def _sequence_logps(model, tokens: np.ndarray, completion: np.ndarray):
 
 def _oracle_loss(policy, reference, pairs, beta=BETA) -> float:
     """The DPO loss from independent log-probs, in float64."""
-    lp = [np.asarray(_sequence_logps(m, getattr(pairs, side), getattr(pairs, f"{side}_completion")),
-                     np.float64) for m in (policy, reference) for side in ("chosen", "rejected")]
+    lp = [
+        np.asarray(
+            _sequence_logps(m, getattr(pairs, side), getattr(pairs, f"{side}_completion")),
+            np.float64,
+        )
+        for m in (policy, reference)
+        for side in ("chosen", "rejected")
+    ]
     delta = beta * ((lp[0] - lp[2]) - (lp[1] - lp[3]))
     return float(np.mean(np.log1p(np.exp(-delta))))
 
@@ -108,17 +124,19 @@ def test_first_step_is_log2_with_the_closed_form_gradient(base, pairs):
 
     def logp_difference(lora):  # mean_i log pi(y_w,i) - log pi(y_l,i), independently
         model = nnx.merge(graphdef, lora, rest)
-        return jnp.mean(_sequence_logps(model, pairs.chosen, pairs.chosen_completion)
-                        - _sequence_logps(model, pairs.rejected, pairs.rejected_completion))
+        return jnp.mean(
+            _sequence_logps(model, pairs.chosen, pairs.chosen_completion)
+            - _sequence_logps(model, pairs.rejected, pairs.rejected_completion)
+        )
 
-    grads, g_diff = jax.jit(lambda p: (jax.grad(mean_loss)(p), jax.grad(logp_difference)(p)))(
-        lora)
+    grads, g_diff = jax.jit(lambda p: (jax.grad(mean_loss)(p), jax.grad(logp_difference)(p)))(lora)
     closed = jax.tree.map(lambda g: -BETA * 0.5 * g, g_diff)
     ours, theirs = jax.tree.leaves(grads), jax.tree.leaves(closed)
     scale = max(float(jnp.abs(x).max()) for x in theirs)
     assert scale > 1e-3  # B's gradients: the comparison means something
-    assert max(float(jnp.abs(a - b).max()) for a, b in zip(ours, theirs, strict=True)) \
-        <= 1e-4 * scale
+    assert (
+        max(float(jnp.abs(a - b).max()) for a, b in zip(ours, theirs, strict=True)) <= 1e-4 * scale
+    )
 
     metrics = trainer.step(trainer.place(micro_batches(_batch(pairs), 1), batch_axis=1), frozen)
     assert metrics["normaliser"] == len(pairs)
@@ -146,8 +164,7 @@ def test_the_three_references_give_one_loss(base, pairs, tmp_path):
         return objective, total / n, sums
 
     _, lora_loss, sums_a = loss_of(_config(), policy)
-    objective, stored_loss, sums_c = loss_of(_config(precompute_ref_logps=True), policy,
-                                             tmp_path)
+    objective, stored_loss, sums_c = loss_of(_config(precompute_ref_logps=True), policy, tmp_path)
     assert (tmp_path / "reference_logps.npz").is_file() and objective.reference is None
     full = _config(method="full", reference=str(folder), param_dtype="float32")
     _, full_loss, sums_b = loss_of(full, merge(policy))
@@ -158,10 +175,16 @@ def test_the_three_references_give_one_loss(base, pairs, tmp_path):
         assert sums_b[key] == pytest.approx(sums_a[key], rel=1e-4, abs=1e-4)
 
     # IPO: (h - 1/(2 beta))^2 with length-normalised log-ratios, from the same log-probs.
-    _, ipo_loss, _ = loss_of(_config(loss_type="ipo", precompute_ref_logps=True), policy,
-                             tmp_path / "ipo")
-    lp = [np.asarray(_sequence_logps(m, getattr(pairs, s), getattr(pairs, f"{s}_completion")),
-                     np.float64) for m in (policy, model) for s in ("chosen", "rejected")]
+    _, ipo_loss, _ = loss_of(
+        _config(loss_type="ipo", precompute_ref_logps=True), policy, tmp_path / "ipo"
+    )
+    lp = [
+        np.asarray(
+            _sequence_logps(m, getattr(pairs, s), getattr(pairs, f"{s}_completion")), np.float64
+        )
+        for m in (policy, model)
+        for s in ("chosen", "rejected")
+    ]
     lengths = [pairs.chosen_completion[:, 1:].sum(1), pairs.rejected_completion[:, 1:].sum(1)]
     h = (lp[0] - lp[2]) / lengths[0] - (lp[1] - lp[3]) / lengths[1]
     assert ipo_loss == pytest.approx(np.mean((h - 1 / (2 * BETA)) ** 2), rel=1e-5)
@@ -180,11 +203,23 @@ def test_dpo_raises_the_margin_and_resumes_bit_identically(base, tmp_path):
     and metrics rows, bit for bit."""
     _, model, tokenizer = base
     data = toy.write_jsonl(tmp_path / "pairs.jsonl", toy.toy_rows(40, seed=3))
-    settings = dict(train_file=str(data), steps=6, batch_size=8, grad_accum=2,
-                    learning_rate=1e-2, warmup_steps=1, eval_fraction=0.25, eval_every=3,
-                    save_every=2, progress=False, beta=BETA, precompute_ref_logps=True)
-    straight = train_dpo(DPOConfig(out_dir=str(tmp_path / "straight"), **settings),
-                         model=model, tokenizer=tokenizer)
+    settings = dict(
+        train_file=str(data),
+        steps=6,
+        batch_size=8,
+        grad_accum=2,
+        learning_rate=1e-2,
+        warmup_steps=1,
+        eval_fraction=0.25,
+        eval_every=3,
+        save_every=2,
+        progress=False,
+        beta=BETA,
+        precompute_ref_logps=True,
+    )
+    straight = train_dpo(
+        DPOConfig(out_dir=str(tmp_path / "straight"), **settings), model=model, tokenizer=tokenizer
+    )
     before, after = straight.evaluations["before"], straight.evaluations["after"]
     assert before["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert before["eval_margin"] == 0.0 and after["eval_margin"] > 1.0
@@ -199,18 +234,23 @@ def test_dpo_raises_the_margin_and_resumes_bit_identically(base, tmp_path):
     assert stopped.interrupted and stopped.step == 3
     resumed = train_dpo(config, model=model, tokenizer=tokenizer, resume=True)
     assert resumed.step == 6
-    for a, b in zip(jax.tree.leaves(nnx.state(resumed.model, LoRAParam)),
-                    jax.tree.leaves(nnx.state(straight.model, LoRAParam)), strict=True):
+    for a, b in zip(
+        jax.tree.leaves(nnx.state(resumed.model, LoRAParam)),
+        jax.tree.leaves(nnx.state(straight.model, LoRAParam)),
+        strict=True,
+    ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
     def rows(folder):
-        return [{k: v for k, v in json.loads(line).items() if k not in ("tokens_per_s",
-                                                                        "elapsed")}
-                for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        return [
+            {k: v for k, v in json.loads(line).items() if k not in ("tokens_per_s", "elapsed")}
+            for line in (folder / "metrics.jsonl").read_text().splitlines()
+        ]
 
     assert rows(out) == rows(tmp_path / "straight")
     assert {"rewards_chosen", "rewards_rejected", "accuracy", "margin", "logps_chosen"} <= set(
-        rows(out)[1])
+        rows(out)[1]
+    )
 
 
 def test_mesh_step_equals_one_device(tmp_path, base):
@@ -219,12 +259,22 @@ def test_mesh_step_equals_one_device(tmp_path, base):
     norm and metric sums <= 1e-5 relative; parameters <= 2% of the learning rate (as the core's
     own mesh test: f32 sums in another order, divided by Adam's per-entry scale)."""
     job = tmp_path / "job.json"
-    job.write_text(json.dumps(dict(kind="mesh", base=str(base[0]),
-                                   layouts=dict(single=[1, 1, 1], mesh=[2, 4, 2]))))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, str(WORKER), str(job)], env=env, capture_output=True,
-                          text=True, timeout=900, check=False)
+    job.write_text(
+        json.dumps(
+            dict(kind="mesh", base=str(base[0]), layouts=dict(single=[1, 1, 1], mesh=[2, 4, 2]))
+        )
+    )
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
+    )
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), str(job)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.splitlines()[-1])
     assert report["devices"] == 8
@@ -252,16 +302,21 @@ def test_trl_dpo_trainer_agrees(base, pairs, tmp_path):
     folder, model, tokenizer = base
     policy = toy.lora_policy(model)
     objective, trainer = _prepared(_config(), policy, tokenizer, pairs)
-    total, n, sums = trainer.loss_sums(trainer.place(_batch(pairs), batch_axis=0),
-                                       objective.frozen(0, trainer))
+    total, n, sums = trainer.loss_sums(
+        trainer.place(_batch(pairs), batch_axis=0), objective.frozen(0, trainer)
+    )
     ours = {"loss": total / n, **{k: v / n for k, v in sums.items()}}
 
     rows = []
     for i in range(len(pairs)):
         start = int(np.argmax(pairs.chosen_completion[i]))
-        rows.append(dict(prompt_ids=pairs.chosen[i, :start].tolist(),
-                         chosen_ids=pairs.chosen[i][pairs.chosen_completion[i]].tolist(),
-                         rejected_ids=pairs.rejected[i][pairs.rejected_completion[i]].tolist()))
+        rows.append(
+            dict(
+                prompt_ids=pairs.chosen[i, :start].tolist(),
+                chosen_ids=pairs.chosen[i][pairs.chosen_completion[i]].tolist(),
+                rejected_ids=pairs.rejected[i][pairs.rejected_completion[i]].tolist(),
+            )
+        )
 
     class Pretokenized(trl.DPOTrainer):
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -269,23 +324,42 @@ def test_trl_dpo_trainer_agrees(base, pairs, tmp_path):
 
     def load(path):
         return transformers.AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, attn_implementation="eager")
+            path, dtype=torch.float32, attn_implementation="eager"
+        )
 
-    exported = export_hf(merge(policy), tmp_path / "policy", tokenizer=tokenizer,
-                         progress=False)
-    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), learning_rate=0.0, beta=BETA,
-                         per_device_train_batch_size=len(pairs), max_steps=1, logging_steps=1,
-                         report_to=[], save_strategy="no", use_cpu=True, max_length=None,
-                         bf16=False, disable_tqdm=True)
-    oracle = Pretokenized(model=load(exported), ref_model=load(folder), args=args,
-                          train_dataset=datasets.Dataset.from_list(rows),
-                          processing_class=transformers.AutoTokenizer.from_pretrained(folder))
+    exported = export_hf(merge(policy), tmp_path / "policy", tokenizer=tokenizer, progress=False)
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path / "trl"),
+        learning_rate=0.0,
+        beta=BETA,
+        per_device_train_batch_size=len(pairs),
+        max_steps=1,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        max_length=None,
+        bf16=False,
+        disable_tqdm=True,
+    )
+    oracle = Pretokenized(
+        model=load(exported),
+        ref_model=load(folder),
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=transformers.AutoTokenizer.from_pretrained(folder),
+    )
     oracle.train()
     logged = oracle.state.log_history[0]
-    pairs_of = {"loss": "loss", "rewards/chosen": "rewards_chosen",
-                "rewards/rejected": "rewards_rejected", "rewards/accuracies": "accuracy",
-                "rewards/margins": "margin", "logps/chosen": "logps_chosen",
-                "logps/rejected": "logps_rejected"}
+    pairs_of = {
+        "loss": "loss",
+        "rewards/chosen": "rewards_chosen",
+        "rewards/rejected": "rewards_rejected",
+        "rewards/accuracies": "accuracy",
+        "rewards/margins": "margin",
+        "logps/chosen": "logps_chosen",
+        "logps/rejected": "logps_rejected",
+    }
     assert abs(logged["loss"] - math.log(2)) > 0.1  # a policy away from its reference
     for theirs, key in pairs_of.items():
         assert ours[key] == pytest.approx(logged[theirs], rel=1e-4, abs=1e-5), key
@@ -296,20 +370,45 @@ def test_bad_input_is_one_clear_error(tmp_path, base, capsys):
 
     folder = base[0]
     data = toy.write_jsonl(tmp_path / "pairs.jsonl", toy.toy_rows(8))
-    args = ["dpo", "--train-file", str(data), "--out-dir", str(tmp_path / "o"), "--steps", "2",
-            "--base", str(folder)]
-    for setting, message in [("beta=0", "beta must be a number > 0, got 0"),
-                             ("beta=-0.1", "beta must be a number > 0"),
-                             ("label_smoothing=0.5", "label_smoothing must be in [0, 0.5)"),
-                             ("loss_type=hinge", "loss_type must be one of sigmoid, ipo"),
-                             (f"reference={folder}", "needs precompute_ref_logps = true")]:
+    args = [
+        "dpo",
+        "--train-file",
+        str(data),
+        "--out-dir",
+        str(tmp_path / "o"),
+        "--steps",
+        "2",
+        "--base",
+        str(folder),
+    ]
+    for setting, message in [
+        ("beta=0", "beta must be a number > 0, got 0"),
+        ("beta=-0.1", "beta must be a number > 0"),
+        ("label_smoothing=0.5", "label_smoothing must be in [0, 0.5)"),
+        ("loss_type=hinge", "loss_type must be one of sigmoid, ipo"),
+        (f"reference={folder}", "needs precompute_ref_logps = true"),
+    ]:
         assert main([*args, "--set", setting]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    assert main(["dpo", "--train-file", str(empty), "--out-dir", str(tmp_path / "o"),
-                 "--steps", "2", "--base", str(folder)]) == 2
+    assert (
+        main(
+            [
+                "dpo",
+                "--train-file",
+                str(empty),
+                "--out-dir",
+                str(tmp_path / "o"),
+                "--steps",
+                "2",
+                "--base",
+                str(folder),
+            ]
+        )
+        == 2
+    )
     assert "empty" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     with pytest.raises(ConfigError, match="label_smoothing applies to the sigmoid loss only"):
@@ -319,5 +418,9 @@ def test_bad_input_is_one_clear_error(tmp_path, base, capsys):
     _, model, tokenizer = base
     wider = _tiny.random_model(model.config.replace(hidden_dim=64))
     with pytest.raises(CheckpointError, match="not the policy's architecture"):
-        _prepared(_config(method="full", reference=str(folder), param_dtype="float32"), wider,
-                  tokenizer, toy.mesh_pairs(tokenizer, 4))
+        _prepared(
+            _config(method="full", reference=str(folder), param_dtype="float32"),
+            wider,
+            tokenizer,
+            toy.mesh_pairs(tokenizer, 4),
+        )

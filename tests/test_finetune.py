@@ -31,8 +31,14 @@ def _rows():
         if i % 2:
             rows.append({"text": line[:100]})
         else:
-            rows.append({"messages": [{"role": "user", "content": "Quote the manual."},
-                                      {"role": "model", "content": line[:50]}]})
+            rows.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": "Quote the manual."},
+                        {"role": "model", "content": line[:50]},
+                    ]
+                }
+            )
     return rows
 
 
@@ -50,9 +56,20 @@ def base(tmp_path_factory):
 
 
 def _train_config(base, out, **changes):
-    settings = dict(train_file=str(base["data"]), out_dir=str(out), steps=8, batch_size=4,
-                    max_length=64, learning_rate=1e-2, warmup_steps=1, save_every=4,
-                    keep_checkpoints=3, eval_every=4, eval_fraction=0.1, progress=False)
+    settings = dict(
+        train_file=str(base["data"]),
+        out_dir=str(out),
+        steps=8,
+        batch_size=4,
+        max_length=64,
+        learning_rate=1e-2,
+        warmup_steps=1,
+        save_every=4,
+        keep_checkpoints=3,
+        eval_every=4,
+        eval_fraction=0.1,
+        progress=False,
+    )
     return TrainConfig(**{**settings, **changes})
 
 
@@ -64,8 +81,9 @@ def _model(base, config=None, seed=0):
 def lora_run(base):
     model = _model(base)
     params_before = [np.array(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
-    result = train(_train_config(base, base["folder"] / "lora"), model=model,
-                   tokenizer=base["tokenizer"])
+    result = train(
+        _train_config(base, base["folder"] / "lora"), model=model, tokenizer=base["tokenizer"]
+    )
     return dict(result=result, model=model, params_before=params_before)
 
 
@@ -114,8 +132,11 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(base, lora_run):
     saved = {p: p.read_bytes() for p in (out / "checkpoints" / "4").rglob("*") if p.is_file()}
     model = _model(base)
     model.final_norm.scale.value = jnp.full_like(model.final_norm.scale[...], jnp.nan)
-    with pytest.raises(DivergenceError, match=r"nan .* at step 5; stopped without saving that "
-                                              r"state\. The last good checkpoint is step 4"):
+    with pytest.raises(
+        DivergenceError,
+        match=r"nan .* at step 5; stopped without saving that "
+        r"state\. The last good checkpoint is step 4",
+    ):
         train(_train_config(base, out), model=model, tokenizer=base["tokenizer"], resume=True)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["4"]
     assert {p: p.read_bytes() for p in saved} == saved
@@ -125,16 +146,20 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(base, lora_run):
 def test_qlora_trains_on_an_int8_base(base):
     from gemma_kit.layers import Einsum
 
-    result = train(_train_config(base, base["folder"] / "qlora", method="qlora", steps=6),
-                   model=_model(base), tokenizer=base["tokenizer"])
+    result = train(
+        _train_config(base, base["folder"] / "qlora", method="qlora", steps=6),
+        model=_model(base),
+        tokenizer=base["tokenizer"],
+    )
     assert result.eval_after < result.eval_before
     einsums = [m for _, m in result.model.iter_modules() if isinstance(m, Einsum)]
     assert all(m.w[...].dtype == jnp.int8 and m.lora is not None for m in einsums)
     # The adapter is independent of the base's storage: it applies to the float base too,
     # giving logits within the int8 rounding of the trained model's (bound as in test_quant).
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 384, (2, 12)))
-    on_float = np.asarray(gemma_kit.load_model(base["folder"] / "base", base["config"],
-                                               lora=result.adapter)(tokens))
+    on_float = np.asarray(
+        gemma_kit.load_model(base["folder"] / "base", base["config"], lora=result.adapter)(tokens)
+    )
     on_int8 = np.asarray(result.model(tokens))
     assert np.abs(on_float - on_int8).max() <= 3e-2 * np.abs(on_float).max()
 
@@ -145,8 +170,11 @@ def test_full_fine_tuning(base):
     config = _tiny.tiny_gemma2().replace(vocab_size=tokenizer.vocab_size)
     model = _model(base, config)
     before = [np.array(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
-    result = train(_train_config(base, base["folder"] / "full", method="full", steps=3,
-                                 learning_rate=1e-3), model=model, tokenizer=tokenizer)
+    result = train(
+        _train_config(base, base["folder"] / "full", method="full", steps=3, learning_rate=1e-3),
+        model=model,
+        tokenizer=tokenizer,
+    )
     after = [np.array(x) for x in jax.tree.leaves(nnx.state(result.model, nnx.Param))]
     assert all(not np.array_equal(a, b) for a, b in zip(after, before, strict=True))
     assert result.adapter is None and result.model_dir == result.out_dir / "model"
@@ -163,20 +191,54 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         code = main(list(argv))
         return code, capsys.readouterr().err.strip()
 
-    code, err = run("finetune", "--train-file", str(tmp_path / "missing.jsonl"),
-                    "--out-dir", str(tmp_path / "o"), "--steps", "2")
+    code, err = run(
+        "finetune",
+        "--train-file",
+        str(tmp_path / "missing.jsonl"),
+        "--out-dir",
+        str(tmp_path / "o"),
+        "--steps",
+        "2",
+    )
     assert code == 2 and err.startswith("error: ") and "missing.jsonl: no such file" in err
     assert len(err.splitlines()) == 1 and not (tmp_path / "o").exists()
     code, err = run("finetune", "--config", str(tmp_path / "nope.toml"))
     assert code == 2 and "does not exist" in err
-    code, err = run("finetune", "--train-file", "x", "--out-dir", "o", "--steps", "2",
-                    "--set", "learning_rat=1e-3")
+    code, err = run(
+        "finetune",
+        "--train-file",
+        "x",
+        "--out-dir",
+        "o",
+        "--steps",
+        "2",
+        "--set",
+        "learning_rat=1e-3",
+    )
     assert code == 2 and "did you mean 'learning_rate'" in err
-    code, err = run("finetune", "--train-file", "x", "--out-dir", "o", "--epochs", "1",
-                    "--set", "batch_size=3", "--set", "grad_accum=2")
+    code, err = run(
+        "finetune",
+        "--train-file",
+        "x",
+        "--out-dir",
+        "o",
+        "--epochs",
+        "1",
+        "--set",
+        "batch_size=3",
+        "--set",
+        "grad_accum=2",
+    )
     assert code == 2 and "multiple of grad_accum" in err
-    code, err = run("merge", "--base", str(tmp_path), "--lora", str(tmp_path / "no-adapter"),
-                    "--out", str(tmp_path / "merged"))
+    code, err = run(
+        "merge",
+        "--base",
+        str(tmp_path),
+        "--lora",
+        str(tmp_path / "no-adapter"),
+        "--out",
+        str(tmp_path / "merged"),
+    )
     assert code == 2 and "adapter folder" in err and "does not exist" in err
     code, err = run("sample", "--prompt", "hi", "--lora", str(tmp_path))
     assert code == 2 and "not a gemma_kit adapter folder" in err
@@ -185,10 +247,23 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 def test_parse_overrides():
     from gemma_kit.finetune.config import parse_overrides
 
-    assert parse_overrides(["learning_rate=1e-4", "packing=false", "lora-targets=['attn']",
-                            "base=ckpt/gemma", "steps = 5", 'eval_file="a b.jsonl"']) == dict(
-        learning_rate=1e-4, packing=False, lora_targets=["attn"], base="ckpt/gemma", steps=5,
-        eval_file="a b.jsonl")
+    assert parse_overrides(
+        [
+            "learning_rate=1e-4",
+            "packing=false",
+            "lora-targets=['attn']",
+            "base=ckpt/gemma",
+            "steps = 5",
+            'eval_file="a b.jsonl"',
+        ]
+    ) == dict(
+        learning_rate=1e-4,
+        packing=False,
+        lora_targets=["attn"],
+        base="ckpt/gemma",
+        steps=5,
+        eval_file="a b.jsonl",
+    )
 
 
 def test_image_rows_train_a_vision_model(tmp_path):
@@ -212,17 +287,35 @@ def test_image_rows_train_a_vision_model(tmp_path):
         return {"type": "image", "path": f"img{i}.png"}
 
     rows = [
-        {"messages": [{"role": "user", "content": [image(0), {"type": "text", "text": "What?"}]},
-                      {"role": "model", "content": "A drawing."}]},
-        {"messages": [{"role": "user", "content": [{"type": "text", "text": "Compare "}, image(1),
-                                                   {"type": "text", "text": " with "}, image(2)]},
-                      {"role": "model", "content": "They differ."}]},
+        {
+            "messages": [
+                {"role": "user", "content": [image(0), {"type": "text", "text": "What?"}]},
+                {"role": "model", "content": "A drawing."},
+            ]
+        },
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "Compare "},
+                        image(1),
+                        {"type": "text", "text": " with "},
+                        image(2),
+                    ],
+                },
+                {"role": "model", "content": "They differ."},
+            ]
+        },
     ]
     data = tmp_path / "images.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     M = config.vision.num_soft_tokens
-    examples = [e for row in load_examples(data, tokenizer, max_length=64, num_soft_tokens=M)[0]
-                for e in row]
+    examples = [
+        e
+        for row in load_examples(data, tokenizer, max_length=64, num_soft_tokens=M)[0]
+        for e in row
+    ]
     packed = pack(examples, 128)
     assert len(packed) == 1 and len(packed.images_of(0)[0]) == 3
     files = sorted({f for e in examples for f in e.images})
@@ -245,9 +338,20 @@ def test_image_rows_train_a_vision_model(tmp_path):
     np.testing.assert_allclose(float(total), expected, rtol=1e-5)
 
     data.write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
-    result = train(TrainConfig(train_file=str(data), out_dir=str(tmp_path / "run"), steps=2,
-                               batch_size=2, max_length=128, learning_rate=1e-2, warmup_steps=0,
-                               eval_fraction=0.0, progress=False),
-                   model=model, tokenizer=tokenizer)
+    result = train(
+        TrainConfig(
+            train_file=str(data),
+            out_dir=str(tmp_path / "run"),
+            steps=2,
+            batch_size=2,
+            max_length=128,
+            learning_rate=1e-2,
+            warmup_steps=0,
+            eval_fraction=0.0,
+            progress=False,
+        ),
+        model=model,
+        tokenizer=tokenizer,
+    )
     assert np.isfinite(result.last_loss) and result.adapter.is_dir()
     assert not lora.has_lora(model)

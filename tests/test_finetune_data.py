@@ -37,8 +37,8 @@ def test_loss_mask_covers_exactly_the_model_turns(small_tokenizer):
     ]
     tokens, mask = ftdata.encode_messages(tok, messages)
     S, E = "<start_of_turn>", "<end_of_turn>"
-    expected = [(
-        [tok.bos_id] + _ids(tok, f"{S}user\nBe brief.\n\nSay for.{E}\n{S}model\n"), False),
+    expected = [
+        ([tok.bos_id] + _ids(tok, f"{S}user\nBe brief.\n\nSay for.{E}\n{S}model\n"), False),
         (_ids(tok, f"for x in y{E}"), True),
         (_ids(tok, f"\n{S}user\nAnd while?{E}\n{S}model\n"), False),
         (_ids(tok, f"while True{E}"), True),
@@ -47,8 +47,10 @@ def test_loss_mask_covers_exactly_the_model_turns(small_tokenizer):
     assert tokens == [t for ids, _ in expected for t in ids]
     assert mask == [m for ids, m in expected for _ in ids]
     # Each masked span is the reply and its <end_of_turn>, nothing of the markup around it.
-    spans = [tok.decode(np.asarray(tokens)[np.asarray(mask)][a:b]) for a, b in
-             ((0, len(expected[1][0])), (len(expected[1][0]), None))]
+    spans = [
+        tok.decode(np.asarray(tokens)[np.asarray(mask)][a:b])
+        for a, b in ((0, len(expected[1][0])), (len(expected[1][0]), None))
+    ]
     assert spans == [f"for x in y{E}", f"while True{E}"]
     # The unmasked text is the chat format of the whole conversation.
     assert tok.decode(tokens) == tok.decode(tok.encode_chat(messages, add_generation_prompt=False))
@@ -56,14 +58,27 @@ def test_loss_mask_covers_exactly_the_model_turns(small_tokenizer):
 
 def test_row_shapes_and_targets(small_tokenizer, tmp_path):
     tok = small_tokenizer
-    path = _write(tmp_path / "d.jsonl", [
-        {"prompt": "def f(x):", "completion": " return x"},
-        {"text": "while True: pass"},
-        "",  # blank lines are not rows
-        {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi "},
-                                                   {"type": "text", "text": "there"}]},
-                      {"role": "model", "content": "Hello"}], "id": 7},
-    ])
+    path = _write(
+        tmp_path / "d.jsonl",
+        [
+            {"prompt": "def f(x):", "completion": " return x"},
+            {"text": "while True: pass"},
+            "",  # blank lines are not rows
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "Hi "},
+                            {"type": "text", "text": "there"},
+                        ],
+                    },
+                    {"role": "model", "content": "Hello"},
+                ],
+                "id": 7,
+            },
+        ],
+    )
     rows, stats = ftdata.load_examples(path, tok, max_length=64)
     assert stats["rows"] == 3 and stats["skipped"] == 0
     (pc,), (text,), (chat,) = rows
@@ -103,8 +118,9 @@ def test_packing_keeps_examples_apart(small_tokenizer):
     assert rows.weights[1, 7:].sum() == 0  # padding is never in the loss
     unpacked = ftdata.pack(examples, 12, packing=False)
     assert len(unpacked) == 4 and set(unpacked.segments.max(axis=1).tolist()) == {1}
-    with pytest.raises(DataError, match="has 9 tokens; rows of 7 inputs hold examples of at "
-                                        "most 8"):
+    with pytest.raises(
+        DataError, match="has 9 tokens; rows of 7 inputs hold examples of at most 8"
+    ):
         ftdata.pack(examples, 7)
 
 
@@ -132,22 +148,30 @@ def test_batches_are_a_function_of_the_step(small_tokenizer, tmp_path):
     assert ftdata.load_dataset(other, small_tokenizer, **load).fingerprint != a.fingerprint
 
 
-@pytest.mark.parametrize("row, message", [
-    ('{"text": "ok"', "2: not valid JSON"),
-    ('["text"]', "2: a row must be a JSON object"),
-    ('{"txt": "typo"}', "2: a row needs exactly one of"),
-    ('{"text": "a", "prompt": "b", "completion": "c"}', "2: a row needs exactly one of"),
-    ('{"messages": [{"role": "bot", "content": "hi"}]}', "2: message 0 has role 'bot'"),
-    ('{"messages": [{"role": "user", "content": "hi"}]}', "2: the conversation has no model turn"),
-    ('{"messages": [{"role": "model", "content": "hi"}]}', "2: message 0 has role 'model'"),
-    ('{"messages": [{"role": "user"}]}', "2: message 0 must be an object with"),
-    ('{"prompt": "a", "completion": ""}', "2: \"completion\" is empty"),
-    ('{"prompt": 3, "completion": "x"}', "2: \"prompt\" must be a string"),
-    ('{"text": "   "}', "2: \"text\" is empty"),
-    ('{"messages": [{"role": "user", "content": [{"type": "image", "path": "cat.png"}]}, '
-     '{"role": "model", "content": "a cat"}]}',
-     "2: message 0 part 0: image 'cat.png' does not exist"),
-])
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ('{"text": "ok"', "2: not valid JSON"),
+        ('["text"]', "2: a row must be a JSON object"),
+        ('{"txt": "typo"}', "2: a row needs exactly one of"),
+        ('{"text": "a", "prompt": "b", "completion": "c"}', "2: a row needs exactly one of"),
+        ('{"messages": [{"role": "bot", "content": "hi"}]}', "2: message 0 has role 'bot'"),
+        (
+            '{"messages": [{"role": "user", "content": "hi"}]}',
+            "2: the conversation has no model turn",
+        ),
+        ('{"messages": [{"role": "model", "content": "hi"}]}', "2: message 0 has role 'model'"),
+        ('{"messages": [{"role": "user"}]}', "2: message 0 must be an object with"),
+        ('{"prompt": "a", "completion": ""}', '2: "completion" is empty'),
+        ('{"prompt": 3, "completion": "x"}', '2: "prompt" must be a string'),
+        ('{"text": "   "}', '2: "text" is empty'),
+        (
+            '{"messages": [{"role": "user", "content": [{"type": "image", "path": "cat.png"}]}, '
+            '{"role": "model", "content": "a cat"}]}',
+            "2: message 0 part 0: image 'cat.png' does not exist",
+        ),
+    ],
+)
 def test_bad_rows_name_file_and_line(small_tokenizer, tmp_path, row, message):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "a good first row"}\n' + row + "\n")
@@ -168,16 +192,35 @@ def test_bad_files_and_lengths(small_tokenizer, tmp_path):
         ftdata.load_examples(tmp_path, tok, max_length=64)
 
     long_reply = "for x in range(3): print(x) " * 10
-    path = _write(tmp_path / "long.jsonl", [
-        {"messages": [{"role": "user", "content": "hi"}, {"role": "model", "content": "ok"}]},
-        {"messages": [{"role": "user", "content": "go"}, {"role": "model", "content": long_reply}]},
-    ])
-    with pytest.raises(DataError, match=r"long.jsonl:2: model turn 1 is \d+ tokens, longer than "
-                                        r"max_length 32"):
+    path = _write(
+        tmp_path / "long.jsonl",
+        [
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "model", "content": "ok"}]},
+            {
+                "messages": [
+                    {"role": "user", "content": "go"},
+                    {"role": "model", "content": long_reply},
+                ]
+            },
+        ],
+    )
+    with pytest.raises(
+        DataError,
+        match=r"long.jsonl:2: model turn 1 is \d+ tokens, longer than "
+        r"max_length 32",
+    ):
         ftdata.load_examples(path, tok, max_length=32)
-    path = _write(tmp_path / "long2.jsonl", [
-        {"messages": [{"role": "user", "content": long_reply}, {"role": "model", "content": "ok"}]},
-    ])
+    path = _write(
+        tmp_path / "long2.jsonl",
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": long_reply},
+                    {"role": "model", "content": "ok"},
+                ]
+            },
+        ],
+    )
     with pytest.raises(DataError, match=r"long2.jsonl:1: the example is \d+ tokens, longer than"):
         ftdata.load_examples(path, tok, max_length=32)
 
@@ -192,35 +235,53 @@ def test_image_rows(tmp_path):
     tok = image_tokenizer()
     (tmp_path / "img").mkdir()
     (tmp_path / "img" / "cat.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # not read while tokenising
-    row = {"messages": [{"role": "user", "content": [{"type": "image", "path": "img/cat.png"},
-                                                     {"type": "text", "text": "What is it?"}]},
-                        {"role": "model", "content": "A cat."}]}
+    row = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "path": "img/cat.png"},
+                    {"type": "text", "text": "What is it?"},
+                ],
+            },
+            {"role": "model", "content": "A cat."},
+        ]
+    }
     path = _write(tmp_path / "d.jsonl", [row])
     with pytest.raises(DataError, match="d.jsonl:1: this row has 1 image.*no image encoder"):
         ftdata.load_examples(path, tok, max_length=64)
 
     (rows, stats) = ftdata.load_examples(path, tok, max_length=64, num_soft_tokens=4)
-    (example,), = rows
+    ((example,),) = rows
     assert example.images == (str(tmp_path / "img" / "cat.png"),)
     tokens = example.tokens.tolist()
     first = tokens.index(SOFT_TOKEN)
     assert tokens[first - 1] == tok.start_of_image_id
-    assert tokens[first:first + 5] == [SOFT_TOKEN] * 4 + [tok.end_of_image_id]
+    assert tokens[first : first + 5] == [SOFT_TOKEN] * 4 + [tok.end_of_image_id]
     assert tokens.count(SOFT_TOKEN) == 4
-    assert not example.loss_mask[:first + 6].any()
+    assert not example.loss_mask[: first + 6].any()
     assert tok.decode(example.tokens[example.loss_mask]) == "A cat.<end_of_turn>"
     # Packed rows carry their images in slot order.
     packed = ftdata.pack([example, example], 128)
     assert len(packed) == 1 and packed.images_of(0) == [example.images * 2]
 
     bad = [
-        {"messages": [{"role": "user", "content": "Draw a cat."},
-                      {"role": "model", "content": [{"type": "image", "path": "img/cat.png"}]}]},
-        {"messages": [{"role": "user", "content": "<start_of_image> What is it?"},
-                      {"role": "model", "content": "Nothing."}]},
+        {
+            "messages": [
+                {"role": "user", "content": "Draw a cat."},
+                {"role": "model", "content": [{"type": "image", "path": "img/cat.png"}]},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "<start_of_image> What is it?"},
+                {"role": "model", "content": "Nothing."},
+            ]
+        },
     ]
-    for row, message in zip(bad, ["message 1 is a model turn with an image",
-                                  "1 <start_of_image> marker but 0 images"]):
+    for row, message in zip(
+        bad, ["message 1 is a model turn with an image", "1 <start_of_image> marker but 0 images"]
+    ):
         _write(path, [row])
         with pytest.raises(DataError, match=f"d.jsonl:1: .*{message}"):
             ftdata.load_examples(path, tok, max_length=64, num_soft_tokens=4)
@@ -241,19 +302,22 @@ def test_skip_bad_rows_counts_them(small_tokenizer, tmp_path):
 def test_config_files(tmp_path):
     (tmp_path / "c.toml").write_text(
         '# a comment\ntrain_file = "data/train.jsonl"\nout_dir = "runs/a"\nsteps = 5\n'
-        'lora_targets = ["attn", "mlp"]\nlearning_rate = 1e-3\n')
+        'lora_targets = ["attn", "mlp"]\nlearning_rate = 1e-3\n'
+    )
     c = TrainConfig.from_file(tmp_path / "c.toml").validate()
     assert c.train_file == str(tmp_path / "data/train.jsonl")  # relative to the config file
     assert c.out_dir == str(tmp_path / "runs/a")
     assert c.base == "default" and c.lora_targets == ("attn", "mlp") and c.learning_rate == 1e-3
-    (tmp_path / "c.json").write_text(json.dumps({"train_file": "/abs/t.jsonl", "out_dir": "o",
-                                                 "epochs": 2, "method": "qlora"}))
+    (tmp_path / "c.json").write_text(
+        json.dumps({"train_file": "/abs/t.jsonl", "out_dir": "o", "epochs": 2, "method": "qlora"})
+    )
     c = TrainConfig.from_file(tmp_path / "c.json").validate()
     assert (c.train_file, c.epochs, c.method) == ("/abs/t.jsonl", 2, "qlora")
 
     (tmp_path / "bad.toml").write_text('train_file = "t"\nlearning_rat = 1e-3\n')
-    with pytest.raises(ConfigError, match="unknown setting 'learning_rat'; did you mean "
-                                          "'learning_rate'"):
+    with pytest.raises(
+        ConfigError, match="unknown setting 'learning_rat'; did you mean 'learning_rate'"
+    ):
         TrainConfig.from_file(tmp_path / "bad.toml")
     (tmp_path / "broken.toml").write_text("steps = = 3\n")
     with pytest.raises(ConfigError, match="not valid TOML"):

@@ -7,11 +7,11 @@ Kept small for 2 CPU cores: 24 steps of one 48-token row (about a minute of trai
 from __future__ import annotations
 
 import json
+import pydoc_data.topics
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pydoc_data.topics
 import pytest
 from flax import nnx
 
@@ -33,21 +33,56 @@ def test_lora_loss_falls_on_the_real_270m(real, tmp_path):
     model, tokenizer = real
     topics = pydoc_data.topics.topics
     rows = []
-    for name in ("assert", "break", "continue", "for", "if", "while", "with", "pass", "del",
-                 "return", "global", "nonlocal", "lambda", "import", "raise", "try"):
+    for name in (
+        "assert",
+        "break",
+        "continue",
+        "for",
+        "if",
+        "while",
+        "with",
+        "pass",
+        "del",
+        "return",
+        "global",
+        "nonlocal",
+        "lambda",
+        "import",
+        "raise",
+        "try",
+    ):
         reply = " ".join(topics[name].split())[:90]
-        rows.append({"messages": [{"role": "user", "content": f"What is the {name} statement?"},
-                                  {"role": "model", "content": reply}]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"What is the {name} statement?"},
+                    {"role": "model", "content": reply},
+                ]
+            }
+        )
     data = tmp_path / "topics.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = TrainConfig(train_file=str(data), out_dir=str(tmp_path / "run"), steps=24,
-                         batch_size=1, max_length=48, learning_rate=2e-3, warmup_steps=2,
-                         lora_rank=8, eval_fraction=0.25, save_every=100, eval_every=100,
-                         progress=False)
+    config = TrainConfig(
+        train_file=str(data),
+        out_dir=str(tmp_path / "run"),
+        steps=24,
+        batch_size=1,
+        max_length=48,
+        learning_rate=2e-3,
+        warmup_steps=2,
+        lora_rank=8,
+        eval_fraction=0.25,
+        save_every=100,
+        eval_every=100,
+        progress=False,
+    )
     result = train(config, model=model, tokenizer=tokenizer)
     assert result.stats["train_rows"] == 12 and result.stats["eval_rows"] == 4
-    losses = [json.loads(line)["loss"] for line in
-              (result.out_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    losses = [
+        json.loads(line)["loss"]
+        for line in (result.out_dir / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in line
+    ]
     assert len(losses) == 24 and all(np.isfinite(losses))
     # Training loss over the last 6 steps well below the first 6 (a pass and a bit over the
     # 12 rows; observed 3.63 -> 1.23); the held-out topics' loss falls too, as the reply format
@@ -56,8 +91,11 @@ def test_lora_loss_falls_on_the_real_270m(real, tmp_path):
     assert result.eval_after < result.eval_before - 0.1, (result.eval_before, result.eval_after)
 
 
-@pytest.mark.parametrize("embedding,einsums", [(False, True), (True, True), (True, False)],
-                         ids=["einsums", "einsums+embedding", "embedding"])
+@pytest.mark.parametrize(
+    "embedding,einsums",
+    [(False, True), (True, True), (True, False)],
+    ids=["einsums", "einsums+embedding", "embedding"],
+)
 def test_int8_base_is_close_to_bf16_on_the_real_270m(real, embedding, einsums):
     """int8 per-channel weights against the bf16 checkpoint: the Einsums alone (QLoRA's frozen
     base), with the tied embedding too (`gemma-kit sample --int8`, one scale per row), and the
@@ -72,8 +110,13 @@ def test_int8_base_is_close_to_bf16_on_the_real_270m(real, embedding, einsums):
     from gemma_kit import quant
 
     model, tokenizer = real
-    tokens = jnp.asarray([tokenizer.encode(
-        "The Python for statement iterates over the items of any sequence, in the order")])
+    tokens = jnp.asarray(
+        [
+            tokenizer.encode(
+                "The Python for statement iterates over the items of any sequence, in the order"
+            )
+        ]
+    )
     forward = nnx.jit(lambda m, t: m(t))
     reference = np.asarray(forward(model, tokens))[0]
     q = quant.quantize_model(model, embedding=embedding, einsums=einsums)

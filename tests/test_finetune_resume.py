@@ -25,17 +25,25 @@ WORKER = pathlib.Path(__file__).with_name("_finetune_worker.py")
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     cache = tmp_path_factory.mktemp("jax-cache")
-    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return dict(
+        os.environ,
+        JAX_COMPILATION_CACHE_DIR=str(cache),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
 
 
 def _start(job: dict, folder: pathlib.Path, env: dict) -> subprocess.Popen:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"job-{time.monotonic_ns()}.json"
     path.write_text(json.dumps(job))
-    return subprocess.Popen([sys.executable, str(WORKER), str(path)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), str(path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, dict | None, str]:
@@ -84,17 +92,35 @@ def _data(folder: pathlib.Path) -> pathlib.Path:
         if i % 3:
             rows.append({"text": line[:80]})
         else:
-            rows.append({"messages": [{"role": "user", "content": f"Quote line {i}."},
-                                      {"role": "model", "content": line[:40]}]})
+            rows.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"Quote line {i}."},
+                        {"role": "model", "content": line[:40]},
+                    ]
+                }
+            )
     path = folder / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
 def _config(data: pathlib.Path, out: pathlib.Path) -> dict:
-    return dict(train_file=str(data), out_dir=str(out), steps=12, batch_size=4, grad_accum=2,
-                max_length=64, learning_rate=3e-3, warmup_steps=2, save_every=4,
-                keep_checkpoints=2, eval_every=100, eval_fraction=0.1, progress=False)
+    return dict(
+        train_file=str(data),
+        out_dir=str(out),
+        steps=12,
+        batch_size=4,
+        grad_accum=2,
+        max_length=64,
+        learning_rate=3e-3,
+        warmup_steps=2,
+        save_every=4,
+        keep_checkpoints=2,
+        eval_every=100,
+        eval_fraction=0.1,
+        progress=False,
+    )
 
 
 def test_interrupted_and_killed_runs_resume_to_the_same_parameters(tmp_path, env):
@@ -103,8 +129,9 @@ def test_interrupted_and_killed_runs_resume_to_the_same_parameters(tmp_path, env
     data = _data(tmp_path)
 
     # The reference: 12 steps without interruption.
-    code, ref, err = _finish(_start(dict(kind="train", config=_config(data, tmp_path / "ref")),
-                                    tmp_path, env))
+    code, ref, err = _finish(
+        _start(dict(kind="train", config=_config(data, tmp_path / "ref")), tmp_path, env)
+    )
     assert code == 0, err
     assert ref["step"] == 12 and not ref["interrupted"]
     assert ref["eval_after"] < ref["eval_before"]
@@ -135,16 +162,18 @@ def test_interrupted_and_killed_runs_resume_to_the_same_parameters(tmp_path, env
     assert not (out / "adapter").exists()
 
     # Resumed again: continues from step 8 to the end.
-    code, result, err = _finish(_start(dict(kind="train", config=_config(data, out),
-                                            resume=True), tmp_path, env))
+    code, result, err = _finish(
+        _start(dict(kind="train", config=_config(data, out), resume=True), tmp_path, env)
+    )
     assert code == 0, err
     assert result["step"] == 12 and result["eval_before"] == ref["eval_before"]
     for a, b in zip(_adapter(out / "adapter"), _adapter(tmp_path / "ref" / "adapter"), strict=True):
         np.testing.assert_array_equal(a, b)
     # The metrics describe one run: each step once, with the reference's losses.
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    ref_rows = [json.loads(line) for line in
-                (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    ref_rows = [
+        json.loads(line) for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 13))
     assert [r["loss"] for r in rows if "loss" in r] == [r["loss"] for r in ref_rows if "loss" in r]
 
@@ -178,11 +207,17 @@ def test_sharded_step_equals_single_device(tmp_path):
     different fraction of the learning rate when f32 sums are taken in another order.
     """
     job = tmp_path / "job.json"
-    job.write_text(json.dumps(dict(kind="sharded", seed=0, layouts=dict(
-        single=[1, 1, 1], mesh=[2, 4, 2]))))
+    job.write_text(
+        json.dumps(dict(kind="sharded", seed=0, layouts=dict(single=[1, 1, 1], mesh=[2, 4, 2])))
+    )
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    proc = subprocess.run([sys.executable, str(WORKER), str(job)], env=env, capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), str(job)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.splitlines()[-1])
     assert report["devices"] == 8

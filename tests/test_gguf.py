@@ -50,7 +50,8 @@ def test_preset_and_every_shape(converted):
     leaves = dict(flatten(params))
     expected = official.flatten(official.abstract_params(config))
     assert {path: a.shape for path, a in leaves.items()} == {
-        path: leaf.shape for path, leaf in expected.items()}
+        path: leaf.shape for path, leaf in expected.items()
+    }
     assert all(a.dtype == np.float32 for a in leaves.values())
     # 236 GGUF tensors: k/v and gate/up pairs stack into one parameter each.
     assert len(gguf_reader().tensors) == len(leaves) + 2 * config.num_layers
@@ -77,12 +78,14 @@ def test_weights_equal_transformers(converted, hf_weights, layer):
         ("attn", "kv_einsum", "w"): np.stack(
             [heads_in("self_attn.k_proj.weight", K), heads_in("self_attn.v_proj.weight", K)]
         ),
-        ("attn", "attn_vec_einsum", "w"):
-            hf["self_attn.o_proj.weight"].reshape(D, N, H).transpose(1, 2, 0),
+        ("attn", "attn_vec_einsum", "w"): hf["self_attn.o_proj.weight"]
+        .reshape(D, N, H)
+        .transpose(1, 2, 0),
         ("attn", "_query_norm", "scale"): hf["self_attn.q_norm.weight"],
         ("attn", "_key_norm", "scale"): hf["self_attn.k_norm.weight"],
-        ("mlp", "gating_einsum", "w"):
-            np.stack([hf["mlp.gate_proj.weight"], hf["mlp.up_proj.weight"]]),
+        ("mlp", "gating_einsum", "w"): np.stack(
+            [hf["mlp.gate_proj.weight"], hf["mlp.up_proj.weight"]]
+        ),
         ("mlp", "linear", "w"): hf["mlp.down_proj.weight"].T,
         ("pre_attention_norm", "scale"): hf["input_layernorm.weight"],
         ("post_attention_norm", "scale"): hf["post_attention_layernorm.weight"],
@@ -120,6 +123,7 @@ def test_norms_are_stored_as_one_plus_scale(converted):
 
 
 # -- an independent NumPy forward pass of the canonical tree -------------------------------------
+
 
 def _rms(x, scale, eps):
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * (1 + scale)
@@ -171,8 +175,9 @@ def numpy_logits(config, params, ids):
         probs = np.exp(scores - scores.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
         out = _einsum("NTS,SNH->TNH", probs, v)
-        x = x + _rms(_einsum("TNH,NHD->TD", out, attn("attn_vec_einsum")),
-                     norm("post_attention_norm"), eps)
+        x = x + _rms(
+            _einsum("TNH,NHD->TD", out, attn("attn_vec_einsum")), norm("post_attention_norm"), eps
+        )
 
         h = _rms(x, norm("pre_ffw_norm"), eps)
         gate, up = _einsum("TD,CFD->CTF", h, layer["mlp", "gating_einsum", "w"])
@@ -228,6 +233,7 @@ def test_layout_facts_change_the_model(converted, text_ids):
         # llama.cpp's LLaMA-style permute (interleaved pairs <-> halves), here along H.
         def permute(w):
             return w.reshape(*w.shape[:-1], 2, w.shape[-1] // 2).swapaxes(-1, -2).reshape(w.shape)
+
         attn = dict(layer["attn"])
         attn["q_einsum"] = {"w": permute(attn["q_einsum"]["w"])}
         kv = attn["kv_einsum"]["w"]
@@ -256,6 +262,7 @@ def test_bfloat16(converted):
 
 
 # -- files it cannot convert ---------------------------------------------------------------------
+
 
 def test_missing_file(tmp_path):
     with pytest.raises(CheckpointNotFoundError, match="No GGUF file"):
@@ -298,8 +305,14 @@ def _write_gguf(path, arch, tensor_names):
 
 
 # Enough for the shapes to match gemma3-270m; the tokenizer metadata is left out for speed.
-_SHAPE_TENSORS = ["token_embd.weight", "blk.0.ffn_gate.weight", "blk.0.attn_q_norm.weight",
-                  "blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.17.attn_k.weight"]
+_SHAPE_TENSORS = [
+    "token_embd.weight",
+    "blk.0.ffn_gate.weight",
+    "blk.0.attn_q_norm.weight",
+    "blk.0.attn_q.weight",
+    "blk.0.attn_k.weight",
+    "blk.17.attn_k.weight",
+]
 
 
 @real
@@ -338,6 +351,7 @@ def test_unknown_size(tmp_path, names, match):
 
 
 # -- cache paths ---------------------------------------------------------------------------------
+
 
 def test_cache_dir_honours_env(tmp_path, monkeypatch):
     monkeypatch.setenv("GEMMA_KIT_CACHE", str(tmp_path / "cache"))

@@ -26,9 +26,16 @@ SEQ = 24  # several times the window of 5 below, so local layers really slide
 
 def _hf_model(family: str, **overrides):
     common = dict(
-        vocab_size=97, hidden_size=32, intermediate_size=40, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=5,
-        query_pre_attn_scalar=16, attn_implementation="eager",
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=40,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=5,
+        query_pre_attn_scalar=16,
+        attn_implementation="eager",
     )
     common.update(overrides)
     if family == "gemma2":
@@ -62,18 +69,32 @@ def _hf_logits(hf_model, tokens, mask=None, positions=None):
 
 
 CASES = {
-    "gemma2-gqa-softcaps": ("gemma2", dict(attn_logit_softcapping=3.0, final_logit_softcapping=4.0)),
-    "gemma2-mha-no-softcaps": ("gemma2", dict(num_key_value_heads=4, attn_logit_softcapping=None,
-                                              final_logit_softcapping=None)),
+    "gemma2-gqa-softcaps": (
+        "gemma2",
+        dict(attn_logit_softcapping=3.0, final_logit_softcapping=4.0),
+    ),
+    "gemma2-mha-no-softcaps": (
+        "gemma2",
+        dict(num_key_value_heads=4, attn_logit_softcapping=None, final_logit_softcapping=None),
+    ),
     "gemma2-mqa": ("gemma2", dict(num_key_value_heads=1)),
     "gemma3-gqa-local-and-global": ("gemma3", dict(num_hidden_layers=7)),
-    "gemma3-mqa-rope-scaled": ("gemma3", dict(
-        num_hidden_layers=6, num_key_value_heads=1,
-        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0,
-                                            "rope_theta": 1_000_000.0},
-                         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})),
+    "gemma3-mqa-rope-scaled": (
+        "gemma3",
+        dict(
+            num_hidden_layers=6,
+            num_key_value_heads=1,
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            },
+        ),
+    ),
     # transformers' Gemma 3 ignores attn_logit_softcapping (no Gemma 3 uses it): final cap only.
-    "gemma3-mha-final-softcap": ("gemma3", dict(num_key_value_heads=4, final_logit_softcapping=5.0)),
+    "gemma3-mha-final-softcap": (
+        "gemma3",
+        dict(num_key_value_heads=4, final_logit_softcapping=5.0),
+    ),
 }
 
 
@@ -116,16 +137,16 @@ def test_left_padded_batch_is_exact(family):
     tokens = np.zeros((len(lengths), SEQ), np.int64)
     valid = np.zeros((len(lengths), SEQ), bool)
     for row, n in enumerate(lengths):
-        tokens[row, SEQ - n:] = rng.integers(1, config.vocab_size, n)
-        valid[row, SEQ - n:] = True
+        tokens[row, SEQ - n :] = rng.integers(1, config.vocab_size, n)
+        valid[row, SEQ - n :] = True
     positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0)
 
     batched = np.asarray(model(jnp.asarray(tokens), mask=jnp.asarray(valid)))
     ref = _hf_logits(hf_model, tokens, mask=valid.astype(np.int64), positions=positions)
     for row, n in enumerate(lengths):
-        alone = np.asarray(model(jnp.asarray(tokens[row:row + 1, SEQ - n:])))[0]
-        np.testing.assert_allclose(batched[row, SEQ - n:], alone, rtol=0, atol=ATOL)
-        np.testing.assert_allclose(batched[row, SEQ - n:], ref[row, SEQ - n:], rtol=0, atol=ATOL)
+        alone = np.asarray(model(jnp.asarray(tokens[row : row + 1, SEQ - n :])))[0]
+        np.testing.assert_allclose(batched[row, SEQ - n :], alone, rtol=0, atol=ATOL)
+        np.testing.assert_allclose(batched[row, SEQ - n :], ref[row, SEQ - n :], rtol=0, atol=ATOL)
 
 
 def test_conversion_consumes_every_tensor():

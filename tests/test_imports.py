@@ -14,8 +14,22 @@ import pathlib
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "gemma_kit"
 # Third-party modules loaded once in the process the import checks fork from, so that each
 # check pays for gemma_kit alone. None of them imports gemma_kit.
-PRELOAD = ["numpy", "jax", "jax.numpy", "flax.nnx", "orbax.checkpoint", "sentencepiece", "tqdm",
-           "ml_dtypes", "optax", "gguf", "PIL.Image", "safetensors", "gradio", "matplotlib"]
+PRELOAD = [
+    "numpy",
+    "jax",
+    "jax.numpy",
+    "flax.nnx",
+    "orbax.checkpoint",
+    "sentencepiece",
+    "tqdm",
+    "ml_dtypes",
+    "optax",
+    "gguf",
+    "PIL.Image",
+    "safetensors",
+    "gradio",
+    "matplotlib",
+]
 
 
 def _modules() -> dict[str, pathlib.Path]:
@@ -61,7 +75,7 @@ def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         path.pop()
@@ -86,8 +100,11 @@ def test_no_import_cycles():
     import runs it first, so it is above everything by construction.
     """
     modules = _modules()
-    graph = {name: _imports(name, path, modules) - {"gemma_kit"}
-             for name, path in modules.items() if name != "gemma_kit"}
+    graph = {
+        name: _imports(name, path, modules) - {"gemma_kit"}
+        for name, path in modules.items()
+        if name != "gemma_kit"
+    }
     assert sum(map(len, graph.values())) > 50  # the graph was read (a parse bug finds nothing)
     assert "gemma_kit.checkpoint.adapter" in graph["gemma_kit.lora"]
     cycle = _find_cycle(graph)
@@ -105,8 +122,9 @@ def test_every_module_imports_alone():
     names = sorted(_modules())
     assert len(names) > 40
     failures = {}
-    with concurrent.futures.ProcessPoolExecutor(max_workers=2, mp_context=context,
-                                                max_tasks_per_child=1) as pool:
+    with concurrent.futures.ProcessPoolExecutor(
+        max_workers=2, mp_context=context, max_tasks_per_child=1
+    ) as pool:
         # exec is a builtin, so the child needs nothing of this file to run it.
         jobs = {name: pool.submit(exec, f"import {name}") for name in names}
         for name, job in jobs.items():

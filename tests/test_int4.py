@@ -4,13 +4,13 @@ the real Gemma 3 270M."""
 
 from __future__ import annotations
 
-import _tiny
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+import _tiny
 from gemma_kit import int4, quant
 from gemma_kit.errors import CheckpointError, ConfigError
 from gemma_kit.layers import Einsum, to_matvec_layout
@@ -40,22 +40,25 @@ def test_quantize_bound_and_packing_per_group():
     q = np.asarray(int4.unpack(m.packed))
     assert q.min() == 0 and q.max() == 15
     packed = np.asarray(m.packed)
-    assert (packed & 15 == q[: O // 2]).all() and (packed >> 4 == q[O // 2:]).all()
+    assert (packed & 15 == q[: O // 2]).all() and (packed >> 4 == q[O // 2 :]).all()
     w32 = np.asarray(jnp.asarray(w, jnp.float32), np.float64)
     err = np.abs(w32 - (q * s + lo))
     assert (err <= s / 2 * (1 + 1e-6)).all()
     assert (lo <= w32.reshape(O, -1, 32).min(-1).repeat(32, axis=1)).all()
     ranges = np.ptp(w32.reshape(O, -1, 32), axis=-1).repeat(32, axis=1)
     assert (s[ranges > 0] >= ranges[ranges > 0] / 15).all()
-    assert (s <= ranges / 15 * (1 + 2 ** -7) + (ranges == 0)).all()  # at most one bf16 step up
+    assert (s <= ranges / 15 * (1 + 2**-7) + (ranges == 0)).all()  # at most one bf16 step up
     assert np.abs(np.asarray(int4.dequantize(m)) - (q * s + lo)).max() <= 1e-6 * np.abs(w).max()
     np.testing.assert_array_equal(np.asarray(int4.dequantize(m))[1, :32], 0.0)
-    np.testing.assert_allclose(np.asarray(int4.dequantize(m))[2, 32:64], np.float32(0.3),
-                               rtol=2 ** -8)
+    np.testing.assert_allclose(
+        np.asarray(int4.dequantize(m))[2, 32:64], np.float32(0.3), rtol=2**-8
+    )
     # gather_rows (the embedding lookup) reads the same values as the whole matrix.
     ids = jnp.asarray([[5, 0], [3, 2]])
-    np.testing.assert_array_equal(np.asarray(int4.gather_rows(m, ids, jnp.float32)),
-                                  np.asarray(int4.dequantize(m))[np.asarray(ids)])
+    np.testing.assert_array_equal(
+        np.asarray(int4.gather_rows(m, ids, jnp.float32)),
+        np.asarray(int4.dequantize(m))[np.asarray(ids)],
+    )
     with pytest.raises(ConfigError, match="int4 packing"):
         int4.check_shape(6, 48)
 
@@ -83,8 +86,9 @@ def test_int4_model_runs_like_its_dequantized_weights(tiny_model):
             official = jnp.transpose(dense.reshape(b.matvec_shape), np.argsort(perm))
             a.w = nnx.Param(official)
     e = q.embedder
-    table = int4.Int4Matrix(e.input_embedding[...], e.input_embedding_scale[...],
-                            e.input_embedding_min[...])
+    table = int4.Int4Matrix(
+        e.input_embedding[...], e.input_embedding_scale[...], e.input_embedding_min[...]
+    )
     twin.embedder.input_embedding = nnx.Param(int4.dequantize(table))
     expected = np.asarray(twin(tokens))
     assert np.abs(logits - expected).max() <= 2e-2 * np.abs(expected).max()
@@ -105,15 +109,17 @@ def test_sampler_on_int4_weights_is_argmax_of_its_forward(small_tokenizer, tiny_
     the argmax of one full forward pass of the same model at every generated position."""
     from gemma_kit.sampler import Sampler
 
-    q = quant.quantize_model(tiny_model(_int4_config(small_tokenizer.vocab_size), seed=12),
-                             embedding=True, bits=4)
+    q = quant.quantize_model(
+        tiny_model(_int4_config(small_tokenizer.vocab_size), seed=12), embedding=True, bits=4
+    )
     prompt = "for x in range(3):"
     result = Sampler(q, small_tokenizer, cache_dtype=jnp.float32).generate(
-        prompt, max_new_tokens=8, stop_token_ids=())
+        prompt, max_new_tokens=8, stop_token_ids=()
+    )
     ids = small_tokenizer.encode(prompt)
     assert len(result.tokens) == 8
     logits = np.asarray(q(jnp.asarray([ids + result.tokens])))[0]
-    assert logits[len(ids) - 1:-1].argmax(-1).tolist() == result.tokens
+    assert logits[len(ids) - 1 : -1].argmax(-1).tolist() == result.tokens
 
 
 @pytest.mark.real_model
@@ -126,8 +132,13 @@ def test_int4_quality_on_the_real_270m():
     import gemma_kit
 
     model, tokenizer = gemma_kit.default_model()
-    tokens = jnp.asarray([tokenizer.encode(
-        "The Python for statement iterates over the items of any sequence, in the order")])
+    tokens = jnp.asarray(
+        [
+            tokenizer.encode(
+                "The Python for statement iterates over the items of any sequence, in the order"
+            )
+        ]
+    )
     forward = nnx.jit(lambda m, t: m(t))
     reference = np.asarray(forward(model, tokens))[0]
     q = quant.quantize_model(model, embedding=True, bits=4)
@@ -153,10 +164,21 @@ def test_qlora_on_an_int4_base(tmp_path, small_tokenizer, tiny_model):
     lines = [ln.strip() for ln in _tiny.SMALL_TEXT.splitlines() if len(ln.strip()) > 20][:40]
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"text": ln[:100]}) + "\n" for ln in lines))
-    config = TrainConfig(train_file=str(data), out_dir=str(tmp_path / "run"), method="qlora",
-                         quant="int4", steps=6, batch_size=4, max_length=48,
-                         learning_rate=1e-2, warmup_steps=1, save_every=100, eval_every=100,
-                         eval_fraction=0.1, progress=False)
+    config = TrainConfig(
+        train_file=str(data),
+        out_dir=str(tmp_path / "run"),
+        method="qlora",
+        quant="int4",
+        steps=6,
+        batch_size=4,
+        max_length=48,
+        learning_rate=1e-2,
+        warmup_steps=1,
+        save_every=100,
+        eval_every=100,
+        eval_fraction=0.1,
+        progress=False,
+    )
     model = tiny_model(_int4_config(small_tokenizer.vocab_size), seed=0)
     result = train(config, model=model, tokenizer=small_tokenizer)
     einsums = [m for _, m in result.model.iter_modules() if isinstance(m, Einsum)]

@@ -36,20 +36,43 @@ from gemma_kit.loading import load_model  # noqa: E402
 ATOL = 1e-4
 SEQ = 16  # longer than the window (5): local layers really slide
 TOKENS = np.random.default_rng(1).integers(0, 97, (2, SEQ))
-TEXT = dict(vocab_size=97, hidden_size=32, intermediate_size=40, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, sliding_window=5, query_pre_attn_scalar=16)
-VISION = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
-              image_size=28, patch_size=14, vision_use_head=False)  # Gemma 3's SigLIP: no head
+TEXT = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=40,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    sliding_window=5,
+    query_pre_attn_scalar=16,
+)
+VISION = dict(
+    hidden_size=16,
+    intermediate_size=24,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    image_size=28,
+    patch_size=14,
+    vision_use_head=False,
+)  # Gemma 3's SigLIP: no head
 
 # name -> (class, text config overrides). Each family once with grouped-query attention, plus
 # Gemma 2 with multi-head attention (the fused qkv_einsum) and soft-caps.
 CASES = {
-    "Gemma2ForCausalLM-mha-softcaps": ("gemma2", dict(num_hidden_layers=3, num_key_value_heads=4,
-                                                      attn_logit_softcapping=3.0,
-                                                      final_logit_softcapping=4.0)),
+    "Gemma2ForCausalLM-mha-softcaps": (
+        "gemma2",
+        dict(
+            num_hidden_layers=3,
+            num_key_value_heads=4,
+            attn_logit_softcapping=3.0,
+            final_logit_softcapping=4.0,
+        ),
+    ),
     "Gemma3ForCausalLM-gqa": ("gemma3", dict(num_hidden_layers=7)),
-    "Gemma3ForConditionalGeneration-mqa": ("gemma3mm", dict(num_hidden_layers=6,
-                                                            num_key_value_heads=1)),
+    "Gemma3ForConditionalGeneration-mqa": (
+        "gemma3mm",
+        dict(num_hidden_layers=6, num_key_value_heads=1),
+    ),
 }
 
 
@@ -69,8 +92,9 @@ def _hf_model(kind: str, **overrides):
     elif kind == "gemma3":
         model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**text))
     else:
-        model = transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
-            text_config=text, vision_config=VISION, mm_tokens_per_image=4))
+        model = transformers.Gemma3ForConditionalGeneration(
+            transformers.Gemma3Config(text_config=text, vision_config=VISION, mm_tokens_per_image=4)
+        )
     model.config._attn_implementation = "eager"
     return _randomize(model)
 
@@ -90,7 +114,8 @@ def _hf_logits(model, tokens=TOKENS) -> np.ndarray:
 
 def _from_pretrained(folder):
     model, info = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
+        folder, dtype=torch.float32, attn_implementation="eager", output_loading_info=True
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert not info["mismatched_keys"], info
     return model.eval()
@@ -107,8 +132,10 @@ def _tensors(folder: pathlib.Path) -> dict[str, np.ndarray]:
 def saved(tmp_path_factory):
     """Each case built once: name -> (HF model, its save_pretrained folder)."""
     root = tmp_path_factory.mktemp("hf")
-    return {name: (m := _hf_model(kind, **overrides), _save(m, root / name))
-            for name, (kind, overrides) in CASES.items()}
+    return {
+        name: (m := _hf_model(kind, **overrides), _save(m, root / name))
+        for name, (kind, overrides) in CASES.items()
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,10 +160,16 @@ def test_table_consumes_every_tensor_and_produces_every_parameter(saved, case):
     assert len(paths) == len(set(paths)) and set(paths) == expected
 
 
-@pytest.mark.parametrize("layout, hf_shape", [
-    ("(N H) D -> N D H", (4 * 16, 32)), ("D (N H) -> N H D", (32, 4 * 16)),
-    ("D F -> F D", (32, 40)), ("F D -> D F", (40, 32)), ("D -> D", (32,)),
-])
+@pytest.mark.parametrize(
+    "layout, hf_shape",
+    [
+        ("(N H) D -> N D H", (4 * 16, 32)),
+        ("D (N H) -> N H D", (32, 4 * 16)),
+        ("D F -> F D", (32, 40)),
+        ("F D -> D F", (40, 32)),
+        ("D -> D", (32,)),
+    ],
+)
 def test_each_layout_is_its_own_inverse(layout, hf_shape):
     sizes = dict(N=4, H=16, D=32, F=40)
     for names in (("a",), ("a", "b")):
@@ -172,8 +205,10 @@ def test_preset_configs_survive_the_hf_config_and_transformers(name):
 
 
 def test_defaults_are_transformers_defaults():
-    for cls, defaults in ((transformers.Gemma2Config, hf.HF_DEFAULTS["gemma2"]),
-                          (transformers.Gemma3TextConfig, hf.HF_DEFAULTS["gemma3_text"])):
+    for cls, defaults in (
+        (transformers.Gemma2Config, hf.HF_DEFAULTS["gemma2"]),
+        (transformers.Gemma3TextConfig, hf.HF_DEFAULTS["gemma3_text"]),
+    ):
         theirs = cls()
         for key, value in defaults.items():
             if key in ("rope_theta", "rope_local_base_freq", "sliding_window_pattern"):
@@ -188,33 +223,71 @@ def test_defaults_are_transformers_defaults():
 # few text fields and relies on the defaults).
 HUB_CONFIGS = {
     "gemma2-9b": {
-        "architectures": ["Gemma2ForCausalLM"], "attn_logit_softcapping": 50.0,
-        "final_logit_softcapping": 30.0, "head_dim": 256, "hidden_act": "gelu_pytorch_tanh",
-        "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 3584,
-        "intermediate_size": 14336, "max_position_embeddings": 8192, "model_type": "gemma2",
-        "num_attention_heads": 16, "num_hidden_layers": 42, "num_key_value_heads": 8,
-        "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_theta": 10000.0,
-        "sliding_window": 4096, "torch_dtype": "float32", "vocab_size": 256000,
+        "architectures": ["Gemma2ForCausalLM"],
+        "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0,
+        "head_dim": 256,
+        "hidden_act": "gelu_pytorch_tanh",
+        "hidden_activation": "gelu_pytorch_tanh",
+        "hidden_size": 3584,
+        "intermediate_size": 14336,
+        "max_position_embeddings": 8192,
+        "model_type": "gemma2",
+        "num_attention_heads": 16,
+        "num_hidden_layers": 42,
+        "num_key_value_heads": 8,
+        "query_pre_attn_scalar": 256,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 10000.0,
+        "sliding_window": 4096,
+        "torch_dtype": "float32",
+        "vocab_size": 256000,
     },
     "gemma3-1b": {
-        "architectures": ["Gemma3ForCausalLM"], "attn_logit_softcapping": None,
-        "final_logit_softcapping": None, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
-        "hidden_size": 1152, "intermediate_size": 6912, "max_position_embeddings": 32768,
-        "model_type": "gemma3_text", "num_attention_heads": 4, "num_hidden_layers": 26,
-        "num_key_value_heads": 1, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06,
-        "rope_local_base_freq": 10000, "rope_scaling": None, "rope_theta": 1000000,
-        "sliding_window": 512, "sliding_window_pattern": 6, "vocab_size": 262144,
+        "architectures": ["Gemma3ForCausalLM"],
+        "attn_logit_softcapping": None,
+        "final_logit_softcapping": None,
+        "head_dim": 256,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "hidden_size": 1152,
+        "intermediate_size": 6912,
+        "max_position_embeddings": 32768,
+        "model_type": "gemma3_text",
+        "num_attention_heads": 4,
+        "num_hidden_layers": 26,
+        "num_key_value_heads": 1,
+        "query_pre_attn_scalar": 256,
+        "rms_norm_eps": 1e-06,
+        "rope_local_base_freq": 10000,
+        "rope_scaling": None,
+        "rope_theta": 1000000,
+        "sliding_window": 512,
+        "sliding_window_pattern": 6,
+        "vocab_size": 262144,
     },
     "gemma3-4b": {
-        "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
-        "mm_tokens_per_image": 256, "image_token_index": 262144,
-        "text_config": {"hidden_size": 2560, "intermediate_size": 10240,
-                        "model_type": "gemma3_text", "num_hidden_layers": 34,
-                        "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
-                        "sliding_window": 1024},
-        "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304,
-                          "model_type": "siglip_vision_model", "num_attention_heads": 16,
-                          "num_hidden_layers": 27, "patch_size": 14, "vision_use_head": False},
+        "architectures": ["Gemma3ForConditionalGeneration"],
+        "model_type": "gemma3",
+        "mm_tokens_per_image": 256,
+        "image_token_index": 262144,
+        "text_config": {
+            "hidden_size": 2560,
+            "intermediate_size": 10240,
+            "model_type": "gemma3_text",
+            "num_hidden_layers": 34,
+            "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+            "sliding_window": 1024,
+        },
+        "vision_config": {
+            "hidden_size": 1152,
+            "image_size": 896,
+            "intermediate_size": 4304,
+            "model_type": "siglip_vision_model",
+            "num_attention_heads": 16,
+            "num_hidden_layers": 27,
+            "patch_size": 14,
+            "vision_use_head": False,
+        },
     },
 }
 
@@ -223,15 +296,19 @@ HUB_CONFIGS = {
 def test_hub_config_files_give_the_official_preset(name):
     raw = HUB_CONFIGS[name]
     assert hf.config_from_hf(raw) == PRESETS[name]
-    cls = {"gemma2": transformers.Gemma2Config, "gemma3_text": transformers.Gemma3TextConfig,
-           "gemma3": transformers.Gemma3Config}[raw["model_type"]]
+    cls = {
+        "gemma2": transformers.Gemma2Config,
+        "gemma3_text": transformers.Gemma3TextConfig,
+        "gemma3": transformers.Gemma3Config,
+    }[raw["model_type"]]
     assert hf.config_from_hf(cls(**raw)) == PRESETS[name]  # transformers reads it the same way
 
 
 def test_configs_transformers_cannot_express_are_refused():
     local = PRESETS["gemma3-1b"].layers[0]
-    mixed = PRESETS["gemma3-1b"].replace(layers=(local, local.__class__(64), *PRESETS[
-        "gemma3-1b"].layers[2:]))
+    mixed = PRESETS["gemma3-1b"].replace(
+        layers=(local, local.__class__(64), *PRESETS["gemma3-1b"].layers[2:])
+    )
     with pytest.raises(ConversionError, match="sliding windows differ between layers"):
         hf.config_to_hf(mixed)
     with pytest.raises(ConversionError, match="not a Gemma 2 or Gemma 3 model"):
@@ -255,15 +332,15 @@ def test_hf_to_gemma_kit_to_hf(saved, case, tmp_path):
     model = load_model(folder)
     # The image encoder of a Gemma3ForConditionalGeneration comes along.
     assert model.has_vision == ("Conditional" in case)
-    np.testing.assert_allclose(_ours(model), reference, atol=ATOL,
-                               rtol=0)
+    np.testing.assert_allclose(_ours(model), reference, atol=ATOL, rtol=0)
 
     # Into the official Orbax layout, and from there back out as a Hugging Face folder.
     converted, config, info = convert_hf(folder, tmp_path / "gemma_kit", progress=False)
     assert info["skipped_vision"] == 0  # the vision tower is converted, not skipped
     assert config.has_vision == ("Conditional" in case)
-    exported = export_hf(converted, tmp_path / "hf", preset=config, max_shard_size=30_000,
-                         progress=False)
+    exported = export_hf(
+        converted, tmp_path / "hf", preset=config, max_shard_size=30_000, progress=False
+    )
     assert (exported / "model.safetensors.index.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
 
@@ -271,23 +348,27 @@ def test_hf_to_gemma_kit_to_hf(saved, case, tmp_path):
     original = {k: v for k, v in _tensors(folder).items() if not hf.is_vision_key(k)}
     prefix = hf.find_prefix(original)
     written = _tensors(exported)
-    assert set(written) == {"model." + k[len(prefix):] for k in original}
+    assert set(written) == {"model." + k[len(prefix) :] for k in original}
     for name, value in original.items():
-        got = written["model." + name[len(prefix):]]
+        got = written["model." + name[len(prefix) :]]
         assert got.dtype == value.dtype == np.float32
         np.testing.assert_array_equal(got, value, err_msg=name)
 
     # transformers loads the export as a causal LM with the same logits.
     again = _from_pretrained(exported)
-    assert type(again).__name__ == ("Gemma2ForCausalLM" if case.startswith("Gemma2")
-                                    else "Gemma3ForCausalLM")
+    assert type(again).__name__ == (
+        "Gemma2ForCausalLM" if case.startswith("Gemma2") else "Gemma3ForCausalLM"
+    )
     np.testing.assert_allclose(_hf_logits(again), reference, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("kind, hf_rows, official_rows", [
-    ("gemma2", 256000, 256128),     # Gemma 2: the official table has 128 unused rows more
-    ("gemma3mm", 262208, 262144),   # multimodal Gemma 3: HF has 64 rows more
-])
+@pytest.mark.parametrize(
+    "kind, hf_rows, official_rows",
+    [
+        ("gemma2", 256000, 256128),  # Gemma 2: the official table has 128 unused rows more
+        ("gemma3mm", 262208, 262144),  # multimodal Gemma 3: HF has 64 rows more
+    ],
+)
 def test_vocabulary_rows_are_padded_or_cut(kind, hf_rows, official_rows, tmp_path):
     hf_model = _hf_model(kind, vocab_size=hf_rows, num_hidden_layers=2)
     folder = _save(hf_model, tmp_path / "hf", shard="40MB")
@@ -303,15 +384,16 @@ def test_vocabulary_rows_are_padded_or_cut(kind, hf_rows, official_rows, tmp_pat
     from gemma_kit.loading import model_from_params
 
     ours = _ours(model_from_params(config, params), tokens)
-    np.testing.assert_allclose(ours[..., :rows], _hf_logits(hf_model, tokens)[..., :rows],
-                               atol=ATOL, rtol=0)
+    np.testing.assert_allclose(
+        ours[..., :rows], _hf_logits(hf_model, tokens)[..., :rows], atol=ATOL, rtol=0
+    )
 
     exported = export_hf(params, tmp_path / "out", preset=config, progress=False)
     written = _tensors(exported)["model.embed_tokens.weight"]
     # Gemma 2 goes back to HF's 256000 rows exactly; Gemma 3 is exported as Gemma3ForCausalLM,
     # whose table is the official 262144 rows.
     assert written.shape[0] == (256000 if kind == "gemma2" else 262144)
-    np.testing.assert_array_equal(written, original[:written.shape[0]])
+    np.testing.assert_array_equal(written, original[: written.shape[0]])
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,8 +402,9 @@ def test_vocabulary_rows_are_padded_or_cut(kind, hf_rows, official_rows, tmp_pat
 
 def test_export_and_import_stream_tensor_by_tensor(tiny_gemma3_config, tiny_model, tmp_path):
     # Tensors of MBs, so that they, not the ~2 MB of Python objects Orbax keeps, show.
-    config = tiny_gemma3_config.replace(embed_dim=512, hidden_dim=2048, vocab_size=512,
-                                        layers=tiny_gemma3_config.layers * 2)
+    config = tiny_gemma3_config.replace(
+        embed_dim=512, hidden_dim=2048, vocab_size=512, layers=tiny_gemma3_config.layers * 2
+    )
     model = tiny_model(config)
     ckpt = official.save_params(nnx_params(model), tmp_path / "ckpt")
     specs = hf.hf_tensor_specs(config, np.float32)
@@ -340,9 +423,11 @@ def test_export_and_import_stream_tensor_by_tensor(tiny_gemma3_config, tiny_mode
         _, import_peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    print(f"largest tensor {largest / 1e6:.1f} MB, layer {layer / 1e6:.1f} MB, all "
-          f"{total / 1e6:.1f} MB; peak: export {export_peak / 1e6:.1f} MB, import "
-          f"{(import_peak - before) / 1e6:.1f} MB")
+    print(
+        f"largest tensor {largest / 1e6:.1f} MB, layer {layer / 1e6:.1f} MB, all "
+        f"{total / 1e6:.1f} MB; peak: export {export_peak / 1e6:.1f} MB, import "
+        f"{(import_peak - before) / 1e6:.1f} MB"
+    )
     # Export: Orbax restores one layer; converting it copies at most a few tensors at a time.
     assert export_peak < layer + 3 * largest
     # Import: the output, plus the inputs of one parameter (two tensors) and their conversion.
@@ -382,8 +467,9 @@ def test_bad_hf_folders(saved, tmp_path, capsys):
     fails(llama, "model_type 'llama' is not a Gemma 2 or Gemma 3 model")
 
     shards = copy("missing-shard")
-    (shards / "model-00002-of-{:05d}.safetensors".format(
-        len(list(good.glob("*.safetensors"))))).unlink()
+    (
+        shards / "model-00002-of-{:05d}.safetensors".format(len(list(good.glob("*.safetensors"))))
+    ).unlink()
     fails(shards, "lacks 1 of the shards its model.safetensors.index.json lists")
 
     truncated = copy("truncated")
@@ -396,7 +482,8 @@ def test_bad_hf_folders(saved, tmp_path, capsys):
     (quantized / "config.json").write_text((good / "config.json").read_text())
     state = {k: v for k, v in _tensors(good).items()}
     state["model.layers.0.mlp.down_proj.weight"] = state[
-        "model.layers.0.mlp.down_proj.weight"].astype(np.int8)
+        "model.layers.0.mlp.down_proj.weight"
+    ].astype(np.int8)
     safetensors_numpy.save_file(state, quantized / "model.safetensors", metadata={"format": "pt"})
     fails(quantized, "stored as ['I8']")
 
@@ -435,11 +522,15 @@ def test_existing_output_folders(saved, tmp_path, capsys):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
-    for argv in (["convert", "--hf", str(folder)],
-                 ["export", "--to", "hf", "--ckpt", str(tmp_path / "gk")]):
+    for argv in (
+        ["convert", "--hf", str(folder)],
+        ["export", "--to", "hf", "--ckpt", str(tmp_path / "gk")],
+    ):
         assert main([*argv, "--out", str(mine)]) == 2
-        assert "already exists; choose another --out folder or pass --overwrite" in \
-            capsys.readouterr().err
+        assert (
+            "already exists; choose another --out folder or pass --overwrite"
+            in capsys.readouterr().err
+        )
     assert main(["convert", "--hf", str(folder), "--out", str(mine), "--overwrite"]) == 2
     assert "refusing to overwrite" in capsys.readouterr().err
     assert (mine / "notes.txt").read_text() == "keep me"
@@ -494,8 +585,10 @@ def test_cli_convert_and_export(saved, tmp_path, capsys):
     out = tmp_path / "gk"
     assert main(["convert", "--hf", str(folder), "--out", str(out)]) == 0
     captured = capsys.readouterr()
-    vision = sum(name.startswith("model.vision_tower.") or "multi_modal_projector" in name
-                 for name in hf_model.state_dict())
+    vision = sum(
+        name.startswith("model.vision_tower.") or "multi_modal_projector" in name
+        for name in hf_model.state_dict()
+    )
     assert vision > 10 and "skipped" not in captured.err  # the vision tower is converted
     assert "no tokenizer.model" in captured.err
     assert "a custom size" in captured.out
@@ -505,8 +598,7 @@ def test_cli_convert_and_export(saved, tmp_path, capsys):
     assert "no preset matches" in capsys.readouterr().err
     config, _, _ = read_hf(folder, progress=False)
     model = load_model(out, config)
-    np.testing.assert_allclose(_ours(model), _hf_logits(hf_model),
-                               atol=ATOL, rtol=0)
+    np.testing.assert_allclose(_ours(model), _hf_logits(hf_model), atol=ATOL, rtol=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -533,35 +625,50 @@ def test_real_270m_export_generates_the_same_text_in_transformers(real_export):
 
     out, hf_tokenizer, hf_model = real_export
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
-        "tokenizer.model", "tokenizer_config.json"]
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "special_tokens_map.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+    ]
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     # The same bf16 values, upcast to float32 as transformers does: the same numerics (a bf16
     # weight meets bf16-rounded activations in gemma_kit, by design, not in transformers).
     model, tokenizer = gemma_kit.default_model(jnp.float32)
     ours = gemma_kit.Sampler(model, tokenizer).generate(
-        REAL_PROMPTS, max_new_tokens=REAL_NEW, forbidden_token_ids=())  # HF forbids nothing
+        REAL_PROMPTS, max_new_tokens=REAL_NEW, forbidden_token_ids=()
+    )  # HF forbids nothing
 
-    messages = [{"role": "system", "content": "Be brief."},
-                {"role": "user", "content": " Hello! "}, {"role": "assistant", "content": "Hi."},
-                {"role": "user", "content": "Name a colour."}]
-    assert hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) \
-        == "<bos>" + tokenizer.format_chat(messages)
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": " Hello! "},
+        {"role": "assistant", "content": "Hi."},
+        {"role": "user", "content": "Name a colour."},
+    ]
+    assert hf_tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    ) == "<bos>" + tokenizer.format_chat(messages)
     for prompt, result in zip(REAL_PROMPTS, ours):
         ids = hf_tokenizer(prompt).input_ids
         assert ids == tokenizer.encode(prompt)
         with torch.no_grad():  # greedy, stopping where generation_config.json says
             generated = hf_model.generate(
-                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                do_sample=False, max_new_tokens=REAL_NEW, output_logits=True,
-                return_dict_in_generate=True)
-        hf_tokens = generated.sequences[0, len(ids):].tolist()
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                do_sample=False,
+                max_new_tokens=REAL_NEW,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+        hf_tokens = generated.sequences[0, len(ids) :].tolist()
         logits = torch.stack(generated.logits, dim=1)[0].float().numpy()
         top2 = np.sort(logits, axis=-1)[:, -2:]
         near = np.flatnonzero(top2[:, 1] - top2[:, 0] < NEAR_TIE)
         n = int(near[0]) if near.size else len(hf_tokens)
-        print(f"{prompt!r}: {n} of {len(hf_tokens)} tokens before any near-tie; ours: "
-              f"{result.text!r}")
+        print(
+            f"{prompt!r}: {n} of {len(hf_tokens)} tokens before any near-tie; ours: {result.text!r}"
+        )
         assert n >= 12  # measured: all 20, for both prompts
         assert result.tokens[:n] == hf_tokens[:n]
         assert hf_tokenizer.decode(hf_tokens[:n]) == tokenizer.decode(result.tokens[:n])
@@ -586,8 +693,9 @@ def test_real_270m_lora_adapter_in_peft(real_export, tmp_path, capsys):
         shape = module.lora.b[...].shape
         module.lora.b = lora.LoRAParam(jnp.asarray(rng.normal(0.0, 0.02, shape), jnp.float32))
     saved = lora.save_adapter(model, tmp_path / "adapter")
-    assert main(["export", "--to", "peft", "--lora", str(saved), "--out",
-                 str(tmp_path / "peft")]) == 0
+    assert (
+        main(["export", "--to", "peft", "--lora", str(saved), "--out", str(tmp_path / "peft")]) == 0
+    )
     assert "wrote" in capsys.readouterr().out
 
     tokens = np.asarray([tokenizer.encode("The capital of France is")])
@@ -599,8 +707,10 @@ def test_real_270m_lora_adapter_in_peft(real_export, tmp_path, capsys):
     finally:
         adapted.unload()  # the module-scoped base model stays plain
     scale = np.abs(ours).max()
-    print(f"max |peft - gemma_kit| = {np.abs(theirs - ours).max():.2e} of a logit scale "
-          f"{scale:.1f}; the adapter moves logits by {np.abs(theirs - before).max():.2f}")
+    print(
+        f"max |peft - gemma_kit| = {np.abs(theirs - ours).max():.2e} of a logit scale "
+        f"{scale:.1f}; the adapter moves logits by {np.abs(theirs - before).max():.2f}"
+    )
     assert np.abs(theirs - before).max() > 1.0
     np.testing.assert_allclose(theirs, ours, atol=2e-5 * scale, rtol=0)
 
@@ -624,5 +734,6 @@ def test_real_270m_hf_export_converts_back_bit_exact(real_export, tmp_path, caps
     flat, want = official.flatten(params), official.flatten(reference)
     assert flat.keys() == want.keys()
     for path, value in want.items():
-        np.testing.assert_array_equal(np.asarray(flat[path]), np.asarray(value),
-                                      err_msg="/".join(path))
+        np.testing.assert_array_equal(
+            np.asarray(flat[path]), np.asarray(value), err_msg="/".join(path)
+        )

@@ -31,7 +31,8 @@ from gemma_kit.loading import save_checkpoint  # noqa: E402
 
 # peft calls an API transformers 5 deprecated; not ours to fix.
 pytestmark = pytest.mark.filterwarnings(
-    "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+    "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"
+)
 ATOL = 1e-4
 TOKENS = np.random.default_rng(3).integers(0, 256, (2, 11))  # longer than the window (4)
 
@@ -46,7 +47,8 @@ def _hf_logits(model, tokens=TOKENS) -> np.ndarray:
 
 def _from_pretrained(folder):
     return transformers.AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch.float32, attn_implementation="eager").eval()
+        folder, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
 
 
 def _random_lora(model, *, rank=3, alpha=5.0, scale=0.3, seed=1):
@@ -73,11 +75,20 @@ def adapted(request, tiny_model, tmp_path):
 def test_peft_adapter_on_the_exported_base_gives_gemma_kit_logits(adapted, tmp_path):
     model, base = adapted
     out = export_peft(model, tmp_path / "adapter", base_model_name_or_path=str(base))
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json",
-                                                     "adapter_model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     config = json.loads((out / "adapter_config.json").read_text())
-    assert config["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj",
-                                        "up_proj", "v_proj"]
+    assert config["target_modules"] == [
+        "down_proj",
+        "gate_proj",
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "up_proj",
+        "v_proj",
+    ]
     assert (config["r"], config["lora_alpha"], config["peft_type"]) == (3, 5.0, "LORA")
 
     ours = _ours(model)
@@ -85,8 +96,10 @@ def test_peft_adapter_on_the_exported_base_gives_gemma_kit_logits(adapted, tmp_p
     before = _hf_logits(hf_base)
     adapted_hf = peft.PeftModel.from_pretrained(hf_base, out).eval()
     theirs = _hf_logits(adapted_hf)
-    print(f"max |peft - gemma_kit| {np.abs(theirs - ours).max():.2e}; the adapter moves the "
-          f"logits by up to {np.abs(theirs - before).max():.2f}")
+    print(
+        f"max |peft - gemma_kit| {np.abs(theirs - ours).max():.2e}; the adapter moves the "
+        f"logits by up to {np.abs(theirs - before).max():.2f}"
+    )
     assert np.abs(theirs - before).max() > 1.0  # the adapter really does something
     np.testing.assert_allclose(theirs, ours, atol=ATOL, rtol=0)
 
@@ -97,8 +110,9 @@ def test_merged_model_exports_with_the_same_logits(adapted, tmp_path):
         export_hf(model, tmp_path / "unmerged", progress=False)
     assert not (tmp_path / "unmerged").exists()
     merged = export_hf(lora.merge(model), tmp_path / "merged", progress=False)
-    np.testing.assert_allclose(_hf_logits(_from_pretrained(merged)), _ours(model), atol=ATOL,
-                               rtol=0)
+    np.testing.assert_allclose(
+        _hf_logits(_from_pretrained(merged)), _ours(model), atol=ATOL, rtol=0
+    )
 
 
 def test_a_saved_adapter_folder_exports_the_same_files(tiny_gemma3_config, tiny_model, tmp_path):
@@ -140,8 +154,9 @@ def test_bad_adapter_exports(tiny_gemma3_config, tiny_model, tmp_path, capsys):
         assert not (tmp_path / "cli").exists()
 
 
-def test_cli_exports_the_base_the_adapter_and_the_merged_model(tiny_gemma3_config, tiny_model,
-                                                               tmp_path, monkeypatch, capsys):
+def test_cli_exports_the_base_the_adapter_and_the_merged_model(
+    tiny_gemma3_config, tiny_model, tmp_path, monkeypatch, capsys
+):
     # Registered as a preset for this test, so the command line can name the tiny size.
     monkeypatch.setitem(PRESETS, tiny_gemma3_config.name, tiny_gemma3_config)
     model = tiny_model(tiny_gemma3_config)
@@ -150,12 +165,26 @@ def test_cli_exports_the_base_the_adapter_and_the_merged_model(tiny_gemma3_confi
     export = ["export", "--out"]
     assert main([*export, str(tmp_path / "hf"), "--to", "hf", "--ckpt", str(base_ckpt)]) == 0
     assert main([*export, str(tmp_path / "peft"), "--to", "peft", "--lora", str(saved)]) == 0
-    assert main([*export, str(tmp_path / "merged"), "--to", "hf", "--ckpt", str(base_ckpt),
-                 "--lora", str(saved)]) == 0
+    assert (
+        main(
+            [
+                *export,
+                str(tmp_path / "merged"),
+                "--to",
+                "hf",
+                "--ckpt",
+                str(base_ckpt),
+                "--lora",
+                str(saved),
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.count("wrote") == 3
 
     ours = _ours(model)
-    np.testing.assert_allclose(_hf_logits(_from_pretrained(tmp_path / "merged")), ours,
-                               atol=ATOL, rtol=0)
+    np.testing.assert_allclose(
+        _hf_logits(_from_pretrained(tmp_path / "merged")), ours, atol=ATOL, rtol=0
+    )
     adapted = peft.PeftModel.from_pretrained(_from_pretrained(tmp_path / "hf"), tmp_path / "peft")
     np.testing.assert_allclose(_hf_logits(adapted.eval()), ours, atol=ATOL, rtol=0)

@@ -45,8 +45,11 @@ def test_rope_is_a_rotation_with_relative_inner_products():
     np.testing.assert_allclose(a, b, rtol=1e-4)
     # Position 0 is the identity; a scale factor divides positions.
     np.testing.assert_allclose(rot(q, 0), q, atol=1e-6)
-    np.testing.assert_allclose(apply_rope(q, jnp.array([[80]]), base=1e6, scale=8.0),
-                               apply_rope(q, jnp.array([[10]]), base=1e6), atol=1e-5)
+    np.testing.assert_allclose(
+        apply_rope(q, jnp.array([[80]]), base=1e6, scale=8.0),
+        apply_rope(q, jnp.array([[10]]), base=1e6),
+        atol=1e-5,
+    )
     with pytest.raises(ValueError):
         apply_rope(q, jnp.array([[1]]), base=1e4, scale=0.5)
 
@@ -78,16 +81,18 @@ def test_grouped_attention_equals_repeated_kv_heads():
     pos = jnp.broadcast_to(jnp.arange(T), (B, T))
     mask = causal_mask(pos, pos)
     grouped = attend(q, k, v, mask, logit_cap=None)
-    full = attend(q, jnp.repeat(k, N // K, axis=2), jnp.repeat(v, N // K, axis=2), mask,
-                  logit_cap=None)
+    full = attend(
+        q, jnp.repeat(k, N // K, axis=2), jnp.repeat(v, N // K, axis=2), mask, logit_cap=None
+    )
     np.testing.assert_allclose(grouped, full, atol=1e-6)
     # A fully masked row stays finite (uniform weights) instead of turning into NaN.
     out = attend(q, k, v, jnp.zeros((B, T, T), bool), logit_cap=None)
     assert np.isfinite(np.asarray(out)).all()
     assert MASKED_LOGIT < -1e38
     # Row 0 of a causal mask attends only to key 0.
-    np.testing.assert_allclose(grouped[:, 0, :2], jnp.repeat(v, N // K, axis=2)[:, 0, :2],
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        grouped[:, 0, :2], jnp.repeat(v, N // K, axis=2)[:, 0, :2], atol=1e-6
+    )
     jax.block_until_ready(grouped)
 
 
@@ -143,9 +148,10 @@ def test_matvec_layout_gives_the_same_logits(tiny_gemma3_config, tiny_gemma2_con
             save_checkpoint(fast, "/nonexistent/never-written")
 
 
-@pytest.mark.parametrize("shape, contracted", [((1, 1, 4, 8), 2), ((3, 1, 4, 8), 2),
-                                               ((2, 5, 4, 8), 2), ((1, 2, 3, 4, 5), 3),
-                                               ((2, 7, 6), 1)])
+@pytest.mark.parametrize(
+    "shape, contracted",
+    [((1, 1, 4, 8), 2), ((3, 1, 4, 8), 2), ((2, 5, 4, 8), 2), ((1, 2, 3, 4, 5), 3), ((2, 7, 6), 1)],
+)
 def test_flatten_rows_is_a_row_major_reshape(shape, contracted):
     """flatten_rows builds few rows by concatenation (for XLA's loop, not the values): it is
     x.reshape(rows, -1) exactly, for any number of contracted axes and rows."""

@@ -23,8 +23,12 @@ from gemma_kit.posttrain import logprobs as P
 from gemma_kit.posttrain import losses as L
 
 CHUNKS = (1, 11, 64)  # N = 2 * 11 = 22 positions: one each, exact, one chunk beyond N
-DIVERGENCES = (L.Divergence("forward_kl"), L.Divergence("reverse_kl"),
-               L.Divergence("jsd", beta=0.3, temperature=2.0), L.Divergence("alpha", alpha=1.5))
+DIVERGENCES = (
+    L.Divergence("forward_kl"),
+    L.Divergence("reverse_kl"),
+    L.Divergence("jsd", beta=0.3, temperature=2.0),
+    L.Divergence("alpha", alpha=1.5),
+)
 
 
 def _inputs(config, tiny_model, B=2, T=11):
@@ -55,21 +59,29 @@ def test_chunked_equals_unchunked(tiny_gemma2_config, tiny_gemma3_config, tiny_m
         np.testing.assert_allclose(ent, full_ent, atol=2e-6)
         np.testing.assert_allclose(P.token_entropy(student, hs, chunk=5), full_ent, atol=2e-6)
         for div, expected in zip(DIVERGENCES, full_div):
-            np.testing.assert_allclose(P.divergence(student, hs, teacher, ht, div, chunk=5),
-                                       expected, atol=2e-6)
-        np.testing.assert_allclose(P.sampled_topk_kd(student, hs, ids, probs, chunk=5),
-                                   full_topk, atol=2e-6)
-        np.testing.assert_allclose(P.f_divergence_sft(student, hs, tokens, 1.5, chunk=5),
-                                   full_f, atol=2e-6)
+            np.testing.assert_allclose(
+                P.divergence(student, hs, teacher, ht, div, chunk=5), expected, atol=2e-6
+            )
+        np.testing.assert_allclose(
+            P.sampled_topk_kd(student, hs, ids, probs, chunk=5), full_topk, atol=2e-6
+        )
+        np.testing.assert_allclose(
+            P.f_divergence_sft(student, hs, tokens, 1.5, chunk=5), full_f, atol=2e-6
+        )
         # ... and other chunkings of a few (on the soft-capped model).
         for chunk in CHUNKS if config.final_logit_softcap else ():
-            np.testing.assert_allclose(P.token_logprobs(student, hs, tokens, chunk=chunk),
-                                       full_lp, atol=2e-6)
-            np.testing.assert_allclose(P.divergence(student, hs, teacher, ht, DIVERGENCES[2],
-                                                    chunk=chunk), full_div[2], atol=2e-6)
+            np.testing.assert_allclose(
+                P.token_logprobs(student, hs, tokens, chunk=chunk), full_lp, atol=2e-6
+            )
+            np.testing.assert_allclose(
+                P.divergence(student, hs, teacher, ht, DIVERGENCES[2], chunk=chunk),
+                full_div[2],
+                atol=2e-6,
+            )
             # The draw of each position is the same whatever the chunking.
-            c_ids, c_probs = P.sample_teacher_topk(teacher, ht, jax.random.PRNGKey(3), 8,
-                                                   chunk=chunk)
+            c_ids, c_probs = P.sample_teacher_topk(
+                teacher, ht, jax.random.PRNGKey(3), 8, chunk=chunk
+            )
             np.testing.assert_array_equal(c_ids, ids)
             np.testing.assert_allclose(c_probs, probs, atol=2e-6)
 
@@ -100,10 +112,15 @@ def test_gradients_chunked_and_closed_form(tiny_gemma2_config, tiny_gemma3_confi
         ps = jax.nn.softmax(student.logits(hs))
         pt = jax.nn.softmax(teacher.logits(ht))
         weight = (mask / mask.sum())[..., None]
-        closed = {"forward_kl": ps - pt,
-                  "reverse_kl": ps * (jnp.log(ps) - jnp.log(pt)
-                                      - jnp.sum(ps * (jnp.log(ps) - jnp.log(pt)), -1,
-                                                keepdims=True))}
+        closed = {
+            "forward_kl": ps - pt,
+            "reverse_kl": ps
+            * (
+                jnp.log(ps)
+                - jnp.log(pt)
+                - jnp.sum(ps * (jnp.log(ps) - jnp.log(pt)), -1, keepdims=True)
+            ),
+        }
         for div in (L.Divergence("forward_kl"), L.Divergence("reverse_kl")):
             reference = None
             for chunk in (4, 22):
@@ -112,7 +129,8 @@ def test_gradients_chunked_and_closed_form(tiny_gemma2_config, tiny_gemma3_confi
                 if reference is None:
                     reference = (g_state, g_hidden)
                     np.testing.assert_allclose(
-                        g_hidden, (weight * closed[div.kind] * dcap) @ table, atol=1e-6)
+                        g_hidden, (weight * closed[div.kind] * dcap) @ table, atol=1e-6
+                    )
                 else:
                     for a, b in zip(jax.tree.leaves(g_state), jax.tree.leaves(reference[0])):
                         np.testing.assert_allclose(a, b, atol=1e-5)
@@ -138,8 +156,9 @@ _SHAPE = re.compile(r"\b(?:f64|f32|bf16|f16|s32|u32|s8|pred)\[([0-9,]*)\]")
 def _largest_buffer(fn, *args) -> int:
     """The most elements of any array in the optimised HLO of jit(fn)(*args)."""
     text = jax.jit(fn).lower(*args).compile().as_text()
-    sizes = [int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
-             for dims in _SHAPE.findall(text)]
+    sizes = [
+        int(np.prod([int(d) for d in dims.split(",") if d] or [1])) for dims in _SHAPE.findall(text)
+    ]
     return max(sizes)
 
 
@@ -166,7 +185,8 @@ def test_no_full_logits_buffer_forward_and_backward(tiny_gemma2_config, tiny_mod
         return jnp.sum(P.token_logprobs(nnx.merge(graphdef, state), hidden, tokens, chunk=16))
 
     assert _largest_buffer(jax.value_and_grad(logp_loss, argnums=(0, 1)), state, hs) < (
-        B * T * V // 2)
+        B * T * V // 2
+    )
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
@@ -187,14 +207,20 @@ def test_matches_trl_chunked_kernel_with_softcap(beta, tiny_gemma2_config, tiny_
     for temperature in (1.0, 2.0):
         h_s = torch.tensor(np.asarray(hs).reshape(-1, D), requires_grad=True)
         h_t = torch.tensor(np.asarray(ht).reshape(-1, D))
-        per, _ = ChunkedDivergenceFunction.apply(h_s, w_s, None, h_t, w_t, None, beta,
-                                                 temperature, 1.0, cap, 1.0, cap)
+        per, _ = ChunkedDivergenceFunction.apply(
+            h_s, w_s, None, h_t, w_t, None, beta, temperature, 1.0, cap, 1.0, cap
+        )
         per.sum().backward()
         div = L.Divergence("jsd", beta=beta, temperature=temperature)
         ours, grad = jax.value_and_grad(
-            lambda h, d=div: jnp.sum(P.divergence(student, h, teacher, ht, d, chunk=8)))(hs)
-        np.testing.assert_allclose(P.divergence(student, hs, teacher, ht, div, chunk=8).reshape(-1),
-                                   per.detach().numpy(), atol=1e-5, rtol=1e-5)
+            lambda h, d=div: jnp.sum(P.divergence(student, h, teacher, ht, d, chunk=8))
+        )(hs)
+        np.testing.assert_allclose(
+            P.divergence(student, hs, teacher, ht, div, chunk=8).reshape(-1),
+            per.detach().numpy(),
+            atol=1e-5,
+            rtol=1e-5,
+        )
         np.testing.assert_allclose(grad.reshape(-1, D), h_s.grad.numpy(), atol=1e-5, rtol=1e-4)
         assert abs(float(ours) - per.detach().sum().item()) < 1e-4
 
@@ -204,6 +230,7 @@ def test_policy_gradient_step_equals_weighted_cross_entropy(tiny_gemma3_config, 
     cross-entropy sum with signed weights A (the SFT step's own loss)."""
     pytest.importorskip("optax", reason="gemma_kit.finetune needs the [finetune] extra")
     from gemma_kit.training.losses import cross_entropy_sums
+
     student, _, tokens, hs, _ = _inputs(tiny_gemma3_config, tiny_model)
     mask = jnp.asarray(np.array([[1] * 11, [1] * 4 + [0] * 7], np.float32))
     adv = jnp.asarray([1.5, -0.7])
@@ -217,8 +244,9 @@ def test_policy_gradient_step_equals_weighted_cross_entropy(tiny_gemma3_config, 
         weights = adv[:, None] * mask
         return cross_entropy_sums(nnx.merge(graphdef, state), hs, tokens, weights, 8)[0]
 
-    for a, b in zip(jax.tree.leaves(jax.grad(pg)(state)), jax.tree.leaves(
-            jax.grad(weighted_ce)(state))):
+    for a, b in zip(
+        jax.tree.leaves(jax.grad(pg)(state)), jax.tree.leaves(jax.grad(weighted_ce)(state))
+    ):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 

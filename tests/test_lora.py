@@ -27,17 +27,27 @@ def _randomize_b(model, seed=1, scale=0.2):
     for _, m in lora.einsums(model):
         if m.lora is not None:
             m.lora.b = lora.LoRAParam(
-                jnp.asarray(rng.normal(0, scale, m.lora.b.shape), m.lora.b[...].dtype))
+                jnp.asarray(rng.normal(0, scale, m.lora.b.shape), m.lora.b[...].dtype)
+            )
 
 
 def test_equations_are_derived_from_the_einsum():
     # Contracted letters of w go to A, kept letters to B, both in w's order.
     assert lora.lora_equations("BTD,NDH->BTNH")[:3] == (
-        "BTD,DR->BTR", "BTR,RNH->BTNH", "DR,RNH->NDH")
+        "BTD,DR->BTR",
+        "BTR,RNH->BTNH",
+        "DR,RNH->NDH",
+    )
     assert lora.lora_equations("BTNH,NHD->BTD")[:3] == (
-        "BTNH,NHR->BTR", "BTR,RD->BTD", "NHR,RD->NHD")
+        "BTNH,NHR->BTR",
+        "BTR,RD->BTD",
+        "NHR,RD->NHD",
+    )
     assert lora.lora_equations("BTD,CKDH->CBTKH")[:3] == (
-        "BTD,DR->BTR", "BTR,RCKH->CBTKH", "DR,RCKH->CKDH")
+        "BTD,DR->BTR",
+        "BTR,RCKH->CBTKH",
+        "DR,RCKH->CKDH",
+    )
     assert lora.lora_equations("BTD,CDF->CBTF")[2] == "DR,RCF->CDF"  # Gemma 2 2B gating
     with pytest.raises(ConfigError, match="reserves"):
         lora.lora_equations("BTR,RD->BTD")
@@ -55,8 +65,9 @@ def test_lora_at_init_equals_the_base(tiny_gemma3_config, tiny_gemma2_config, ti
             # LoRA factors stay f32 under a bf16 base, and are apart from the base Params.
             factors = jax.tree.leaves(lora.lora_state(model))
             assert factors and all(x.dtype == jnp.float32 for x in factors)
-            base_names = {"/".join(map(str, p)) for p, _ in
-                          nnx.to_flat_state(nnx.state(model, nnx.Param))}
+            base_names = {
+                "/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))
+            }
             assert not any("lora" in name for name in base_names)
 
 
@@ -92,8 +103,7 @@ def test_merged_equals_unmerged(tiny_gemma3_config, tiny_gemma2_config, tiny_mod
         # The same through the sampler's transposed layout, merged there or unmerged.
         fast = to_matvec_layout(model)
         np.testing.assert_allclose(np.asarray(fast(tokens)), adapted, atol=1e-4, rtol=0)
-        np.testing.assert_allclose(np.asarray(lora.merge(fast)(tokens)), adapted, atol=1e-4,
-                                   rtol=0)
+        np.testing.assert_allclose(np.asarray(lora.merge(fast)(tokens)), adapted, atol=1e-4, rtol=0)
 
 
 def test_adapter_round_trip_and_load_model(tiny_gemma3_config, tiny_model, tmp_path):
@@ -188,13 +198,15 @@ def test_merge_checkpoint(tiny_gemma3_config, tiny_model, tmp_path):
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp folder left
     merged = gemma_kit.load_model(out, config)
     assert not lora.has_lora(merged)
-    np.testing.assert_allclose(np.asarray(merged(tokens)), np.asarray(model(tokens)), atol=1e-4,
-                               rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(merged(tokens)), np.asarray(model(tokens)), atol=1e-4, rtol=0
+    )
     with pytest.raises(CheckpointError, match="already exists"):
         merge_checkpoint(tmp_path / "base", adapter, out, preset=config)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     with pytest.raises(CheckpointError, match="not ours to delete"):
-        merge_checkpoint(tmp_path / "base", adapter, tmp_path / "mine", preset=config,
-                              overwrite=True)
+        merge_checkpoint(
+            tmp_path / "base", adapter, tmp_path / "mine", preset=config, overwrite=True
+        )
     assert (tmp_path / "mine" / "notes.txt").exists()

@@ -21,34 +21,44 @@ from gemma_kit.posttrain import merging as M
 def _tree(seed, narrow=jnp.bfloat16):
     """Parameters of a toy model, one leaf stored in a narrower dtype."""
     rng = np.random.default_rng(seed)
-    return {"embed": jnp.asarray(rng.normal(0, 1, (6, 4)), jnp.float32),
-            "layer_0": {"w": jnp.asarray(rng.normal(0, 1, (4, 3, 2)), jnp.float32),
-                        "scale": jnp.asarray(rng.normal(0, 1, (3,)), narrow)}}
+    return {
+        "embed": jnp.asarray(rng.normal(0, 1, (6, 4)), jnp.float32),
+        "layer_0": {
+            "w": jnp.asarray(rng.normal(0, 1, (4, 3, 2)), jnp.float32),
+            "scale": jnp.asarray(rng.normal(0, 1, (3,)), narrow),
+        },
+    }
 
 
 def _add(a, b, c=1.0):
-    return jax.tree.map(lambda x, y: (x.astype(jnp.float32) + c * y.astype(jnp.float32)).astype(
-        x.dtype), a, b)
+    return jax.tree.map(
+        lambda x, y: (x.astype(jnp.float32) + c * y.astype(jnp.float32)).astype(x.dtype), a, b
+    )
 
 
 def _close(a, b, rtol=1e-5, atol=1e-6):
     """Leaf by leaf; a bfloat16 leaf is compared at bfloat16's resolution (2^-8)."""
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         loose = jnp.asarray(x).dtype == jnp.bfloat16
-        np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32),
-                                   rtol=max(rtol, 8e-3) if loose else rtol,
-                                   atol=max(atol, 8e-3) if loose else atol)
+        np.testing.assert_allclose(
+            np.asarray(x, np.float32),
+            np.asarray(y, np.float32),
+            rtol=max(rtol, 8e-3) if loose else rtol,
+            atol=max(atol, 8e-3) if loose else atol,
+        )
 
 
 def test_slerp_endpoints_and_lerp():
     init, a, b = _tree(0), _tree(1), _tree(2)
     _close(M.slerp(init, a, b, 0.0), a)
     _close(M.slerp(init, a, b, 1.0), b)
-    _close(M.lerp(init, a, b, 0.3),
-           jax.tree.map(lambda x, y: 0.7 * x.astype(jnp.float32) + 0.3 * y.astype(jnp.float32),
-                        a, b))
+    _close(
+        M.lerp(init, a, b, 0.3),
+        jax.tree.map(lambda x, y: 0.7 * x.astype(jnp.float32) + 0.3 * y.astype(jnp.float32), a, b),
+    )
     assert jax.tree.map(lambda x: x.dtype, M.slerp(init, a, b, 0.5)) == jax.tree.map(
-        lambda x: x.dtype, init)
+        lambda x: x.dtype, init
+    )
 
 
 def test_slerp_keeps_the_norm_of_orthogonal_task_vectors():
@@ -58,7 +68,8 @@ def test_slerp_keeps_the_norm_of_orthogonal_task_vectors():
     da = jnp.asarray([[1.0, 0, 0], [0, 2.0, 0]])
     db = jnp.asarray([[0, 0, 2.0], [1.0, 0, 0]])
     assert abs(float(jnp.sum(da * db))) == 0.0 and float(jnp.sum(da * da)) == float(
-        jnp.sum(db * db))
+        jnp.sum(db * db)
+    )
     a, b = {"w": init["w"] + da}, {"w": init["w"] + db}
     norm = float(jnp.linalg.norm(da))
     for lam in (0.25, 0.5, 0.9):
@@ -89,34 +100,50 @@ def test_liti_ema_average_and_task_vector():
     init, merged = _tree(6), _tree(7)
     _close(M.liti(init, merged, 0.0), init, rtol=0, atol=0)
     _close(M.liti(init, merged, 1.0), merged, rtol=0, atol=0)
-    _close(M.liti(init, merged, 0.25)["embed"],
-           0.75 * init["embed"] + 0.25 * merged["embed"], rtol=1e-6)
+    _close(
+        M.liti(init, merged, 0.25)["embed"],
+        0.75 * init["embed"] + 0.25 * merged["embed"],
+        rtol=1e-6,
+    )
     # EMA against a constant target: theta + (1 - mu)^k (theta_0 - theta).
     anchor, target, mu = _tree(8), _tree(9), 0.1
     for _ in range(7):
         anchor = M.ema(anchor, target, mu)
     np.testing.assert_allclose(
-        anchor["embed"], target["embed"] + 0.9 ** 7 * (_tree(8)["embed"] - target["embed"]),
-        rtol=1e-5, atol=1e-6)
+        anchor["embed"],
+        target["embed"] + 0.9**7 * (_tree(8)["embed"] - target["embed"]),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     trees = [_tree(10), _tree(11), _tree(12)]
-    np.testing.assert_allclose(M.average(trees)["embed"],
-                               sum(t["embed"] for t in trees) / 3, rtol=1e-6)
-    np.testing.assert_allclose(M.average(trees, [1, 0, 3])["embed"],
-                               (trees[0]["embed"] + 3 * trees[2]["embed"]) / 4, rtol=1e-6)
-    np.testing.assert_allclose(M.task_vector(init, merged)["embed"],
-                               merged["embed"] - init["embed"], rtol=1e-6)
+    np.testing.assert_allclose(
+        M.average(trees)["embed"], sum(t["embed"] for t in trees) / 3, rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        M.average(trees, [1, 0, 3])["embed"],
+        (trees[0]["embed"] + 3 * trees[2]["embed"]) / 4,
+        rtol=1e-6,
+    )
+    np.testing.assert_allclose(
+        M.task_vector(init, merged)["embed"], merged["embed"] - init["embed"], rtol=1e-6
+    )
 
 
 def test_weight_average_of_linear_heads_is_the_ensemble():
     """WARM's closed form: on frozen shared features, the weight average of linear heads
     predicts the mean of the heads' predictions, exactly."""
     feats = jnp.asarray(np.random.default_rng(13).normal(size=(9, 5)), jnp.float32)
-    heads = [{"w": jnp.asarray(np.random.default_rng(s).normal(size=(5,)), jnp.float32)}
-             for s in range(4)]
+    heads = [
+        {"w": jnp.asarray(np.random.default_rng(s).normal(size=(5,)), jnp.float32)}
+        for s in range(4)
+    ]
     averaged = M.average(heads)["w"]
-    np.testing.assert_allclose(feats @ averaged, jnp.mean(jnp.stack([feats @ h["w"]
-                                                                     for h in heads]), 0),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        feats @ averaged,
+        jnp.mean(jnp.stack([feats @ h["w"] for h in heads]), 0),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_bad_inputs():
@@ -154,8 +181,10 @@ def _lora_run(config, tiny_model, seed, rank=RANK, alpha=ALPHA):
     model = tiny_model(config, seed=0)
     lora.apply_lora(model, rank=rank, alpha=alpha, seed=seed)
     rng = np.random.default_rng(seed + 100)
-    factors = jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 0.3, x.shape), x.dtype),
-                           nnx.to_pure_dict(lora.lora_state(model)))
+    factors = jax.tree.map(
+        lambda x: jnp.asarray(rng.normal(0, 0.3, x.shape), x.dtype),
+        nnx.to_pure_dict(lora.lora_state(model)),
+    )
     return model, factors
 
 
@@ -208,12 +237,12 @@ def test_lora_slerp_from_gram_matrices(tiny_gemma2_config, tiny_model):
             zero = jnp.zeros_like(da[path])
             expected = M.slerp({"w": zero}, {"w": da[path]}, {"w": db[path]}, lam)["w"]
             np.testing.assert_allclose(got[path], expected, atol=1e-5)
-        liti = _deltas(tiny_gemma2_config, tiny_model, M.lora_liti(merged, 0.3), 2 * RANK,
-                       2 * ALPHA)
+        liti = _deltas(
+            tiny_gemma2_config, tiny_model, M.lora_liti(merged, 0.3), 2 * RANK, 2 * ALPHA
+        )
         for path in da:
             np.testing.assert_allclose(liti[path], 0.3 * got[path], atol=1e-6)
-    lerped = _deltas(tiny_gemma2_config, tiny_model, M.lora_lerp(fa, fb, 0.25), 2 * RANK,
-                     2 * ALPHA)
+    lerped = _deltas(tiny_gemma2_config, tiny_model, M.lora_lerp(fa, fb, 0.25), 2 * RANK, 2 * ALPHA)
     for path in da:
         np.testing.assert_allclose(lerped[path], 0.75 * da[path] + 0.25 * db[path], atol=1e-5)
     # Different ranks are different LoRA settings: refused with the differing path.

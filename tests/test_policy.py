@@ -9,8 +9,7 @@ import numpy as np
 from flax import nnx
 
 from gemma_kit.lora import apply_lora, lora_state
-from gemma_kit.posttrain.policy import (completion_logprobs, reference_values, snapshot,
-                                        with_trained)
+from gemma_kit.posttrain.policy import completion_logprobs, reference_values, snapshot, with_trained
 
 TOKENS = jnp.asarray([[2, 17, 33, 5, 81, 9, 44, 3]], jnp.int32)
 
@@ -21,7 +20,7 @@ def _lora_model(tiny_model, config):
     base_logits = model(TOKENS)
     apply_lora(model, rank=2, alpha=4.0, seed=1)
     rng = np.random.default_rng(0)
-    for path, leaf in nnx.to_flat_state(lora_state(model)):
+    for _path, leaf in nnx.to_flat_state(lora_state(model)):
         leaf.set_value(jnp.asarray(rng.normal(0, 0.3, leaf.get_value().shape), jnp.float32))
     return model, base_logits
 
@@ -67,9 +66,12 @@ def test_snapshot_never_aliases(tiny_model, tiny_gemma3_config):
 def test_completion_logprobs_equal_the_full_log_softmax(tiny_model, tiny_gemma3_config):
     model, _ = _lora_model(tiny_model, tiny_gemma3_config)
     T = TOKENS.shape[1] - 1
-    batch = dict(tokens=TOKENS[:, :-1], targets=TOKENS[:, 1:],
-                 positions=jnp.arange(T, dtype=jnp.int32)[None],
-                 segments=jnp.ones((1, T), jnp.int32))
+    batch = dict(
+        tokens=TOKENS[:, :-1],
+        targets=TOKENS[:, 1:],
+        positions=jnp.arange(T, dtype=jnp.int32)[None],
+        segments=jnp.ones((1, T), jnp.int32),
+    )
     got = completion_logprobs(model, batch, chunk=3)
     full = jax.nn.log_softmax(model(TOKENS[:, :-1]).astype(jnp.float32), axis=-1)
     want = jnp.take_along_axis(full, TOKENS[:, 1:, None], axis=-1)[..., 0]

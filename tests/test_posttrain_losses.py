@@ -49,22 +49,38 @@ def test_generalized_jsd_and_kls_equal_trl(temperature):
     """TRL's GKDTrainer.generalized_jsd_loss on the same logits and mask, beta in
     {0, 0.1, 0.5, 0.9, 1}: <= 1e-6 in float32. forward_kl / reverse_kl are its beta = 0 / 1."""
     import torch
+
     gkd = _trl_gkd()
     s, t, mask = _logits(0), _logits(1), _mask(2)
     labels = torch.tensor(np.where(mask > 0, 1, -100))
     for beta in BETAS:
-        ref = float(gkd.generalized_jsd_loss(torch.tensor(s), torch.tensor(t), labels, beta=beta,
-                                             temperature=temperature))
-        ours = float(L.generalized_jsd(jnp.asarray(s), jnp.asarray(t), beta,
-                                       temperature=temperature, mask=jnp.asarray(mask)))
+        ref = float(
+            gkd.generalized_jsd_loss(
+                torch.tensor(s), torch.tensor(t), labels, beta=beta, temperature=temperature
+            )
+        )
+        ours = float(
+            L.generalized_jsd(
+                jnp.asarray(s),
+                jnp.asarray(t),
+                beta,
+                temperature=temperature,
+                mask=jnp.asarray(mask),
+            )
+        )
         assert abs(ours - ref) <= 1e-6, (beta, ours, ref)
-    fkl = L.forward_kl(jnp.asarray(s), jnp.asarray(t), temperature=temperature,
-                       mask=jnp.asarray(mask))
-    rkl = L.reverse_kl(jnp.asarray(s), jnp.asarray(t), temperature=temperature,
-                       mask=jnp.asarray(mask))
+    fkl = L.forward_kl(
+        jnp.asarray(s), jnp.asarray(t), temperature=temperature, mask=jnp.asarray(mask)
+    )
+    rkl = L.reverse_kl(
+        jnp.asarray(s), jnp.asarray(t), temperature=temperature, mask=jnp.asarray(mask)
+    )
     for value, beta in ((fkl, 0.0), (rkl, 1.0)):
-        ref = float(gkd.generalized_jsd_loss(torch.tensor(s), torch.tensor(t), labels, beta=beta,
-                                             temperature=temperature))
+        ref = float(
+            gkd.generalized_jsd_loss(
+                torch.tensor(s), torch.tensor(t), labels, beta=beta, temperature=temperature
+            )
+        )
         assert abs(float(value) - ref) <= 1e-6
     # Without a mask every position counts: TRL's labels with no -100 (its labels=None divides
     # the sum by the batch size instead, a per-sequence sum).
@@ -96,8 +112,11 @@ def test_jsd_closed_forms_and_the_endpoint_discontinuity():
 def test_temperature_divides_both_logits():
     s, t = jnp.asarray(_logits(5)), jnp.asarray(_logits(6))
     for beta in (0.0, 0.4, 1.0):
-        np.testing.assert_allclose(L.generalized_jsd(s, t, beta, temperature=2.5),
-                                   L.generalized_jsd(s / 2.5, t / 2.5, beta), rtol=1e-6)
+        np.testing.assert_allclose(
+            L.generalized_jsd(s, t, beta, temperature=2.5),
+            L.generalized_jsd(s / 2.5, t / 2.5, beta),
+            rtol=1e-6,
+        )
 
 
 def test_gradients_equal_the_closed_forms():
@@ -113,8 +132,9 @@ def test_gradients_equal_the_closed_forms():
         def grad(fn):
             return jax.grad(lambda x: jnp.sum(fn(x)))(s)
 
-        np.testing.assert_allclose(grad(lambda x: L.forward_kl_per_position(x, t)), ps - pt,
-                                   atol=1e-14)
+        np.testing.assert_allclose(
+            grad(lambda x: L.forward_kl_per_position(x, t)), ps - pt, atol=1e-14
+        )
         kl = jnp.sum(ps * (ls - lt), -1, keepdims=True)
         g_rkl = grad(lambda x: L.reverse_kl_per_position(x, t))
         np.testing.assert_allclose(g_rkl, ps * (ls - lt - kl), atol=1e-14)
@@ -124,13 +144,17 @@ def test_gradients_equal_the_closed_forms():
             kl_m = jnp.sum(ps * (ls - lm), -1, keepdims=True)
             np.testing.assert_allclose(
                 grad(lambda x, b=beta: L.generalized_jsd_per_position(x, t, b)),
-                (1 - beta) * ps * (ls - lm - kl_m), atol=1e-14)
+                (1 - beta) * ps * (ls - lm - kl_m),
+                atol=1e-14,
+            )
         # Temperature tau: the same forms at tau, times 1 / tau.
         tau = 2.0
         ps2, pt2 = jax.nn.softmax(s / tau), jax.nn.softmax(t / tau)
         np.testing.assert_allclose(
             grad(lambda x: L.forward_kl_per_position(x, t, temperature=tau)),
-            (ps2 - pt2) / tau, atol=1e-14)
+            (ps2 - pt2) / tau,
+            atol=1e-14,
+        )
         # No gradient reaches the teacher through a Divergence.
         g_t = jax.grad(lambda y: jnp.sum(L.Divergence("jsd", 0.5).per_position(s, y)))(t)
         assert float(jnp.max(jnp.abs(g_t))) == 0.0
@@ -144,8 +168,11 @@ def test_reductions():
     np.testing.assert_allclose(total, jnp.sum(values * mask), rtol=1e-6)
     total, count = L.reduction_sums(values, mask, "sequence-mean")
     lengths = np.asarray(mask).sum(-1)
-    expected = sum((np.asarray(values) * np.asarray(mask))[i].sum() / lengths[i]
-                   for i in range(3) if lengths[i] > 0)
+    expected = sum(
+        (np.asarray(values) * np.asarray(mask))[i].sum() / lengths[i]
+        for i in range(3)
+        if lengths[i] > 0
+    )
     assert float(count) == float((lengths > 0).sum())
     np.testing.assert_allclose(total, expected, rtol=1e-6)
     assert float(L.reduce_mean(values, jnp.zeros_like(mask))) == 0.0  # never 0 / 0
@@ -174,8 +201,9 @@ def test_sampled_topk_targets():
     student = jnp.asarray(_logits(12, (6, 50)))
     ls = np.asarray(jax.nn.log_softmax(student))
     expected = -np.sum(np.asarray(probs) * np.take_along_axis(ls, np.asarray(ids), -1), -1)
-    np.testing.assert_allclose(L.sampled_topk_kd_per_position(student, ids, probs), expected,
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        L.sampled_topk_kd_per_position(student, ids, probs), expected, rtol=1e-6
+    )
     # Draw frequencies: P(id drawn at least once in K) = 1 - (1 - p)^K, over 4000 positions.
     many = jnp.broadcast_to(logits[0], (4000, 50))
     ids, probs = L.sample_topk_targets(jax.random.PRNGKey(1), many, 4)
@@ -198,12 +226,17 @@ def test_f_softargmax_equals_entmax_and_sparsemax():
     x = _logits(13, (8, 23), dtype=np.float64)
     with jax.enable_x64(True):
         xj = jnp.asarray(x)
-        np.testing.assert_allclose(L.f_softargmax(xj, 1.5),
-                                   entmax.entmax15(torch.tensor(x), dim=-1).numpy(), atol=1e-12)
-        np.testing.assert_allclose(L.f_softargmax(xj, 2.0),
-                                   entmax.sparsemax(torch.tensor(x), dim=-1).numpy(), atol=1e-12)
-        np.testing.assert_allclose(L.f_softargmax(xj, 1.3), entmax.entmax_bisect(
-            torch.tensor(x), alpha=1.3, n_iter=80).numpy(), atol=1e-10)
+        np.testing.assert_allclose(
+            L.f_softargmax(xj, 1.5), entmax.entmax15(torch.tensor(x), dim=-1).numpy(), atol=1e-12
+        )
+        np.testing.assert_allclose(
+            L.f_softargmax(xj, 2.0), entmax.sparsemax(torch.tensor(x), dim=-1).numpy(), atol=1e-12
+        )
+        np.testing.assert_allclose(
+            L.f_softargmax(xj, 1.3),
+            entmax.entmax_bisect(torch.tensor(x), alpha=1.3, n_iter=80).numpy(),
+            atol=1e-10,
+        )
         np.testing.assert_allclose(L.f_softargmax(xj, 1.0), jax.nn.softmax(xj), atol=1e-15)
         # The implicit Jacobian against entmax's autograd (vector-Jacobian products).
         v = np.random.default_rng(14).normal(size=x.shape)
@@ -212,45 +245,61 @@ def test_f_softargmax_equals_entmax_and_sparsemax():
         ours = jax.grad(lambda z: jnp.sum(L.f_softargmax(z, 1.5) * v))(xj)
         np.testing.assert_allclose(ours, xt.grad.numpy(), atol=1e-10)
     # float32 (the training dtype) agrees to float32 precision.
-    np.testing.assert_allclose(L.f_softargmax(jnp.asarray(x, jnp.float32), 1.5),
-                               entmax.entmax15(torch.tensor(x), dim=-1).numpy(), atol=2e-6)
+    np.testing.assert_allclose(
+        L.f_softargmax(jnp.asarray(x, jnp.float32), 1.5),
+        entmax.entmax15(torch.tensor(x), dim=-1).numpy(),
+        atol=2e-6,
+    )
 
 
 def test_f_divergence_losses_equal_entmax_and_optax():
     torch = pytest.importorskip("torch", reason="entmax is a torch library")
     entmax = pytest.importorskip("entmax", reason="entmax is the oracle of alpha = 1.5")
     import optax
+
     x = _logits(15, (8, 23), dtype=np.float64)
     y = np.random.default_rng(16).integers(0, 23, 8)
     with jax.enable_x64(True):
         xj, yj = jnp.asarray(x), jnp.asarray(y)
         ref15 = entmax.Entmax15Loss(reduction="none")(torch.tensor(x), torch.tensor(y))
-        np.testing.assert_allclose(L.f_divergence_loss_per_position(xj, yj, 1.5), ref15.numpy(),
-                                   atol=1e-12)
-        np.testing.assert_allclose(L.f_divergence_loss_per_position(xj, yj, 2.0),
-                                   optax.losses.multiclass_sparsemax_loss(xj, yj), atol=1e-12)
+        np.testing.assert_allclose(
+            L.f_divergence_loss_per_position(xj, yj, 1.5), ref15.numpy(), atol=1e-12
+        )
+        np.testing.assert_allclose(
+            L.f_divergence_loss_per_position(xj, yj, 2.0),
+            optax.losses.multiclass_sparsemax_loss(xj, yj),
+            atol=1e-12,
+        )
         ref13 = entmax.EntmaxBisectLoss(alpha=1.3, n_iter=80, reduction="none")(
-            torch.tensor(x), torch.tensor(y))
-        np.testing.assert_allclose(L.f_divergence_loss_per_position(xj, yj, 1.3), ref13.numpy(),
-                                   atol=1e-10)
-        np.testing.assert_allclose(L.f_divergence_loss_per_position(xj, yj, 1.0),
-                                   optax.softmax_cross_entropy_with_integer_labels(xj, yj),
-                                   atol=1e-12)
+            torch.tensor(x), torch.tensor(y)
+        )
+        np.testing.assert_allclose(
+            L.f_divergence_loss_per_position(xj, yj, 1.3), ref13.numpy(), atol=1e-10
+        )
+        np.testing.assert_allclose(
+            L.f_divergence_loss_per_position(xj, yj, 1.0),
+            optax.softmax_cross_entropy_with_integer_labels(xj, yj),
+            atol=1e-12,
+        )
         # Soft targets (distillation): >= 0, 0 at y = f_softargmax(theta), gradient p* - y.
         teacher = jax.nn.softmax(jnp.asarray(_logits(17, (8, 23), dtype=np.float64)))
         for alpha in (1.0, 1.5, 2.0):
             loss = L.f_divergence_loss_per_position(xj, teacher, alpha)
             assert bool(jnp.all(loss >= -1e-12))
             own = L.f_softargmax(xj, alpha)
-            np.testing.assert_allclose(L.f_divergence_loss_per_position(xj, own, alpha), 0.0,
-                                       atol=1e-12)
-            g = jax.grad(lambda z, a=alpha: jnp.sum(L.f_divergence_loss_per_position(
-                z, teacher, a)))(xj)
+            np.testing.assert_allclose(
+                L.f_divergence_loss_per_position(xj, own, alpha), 0.0, atol=1e-12
+            )
+            g = jax.grad(
+                lambda z, a=alpha: jnp.sum(L.f_divergence_loss_per_position(z, teacher, a))
+            )(xj)
             np.testing.assert_allclose(g, own - teacher, atol=1e-12)
         # alpha = 1 with soft targets is KL(y || softmax) (= forward KL with the same logits).
         np.testing.assert_allclose(
             L.f_divergence_loss_per_position(xj, teacher, 1.0),
-            L.forward_kl_per_position(xj, jnp.log(teacher)), atol=1e-12)
+            L.forward_kl_per_position(xj, jnp.log(teacher)),
+            atol=1e-12,
+        )
     with pytest.raises(ConfigError, match="alpha >= 1"):
         L.f_softargmax(jnp.asarray(x), 0.5)
 
@@ -265,8 +314,9 @@ def test_dpo_closed_forms():
     beta = 0.1
     # Policy = reference: log 2 exactly, for any label smoothing.
     for eps in (0.0, 0.2):
-        assert abs(float(L.dpo_loss(rc, rr, rc, rr, beta, label_smoothing=eps))
-                   - math.log(2)) < 1e-7
+        assert (
+            abs(float(L.dpo_loss(rc, rr, rc, rr, beta, label_smoothing=eps)) - math.log(2)) < 1e-7
+        )
     delta = beta * ((pc - rc) - (pr - rr))
     np.testing.assert_allclose(L.dpo_logits(pc, pr, rc, rr, beta), delta, rtol=1e-6)
     # d loss / d log pi(y_w) = -beta sigmoid(-Delta) / B (mean over B), and the opposite for y_l.
@@ -283,13 +333,17 @@ def test_dpo_closed_forms():
     # Label smoothing (TRL's "sigmoid"): -(1 - eps) log s(D) - eps log s(-D).
     np.testing.assert_allclose(
         L.dpo_losses(pc, pr, rc, rr, beta, label_smoothing=0.1),
-        -0.9 * jax.nn.log_sigmoid(delta) - 0.1 * jax.nn.log_sigmoid(-delta), rtol=1e-6)
+        -0.9 * jax.nn.log_sigmoid(delta) - 0.1 * jax.nn.log_sigmoid(-delta),
+        rtol=1e-6,
+    )
     # IPO (TRL: log-ratios divided by completion lengths).
     lc, lr = jnp.asarray([3, 5, 7, 2, 4, 6]), jnp.asarray([4, 4, 1, 9, 2, 3])
     h = (pc - rc) / lc - (pr - rr) / lr
     np.testing.assert_allclose(
         L.ipo_losses(pc, pr, rc, rr, beta, chosen_lengths=lc, rejected_lengths=lr),
-        (h - 1 / (2 * beta)) ** 2, rtol=1e-5)
+        (h - 1 / (2 * beta)) ** 2,
+        rtol=1e-5,
+    )
     with pytest.raises(ConfigError, match="beta must be > 0"):
         L.dpo_loss(pc, pr, rc, rr, 0.0)
 
@@ -299,8 +353,11 @@ def test_bradley_terry():
     assert abs(float(L.bradley_terry_loss(r, r)) - math.log(2)) < 1e-7
     c, j = jnp.asarray([1.0, 2.0, 0.5]), jnp.asarray([0.0, 2.5, 0.5])
     margin = jnp.asarray([0.5, 0.0, 1.0])
-    np.testing.assert_allclose(L.bradley_terry_loss(c, j, margin=margin),
-                               jnp.mean(-jax.nn.log_sigmoid(c - j - margin)), rtol=1e-6)
+    np.testing.assert_allclose(
+        L.bradley_terry_loss(c, j, margin=margin),
+        jnp.mean(-jax.nn.log_sigmoid(c - j - margin)),
+        rtol=1e-6,
+    )
     np.testing.assert_allclose(L.reward_centering(c, j), jnp.mean((c + j) ** 2), rtol=1e-6)
     assert float(L.pairwise_accuracy(c, j)) == pytest.approx(1 / 3)
 
@@ -312,15 +369,17 @@ def test_bradley_terry():
 def test_rloo_and_reinforce_advantages():
     r = jnp.asarray(np.random.default_rng(19).normal(size=(5, 4)), jnp.float32)
     a = L.rloo_advantages(r)
-    loo = np.stack([np.asarray(r)[:, i] - np.delete(np.asarray(r), i, 1).mean(1)
-                    for i in range(4)], 1)
+    loo = np.stack(
+        [np.asarray(r)[:, i] - np.delete(np.asarray(r), i, 1).mean(1) for i in range(4)], 1
+    )
     np.testing.assert_allclose(a, loo, atol=1e-6)
     np.testing.assert_allclose(a, 4 / 3 * (r - r.mean(1, keepdims=True)), atol=1e-6)
     assert float(jnp.max(jnp.abs(L.rloo_advantages(jnp.full((3, 4), 0.7))))) == 0.0
     with pytest.raises(ConfigError, match="k >= 2"):
         L.rloo_advantages(jnp.ones((3, 1)))
-    np.testing.assert_allclose(L.reinforce_advantages(r, baseline="group"),
-                               r - r.mean(1, keepdims=True), atol=1e-6)
+    np.testing.assert_allclose(
+        L.reinforce_advantages(r, baseline="group"), r - r.mean(1, keepdims=True), atol=1e-6
+    )
     np.testing.assert_allclose(L.reinforce_advantages(r), r - r.mean(), atol=1e-6)
     np.testing.assert_allclose(L.reinforce_advantages(r, baseline="none"), r)
 
@@ -340,16 +399,20 @@ def test_kl_estimators_are_unbiased():
         assert abs(k2 - kl) > 1e-3  # biased: not a check that can pass by accident
     logps, refs = jnp.asarray([[-1.0, -2.0, -3.0]]), jnp.asarray([[-1.5, -2.0, -2.0]])
     mask = jnp.asarray([[1.0, 1.0, 0.0]])
-    np.testing.assert_allclose(L.kl_penalised_rewards(jnp.asarray([1.0]), logps, refs, 0.1,
-                                                      mask=mask), [1.0 - 0.1 * 0.5], rtol=1e-6)
+    np.testing.assert_allclose(
+        L.kl_penalised_rewards(jnp.asarray([1.0]), logps, refs, 0.1, mask=mask),
+        [1.0 - 0.1 * 0.5],
+        rtol=1e-6,
+    )
 
 
 def test_policy_gradient_loss():
     rng = np.random.default_rng(21)
     logps = jnp.asarray(-rng.random((3, 6)) * 3, jnp.float32)
     adv = jnp.asarray([0.5, -1.0, 2.0])
-    mask = jnp.asarray(np.array([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]]),
-                       jnp.float32)
+    mask = jnp.asarray(
+        np.array([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]]), jnp.float32
+    )
     total, count, metrics = L.policy_gradient_loss(logps, adv, mask)
     assert float(count) == 9.0
     np.testing.assert_allclose(total, -jnp.sum(adv[:, None] * logps * mask), rtol=1e-6)
@@ -359,19 +422,24 @@ def test_policy_gradient_loss():
     assert float(L.policy_gradient_loss(logps, adv, mask, normaliser="sequences")[1]) == 2.0
     # PPO-style: at ratio 1 the gradient is REINFORCE's, clipped or not, per token or sequence.
     for level in ("token", "sequence"):
-        g1 = jax.grad(lambda x, lv=level: L.policy_gradient_loss(
-            x, adv, mask, behaviour_logps=logps, clip_epsilon=0.2, ratio_level=lv)[0])(logps)
+        g1 = jax.grad(
+            lambda x, lv=level: L.policy_gradient_loss(
+                x, adv, mask, behaviour_logps=logps, clip_epsilon=0.2, ratio_level=lv
+            )[0]
+        )(logps)
         np.testing.assert_allclose(g1, g, rtol=1e-6)
     # Outside the trust region in the advantage's direction the gradient stops.
     old = logps - jnp.asarray([[0.5], [-0.5], [0.0]])  # ratio e^0.5 (A > 0), e^-0.5 (A < 0)
     _, _, m = L.policy_gradient_loss(logps, adv, mask, behaviour_logps=old, clip_epsilon=0.2)
-    g2 = jax.grad(lambda x: L.policy_gradient_loss(x, adv, mask, behaviour_logps=old,
-                                                   clip_epsilon=0.2)[0])(logps)
+    g2 = jax.grad(
+        lambda x: L.policy_gradient_loss(x, adv, mask, behaviour_logps=old, clip_epsilon=0.2)[0]
+    )(logps)
     assert float(jnp.max(jnp.abs(g2[:2]))) == 0.0 and float(m["clip_fraction"]) == 1.0
     # A KL term in the loss (k3): d/d log pi = 1 - exp(log ref - log pi).
     ref = logps - 0.3
-    g3 = jax.grad(lambda x: L.policy_gradient_loss(x, jnp.zeros(3), mask, ref_logps=ref,
-                                                   kl_coef=0.5)[0])(logps)
+    g3 = jax.grad(
+        lambda x: L.policy_gradient_loss(x, jnp.zeros(3), mask, ref_logps=ref, kl_coef=0.5)[0]
+    )(logps)
     np.testing.assert_allclose(g3, 0.5 * (1 - jnp.exp(ref - logps)) * mask, rtol=1e-5)
     with pytest.raises(ConfigError, match="behaviour_logps"):
         L.policy_gradient_loss(logps, adv, mask, clip_epsilon=0.2)
@@ -402,7 +470,9 @@ def test_best_of_n_distribution_matches_monte_carlo_with_ties():
         level = np.array([probs[r == v].sum() for v in r])
         np.testing.assert_allclose(
             L.best_of_n_distribution(jnp.asarray(probs), jnp.asarray(r), n),
-            probs / level * (le ** n - lt ** n), rtol=1e-5)
+            probs / level * (le**n - lt**n),
+            rtol=1e-5,
+        )
 
 
 def test_best_of_n_kl_bound():
@@ -430,23 +500,29 @@ def test_quantile_estimator_is_unbiased():
     combos = np.array(list(itertools.product(range(4), repeat=k)))  # [64, 3]
     weights = np.prod(probs[combos], axis=1)
     for y in range(4):
-        est = L.quantile_estimate(jnp.full(len(combos), rewards[y]),
-                                  jnp.asarray(rewards[combos]))
+        est = L.quantile_estimate(jnp.full(len(combos), rewards[y]), jnp.asarray(rewards[combos]))
         expected = float(np.sum(weights * np.asarray(est)))
         assert abs(expected - probs[rewards <= rewards[y]].sum()) < 1e-6
-    smoothed = L.quantile_estimate(jnp.asarray([0.0]), jnp.asarray([[1.0, 2.0]]),
-                                   smoothing="laplace")
+    smoothed = L.quantile_estimate(
+        jnp.asarray([0.0]), jnp.asarray([[1.0, 2.0]]), smoothing="laplace"
+    )
     assert float(smoothed[0]) == pytest.approx(1 / 4)
-    np.testing.assert_allclose(L.quantile_reward(jnp.asarray([0.0]), jnp.asarray([[1.0, 2.0]]),
-                                                 4), [3 * math.log(1 / 4)], rtol=1e-6)
+    np.testing.assert_allclose(
+        L.quantile_reward(jnp.asarray([0.0]), jnp.asarray([[1.0, 2.0]]), 4),
+        [3 * math.log(1 / 4)],
+        rtol=1e-6,
+    )
 
 
 def test_jbond_reward_and_jeffreys():
     policy = jnp.asarray([0.0, 1.5, 3.0, 1.0])
     anchors = jnp.asarray([[1.0, 2.0], [1.0, 2.0], [1.0, 2.0], [1.0, 1.0]])
     np.testing.assert_allclose(L.jbond_reward(policy, anchors), [-math.log(16), 0, 0, 0])
-    np.testing.assert_allclose(L.jbond_reward(policy, anchors, kind="quantile"),
-                               np.log([1 / 4, 2 / 4, 3 / 4, 3 / 4]), rtol=1e-6)
+    np.testing.assert_allclose(
+        L.jbond_reward(policy, anchors, kind="quantile"),
+        np.log([1 / 4, 2 / 4, 3 / 4, 3 / 4]),
+        rtol=1e-6,
+    )
     assert L.jeffreys_weights(0.5) == (0.5, 0.5)
     assert float(L.jeffreys_loss(jnp.asarray(2.0), jnp.asarray(4.0), 0.25)) == 2.5
     with pytest.raises(ConfigError, match=r"\[0, 1\]"):

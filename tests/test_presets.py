@@ -71,15 +71,20 @@ def _abstract(name: str):
 
 
 def _as_golden(flat_tree) -> dict[str, dict[str, list[int]]]:
-    return {module: {leaf: list(x.shape) for leaf, x in leaves.items()}
-            for module, leaves in flat_tree.items()}
+    return {
+        module: {leaf: list(x.shape) for leaf, x in leaves.items()}
+        for module, leaves in flat_tree.items()
+    }
 
 
 def _golden_as_abstract(name: str):
     """The golden flat tree as ShapeDtypeStructs, the way read_metadata returns a checkpoint."""
-    return {module: {leaf: jax.ShapeDtypeStruct(tuple(shape), "bfloat16")
-                     for leaf, shape in leaves.items()}
-            for module, leaves in GOLDEN[name]["params"].items()}
+    return {
+        module: {
+            leaf: jax.ShapeDtypeStruct(tuple(shape), "bfloat16") for leaf, shape in leaves.items()
+        }
+        for module, leaves in GOLDEN[name]["params"].items()
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,11 +93,13 @@ def _golden_as_abstract(name: str):
 
 def test_golden_file_is_what_the_script_writes():
     spec = importlib.util.spec_from_file_location(
-        "write_preset_golden", ROOT / "scripts" / "write_preset_golden.py")
+        "write_preset_golden", ROOT / "scripts" / "write_preset_golden.py"
+    )
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     assert GOLDEN_PATH.read_text() == script.render(), (
-        "tests/golden/preset_shapes.json is stale: run python scripts/write_preset_golden.py")
+        "tests/golden/preset_shapes.json is stale: run python scripts/write_preset_golden.py"
+    )
 
 
 def test_golden_covers_every_preset():
@@ -103,8 +110,15 @@ def test_golden_covers_every_preset():
 def test_config_numbers_equal_golden_dims(name):
     # Redundant with the shape test below, but a failure here names the wrong field directly.
     config, dims = get_preset(name), GOLDEN[name]["dims"]
-    got = (config.vocab_size, config.embed_dim, config.hidden_dim, config.num_heads,
-           config.num_kv_heads, config.head_dim, config.num_layers)
+    got = (
+        config.vocab_size,
+        config.embed_dim,
+        config.hidden_dim,
+        config.num_heads,
+        config.num_kv_heads,
+        config.head_dim,
+        config.num_layers,
+    )
     assert got == tuple(dims[k] for k in "VDFNKHL")
     assert config.transpose_gating == dims["transpose_gating"]
     assert config.use_qk_norm == dims["qk_norm"]
@@ -139,8 +153,16 @@ def test_param_count(name):
 
 def test_param_counts_match_model_names():
     # The rough sizes the models are known by.
-    approx = {"gemma3-270m": 268e6, "gemma3-1b": 1.0e9, "gemma2-2b": 2.6e9, "gemma2-9b": 9.2e9,
-              "gemma2-27b": 27.2e9, "gemma3-4b": 3.9e9, "gemma3-12b": 11.8e9, "gemma3-27b": 27.0e9}
+    approx = {
+        "gemma3-270m": 268e6,
+        "gemma3-1b": 1.0e9,
+        "gemma2-2b": 2.6e9,
+        "gemma2-9b": 9.2e9,
+        "gemma2-27b": 27.2e9,
+        "gemma3-4b": 3.9e9,
+        "gemma3-12b": 11.8e9,
+        "gemma3-27b": 27.0e9,
+    }
     for name, size in approx.items():
         assert GOLDEN[name]["param_count"] == pytest.approx(size, rel=0.02), name
 

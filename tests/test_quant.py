@@ -75,12 +75,14 @@ def test_int8_embedding_table(tiny_gemma3_config, tiny_model):
     original = np.asarray(model.embedder.input_embedding[...], np.float32)
     err = np.abs(original - np.asarray(table, np.float32) * np.asarray(scale))
     # s / 2, plus float32 rounding of q * s (|q| <= 127: up to 127 s ulps of 2^-24 each).
-    assert (err <= np.asarray(scale) * (0.5 + 127 * 2.0 ** -23)).all()
+    assert (err <= np.asarray(scale) * (0.5 + 127 * 2.0**-23)).all()
     assert q.embedder.normalizer_dtype == "bfloat16"
     assert model.embedder.input_embedding_scale is None  # the original is untouched
     tokens = jnp.asarray([[1, 5, 9, 200, 7]])
     rows = np.asarray(q.embedder.encode(tokens, jnp.float32))
-    dequant = np.asarray(table, np.float32)[np.asarray(tokens)] * np.asarray(scale)[np.asarray(tokens)]
+    dequant = (
+        np.asarray(table, np.float32)[np.asarray(tokens)] * np.asarray(scale)[np.asarray(tokens)]
+    )
     norm = float(jnp.asarray(np.sqrt(D), jnp.bfloat16))
     np.testing.assert_allclose(rows, dequant * norm, rtol=1e-6)
     logits = np.asarray(q(tokens))
@@ -101,10 +103,13 @@ def test_int8_embedding_alone(tiny_gemma3_config, tiny_model):
     assert einsums and all(m.w_scale is None and m.w[...].dtype == jnp.bfloat16 for m in einsums)
     assert quant.is_quantized(q)
     full = quant.quantize_model(model, embedding=True)
-    np.testing.assert_array_equal(q.embedder.input_embedding[...], full.embedder.input_embedding[...])
+    np.testing.assert_array_equal(
+        q.embedder.input_embedding[...], full.embedder.input_embedding[...]
+    )
     tokens = jnp.asarray([[1, 5, 9, 200, 7]])
-    np.testing.assert_allclose(np.asarray(to_matvec_layout(q)(tokens)), np.asarray(q(tokens)),
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(to_matvec_layout(q)(tokens)), np.asarray(q(tokens)), atol=1e-4
+    )
     with pytest.raises(ValueError, match="nothing to quantize"):
         quant.quantize_model(model, embedding=False, einsums=False)
 
@@ -119,9 +124,10 @@ def test_sampler_runs_on_int8_weights(tiny_gemma3_config, tiny_model, small_toke
     q = quant.quantize_model(tiny_model(config, seed=12), embedding=embedding)
     prompt = "for x in range(3):"
     result = Sampler(q, small_tokenizer, cache_dtype=jnp.float32).generate(
-        prompt, max_new_tokens=6, stop_token_ids=())
+        prompt, max_new_tokens=6, stop_token_ids=()
+    )
     ids = small_tokenizer.encode(prompt)
     assert len(result.tokens) == 6
     logits = np.asarray(q(jnp.asarray([ids + result.tokens])))[0]
-    greedy = logits[len(ids) - 1:-1].argmax(-1)
+    greedy = logits[len(ids) - 1 : -1].argmax(-1)
     assert greedy.tolist() == result.tokens

@@ -17,14 +17,15 @@ Bounds, and why:
 
 from __future__ import annotations
 
+import pydoc_data.topics
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pydoc_data.topics
 import pytest
-from _real_model import gguf_reader, hf_gguf_model
 from flax import nnx
 
+from _real_model import gguf_reader, hf_gguf_model
 from gemma_kit.checkpoint.gguf import build_sentencepiece, read_gguf
 from gemma_kit.loading import model_from_params
 from gemma_kit.tokenizer import Tokenizer
@@ -37,7 +38,9 @@ LONG_TOKENS = 700  # longer than the 512-token sliding window of the local layer
 PROMPTS = {
     "fact": "The capital of France is",
     "code": "def fibonacci(n):\n    ",
-    "chat": "<start_of_turn>user\nWrite a haiku about the sea.<end_of_turn>\n<start_of_turn>model\n",
+    "chat": (
+        "<start_of_turn>user\nWrite a haiku about the sea.<end_of_turn>\n<start_of_turn>model\n"
+    ),
 }
 
 

@@ -45,8 +45,9 @@ def _random_factors(model, seed: int = 5):
     """LoRA B factors start at zero; make them random so the adapter changes the output."""
     rng = np.random.default_rng(seed)
     state = nnx.state(model, LoRAParam)
-    nnx.update(model, jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 0.3, x.shape), x.dtype),
-                                   state))
+    nnx.update(
+        model, jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 0.3, x.shape), x.dtype), state)
+    )
 
 
 def _tiny_rm(config, tiny_model, small_tokenizer, *, lora: bool, base=None) -> RewardModel:
@@ -75,13 +76,25 @@ def tiny3(tiny_gemma3_config, small_tokenizer):
 torch = pytest.importorskip("torch", reason="the parity tests need the [test] extra (torch)")
 transformers = pytest.importorskip("transformers", reason="the parity tests need transformers")
 
-HF_COMMON = dict(vocab_size=97, hidden_size=32, intermediate_size=40, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=5,
-                 query_pre_attn_scalar=16, attn_implementation="eager", num_labels=1,
-                 pad_token_id=0)
+HF_COMMON = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=40,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    sliding_window=5,
+    query_pre_attn_scalar=16,
+    attn_implementation="eager",
+    num_labels=1,
+    pad_token_id=0,
+)
 HF_CASES = {
-    "gemma2-gqa-softcaps": ("gemma2", dict(attn_logit_softcapping=3.0,
-                                           final_logit_softcapping=4.0)),
+    "gemma2-gqa-softcaps": (
+        "gemma2",
+        dict(attn_logit_softcapping=3.0, final_logit_softcapping=4.0),
+    ),
     "gemma3-gqa-local-and-global": ("gemma3", dict(num_hidden_layers=6)),
 }
 
@@ -94,7 +107,8 @@ def _hf_reward_model(family: str, **overrides):
         hf_model = transformers.Gemma2ForSequenceClassification(transformers.Gemma2Config(**kwargs))
     else:
         hf_model = transformers.Gemma3TextForSequenceClassification(
-            transformers.Gemma3TextConfig(**kwargs))
+            transformers.Gemma3TextConfig(**kwargs)
+        )
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in hf_model.named_parameters():
@@ -109,9 +123,11 @@ def _hf_reward_model(family: str, **overrides):
 
 def _hf_rewards(hf_model, tokens, valid, positions=None) -> np.ndarray:
     with torch.no_grad():
-        out = hf_model(input_ids=torch.tensor(tokens, dtype=torch.long),
-                       attention_mask=torch.tensor(valid.astype(np.int64)),
-                       position_ids=None if positions is None else torch.tensor(positions))
+        out = hf_model(
+            input_ids=torch.tensor(tokens, dtype=torch.long),
+            attention_mask=torch.tensor(valid.astype(np.int64)),
+            position_ids=None if positions is None else torch.tensor(positions),
+        )
     assert out.logits.shape == (tokens.shape[0], 1)
     return out.logits[:, 0].float().numpy()
 
@@ -124,7 +140,7 @@ def test_reward_head_equals_transformers_left_and_right_padded(case):
     left = np.zeros_like(right)
     for row, n in enumerate(LENGTHS):
         ids = rng.integers(1, 97, n)
-        right[row, :n], left[row, SEQ - n:] = ids, ids
+        right[row, :n], left[row, SEQ - n :] = ids, ids
     # Right padding, as TRL's RewardTrainer pads and calls the model (no position ids).
     ref = _hf_rewards(hf_model, right, right != 0)
     ours = np.asarray(_rewards(network, jnp.asarray(right)))
@@ -141,9 +157,9 @@ def test_reward_head_equals_transformers_left_and_right_padded(case):
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])
-def test_exported_reward_model_scores_the_same_in_transformers(family, tmp_path, tiny_model,
-                                                             tiny_gemma2_config,
-                                                             tiny_gemma3_config, small_tokenizer):
+def test_exported_reward_model_scores_the_same_in_transformers(
+    family, tmp_path, tiny_model, tiny_gemma2_config, tiny_gemma3_config, small_tokenizer
+):
     base = tiny_gemma2_config if family == "gemma2" else tiny_gemma3_config
     config = base.replace(vocab_size=small_tokenizer.vocab_size)
     rm = _tiny_rm(config, tiny_model, small_tokenizer, lora=True)  # merged on export
@@ -151,10 +167,13 @@ def test_exported_reward_model_scores_the_same_in_transformers(family, tmp_path,
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
     written = json.loads((out / "config.json").read_text())
     hf_model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
-        out, dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
+        out, dtype=torch.float32, attn_implementation="eager", output_loading_info=True
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"], info
-    expected_class = {"gemma2": "Gemma2ForSequenceClassification",
-                      "gemma3": "Gemma3TextForSequenceClassification"}[family]
+    expected_class = {
+        "gemma2": "Gemma2ForSequenceClassification",
+        "gemma3": "Gemma3TextForSequenceClassification",
+    }[family]
     assert type(hf_model).__name__ == written["architectures"][0] == expected_class
     assert hf_model.config.num_labels == 1 and hf_model.config.pad_token_id == 0
 
@@ -175,16 +194,21 @@ def test_save_load_round_trip_is_exact(method, tmp_path, tiny3, tiny_model, smal
     base = tmp_path / "base"
     save_checkpoint(tiny_model(tiny3, seed=2), base / "checkpoint")
     (base / "tokenizer.model").write_bytes(small_tokenizer.to_bytes())
-    rm = RewardModel.from_base(base, method=method, rank=2, alpha=4.0, init_std=0.5, seed=3,
-                               preset=tiny3)
+    rm = RewardModel.from_base(
+        base, method=method, rank=2, alpha=4.0, init_std=0.5, seed=3, preset=tiny3
+    )
     assert rm.method == method
     if method == "lora":
         _random_factors(rm.network.model)
     before = rm.score(PROMPTS, COMPLETIONS, progress=False)
 
     folder = rm.save(tmp_path / "rm")
-    expected = {"reward_model.json", "score.npy", "tokenizer.model",
-                "adapter" if method == "lora" else "checkpoint"}
+    expected = {
+        "reward_model.json",
+        "score.npy",
+        "tokenizer.model",
+        "adapter" if method == "lora" else "checkpoint",
+    }
     assert {p.name for p in folder.iterdir()} == expected
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     loaded = load_reward_model(folder)  # the custom size comes back from reward_model.json
@@ -229,15 +253,15 @@ def test_batched_scoring_equals_one_by_one(tiny3, tiny_model, small_tokenizer):
     rm = _tiny_rm(tiny3, tiny_model, small_tokenizer, lora=True)
     prompts, completions = PROMPTS * 2, COMPLETIONS + COMPLETIONS[::-1]
     batched = rm.score(prompts, completions, batch_size=3, progress=False)
-    alone = np.array([rm.score([p], [c], progress=False)[0]
-                      for p, c in zip(prompts, completions)])
+    alone = np.array([rm.score([p], [c], progress=False)[0] for p, c in zip(prompts, completions)])
     np.testing.assert_allclose(batched, alone, rtol=0, atol=1e-5)
     assert len(set(np.round(batched, 4))) > 3  # distinct inputs, distinct rewards
     # The adapter folded into the (float32) weights scores the same, faster.
     merged = rm.merged()
     assert merged.method == "full" and rm.method == "lora"
-    np.testing.assert_allclose(merged.score(prompts, completions, batch_size=3, progress=False),
-                               batched, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(
+        merged.score(prompts, completions, batch_size=3, progress=False), batched, rtol=0, atol=1e-4
+    )
     # A reward model is a reward: the protocol, checked.
     assert as_reward(rm) is rm
     np.testing.assert_allclose(call_reward(rm, prompts, completions), batched, atol=1e-6)
@@ -250,16 +274,23 @@ def test_batched_scoring_equals_one_by_one(tiny3, tiny_model, small_tokenizer):
 
 
 def _pairs(tmp_path, tokenizer, n: int = 6):
-    rows = [{"prompt": PROMPTS[i % 4], "chosen": COMPLETIONS[i % 4],
-             "rejected": COMPLETIONS[(i + 1) % 4], "margin": 0.25 * i} for i in range(n)]
+    rows = [
+        {
+            "prompt": PROMPTS[i % 4],
+            "chosen": COMPLETIONS[i % 4],
+            "rejected": COMPLETIONS[(i + 1) % 4],
+            "margin": 0.25 * i,
+        }
+        for i in range(n)
+    ]
     path = tmp_path / "prefs.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
     return load_preferences(path, tokenizer)
 
 
-def test_bradley_terry_loss_is_log2_at_equal_scores_and_its_closed_form(tmp_path, tiny3,
-                                                                      tiny_model,
-                                                                      small_tokenizer):
+def test_bradley_terry_loss_is_log2_at_equal_scores_and_its_closed_form(
+    tmp_path, tiny3, tiny_model, small_tokenizer
+):
     prefs = _pairs(tmp_path, small_tokenizer)
     batch = {k: jnp.asarray(v) for k, v in prefs.take(np.arange(len(prefs))).items()}
     zero = RewardTransformer(tiny_model(tiny3, seed=2))  # a zero head: every reward is 0
@@ -286,15 +317,17 @@ def test_bradley_terry_loss_is_log2_at_equal_scores_and_its_closed_form(tmp_path
     # Swapping chosen and rejected flips the sign of the margin metric.
     swapped = dict(batch, chosen=batch["rejected"], rejected=batch["chosen"])
     assert float(_loss(network, swapped)[2]["margin"]) == pytest.approx(
-        -float(metrics["margin"]), abs=1e-5)
+        -float(metrics["margin"]), abs=1e-5
+    )
     # Held-out metrics over the same pairs agree with the loss.
     held = RewardModel(network, small_tokenizer).evaluate(prefs, batch_size=4)
     assert held["loss"] == pytest.approx(closed, abs=1e-5)
     assert held["accuracy"] == pytest.approx(np.mean(chosen > rejected))
 
 
-def test_head_gradient_is_the_closed_form_and_lora_trains_beside_it(tmp_path, tiny3, tiny_model,
-                                                                   small_tokenizer):
+def test_head_gradient_is_the_closed_form_and_lora_trains_beside_it(
+    tmp_path, tiny3, tiny_model, small_tokenizer
+):
     prefs = _pairs(tmp_path, small_tokenizer)
     batch = {k: jnp.asarray(v) for k, v in prefs.take(np.arange(len(prefs))).items()}
     network = _tiny_rm(tiny3, tiny_model, small_tokenizer, lora=True).network
@@ -307,8 +340,10 @@ def test_head_gradient_is_the_closed_form_and_lora_trains_beside_it(tmp_path, ti
     grads = nnx.to_pure_dict(jax.jit(jax.grad(mean_loss))(trainable))
     # Only LoRA factors and the head are trainable; the base weights are not in the tree.
     assert set(grads) == {"model", "score"}
-    assert all("lora" in "/".join(map(str, path)) for path, _ in
-               nnx.to_flat_state(nnx.state(network.model, LoRAParam)))
+    assert all(
+        "lora" in "/".join(map(str, path))
+        for path, _ in nnx.to_flat_state(nnx.state(network.model, LoRAParam))
+    )
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads["model"])) > 0
 
     @nnx.jit
@@ -323,8 +358,9 @@ def test_head_gradient_is_the_closed_form_and_lora_trains_beside_it(tmp_path, ti
     w = np.asarray(network.score.weight[...], np.float64)[0]
     delta = h_c @ w - h_r @ w - prefs.margin
     expected = np.mean(-(1 / (1 + np.exp(delta)))[:, None] * (h_c - h_r), axis=0)
-    np.testing.assert_allclose(np.asarray(grads["score"]["weight"])[0], expected, rtol=1e-4,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(grads["score"]["weight"])[0], expected, rtol=1e-4, atol=1e-5
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,17 +376,23 @@ def test_cli_reward_score(tmp_path, tiny3, tiny_model, small_tokenizer, capsys):
     rows[1] = {"messages": [{"role": "user", "content": "while"}], "completion": " loops"}
     completions = tmp_path / "completions.jsonl"
     completions.write_text("\n".join(json.dumps(r) for r in rows))
-    assert main(["reward", "score", "--rm", str(folder), "--file", str(completions),
-                 "--json"]) == 0
+    assert main(["reward", "score", "--rm", str(folder), "--file", str(completions), "--json"]) == 0
     out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    expected = rm.score([r.get("prompt", r.get("messages")) for r in rows],
-                        [r["completion"] for r in rows], progress=False)
+    expected = rm.score(
+        [r.get("prompt", r.get("messages")) for r in rows],
+        [r["completion"] for r in rows],
+        progress=False,
+    )
     assert [o["completion"] for o in out] == [r["completion"] for r in rows]
     np.testing.assert_allclose([o["reward"] for o in out], expected, atol=1e-6)
 
     pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("\n".join(json.dumps({"prompt": p, "chosen": c, "rejected": "x"})
-                               for p, c in zip(PROMPTS, COMPLETIONS)))
+    pairs.write_text(
+        "\n".join(
+            json.dumps({"prompt": p, "chosen": c, "rejected": "x"})
+            for p, c in zip(PROMPTS, COMPLETIONS)
+        )
+    )
     assert main(["reward", "score", "--rm", str(folder), "--file", str(pairs)]) == 0
     captured = capsys.readouterr()
     chosen = rm.score(PROMPTS, COMPLETIONS, progress=False)
@@ -365,6 +407,8 @@ def test_cli_reward_score(tmp_path, tiny3, tiny_model, small_tokenizer, capsys):
     assert main(["reward", "score", "--rm", str(tmp_path / "nowhere"), "--file", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "bad.jsonl:2: a completion row needs" in err
-    assert main(["reward", "score", "--rm", str(tmp_path / "nowhere"), "--file",
-                 str(completions)]) == 2
+    assert (
+        main(["reward", "score", "--rm", str(tmp_path / "nowhere"), "--file", str(completions)])
+        == 2
+    )
     assert "no reward model folder" in capsys.readouterr().err

@@ -55,17 +55,34 @@ def test_reward_train_command_learns_a_separable_preference_set(tmp_path, base, 
     folder, _, tokenizer = base
     toy.write_jsonl(tmp_path / "pairs.jsonl", toy.toy_rows(48))
     config = tmp_path / "rm.toml"
-    config.write_text(f'train_file = "pairs.jsonl"\nbase = "{folder}"\nout_dir = "out"\n'
-                      "steps = 12\nbatch_size = 8\nlearning_rate = 1e-2\nwarmup_steps = 0\n"
-                      "eval_fraction = 0.25\neval_every = 6\nlora_rank = 4\n")
+    config.write_text(
+        f'train_file = "pairs.jsonl"\nbase = "{folder}"\nout_dir = "out"\n'
+        "steps = 12\nbatch_size = 8\nlearning_rate = 1e-2\nwarmup_steps = 0\n"
+        "eval_fraction = 0.25\neval_every = 6\nlora_rank = 4\n"
+    )
     from gemma_kit.cli import main
 
-    assert main(["reward", "train", "--config", str(config), "--set", "progress=false",
-                 "--set", "seed=1"]) == 0
+    assert (
+        main(
+            [
+                "reward",
+                "train",
+                "--config",
+                str(config),
+                "--set",
+                "progress=false",
+                "--set",
+                "seed=1",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     out = tmp_path / "out"
-    assert f"wrote {out / 'reward_model'}" in printed and "held-out pairwise accuracy 0.0000" \
-        in printed
+    assert (
+        f"wrote {out / 'reward_model'}" in printed
+        and "held-out pairwise accuracy 0.0000" in printed
+    )
     rows = _rows(out / "metrics.jsonl")
     held = [r for r in rows if "eval_accuracy" in r]
     assert [r["step"] for r in held] == [0, 6, 12]
@@ -83,8 +100,7 @@ def test_reward_train_command_learns_a_separable_preference_set(tmp_path, base, 
 
     rm = load_reward_model(out / "reward_model")
     assert rm.method == "lora" and rm.base == str(folder)
-    split = load_preference_data(RewardConfig.from_file(config).replace(seed=1),
-                                 tokenizer).eval
+    split = load_preference_data(RewardConfig.from_file(config).replace(seed=1), tokenizer).eval
     evaluated = rm.evaluate(split)
     assert evaluated["accuracy"] == 1.0
     assert evaluated["loss"] == pytest.approx(held[-1]["eval_loss"], abs=1e-5)
@@ -98,8 +114,12 @@ def test_reward_train_command_learns_a_separable_preference_set(tmp_path, base, 
     # export does: the same scores up to bf16's rounding of the merged weights (2^-8 relative).
     merged = rm.merged().score(prompts, texts, progress=False)
     np.testing.assert_allclose(merged, direct, rtol=4e-3)
-    np.testing.assert_allclose(call_reward(load_reward(f"rm:{out / 'reward_model'}"), prompts,
-                                           texts), merged, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        call_reward(load_reward(f"rm:{out / 'reward_model'}"), prompts, texts),
+        merged,
+        rtol=0,
+        atol=1e-5,
+    )
 
     # transformers' sequence classifier of the export scores the same.
     torch = pytest.importorskip("torch")
@@ -110,12 +130,15 @@ def test_reward_train_command_learns_a_separable_preference_set(tmp_path, base, 
     np.testing.assert_allclose(exact, direct, rtol=4e-3)  # bf16 rounding of the base only
     hf = rm32.export_hf(tmp_path / "hf", progress=False)
     classifier = transformers.AutoModelForSequenceClassification.from_pretrained(
-        hf, dtype=torch.float32, attn_implementation="eager").eval()
+        hf, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     seqs = [encode_pair(tokenizer, p, c)[0] for p, c in zip(prompts, texts)]
     tokens = pad_right(seqs, max(map(len, seqs)))
     with torch.no_grad():
-        theirs = classifier(input_ids=torch.tensor(tokens, dtype=torch.long),
-                            attention_mask=torch.tensor((tokens != 0).astype(np.int64))).logits
+        theirs = classifier(
+            input_ids=torch.tensor(tokens, dtype=torch.long),
+            attention_mask=torch.tensor((tokens != 0).astype(np.int64)),
+        ).logits
     np.testing.assert_allclose(theirs[:, 0].numpy(), exact, rtol=0, atol=1e-4)
     assert np.ptp(direct) > 0.2  # distinct rewards: the comparison means something
 
@@ -127,24 +150,36 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, base):
     micro-batches per step)."""
     folder, model, tokenizer = base
     data = toy.write_jsonl(tmp_path / "pairs.jsonl", toy.toy_rows(40, seed=2, margin=True))
-    straight = train_reward_model(RewardConfig(**toy.rm_settings(data, tmp_path / "straight",
-                                                                 folder)),
-                                  model=model, tokenizer=tokenizer)
+    straight = train_reward_model(
+        RewardConfig(**toy.rm_settings(data, tmp_path / "straight", folder)),
+        model=model,
+        tokenizer=tokenizer,
+    )
     assert straight.step == 6 and not straight.interrupted
 
     out = tmp_path / "killed"
     job = tmp_path / "job.json"
-    job.write_text(json.dumps(dict(kind="kill", kill_after=5,
-                                   config=toy.rm_settings(data, out, folder))))
-    proc = subprocess.run([sys.executable, str(WORKER), str(job)], capture_output=True,
-                          text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    job.write_text(
+        json.dumps(dict(kind="kill", kill_after=5, config=toy.rm_settings(data, out, folder)))
+    )
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), str(job)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
     assert proc.returncode == -9, proc.stderr[-3000:]
     assert sorted(int(p.name) for p in (out / "checkpoints").iterdir()) == [2, 4]
     assert [r["step"] for r in _rows(out / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4, 5]
     assert not (out / "reward_model").exists()
 
-    resumed = train_reward_model(RewardConfig(**toy.rm_settings(data, out, folder)),
-                                 model=model, tokenizer=tokenizer, resume=True)
+    resumed = train_reward_model(
+        RewardConfig(**toy.rm_settings(data, out, folder)),
+        model=model,
+        tokenizer=tokenizer,
+        resume=True,
+    )
     assert resumed.step == 6
     ours = jax.tree.leaves(nnx.state(resumed.model, nnx.Param))
     theirs = jax.tree.leaves(nnx.state(straight.model, nnx.Param))
@@ -153,13 +188,15 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, base):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
     def strip(rows):
-        return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed")}
-                for r in rows]
+        return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed")} for r in rows]
 
-    assert strip(_rows(out / "metrics.jsonl")) == strip(_rows(tmp_path / "straight" /
-                                                              "metrics.jsonl"))
-    moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(
-        theirs, jax.tree.leaves(nnx.state(model, nnx.Param))))
+    assert strip(_rows(out / "metrics.jsonl")) == strip(
+        _rows(tmp_path / "straight" / "metrics.jsonl")
+    )
+    moved = max(
+        float(np.abs(np.asarray(a) - np.asarray(b)).max())
+        for a, b in zip(theirs, jax.tree.leaves(nnx.state(model, nnx.Param)))
+    )
     assert moved > 1e-3  # the backbone itself trained (method full)
     # The full reward model folder (no adapter) reloads and scores as the trained network.
     rm = load_reward_model(resumed.model_dir)
@@ -172,15 +209,24 @@ def test_bad_input_is_one_clear_error(tmp_path, base, capsys):
     folder = base[0]
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    args = ["reward", "train", "--out-dir", str(tmp_path / "o"), "--steps", "2", "--base",
-            str(folder)]
+    args = [
+        "reward",
+        "train",
+        "--out-dir",
+        str(tmp_path / "o"),
+        "--steps",
+        "2",
+        "--base",
+        str(folder),
+    ]
     assert main([*args, "--train-file", str(empty)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "empty.jsonl" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "o").exists()  # refused before anything was written
 
-    bad = toy.write_jsonl(tmp_path / "bad.jsonl", toy.toy_rows(3) + [{"prompt": "x",
-                                                                      "chosen": "y"}])
+    bad = toy.write_jsonl(
+        tmp_path / "bad.jsonl", toy.toy_rows(3) + [{"prompt": "x", "chosen": "y"}]
+    )
     assert main([*args, "--train-file", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "bad.jsonl:4" in err and "rejected" in err
@@ -190,5 +236,8 @@ def test_bad_input_is_one_clear_error(tmp_path, base, capsys):
     with pytest.raises(ConfigError, match="data_seed must be an integer"):
         RewardConfig(train_file="x", out_dir="o", steps=1, data_seed="a").validate()
     with pytest.raises(DataError, match="empty"):
-        train_reward_model(RewardConfig(train_file=str(empty), out_dir=str(tmp_path / "p"),
-                                        steps=1, base=str(folder)))
+        train_reward_model(
+            RewardConfig(
+                train_file=str(empty), out_dir=str(tmp_path / "p"), steps=1, base=str(folder)
+            )
+        )

@@ -45,17 +45,20 @@ def lengths(prompts, completions):
 # The protocol
 
 
-@pytest.mark.parametrize("result, message", [
-    ([1.0, 2.0], "returned 2 value\\(s\\) for 3 completions"),
-    ([1.0, float("nan"), 0.0], "returned nan for completion 1; rewards must be finite"),
-    ([1.0, 2.0, float("inf")], "returned inf for completion 2"),
-    ([1.0, "2", 3.0], "returned '2' \\(str\\) for completion 1; rewards must be numbers"),
-    ([None, 1.0, 2.0], "returned None \\(NoneType\\) for completion 0"),
-    ([True, 1.0, 2.0], "returned True \\(bool\\)"),
-    ([[1.0], 1.0, 2.0], "returned \\[1.0\\] \\(list\\)"),
-    (0.5, "returned a float; it must return a sequence of 3 floats"),
-    ("abc", "returned a str"),
-])
+@pytest.mark.parametrize(
+    "result, message",
+    [
+        ([1.0, 2.0], "returned 2 value\\(s\\) for 3 completions"),
+        ([1.0, float("nan"), 0.0], "returned nan for completion 1; rewards must be finite"),
+        ([1.0, 2.0, float("inf")], "returned inf for completion 2"),
+        ([1.0, "2", 3.0], "returned '2' \\(str\\) for completion 1; rewards must be numbers"),
+        ([None, 1.0, 2.0], "returned None \\(NoneType\\) for completion 0"),
+        ([True, 1.0, 2.0], "returned True \\(bool\\)"),
+        ([[1.0], 1.0, 2.0], "returned \\[1.0\\] \\(list\\)"),
+        (0.5, "returned a float; it must return a sequence of 3 floats"),
+        ("abc", "returned a str"),
+    ],
+)
 def test_a_bad_result_is_one_error_naming_the_function(result, message):
     def my_reward(prompts, completions):
         return result
@@ -138,14 +141,17 @@ def test_a_spec_runs_in_a_worker_process_and_equals_the_function(user_module):
     assert load_reward(f"{user_module}:with_prompt", isolate=False) is in_process
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("broken_rewards:f", "module 'broken_rewards' does not import \\(SyntaxError"),
-    ("no_such_module_xyz:f", "module 'no_such_module_xyz' does not import"),
-    ("user_rewards:missing", "'user_rewards' has no 'missing'"),
-    ("user_rewards:NOT_CALLABLE", "names an object of type int, not a function"),
-    ("user_rewards", "a reward spec is 'pkg.module:function'"),
-    ("a:b:c", "a reward spec is 'pkg.module:function'"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("broken_rewards:f", "module 'broken_rewards' does not import \\(SyntaxError"),
+        ("no_such_module_xyz:f", "module 'no_such_module_xyz' does not import"),
+        ("user_rewards:missing", "'user_rewards' has no 'missing'"),
+        ("user_rewards:NOT_CALLABLE", "names an object of type int, not a function"),
+        ("user_rewards", "a reward spec is 'pkg.module:function'"),
+        ("a:b:c", "a reward spec is 'pkg.module:function'"),
+    ],
+)
 def test_a_spec_that_does_not_import_is_one_error(user_module, spec, message):
     with pytest.raises(RewardError, match=message):
         load_reward(spec)
@@ -153,16 +159,18 @@ def test_a_spec_that_does_not_import_is_one_error(user_module, spec, message):
         import_reward(spec)
 
 
-@pytest.mark.parametrize("name, message", [
-    ("nan", "user_rewards:nan returned nan for completion 0"),
-    ("short", "user_rewards:short returned 1 value\\(s\\) for 3 completions"),
-    ("raises", "user_rewards:raises raised ValueError: no reward today \\(user_rewards.py:"),
-    ("words", "user_rewards:words returned 'high' \\(str\\) for completion 0"),
-    ("dies", "user_rewards:dies's worker process ended \\(exit status 3\\)"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("nan", "user_rewards:nan returned nan for completion 0"),
+        ("short", "user_rewards:short returned 1 value\\(s\\) for 3 completions"),
+        ("raises", "user_rewards:raises raised ValueError: no reward today \\(user_rewards.py:"),
+        ("words", "user_rewards:words returned 'high' \\(str\\) for completion 0"),
+        ("dies", "user_rewards:dies's worker process ended \\(exit status 3\\)"),
+    ],
+)
 def test_a_bad_spec_function_is_one_error_naming_it(user_module, name, message):
-    with load_reward(f"{user_module}:{name}") as reward, pytest.raises(RewardError,
-                                                                        match=message):
+    with load_reward(f"{user_module}:{name}") as reward, pytest.raises(RewardError, match=message):
         call_reward(reward, PROMPTS, COMPLETIONS)
 
 
@@ -233,8 +241,9 @@ def test_regex_length_and_keyword_rewards():
 
 
 def test_vader_sentiment_scores_the_completion():
-    vader = pytest.importorskip("vaderSentiment.vaderSentiment",
-                                reason="VADER is the [rewards] extra")
+    vader = pytest.importorskip(
+        "vaderSentiment.vaderSentiment", reason="VADER is the [rewards] extra"
+    )
     completions = ["I loved it, wonderful!", "It was terrible and boring.", "It is a table."]
     got = call_reward(vader_sentiment, ["Awful awful awful."] * 3, completions)
     analyzer = vader.SentimentIntensityAnalyzer()
@@ -259,11 +268,11 @@ ADD_TESTS = "assert add(2, 3) == 5\nassert add(-1, 1) == 0\n"
 
 def test_verifier_rewards_passing_programs_only():
     completions = [
-        "Sure:\n```python\ndef add(a, b):\n    return a + b\n```",   # passes
-        "```python\ndef add(a, b):\n    return a - b\n```",           # a failed assert
-        "def add(a, b):\n    return a + b",                           # no fence: the whole text
+        "Sure:\n```python\ndef add(a, b):\n    return a + b\n```",  # passes
+        "```python\ndef add(a, b):\n    return a - b\n```",  # a failed assert
+        "def add(a, b):\n    return a + b",  # no fence: the whole text
         "```python\ndef add(a, b):\n    raise ValueError('nope')\n```",
-        "I cannot write that function.",                              # a syntax error
+        "I cannot write that function.",  # a syntax error
     ]
     verifier = PythonVerifier(tests=ADD_TESTS, timeout=5.0)
     results = verifier.verify(["p"] * 5, completions)
@@ -274,8 +283,9 @@ def test_verifier_rewards_passing_programs_only():
     assert results[4].reason.startswith("exception: SyntaxError")
     assert verifier(["p"] * 5, completions) == [1.0, 0.0, 1.0, 0.0, 0.0]
     # Per-prompt tests, and the reward values it gives.
-    per_prompt = PythonVerifier(tests=lambda p: f"assert add(1, 1) == {p}", success=2.0,
-                                failure=-1.0)
+    per_prompt = PythonVerifier(
+        tests=lambda p: f"assert add(1, 1) == {p}", success=2.0, failure=-1.0
+    )
     assert per_prompt(["2", "3"], [completions[0]] * 2) == [2.0, -1.0]
 
 
@@ -287,29 +297,37 @@ def test_verifier_timeout_is_a_failure_not_a_hang(code):
     assert not result.passed and result.reason == "timeout"
 
 
-@pytest.mark.parametrize("code, reason", [
-    ("import sys\nsys.exit(0)\n", "exception: AssertionError"),  # the tests still run
-    ("import os\nos._exit(0)\n", "exited before the tests finished"),
-    ("import builtins\nbuiltins.exec = lambda *a, **k: None\n", "exception: AssertionError"),
-    ("import sys\nsys.exit(3)\n", "exception: SystemExit: 3"),
-])
+@pytest.mark.parametrize(
+    "code, reason",
+    [
+        ("import sys\nsys.exit(0)\n", "exception: AssertionError"),  # the tests still run
+        ("import os\nos._exit(0)\n", "exited before the tests finished"),
+        ("import builtins\nbuiltins.exec = lambda *a, **k: None\n", "exception: AssertionError"),
+        ("import sys\nsys.exit(3)\n", "exception: SystemExit: 3"),
+    ],
+)
 def test_verifier_an_early_exit_never_passes(code, reason):
     result = sandbox.run_python(code, "assert False, 'the tests ran'", timeout=5.0)
     assert not result.passed and result.reason.startswith(reason), result
 
 
-@pytest.mark.parametrize("code, reason", [
-    ("import os\nos.fork()", "blocked: os.fork"),
-    ("import subprocess\nsubprocess.run(['true'])", "blocked: subprocess.Popen"),
-    ("import os\nos.system('true')", "blocked: os.system"),
-    ("import ctypes", "blocked: import ctypes"),
-    ("import os\nos.kill(os.getppid(), 0)", "blocked: os.kill"),  # signal 0: harmless if not
-    ("import sys\nsys._getframe(0)", "blocked: sys._getframe"),
-    ("try:\n    1 / 0\nexcept Exception as e:\n    e.__traceback__.tb_frame",
-     "blocked: frame access (tb_frame)"),
-    ("open('/etc/hostname').read()", "blocked: open /etc/hostname (outside"),
-    ("open('/proc/self/environ').read()", "blocked: open /proc/self/environ"),
-])
+@pytest.mark.parametrize(
+    "code, reason",
+    [
+        ("import os\nos.fork()", "blocked: os.fork"),
+        ("import subprocess\nsubprocess.run(['true'])", "blocked: subprocess.Popen"),
+        ("import os\nos.system('true')", "blocked: os.system"),
+        ("import ctypes", "blocked: import ctypes"),
+        ("import os\nos.kill(os.getppid(), 0)", "blocked: os.kill"),  # signal 0: harmless if not
+        ("import sys\nsys._getframe(0)", "blocked: sys._getframe"),
+        (
+            "try:\n    1 / 0\nexcept Exception as e:\n    e.__traceback__.tb_frame",
+            "blocked: frame access (tb_frame)",
+        ),
+        ("open('/etc/hostname').read()", "blocked: open /etc/hostname (outside"),
+        ("open('/proc/self/environ').read()", "blocked: open /proc/self/environ"),
+    ],
+)
 def test_verifier_forbidden_operations_end_the_candidate(code, reason):
     result = sandbox.run_python(code, "", timeout=5.0)
     assert not result.passed and result.reason.startswith(reason), result
@@ -343,8 +361,9 @@ def test_verifier_writes_stay_in_a_fresh_scratch_folder(tmp_path, monkeypatch):
 def test_verifier_memory_and_output_limits():
     big = sandbox.run_python("x = bytearray(4 * 1024 ** 3)", "", memory_mb=256, timeout=5.0)
     assert not big.passed and big.reason.startswith("exception: MemoryError"), big
-    loud = sandbox.run_python("while True:\n    print('x' * 10000)", "", file_size_mb=1,
-                              timeout=5.0)
+    loud = sandbox.run_python(
+        "while True:\n    print('x' * 10000)", "", file_size_mb=1, timeout=5.0
+    )
     assert not loud.passed and "File too large" in loud.reason, loud
     assert len(loud.stdout) <= 20_000 + 20  # what came back is cut, not a gigabyte
 
@@ -366,9 +385,11 @@ def _connects(server) -> bool:
     return True
 
 
-CONNECT = ("import socket\n"
-           "s = socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
-           "s.sendall(b'escaped')\n")
+CONNECT = (
+    "import socket\n"
+    "s = socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
+    "s.sendall(b'escaped')\n"
+)
 
 
 @pytest.mark.parametrize("network, guard", [("auto", True), ("guard", True), ("auto", False)])
@@ -379,8 +400,9 @@ def test_verifier_a_socket_is_a_failure_never_an_escape(network, guard):
         pytest.skip("this system does not permit network namespaces (unshare --net)")
     with _listener() as server:
         port = server.getsockname()[1]
-        result = sandbox.run_python(CONNECT.format(port=port), "", timeout=5.0,
-                                    network=network, guard=guard)
+        result = sandbox.run_python(
+            CONNECT.format(port=port), "", timeout=5.0, network=network, guard=guard
+        )
         assert not result.passed
         assert not _connects(server), "the candidate reached a socket outside the sandbox"
     if guard:  # create_connection resolves the address first
@@ -393,8 +415,9 @@ def test_verifier_control_without_either_layer_the_connection_arrives():
     """The check above can fail: with the guard off and no namespace, the candidate connects."""
     with _listener() as server:
         port = server.getsockname()[1]
-        result = sandbox.run_python(CONNECT.format(port=port), "", timeout=5.0, network="guard",
-                                    guard=False)
+        result = sandbox.run_python(
+            CONNECT.format(port=port), "", timeout=5.0, network="guard", guard=False
+        )
         assert result.passed and _connects(server)
 
 
@@ -409,16 +432,15 @@ def test_verifier_site_packages_and_strict_mode():
     assert sandbox.run_python(log, "", strict=False).passed
     # Lenient mode still blocks processes and native code (so numpy, which loads ctypes, and
     # other compiled packages stay out of reach in either mode).
-    assert sandbox.run_python("import os\nos.fork()", "", strict=False).reason == \
-        "blocked: os.fork"
-    assert sandbox.run_python("import ctypes", "", strict=False).reason == \
-        "blocked: import ctypes"
+    assert sandbox.run_python("import os\nos.fork()", "", strict=False).reason == "blocked: os.fork"
+    assert sandbox.run_python("import ctypes", "", strict=False).reason == "blocked: import ctypes"
     with pytest.raises(ValueError, match="network must be"):
         sandbox.run_python("", "", network="none")
 
 
 def test_verifier_rewards_through_the_protocol_checks():
     verifier = PythonVerifier(tests="assert f() == 1", timeout=2.0, workers=2)
-    got = call_reward(verifier, ["p"] * 3, ["def f(): return 1", "def f(): return 2",
-                                            "while True: pass"])
+    got = call_reward(
+        verifier, ["p"] * 3, ["def f(): return 1", "def f(): return 2", "while True: pass"]
+    )
     assert got.tolist() == [1.0, 0.0, 0.0]

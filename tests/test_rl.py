@@ -85,10 +85,21 @@ def _bandit(tiny, tmp_path):
 def _bandit_config(path, out, **changes) -> RLConfig:
     # Full fine-tuning: with LoRA the logits stay in the span of the frozen embedding, which
     # cannot hold an arbitrary target distribution over the vocabulary.
-    settings = dict(prompts_file=str(path), out_dir=str(out), method="full", batch_size=1,
-                    num_samples=32, max_new_tokens=1, stop_token_ids=(), learning_rate=1e-2,
-                    warmup_steps=0, eval_fraction=0.0, save_every=10**6, max_length=32,
-                    progress=False)
+    settings = dict(
+        prompts_file=str(path),
+        out_dir=str(out),
+        method="full",
+        batch_size=1,
+        num_samples=32,
+        max_new_tokens=1,
+        stop_token_ids=(),
+        learning_rate=1e-2,
+        warmup_steps=0,
+        eval_fraction=0.0,
+        save_every=10**6,
+        max_length=32,
+        progress=False,
+    )
     return RLConfig(**{**settings, **changes})
 
 
@@ -140,8 +151,16 @@ def test_bond_reaches_the_best_of_n_distribution(tiny, tmp_path):
     ref = distribution(model)
     target = np.asarray(losses.best_of_n_distribution(jnp.asarray(ref), jnp.asarray(r), 4))
     assert _tv(ref, target) > 0.4
-    config = _bandit_config(path, tmp_path / "bond", algo="bond", best_of=4, anchor_samples=128,
-                            jeffreys_beta=0.5, steps=200, min_lr_fraction=0.01)
+    config = _bandit_config(
+        path,
+        tmp_path / "bond",
+        algo="bond",
+        best_of=4,
+        anchor_samples=128,
+        jeffreys_beta=0.5,
+        steps=200,
+        min_lr_fraction=0.01,
+    )
     result = train_rl(config, reward=reward, model=model, tokenizer=tokenizer)
     pi = distribution(result.model)
     assert _tv(pi, target) <= 0.15, (_tv(pi, target), _tv(ref, target))
@@ -158,11 +177,12 @@ def test_bond_reaches_the_best_of_n_distribution(tiny, tmp_path):
 
 def test_policy_loss_without_ratio_is_the_signed_cross_entropy_step(tiny):
     """PolicyLoss (policy_gradient_loss at the rows' completion positions) is the core's
-    SignedCrossEntropy (every position) when nothing else enters: the same loss and gradient norm (1e-6 relative: the same sums through
-    different chunked log-prob code) and parameters after a first Adam step within 1e-3 of the
-    learning rate (that step moves each entry by ~lr * sign(g), so a gradient entry at the f32
-    rounding level may move differently; observed 3.6e-8), so the RL step inherits
-    test_training's proof that it equals the weighted cross-entropy step."""
+    SignedCrossEntropy (every position) when nothing else enters: the same loss and gradient
+    norm (1e-6 relative: the same sums through different chunked log-prob code) and parameters
+    after a first Adam step within 1e-3 of the learning rate (that step moves each entry by ~lr
+    * sign(g), so a gradient entry at the f32 rounding level may move differently; observed
+    3.6e-8), so the RL step inherits test_training's proof that it equals the weighted cross-
+    entropy step."""
     import _training_worker as toy
     from gemma_kit.lora import apply_lora
     from gemma_kit.training import SignedCrossEntropy, Trainer, micro_batches
@@ -197,11 +217,27 @@ def test_a_run_with_an_ema_anchor_and_ppo_epochs(tiny, prompts, tmp_path):
     policy, and an equal reward for every sample leaving the parameters unchanged."""
     model, tokenizer = tiny
     out = tmp_path / "run"
-    config = RLConfig(prompts_file=str(prompts), out_dir=str(out), steps=4, batch_size=2,
-                      num_samples=2, max_new_tokens=6, learning_rate=2e-2, warmup_steps=0,
-                      eval_fraction=0.25, eval_every=2, progress=False, anchor="ema",
-                      ema_rate=0.5, kl_penalty="loss", kl_coef=0.1, ppo_epochs=2,
-                      clip_epsilon=0.2, max_length=32, seed=1)
+    config = RLConfig(
+        prompts_file=str(prompts),
+        out_dir=str(out),
+        steps=4,
+        batch_size=2,
+        num_samples=2,
+        max_new_tokens=6,
+        learning_rate=2e-2,
+        warmup_steps=0,
+        eval_fraction=0.25,
+        eval_every=2,
+        progress=False,
+        anchor="ema",
+        ema_rate=0.5,
+        kl_penalty="loss",
+        kl_coef=0.1,
+        ppo_epochs=2,
+        clip_epsilon=0.2,
+        max_length=32,
+        seed=1,
+    )
     result = train_rl(config, reward=worker.letter_reward, model=model, tokenizer=tokenizer)
     rows = _read(out / "metrics.jsonl")
     steps = [row for row in rows if "loss" in row]
@@ -209,8 +245,20 @@ def test_a_run_with_an_ema_anchor_and_ppo_epochs(tiny, prompts, tmp_path):
     assert [row["step"] for row in steps] == [1, 2, 3, 4]
     assert [row["step"] for row in evals] == [0, 2, 4]
     first, second = steps[0], steps[1]
-    assert {"reward_mean", "reward_std", "kl", "kl_anchor", "kl_k1", "entropy", "length",
-            "stop_rate", "rollout_s", "kl_k3", "ratio", "clip_fraction"} <= set(first)
+    assert {
+        "reward_mean",
+        "reward_std",
+        "kl",
+        "kl_anchor",
+        "kl_k1",
+        "entropy",
+        "length",
+        "stop_rate",
+        "rollout_s",
+        "kl_k3",
+        "ratio",
+        "clip_fraction",
+    } <= set(first)
     assert "reward_mean" not in second  # the second epoch reuses the first's rollouts
     assert first["kl"] == first["kl_anchor"] == first["kl_k1"] == 0.0
     # pi / pi_old at a batch's first epoch: the same log-probs from two compiled programs.
@@ -227,11 +275,22 @@ def test_a_run_with_an_ema_anchor_and_ppo_epochs(tiny, prompts, tmp_path):
     assert {s["step"] for s in samples} == {0, 2, 4} and all("completion" in s for s in samples)
 
     # Equal rewards for every sample, no KL term: every advantage is 0 and nothing moves.
-    flat = RLConfig(**dict(config.to_dict(), out_dir=str(tmp_path / "flat"), kl_coef=0.0,
-                           kl_penalty="reward", ppo_epochs=1, clip_epsilon=None, steps=2,
-                           eval_fraction=0.0, weight_decay=0.0))
-    flat_result = train_rl(flat, reward=lambda p, c: [0.5] * len(c), model=model,
-                           tokenizer=tokenizer)
+    flat = RLConfig(
+        **dict(
+            config.to_dict(),
+            out_dir=str(tmp_path / "flat"),
+            kl_coef=0.0,
+            kl_penalty="reward",
+            ppo_epochs=1,
+            clip_epsilon=None,
+            steps=2,
+            eval_fraction=0.0,
+            weight_decay=0.0,
+        )
+    )
+    flat_result = train_rl(
+        flat, reward=lambda p, c: [0.5] * len(c), model=model, tokenizer=tokenizer
+    )
     from flax import nnx
 
     from gemma_kit.lora import LoRAParam
@@ -255,8 +314,7 @@ def _objective(tiny, config, reward, tmp_path):
     objective = PolicyOptimisation(reward)
     objective.check_inputs(config)
     built, tokenizer, _ = build_model(config, model, tokenizer)
-    steps = objective.prepare(RunContext(config, built, tokenizer, tmp_path, True,
-                                         lambda _: None))
+    steps = objective.prepare(RunContext(config, built, tokenizer, tmp_path, True, lambda _: None))
     return objective, Trainer(config, built, steps, objective.loss), tokenizer
 
 
@@ -279,15 +337,28 @@ def test_the_rows_of_a_step_follow_the_definitions(tiny, prompts, tmp_path, algo
 
     k = 1 if algo == "reinforce" else 2
     extra = dict(best_of=2, anchor_samples=4) if algo == "bond" else {}
-    config = RLConfig(prompts_file=str(prompts), out_dir=str(tmp_path), steps=2, batch_size=2,
-                      num_samples=k, max_new_tokens=6, eval_fraction=0.0, max_length=32,
-                      algo=algo, kl_coef=0.0, jeffreys_beta=0.25, anchor="ema", **extra)
+    config = RLConfig(
+        prompts_file=str(prompts),
+        out_dir=str(tmp_path),
+        steps=2,
+        batch_size=2,
+        num_samples=k,
+        max_new_tokens=6,
+        eval_fraction=0.0,
+        max_length=32,
+        algo=algo,
+        kl_coef=0.0,
+        jeffreys_beta=0.25,
+        anchor="ema",
+        **extra,
+    )
     objective, trainer, tokenizer = _objective(tiny, config.validate(), reward, tmp_path)
-    rows = {name: v.reshape(-1, *v.shape[2:]) for name, v in
-            objective.host_batch(0, trainer).items()}
-    (completions, values), = calls
+    rows = {
+        name: v.reshape(-1, *v.shape[2:]) for name, v in objective.host_batch(0, trainer).items()
+    }
+    ((completions, values),) = calls
     P, r = 2, np.array(values)
-    policy = r[:P * k]
+    policy = r[: P * k]
     if algo == "rloo":
         grouped = policy.reshape(P, k)
         adv = (grouped - (grouped.sum(1, keepdims=True) - grouped) / (k - 1)).reshape(-1)
@@ -296,7 +367,7 @@ def test_the_rows_of_a_step_follow_the_definitions(tiny, prompts, tmp_path, algo
         weight, share = policy - policy.mean(), np.ones(P * k)
     else:
         M = config.resolved_anchor_samples
-        anchors = r[P * k:].reshape(P, M)
+        anchors = r[P * k :].reshape(P, M)
         mine = np.repeat(anchors, k, axis=0)
         if algo == "bond":
             count = (mine <= policy[:, None]).sum(1)
@@ -306,20 +377,24 @@ def test_the_rows_of_a_step_follow_the_definitions(tiny, prompts, tmp_path, algo
         grouped = shaped.reshape(P, k)
         adv = (grouped - (grouped.sum(1, keepdims=True) - grouped) / (k - 1)).reshape(-1)
         weight, share = 0.25 * adv / k, np.full(P * k, 1.0 / k)
-    mask = rows["mask"][:P * k]
-    np.testing.assert_allclose(rows["weights"][:P * k], mask * weight[:, None], atol=1e-6)
-    np.testing.assert_allclose(rows["normaliser"][:P * k], share, rtol=1e-6)
-    assert np.all(mask.sum(1) >= 1) and np.all(rows["weights"][:P * k][mask == 0] == 0)
+    mask = rows["mask"][: P * k]
+    np.testing.assert_allclose(rows["weights"][: P * k], mask * weight[:, None], atol=1e-6)
+    np.testing.assert_allclose(rows["normaliser"][: P * k], share, rtol=1e-6)
+    assert np.all(mask.sum(1) >= 1) and np.all(rows["weights"][: P * k][mask == 0] == 0)
     if algo in ("bond", "jbond"):
         G = config.best_of_groups
-        groups = r[P * k:].reshape(P * G, config.best_of)
-        best = [completions[P * k + g * config.best_of + int(np.argmax(groups[g]))]
-                for g in range(P * G)]
+        groups = r[P * k :].reshape(P * G, config.best_of)
+        best = [
+            completions[P * k + g * config.best_of + int(np.argmax(groups[g]))]
+            for g in range(P * G)
+        ]
         forward = slice(P * k, None)
         assert rows["tokens"].shape[0] == P * k + P * G
         targets = np.take_along_axis(rows["targets"], rows["index"], axis=1)
-        texts = [tokenizer.decode(t[m > 0].tolist()) for t, m in
-                 zip(targets[forward], rows["mask"][forward])]
+        texts = [
+            tokenizer.decode(t[m > 0].tolist())
+            for t, m in zip(targets[forward], rows["mask"][forward])
+        ]
         assert [t.removesuffix(tokenizer.decode([1])) for t in texts] == best
         np.testing.assert_allclose(rows["weights"][forward], 0.75 / G * rows["mask"][forward])
         assert np.all(rows["normaliser"][forward] == 0)
@@ -330,13 +405,24 @@ def test_the_scoring_pass_takes_new_anchors_without_compiling(tiny, prompts, tmp
     anchor values give new KLs and compile nothing."""
     from gemma_kit.posttrain.policy import snapshot
 
-    config = RLConfig(prompts_file=str(prompts), out_dir=str(tmp_path), steps=3, batch_size=2,
-                      num_samples=2, max_new_tokens=5, anchor="ema", eval_fraction=0.0,
-                      max_length=32).validate()
+    config = RLConfig(
+        prompts_file=str(prompts),
+        out_dir=str(tmp_path),
+        steps=3,
+        batch_size=2,
+        num_samples=2,
+        max_new_tokens=5,
+        anchor="ema",
+        eval_fraction=0.0,
+        max_length=32,
+    ).validate()
     objective, trainer, _ = _objective(tiny, config, worker.letter_reward, tmp_path)
     objective.host_batch(0, trainer)  # compiles the rollout and the scoring pass
-    rows = objective.scorer.rows(objective.scorer.draw(
-        trainer.trainable, objective.train.batch(1, 2, seed=0), 2, seed=0, step=1))
+    rows = objective.scorer.rows(
+        objective.scorer.draw(
+            trainer.trainable, objective.train.batch(1, 2, seed=0), 2, seed=0, step=1
+        )
+    )
     kls, compiles = [], []
 
     def listen(event, duration, **kwargs):
@@ -344,8 +430,10 @@ def test_the_scoring_pass_takes_new_anchors_without_compiling(tiny, prompts, tmp
             compiles.append(event)
 
     # The factors shifted (B = 0 at the start: a scaled anchor would still be the base).
-    anchors = [jax.tree.map(lambda x, s=shift: x + s, snapshot(trainer.trainable))
-               for shift in (0.01, 0.02, 0.04)]
+    anchors = [
+        jax.tree.map(lambda x, s=shift: x + s, snapshot(trainer.trainable))
+        for shift in (0.01, 0.02, 0.04)
+    ]
     jax.monitoring.register_event_duration_secs_listener(listen)
     try:
         for anchor in anchors:
@@ -364,16 +452,25 @@ def test_the_scoring_pass_takes_new_anchors_without_compiling(tiny, prompts, tmp
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     cache = tmp_path_factory.mktemp("jax-cache")
-    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PLATFORMS="cpu",
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return dict(
+        os.environ,
+        JAX_COMPILATION_CACHE_DIR=str(cache),
+        JAX_PLATFORMS="cpu",
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
 
 
 def _start(job: dict, folder: pathlib.Path, env: dict) -> subprocess.Popen:
     path = folder / f"job-{time.monotonic_ns()}.json"
     path.write_text(json.dumps(job))
-    return subprocess.Popen([sys.executable, str(WORKER), str(path)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), str(path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _finish(proc, timeout: float = 600) -> tuple[int, dict | None, str]:
@@ -397,13 +494,27 @@ def test_resume_after_sigkill_is_bit_identical(prompts, tmp_path, env):
     rollouts used for 2 epochs) and resumed ends with the same adapter, EMA anchor, metrics rows
     and samples as a run that was never stopped: the anchor, the batch being reused and the
     rollout seeds are in the checkpoint."""
-    base = dict(prompts_file=str(prompts), steps=6, batch_size=2, num_samples=2,
-                max_new_tokens=5, learning_rate=2e-2, warmup_steps=0, eval_fraction=0.25,
-                eval_every=2, save_every=3, progress=False, anchor="ema", ema_rate=0.3,
-                ppo_epochs=2, clip_epsilon=0.2, max_length=32, seed=2)
+    base = dict(
+        prompts_file=str(prompts),
+        steps=6,
+        batch_size=2,
+        num_samples=2,
+        max_new_tokens=5,
+        learning_rate=2e-2,
+        warmup_steps=0,
+        eval_fraction=0.25,
+        eval_every=2,
+        save_every=3,
+        progress=False,
+        anchor="ema",
+        ema_rate=0.3,
+        ppo_epochs=2,
+        clip_epsilon=0.2,
+        max_length=32,
+        seed=2,
+    )
     ref_out, out = tmp_path / "ref", tmp_path / "run"
-    reference = _start(dict(kind="train", config=dict(base, out_dir=str(ref_out))), tmp_path,
-                       env)
+    reference = _start(dict(kind="train", config=dict(base, out_dir=str(ref_out))), tmp_path, env)
     code, ref, err = _finish(reference)
     assert code == 0, err[-3000:]
 
@@ -419,8 +530,9 @@ def test_resume_after_sigkill_is_bit_identical(prompts, tmp_path, env):
     assert sorted(int(p.name) for p in (out / "checkpoints").iterdir()) == [3]
     assert not (out / "adapter").exists()
 
-    code, resumed, err = _finish(_start(dict(kind="train", config=dict(base, out_dir=str(out)),
-                                             resume=True), tmp_path, env))
+    code, resumed, err = _finish(
+        _start(dict(kind="train", config=dict(base, out_dir=str(out)), resume=True), tmp_path, env)
+    )
     assert code == 0, err[-3000:]
     assert resumed["step"] == 6 and resumed["eval_after"] == ref["eval_after"]
     import orbax.checkpoint as ocp
@@ -430,8 +542,10 @@ def test_resume_after_sigkill_is_bit_identical(prompts, tmp_path, env):
 
     for a, b in zip(adapter(out), adapter(ref_out), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    anchors = [ocp.PyTreeCheckpointer().restore(folder / "checkpoints" / "6" / "objective")
-               for folder in (out, ref_out)]
+    anchors = [
+        ocp.PyTreeCheckpointer().restore(folder / "checkpoints" / "6" / "objective")
+        for folder in (out, ref_out)
+    ]
     for a, b in zip(jax.tree.leaves(anchors[0]), jax.tree.leaves(anchors[1]), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert _strip(_read(out / "metrics.jsonl")) == _strip(_read(ref_out / "metrics.jsonl"))
@@ -450,16 +564,36 @@ def test_mesh_step_equals_one_device(prompts, tmp_path):
     gradient entry by its own magnitude); the anchor, an average with them: the same bound times
     its rate.
     """
-    config = dict(prompts_file=str(prompts), out_dir=str(tmp_path), steps=2, batch_size=16,
-                  num_samples=2, max_new_tokens=5, learning_rate=1e-2, warmup_steps=0,
-                  eval_fraction=0.0, anchor="ema", ema_rate=0.5, kl_coef=0.1, max_length=32)
+    config = dict(
+        prompts_file=str(prompts),
+        out_dir=str(tmp_path),
+        steps=2,
+        batch_size=16,
+        num_samples=2,
+        max_new_tokens=5,
+        learning_rate=1e-2,
+        warmup_steps=0,
+        eval_fraction=0.0,
+        anchor="ema",
+        ema_rate=0.5,
+        kl_coef=0.1,
+        max_length=32,
+    )
     job = tmp_path / "job.json"
-    job.write_text(json.dumps(dict(kind="mesh", config=config,
-                                   layouts=dict(single=[1, 1, 1], mesh=[2, 4, 2]))))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, str(WORKER), str(job)], env=env, capture_output=True,
-                          text=True, timeout=900, check=False)
+    job.write_text(
+        json.dumps(dict(kind="mesh", config=config, layouts=dict(single=[1, 1, 1], mesh=[2, 4, 2])))
+    )
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
+    )
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), str(job)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.splitlines()[-1])
     assert report["devices"] == 8
@@ -482,8 +616,12 @@ def test_mesh_step_equals_one_device(prompts, tmp_path):
 
 def test_bad_settings_are_one_clear_error_before_the_model_loads(prompts, tmp_path):
     def config(**changes):
-        return RLConfig(**{**dict(prompts_file=str(prompts), out_dir=str(tmp_path), steps=2,
-                                  reward="x:y"), **changes})
+        return RLConfig(
+            **{
+                **dict(prompts_file=str(prompts), out_dir=str(tmp_path), steps=2, reward="x:y"),
+                **changes,
+            }
+        )
 
     cases = [
         (dict(num_samples=1), r"RLOO needs num_samples \(k\) >= 2"),
@@ -505,38 +643,64 @@ def test_bad_settings_are_one_clear_error_before_the_model_loads(prompts, tmp_pa
 
 def test_bad_inputs_at_run_time_are_one_clear_error(tiny, prompts, tmp_path):
     model, tokenizer = tiny
-    base = dict(prompts_file=str(prompts), steps=1, batch_size=2, num_samples=2,
-                max_new_tokens=4, eval_fraction=0.0, progress=False, max_length=32)
+    base = dict(
+        prompts_file=str(prompts),
+        steps=1,
+        batch_size=2,
+        num_samples=2,
+        max_new_tokens=4,
+        eval_fraction=0.0,
+        progress=False,
+        max_length=32,
+    )
     with pytest.raises(RewardError, match=r"returned 3 value\(s\) for 4 completions"):
-        train_rl(RLConfig(out_dir=str(tmp_path / "a"), **base),
-                 reward=lambda p, c: [0.0, 1.0, 2.0], model=model, tokenizer=tokenizer)
+        train_rl(
+            RLConfig(out_dir=str(tmp_path / "a"), **base),
+            reward=lambda p, c: [0.0, 1.0, 2.0],
+            model=model,
+            tokenizer=tokenizer,
+        )
     with pytest.raises(RewardError, match="rewards must be numbers"):
-        train_rl(RLConfig(out_dir=str(tmp_path / "b"), **base),
-                 reward=lambda p, c: ["good"] * len(c), model=model, tokenizer=tokenizer)
+        train_rl(
+            RLConfig(out_dir=str(tmp_path / "b"), **base),
+            reward=lambda p, c: ["good"] * len(c),
+            model=model,
+            tokenizer=tokenizer,
+        )
     with pytest.raises(ConfigError, match="reward is required"):
-        train_rl(RLConfig(out_dir=str(tmp_path / "c"), **base), model=model,
-                 tokenizer=tokenizer)
+        train_rl(RLConfig(out_dir=str(tmp_path / "c"), **base), model=model, tokenizer=tokenizer)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "fine"}\n{"text": "no prompt here"}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:2: a prompt row needs \"prompt\""):
-        train_rl(RLConfig(out_dir=str(tmp_path / "d"), **dict(base, prompts_file=str(bad))),
-                 reward=worker.letter_reward, model=model, tokenizer=tokenizer)
+        train_rl(
+            RLConfig(out_dir=str(tmp_path / "d"), **dict(base, prompts_file=str(bad))),
+            reward=worker.letter_reward,
+            model=model,
+            tokenizer=tokenizer,
+        )
     long = tmp_path / "long.jsonl"
     long.write_text(json.dumps({"prompt": " ".join(worker.WORDS[:40])}) + "\n")
     with pytest.raises(DataError, match="would exceed max_length = 32"):
-        train_rl(RLConfig(out_dir=str(tmp_path / "e"), **dict(base, prompts_file=str(long))),
-                 reward=worker.letter_reward, model=model, tokenizer=tokenizer)
+        train_rl(
+            RLConfig(out_dir=str(tmp_path / "e"), **dict(base, prompts_file=str(long))),
+            reward=worker.letter_reward,
+            model=model,
+            tokenizer=tokenizer,
+        )
 
 
 def test_cli_refuses_bad_settings_in_one_line(prompts, tmp_path, capsys):
     from gemma_kit.cli import main
 
     config = tmp_path / "rl.toml"
-    config.write_text(f'prompts_file = "{prompts}"\nout_dir = "{tmp_path / "out"}"\n'
-                      'steps = 2\nreward = "x:y"\nalgo = "rloo"\nnum_samples = 1\n')
+    config.write_text(
+        f'prompts_file = "{prompts}"\nout_dir = "{tmp_path / "out"}"\n'
+        'steps = 2\nreward = "x:y"\nalgo = "rloo"\nnum_samples = 1\n'
+    )
     assert main(["rl", "--config", str(config)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: RLOO needs num_samples (k) >= 2") and "\n" not in err
-    assert main(["rl", "--config", str(config), "--set", "num_samples=2", "--set",
-                 "kl_coef=-1"]) == 2
+    assert (
+        main(["rl", "--config", str(config), "--set", "num_samples=2", "--set", "kl_coef=-1"]) == 2
+    )
     assert "kl_coef" in capsys.readouterr().err

@@ -21,10 +21,10 @@ from flax import nnx
 from _tiny import SMALL_TEXT, SMALL_VOCAB
 from gemma_kit import lora
 from gemma_kit.decode import PAD_ID
-from gemma_kit.training.losses import attention_mask, cross_entropy_sums
 from gemma_kit.posttrain.rollout import rollout
 from gemma_kit.sampler import Sampler
 from gemma_kit.sampling import SamplingError
+from gemma_kit.training.losses import attention_mask, cross_entropy_sums
 
 WORDS = SMALL_TEXT.split()
 PROMPTS = [" ".join(WORDS[:7]), " ".join(WORDS[40:52]), " ".join(WORDS[90:94])]
@@ -89,10 +89,14 @@ def _same(a, b) -> None:
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cache_dtype, atol", [(jnp.float32, 2e-5), (jnp.bfloat16, 0.05)],
-                         ids=["f32-cache", "bf16-cache"])
-def test_logprobs_equal_a_teacher_forced_forward_pass(lora_model, small_tokenizer, cache_dtype,
-                                                      atol):
+@pytest.mark.parametrize(
+    "cache_dtype, atol",
+    [(jnp.float32, 2e-5), (jnp.bfloat16, 0.05)],
+    ids=["f32-cache", "bf16-cache"],
+)
+def test_logprobs_equal_a_teacher_forced_forward_pass(
+    lora_model, small_tokenizer, cache_dtype, atol
+):
     """The behaviour log-probs are those of a full forward pass (no cache, f32) over the
     training batch at its targets; the trainer's chunked cross-entropy of the batch is minus
     their sum.
@@ -119,8 +123,10 @@ def test_logprobs_equal_a_teacher_forced_forward_pass(lora_model, small_tokenize
     if cache_dtype == jnp.float32:
         # The batch in the trainer's own layout: its loss function takes it as it is.
         hidden = lora_model.hidden_states(
-            batch["tokens"], batch["positions"],
-            attention_mask(batch["positions"], batch["segments"]))
+            batch["tokens"],
+            batch["positions"],
+            attention_mask(batch["positions"], batch["segments"]),
+        )
         ce, n = cross_entropy_sums(lora_model, hidden, batch["targets"], batch["weights"], 16)
         assert int(n) == w.sum()
         np.testing.assert_allclose(float(ce), -batch["behaviour_logprobs"].sum(), rtol=1e-5)
@@ -141,11 +147,16 @@ def sampler(lora_model, small_tokenizer):
 def test_the_stop_token_is_kept_and_the_mask_ends_after_it(sampler, small_tokenizer):
     free = rollout(sampler, PROMPTS, seed=1, step=0, **FREE)
     # A token some row draws for the first time at position 2..NEW-2 becomes the stop token.
-    row, at = next((r, j) for r in range(len(free.texts)) for j in range(2, NEW - 1)
-                   if free.completion_ids[r, j] not in free.completion_ids[r, :j])
+    row, at = next(
+        (r, j)
+        for r in range(len(free.texts))
+        for j in range(2, NEW - 1)
+        if free.completion_ids[r, j] not in free.completion_ids[r, :j]
+    )
     stop = int(free.completion_ids[row, at])
-    out = rollout(sampler, PROMPTS, seed=1, step=0, num_samples=K, max_new_tokens=NEW,
-                  stop_token_ids=[stop])
+    out = rollout(
+        sampler, PROMPTS, seed=1, step=0, num_samples=K, max_new_tokens=NEW, stop_token_ids=[stop]
+    )
     for r in range(len(out.texts)):
         drawn = free.completion_ids[r].tolist()
         end = drawn.index(stop) + 1 if stop in drawn else NEW
@@ -155,12 +166,12 @@ def test_the_stop_token_is_kept_and_the_mask_ends_after_it(sampler, small_tokeni
         assert out.completion_mask[r].tolist() == [True] * end + [False] * (NEW - end)
         np.testing.assert_allclose(out.logprobs[r, :end], free.logprobs[r, :end], atol=1e-6)
         assert out.finish_reasons[r] == ("stop" if stop in drawn else "length")
-        assert out.texts[r] == small_tokenizer.decode(drawn[:end - (stop in drawn)])
+        assert out.texts[r] == small_tokenizer.decode(drawn[: end - (stop in drawn)])
     assert out.finish_reasons[row] == "stop" and out.lengths[row] == at + 1
     batch = out.training_batch()
     # The stop token is the last weighted target of its row.
     last = np.flatnonzero(batch["weights"][row])[-1]
-    assert batch["targets"][row, last] == stop and not batch["weights"][row, last + 1:].any()
+    assert batch["targets"][row, last] == stop and not batch["weights"][row, last + 1 :].any()
 
 
 def test_same_seed_and_step_give_the_same_rollout(sampler):
@@ -173,8 +184,7 @@ def test_same_seed_and_step_give_the_same_rollout(sampler):
     assert (a.completion_ids[0] != a.completion_ids[1]).any()
 
 
-def test_new_lora_factors_do_not_recompile_and_equal_a_fresh_sampler(lora_model,
-                                                                     small_tokenizer):
+def test_new_lora_factors_do_not_recompile_and_equal_a_fresh_sampler(lora_model, small_tokenizer):
     """update_params swaps the LoRA leaves: no compilation at all, and the rollout equals the
     one a Sampler built from scratch on the updated model draws."""
     sampler = Sampler(lora_model, small_tokenizer, cache_dtype=jnp.float32)
@@ -185,8 +195,13 @@ def test_new_lora_factors_do_not_recompile_and_equal_a_fresh_sampler(lora_model,
         after = rollout(sampler, PROMPTS, seed=2, step=1, **FREE)
     assert compiles == []
     assert (after.completion_ids != before.completion_ids).any()  # the new factors matter
-    fresh = rollout(Sampler(lora_model, small_tokenizer, cache_dtype=jnp.float32), PROMPTS,
-                    seed=2, step=1, **FREE)
+    fresh = rollout(
+        Sampler(lora_model, small_tokenizer, cache_dtype=jnp.float32),
+        PROMPTS,
+        seed=2,
+        step=1,
+        **FREE,
+    )
     _same(after, fresh)
 
 
@@ -213,8 +228,9 @@ def test_full_parameter_update_relayouts_the_base(small_tokenizer):
 
 
 def test_bad_settings_and_updates_are_refused(sampler, lora_model):
-    with pytest.raises(SamplingError, match="rollouts for on-policy losses sample at "
-                                            "temperature 1 without top_k"):
+    with pytest.raises(
+        SamplingError, match="rollouts for on-policy losses sample at temperature 1 without top_k"
+    ):
         rollout(sampler, PROMPTS, seed=0, step=0, temperature=0.7, **FREE)
     with pytest.raises(SamplingError, match="top_k=5"):
         rollout(sampler, PROMPTS, seed=0, step=0, top_k=5, **FREE)
@@ -227,9 +243,12 @@ def test_bad_settings_and_updates_are_refused(sampler, lora_model):
     state = lora.lora_state(lora_model)
     a = state["layer_0"]["attn"]["q_einsum"]["lora"]["a"]
     bad = nnx.State({"layer_0": {"attn": {"q_einsum": {"lora": {"a": a[...][:16]}}}}})
-    with pytest.raises(SamplingError, match=r"update_params: layer_0/attn/q_einsum/lora/a is "
-                                            r"float32\[16, 2\] but the Sampler's model has "
-                                            r"float32\[32, 2\]"):
+    with pytest.raises(
+        SamplingError,
+        match=r"update_params: layer_0/attn/q_einsum/lora/a is "
+        r"float32\[16, 2\] but the Sampler's model has "
+        r"float32\[32, 2\]",
+    ):
         sampler.update_params(bad)
     with pytest.raises(SamplingError, match="has no variable layer_9/attn"):
         sampler.update_params(nnx.State({"layer_9": {"attn": {"w": a[...]}}}))

@@ -3,9 +3,9 @@ continuations against transformers' generate().
 
 Tiny-model tests use conftest's small_tokenizer, a real SentencePiece model trained on the Python
 reference text that ships with CPython, laid out like Gemma 3's (pad 0, eos 1, bos 2, unk 3,
-<start_of_turn> 105, <end_of_turn> 106, 384 pieces), so the Sampler detokenises, stops and streams on real pieces;
-the tiny model's vocabulary is the tokenizer's. A random model's text is gibberish, but stop
-strings are cut out of its own output, so every stop case is reached.
+<start_of_turn> 105, <end_of_turn> 106, 384 pieces), so the Sampler detokenises, stops and streams
+on real pieces; the tiny model's vocabulary is the tokenizer's. A random model's text is gibberish,
+but stop strings are cut out of its own output, so every stop case is reached.
 
 Every distinct (batch, prompt bucket, cache length, sampling settings) compiles the prefill and
 decode loop once (~2-5 s on 2 cores): the tests share one Sampler and a few shapes.
@@ -14,11 +14,11 @@ decode loop once (~2-5 s on 2 cores): the tests share one Sampler and a few shap
 from __future__ import annotations
 
 import functools
+import pydoc_data.topics
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pydoc_data.topics
 import pytest
 from flax import nnx
 
@@ -56,7 +56,7 @@ def _prompt(tok: Tokenizer, n_tokens: int) -> str:
         if length > n_tokens:
             break
     # Word boundaries skipped n_tokens: cut the ids instead (decode/encode is stable here).
-    text = tok.decode(tok.encode(" ".join(words[:n]), add_bos=False)[:n_tokens - 1])
+    text = tok.decode(tok.encode(" ".join(words[:n]), add_bos=False)[: n_tokens - 1])
     assert len(tok.encode(text)) == n_tokens
     return text
 
@@ -73,8 +73,8 @@ def _teacher_forced(model, ids: list[int], pad_to: int = 128) -> np.ndarray:
     padding out of the real positions.
     """
     padded = np.zeros((1, max(pad_to, len(ids))), np.int32)
-    padded[0, :len(ids)] = ids
-    logits = _forward(*nnx.split(model), jnp.asarray(padded))[0, :len(ids)]
+    padded[0, : len(ids)] = ids
+    logits = _forward(*nnx.split(model), jnp.asarray(padded))[0, : len(ids)]
     return np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1))
 
 
@@ -102,7 +102,7 @@ def test_ragged_batch_equals_each_prompt_alone(sampler, small_tokenizer):
     # Independently of the cache: the longest row, teacher-forced through a plain forward pass,
     # has each generated token as its argmax and the reported log-probability.
     ids = small_tokenizer.encode(prompts[-1]) + batch[-1].tokens
-    logp = _teacher_forced(sampler.model, ids)[RAGGED[-1] - 1:-1]
+    logp = _teacher_forced(sampler.model, ids)[RAGGED[-1] - 1 : -1]
     assert logp.argmax(-1).tolist() == batch[-1].tokens
     np.testing.assert_allclose(logp.max(-1), batch[-1].logprobs, atol=1e-4, rtol=0)
 
@@ -128,8 +128,9 @@ def test_seeded_sampling_is_reproducible(sampler, small_tokenizer):
 def test_top_k_1_at_any_temperature_is_greedy(sampler, small_tokenizer):
     prompt = _prompt(small_tokenizer, 9)
     greedy = sampler.generate(prompt, max_new_tokens=32, stop_token_ids=())
-    one = sampler.generate(prompt, temperature=1.7, top_k=1, seed=3, max_new_tokens=32,
-                           stop_token_ids=())
+    one = sampler.generate(
+        prompt, temperature=1.7, top_k=1, seed=3, max_new_tokens=32, stop_token_ids=()
+    )
     assert one.tokens == greedy.tokens
     np.testing.assert_allclose(one.logprobs, greedy.logprobs, atol=1e-6, rtol=0)
 
@@ -154,7 +155,7 @@ def _spanning_stop(text: str, ends: list[int]) -> tuple[str, int]:
     """A 4-character stop string whose first occurrence crosses a token boundary: (stop, at)."""
     for n in range(len(ends) // 3, len(ends) - 1):
         start = ends[n] - 2
-        stop = text[start:start + 4]
+        stop = text[start : start + 4]
         if len(stop) == 4 and text.find(stop) == start and ends[n - 1] <= start:
             return stop, start
     raise AssertionError(f"no boundary-crossing substring in {text!r}")
@@ -166,8 +167,8 @@ def _check_stopped(result, full, stops, tok):
     assert result.text == full.text[:cut]
     assert not any(s in result.text for s in stops)
     # tokens: the generated ones up to the token that completed the (earliest) stop string.
-    assert result.tokens == full.tokens[:len(result.tokens)]
-    assert result.logprobs == full.logprobs[:len(result.tokens)]
+    assert result.tokens == full.tokens[: len(result.tokens)]
+    assert result.logprobs == full.logprobs[: len(result.tokens)]
     done = tok.decode(result.tokens)
     assert any(s in done for s in stops)
     assert not any(s in tok.decode(result.tokens[:-1]) for s in stops)
@@ -186,8 +187,8 @@ def test_stop_string_spanning_two_tokens(sampler, small_tokenizer, sampled):
 
 def test_earliest_of_several_stop_strings_wins(sampler, small_tokenizer, sampled):
     prompt, full, ends = sampled
-    late = full.text[ends[26]:ends[26] + 3]
-    early = full.text[ends[12]:ends[12] + 3]
+    late = full.text[ends[26] : ends[26] + 3]
+    early = full.text[ends[12] : ends[12] + 3]
     assert full.text.find(early) < full.text.find(late), "pick a later first occurrence"
     absent = "\x00never"
     result = sampler.generate(prompt, seed=11, stop=[late, absent, early], **SAMPLE)
@@ -200,8 +201,11 @@ def test_earliest_of_several_stop_strings_wins(sampler, small_tokenizer, sampled
 
 def _first_new(tokens, start=1, exclude=()):
     """Index of the first token (from `start`) not seen before it nor in `exclude`."""
-    return next(i for i in range(start, len(tokens))
-                if tokens[i] not in tokens[:i] and tokens[i] not in exclude)
+    return next(
+        i
+        for i in range(start, len(tokens))
+        if tokens[i] not in tokens[:i] and tokens[i] not in exclude
+    )
 
 
 def test_stop_token_id(sampler, small_tokenizer, sampled):
@@ -238,13 +242,13 @@ def test_max_new_tokens_reached_is_length(sampler, small_tokenizer):
 
 
 @pytest.mark.parametrize("prompt_tokens, new", [(97, 16), (9, 40)])
-def test_padding_does_not_eat_the_room_for_new_tokens(sampler, small_tokenizer, prompt_tokens,
-                                                      new):
+def test_padding_does_not_eat_the_room_for_new_tokens(sampler, small_tokenizer, prompt_tokens, new):
     # Padding takes cache slots. A cache sized from the unpadded length once returned 1 token
     # ("cache_full") for 97 tokens padded to 128 in a 97 + 16 -> 128-slot cache, and 33 of 40
     # for 9 tokens padded to 32 in a 9 + 48 -> 64-slot cache, in a 256-token context.
-    result = sampler.generate(_prompt(small_tokenizer, prompt_tokens), max_new_tokens=new,
-                              stop_token_ids=())
+    result = sampler.generate(
+        _prompt(small_tokenizer, prompt_tokens), max_new_tokens=new, stop_token_ids=()
+    )
     assert (len(result.tokens), result.finish_reason) == (new, "length")
 
 
@@ -254,8 +258,9 @@ def forbidding(sampler, small_tokenizer):
     prompt = _prompt(small_tokenizer, 9)
     free = sampler.generate(prompt, max_new_tokens=32, stop_token_ids=())
     banned = sorted(set(free.tokens[:4]))
-    result = sampler.generate(prompt, max_new_tokens=32, stop_token_ids=(),
-                              forbidden_token_ids=banned)
+    result = sampler.generate(
+        prompt, max_new_tokens=32, stop_token_ids=(), forbidden_token_ids=banned
+    )
     return prompt, banned, result
 
 
@@ -274,17 +279,21 @@ def test_logprobs_are_the_models_even_with_forbidden_tokens(sampler, small_token
 # Streaming.
 
 
-@pytest.mark.parametrize("settings", [
-    dict(max_new_tokens=30),
-    dict(max_new_tokens=32, temperature=1.0, seed=11),
-], ids=["greedy", "sampled"])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(max_new_tokens=30),
+        dict(max_new_tokens=32, temperature=1.0, seed=11),
+    ],
+    ids=["greedy", "sampled"],
+)
 @pytest.mark.parametrize("with_stop", [False, True], ids=["no-stop", "stop"])
 def test_stream_joins_to_generate(sampler, small_tokenizer, settings, with_stop):
     prompt = _prompt(small_tokenizer, 9)
     kw = dict(settings, stop_token_ids=())
     if with_stop:
         text = sampler.generate(prompt, **kw).text
-        kw["stop"] = [text[len(text) // 2:len(text) // 2 + 3], "\x00absent"]
+        kw["stop"] = [text[len(text) // 2 : len(text) // 2 + 3], "\x00absent"]
     expected = sampler.generate(prompt, **kw)
     pieces = list(sampler.stream(prompt, **kw))
     assert "".join(pieces) == expected.text
@@ -302,18 +311,21 @@ def test_stream_stops_at_a_stop_token(sampler, sampled):
 # Bad input.
 
 
-@pytest.mark.parametrize("prompts, kwargs, message", [
-    ("", {}, "a prompt is empty; give at least one character of text"),
-    (["ok", ""], {}, "a prompt is empty"),
-    ([], {}, "no prompts given"),
-    ([7], {}, "prompts must be strings, got int"),
-    ("hi", dict(top_p=0.0), r"top_p must be in \(0, 1\] or None, got 0.0"),
-    ("hi", dict(top_p=1.2), r"top_p must be in \(0, 1\] or None, got 1.2"),
-    ("hi", dict(temperature=-1.0), "temperature must be a finite number >= 0, got -1.0"),
-    ("hi", dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1, got 0"),
-    ("hi", dict(max_new_tokens=2.5), "max_new_tokens must be an integer >= 1, got 2.5"),
-    ("hi", dict(stop=["x", ""]), "stop strings must be non-empty"),
-])
+@pytest.mark.parametrize(
+    "prompts, kwargs, message",
+    [
+        ("", {}, "a prompt is empty; give at least one character of text"),
+        (["ok", ""], {}, "a prompt is empty"),
+        ([], {}, "no prompts given"),
+        ([7], {}, "prompts must be strings, got int"),
+        ("hi", dict(top_p=0.0), r"top_p must be in \(0, 1\] or None, got 0.0"),
+        ("hi", dict(top_p=1.2), r"top_p must be in \(0, 1\] or None, got 1.2"),
+        ("hi", dict(temperature=-1.0), "temperature must be a finite number >= 0, got -1.0"),
+        ("hi", dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1, got 0"),
+        ("hi", dict(max_new_tokens=2.5), "max_new_tokens must be an integer >= 1, got 2.5"),
+        ("hi", dict(stop=["x", ""]), "stop strings must be non-empty"),
+    ],
+)
 def test_bad_generate_arguments(sampler, prompts, kwargs, message):
     with pytest.raises(SamplingError, match=message):
         sampler.generate(prompts, **kwargs)
@@ -331,8 +343,10 @@ def test_bad_stream_arguments(sampler):
 def test_prompt_longer_than_the_cache(sampler, small_tokenizer):
     small = Sampler(sampler.model, small_tokenizer, cache_length=16)
     prompt = _prompt(small_tokenizer, 33)
-    expected = ("the prompt has 33 tokens but the Sampler's cache_length is 16: shorten the prompt "
-                "or create the Sampler with a larger cache_length")
+    expected = (
+        "the prompt has 33 tokens but the Sampler's cache_length is 16: shorten the prompt "
+        "or create the Sampler with a larger cache_length"
+    )
     with pytest.raises(SamplingError, match=f"^{expected}$"):
         small.generate(prompt)
     with pytest.raises(SamplingError, match="cache_length is 16"):
@@ -374,7 +388,6 @@ NEAR_TIE = 1e-2  # HF top-2 logit margin below which rounding alone may flip the
 @pytest.fixture(scope="module")
 def real_tokenizer():
     from _real_model import gguf_reader
-
     from gemma_kit.checkpoint.gguf import build_sentencepiece
 
     return Tokenizer.from_bytes(build_sentencepiece(gguf_reader()))
@@ -394,7 +407,6 @@ def real_prompts(real_tokenizer):
 @pytest.fixture(scope="module")
 def real_f32_sampler(real_tokenizer):
     from _real_model import gguf_reader
-
     from gemma_kit.checkpoint.gguf import read_gguf
     from gemma_kit.loading import model_from_params
 
@@ -419,15 +431,20 @@ def real_ours(real_f32_sampler, real_prompts):
 def _hf_greedy(ids: list[int]):
     """transformers' greedy tokens and the raw logits of each step: ([n], [n, V])."""
     import torch
+
     from _real_model import hf_gguf_model
 
     with torch.no_grad():
         out = hf_gguf_model().generate(
-            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            do_sample=False, max_new_tokens=REAL_NEW, output_logits=True,
-            return_dict_in_generate=True, pad_token_id=0,
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=REAL_NEW,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
         )
-    tokens = out.sequences[0, len(ids):].tolist()
+    tokens = out.sequences[0, len(ids) :].tolist()
     return tokens, torch.stack(out.logits, dim=1)[0].float().numpy()
 
 
@@ -439,8 +456,7 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 @pytest.mark.real_model
 @pytest.mark.parametrize("name", ["fact", "code", "long"])
-def test_real_greedy_matches_transformers_generate(real_f32_sampler, real_prompts, real_ours,
-                                                   name):
+def test_real_greedy_matches_transformers_generate(real_f32_sampler, real_prompts, real_ours, name):
     ids = real_f32_sampler.tokenizer.encode(real_prompts[name])
     ours = real_ours[name]
     assert ours.prompt_tokens == len(ids)
@@ -466,8 +482,9 @@ def test_real_bf16_default_model_follows_float32(real_f32_sampler, real_prompts,
     assert model.embedder.input_embedding[...].dtype == jnp.bfloat16
     prompt = real_prompts["fact"]
     assert tokenizer.encode(prompt) == real_f32_sampler.tokenizer.encode(prompt)
-    bf16 = Sampler(model, tokenizer).generate(prompt, max_new_tokens=16, stop_token_ids=(),
-                                              forbidden_token_ids=())
+    bf16 = Sampler(model, tokenizer).generate(
+        prompt, max_new_tokens=16, stop_token_ids=(), forbidden_token_ids=()
+    )
     f32 = real_ours["fact"]
     same = next((i for i, (a, b) in enumerate(zip(bf16.tokens, f32.tokens)) if a != b), 16)
     print(f"bf16 default model: first {same} of 16 greedy tokens equal the float32 run's")

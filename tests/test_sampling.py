@@ -49,8 +49,9 @@ SHAPES = [(1, 7), (3, 700), (2, 1024)]
 TOL = 2e-4  # relative tolerance on the top-p mass and on the min-p ratio (see the docstring)
 DRAWS = 32  # draws per row and example in the "never draws an excluded token" property
 
-PROPERTY = settings(max_examples=25, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(
+    max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,11 +271,13 @@ def _frequency_logits() -> np.ndarray:
     1536, 1599), the third block entirely -inf, and a spread of probabilities."""
     rng = np.random.default_rng(7)
     x = np.full(1600, -np.inf, np.float32)
-    support = np.concatenate([
-        [0, 511, 512, 1023, 1536, 1599],
-        rng.choice(np.arange(1, 511), 30, replace=False),
-        rng.choice(np.arange(1537, 1599), 10, replace=False),
-    ])
+    support = np.concatenate(
+        [
+            [0, 511, 512, 1023, 1536, 1599],
+            rng.choice(np.arange(1, 511), 30, replace=False),
+            rng.choice(np.arange(1537, 1599), 10, replace=False),
+        ]
+    )
     x[support] = rng.normal(0.0, 1.2, support.size)
     return x
 
@@ -321,8 +324,9 @@ def test_sample_with_filters_matches_the_renormalised_reference():
 # The DRY penalty.
 
 
-def dry_reference(logits: np.ndarray, history: np.ndarray, length: int,
-                  dry: DryPenalty) -> np.ndarray:
+def dry_reference(
+    logits: np.ndarray, history: np.ndarray, length: int, dry: DryPenalty
+) -> np.ndarray:
     """The definition, walked token by token: for each position j < length, L_j is how far
     the tokens before j agree with the end of the history (at most max_length); history[j]
     loses multiplier * base ** (L_j - allowed_length) when L_j >= allowed_length (the largest
@@ -359,10 +363,12 @@ def dry_cases(draw):
     history[:, length:] = rng.integers(0, V, (B, N - length))
     logits = rng.normal(0.0, 3.0, (B, V)).astype(np.float32)
     logits[rng.random((B, V)) < 0.2] = -np.inf
-    dry = DryPenalty(multiplier=draw(st.sampled_from([0.8, 2.5])),
-                     base=draw(st.sampled_from([1.0, 1.75, 2.0])),
-                     allowed_length=draw(st.integers(1, 3)),
-                     max_length=draw(st.sampled_from([3, 8])))
+    dry = DryPenalty(
+        multiplier=draw(st.sampled_from([0.8, 2.5])),
+        base=draw(st.sampled_from([1.0, 1.75, 2.0])),
+        allowed_length=draw(st.integers(1, 3)),
+        max_length=draw(st.sampled_from([3, 8])),
+    )
     return logits, history.astype(np.int32), length, dry
 
 
@@ -389,7 +395,7 @@ def test_dry_penalty_by_hand():
 
     def lowered(history, length=None, dry=d):
         h = np.full((1, 8), 5, np.int32)  # one shape for all: the tail is never read
-        h[0, :len(history)] = history
+        h[0, : len(history)] = history
         n = jnp.int32(len(history) if length is None else length)
         out = penalise(jnp.asarray(x), jnp.asarray(h), n, dry=dry)
         return [round(-float(v), 5) + 0.0 for v in np.asarray(out)[0]]  # + 0.0: no -0.0
@@ -423,9 +429,14 @@ def test_dry_greedy_breaks_a_loop():
             logits[0, tokens[-2]] = 3.0  # the loop's next token, 3 nats ahead of the rest
             logits[0, 3] = 1.0
             history = np.zeros((1, N), np.int32)  # one shape: one compiled program
-            history[0, :len(tokens)] = tokens
-            x = logits if dry is None else penalise(jnp.asarray(logits), jnp.asarray(history),
-                                                    jnp.int32(len(tokens)), dry=dry)
+            history[0, : len(tokens)] = tokens
+            x = (
+                logits
+                if dry is None
+                else penalise(
+                    jnp.asarray(logits), jnp.asarray(history), jnp.int32(len(tokens)), dry=dry
+                )
+            )
             tokens.append(int(np.argmax(np.asarray(x)[0])))
         return tokens
 

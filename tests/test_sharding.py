@@ -20,7 +20,8 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from gemma_kit.config import get_preset
 from gemma_kit.errors import ConfigError
@@ -35,8 +36,9 @@ def _abstract_params(config):
 
 
 def _specs(preset, **axes):
-    return param_specs(_abstract_params(get_preset(preset)), {**dict(data=1, fsdp=1, tensor=1),
-                                                              **axes})
+    return param_specs(
+        _abstract_params(get_preset(preset)), {**dict(data=1, fsdp=1, tensor=1), **axes}
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -65,7 +67,8 @@ def test_default_rules_on_gemma2_layouts():
     assert layer["mlp"]["gating_einsum"]["w"] == P(None, "fsdp", "tensor")
     assert layer["attn"]["kv_einsum"]["w"] == P(None, "tensor", "fsdp")  # K=4 splits over 2
     assert _specs("gemma2-9b", tensor=8)["layer_0"]["mlp"]["gating_einsum"]["w"] == P(
-        None, "tensor")  # [2, F, D]; fsdp of size 1 splits nothing and is left out
+        None, "tensor"
+    )  # [2, F, D]; fsdp of size 1 splits nothing and is left out
     # N == K: the fused [3, N, D, H] qkv_einsum (the official name when heads are not grouped).
     mha = get_preset("gemma2-2b").replace(num_kv_heads=8)
     qkv = param_specs(_abstract_params(mha), dict(fsdp=2, tensor=8))["layer_0"]["attn"]
@@ -109,8 +112,9 @@ def test_make_mesh_checks_the_device_count():
         make_mesh(fsdp=0)
 
 
-def test_shard_params_keeps_the_structure_and_leaves_the_input_alone(tiny_gemma3_config,
-                                                                     tiny_model):
+def test_shard_params_keeps_the_structure_and_leaves_the_input_alone(
+    tiny_gemma3_config, tiny_model
+):
     model = tiny_model(tiny_gemma3_config)
     state = nnx.state(model, nnx.Param)
     mesh = make_mesh()
@@ -125,8 +129,10 @@ def test_shard_params_keeps_the_structure_and_leaves_the_input_alone(tiny_gemma3
     tree = jax.tree.map(np.asarray, nnx.to_pure_dict(state))
     placed = shard_params(tree, mesh)
     assert jax.tree.structure(placed) == jax.tree.structure(tree)
-    assert all(isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding)
-               for x in jax.tree.leaves(placed))
+    assert all(
+        isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding)
+        for x in jax.tree.leaves(placed)
+    )
     with pytest.raises(TypeError, match="dict of arrays or an nnx.State"):
         shard_params([1, 2], mesh)
     # shard_model moves a model's own parameters, in place.
@@ -164,27 +170,40 @@ def report():
             dict(family="gemma2", seed=2, via="dict", matvec=False, meshes=[MAIN]),
         ],
     )
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
-    done = subprocess.run([sys.executable, str(WORKER), json.dumps(job)], env=env,
-                          capture_output=True, text=True, timeout=900)
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
+    )
+    done = subprocess.run(
+        [sys.executable, str(WORKER), json.dumps(job)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     _REPORT["report"] = json.loads(done.stdout.strip().splitlines()[-1])
     return _REPORT["report"]
 
 
 def _case(report, name, mesh, via):
-    return next(c for c in report["cases"]
-                if c["name"] == name and c["mesh"] == mesh and c["via"] == via)
+    return next(
+        c for c in report["cases"] if c["name"] == name and c["mesh"] == mesh and c["via"] == via
+    )
 
 
 def test_child_has_eight_devices(report):
     assert report["devices"] == 8 and len(report["cases"]) == 3
 
 
-@pytest.mark.parametrize("name, mesh, via", [
-    ("gemma3", MAIN, "model"), ("gemma3", DATA, "model"), ("gemma2", MAIN, "dict"),
-], ids=["gemma3-fsdp2-tensor4", "gemma3-data8", "gemma2-fsdp2-tensor4-from-dict"])
+@pytest.mark.parametrize(
+    "name, mesh, via",
+    [
+        ("gemma3", MAIN, "model"),
+        ("gemma3", DATA, "model"),
+        ("gemma2", MAIN, "dict"),
+    ],
+    ids=["gemma3-fsdp2-tensor4", "gemma3-data8", "gemma2-fsdp2-tensor4-from-dict"],
+)
 def test_sharded_generation_and_logits_equal_unsharded(report, name, mesh, via):
     case = _case(report, name, mesh, via)
     assert case["tokens"] == case["reference_tokens"]
@@ -219,8 +238,10 @@ def test_parameters_really_are_sharded(report):
     assert gemma2["layer_0/mlp/gating_einsum/w"]["shard_shape"] == [2, 16, 12]
 
     replicated = _case(report, "gemma3", DATA, "model")["params"]
-    assert all(p["spec"] == [] and p["distinct_shards"] == 1 and p["devices"] == 8
-               for p in replicated.values())
+    assert all(
+        p["spec"] == [] and p["distinct_shards"] == 1 and p["devices"] == 8
+        for p in replicated.values()
+    )
 
 
 def test_the_samplers_weights_stay_sharded(report):

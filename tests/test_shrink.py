@@ -37,8 +37,9 @@ KEEP = (0, 2, 5)  # two local layers and the global one
 
 
 def _teacher_config(vocab: int):
-    return _tiny.tiny_gemma3().replace(name="tiny-six", vocab_size=vocab,
-                                       layers=gemma3_layers(6, window=4))
+    return _tiny.tiny_gemma3().replace(
+        name="tiny-six", vocab_size=vocab, layers=gemma3_layers(6, window=4)
+    )
 
 
 @pytest.fixture
@@ -51,8 +52,9 @@ def teacher_folder(teacher, small_tokenizer, tmp_path):
     from flax import nnx
 
     params = nnx.to_pure_dict(nnx.state(teacher, nnx.Param))
-    return write_model_folder(tmp_path / "teacher", params, small_tokenizer.to_bytes(),
-                              config=teacher.config)
+    return write_model_folder(
+        tmp_path / "teacher", params, small_tokenizer.to_bytes(), config=teacher.config
+    )
 
 
 def _tokens(vocab: int, rows: int = 2, length: int = 12) -> np.ndarray:
@@ -77,13 +79,21 @@ def _kept_layers_only(model, tokens, keep) -> np.ndarray:
 
 
 def test_every_preset_and_tiny_config_round_trips_through_json():
-    configs = [*PRESETS.values(), _tiny.tiny_gemma2(), _tiny.tiny_gemma3(),
-               _vision_tiny.tiny_vision_config(), _teacher_config(384)]
+    configs = [
+        *PRESETS.values(),
+        _tiny.tiny_gemma2(),
+        _tiny.tiny_gemma3(),
+        _vision_tiny.tiny_vision_config(),
+        _teacher_config(384),
+    ]
     for config in configs:
         stored = json.loads(json.dumps(config_to_dict(config)))
         assert config_from_dict(stored) == config, config.name
     assert config_to_dict(PRESETS["gemma3-270m"])["layers"][5] == {
-        "attention": "global", "rope_base": 1_000_000.0, "rope_scale": 1.0}
+        "attention": "global",
+        "rope_base": 1_000_000.0,
+        "rope_scale": 1.0,
+    }
 
 
 def test_a_bad_stored_config_is_one_clear_error(teacher_folder):
@@ -105,11 +115,15 @@ def test_layer_lists_are_read_and_checked():
     assert parse_layers("0,2,4-8, 17", 18) == (0, 2, 4, 5, 6, 7, 8, 17)
     assert parse_layers([1, 3], 4) == (1, 3)
     assert describe_layers((0, 2, 3, 4, 7)) == "0,2-4,7"
-    for spec, message in [("0,18", "layer 18 is out of range: the model has 18 layers"),
-                          ("-1", "cannot read '-1' in the layer list"),
-                          ("3,1", "increasing order"), ("2,2", "increasing order"),
-                          ("a", "cannot read 'a'"), ("5-3", "a range a-b has a <= b"),
-                          ([], "keep at least one layer")]:
+    for spec, message in [
+        ("0,18", "layer 18 is out of range: the model has 18 layers"),
+        ("-1", "cannot read '-1' in the layer list"),
+        ("3,1", "increasing order"),
+        ("2,2", "increasing order"),
+        ("a", "cannot read 'a'"),
+        ("5-3", "a range a-b has a <= b"),
+        ([], "keep at least one layer"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             parse_layers(spec, 18)
 
@@ -130,8 +144,9 @@ def test_shrunk_checkpoint_equals_the_teachers_kept_layers(teacher, teacher_fold
     assert student.name == "tiny-six-keep[0,2,5]"
     assert student.layers == tuple(teacher.config.layers[i] for i in KEEP)
     assert [k.is_local for k in student.layers] == [True, True, False]
-    assert (out / "tokenizer.model").read_bytes() == (teacher_folder / "tokenizer.model"
-                                                      ).read_bytes()
+    assert (out / "tokenizer.model").read_bytes() == (
+        teacher_folder / "tokenizer.model"
+    ).read_bytes()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
 
     loaded = load_model(out)
@@ -139,8 +154,9 @@ def test_shrunk_checkpoint_equals_the_teachers_kept_layers(teacher, teacher_fold
     tokens = _tokens(teacher.config.vocab_size)
     expected = _kept_layers_only(teacher, tokens, KEEP)
     np.testing.assert_allclose(np.asarray(loaded(tokens)), expected, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(shrink_model(teacher, KEEP)(tokens)), expected,
-                               rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(shrink_model(teacher, KEEP)(tokens)), expected, rtol=0, atol=1e-6
+    )
     # The skipped layers mattered: the whole teacher computes something else.
     assert np.abs(np.asarray(teacher(tokens)) - expected).max() > 0.1
 
@@ -149,38 +165,58 @@ def test_cli_shrink_then_info_sample_and_export(teacher_folder, tmp_path, capsys
     """`gemma-kit shrink` writes the student; info, sample and export --to hf read its stored
     config; transformers loads the export (an irregular layer pattern) with the same logits."""
     out = tmp_path / "student"
-    assert main(["shrink", "--ckpt", str(teacher_folder), "--keep-layers", "0,2,5",
-                 "--out", str(out)]) == 0
+    assert (
+        main(["shrink", "--ckpt", str(teacher_folder), "--keep-layers", "0,2,5", "--out", str(out)])
+        == 0
+    )
     assert "3 of 6 layers of tiny-six" in capsys.readouterr().out
 
     assert main(["info", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["preset"].startswith("none: tiny-six-keep[0,2,5]") and info["layers"] == "L L G"
 
-    assert main(["sample", "--ckpt", str(out), "--prompt", "The for statement",
-                 "--max-new-tokens", "4", "--json"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--ckpt",
+                str(out),
+                "--prompt",
+                "The for statement",
+                "--max-new-tokens",
+                "4",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert len(json.loads(capsys.readouterr().out)["tokens"]) >= 1
 
-    torch = pytest.importorskip("torch", reason="the export check needs torch (the [test] "
-                                "extra)")
+    torch = pytest.importorskip("torch", reason="the export check needs torch (the [test] extra)")
     transformers = pytest.importorskip("transformers", reason="needs transformers")
     hf = tmp_path / "hf"
     assert main(["export", "--to", "hf", "--ckpt", str(out), "--out", str(hf)]) == 0
     assert json.loads((hf / "config.json").read_text())["layer_types"] == [
-        "sliding_attention", "sliding_attention", "full_attention"]
+        "sliding_attention",
+        "sliding_attention",
+        "full_attention",
+    ]
     theirs = transformers.AutoModelForCausalLM.from_pretrained(
-        hf, dtype=torch.float32, attn_implementation="eager").eval()
+        hf, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     tokens = _tokens(384, rows=1)
     with torch.no_grad():
         logits = theirs(input_ids=torch.tensor(tokens)).logits.numpy()
     ours = np.asarray(load_model(out)(tokens))
-    np.testing.assert_allclose(logits[..., :ours.shape[-1]], ours, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(logits[..., : ours.shape[-1]], ours, rtol=0, atol=1e-4)
 
 
 def test_cli_refuses_layers_out_of_range_and_writes_nothing(teacher_folder, tmp_path, capsys):
     out = tmp_path / "student"
-    assert main(["shrink", "--ckpt", str(teacher_folder), "--keep-layers", "0,6",
-                 "--out", str(out)]) == 2
+    assert (
+        main(["shrink", "--ckpt", str(teacher_folder), "--keep-layers", "0,6", "--out", str(out)])
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "layer 6 is out of range: the model has 6 layers" in err
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

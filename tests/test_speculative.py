@@ -94,10 +94,13 @@ def test_ngram_drafter_copies_what_followed_the_last_ngram():
 
 @pytest.mark.parametrize("which", ["ngram", "ngram-k2", "draft", "draft-k6"])
 def test_greedy_equals_plain_greedy(sampler, plain, draft, which):
-    speculative = {"ngram": "ngram", "ngram-k2": spec.NgramDrafter(k=2),
-                   "draft": draft, "draft-k6": spec.DraftModel(draft, k=6)}[which]
-    got = sampler.generate(PROMPT, max_new_tokens=NEW, stop_token_ids=(),
-                           speculative=speculative)
+    speculative = {
+        "ngram": "ngram",
+        "ngram-k2": spec.NgramDrafter(k=2),
+        "draft": draft,
+        "draft-k6": spec.DraftModel(draft, k=6),
+    }[which]
+    got = sampler.generate(PROMPT, max_new_tokens=NEW, stop_token_ids=(), speculative=speculative)
     assert got.tokens == plain.tokens and got.finish_reason == plain.finish_reason == "length"
     np.testing.assert_allclose(got.logprobs, plain.logprobs, atol=1e-5, rtol=0)
     stats = got.speculative
@@ -111,7 +114,11 @@ def _same(got, want) -> None:
     """The same completion; log-probs to rounding (a verification reads several tokens at
     once, a plain step one)."""
     assert (got.text, got.tokens, got.finish_reason, got.prompt_tokens) == (
-        want.text, want.tokens, want.finish_reason, want.prompt_tokens)
+        want.text,
+        want.tokens,
+        want.finish_reason,
+        want.prompt_tokens,
+    )
     np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5, rtol=0)
 
 
@@ -127,35 +134,41 @@ def test_stops_and_limits_end_a_round_where_plain_decoding_ends(sampler, plain):
     _same(got, want)
     assert got.speculative.accepted > 0
     # max_new_tokens inside a round (13 is no multiple of a round's tokens), a stop string.
-    got = sampler.generate(PROMPT, max_new_tokens=13, stop_token_ids=(),
-                           speculative="ngram")
+    got = sampler.generate(PROMPT, max_new_tokens=13, stop_token_ids=(), speculative="ngram")
     _same(got, sampler.generate(PROMPT, max_new_tokens=13, stop_token_ids=()))
-    stop = plain.text[len(plain.text) // 2:len(plain.text) // 2 + 3]
+    stop = plain.text[len(plain.text) // 2 : len(plain.text) // 2 + 3]
     kw_stop = dict(max_new_tokens=NEW, stop_token_ids=(), stop=stop)
     want_stop = sampler.generate(PROMPT, **kw_stop)
     _same(sampler.generate(PROMPT, **kw_stop, speculative="ngram"), want_stop)
     # Streaming joins to the same text.
-    assert "".join(sampler.stream(PROMPT, **kw_stop, speculative="ngram")) == \
-        want_stop.text
+    assert "".join(sampler.stream(PROMPT, **kw_stop, speculative="ngram")) == want_stop.text
     # A batch is decoded one prompt after another.
     other = " ".join(WORDS[50:60])
-    batch = sampler.generate([PROMPT, other], max_new_tokens=20, stop_token_ids=(),
-                             speculative="ngram")
+    batch = sampler.generate(
+        [PROMPT, other], max_new_tokens=20, stop_token_ids=(), speculative="ngram"
+    )
     assert [r.tokens for r in batch] == [
-        sampler.generate(p, max_new_tokens=20, stop_token_ids=()).tokens for p in (PROMPT, other)]
+        sampler.generate(p, max_new_tokens=20, stop_token_ids=()).tokens for p in (PROMPT, other)
+    ]
 
 
 def test_chat_with_speculation_replies_as_without(target, draft, small_tokenizer):
     """Three greedy turns, the second ended by a stop string: the replies of ChatSessions with
     prompt lookup and with a draft model are those of a plain one."""
     kw = dict(cache_length=192, cache_dtype=jnp.float32)
-    chats = [ChatSession(target, small_tokenizer, **kw),
-             ChatSession(target, small_tokenizer, speculative="ngram", **kw),
-             ChatSession(target, small_tokenizer, speculative=draft, **kw)]
-    for message, stop in (("for each item in the list", None), ("and then?", "the"),
-                          ("while it holds", None)):
-        replies = [c.send(message, max_new_tokens=12, stop=stop, temperature=0.0, dry=None)
-                   for c in chats]
+    chats = [
+        ChatSession(target, small_tokenizer, **kw),
+        ChatSession(target, small_tokenizer, speculative="ngram", **kw),
+        ChatSession(target, small_tokenizer, speculative=draft, **kw),
+    ]
+    for message, stop in (
+        ("for each item in the list", None),
+        ("and then?", "the"),
+        ("while it holds", None),
+    ):
+        replies = [
+            c.send(message, max_new_tokens=12, stop=stop, temperature=0.0, dry=None) for c in chats
+        ]
         assert replies[1] == replies[0] and replies[2] == replies[0]
         # The model saw the same conversation, also after a stop string ended a reply inside
         # a round (the speculative sessions then re-read it as plain decoding had fed it).
@@ -177,19 +190,20 @@ def _assert_same_cache(got, want, what):
             continue
         np.testing.assert_array_equal(got[name]["pos"], want[name]["pos"], err_msg=what)
         for key in ("k", "v"):
-            np.testing.assert_allclose(got[name][key], want[name][key], atol=1e-5, rtol=0,
-                                       err_msg=f"{what}: {name}/{key}")
+            np.testing.assert_allclose(
+                got[name][key], want[name][key], atol=1e-5, rtol=0, err_msg=f"{what}: {name}/{key}"
+            )
 
 
-def test_the_cache_after_rejected_drafts_equals_plain_decoding(sampler, draft,
-                                                               small_tokenizer):
+def test_the_cache_after_rejected_drafts_equals_plain_decoding(sampler, draft, small_tokenizer):
     """Rounds that keep 0, 2, all 4 and 1 of 4 drafts, on the target (crafted drafts) and on
     the draft model (its own drafts, k + 1 entries written, then rolled back): after each,
     every slot of every layer (k, v, positions) and the index equal those of plain decoding of
     the same tokens on the same ring sizes (window 4 + slack 4: the rings wrap many times)."""
     k = 4
-    settings = sampler.speculative_settings(sampler.settings(40, stop_token_ids=()),
-                                            spec.NgramDrafter(k=k), 40)
+    settings = sampler.speculative_settings(
+        sampler.settings(40, stop_token_ids=()), spec.NgramDrafter(k=k), 40
+    )
     ids = small_tokenizer.encode(PROMPT)
     # Plain decoding: the greedy tokens and the cache after each step.
     state = sampler.start([ids], settings, 0, ring_slack=k)
@@ -203,9 +217,16 @@ def test_the_cache_after_rejected_drafts_equals_plain_decoding(sampler, draft,
     drawn = 1
     for kept in (0, 2, 4, 1):
         wrong = (greedy[drawn + kept] + 1) % SMALL_VOCAB
-        drafts = (greedy[drawn:drawn + kept] + [wrong] * k)[:k]
-        state, accepted = spec.verify_step(sampler.params, state, jnp.asarray([drafts]), None,
-                                           jnp.int32(k), jnp.int32(40), settings=settings)
+        drafts = (greedy[drawn : drawn + kept] + [wrong] * k)[:k]
+        state, accepted = spec.verify_step(
+            sampler.params,
+            state,
+            jnp.asarray([drafts]),
+            None,
+            jnp.int32(k),
+            jnp.int32(40),
+            settings=settings,
+        )
         assert int(accepted) == kept
         drawn += kept + 1
         assert np.asarray(state.tokens[0, :drawn]).tolist() == greedy[:drawn]
@@ -221,19 +242,24 @@ def test_the_cache_after_rejected_drafts_equals_plain_decoding(sampler, draft,
     for kept in (0, 2, 4, 1):
         fed = [int(dstate.token[0])]
         index = int(dstate.cache["index"])
-        dstate, saved, drafts, _ = spec.draft_step(dsampler.params, dstate, settings=dsettings,
-                                                   k=k)
+        dstate, saved, drafts, _ = spec.draft_step(dsampler.params, dstate, settings=dsettings, k=k)
         fed += np.asarray(drafts[0, :kept]).tolist()
         nxt = jnp.asarray([(fed[-1] + 7) % SMALL_VOCAB], jnp.int32)  # the target's next token
-        dstate = dsampler_state = spec.rollback_draft(dstate, saved, index, kept + 1, nxt,
-                                                      jnp.asarray([position + kept + 1]))
+        dstate = dsampler_state = spec.rollback_draft(
+            dstate, saved, index, kept + 1, nxt, jnp.asarray([position + kept + 1])
+        )
         for token in fed:
-            _, ref = decode.extend_chunk(dsampler.params, jnp.asarray([[token]]),
-                                         jnp.asarray([[position]]), ref,
-                                         graphdef=dsampler.graphdef)
+            _, ref = decode.extend_chunk(
+                dsampler.params,
+                jnp.asarray([[token]]),
+                jnp.asarray([[position]]),
+                ref,
+                graphdef=dsampler.graphdef,
+            )
             position += 1
-        _assert_same_cache(_host_cache(dsampler_state.cache), _host_cache(ref),
-                           f"draft, kept {kept}")
+        _assert_same_cache(
+            _host_cache(dsampler_state.cache), _host_cache(ref), f"draft, kept {kept}"
+        )
 
 
 def test_save_and_rollback_restore_the_slots(tiny_gemma3_config):
@@ -322,8 +348,7 @@ def test_sampled_tokens_are_distributed_as_the_targets(sampler, draft, small_tok
         def two_tokens(key):
             state = state0.replace(key=key)
             for _ in range(2):
-                state, _ = spec.verify(settings, target, state, drafts, None, jnp.int32(k),
-                                       limit)
+                state, _ = spec.verify(settings, target, state, drafts, None, jnp.int32(k), limit)
             return state.tokens[0, 1:3]
     else:
         dsampler = Sampler(draft, small_tokenizer, cache_dtype=jnp.float32)
@@ -342,26 +367,32 @@ def test_sampled_tokens_are_distributed_as_the_targets(sampler, draft, small_tok
                 state, _ = spec.verify(settings, target, state, drafts, q, jnp.int32(k), limit)
                 dstate = dstate.replace(
                     cache=kv_cache.rollback(dstate.cache, saved, index, state.step - step),
-                    token=state.token, position=state.position)
+                    token=state.token,
+                    position=state.position,
+                )
             return state.tokens[0, 1:3]
 
     run = jax.jit(jax.vmap(two_tokens))
     keys = jax.random.split(jax.random.key(123), SAMPLES)
-    drawn = np.concatenate([np.asarray(run(keys[i:i + CHUNK]))
-                            for i in range(0, SAMPLES, CHUNK)])
+    drawn = np.concatenate([np.asarray(run(keys[i : i + CHUNK])) for i in range(0, SAMPLES, CHUNK)])
     threshold_of = _chi2_threshold
     for position, probs in ((0, p1), (1, p2)):
         counts = np.bincount(drawn[:, position], minlength=SMALL_VOCAB)
         stat, dof = _chi2(counts, probs)
         tv = 0.5 * np.abs(counts / SAMPLES - probs).sum()
-        print(f"{which} token {position + 1}: chi2 {stat:.1f} on {dof} dof "
-              f"(threshold {threshold_of(dof):.1f}), TV {tv:.4f}")
+        print(
+            f"{which} token {position + 1}: chi2 {stat:.1f} on {dof} dof "
+            f"(threshold {threshold_of(dof):.1f}), TV {tv:.4f}"
+        )
         assert stat < threshold_of(dof)
     if which == "draft":
         # The draft's own first-token distribution, which a sampler that kept every draft
         # would follow, is far outside the same test.
-        dprobs = np.asarray(_forward_probs(nnx.split(draft)[0], nnx.split(draft)[1],
-                                           jnp.asarray([context]), settings.params))[0]
+        dprobs = np.asarray(
+            _forward_probs(
+                nnx.split(draft)[0], nnx.split(draft)[1], jnp.asarray([context]), settings.params
+            )
+        )[0]
         counts = np.bincount(drawn[:, 0], minlength=SMALL_VOCAB)
         mix = 0.5 * (dprobs + p1)  # defined wherever either has mass
         stat_draft, dof = _chi2(counts, mix)
@@ -377,9 +408,12 @@ def test_bad_speculative_arguments(sampler, small_tokenizer):
         sampler.generate(PROMPT, speculative="lookup")
     config = _tiny.tiny_gemma3().replace(vocab_size=256)
     other = _tiny.random_model(config, seed=0)
-    with pytest.raises(SamplingError, match=r"the draft model \(tiny-gemma3\) has a vocabulary "
-                                            r"of 256 tokens but the target \(tiny-gemma3\) has "
-                                            r"384: a draft model must share"):
+    with pytest.raises(
+        SamplingError,
+        match=r"the draft model \(tiny-gemma3\) has a vocabulary "
+        r"of 256 tokens but the target \(tiny-gemma3\) has "
+        r"384: a draft model must share",
+    ):
         sampler.generate(PROMPT, speculative=other)
     with pytest.raises(SamplingError, match="speculative decoding takes text prompts only"):
         sampler.generate(PROMPT, speculative="ngram", images=[np.zeros((8, 8, 3), np.uint8)])
@@ -403,7 +437,8 @@ REAL_TEXT = (
     "The history of computing is a story of abstraction. Early machines were programmed by "
     "rewiring panels; later ones read instructions from punched cards, then from magnetic "
     "memory. Each step let people describe what they wanted at a higher level and leave the "
-    "details to the machine.")
+    "details to the machine."
+)
 REAL_PROMPT = f"{REAL_TEXT}\n\nThe same paragraph, copied exactly:\n\n"
 NEAR_TIE = 1e-3  # f32 top-2 logit margin below which rounding alone may flip an argmax
 
@@ -420,20 +455,34 @@ def test_real_270m_prompt_lookup_greedy_equals_plain(capsys):
     plain = s.generate(REAL_PROMPT, max_new_tokens=NEW, stop_token_ids=())
     got = s.generate(REAL_PROMPT, max_new_tokens=NEW, stop_token_ids=(), speculative="ngram")
     ids = tok.encode(REAL_PROMPT)
-    logits = np.asarray(model(jnp.asarray([ids + plain.tokens]))[0, len(ids) - 1:-1],
-                        np.float32)
+    logits = np.asarray(model(jnp.asarray([ids + plain.tokens]))[0, len(ids) - 1 : -1], np.float32)
     top2 = np.sort(logits, axis=-1)[:, -2:]
     near = np.flatnonzero(top2[:, 1] - top2[:, 0] < NEAR_TIE)
     n = int(near[0]) if near.size else NEW
-    print(f"270M prompt lookup: {got.speculative}, acceptance {got.speculative.acceptance:.2f},"
-          f" compared {n} of {NEW} tokens")
+    print(
+        f"270M prompt lookup: {got.speculative}, acceptance {got.speculative.acceptance:.2f},"
+        f" compared {n} of {NEW} tokens"
+    )
     assert n >= 32
     assert got.tokens[:n] == plain.tokens[:n]
     assert got.speculative.accepted >= 16  # copying text: most drafts are right
     # The command line, bf16 (the default): the same tokens as the library with the flag.
     capsys.readouterr()
-    assert main(["sample", "--prompt", REAL_PROMPT, "--max-new-tokens", "16", "--json",
-                 "--speculative", "ngram"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--prompt",
+                REAL_PROMPT,
+                "--max-new-tokens",
+                "16",
+                "--json",
+                "--speculative",
+                "ngram",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     bf16, tok16 = gemma_kit.default_model()
     want = Sampler(bf16, tok16).generate(REAL_PROMPT, max_new_tokens=16, speculative="ngram")

@@ -126,6 +126,7 @@ def test_file_round_trip(tok, serialized, tmp_path):
 
 # -- chat format -------------------------------------------------------------------------------
 
+
 def test_format_chat_folds_system_and_adds_generation_prompt():
     messages = [
         {"role": "system", "content": "You are terse."},
@@ -169,8 +170,10 @@ def test_encode_chat(tok):
         ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "expected 'model'"),
         ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], "only come first"),
         ([{"role": "system", "content": "s"}], "followed by a user"),
-        ([{"role": "user", "content": "a"}, {"role": "model", "content": "b"}],
-         "add_generation_prompt"),
+        (
+            [{"role": "user", "content": "a"}, {"role": "model", "content": "b"}],
+            "add_generation_prompt",
+        ),
     ],
 )
 def test_format_chat_rejects(messages, match):
@@ -180,6 +183,7 @@ def test_format_chat_rejects(messages, match):
 
 
 # -- files that are not tokenizers -------------------------------------------------------------
+
 
 @pytest.mark.parametrize("content", [bytes(range(256)) * 4, b"just some text\n", b""])
 def test_not_a_sentencepiece_file(tmp_path, content):
@@ -199,7 +203,9 @@ def test_sentencepiece_model_that_is_not_gemma(tmp_path):
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(["hello world", "a tiny corpus of words"] * 50),
-        model_writer=model, vocab_size=30, model_type="bpe",
+        model_writer=model,
+        vocab_size=30,
+        model_type="bpe",
     )
     with pytest.raises(TokenizerError, match="not a Gemma 2 or Gemma 3 tokenizer"):
         Tokenizer.from_bytes(model.getvalue())
@@ -216,7 +222,10 @@ def test_gemma2_is_told_apart_by_start_of_turn_id():
     spec = proto.trainer_spec
     spec.model_type, spec.unk_id, spec.bos_id, spec.eos_id, spec.pad_id = spec.BPE, 3, 2, 1, 0
     spec.unk_piece, spec.bos_piece, spec.eos_piece, spec.pad_piece = (
-        "<unk>", "<bos>", "<eos>", "<pad>"
+        "<unk>",
+        "<bos>",
+        "<eos>",
+        "<pad>",
     )
     proto.normalizer_spec.add_dummy_prefix = False
     tok = Tokenizer.from_bytes(proto.SerializeToString())

@@ -24,10 +24,10 @@ from flax import nnx
 
 pytest.importorskip("optax", reason="training needs the [finetune] extra")
 # After the skip: the worker imports gemma_kit.training, which needs optax.
-import _tiny
-import _training_worker as toy
 import optax
 
+import _tiny
+import _training_worker as toy
 from gemma_kit.errors import ConfigError, TrainingError
 from gemma_kit.lora import LoRAParam
 from gemma_kit.training import (
@@ -85,8 +85,7 @@ def test_signed_weights_step_equals_the_policy_gradient_step(lora_model):
         picked = jnp.take_along_axis(log_p, jnp.asarray(rows["targets"])[..., None], -1)[..., 0]
         return -jnp.sum(rows["weights"] * picked, axis=1)
 
-    loss, grads = jax.jit(jax.value_and_grad(lambda lora: row_sums(lora).sum() / normaliser))(
-        lora)
+    loss, grads = jax.jit(jax.value_and_grad(lambda lora: row_sums(lora).sum() / normaliser))(lora)
     optimizer, _ = make_optimizer(config, 10)
     opt_state = optimizer.init(lora)
     updates, opt_state = optimizer.update(grads, opt_state, lora)
@@ -199,9 +198,19 @@ def test_new_frozen_values_do_not_compile_again(lora_model):
 
 
 def _run_config(out: pathlib.Path, **changes) -> toy.ToyConfig:
-    settings = dict(out_dir=str(out), steps=6, batch_size=4, grad_accum=2, max_length=24,
-                    learning_rate=LR, warmup_steps=1, save_every=2, eval_every=3,
-                    progress=False, seed=3)
+    settings = dict(
+        out_dir=str(out),
+        steps=6,
+        batch_size=4,
+        grad_accum=2,
+        max_length=24,
+        learning_rate=LR,
+        warmup_steps=1,
+        save_every=2,
+        eval_every=3,
+        progress=False,
+        seed=3,
+    )
     return toy.ToyConfig(**{**settings, **changes})
 
 
@@ -217,30 +226,33 @@ def test_objective_state_resumes_bit_identically(tmp_path):
     assert ref.eval_after == ref.evaluations["after"]["eval_loss"] != ref.eval_before
 
     out = tmp_path / "run"
-    stopped = run(_run_config(out), toy.AnchorObjective(interrupt_after=3), model=model,
-                  tokenizer=tokenizer)
+    stopped = run(
+        _run_config(out), toy.AnchorObjective(interrupt_after=3), model=model, tokenizer=tokenizer
+    )
     assert stopped.interrupted and stopped.step == 3
     assert sorted(int(p.name) for p in (out / "checkpoints").iterdir()) == [2, 3]
     assert (out / "checkpoints" / "3" / "objective").is_dir()
     assert not (out / "adapter").exists()
 
     resumed_objective = toy.AnchorObjective()
-    resumed = run(_run_config(out), resumed_objective, model=model, tokenizer=tokenizer,
-                  resume=True)
+    resumed = run(
+        _run_config(out), resumed_objective, model=model, tokenizer=tokenizer, resume=True
+    )
     assert resumed.step == 6 and resumed_objective.updates == 6
-    for a, b in zip(toy.leaves(toy.lora_copy(resumed.model)), toy.leaves(toy.lora_copy(
-            ref.model)), strict=True):
+    for a, b in zip(
+        toy.leaves(toy.lora_copy(resumed.model)), toy.leaves(toy.lora_copy(ref.model)), strict=True
+    ):
         np.testing.assert_array_equal(a, b)
-    for a, b in zip(toy.leaves(resumed_objective.anchor), toy.leaves(straight.anchor),
-                    strict=True):
+    for a, b in zip(toy.leaves(resumed_objective.anchor), toy.leaves(straight.anchor), strict=True):
         np.testing.assert_array_equal(a, b)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    ref_rows = [json.loads(line) for line in
-                (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    ref_rows = [
+        json.loads(line) for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()
+    ]
 
     def strip(rows):
-        return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed")}
-                for r in rows]
+        return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed")} for r in rows]
+
     assert strip(rows) == strip(ref_rows)
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 7))
     assert {"pull", "weight_sum", "weighted_tokens"} <= set(rows[1])  # the loss's own sums
@@ -253,8 +265,13 @@ def test_objective_state_resumes_bit_identically(tmp_path):
 
     # The objective's own resume field is checked like the core's.
     with pytest.raises(TrainingError, match=r"ema_rate: 0.25 -> 0.5"):
-        run(_run_config(out, ema_rate=0.5), toy.AnchorObjective(), model=model,
-            tokenizer=tokenizer, resume=True)
+        run(
+            _run_config(out, ema_rate=0.5),
+            toy.AnchorObjective(),
+            model=model,
+            tokenizer=tokenizer,
+            resume=True,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,8 +296,10 @@ class _DistillLike(TrainConfig):
 def test_config_subclasses_read_override_and_check_like_the_base(tmp_path):
     (tmp_path / "cfg").mkdir()
     path = tmp_path / "cfg" / "run.toml"
-    path.write_text('train_file = "data.jsonl"\nout_dir = "out"\nsteps = 3\n'
-                    'teacher = "teacher_ckpt"\nbeta = 0.25\nlayers = [2, 3]\n')
+    path.write_text(
+        'train_file = "data.jsonl"\nout_dir = "out"\nsteps = 3\n'
+        'teacher = "teacher_ckpt"\nbeta = 0.25\nlayers = [2, 3]\n'
+    )
     config = _DistillLike.from_file(path)
     assert type(config) is _DistillLike and config.beta == 0.25
     assert config.teacher == str(tmp_path / "cfg" / "teacher_ckpt")  # relative to the file
@@ -315,11 +334,28 @@ def test_cli_helper_builds_subclass_configs(tmp_path):
     parser.add_argument("--teacher", default=None)
     path = tmp_path / "run.toml"
     path.write_text('train_file = "d.jsonl"\nout_dir = "o"\nepochs = 2\nbeta = 0.1\n')
-    args = parser.parse_args(["--config", str(path), "--steps", "5", "--teacher", "t/",
-                              "--set", "beta=0.75", "--set", "layers=[4]"])
+    args = parser.parse_args(
+        [
+            "--config",
+            str(path),
+            "--steps",
+            "5",
+            "--teacher",
+            "t/",
+            "--set",
+            "beta=0.75",
+            "--set",
+            "layers=[4]",
+        ]
+    )
     config = config_from_args(args, _DistillLike, extra_flags=("teacher",))
     assert (config.steps, config.epochs, config.teacher, config.beta, config.layers) == (
-        5, None, "t/", 0.75, [4])
+        5,
+        None,
+        "t/",
+        0.75,
+        [4],
+    )
     args = parser.parse_args(["--config", str(path), "--set", "teachr=x"])
     with pytest.raises(ConfigError, match="did you mean 'teacher'"):
         config_from_args(args, _DistillLike)
@@ -330,8 +366,11 @@ def test_distributed_after_jax_started_is_one_clear_error():
 
     jax.devices()  # this process has started JAX (as a test process always has)
     with pytest.raises(TrainingError, match="initialize_distributed\\(config\\) first"):
-        initialize_distributed(TrainConfig(distributed=True, coordinator_address="127.0.0.1:1",
-                                           num_processes=2, process_id=0))
+        initialize_distributed(
+            TrainConfig(
+                distributed=True, coordinator_address="127.0.0.1:1", num_processes=2, process_id=0
+            )
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,12 +388,18 @@ def test_mesh_step_of_a_non_sft_loss_equals_one_device(tmp_path):
     another order, and Adam dividing each gradient entry by its own magnitude).
     """
     job = tmp_path / "job.json"
-    job.write_text(json.dumps(dict(kind="mesh", layouts=dict(single=[1, 1, 1],
-                                                             mesh=[2, 4, 2]))))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, str(WORKER), str(job)], env=env, capture_output=True,
-                          check=False, text=True, timeout=900)
+    job.write_text(json.dumps(dict(kind="mesh", layouts=dict(single=[1, 1, 1], mesh=[2, 4, 2]))))
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
+    )
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), str(job)],
+        env=env,
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.splitlines()[-1])
     assert report["devices"] == 8 and len(report["cases"]) == 1
@@ -365,8 +410,9 @@ def test_mesh_step_of_a_non_sft_loss_equals_one_device(tmp_path):
         # not a sum over rows) comes twice from 2 micro-batches; the row sums once.
         scale = dict(pull=2.0)
         for key in ref:
-            np.testing.assert_allclose(got[key], scale.get(key, 1.0) * ref[key], rtol=1e-5,
-                                       err_msg=key)
+            np.testing.assert_allclose(
+                got[key], scale.get(key, 1.0) * ref[key], rtol=1e-5, err_msg=key
+            )
     assert case["metrics"][0]["pull"] != case["metrics"][1]["pull"]  # the anchor did change
     assert case["mu_rel_diff"] <= 1e-4, case
     assert case["max_param_diff"] <= 2e-2 * LR, case
@@ -400,11 +446,26 @@ def test_two_processes_equal_one(tmp_path):
     procs = []
     for process in (0, 1):
         job = tmp_path / f"job{process}.json"
-        job.write_text(json.dumps(dict(kind="distributed", process=process, port=port,
-                                       data=str(data), out=str(tmp_path / "two"))))
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(job)],
-                                      env=dict(os.environ, JAX_PLATFORMS="cpu"),
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        job.write_text(
+            json.dumps(
+                dict(
+                    kind="distributed",
+                    process=process,
+                    port=port,
+                    data=str(data),
+                    out=str(tmp_path / "two"),
+                )
+            )
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(WORKER), str(job)],
+                env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     reports = []
     try:
         for proc in procs:
@@ -415,15 +476,18 @@ def test_two_processes_equal_one(tmp_path):
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
-    assert [(r["process"], r["processes"], r["devices"], r["local_devices"]) for r in reports] \
-        == [(0, 2, 2, 1), (1, 2, 2, 1)]
+    assert [(r["process"], r["processes"], r["devices"], r["local_devices"]) for r in reports] == [
+        (0, 2, 2, 1),
+        (1, 2, 2, 1),
+    ]
     assert [r["adapter"] for r in reports] == [True, True]  # process 0 wrote it, both see it
     out = tmp_path / "two"
     assert sorted(int(p.name) for p in (out / "checkpoints").iterdir()) == [1, 2]
 
     model, tokenizer = toy.tiny_lora_model()
-    ref = toy.distributed_job(model, tokenizer, toy.finetune_config(str(data),
-                                                                    str(tmp_path / "one")), None)
+    ref = toy.distributed_job(
+        model, tokenizer, toy.finetune_config(str(data), str(tmp_path / "one")), None
+    )
     for r in reports:
         got = np.load(r["npz"])
         for key, values in ref.items():

@@ -35,8 +35,10 @@ VISION_PRESETS = [name for name, config in PRESETS.items() if config.has_vision]
 
 
 def _shapes(flat_tree) -> dict[str, dict[str, list[int]]]:
-    return {module: {leaf: list(x.shape) for leaf, x in leaves.items()}
-            for module, leaves in flat_tree.items()}
+    return {
+        module: {leaf: list(x.shape) for leaf, x in leaves.items()}
+        for module, leaves in flat_tree.items()
+    }
 
 
 def _params(model) -> dict:
@@ -57,11 +59,13 @@ def _assert_same(a: dict, b: dict):
 
 def test_golden_file_is_what_the_script_writes():
     spec = importlib.util.spec_from_file_location(
-        "write_vision_golden", ROOT / "scripts" / "write_vision_golden.py")
+        "write_vision_golden", ROOT / "scripts" / "write_vision_golden.py"
+    )
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     assert GOLDEN_PATH.read_text() == script.render(), (
-        "tests/golden/vision_shapes.json is stale: run python scripts/write_vision_golden.py")
+        "tests/golden/vision_shapes.json is stale: run python scripts/write_vision_golden.py"
+    )
 
 
 def test_vision_presets_are_the_gemma3_4b_12b_27b():
@@ -75,15 +79,24 @@ def test_vision_presets_are_the_gemma3_4b_12b_27b():
 def test_vision_shapes_equal_golden(name):
     got = _shapes(official.canonical_to_flat(official.abstract_vision_params(PRESETS[name])))
     want = GOLDEN[name]["params"]
-    assert got.keys() == want.keys(), (sorted(got.keys() - want.keys())[:3],
-                                       sorted(want.keys() - got.keys())[:3])
+    assert got.keys() == want.keys(), (
+        sorted(got.keys() - want.keys())[:3],
+        sorted(want.keys() - got.keys())[:3],
+    )
     wrong = {k: (got[k], want[k]) for k in want if got[k] != want[k]}
     assert not wrong, f"{len(wrong)} modules differ, e.g. {list(wrong.items())[:3]}"
     vision = PRESETS[name].vision
     dims = GOLDEN[name]["dims"]
-    assert (vision.width, vision.depth, vision.mlp_dim, vision.num_heads, vision.patch_size,
-            vision.image_size, vision.num_patches, vision.num_soft_tokens) == tuple(
-        dims[k] for k in ("W", "depth", "F", "N", "p", "S", "P", "M"))
+    assert (
+        vision.width,
+        vision.depth,
+        vision.mlp_dim,
+        vision.num_heads,
+        vision.patch_size,
+        vision.image_size,
+        vision.num_patches,
+        vision.num_soft_tokens,
+    ) == tuple(dims[k] for k in ("W", "depth", "F", "N", "p", "S", "P", "M"))
 
 
 def test_whole_4b_model_with_vision_equals_both_golden_tables():
@@ -93,8 +106,10 @@ def test_whole_4b_model_with_vision_equals_both_golden_tables():
     flat = official.canonical_to_flat(abstract)
     want = {**TEXT_GOLDEN["gemma3-4b"]["params"], **GOLDEN["gemma3-4b"]["params"]}
     assert _shapes(flat) == want
-    dtypes = {module.split("/")[0]: {str(x.dtype) for x in leaves.values()}
-              for module, leaves in flat.items()}
+    dtypes = {
+        module.split("/")[0]: {str(x.dtype) for x in leaves.values()}
+        for module, leaves in flat.items()
+    }
     assert dtypes["SigLiPFromPatches_0"] == {"float32"}
     count = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract))
     assert count == TEXT_GOLDEN["gemma3-4b"]["param_count"] + GOLDEN["gemma3-4b"]["param_count"]
@@ -158,35 +173,53 @@ def test_flat_checkpoint_has_the_released_names(vision_model, tmp_path):
     assert set(tree["transformer/embedder"]) == {"input_embedding"}
     np.testing.assert_array_equal(
         tree[f"{attn}/key"]["bias"],
-        vision_model.vision_encoder.siglip_encoder.Transformer.encoderblock_1
-        .MultiHeadDotProductAttention_0.key.bias[...])
+        vision_model.vision_encoder.siglip_encoder.Transformer.encoderblock_1.MultiHeadDotProductAttention_0.key.bias[
+            ...
+        ],
+    )
 
 
 def test_released_layout_text_bf16_vision_f32(vision_model, tmp_path):
     """As released: text weights bfloat16, the encoder float32, written by plain Orbax. The
     encoder stays float32 even when the text is loaded (or cast) to bfloat16."""
     flat = official.canonical_to_flat(jax.tree.map(np.asarray, _params(vision_model)))
-    tree = {module: {leaf: value.astype(jnp.bfloat16) if module.startswith("transformer/")
-                     and "mm_" not in module else value for leaf, value in leaves.items()}
-            for module, leaves in flat.items()}
+    tree = {
+        module: {
+            leaf: value.astype(jnp.bfloat16)
+            if module.startswith("transformer/") and "mm_" not in module
+            else value
+            for leaf, value in leaves.items()
+        }
+        for module, leaves in flat.items()
+    }
     ocp.PyTreeCheckpointer().save(tmp_path / "released", tree)
     for dtype in (None, jnp.bfloat16):
         loaded = load_model(tmp_path / "released", preset=vision_model.config, dtype=dtype)
         params = _params(loaded)
         assert params["layer_0"]["attn"]["q_einsum"]["w"].dtype == jnp.bfloat16
         assert {x.dtype for x in jax.tree.leaves(params["vision_encoder"])} == {
-            jnp.dtype(jnp.float32)}
+            jnp.dtype(jnp.float32)
+        }
         assert params["embedder"]["mm_input_projection"]["w"].dtype == jnp.float32
         np.testing.assert_array_equal(
             params["vision_encoder"]["siglip_encoder"]["pos_embedding"],
-            _params(vision_model)["vision_encoder"]["siglip_encoder"]["pos_embedding"])
+            _params(vision_model)["vision_encoder"]["siglip_encoder"]["pos_embedding"],
+        )
 
 
 def test_mismatched_vision_encoder_is_a_clear_error(vision_model, tmp_path):
     save_checkpoint(vision_model, tmp_path / "ckpt")
-    other = vision_model.config.replace(vision_config=TINY_VISION.__class__(
-        width=16, depth=3, mlp_dim=24, num_heads=2, patch_size=7, image_size=28,
-        num_soft_tokens=4))
+    other = vision_model.config.replace(
+        vision_config=TINY_VISION.__class__(
+            width=16,
+            depth=3,
+            mlp_dim=24,
+            num_heads=2,
+            patch_size=7,
+            image_size=28,
+            num_soft_tokens=4,
+        )
+    )
     with pytest.raises(CheckpointError, match="image encoder.*encoderblock_2.*missing.*text_only"):
         load_model(tmp_path / "ckpt", preset=other)
     assert not load_model(tmp_path / "ckpt", preset=other, text_only=True).has_vision

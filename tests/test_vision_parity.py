@@ -44,28 +44,54 @@ def _logits(model, rows: list[np.ndarray], pixels: list[np.ndarray]) -> list[np.
     tokens, valid = np.zeros((B, T), np.int32), np.zeros((B, T), bool)
     images = np.zeros((B, 2, 28, 28, 3), np.float32)
     for r, ids in enumerate(rows):
-        tokens[r, T - len(ids):] = np.where(ids == IMAGE_ID, SOFT_TOKEN, ids)
-        valid[r, T - len(ids):] = True
+        tokens[r, T - len(ids) :] = np.where(ids == IMAGE_ID, SOFT_TOKEN, ids)
+        valid[r, T - len(ids) :] = True
         images[r, : len(pixels[r])] = pixels[r]
     graphdef, state = nnx.split(model)
-    out = np.asarray(_forward(state, jnp.asarray(tokens), jnp.asarray(valid),
-                              jnp.asarray(images), graphdef=graphdef))
-    return [out[r, T - len(ids):] for r, ids in enumerate(rows)]
+    out = np.asarray(
+        _forward(
+            state, jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(images), graphdef=graphdef
+        )
+    )
+    return [out[r, T - len(ids) :] for r, ids in enumerate(rows)]
 
 
 @pytest.fixture(scope="module")
 def models():
     text = transformers.Gemma3TextConfig(
-        vocab_size=256, hidden_size=32, intermediate_size=40, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=6,
-        query_pre_attn_scalar=16, layer_types=["sliding_attention", "sliding_attention",
-                                               "sliding_attention", "full_attention"])
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=40,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=6,
+        query_pre_attn_scalar=16,
+        layer_types=[
+            "sliding_attention",
+            "sliding_attention",
+            "sliding_attention",
+            "full_attention",
+        ],
+    )
     vision = transformers.SiglipVisionConfig(
-        hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-        image_size=28, patch_size=7, vision_use_head=False)
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=7,
+        vision_use_head=False,
+    )
     config = transformers.Gemma3Config(
-        text_config=text, vision_config=vision, mm_tokens_per_image=M,
-        image_token_index=IMAGE_ID, boi_token_index=BOI, eoi_token_index=EOI)
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=M,
+        image_token_index=IMAGE_ID,
+        boi_token_index=BOI,
+        eoi_token_index=EOI,
+    )
     config._attn_implementation = "eager"
     torch.manual_seed(0)
     hf_model = transformers.Gemma3ForConditionalGeneration(config).eval()
@@ -118,7 +144,8 @@ def test_encoder_matches_siglip_vision_model(models):
     with torch.no_grad():
         ref = tower(pixel_values=torch.tensor(pixels.transpose(0, 3, 1, 2))).last_hidden_state
         ref_soft = hf_model.model.get_image_features(
-            torch.tensor(pixels.transpose(0, 3, 1, 2))).pooler_output
+            torch.tensor(pixels.transpose(0, 3, 1, 2))
+        ).pooler_output
     ours = np.asarray(model.vision_encoder.siglip_encoder(jnp.asarray(pixels)))
     assert ours.shape == tuple(ref.shape) == (3, 16, 16)
     np.testing.assert_allclose(ours, ref.numpy(), rtol=0, atol=ATOL)
@@ -149,8 +176,10 @@ def test_images_matter_and_attend_both_ways(models):
     (other,) = _logits(model, [ids], [random_pixels(2, seed=8)])
     assert np.abs(ours - other).max() > 0.1
     with torch.no_grad():
-        causal_only = hf_model(input_ids=torch.tensor(ids[None]),
-                               pixel_values=torch.tensor(pixels.transpose(0, 3, 1, 2))).logits[0]
+        causal_only = hf_model(
+            input_ids=torch.tensor(ids[None]),
+            pixel_values=torch.tensor(pixels.transpose(0, 3, 1, 2)),
+        ).logits[0]
     first_slot = int(np.argmax(ids == IMAGE_ID))
     # The first soft token sees the whole image only with the bidirectional mask.
     assert np.abs(ours[first_slot] - causal_only[first_slot].numpy()).max() > 0.1

@@ -24,7 +24,11 @@ from gemma_kit.attention import image_block_mask, image_blocks  # noqa: E402
 from gemma_kit.errors import ImageError  # noqa: E402
 from gemma_kit.vision import prompt as image_prompt  # noqa: E402
 from gemma_kit.vision.preprocess import (  # noqa: E402
-    load_image, pan_and_scan_crops, prepare_images, preprocess_image)
+    load_image,
+    pan_and_scan_crops,
+    prepare_images,
+    preprocess_image,
+)
 
 ATOL = 1e-6
 S = 896
@@ -38,9 +42,14 @@ def hf():
     processor = Gemma3ImageProcessorPil(size={"height": S, "width": S})
 
     def run(image, pan_and_scan=False):
-        out = processor(image, return_tensors="np", do_pan_and_scan=pan_and_scan,
-                        pan_and_scan_min_crop_size=256, pan_and_scan_max_num_crops=4,
-                        pan_and_scan_min_ratio_to_activate=1.2)
+        out = processor(
+            image,
+            return_tensors="np",
+            do_pan_and_scan=pan_and_scan,
+            pan_and_scan_min_crop_size=256,
+            pan_and_scan_max_num_crops=4,
+            pan_and_scan_min_ratio_to_activate=1.2,
+        )
         return out["pixel_values"].transpose(0, 2, 3, 1), list(out["num_crops"])
 
     return run
@@ -123,22 +132,32 @@ def test_every_kind_of_input_reads_the_same(tmp_path):
     image.save(path)
     array = np.asarray(image)
     want = preprocess_image(image)
-    for source in (path, str(path), path.read_bytes(), array, array.astype(np.uint16) * 257,
-                   array.astype(np.float32) / 255.0, jnp.asarray(array)):
+    for source in (
+        path,
+        str(path),
+        path.read_bytes(),
+        array,
+        array.astype(np.uint16) * 257,
+        array.astype(np.float32) / 255.0,
+        jnp.asarray(array),
+    ):
         np.testing.assert_array_equal(preprocess_image(source), want)
     grey = np.asarray(image.convert("L"))
     np.testing.assert_array_equal(preprocess_image(grey), preprocess_image(grey[..., None]))
 
 
-@pytest.mark.parametrize("size, crops", [
-    ((1200, 500), 2),   # landscape, 2.4:1
-    ((500, 1200), 2),   # portrait
-    ((2400, 500), 4),   # 4.8:1 -> 5 crops wanted, capped at 4
-    ((1500, 280), 4),   # 5.4:1, capped at 4 crops of 375x280
-    ((700, 200), 0),    # crops would be 200 px high: under the 256 minimum
-    ((600, 520), 0),    # 1.15:1, under the 1.2 ratio that activates Pan & Scan
-    ((1000, 333), 3),   # 3:1 -> 3 crops of 334 px, the last one cut at the edge
-])
+@pytest.mark.parametrize(
+    "size, crops",
+    [
+        ((1200, 500), 2),  # landscape, 2.4:1
+        ((500, 1200), 2),  # portrait
+        ((2400, 500), 4),  # 4.8:1 -> 5 crops wanted, capped at 4
+        ((1500, 280), 4),  # 5.4:1, capped at 4 crops of 375x280
+        ((700, 200), 0),  # crops would be 200 px high: under the 256 minimum
+        ((600, 520), 0),  # 1.15:1, under the 1.2 ratio that activates Pan & Scan
+        ((1000, 333), 3),  # 3:1 -> 3 crops of 334 px, the last one cut at the edge
+    ],
+)
 def test_pan_and_scan_crops_equal_transformers(hf, size, crops):
     image = drawn_image(*size, seed=15)
     ours, counts = prepare_images([image], S, pan_and_scan=True)
@@ -167,11 +186,13 @@ def test_expand_markers_and_crops_text():
     block = [109, tok.start_of_image_id, *[image_prompt.SOFT_TOKEN] * 4, tok.end_of_image_id, 109]
     first = ids.index(tok.start_of_image_id)
     assert expanded[:first] == ids[:first]
-    assert expanded[first:first + len(block)] == block
+    assert expanded[first : first + len(block)] == block
     assert expanded.count(image_prompt.SOFT_TOKEN) == 8 and len(expanded) == len(ids) + 2 * 7
     text = image_prompt.with_crops("A <start_of_image> B <start_of_image> C", [2, 0])
-    assert text == ("A Here is the original image <start_of_image> and here are some crops to "
-                    "help you see better <start_of_image> <start_of_image> B <start_of_image> C")
+    assert text == (
+        "A Here is the original image <start_of_image> and here are some crops to "
+        "help you see better <start_of_image> <start_of_image> B <start_of_image> C"
+    )
 
 
 def test_merge_embeddings_places_each_image_in_its_row():
@@ -179,8 +200,9 @@ def test_merge_embeddings_places_each_image_in_its_row():
     soft = np.array([[0, 1, 1, 0, 1, 1, 0], [0, 0, 0, 1, 1, 0, 0]], bool)
     x = np.zeros((2, 7, D), np.float32)
     images = np.arange(2 * 2 * M * D, dtype=np.float32).reshape(2, 2, M, D) + 1
-    merged = np.asarray(image_prompt.merge_embeddings(jnp.asarray(x), jnp.asarray(images),
-                                                      jnp.asarray(soft)))
+    merged = np.asarray(
+        image_prompt.merge_embeddings(jnp.asarray(x), jnp.asarray(images), jnp.asarray(soft))
+    )
     np.testing.assert_array_equal(merged[0, 1:3], images[0, 0])
     np.testing.assert_array_equal(merged[0, 4:6], images[0, 1])
     np.testing.assert_array_equal(merged[1, 3:5], images[1, 0])  # its second image is padding
@@ -221,14 +243,17 @@ def test_corrupt_and_unsupported_files(tmp_path):
         load_image(tmp_path)
 
 
-@pytest.mark.parametrize("image, words", [
-    (Image.new("RGB", (0, 5)), "empty (0x5 pixels)"),
-    (np.zeros((0, 4, 3), np.uint8), "empty (4x0 pixels)"),
-    (np.zeros((4, 4, 2), np.uint8), "[height, width, 1|3|4]"),
-    (np.zeros((4, 4, 3), np.int64), "uint8, uint16 or float"),
-    (np.full((4, 4, 3), 2.0, np.float32), "values in [0, 1]"),
-    (12345, "cannot read an image from a int"),
-])
+@pytest.mark.parametrize(
+    "image, words",
+    [
+        (Image.new("RGB", (0, 5)), "empty (0x5 pixels)"),
+        (np.zeros((0, 4, 3), np.uint8), "empty (4x0 pixels)"),
+        (np.zeros((4, 4, 2), np.uint8), "[height, width, 1|3|4]"),
+        (np.zeros((4, 4, 3), np.int64), "uint8, uint16 or float"),
+        (np.full((4, 4, 3), 2.0, np.float32), "values in [0, 1]"),
+        (12345, "cannot read an image from a int"),
+    ],
+)
 def test_bad_images(image, words):
     with pytest.raises(ImageError) as err:
         load_image(image)
@@ -236,7 +261,8 @@ def test_bad_images(image, words):
 
 
 def test_count_check_messages():
-    with pytest.raises(ImageError, match="the prompt has 2 <start_of_image> markers but 1 image "
-                                         "was given"):
+    with pytest.raises(
+        ImageError, match="the prompt has 2 <start_of_image> markers but 1 image was given"
+    ):
         image_prompt.check_image_count("<start_of_image><start_of_image>", 1)
     image_prompt.check_image_count("no markers", 0)

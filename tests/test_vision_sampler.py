@@ -21,11 +21,16 @@ from flax import nnx
 pytest.importorskip("PIL", reason="image tests need Pillow (the [vision] extra)")
 
 from _vision_tiny import (  # noqa: E402
-    drawn_image, image_tokenizer, random_pixels, random_vision_model, tiny_vision_config)
+    drawn_image,
+    image_tokenizer,
+    random_pixels,
+    random_vision_model,
+    tiny_vision_config,
+)
 from gemma_kit import sampler as sampler_module  # noqa: E402
 from gemma_kit.cache import init_cache  # noqa: E402
-from gemma_kit.errors import ImageError  # noqa: E402
 from gemma_kit.chat import ChatSession  # noqa: E402
+from gemma_kit.errors import ImageError  # noqa: E402
 from gemma_kit.sampler import Sampler  # noqa: E402
 from gemma_kit.vision import prompt as image_prompt  # noqa: E402
 from gemma_kit.vision.preprocess import prepare_images  # noqa: E402
@@ -71,7 +76,7 @@ def _reference(model, ids: list[int], pixels: np.ndarray, n: int = NEW):
         row = np.asarray(jax.nn.log_softmax(_full_logits(model, seq, pixels)[-1]))
         seq.append(int(np.argmax(row)))
         logprobs.append(float(row[seq[-1]]))
-    return seq[len(ids):], logprobs
+    return seq[len(ids) :], logprobs
 
 
 def _prompt_ids(sampler, text: str) -> list[int]:
@@ -118,14 +123,15 @@ def test_generate_batch_with_images_equals_full_forward(setup, monkeypatch):
         pixels, _ = prepare_images(row_images, 28)
         _check(result, model, ids, pixels)
     # The images matter: the same prompt with its two images swapped reads differently.
-    assert results[3].tokens != results[0].tokens or np.abs(
-        np.subtract(results[3].logprobs, results[0].logprobs)).max() > 1e-3
+    assert (
+        results[3].tokens != results[0].tokens
+        or np.abs(np.subtract(results[3].logprobs, results[0].logprobs)).max() > 1e-3
+    )
 
 
 def test_stream_with_an_image_equals_full_forward(setup):
     model, tok, sampler = setup
-    pieces = list(sampler.stream(PROMPT_1, images=IMAGES[2], max_new_tokens=NEW,
-                                 stop_token_ids=[]))
+    pieces = list(sampler.stream(PROMPT_1, images=IMAGES[2], max_new_tokens=NEW, stop_token_ids=[]))
     pixels, _ = prepare_images([IMAGES[2]], 28)
     tokens, _ = _reference(model, _prompt_ids(sampler, PROMPT_1), pixels)
     assert "".join(pieces) == tok.decode(tokens)
@@ -134,8 +140,9 @@ def test_stream_with_an_image_equals_full_forward(setup):
 def test_pan_and_scan_adds_crops(setup):
     model, tok, sampler = setup
     wide = drawn_image(1200, 500, seed=4)  # 2.4:1 -> 2 crops of 600x500
-    result = sampler.generate(PROMPT_1, images=[wide], pan_and_scan=True, max_new_tokens=NEW,
-                              stop_token_ids=[])
+    result = sampler.generate(
+        PROMPT_1, images=[wide], pan_and_scan=True, max_new_tokens=NEW, stop_token_ids=[]
+    )
     pixels, crops = prepare_images([wide], 28, pan_and_scan=True)
     assert crops == [2] and len(pixels) == 3
     text = image_prompt.with_crops(PROMPT_1, crops)
@@ -161,11 +168,12 @@ def test_chat_with_images_across_turns(setup, monkeypatch):
     logits[:, [tok.start_of_image_id, tok.end_of_image_id]] = -np.inf  # never drawn
     greedy = np.argmax(logits, axis=-1)
     opener = tok.encode("<start_of_turn>model\n", add_bos=False)
-    starts = [i + len(opener) for i in range(len(ids)) if ids[i:i + len(opener)] == opener]
+    starts = [i + len(opener) for i in range(len(ids)) if ids[i : i + len(opener)] == opener]
     assert len(starts) == 3
     for start, end in zip(starts, starts[1:] + [len(ids)]):
-        reply_end = ids.index(tok.end_of_turn_id, start) if tok.end_of_turn_id in ids[start:end] \
-            else end
+        reply_end = (
+            ids.index(tok.end_of_turn_id, start) if tok.end_of_turn_id in ids[start:end] else end
+        )
         assert reply_end > start
         for i in range(start, reply_end):
             assert ids[i] == greedy[i - 1], f"token {i} of a reply is not the greedy choice"
@@ -188,8 +196,7 @@ def _extend(state, tokens, positions, cache, images, *, graphdef, fresh=False):
     if images is not None:
         flat = model.encode_images(images.reshape(-1, *images.shape[2:]))
         embeddings = flat.reshape(*images.shape[:2], *flat.shape[1:])
-    hidden, cache = model.extend(tokens, positions, cache, fresh=fresh,
-                                 image_embeddings=embeddings)
+    hidden, cache = model.extend(tokens, positions, cache, fresh=fresh, image_embeddings=embeddings)
     return model.logits(hidden), cache
 
 
@@ -200,8 +207,16 @@ def test_cached_multimodal_decoding_equals_full_forward(setup):
     model, tok, _ = setup
     graphdef, state = nnx.split(model)
     M = 4
-    block = lambda: [109, tok.start_of_image_id, *[image_prompt.SOFT_TOKEN] * M,  # noqa: E731
-                     tok.end_of_image_id, 109]
+
+    def block():
+        return [
+            109,
+            tok.start_of_image_id,
+            *[image_prompt.SOFT_TOKEN] * M,
+            tok.end_of_image_id,
+            109,
+        ]
+
     rng = np.random.default_rng(0)
     text = lambda n: [int(t) for t in rng.integers(110, 384, n)]  # noqa: E731
     rows = [[2, *text(3), *block(), *text(5)], [2, *text(9)]]  # row 1: no image, shorter
@@ -216,19 +231,38 @@ def test_cached_multimodal_decoding_equals_full_forward(setup):
     tokens = np.zeros((2, P), np.int32)
     positions = np.full((2, P), -1, np.int32)
     for r, ids in enumerate(rows):
-        tokens[r, P - len(ids):] = ids
-        positions[r, P - len(ids):] = np.arange(len(ids))
+        tokens[r, P - len(ids) :] = ids
+        positions[r, P - len(ids) :] = np.arange(len(ids))
     cache = init_cache(model.config, 2, 64, jnp.float32)
-    logits0, cache = _extend(state, jnp.asarray(tokens), jnp.asarray(positions), cache,
-                             jnp.asarray(prefill_images), graphdef=graphdef, fresh=True)
+    logits0, cache = _extend(
+        state,
+        jnp.asarray(tokens),
+        jnp.asarray(positions),
+        cache,
+        jnp.asarray(prefill_images),
+        graphdef=graphdef,
+        fresh=True,
+    )
     pos = positions.max(axis=1, keepdims=True) + 1 + np.arange(len(chunks[0]))
-    logits1, cache = _extend(state, jnp.asarray(chunks), jnp.asarray(pos), cache,
-                             jnp.asarray(chunk_images), graphdef=graphdef)
+    logits1, cache = _extend(
+        state,
+        jnp.asarray(chunks),
+        jnp.asarray(pos),
+        cache,
+        jnp.asarray(chunk_images),
+        graphdef=graphdef,
+    )
     outs = [logits0, logits1]
     for s in range(7):
         step = np.asarray([[steps[0][s]], [steps[1][s]]], np.int32)
-        out, cache = _extend(state, jnp.asarray(step), jnp.asarray(pos[:, -1:] + 1 + s), cache,
-                             None, graphdef=graphdef)
+        out, cache = _extend(
+            state,
+            jnp.asarray(step),
+            jnp.asarray(pos[:, -1:] + 1 + s),
+            cache,
+            None,
+            graphdef=graphdef,
+        )
         outs.append(out)
     cached = np.concatenate([np.asarray(o) for o in outs], axis=1)
     assert len(rows[0]) + len(chunks[0]) + 7 > 3 * 6  # the window of 6 slid, the rings wrapped
@@ -237,7 +271,7 @@ def test_cached_multimodal_decoding_equals_full_forward(setup):
         full = rows[r] + chunks[r] + steps[r]
         row_pixels = pixels[[0, 1]] if r == 0 else pixels[[2]]
         ref = _full_logits(model, full, row_pixels)
-        np.testing.assert_allclose(cached[r, P - len(rows[r]):], ref, rtol=0, atol=ATOL)
+        np.testing.assert_allclose(cached[r, P - len(rows[r]) :], ref, rtol=0, atol=ATOL)
 
 
 def test_text_only_prompts_take_the_text_path(setup):
@@ -254,7 +288,8 @@ def test_text_only_prompts_take_the_text_path(setup):
     prompt = "A plain text prompt, long enough to pass the window."
     ours = sampler.generate(prompt, max_new_tokens=NEW, stop_token_ids=[])
     theirs = Sampler(text_model, tok, cache_dtype=jnp.float32).generate(
-        prompt, max_new_tokens=NEW, stop_token_ids=[])
+        prompt, max_new_tokens=NEW, stop_token_ids=[]
+    )
     assert ours.tokens == theirs.tokens and ours.logprobs == theirs.logprobs
 
 
@@ -273,12 +308,15 @@ def test_text_only_model_rejects_images(setup):
         ChatSession(text_model, tok).send(PROMPT_1, images=[IMAGES[0]])
 
 
-@pytest.mark.parametrize("prompt, images, words", [
-    (PROMPT_1, IMAGES[:2], ["1 <start_of_image> marker but 2 images"]),
-    (PROMPT_2, IMAGES[:1], ["2 <start_of_image> markers but 1 image was given"]),
-    ("No marker here.", IMAGES[:1], ["0 <start_of_image> markers but 1 image"]),
-    (PROMPT_1, None, ["1 <start_of_image> marker but 0 images"]),
-])
+@pytest.mark.parametrize(
+    "prompt, images, words",
+    [
+        (PROMPT_1, IMAGES[:2], ["1 <start_of_image> marker but 2 images"]),
+        (PROMPT_2, IMAGES[:1], ["2 <start_of_image> markers but 1 image was given"]),
+        ("No marker here.", IMAGES[:1], ["0 <start_of_image> markers but 1 image"]),
+        (PROMPT_1, None, ["1 <start_of_image> marker but 0 images"]),
+    ],
+)
 def test_marker_and_image_counts_must_match(setup, prompt, images, words):
     model, tok, sampler = setup
     with pytest.raises(ImageError) as err:

@@ -48,8 +48,11 @@ def _copy(model):
 
 def _member(model, tokenizer, folder, seed: int, out, *, lora: bool) -> RewardModel:
     backbone = toy.lora_policy(model, seed=seed) if lora else _copy(model)
-    rm = RewardModel(RewardTransformer(backbone, pad_id=tokenizer.pad_id, init_std=0.5,
-                                       seed=seed), tokenizer, base=folder)
+    rm = RewardModel(
+        RewardTransformer(backbone, pad_id=tokenizer.pad_id, init_std=0.5, seed=seed),
+        tokenizer,
+        base=folder,
+    )
     rm.save(out)
     return rm
 
@@ -64,15 +67,18 @@ def test_weight_average_equals_the_ensemble_on_a_frozen_backbone(base, tmp_path,
     the averaged backbone rounds once per member); so do `reward average` and `reward score`
     with several --rm."""
     folder, model, tokenizer = base
-    members = [_member(model, tokenizer, folder, i, tmp_path / f"m{i}", lora=False)
-               for i in range(3)]
+    members = [
+        _member(model, tokenizer, folder, i, tmp_path / f"m{i}", lora=False) for i in range(3)
+    ]
     scores = np.stack([_score(m) for m in members])
     assert np.ptp(scores, axis=0).min() > 0.1  # the heads really differ
-    warm = average_reward_models([tmp_path / f"m{i}" for i in range(3)], tmp_path / "warm",
-                                 progress=False)
+    warm = average_reward_models(
+        [tmp_path / f"m{i}" for i in range(3)], tmp_path / "warm", progress=False
+    )
     np.testing.assert_allclose(_score(warm), scores.mean(axis=0), rtol=0, atol=1e-5)
-    np.testing.assert_allclose(RewardEnsemble(members).score(PROMPTS * 2, TEXTS),
-                               scores.mean(axis=0), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        RewardEnsemble(members).score(PROMPTS * 2, TEXTS), scores.mean(axis=0), rtol=0, atol=1e-6
+    )
     weighted = RewardEnsemble(members, weights=[1, 0, 3])(PROMPTS * 2, TEXTS)
     np.testing.assert_allclose(weighted, (scores[0] + 3 * scores[2]) / 4, rtol=0, atol=1e-6)
     reloaded = load_reward_model(tmp_path / "warm")
@@ -80,25 +86,74 @@ def test_weight_average_equals_the_ensemble_on_a_frozen_backbone(base, tmp_path,
 
     from gemma_kit.cli import main
 
-    completions = toy.write_jsonl(tmp_path / "c.jsonl", [
-        {"prompt": p, "completion": c} for p, c in zip(PROMPTS * 2, TEXTS)])
-    assert main(["reward", "average", "--rm", *(str(tmp_path / f"m{i}") for i in range(3)),
-                 "--out", str(tmp_path / "warm-cli")]) == 0
-    assert main(["reward", "score", "--rm", str(tmp_path / "warm-cli"), "--file",
-                 str(completions), "--json"]) == 0
+    completions = toy.write_jsonl(
+        tmp_path / "c.jsonl", [{"prompt": p, "completion": c} for p, c in zip(PROMPTS * 2, TEXTS)]
+    )
+    assert (
+        main(
+            [
+                "reward",
+                "average",
+                "--rm",
+                *(str(tmp_path / f"m{i}") for i in range(3)),
+                "--out",
+                str(tmp_path / "warm-cli"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "reward",
+                "score",
+                "--rm",
+                str(tmp_path / "warm-cli"),
+                "--file",
+                str(completions),
+                "--json",
+            ]
+        )
+        == 0
+    )
     by_average = [json.loads(line)["reward"] for line in capsys.readouterr().out.splitlines()]
-    assert main(["reward", "score", "--rm", *(str(tmp_path / f"m{i}") for i in range(3)),
-                 "--file", str(completions), "--json"]) == 0
+    assert (
+        main(
+            [
+                "reward",
+                "score",
+                "--rm",
+                *(str(tmp_path / f"m{i}") for i in range(3)),
+                "--file",
+                str(completions),
+                "--json",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     np.testing.assert_allclose([r["rewards"] for r in rows], scores.T, rtol=0, atol=1e-6)
     np.testing.assert_allclose([r["reward"] for r in rows], by_average, rtol=0, atol=1e-5)
     pairs = toy.write_jsonl(tmp_path / "p.jsonl", toy.toy_rows(6))
-    assert main(["reward", "score", "--rm", *(str(tmp_path / f"m{i}") for i in range(2)),
-                 "--file", str(pairs), "--json"]) == 0
+    assert (
+        main(
+            [
+                "reward",
+                "score",
+                "--rm",
+                *(str(tmp_path / f"m{i}") for i in range(2)),
+                "--file",
+                str(pairs),
+                "--json",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     np.testing.assert_allclose([r["chosen_rewards"] for r in rows], scores[:2, :6].T, atol=1e-6)
-    np.testing.assert_allclose([r["rejected_reward"] for r in rows],
-                               scores[:2, 6:].mean(axis=0), atol=1e-6)
+    np.testing.assert_allclose(
+        [r["rejected_reward"] for r in rows], scores[:2, 6:].mean(axis=0), atol=1e-6
+    )
 
 
 def test_lora_average_is_the_average_of_the_merged_models(base, tmp_path):
@@ -108,10 +163,12 @@ def test_lora_average_is_the_average_of_the_merged_models(base, tmp_path):
     mean head (1e-4; observed 2.3e-6). Averaging A and B separately scores visibly differently
     (> 1e-2): that is not the average of the models."""
     folder, model, tokenizer = base
-    members = [_member(model, tokenizer, folder, 10 + i, tmp_path / f"m{i}", lora=True)
-               for i in range(3)]
-    warm = average_reward_models([tmp_path / f"m{i}" for i in range(3)], tmp_path / "warm",
-                                 progress=False)
+    members = [
+        _member(model, tokenizer, folder, 10 + i, tmp_path / f"m{i}", lora=True) for i in range(3)
+    ]
+    warm = average_reward_models(
+        [tmp_path / f"m{i}" for i in range(3)], tmp_path / "warm", progress=False
+    )
     adapter = read_adapter_config(tmp_path / "warm" / "adapter")
     assert (adapter["rank"], adapter["alpha"]) == (12, 24.0)
 
@@ -165,7 +222,10 @@ def test_members_that_do_not_share_an_initialisation_are_refused(base, tmp_path)
     with pytest.raises(ConfigError, match="may not change 'seed'"):
         member_settings(config, [{"seed": 1}])
     assert member_settings(config.replace(data_seed=4), 3) == [
-        {"data_seed": 4}, {"data_seed": 5}, {"data_seed": 6}]
+        {"data_seed": 4},
+        {"data_seed": 5},
+        {"data_seed": 6},
+    ]
 
 
 def test_reward_warm_command_trains_members_from_one_initialisation(base, tmp_path, capsys):
@@ -177,24 +237,50 @@ def test_reward_warm_command_trains_members_from_one_initialisation(base, tmp_pa
     data = toy.write_jsonl(tmp_path / "pairs.jsonl", toy.toy_rows(32, seed=5))
     from gemma_kit.cli import main
 
-    args = ["reward", "warm", "--members", "2", "--train-file", str(data), "--base",
-            str(folder), "--out-dir", str(tmp_path / "warm"), "--steps", "3", "--set",
-            "batch_size=8", "--set", "learning_rate=1e-2", "--set", "eval_fraction=0.25",
-            "--set", "progress=false", "--set", "lora_rank=2"]
+    args = [
+        "reward",
+        "warm",
+        "--members",
+        "2",
+        "--train-file",
+        str(data),
+        "--base",
+        str(folder),
+        "--out-dir",
+        str(tmp_path / "warm"),
+        "--steps",
+        "3",
+        "--set",
+        "batch_size=8",
+        "--set",
+        "learning_rate=1e-2",
+        "--set",
+        "eval_fraction=0.25",
+        "--set",
+        "progress=false",
+        "--set",
+        "lora_rank=2",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "member 1:" in out and f"wrote the weight average to {tmp_path / 'warm/average'}" \
-        in out
-    rows = [[json.loads(line) for line in (tmp_path / "warm" / f"member-{i}" /
-                                           "metrics.jsonl").read_text().splitlines()]
-            for i in range(2)]
+    assert "member 1:" in out and f"wrote the weight average to {tmp_path / 'warm/average'}" in out
+    rows = [
+        [
+            json.loads(line)
+            for line in (tmp_path / "warm" / f"member-{i}" / "metrics.jsonl")
+            .read_text()
+            .splitlines()
+        ]
+        for i in range(2)
+    ]
     assert rows[0][0] == rows[1][0] and rows[0][0]["step"] == 0  # one initialisation
     assert rows[0][1]["loss"] == rows[1][1]["loss"]  # both at log 2: zero head
     assert rows[0][-1]["eval_loss"] != rows[1][-1]["eval_loss"]  # different data orders
-    configs = [json.loads((tmp_path / "warm" / f"member-{i}" / "config.json").read_text())
-               for i in range(2)]
-    assert [c["data_seed"] for c in configs] == [0, 1] and configs[0]["seed"] == configs[1][
-        "seed"]
+    configs = [
+        json.loads((tmp_path / "warm" / f"member-{i}" / "config.json").read_text())
+        for i in range(2)
+    ]
+    assert [c["data_seed"] for c in configs] == [0, 1] and configs[0]["seed"] == configs[1]["seed"]
     warm = load_reward_model(tmp_path / "warm" / "average")
     assert read_adapter_config(tmp_path / "warm" / "average" / "adapter")["rank"] == 4
     assert np.isfinite(_score(warm)).all()

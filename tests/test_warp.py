@@ -46,12 +46,29 @@ def test_a_warp_run_merges_exactly_and_iterates(tiny, tmp_path):
     prompts = worker.write_prompts(tmp_path / "prompts.jsonl", 8)
     held = worker.write_prompts(tmp_path / "held.jsonl", 4)
     out = tmp_path / "warp"
-    config = WARPConfig(prompts_file=str(prompts), eval_prompts_file=str(held), out_dir=str(out),
-                        steps=2, batch_size=2, num_samples=2, max_new_tokens=5,
-                        learning_rate=5e-2, warmup_steps=0, ema_rate=0.5, kl_coef=0.05,
-                        eval_every=100, max_length=32, progress=False, lora_rank=2,
-                        lora_alpha=4.0, num_runs=2, iterations=2, eval_etas=(0.0,),
-                        liti_eta=0.5, eval_samples=2)
+    config = WARPConfig(
+        prompts_file=str(prompts),
+        eval_prompts_file=str(held),
+        out_dir=str(out),
+        steps=2,
+        batch_size=2,
+        num_samples=2,
+        max_new_tokens=5,
+        learning_rate=5e-2,
+        warmup_steps=0,
+        ema_rate=0.5,
+        kl_coef=0.05,
+        eval_every=100,
+        max_length=32,
+        progress=False,
+        lora_rank=2,
+        lora_alpha=4.0,
+        num_runs=2,
+        iterations=2,
+        eval_etas=(0.0,),
+        liti_eta=0.5,
+        eval_samples=2,
+    )
     result = run_warp(config, reward=worker.letter_reward, model=model, tokenizer=tokenizer)
     first, second = result.fronts
     by = {(p["merge"], p["eta"]): p for p in first}
@@ -76,8 +93,7 @@ def test_a_warp_run_merges_exactly_and_iterates(tiny, tmp_path):
     from gemma_kit.lora import merge
 
     base_2 = merge(_with(model, _slerp_of(model, out / "iter_1", 0.5)))
-    runs = [_deltas(run_model(base_2, out / "iter_2" / f"run_{m}" / "adapter"))
-            for m in range(2)]
+    runs = [_deltas(run_model(base_2, out / "iter_2" / f"run_{m}" / "adapter")) for m in range(2)]
     zero = {k: np.zeros_like(v) for k, v in runs[0].items()}
     expected = merging.liti(zero, merging.slerp(zero, runs[0], runs[1], 0.5), 0.5)
     final = dict(einsums(result.model))
@@ -86,8 +102,9 @@ def test_a_warp_run_merges_exactly_and_iterates(tiny, tmp_path):
         if module.matvec:
             delta = np.transpose(delta, module.matvec_permutation())
         diff = np.asarray(final[path].w[...]) - np.asarray(module.w[...])
-        np.testing.assert_allclose(diff, delta, atol=1e-5 * np.abs(delta).max() + 1e-7,
-                                   err_msg=path)
+        np.testing.assert_allclose(
+            diff, delta, atol=1e-5 * np.abs(delta).max() + 1e-7, err_msg=path
+        )
 
 
 def _slerp_of(model, folder, eta) -> dict:
@@ -114,8 +131,13 @@ def _with(model, deltas: dict):
 
 
 def test_bad_warp_settings_are_one_clear_error(tmp_path):
-    base = dict(prompts_file="p.jsonl", eval_prompts_file="e.jsonl", out_dir=str(tmp_path),
-                steps=2, reward="x:y")
+    base = dict(
+        prompts_file="p.jsonl",
+        eval_prompts_file="e.jsonl",
+        out_dir=str(tmp_path),
+        steps=2,
+        reward="x:y",
+    )
     cases = [
         (dict(liti_eta=1.5), r"liti_eta \(eta\) must lie in \[0, 1\]"),
         (dict(eval_etas=(0.0, -0.5)), r"every eta of eval_etas must lie in \[0, 1\]"),
@@ -166,14 +188,18 @@ def test_merge_methods_equal_their_dense_definitions(tiny, tmp_path):
     zero = {k: np.zeros_like(v) for k, v in deltas[0].items()}
     cases = {
         "average": (adapters, dict(), merging.average(deltas)),
-        "slerp": (adapters[:2], dict(lam=0.3, eta=0.6),
-                  merging.liti(zero, merging.slerp(zero, deltas[0], deltas[1], 0.3), 0.6)),
+        "slerp": (
+            adapters[:2],
+            dict(lam=0.3, eta=0.6),
+            merging.liti(zero, merging.slerp(zero, deltas[0], deltas[1], 0.3), 0.6),
+        ),
         "lerp": (adapters[1:], dict(lam=0.5), merging.lerp(zero, deltas[1], deltas[2], 0.5)),
         "liti": (adapters[:1], dict(eta=0.25), merging.liti(zero, deltas[0], 0.25)),
     }
     for method, (runs, options, expected) in cases.items():
-        folder = merge_models(base, runs, tmp_path / f"m-{method}", method=method, preset=config,
-                              **options)
+        folder = merge_models(
+            base, runs, tmp_path / f"m-{method}", method=method, preset=config, **options
+        )
         got = load_model(folder, config)
         assert (folder / "tokenizer.model").is_file()
         _check_weights(model, got, expected, method)
@@ -184,13 +210,13 @@ def test_merge_methods_equal_their_dense_definitions(tiny, tmp_path):
         m = merge(load_adapter(nnx.merge(*nnx.split(model)), a))
         folders.append(save_checkpoint(m, tmp_path / f"full{i}"))
     folder = merge_models(base, folders, tmp_path / "m-full", method="slerp", preset=config)
-    _check_weights(model, load_model(folder, config),
-                   merging.slerp(zero, deltas[0], deltas[1], 0.5), "full")
+    _check_weights(
+        model, load_model(folder, config), merging.slerp(zero, deltas[0], deltas[1], 0.5), "full"
+    )
 
     other = _adapter(model, tmp_path / "other", 7, str(tmp_path / "another-base"))
     with pytest.raises(CheckpointError, match="runs of different base models"):
-        merge_models(base, [adapters[0], other], tmp_path / "x", method="average",
-                     preset=config)
+        merge_models(base, [adapters[0], other], tmp_path / "x", method="average", preset=config)
     with pytest.raises(ConfigError, match="--method slerp merges exactly 2 run"):
         merge_models(base, adapters, tmp_path / "x", method="slerp", preset=config)
     with pytest.raises(ConfigError, match=r"eta must lie in \[0, 1\]"):
@@ -204,21 +230,44 @@ def _check_weights(model, got, expected: dict, what: str) -> None:
         delta = np.asarray(expected[path])
         if module.matvec:
             delta = np.transpose(delta, module.matvec_permutation())
-        diff = np.asarray(module.w[...], np.float32) - np.asarray(before[path].w[...],
-                                                                    np.float32)
-        np.testing.assert_allclose(diff, delta, atol=1e-5 * np.abs(delta).max() + 1e-7,
-                                   err_msg=f"{what}: {path}")
+        diff = np.asarray(module.w[...], np.float32) - np.asarray(before[path].w[...], np.float32)
+        np.testing.assert_allclose(
+            diff, delta, atol=1e-5 * np.abs(delta).max() + 1e-7, err_msg=f"{what}: {path}"
+        )
 
 
 def test_merge_cli_refuses_bad_input_in_one_line(tmp_path, capsys):
     from gemma_kit.cli import main
 
-    code = main(["merge", "--base", str(tmp_path), "--lora", str(tmp_path / "a"),
-                 str(tmp_path / "b"), "--method", "slerp", "--eta", "1.5", "--out",
-                 str(tmp_path / "o")])
+    code = main(
+        [
+            "merge",
+            "--base",
+            str(tmp_path),
+            "--lora",
+            str(tmp_path / "a"),
+            str(tmp_path / "b"),
+            "--method",
+            "slerp",
+            "--eta",
+            "1.5",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "--eta" in err and "must be in [0, 1]" in err
-    code = main(["merge", "--base", str(tmp_path), "--lora", str(tmp_path / "a"),
-                 str(tmp_path / "b"), "--out", str(tmp_path / "o")])
+    code = main(
+        [
+            "merge",
+            "--base",
+            str(tmp_path),
+            "--lora",
+            str(tmp_path / "a"),
+            str(tmp_path / "b"),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and err == "error: --method lora merges exactly 1 run(s), got 2"

@@ -36,22 +36,30 @@ def is_adapter_folder(path: pathlib.Path) -> bool:
     return (path / CONFIG_FILE).is_file()
 
 
-def write_adapter(path: str | os.PathLike, meta: dict[str, Any], params: dict, *,
-                  overwrite: bool = False) -> pathlib.Path:
+def write_adapter(
+    path: str | os.PathLike, meta: dict[str, Any], params: dict, *, overwrite: bool = False
+) -> pathlib.Path:
     """Writes an adapter folder: `meta` (format and version added) and the factor tree `params`.
 
     Returns the folder's absolute path.
     """
     meta = dict(format=ADAPTER_FORMAT, version=ADAPTER_VERSION, **meta)
     params = jax.tree.map(np.asarray, params)
-    with staging.staged_folder(path, overwrite=overwrite, what="gemma_kit LoRA adapter folder",
-                               replaceable=is_adapter_folder) as folder:
+    with staging.staged_folder(
+        path,
+        overwrite=overwrite,
+        what="gemma_kit LoRA adapter folder",
+        replaceable=is_adapter_folder,
+    ) as folder:
         # Written by this process alone (in a multi-process run, by one of them): no barrier
         # with the other processes, which do not call this.
         alone = ocp.options.MultiprocessingOptions(
-            primary_host=jax.process_index(), active_processes={jax.process_index()})
-        ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=alone),
-                         multiprocessing_options=alone).save(folder / PARAMS_DIR, params)
+            primary_host=jax.process_index(), active_processes={jax.process_index()}
+        )
+        ocp.Checkpointer(
+            ocp.PyTreeCheckpointHandler(multiprocessing_options=alone),
+            multiprocessing_options=alone,
+        ).save(folder / PARAMS_DIR, params)
         staging.write_json(folder / CONFIG_FILE, meta)
     return pathlib.Path(path).expanduser().absolute()
 
@@ -96,7 +104,8 @@ def read_adapter_params(path: str | os.PathLike, target: dict) -> dict:
             found = "missing" if got is None else f"of shape {tuple(got.shape)}"
             raise AdapterError(
                 f"adapter {str(path)!r} holds {'/'.join(key)} {found} where this model needs "
-                f"{tuple(want.shape)}: it was made for another model size")
+                f"{tuple(want.shape)}: it was made for another model size"
+            )
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     try:
         return ocp.PyTreeCheckpointer().restore(
@@ -104,7 +113,8 @@ def read_adapter_params(path: str | os.PathLike, target: dict) -> dict:
             args=ocp.args.PyTreeRestore(
                 item=target,
                 restore_args=jax.tree.map(
-                    lambda s: ocp.ArrayRestoreArgs(dtype=s.dtype, sharding=device), target),
+                    lambda s: ocp.ArrayRestoreArgs(dtype=s.dtype, sharding=device), target
+                ),
             ),
         )
     except Exception as err:  # orbax raises many types; one clear message for the user

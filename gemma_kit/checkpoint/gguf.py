@@ -144,8 +144,15 @@ def _match_preset(reader: gguf.GGUFReader, shapes: dict[str, tuple[int, ...]]) -
         ) from None
     # The highest block, not a count, so that a file missing a middle layer fails the name check.
     L = 1 + max((int(name.split(".")[1]) for name in shapes if name.startswith("blk.")), default=-1)
-    found = dict(vocab_size=V, embed_dim=D, hidden_dim=F, num_heads=N, num_kv_heads=K,
-                 head_dim=H, num_layers=L)
+    found = dict(
+        vocab_size=V,
+        embed_dim=D,
+        hidden_dim=F,
+        num_heads=N,
+        num_kv_heads=K,
+        head_dim=H,
+        num_layers=L,
+    )
     for config in PRESETS.values():
         if config.family == "gemma3" and all(getattr(config, k) == v for k, v in found.items()):
             return config
@@ -241,8 +248,10 @@ def read_gguf(
     for path, slots in stacked.items():
         flat[path] = np.stack([slots[i] for i in sorted(slots)])
 
-    expected = {path: tuple(leaf.shape) for path, leaf in
-                official.flatten(official.abstract_params(config)).items()}
+    expected = {
+        path: tuple(leaf.shape)
+        for path, leaf in official.flatten(official.abstract_params(config)).items()
+    }
     got = {path: value.shape for path, value in flat.items()}
     assert got == expected, "the name and shape checks above admit exactly the model's tree"
     return config, official.unflatten(flat)

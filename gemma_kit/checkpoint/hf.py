@@ -39,8 +39,12 @@ Params = dict[str, Any]
 TEXT_PREFIXES = ("model.", "model.language_model.", "language_model.model.", "")
 EXPORT_PREFIX = "model."
 # Gemma3ForConditionalGeneration's vision encoder and projector, under either naming.
-VISION_ROOTS = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
-                "model.multi_modal_projector.")
+VISION_ROOTS = (
+    "vision_tower.",
+    "multi_modal_projector.",
+    "model.vision_tower.",
+    "model.multi_modal_projector.",
+)
 # transformers ties the output projection to the embedding; a checkpoint may still store it.
 TIED_HEAD = ("lm_head.weight", "language_model.lm_head.weight")
 
@@ -154,22 +158,38 @@ _DOWN = (("mlp", "linear", "w"), ("mlp.down_proj.weight",), "D F -> F D")
 
 def text_rules(config: Config) -> list[Rule]:
     """Every parameter of the text model, in the order they are written on export."""
-    per_layer = [*_NORMS, *(_QK_NORMS if config.use_qk_norm else ()),
-                 *((_QKV_FUSED,) if config.uses_qkv_einsum else _QKV_SPLIT),
-                 _OUT, _GATING[config.transpose_gating], _DOWN]
-    rules = [Rule(("embedder", "input_embedding"), ("embed_tokens.weight",), "V D -> V D",
-                  vocab_rows=True)]
+    per_layer = [
+        *_NORMS,
+        *(_QK_NORMS if config.use_qk_norm else ()),
+        *((_QKV_FUSED,) if config.uses_qkv_einsum else _QKV_SPLIT),
+        _OUT,
+        _GATING[config.transpose_gating],
+        _DOWN,
+    ]
+    rules = [
+        Rule(
+            ("embedder", "input_embedding"), ("embed_tokens.weight",), "V D -> V D", vocab_rows=True
+        )
+    ]
     for i in range(config.num_layers):
-        rules += [Rule((f"layer_{i}", *path), tuple(f"layers.{i}.{n}" for n in names), layout)
-                  for path, names, layout in per_layer]
+        rules += [
+            Rule((f"layer_{i}", *path), tuple(f"layers.{i}.{n}" for n in names), layout)
+            for path, names, layout in per_layer
+        ]
     rules.append(Rule(("final_norm", "scale"), ("norm.weight",), "D -> D"))
     return rules
 
 
 def sizes_of(config: Config, vocab_size: int | None = None) -> dict[str, int]:
     """Dimension letter -> size; V is the HF vocabulary when given."""
-    return dict(V=vocab_size or config.vocab_size, D=config.embed_dim, F=config.hidden_dim,
-                N=config.num_heads, K=config.num_kv_heads, H=config.head_dim)
+    return dict(
+        V=vocab_size or config.vocab_size,
+        D=config.embed_dim,
+        F=config.hidden_dim,
+        N=config.num_heads,
+        K=config.num_kv_heads,
+        H=config.head_dim,
+    )
 
 
 def hf_vocab_size(config: Config) -> int:
@@ -196,18 +216,40 @@ def resize_rows(table: np.ndarray, rows: int) -> np.ndarray:
 # Gemma 3 configs on the Hub give only a handful of their text_config's fields.
 HF_DEFAULTS = {
     "gemma2": dict(
-        vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-        num_attention_heads=8, num_key_value_heads=4, head_dim=256,
-        hidden_activation="gelu_pytorch_tanh", max_position_embeddings=8192, rms_norm_eps=1e-6,
-        query_pre_attn_scalar=256, sliding_window=4096, final_logit_softcapping=30.0,
-        attn_logit_softcapping=50.0, rope_theta=10_000.0, sliding_window_pattern=2,
+        vocab_size=256000,
+        hidden_size=2304,
+        intermediate_size=9216,
+        num_hidden_layers=26,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=256,
+        hidden_activation="gelu_pytorch_tanh",
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-6,
+        query_pre_attn_scalar=256,
+        sliding_window=4096,
+        final_logit_softcapping=30.0,
+        attn_logit_softcapping=50.0,
+        rope_theta=10_000.0,
+        sliding_window_pattern=2,
     ),
     "gemma3_text": dict(
-        vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-        num_attention_heads=8, num_key_value_heads=4, head_dim=256,
-        hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131072, rms_norm_eps=1e-6,
-        query_pre_attn_scalar=256, sliding_window=4096, final_logit_softcapping=None,
-        attn_logit_softcapping=None, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+        vocab_size=262208,
+        hidden_size=2304,
+        intermediate_size=9216,
+        num_hidden_layers=26,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=256,
+        hidden_activation="gelu_pytorch_tanh",
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-6,
+        query_pre_attn_scalar=256,
+        sliding_window=4096,
+        final_logit_softcapping=None,
+        attn_logit_softcapping=None,
+        rope_theta=1_000_000.0,
+        rope_local_base_freq=10_000.0,
         sliding_window_pattern=6,
     ),
 }
@@ -237,8 +279,10 @@ def text_config_dict(hf_config: Any) -> tuple[dict, bool]:
             "Gemma3ForConditionalGeneration checkpoints (model_type 'gemma2', 'gemma3_text', "
             "'gemma3')"
         )
-    merged = {**HF_DEFAULTS[model_type], **{k: v for k, v in raw.items() if v is not None or
-                                            k.endswith("softcapping")}}
+    merged = {
+        **HF_DEFAULTS[model_type],
+        **{k: v for k, v in raw.items() if v is not None or k.endswith("softcapping")},
+    }
     merged["model_type"] = model_type
     if "_sliding_window_pattern" in raw and "sliding_window_pattern" not in raw:
         merged["sliding_window_pattern"] = raw["_sliding_window_pattern"]
@@ -257,8 +301,11 @@ def _rope(c: dict, family: str, kind: str) -> tuple[float, float]:
     else:
         p = {"rope_theta": c["rope_theta"], **(c.get("rope_scaling") or {})}
     if "rope_theta" not in p:
-        p["rope_theta"] = (c["rope_local_base_freq"] if family == "gemma3" and
-                           kind == "sliding_attention" else c["rope_theta"])
+        p["rope_theta"] = (
+            c["rope_local_base_freq"]
+            if family == "gemma3" and kind == "sliding_attention"
+            else c["rope_theta"]
+        )
     rope_type = p.get("rope_type", p.get("type", "default"))
     if rope_type == "default":
         return float(p["rope_theta"]), 1.0
@@ -284,8 +331,9 @@ def config_from_hf(hf_config: Any, name: str = "hf") -> Config:
     family: Literal["gemma2", "gemma3"] = "gemma2" if c["model_type"] == "gemma2" else "gemma3"
     unsupported = []
     if c.get("hidden_activation", c.get("hidden_act")) not in _GELU_TANH:
-        unsupported.append(f"hidden_activation {c.get('hidden_activation')!r} (Gemma: "
-                           "gelu_pytorch_tanh)")
+        unsupported.append(
+            f"hidden_activation {c.get('hidden_activation')!r} (Gemma: gelu_pytorch_tanh)"
+        )
     if c.get("attention_bias"):
         unsupported.append("attention_bias=True")
     if c.get("use_bidirectional_attention"):
@@ -311,8 +359,9 @@ def config_from_hf(hf_config: Any, name: str = "hf") -> Config:
     for kind in layer_types:
         base, scale = _rope(c, family, kind)
         if kind == "sliding_attention":
-            layers.append(LocalAttention(int(c["sliding_window"]), rope_base=base,
-                                         rope_scale=scale))
+            layers.append(
+                LocalAttention(int(c["sliding_window"]), rope_base=base, rope_scale=scale)
+            )
         elif kind == "full_attention":
             layers.append(GlobalAttention(rope_base=base, rope_scale=scale))
         else:
@@ -339,8 +388,14 @@ def config_from_hf(hf_config: Any, name: str = "hf") -> Config:
         norm_eps=float(c["rms_norm_eps"]),
     )
     for preset in PRESETS.values():
-        if config.replace(name=preset.name, transpose_gating=preset.transpose_gating,
-                          has_vision=preset.has_vision) == preset:
+        if (
+            config.replace(
+                name=preset.name,
+                transpose_gating=preset.transpose_gating,
+                has_vision=preset.has_vision,
+            )
+            == preset
+        ):
             return preset
     return config
 
@@ -349,8 +404,9 @@ def _number(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
 
 
-def config_to_hf(config: Config, *, dtype: str = "float32", bos_id: int = 2, eos_ids=(1,),
-                 pad_id: int = 0) -> dict:
+def config_to_hf(
+    config: Config, *, dtype: str = "float32", bos_id: int = 2, eos_ids=(1,), pad_id: int = 0
+) -> dict:
     """The config.json of the Gemma2ForCausalLM / Gemma3ForCausalLM holding `config`.
 
     Written in the transformers 5 format plus the legacy keys older readers (transformers 4,
@@ -380,9 +436,13 @@ def config_to_hf(config: Config, *, dtype: str = "float32", bos_id: int = 2, eos
     out: dict[str, Any] = {}
     if config.family == "gemma2":
         rope = rope_of(config.layers)
-        out.update(architectures=["Gemma2ForCausalLM"], model_type="gemma2",
-                   rope_parameters=rope, rope_theta=rope["rope_theta"],
-                   attn_logit_softcapping=config.attn_logit_softcap)
+        out.update(
+            architectures=["Gemma2ForCausalLM"],
+            model_type="gemma2",
+            rope_parameters=rope,
+            rope_theta=rope["rope_theta"],
+            attn_logit_softcapping=config.attn_logit_softcap,
+        )
     else:
         ropes = {}
         if local:
@@ -391,12 +451,20 @@ def config_to_hf(config: Config, *, dtype: str = "float32", bos_id: int = 2, eos
             ropes["full_attention"] = rope_of(glob)
         legacy_local = ropes.get("sliding_attention", {}).get("rope_theta", 10_000)
         legacy_global = ropes.get("full_attention", {"rope_theta": 1_000_000})
-        out.update(architectures=["Gemma3ForCausalLM"], model_type="gemma3_text",
-                   rope_parameters=ropes, rope_theta=legacy_global["rope_theta"],
-                   rope_local_base_freq=legacy_local,
-                   rope_scaling=({"rope_type": "linear", "factor": legacy_global["factor"]}
-                                 if "factor" in legacy_global else None),
-                   attn_logit_softcapping=None, use_bidirectional_attention=False)
+        out.update(
+            architectures=["Gemma3ForCausalLM"],
+            model_type="gemma3_text",
+            rope_parameters=ropes,
+            rope_theta=legacy_global["rope_theta"],
+            rope_local_base_freq=legacy_local,
+            rope_scaling=(
+                {"rope_type": "linear", "factor": legacy_global["factor"]}
+                if "factor" in legacy_global
+                else None
+            ),
+            attn_logit_softcapping=None,
+            use_bidirectional_attention=False,
+        )
     if problems:
         raise ConversionError(
             f"config {config.name!r} cannot be written as a Hugging Face "
@@ -416,8 +484,9 @@ def config_to_hf(config: Config, *, dtype: str = "float32", bos_id: int = 2, eos
         rms_norm_eps=config.norm_eps,
         query_pre_attn_scalar=_number(config.query_pre_attn_scalar),
         sliding_window=next(iter(windows)) if windows else 4096,
-        layer_types=["sliding_attention" if k.is_local else "full_attention"
-                     for k in config.layers],
+        layer_types=[
+            "sliding_attention" if k.is_local else "full_attention" for k in config.layers
+        ],
         final_logit_softcapping=config.final_logit_softcap,
         attention_bias=False,
         attention_dropout=0.0,
@@ -481,10 +550,14 @@ def check_state_dict(state_dict: Mapping[str, Any], config: Config) -> str:
             full = prefix + name
             if full not in state_dict:
                 raise ConversionError(
-                    f"Hugging Face tensor {full!r} is missing from the checkpoint")
+                    f"Hugging Face tensor {full!r} is missing from the checkpoint"
+                )
             shape = _shape_of(state_dict, full)
-            resizable = rule.vocab_rows and shape[1:] == expected[1:] and (
-                VOCAB_ROWS[config.family].get(shape[0]) == config.vocab_size)
+            resizable = (
+                rule.vocab_rows
+                and shape[1:] == expected[1:]
+                and (VOCAB_ROWS[config.family].get(shape[0]) == config.vocab_size)
+            )
             if shape != expected and not resizable:
                 raise ConversionError(
                     f"Hugging Face tensor {full!r} has shape {shape}, but the config implies "
@@ -501,9 +574,14 @@ def check_state_dict(state_dict: Mapping[str, Any], config: Config) -> str:
     return prefix
 
 
-def params_from_hf(state_dict: Mapping[str, Any], config: Config, *, dtype=np.float32,
-                   place: Callable[[np.ndarray], Any] | None = None,
-                   progress: Callable[[list], Any] | None = None) -> Params:
+def params_from_hf(
+    state_dict: Mapping[str, Any],
+    config: Config,
+    *,
+    dtype=np.float32,
+    place: Callable[[np.ndarray], Any] | None = None,
+    progress: Callable[[list], Any] | None = None,
+) -> Params:
     """Maps a transformers Gemma state dict (numpy or torch tensors) onto the gemma_kit tree.
 
     `state_dict` may be lazy (gemma_kit.checkpoint.safetensors_io.HFFolder reads a tensor when
@@ -516,15 +594,16 @@ def params_from_hf(state_dict: Mapping[str, Any], config: Config, *, dtype=np.fl
     sizes = sizes_of(config)
     for head in TIED_HEAD:
         if head in state_dict:  # tied: must equal the embedding, else we would drop weights
-            if not np.array_equal(as_numpy(state_dict[head]),
-                                  as_numpy(state_dict[prefix + "embed_tokens.weight"])):
+            if not np.array_equal(
+                as_numpy(state_dict[head]), as_numpy(state_dict[prefix + "embed_tokens.weight"])
+            ):
                 raise ConversionError(
                     f"{head} differs from the input embedding; Gemma ties them and "
                     "gemma_kit cannot represent an untied output projection"
                 )
     flat: dict[tuple[str, ...], Any] = {}
     rules = text_rules(config)
-    for rule in (progress(rules) if progress else rules):
+    for rule in progress(rules) if progress else rules:
         tensors = [as_numpy(state_dict[prefix + name]) for name in rule.hf]
         if rule.vocab_rows:
             tensors = [resize_rows(t, config.vocab_size) for t in tensors]
@@ -537,12 +616,18 @@ def params_from_hf(state_dict: Mapping[str, Any], config: Config, *, dtype=np.fl
 def hf_tensor_specs(config: Config, dtype) -> list[tuple[str, tuple[int, ...], np.dtype]]:
     """(name, shape, dtype) of every tensor the export writes, in order, before any data."""
     sizes = sizes_of(config, hf_vocab_size(config))
-    return [(EXPORT_PREFIX + name, rule.hf_shape(sizes), np.dtype(dtype))
-            for rule in text_rules(config) for name in rule.hf]
+    return [
+        (EXPORT_PREFIX + name, rule.hf_shape(sizes), np.dtype(dtype))
+        for rule in text_rules(config)
+        for name in rule.hf
+    ]
 
 
-def params_to_hf(get: Callable[[tuple[str, ...]], Any], config: Config, dtype,
-                 ) -> Iterator[tuple[str, np.ndarray]]:
+def params_to_hf(
+    get: Callable[[tuple[str, ...]], Any],
+    config: Config,
+    dtype,
+) -> Iterator[tuple[str, np.ndarray]]:
     """Yields (HF name, tensor) one at a time, in hf_tensor_specs order.
 
     `get(path)` returns one canonical parameter (a numpy or jax array); it is called once per

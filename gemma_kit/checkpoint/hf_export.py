@@ -17,7 +17,6 @@ into a temporary folder renamed at the end (gemma_kit.checkpoint.staging).
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import pathlib
 from collections.abc import Callable, Mapping
@@ -63,17 +62,29 @@ CHAT_TEMPLATE = (
 )
 _WHAT = "Hugging Face model folder"
 # The class a folder with a scalar head (export_hf's `score`) is written as, per family.
-SEQUENCE_CLASSIFIERS = {"gemma2": "Gemma2ForSequenceClassification",
-                        "gemma3": "Gemma3TextForSequenceClassification"}
+SEQUENCE_CLASSIFIERS = {
+    "gemma2": "Gemma2ForSequenceClassification",
+    "gemma3": "Gemma3TextForSequenceClassification",
+}
 # Files an export writes; an existing folder holding only these may be replaced (--overwrite).
-_OUR_FILES = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer_config.json",
-              "special_tokens_map.json", "tokenizer.json", "adapter_config.json")
+_OUR_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "adapter_config.json",
+)
 
 
 def looks_exported(folder: pathlib.Path) -> bool:
     """True when every entry of `folder` is a file an export writes (safe to replace)."""
-    return all(p.is_file() and (p.name in _OUR_FILES or p.name.endswith(
-        (".safetensors", ".safetensors.index.json"))) for p in folder.iterdir())
+    return all(
+        p.is_file()
+        and (p.name in _OUR_FILES or p.name.endswith((".safetensors", ".safetensors.index.json")))
+        for p in folder.iterdir()
+    )
 
 
 def check_export_target(out: str | os.PathLike, overwrite: bool) -> None:
@@ -133,8 +144,12 @@ def _source(source, preset) -> tuple[Config, Callable, np.dtype, Any]:
         layout, shapes, _ = official.split_layout(official.read_metadata(folder))
         config = official.checkpoint_config(folder, shapes, preset)
         stored = shapes["embedder"]["input_embedding"].dtype
-        return config, _LayerByLayer(folder, layout, shapes), np.dtype(stored), \
-            official.find_tokenizer(source)
+        return (
+            config,
+            _LayerByLayer(folder, layout, shapes),
+            np.dtype(stored),
+            official.find_tokenizer(source),
+        )
     if isinstance(source, Transformer):
         einsums = [m for _, m in source.iter_modules() if isinstance(m, Einsum)]
         if any(m.matvec for m in einsums):
@@ -144,7 +159,8 @@ def _source(source, preset) -> tuple[Config, Callable, np.dtype, Any]:
             )
         if is_quantized(source):
             raise CheckpointError(
-                "this model's weights are int8 (gemma_kit.quant); export the original model")
+                "this model's weights are int8 (gemma_kit.quant); export the original model"
+            )
         if any(m.lora is not None for m in einsums):
             raise CheckpointError(
                 "this model carries an unmerged LoRA adapter: export gemma_kit.lora.merge(model) "
@@ -158,11 +174,16 @@ def _source(source, preset) -> tuple[Config, Callable, np.dtype, Any]:
         config = get_preset(preset)
         flat = official.flatten(dict(source))
     else:
-        raise TypeError(f"cannot export a {type(source).__name__}: pass a Transformer, a "
-                        "parameter tree or a checkpoint folder")
+        raise TypeError(
+            f"cannot export a {type(source).__name__}: pass a Transformer, a "
+            "parameter tree or a checkpoint folder"
+        )
     # The export is a causal LM: an image encoder (and its projection) is left out.
-    flat = {p: v for p, v in flat.items() if not (
-        p[0] == "vision_encoder" or (p[0] == "embedder" and p[1].startswith("mm_")))}
+    flat = {
+        p: v
+        for p, v in flat.items()
+        if not (p[0] == "vision_encoder" or (p[0] == "embedder" and p[1].startswith("mm_")))
+    }
     _check_paths(config, flat)
     official.check_shapes(config, official.unflatten(flat))
     stored = flat[("embedder", "input_embedding")].dtype
@@ -214,29 +235,43 @@ def export_hf(
         eos_ids = [tok.eos_id] + ([tok.end_of_turn_id] if tok.end_of_turn_id is not None else [])
         bos_id, pad_id = tok.bos_id, tok.pad_id
     # Everything that can refuse the input is checked before the first byte is written.
-    hf_config = hf.config_to_hf(config, dtype=dtype.name, bos_id=bos_id, eos_ids=eos_ids,
-                                pad_id=pad_id)
+    hf_config = hf.config_to_hf(
+        config, dtype=dtype.name, bos_id=bos_id, eos_ids=eos_ids, pad_id=pad_id
+    )
     specs = hf.hf_tensor_specs(config, dtype)
     tensors = hf.params_to_hf(get, config, dtype)
     if score is not None:
         score = np.asarray(score)
         if score.shape != (1, config.embed_dim):
-            raise ConversionError(f"the score head has shape {score.shape}; a model of width "
-                                  f"{config.embed_dim} needs (1, {config.embed_dim})")
-        hf_config = dict(hf_config, architectures=[SEQUENCE_CLASSIFIERS[config.family]],
-                         id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+            raise ConversionError(
+                f"the score head has shape {score.shape}; a model of width "
+                f"{config.embed_dim} needs (1, {config.embed_dim})"
+            )
+        hf_config = dict(
+            hf_config,
+            architectures=[SEQUENCE_CLASSIFIERS[config.family]],
+            id2label={"0": "LABEL_0"},
+            label2id={"LABEL_0": 0},
+        )
         specs = specs + [("score.weight", score.shape, dtype)]
         tensors = itertools.chain(tensors, [("score.weight", score.astype(dtype))])
-    with staged_folder(target, overwrite=overwrite, replaceable=looks_exported,
-                       what=_WHAT) as staging:
-        with tqdm(total=tensor_bytes(specs), desc="gemma_kit -> Hugging Face", unit="B",
-                  unit_scale=True, disable=not progress) as bar:
-            write_safetensors(staging, specs, tensors,
-                              max_shard_size=max_shard_size, progress=bar)
+    with staged_folder(
+        target, overwrite=overwrite, replaceable=looks_exported, what=_WHAT
+    ) as staging:
+        with tqdm(
+            total=tensor_bytes(specs),
+            desc="gemma_kit -> Hugging Face",
+            unit="B",
+            unit_scale=True,
+            disable=not progress,
+        ) as bar:
+            write_safetensors(staging, specs, tensors, max_shard_size=max_shard_size, progress=bar)
         write_json(staging / "config.json", hf_config, sort_keys=True)
-        write_json(staging / "generation_config.json",
-                   dict(bos_token_id=bos_id, eos_token_id=eos_ids, pad_token_id=pad_id),
-                   sort_keys=True)
+        write_json(
+            staging / "generation_config.json",
+            dict(bos_token_id=bos_id, eos_token_id=eos_ids, pad_token_id=pad_id),
+            sort_keys=True,
+        )
         if serialized is not None:
             write_tokenizer(staging, serialized, max_length=config.max_context)
     return target
@@ -247,9 +282,16 @@ def write_tokenizer(folder: pathlib.Path, serialized: bytes, *, max_length: int)
     (folder / "tokenizer.model").write_bytes(serialized)
     special = dict(bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
     write_json(folder / "special_tokens_map.json", special, sort_keys=True)
-    write_json(folder / "tokenizer_config.json", dict(
-        tokenizer_class="GemmaTokenizer", **special, add_bos_token=True, add_eos_token=False,
-        model_max_length=max_length, clean_up_tokenization_spaces=False,
-        chat_template=CHAT_TEMPLATE,
-    ), sort_keys=True)
-
+    write_json(
+        folder / "tokenizer_config.json",
+        dict(
+            tokenizer_class="GemmaTokenizer",
+            **special,
+            add_bos_token=True,
+            add_eos_token=False,
+            model_max_length=max_length,
+            clean_up_tokenization_spaces=False,
+            chat_template=CHAT_TEMPLATE,
+        ),
+        sort_keys=True,
+    )

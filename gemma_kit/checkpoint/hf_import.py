@@ -30,9 +30,15 @@ from gemma_kit.tokenizer import Tokenizer
 TOKENIZER_FILE = "tokenizer.model"
 
 
-def read_hf(path: str | os.PathLike, preset: str | Config | None = None, dtype=None, *,
-            vision: bool = True, place=None, progress: bool = True
-            ) -> tuple[Config, dict, dict[str, Any]]:
+def read_hf(
+    path: str | os.PathLike,
+    preset: str | Config | None = None,
+    dtype=None,
+    *,
+    vision: bool = True,
+    place=None,
+    progress: bool = True,
+) -> tuple[Config, dict, dict[str, Any]]:
     """Reads a Hugging Face Gemma folder into (config, canonical params, info).
 
     Args:
@@ -65,16 +71,19 @@ def read_hf(path: str | os.PathLike, preset: str | Config | None = None, dtype=N
         if dtype is None:  # as stored
             dtype = folder.dtype(prefix + "embed_tokens.weight")
         dtype = np.dtype(dtype)
+
         def bar(rules):
-            return tqdm(rules, desc="Hugging Face -> gemma_kit", unit="tensor",
-                        disable=not progress)
+            return tqdm(
+                rules, desc="Hugging Face -> gemma_kit", unit="tensor", disable=not progress
+            )
 
         params = hf.params_from_hf(folder, config, dtype=dtype, place=place, progress=bar)
         if with_vision:  # the encoder in its own dtype (float32), as official loads
             encoder = hf_vision.vision_params_from_hf(folder, config)
             if place is not None:
-                encoder = official.unflatten({p: place(x) for p, x in
-                                              official.flatten(encoder).items()})
+                encoder = official.unflatten(
+                    {p: place(x) for p, x in official.flatten(encoder).items()}
+                )
             params["embedder"].update(encoder.pop("embedder"))
             params.update(encoder)
     tokenizer_path = pathlib.Path(path).expanduser() / TOKENIZER_FILE
@@ -82,13 +91,18 @@ def read_hf(path: str | os.PathLike, preset: str | Config | None = None, dtype=N
     if tokenizer_path.is_file():
         tokenizer = tokenizer_path.read_bytes()
         Tokenizer.from_bytes(tokenizer, name=str(tokenizer_path))  # a Gemma SentencePiece model?
-    info = dict(path=pathlib.Path(path), dtype=dtype, tokenizer=tokenizer,
-                skipped_vision=0 if with_vision else len(vision_names))
+    info = dict(
+        path=pathlib.Path(path),
+        dtype=dtype,
+        tokenizer=tokenizer,
+        skipped_vision=0 if with_vision else len(vision_names),
+    )
     return config, params, info
 
 
-def convert_hf(path, out, *, dtype=None, overwrite: bool = False, progress: bool = True
-               ) -> tuple[pathlib.Path, Config, dict[str, Any]]:
+def convert_hf(
+    path, out, *, dtype=None, overwrite: bool = False, progress: bool = True
+) -> tuple[pathlib.Path, Config, dict[str, Any]]:
     """Hugging Face folder -> gemma_kit model folder (`out/checkpoint/` + `out/tokenizer.model`).
 
     The weights keep their stored dtype unless `dtype` is given. Returns (out, config, info);
@@ -97,6 +111,7 @@ def convert_hf(path, out, *, dtype=None, overwrite: bool = False, progress: bool
     """
     convert.check_model_folder_target(out, overwrite)  # fail before the work
     config, params, info = read_hf(path, dtype=dtype, progress=progress)
-    written = convert.write_model_folder(out, params, info["tokenizer"], overwrite=overwrite,
-                                         config=config)
+    written = convert.write_model_folder(
+        out, params, info["tokenizer"], overwrite=overwrite, config=config
+    )
     return written, config, info

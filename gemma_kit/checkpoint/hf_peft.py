@@ -38,8 +38,10 @@ _WHAT = "PEFT adapter folder"
 
 
 def _looks_like_adapter(folder: pathlib.Path) -> bool:
-    return all(p.is_file() and p.name in (ADAPTER_CONFIG, f"{ADAPTER_BASENAME}.safetensors",
-                                          "README.md") for p in folder.iterdir())
+    return all(
+        p.is_file() and p.name in (ADAPTER_CONFIG, f"{ADAPTER_BASENAME}.safetensors", "README.md")
+        for p in folder.iterdir()
+    )
 
 
 def _model_with_adapter(source, preset):
@@ -57,8 +59,9 @@ def _model_with_adapter(source, preset):
     return model, config
 
 
-def peft_tensors(model, config: Config, dtype=None
-                 ) -> tuple[dict, list[tuple[str, tuple[int, ...], np.dtype]], Iterator]:
+def peft_tensors(
+    model, config: Config, dtype=None
+) -> tuple[dict, list[tuple[str, tuple[int, ...], np.dtype]], Iterator]:
     """(adapter_config.json dict, tensor specs, iterator of (name, array)) for `model`'s LoRA."""
     info = lora.adapter_info(model)  # one rank and alpha, or an AdapterError
     modules = dict(lora.einsums(model))
@@ -94,7 +97,8 @@ def peft_tensors(model, config: Config, dtype=None
                 b_spec = b_spec.replace("C", "")
             if sorted(a_spec[:-1]) != sorted(in_group) or sorted(b_spec[1:]) != sorted(out_group):
                 raise AdapterError(  # the table and the einsum disagree: a bug, not bad input
-                    f"{path}: LoRA axes {a_spec}/{b_spec} do not match the HF layout {rule.layout}")
+                    f"{path}: LoRA axes {a_spec}/{b_spec} do not match the HF layout {rule.layout}"
+                )
             lora_a = a.transpose([a_spec.index(c) for c in ("R", *in_group)]).reshape(r, -1)
             lora_b = b.transpose([b_spec.index(c) for c in (*out_group, "R")]).reshape(-1, r)
             yield f"{_PREFIX}{module}.lora_A.weight", np.ascontiguousarray(lora_a, dtype)
@@ -105,18 +109,33 @@ def peft_tensors(model, config: Config, dtype=None
     short = sorted({module.rsplit(".", 1)[-1] for module, *_ in plan})
     every_layer = len(plan) == len(short) * config.num_layers
     adapter_config = dict(
-        peft_type="LORA", task_type="CAUSAL_LM", r=r, lora_alpha=info["alpha"],
-        lora_dropout=0.0, bias="none", fan_in_fan_out=False, use_rslora=False, use_dora=False,
-        init_lora_weights=True, inference_mode=True, modules_to_save=None,
+        peft_type="LORA",
+        task_type="CAUSAL_LM",
+        r=r,
+        lora_alpha=info["alpha"],
+        lora_dropout=0.0,
+        bias="none",
+        fan_in_fan_out=False,
+        use_rslora=False,
+        use_dora=False,
+        init_lora_weights=True,
+        inference_mode=True,
+        modules_to_save=None,
         target_modules=short if every_layer else sorted(module for module, *_ in plan),
         base_model_name_or_path=None,
     )
     return adapter_config, specs, tensors()
 
 
-def export_peft(source, out: str | os.PathLike, *, preset: str | Config | None = None,
-                base_model_name_or_path: str | None = None, dtype=None,
-                overwrite: bool = False) -> pathlib.Path:
+def export_peft(
+    source,
+    out: str | os.PathLike,
+    *,
+    preset: str | Config | None = None,
+    base_model_name_or_path: str | None = None,
+    dtype=None,
+    overwrite: bool = False,
+) -> pathlib.Path:
     """Writes the LoRA adapter of `source` as a PEFT adapter folder at `out`.
 
     Args:
@@ -135,9 +154,9 @@ def export_peft(source, out: str | os.PathLike, *, preset: str | Config | None =
     model, config = _model_with_adapter(source, preset)
     adapter_config, specs, tensors = peft_tensors(model, config, dtype)
     adapter_config["base_model_name_or_path"] = base_model_name_or_path
-    with staged_folder(target, overwrite=overwrite, replaceable=_looks_like_adapter,
-                       what=_WHAT) as staging:
-        write_safetensors(staging, specs, tensors, max_shard_size=2**62,
-                          basename=ADAPTER_BASENAME)
+    with staged_folder(
+        target, overwrite=overwrite, replaceable=_looks_like_adapter, what=_WHAT
+    ) as staging:
+        write_safetensors(staging, specs, tensors, max_shard_size=2**62, basename=ADAPTER_BASENAME)
         write_json(staging / ADAPTER_CONFIG, adapter_config)
     return target

@@ -43,15 +43,17 @@ def vision_config_from_hf(hf_config: Any) -> VisionConfig:
     if vision is None:
         raise ConversionError(
             "this Hugging Face config has no vision_config: it is not a multimodal Gemma 3 "
-            "(Gemma3ForConditionalGeneration) config")
+            "(Gemma3ForConditionalGeneration) config"
+        )
     act = _get(vision, "hidden_act", "gelu_pytorch_tanh")
     if act not in _GELU_TANH:
         raise ConversionError(
-            f"vision hidden_act {act!r} is not supported; SigLIP in Gemma 3 uses "
-            "gelu_pytorch_tanh")
+            f"vision hidden_act {act!r} is not supported; SigLIP in Gemma 3 uses gelu_pytorch_tanh"
+        )
     if _get(vision, "vision_use_head", False):
         raise ConversionError(
-            "vision_use_head=True: Gemma 3's SigLIP has no pooling head (vision_use_head=False)")
+            "vision_use_head=True: Gemma 3's SigLIP has no pooling head (vision_use_head=False)"
+        )
     return VisionConfig(
         width=int(_get(vision, "hidden_size", 1152)),
         depth=int(_get(vision, "num_hidden_layers", 27)),
@@ -72,8 +74,7 @@ def config_from_hf(hf_config: Any, name: str = "hf") -> Config:
     """
     vision = vision_config_from_hf(hf_config)
     text = hf.config_from_hf(hf_config, name)
-    return text.replace(has_vision=True,
-                        vision_config=None if vision == VisionConfig() else vision)
+    return text.replace(has_vision=True, vision_config=None if vision == VisionConfig() else vision)
 
 
 def _table(vision: VisionConfig) -> list[tuple[tuple[str, ...], str, Callable]]:
@@ -93,8 +94,11 @@ def _table(vision: VisionConfig) -> list[tuple[tuple[str, ...], str, Callable]]:
         return w.T.reshape(N, H, W)
 
     table = [
-        ((*_ENCODER, "embedding", "kernel"), "embeddings.patch_embedding.weight",
-         lambda w: w.transpose(2, 3, 1, 0)),
+        (
+            (*_ENCODER, "embedding", "kernel"),
+            "embeddings.patch_embedding.weight",
+            lambda w: w.transpose(2, 3, 1, 0),
+        ),
         ((*_ENCODER, "embedding", "bias"), "embeddings.patch_embedding.bias", same),
         ((*_ENCODER, "pos_embedding"), "embeddings.position_embedding.weight", lambda w: w[None]),
         ((*_ENCODER, "Transformer", "encoder_norm", "scale"), "post_layernorm.weight", same),
@@ -107,17 +111,23 @@ def _table(vision: VisionConfig) -> list[tuple[tuple[str, ...], str, Callable]]:
             table.append(((*block, ours, "scale"), f"{hf_layer}{theirs}.weight", same))
             table.append(((*block, ours, "bias"), f"{hf_layer}{theirs}.bias", same))
         for ours, theirs in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
-            table.append(((*attn, ours, "kernel"), f"{hf_layer}self_attn.{theirs}.weight",
-                          heads_in))
-            table.append(((*attn, ours, "bias"), f"{hf_layer}self_attn.{theirs}.bias",
-                          heads_bias))
+            table.append(
+                ((*attn, ours, "kernel"), f"{hf_layer}self_attn.{theirs}.weight", heads_in)
+            )
+            table.append(((*attn, ours, "bias"), f"{hf_layer}self_attn.{theirs}.bias", heads_bias))
         table.append(((*attn, "out", "kernel"), f"{hf_layer}self_attn.out_proj.weight", heads_out))
         table.append(((*attn, "out", "bias"), f"{hf_layer}self_attn.out_proj.bias", same))
         for ours, theirs in (("Dense_0", "fc1"), ("Dense_1", "fc2")):
-            table.append(((*block, "MlpBlock_0", ours, "kernel"), f"{hf_layer}mlp.{theirs}.weight",
-                          lambda w: w.T))
-            table.append(((*block, "MlpBlock_0", ours, "bias"), f"{hf_layer}mlp.{theirs}.bias",
-                          same))
+            table.append(
+                (
+                    (*block, "MlpBlock_0", ours, "kernel"),
+                    f"{hf_layer}mlp.{theirs}.weight",
+                    lambda w: w.T,
+                )
+            )
+            table.append(
+                ((*block, "MlpBlock_0", ours, "bias"), f"{hf_layer}mlp.{theirs}.bias", same)
+            )
     return table
 
 
@@ -129,19 +139,27 @@ _PROJECTOR = (
 
 def _find_roots(names) -> tuple[str, str]:
     """(prefix of the SigLIP tensors, prefix of the projector's) among the state dict's names."""
-    towers = [n[: -len("embeddings.patch_embedding.weight")] for n in names
-              if n.endswith("embeddings.patch_embedding.weight")]
-    projectors = [n[: -len("mm_input_projection_weight")] for n in names
-                  if n.endswith("mm_input_projection_weight")]
+    towers = [
+        n[: -len("embeddings.patch_embedding.weight")]
+        for n in names
+        if n.endswith("embeddings.patch_embedding.weight")
+    ]
+    projectors = [
+        n[: -len("mm_input_projection_weight")]
+        for n in names
+        if n.endswith("mm_input_projection_weight")
+    ]
     if len(towers) != 1 or len(projectors) != 1:
         raise ConversionError(
             "the Hugging Face state dict has no (or more than one) vision tower and "
-            "multi_modal_projector: it is not a Gemma3ForConditionalGeneration checkpoint")
+            "multi_modal_projector: it is not a Gemma3ForConditionalGeneration checkpoint"
+        )
     return towers[0], projectors[0]
 
 
-def vision_params_from_hf(state_dict: Mapping[str, Any], config: Config, *,
-                          dtype=np.float32) -> Params:
+def vision_params_from_hf(
+    state_dict: Mapping[str, Any], config: Config, *, dtype=np.float32
+) -> Params:
     """The canonical vision subtree ({"vision_encoder": ..., "embedder": {mm_*}}) of a
     Gemma3ForConditionalGeneration state dict; every vision tensor must be consumed and every
     shape must be the config's."""
@@ -157,12 +175,14 @@ def vision_params_from_hf(state_dict: Mapping[str, Any], config: Config, *,
             raise ConversionError(f"Hugging Face tensor {name!r} is missing from the checkpoint")
         used.add(name)
         flat[path] = np.ascontiguousarray(fn(hf.as_numpy(state_dict[name])), dtype=dtype)
-    unused = sorted(k for k in state_dict.keys()
-                    if k.startswith((tower, projector)) and k not in used)
+    unused = sorted(
+        k for k in state_dict.keys() if k.startswith((tower, projector)) and k not in used
+    )
     if unused:
         raise ConversionError(
             f"{len(unused)} Hugging Face vision tensors were not consumed, e.g. {unused[:5]}; the "
-            "checkpoint does not match the config")
+            "checkpoint does not match the config"
+        )
     _check_shapes(flat, config)
     return unflatten(flat)
 
@@ -173,11 +193,11 @@ def _check_shapes(flat: dict, config: Config) -> None:
         if tuple(value.shape) != want.get(path):
             raise ConversionError(
                 f"{'/'.join(path)} converted to shape {tuple(value.shape)}, but the config "
-                f"implies {want.get(path)}: the checkpoint does not match its config")
+                f"implies {want.get(path)}: the checkpoint does not match its config"
+            )
 
 
-def params_from_hf(state_dict: Mapping[str, Any], config: Config, *,
-                   dtype=np.float32) -> Params:
+def params_from_hf(state_dict: Mapping[str, Any], config: Config, *, dtype=np.float32) -> Params:
     """Text and vision parameters of a Gemma3ForConditionalGeneration state dict, one tree."""
     params = hf.params_from_hf(state_dict, config, dtype=dtype)
     vision = vision_params_from_hf(state_dict, config, dtype=dtype)

@@ -22,9 +22,14 @@ from gemma_kit.loading import load_model
 from gemma_kit.lora import merge
 
 
-def merge_checkpoint(base: str | os.PathLike, adapter: str | os.PathLike,
-                     out: str | os.PathLike, *, preset: str | Config | None = None,
-                     overwrite: bool = False) -> pathlib.Path:
+def merge_checkpoint(
+    base: str | os.PathLike,
+    adapter: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    preset: str | Config | None = None,
+    overwrite: bool = False,
+) -> pathlib.Path:
     """base checkpoint + adapter -> `out`/checkpoint (official layout) and `out`/tokenizer.model.
 
     The weights keep the base's stored dtype (the sum is taken in float32). A bad adapter, a
@@ -38,6 +43,10 @@ def merge_checkpoint(base: str | os.PathLike, adapter: str | os.PathLike,
     merged = merge(load_model(base, preset, lora=adapter))
     tokenizer = find_tokenizer(base)
     params = nnx.to_pure_dict(nnx.state(merged, nnx.Param))
-    return convert.write_model_folder(out, params,
-                                      tokenizer.read_bytes() if tokenizer else None,
-                                      overwrite=overwrite, config=merged.config)
+    return convert.write_model_folder(
+        out,
+        params,
+        tokenizer.read_bytes() if tokenizer else None,
+        overwrite=overwrite,
+        config=merged.config,
+    )

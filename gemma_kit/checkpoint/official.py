@@ -143,8 +143,9 @@ def split_layout(tree: Tree) -> tuple[Layout, Tree, Tree]:
                 )
     else:
         layout = "nested"
-        vision = flatten({_NESTED_VISION_KEY: tree[_NESTED_VISION_KEY]}
-                         if _NESTED_VISION_KEY in tree else {})
+        vision = flatten(
+            {_NESTED_VISION_KEY: tree[_NESTED_VISION_KEY]} if _NESTED_VISION_KEY in tree else {}
+        )
         text = {}
         text_tree = {k: v for k, v in tree.items() if k != _NESTED_VISION_KEY}
         for path, value in flatten(text_tree).items():
@@ -207,7 +208,8 @@ def find_checkpoint(path: str | os.PathLike) -> pathlib.Path:
     if len(found) > 1:
         names = ", ".join(p.name for p in found)
         raise CheckpointError(
-            f"{str(path)!r} holds several checkpoints ({names}); pass one of them")
+            f"{str(path)!r} holds several checkpoints ({names}); pass one of them"
+        )
     listing = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
     raise CheckpointError(
         f"no Orbax checkpoint in {str(path)!r} or its subfolders (it contains: {listing}). "
@@ -234,8 +236,7 @@ def abstract_params(config: Config, param_dtype=jnp.float32, *, vision: bool = F
 
     Text weights only, unless `vision` (then the image encoder too, in float32).
     """
-    model = nnx.eval_shape(lambda: Transformer(config, param_dtype=param_dtype,
-                                               with_vision=vision))
+    model = nnx.eval_shape(lambda: Transformer(config, param_dtype=param_dtype, with_vision=vision))
     return nnx.to_pure_dict(nnx.state(model))
 
 
@@ -247,11 +248,16 @@ def abstract_vision_params(config: Config) -> Tree:
     vision = config.vision
     if vision is None:
         return {}
-    embedder = nnx.eval_shape(lambda: Embedder(
-        config.vocab_size, config.embed_dim, param_dtype=jnp.float32, rngs=nnx.Rngs(0),
-        vision_width=vision.width))
-    mm = {k: v for k, v in nnx.to_pure_dict(nnx.state(embedder)).items()
-          if k in _EMBEDDER_MM_KEYS}
+    embedder = nnx.eval_shape(
+        lambda: Embedder(
+            config.vocab_size,
+            config.embed_dim,
+            param_dtype=jnp.float32,
+            rngs=nnx.Rngs(0),
+            vision_width=vision.width,
+        )
+    )
+    mm = {k: v for k, v in nnx.to_pure_dict(nnx.state(embedder)).items() if k in _EMBEDDER_MM_KEYS}
     encoder = jax.tree.map(lambda x: x, _abstract_encoder(vision))  # a copy of the cache
     return {_NESTED_VISION_KEY: encoder, "embedder": mm}
 
@@ -266,8 +272,11 @@ def _signature(shapes: dict[tuple[str, ...], tuple[int, ...]]) -> dict[str, Any]
     """The dimensions that together identify a model size (no single one does)."""
     V, D = shapes[("embedder", "input_embedding")]
     L = len({path[0] for path in shapes if path[0].startswith("layer_")})
-    attn = {path[2]: shape for path, shape in shapes.items()
-            if path[0] == "layer_0" and path[1] == "attn"}
+    attn = {
+        path[2]: shape
+        for path, shape in shapes.items()
+        if path[0] == "layer_0" and path[1] == "attn"
+    }
     if "qkv_einsum" in attn:
         _, N, _, H = attn["qkv_einsum"]
         K = N
@@ -275,16 +284,21 @@ def _signature(shapes: dict[tuple[str, ...], tuple[int, ...]]) -> dict[str, Any]
         N, _, H = attn["q_einsum"]
         K = attn["kv_einsum"][1]
     gating = shapes[("layer_0", "mlp", "gating_einsum", "w")]
-    return dict(V=V, D=D, N=N, K=K, H=H, L=L, gating=tuple(gating),
-                qk_norm="_query_norm" in attn)
+    return dict(V=V, D=D, N=N, K=K, H=H, L=L, gating=tuple(gating), qk_norm="_query_norm" in attn)
 
 
 def _config_signature(config: Config) -> dict[str, Any]:
     D, F = config.embed_dim, config.hidden_dim
-    return dict(V=config.vocab_size, D=D, N=config.num_heads, K=config.num_kv_heads,
-                H=config.head_dim, L=config.num_layers,
-                gating=(2, F, D) if config.transpose_gating else (2, D, F),
-                qk_norm=config.use_qk_norm)
+    return dict(
+        V=config.vocab_size,
+        D=D,
+        N=config.num_heads,
+        K=config.num_kv_heads,
+        H=config.head_dim,
+        L=config.num_layers,
+        gating=(2, F, D) if config.transpose_gating else (2, D, F),
+        qk_norm=config.use_qk_norm,
+    )
 
 
 def _describe(sig: dict[str, Any]) -> str:
@@ -323,7 +337,8 @@ def _shape_mismatches(config: Config, expected_tree: Tree, found_tree: Tree) -> 
             problems.append(f"{name} in the checkpoint is not a parameter of {config.name}")
         elif expected[path] != found[path]:
             problems.append(
-                f"{name} has shape {found[path]}, {config.name} expects {expected[path]}")
+                f"{name} has shape {found[path]}, {config.name} expects {expected[path]}"
+            )
     if not problems:
         return None
     more = f"; and {len(problems) - 4} more" if len(problems) > 4 else ""
@@ -348,9 +363,7 @@ def check_shapes(config: Config, params_shapes: Tree) -> None:
             hint = f" The shapes match preset {infer_preset(params_shapes).name!r}."
         except CheckpointError:
             hint = ""
-        raise CheckpointError(
-            f"checkpoint does not match preset {config.name!r}: {shown}.{hint}"
-        )
+        raise CheckpointError(f"checkpoint does not match preset {config.name!r}: {shown}.{hint}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,9 +375,10 @@ def write_config(folder: str | os.PathLike, config: Config) -> pathlib.Path:
     load_model, `gemma-kit info` and the exports know a size no preset describes."""
     from gemma_kit.checkpoint.staging import write_json
 
-    return write_json(pathlib.Path(folder) / CONFIG_FILE,
-                      {"format": "gemma_kit.config", "version": 1,
-                       "config": config_to_dict(config)})
+    return write_json(
+        pathlib.Path(folder) / CONFIG_FILE,
+        {"format": "gemma_kit.config", "version": 1, "config": config_to_dict(config)},
+    )
 
 
 def read_config(folder: str | os.PathLike) -> Config | None:
@@ -380,12 +394,15 @@ def read_config(folder: str | os.PathLike) -> Config | None:
             raise ValueError("it is not a gemma_kit config file")
         return config_from_dict(stored["config"])
     except (ValueError, KeyError) as err:  # ConfigError is a ValueError
-        raise CheckpointError(f"{path} is damaged ({err}); delete it to infer the size from "
-                              "the weights (official sizes only), or write it again") from None
+        raise CheckpointError(
+            f"{path} is damaged ({err}); delete it to infer the size from "
+            "the weights (official sizes only), or write it again"
+        ) from None
 
 
-def checkpoint_config(folder: pathlib.Path, shapes: Tree,
-                      preset: str | Config | None = None) -> Config:
+def checkpoint_config(
+    folder: pathlib.Path, shapes: Tree, preset: str | Config | None = None
+) -> Config:
     """The config of the checkpoint in `folder` whose text weights have `shapes`: the preset
     given, else the config stored with it, else the preset its shapes match. Whichever it is,
     it is checked against the shapes."""
@@ -431,9 +448,7 @@ def _short(err: Exception) -> str:
     return text.splitlines()[0][:200] if text else type(err).__name__
 
 
-def restore_params(
-    path: pathlib.Path, layout: Layout, target: Tree, *, sharding=None
-) -> Tree:
+def restore_params(path: pathlib.Path, layout: Layout, target: Tree, *, sharding=None) -> Tree:
     """Restores the canonical `target` (ShapeDtypeStructs, dtypes to cast to) from `path`.
 
     Only the target's parameters are read (a partial restore), so a text-only load of a
@@ -459,7 +474,11 @@ def restore_params(
 
 
 def save_params(
-    params: Tree, path: str | os.PathLike, *, layout: Layout = "flat", overwrite: bool = False,
+    params: Tree,
+    path: str | os.PathLike,
+    *,
+    layout: Layout = "flat",
+    overwrite: bool = False,
     config: Config | None = None,
 ) -> pathlib.Path:
     """Writes a canonical tree as an official Orbax checkpoint.
@@ -518,9 +537,16 @@ def load_params(
     load_vision = bool(vision and vision_shapes and config.vision is not None)
     if load_vision:
         check_vision_shapes(config, vision_shapes)
-        target = merge(target, jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), vision_shapes))
+        target = merge(
+            target,
+            jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), vision_shapes),
+        )
     params = restore_params(folder, layout, target)
-    info = dict(path=folder, layout=layout, stored_dtypes=stored,
-                has_vision=bool(vision_shapes), vision_loaded=load_vision)
+    info = dict(
+        path=folder,
+        layout=layout,
+        stored_dtypes=stored,
+        has_vision=bool(vision_shapes),
+        vision_loaded=load_vision,
+    )
     return config, params, info

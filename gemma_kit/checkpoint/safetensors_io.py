@@ -33,8 +33,11 @@ CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # safetensors dtype codes gemma_kit reads and writes (the float formats Gemma is released in).
-DTYPES = {"F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16),
-          "F16": np.dtype(np.float16)}
+DTYPES = {
+    "F32": np.dtype(np.float32),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F16": np.dtype(np.float16),
+}
 _CODES = {dtype: code for code, dtype in DTYPES.items()}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # bytes, as the checkpoints on the Hugging Face Hub
@@ -82,7 +85,8 @@ class HFFolder(Mapping[str, np.ndarray]):
             self.config = json.loads((self.path / CONFIG_FILE).read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ConversionError(
-                f"{str(self.path / CONFIG_FILE)!r} is not valid JSON: {err}") from None
+                f"{str(self.path / CONFIG_FILE)!r} is not valid JSON: {err}"
+            ) from None
         index = self._index()
         files = sorted(set(index.values())) if index else [self._single]
         self._handles: dict[str, object] = {}
@@ -120,7 +124,8 @@ class HFFolder(Mapping[str, np.ndarray]):
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise ConversionError(
-                    f"{str(index)!r} is not a safetensors index (no weight_map: {err})") from None
+                    f"{str(index)!r} is not a safetensors index (no weight_map: {err})"
+                ) from None
             absent = sorted({f for f in weight_map.values() if not (self.path / f).is_file()})
             if absent:
                 raise ConversionError(
@@ -143,8 +148,12 @@ class HFFolder(Mapping[str, np.ndarray]):
             )
         raise ConversionError(
             f"no {SINGLE_FILE} or {INDEX_FILE} in {str(self.path)!r}"
-            + (f" (it has {len(found)} .safetensors files but no index: the download is "
-               "incomplete)" if found else "")
+            + (
+                f" (it has {len(found)} .safetensors files but no index: the download is "
+                "incomplete)"
+                if found
+                else ""
+            )
         )
 
     def _handle(self, file: str):
@@ -195,8 +204,11 @@ def _header(specs: list[tuple[str, tuple[int, ...], np.dtype]]) -> bytes:
     header, offset = {}, 0
     for name, shape, dtype in specs:
         size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        header[name] = {"dtype": _CODES[np.dtype(dtype)], "shape": list(shape),
-                        "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": _CODES[np.dtype(dtype)],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     # transformers refuses safetensors without a "format" entry in the metadata.
     header["__metadata__"] = {"format": "pt"}
@@ -204,8 +216,9 @@ def _header(specs: list[tuple[str, tuple[int, ...], np.dtype]]) -> bytes:
     return raw + b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the library's
 
 
-def plan_shards(specs: list[tuple[str, tuple[int, ...], np.dtype]], max_shard_size: int
-                ) -> list[list[tuple[str, tuple[int, ...], np.dtype]]]:
+def plan_shards(
+    specs: list[tuple[str, tuple[int, ...], np.dtype]], max_shard_size: int
+) -> list[list[tuple[str, tuple[int, ...], np.dtype]]]:
     """Consecutive tensors grouped into shards of at most max_shard_size bytes each (a tensor
     larger than that gets a shard of its own)."""
     shards: list[list[tuple[str, tuple[int, ...], np.dtype]]] = []
@@ -241,12 +254,17 @@ def write_safetensors(
     """
     for name, _, dtype in specs:
         if np.dtype(dtype) not in _CODES:
-            raise ConversionError(f"cannot write {name!r} as {dtype}: use float32, bfloat16 or "
-                                  "float16")
+            raise ConversionError(
+                f"cannot write {name!r} as {dtype}: use float32, bfloat16 or float16"
+            )
     shards = plan_shards(specs, max_shard_size)
-    names = ([f"{basename}.safetensors"] if len(shards) == 1 else
-             [f"{basename}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-              for i in range(len(shards))])
+    names = (
+        [f"{basename}.safetensors"]
+        if len(shards) == 1
+        else [
+            f"{basename}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
+        ]
+    )
     stream = iter(tensors)
     written = []
     for shard, filename in zip(shards, names):
@@ -257,8 +275,11 @@ def write_safetensors(
             f.write(header)
             for name, shape, dtype in shard:
                 got_name, tensor = next(stream)
-                if got_name != name or tuple(tensor.shape) != tuple(shape) or (
-                        tensor.dtype != np.dtype(dtype)):
+                if (
+                    got_name != name
+                    or tuple(tensor.shape) != tuple(shape)
+                    or (tensor.dtype != np.dtype(dtype))
+                ):
                     raise ConversionError(  # a bug in the caller, never the user's input
                         f"expected tensor {name} {shape} {dtype}, got {got_name} "
                         f"{tuple(tensor.shape)} {tensor.dtype}"
@@ -272,8 +293,9 @@ def write_safetensors(
                 del tensor, data
         written.append(path)
     if len(shards) > 1:
-        weight_map = {name: filename for shard, filename in zip(shards, names)
-                      for name, _, _ in shard}
+        weight_map = {
+            name: filename for shard, filename in zip(shards, names) for name, _, _ in shard
+        }
         total = sum(int(np.prod(s, dtype=np.int64)) * np.dtype(d).itemsize for _, s, d in specs)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         write_json(folder / f"{basename}.safetensors.index.json", index)

@@ -29,7 +29,7 @@ from gemma_kit.errors import ConfigError
 
 
 def parse_layers(spec: str | Sequence[int], num_layers: int) -> tuple[int, ...]:
-    """"0,2,4-8,17" (or a list of ints) -> the kept layer indices, checked against a model of
+    """ "0,2,4-8,17" (or a list of ints) -> the kept layer indices, checked against a model of
     `num_layers` layers: each in [0, num_layers), in increasing order, none twice, at least one.
     A range a-b includes both ends."""
     if isinstance(spec, str):
@@ -47,18 +47,23 @@ def parse_layers(spec: str | Sequence[int], num_layers: int) -> tuple[int, ...]:
             except ValueError:
                 raise ConfigError(
                     f"cannot read {part!r} in the layer list {spec!r}: write layer numbers and "
-                    "ranges separated by commas, e.g. 0,2,4-8 (a range a-b has a <= b)") from None
+                    "ranges separated by commas, e.g. 0,2,4-8 (a range a-b has a <= b)"
+                ) from None
     else:
         keep = [int(i) for i in spec]
     if not keep:
         raise ConfigError("keep at least one layer")
     bad = [i for i in keep if not 0 <= i < num_layers]
     if bad:
-        raise ConfigError(f"layer {bad[0]} is out of range: the model has {num_layers} layers, "
-                          f"numbered 0 to {num_layers - 1}")
+        raise ConfigError(
+            f"layer {bad[0]} is out of range: the model has {num_layers} layers, "
+            f"numbered 0 to {num_layers - 1}"
+        )
     if any(b <= a for a, b in zip(keep, keep[1:])):
-        raise ConfigError(f"list the kept layers in increasing order, each once (got {keep}): "
-                          "the student keeps the teacher's order")
+        raise ConfigError(
+            f"list the kept layers in increasing order, each once (got {keep}): "
+            "the student keeps the teacher's order"
+        )
     return tuple(keep)
 
 
@@ -77,8 +82,10 @@ def shrink_config(config: Config, keep: Sequence[int]) -> Config:
     """The student's config: the teacher's, with layers keep[0], keep[1], ... (each with its own
     attention kind), named after the teacher and the kept layers."""
     keep = parse_layers(keep, config.num_layers)
-    return config.replace(name=f"{config.name}-keep[{describe_layers(keep)}]",
-                          layers=tuple(config.layers[i] for i in keep))
+    return config.replace(
+        name=f"{config.name}-keep[{describe_layers(keep)}]",
+        layers=tuple(config.layers[i] for i in keep),
+    )
 
 
 def shrink_params(params: dict, keep: Sequence[int]) -> dict:
@@ -98,16 +105,22 @@ def shrink_model(model, keep: Sequence[int]):
     from gemma_kit.lora import has_lora
 
     if has_lora(model):
-        raise ConfigError("shrink a model without LoRA: merge the adapter first "
-                          "(gemma_kit.lora.merge)")
+        raise ConfigError(
+            "shrink a model without LoRA: merge the adapter first (gemma_kit.lora.merge)"
+        )
     config = shrink_config(model.config, keep)
     params = shrink_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), keep)
     return model_from_params(config, params, compute_dtype=model.dtype)
 
 
-def shrink_checkpoint(ckpt: str | os.PathLike, keep: str | Sequence[int],
-                      out: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
-                      overwrite: bool = False) -> tuple[pathlib.Path, Config, Config]:
+def shrink_checkpoint(
+    ckpt: str | os.PathLike,
+    keep: str | Sequence[int],
+    out: str | os.PathLike,
+    *,
+    tokenizer: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> tuple[pathlib.Path, Config, Config]:
     """A checkpoint (or model folder) -> a model folder `out` holding its kept layers.
 
     The layer list is checked against the checkpoint's metadata, and `out` against what may be
@@ -126,7 +139,10 @@ def shrink_checkpoint(ckpt: str | os.PathLike, keep: str | Sequence[int],
         raise ConfigError(f"tokenizer file {str(tokenizer)!r} does not exist")
     _, params, _ = official.load_params(folder, teacher, vision=True)
     written = convert.write_model_folder(
-        out, shrink_params(params, kept),
+        out,
+        shrink_params(params, kept),
         tokenizer_path.read_bytes() if tokenizer_path is not None else None,
-        overwrite=overwrite, config=student)
+        overwrite=overwrite,
+        config=student,
+    )
     return written, student, teacher

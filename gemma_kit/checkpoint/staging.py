@@ -22,8 +22,9 @@ from typing import Any
 from gemma_kit.errors import CheckpointError
 
 
-def check_target(out: pathlib.Path, overwrite: bool, replaceable: Callable[[pathlib.Path], bool],
-                 what: str) -> None:
+def check_target(
+    out: pathlib.Path, overwrite: bool, replaceable: Callable[[pathlib.Path], bool], what: str
+) -> None:
     """Raises CheckpointError unless `out` is free, or may be replaced by a `what`."""
     if not out.exists():
         return
@@ -41,8 +42,9 @@ def check_target(out: pathlib.Path, overwrite: bool, replaceable: Callable[[path
 
 
 @contextlib.contextmanager
-def staged_folder(out, *, overwrite: bool, replaceable: Callable[[pathlib.Path], bool],
-                  what: str) -> Iterator[pathlib.Path]:
+def staged_folder(
+    out, *, overwrite: bool, replaceable: Callable[[pathlib.Path], bool], what: str
+) -> Iterator[pathlib.Path]:
     """Yields an empty temporary folder; on success it becomes `out` (replacing the old one).
 
     On an exception (Ctrl-C included) the temporary folder is removed and `out` is untouched.

@@ -33,8 +33,7 @@ from gemma_kit.cli.options import (
 from gemma_kit.errors import ConfigError, GemmaKitError
 
 # Modules of gemma_kit.cli that add subcommands (see the module docstring), in --help order.
-COMMAND_MODULES: tuple[str, ...] = (
-    "finetune", "reward", "dpo", "distill", "shrink", "rl", "warp")
+COMMAND_MODULES: tuple[str, ...] = ("finetune", "reward", "dpo", "distill", "shrink", "rl", "warp")
 
 
 class Parser(argparse.ArgumentParser):
@@ -72,7 +71,8 @@ def _load(args):
         if args.tokenizer or args.preset:
             raise ConfigError(
                 "--tokenizer and --preset describe a checkpoint given with --ckpt; without "
-                "--ckpt the embedded Gemma 3 270M is used, which needs neither")
+                "--ckpt the embedded Gemma 3 270M is used, which needs neither"
+            )
         return default_model(_dtype(args.dtype))
     preset = get_preset(args.preset) if args.preset is not None else None
     find_checkpoint(args.ckpt)  # a missing checkpoint is the error to report, not its tokenizer
@@ -92,13 +92,19 @@ def cmd_convert(args) -> int:
         from gemma_kit.checkpoint.hf_import import convert_hf
         from gemma_kit.config import PRESETS
 
-        out, config, info = convert_hf(args.hf, args.out, dtype=_dtype(args.dtype),
-                                       overwrite=args.overwrite)
+        out, config, info = convert_hf(
+            args.hf, args.out, dtype=_dtype(args.dtype), overwrite=args.overwrite
+        )
         if info["tokenizer"] is None:
-            print(f"note: no tokenizer.model in {args.hf}; pass --tokenizer when sampling",
-                  file=sys.stderr)
-        size = (f"preset {config.name}" if PRESETS.get(config.name) == config else
-                "a custom size, not an official preset: its config is stored with it")
+            print(
+                f"note: no tokenizer.model in {args.hf}; pass --tokenizer when sampling",
+                file=sys.stderr,
+            )
+        size = (
+            f"preset {config.name}"
+            if PRESETS.get(config.name) == config
+            else "a custom size, not an official preset: its config is stored with it"
+        )
         print(f"wrote {out} (checkpoint/ in the official Orbax layout, {size})")
         return 0
     out = convert_gguf(args.gguf, args.out, dtype=_dtype(args.dtype), overwrite=args.overwrite)
@@ -117,11 +123,19 @@ def cmd_export(args) -> int:
             raise AdapterError(
                 "--to peft converts a LoRA adapter alone: pass --lora ADAPTER (and --preset if "
                 "the adapter does not name its base), not --ckpt; export the base separately "
-                "with --to hf")
-        out = export_peft(args.lora, args.out, preset=args.preset, dtype=_dtype(args.dtype),
-                          overwrite=args.overwrite)
-        print(f"wrote {out} (PEFT adapter_config.json + adapter_model.safetensors: apply it "
-              "with peft's PeftModel.from_pretrained to the base exported with --to hf)")
+                "with --to hf"
+            )
+        out = export_peft(
+            args.lora,
+            args.out,
+            preset=args.preset,
+            dtype=_dtype(args.dtype),
+            overwrite=args.overwrite,
+        )
+        print(
+            f"wrote {out} (PEFT adapter_config.json + adapter_model.safetensors: apply it "
+            "with peft's PeftModel.from_pretrained to the base exported with --to hf)"
+        )
         return 0
     check_export_target(args.out, args.overwrite)  # before any loading or merging
     if args.ckpt is None:
@@ -136,11 +150,19 @@ def cmd_export(args) -> int:
 
         source = merge(load_model(args.ckpt, args.preset, text_only=True, lora=args.lora))
         tokenizer = tokenizer or find_tokenizer(args.ckpt)
-    out = export_hf(source, args.out, preset=args.preset, tokenizer=tokenizer,
-                    dtype=_dtype(args.dtype), overwrite=args.overwrite,
-                    max_shard_size=args.max_shard_size)
-    print(f"wrote {out} (Hugging Face safetensors, config.json and tokenizer files: load it "
-          "with transformers' from_pretrained)")
+    out = export_hf(
+        source,
+        args.out,
+        preset=args.preset,
+        tokenizer=tokenizer,
+        dtype=_dtype(args.dtype),
+        overwrite=args.overwrite,
+        max_shard_size=args.max_shard_size,
+    )
+    print(
+        f"wrote {out} (Hugging Face safetensors, config.json and tokenizer files: load it "
+        "with transformers' from_pretrained)"
+    )
     return 0
 
 
@@ -157,8 +179,9 @@ def cmd_info(args) -> int:
     info = {
         "checkpoint": str(folder),
         "layout": layout,
-        "preset": config.name if is_preset(config) else
-        f"none: {config.name}, config stored in {official.CONFIG_FILE}",
+        "preset": config.name
+        if is_preset(config)
+        else f"none: {config.name}, config stored in {official.CONFIG_FILE}",
         "layers": " ".join("G" if not kind.is_local else "L" for kind in config.layers),
         "parameters": int(sum(int(np.prod(leaf.shape)) for leaf in leaves)),
         "dtypes": sorted({str(leaf.dtype) for leaf in leaves}),
@@ -179,9 +202,16 @@ def cmd_info(args) -> int:
 def _sampling_args(args) -> dict:
     from gemma_kit.sampling import DryPenalty
 
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
-                stop=args.stop or None, dry=DryPenalty(args.dry) if args.dry else None)
+    return dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        seed=args.seed,
+        stop=args.stop or None,
+        dry=DryPenalty(args.dry) if args.dry else None,
+    )
 
 
 def _model_kind(args) -> str | None:
@@ -215,8 +245,10 @@ def cmd_sample(args) -> int:
         from gemma_kit.cli.reward import best_of_reward, print_best_of
 
         if args.speculative is not None:
-            raise ConfigError("--speculative decodes one completion; it does not go with "
-                              "--best-of, which draws N of them in one batch")
+            raise ConfigError(
+                "--speculative decodes one completion; it does not go with "
+                "--best-of, which draws N of them in one batch"
+            )
         reward = best_of_reward(args)  # a bad --reward fails before the model loads
     _check_speculative(args)
     model, tokenizer = _load(args)
@@ -227,8 +259,17 @@ def cmd_sample(args) -> int:
     if args.json:
         result = sampler.generate(args.prompt, **_sampling_args(args), speculative=speculative)
         assert isinstance(result, GenerationResult)  # one prompt string gives one result
-        print(json.dumps({"prompt": args.prompt, "text": result.text, "tokens": result.tokens,
-                          "logprobs": result.logprobs, "finish_reason": result.finish_reason}))
+        print(
+            json.dumps(
+                {
+                    "prompt": args.prompt,
+                    "text": result.text,
+                    "tokens": result.tokens,
+                    "logprobs": result.logprobs,
+                    "finish_reason": result.finish_reason,
+                }
+            )
+        )
         return 0
     for piece in sampler.stream(args.prompt, **_sampling_args(args), speculative=speculative):
         print(piece, end="", flush=True)
@@ -244,19 +285,29 @@ def cmd_chat(args) -> int:
     if args.dry is None:  # speculative decoding does not apply the DRY penalty
         args.dry = 0.0 if args.speculative else CHAT_SAMPLING["dry"].multiplier
     elif args.dry and args.speculative:
-        raise ConfigError("--speculative does not apply the DRY penalty: leave --dry out or "
-                          "set it to 0")
+        raise ConfigError(
+            "--speculative does not apply the DRY penalty: leave --dry out or set it to 0"
+        )
     model, tokenizer = _load(args)
-    chat = ChatSession(_with_lora(args, model), tokenizer, system=args.system,
-                       cache_length=args.cache_length, speculative=_speculative(args))
+    chat = ChatSession(
+        _with_lora(args, model),
+        tokenizer,
+        system=args.system,
+        cache_length=args.cache_length,
+        speculative=_speculative(args),
+    )
     sampling = _sampling_args(args)
     name = model.config.name
-    print(f"Chatting with {name} (/help lists the commands, /exit or Ctrl-D leaves).",
-          file=sys.stderr)
+    print(
+        f"Chatting with {name} (/help lists the commands, /exit or Ctrl-D leaves).", file=sys.stderr
+    )
     if _model_kind(args) == "pretrained":
-        print(f"Note: {name} is a pretrained model, not a chat model: its replies wander. It "
-              "continues text well: try `gemma-kit sample --prompt \"Once upon a time\"`, or "
-              "`gemma-kit demo`, which offers it as text completion.", file=sys.stderr)
+        print(
+            f"Note: {name} is a pretrained model, not a chat model: its replies wander. It "
+            'continues text well: try `gemma-kit sample --prompt "Once upon a time"`, or '
+            "`gemma-kit demo`, which offers it as text completion.",
+            file=sys.stderr,
+        )
     while True:
         try:
             message = input("> ")
@@ -277,8 +328,10 @@ def cmd_chat(args) -> int:
             continue
         if command == "/undo":
             undone = chat.undo()
-            print("[nothing to undo]" if undone is None else
-                  "[the last exchange is forgotten]", file=sys.stderr)
+            print(
+                "[nothing to undo]" if undone is None else "[the last exchange is forgotten]",
+                file=sys.stderr,
+            )
             continue
         if command.startswith("/") and " " not in command:
             print(f"[unknown command {command}: /help lists the commands]", file=sys.stderr)
@@ -292,8 +345,10 @@ def cmd_chat(args) -> int:
             print(" [interrupted]", end="")
         print()
         if chat.dropped_turns:
-            print(f"[{chat.dropped_turns} oldest exchange(s) dropped to fit the cache]",
-                  file=sys.stderr)
+            print(
+                f"[{chat.dropped_turns} oldest exchange(s) dropped to fit the cache]",
+                file=sys.stderr,
+            )
 
 
 def cmd_demo(args) -> int:
@@ -310,8 +365,17 @@ def cmd_demo(args) -> int:
         model = quantize_model(model, embedding=True, bits=8 if args.int8 else 4)
     kind = _model_kind(args)
     mode = args.mode or ("completion" if kind == "pretrained" else "chat")
-    demo.serve(model, tokenizer, args.host, args.port, lora=lora, mode=mode, kind=kind,
-               cache_length=args.cache_length, concurrency=args.concurrency)
+    demo.serve(
+        model,
+        tokenizer,
+        args.host,
+        args.port,
+        lora=lora,
+        mode=mode,
+        kind=kind,
+        cache_length=args.cache_length,
+        concurrency=args.concurrency,
+    )
     return 0
 
 
@@ -340,15 +404,21 @@ def _with_lora(args, model):
 
 def _quant_flags(p) -> None:  # --int8 | --int4
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--int8", action="store_true",
-                       help="hold the weights as int8 with per-channel scales, the embedding "
-                            "too: half the memory, logits within ~4%% of bf16's (default: the "
-                            "stored dtype)")
-    group.add_argument("--int4", action="store_true",
-                       help="hold the weights as int4 (groups of 32, a scale and minimum each), "
-                            "the embedding too: under a third of bf16's memory, but a visible "
-                            "loss of quality on small models, docs/speed.md (default: the "
-                            "stored dtype)")
+    group.add_argument(
+        "--int8",
+        action="store_true",
+        help="hold the weights as int8 with per-channel scales, the embedding "
+        "too: half the memory, logits within ~4%% of bf16's (default: the "
+        "stored dtype)",
+    )
+    group.add_argument(
+        "--int4",
+        action="store_true",
+        help="hold the weights as int4 (groups of 32, a scale and minimum each), "
+        "the embedding too: under a third of bf16's memory, but a visible "
+        "loss of quality on small models, docs/speed.md (default: the "
+        "stored dtype)",
+    )
 
 
 def _check_speculative(args) -> None:
@@ -369,84 +439,171 @@ def _speculative(args):
 
 
 def _speculative_flag(p) -> None:
-    p.add_argument("--speculative", default=None, metavar="ngram|DIR",
-                   help="speculative decoding: 'ngram' drafts from the text so far (prompt "
-                        "lookup), DIR a smaller draft model sharing the vocabulary; the output "
-                        "is as without it (greedy: the same tokens; default: plain decoding)")
-
-
+    p.add_argument(
+        "--speculative",
+        default=None,
+        metavar="ngram|DIR",
+        help="speculative decoding: 'ngram' drafts from the text so far (prompt "
+        "lookup), DIR a smaller draft model sharing the vocabulary; the output "
+        "is as without it (greedy: the same tokens; default: plain decoding)",
+    )
 
 
 def cmd_merge(args) -> int:
     from gemma_kit.posttrain.merge_models import merge_models
 
     runs = args.lora or args.model
-    out = merge_models(args.base, runs, args.out, method=args.method, lam=args.lam,
-                       eta=args.eta, preset=args.preset, overwrite=args.overwrite)
-    what = ("the adapter folded in" if args.method == "lora" else
-            f"{args.method} of {len(runs)} run(s)" + (f", LITI eta {args.eta:g}"
-                                                      if args.eta != 1.0 else ""))
-    print(f"wrote {out} (checkpoint/ in the official Orbax layout with {what}, "
-          "tokenizer.model)")
+    out = merge_models(
+        args.base,
+        runs,
+        args.out,
+        method=args.method,
+        lam=args.lam,
+        eta=args.eta,
+        preset=args.preset,
+        overwrite=args.overwrite,
+    )
+    what = (
+        "the adapter folded in"
+        if args.method == "lora"
+        else f"{args.method} of {len(runs)} run(s)"
+        + (f", LITI eta {args.eta:g}" if args.eta != 1.0 else "")
+    )
+    print(f"wrote {out} (checkpoint/ in the official Orbax layout with {what}, tokenizer.model)")
     return 0
 
 
 def _model_args(p) -> None:
-    p.add_argument("--ckpt", default=None, metavar="DIR",
-                   help="checkpoint or model folder: official Orbax, or Hugging Face "
-                        "safetensors (default: the embedded Gemma 3 270M)")
-    p.add_argument("--tokenizer", default=None, metavar="FILE",
-                   help="tokenizer.model (default: the one in or beside --ckpt)")
-    p.add_argument("--preset", default=None, metavar="NAME",
-                   help="model size, e.g. gemma3-1b, checked against the weights (default: "
-                        "inferred from their shapes); needs --ckpt")
-    p.add_argument("--dtype", default=None, type=dtype_option, metavar="DTYPE",
-                   help="hold the weights as bfloat16 (bf16) or float32 (f32) (default: as "
-                        "stored; the embedded model is bfloat16)")
+    p.add_argument(
+        "--ckpt",
+        default=None,
+        metavar="DIR",
+        help="checkpoint or model folder: official Orbax, or Hugging Face "
+        "safetensors (default: the embedded Gemma 3 270M)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="FILE",
+        help="tokenizer.model (default: the one in or beside --ckpt)",
+    )
+    p.add_argument(
+        "--preset",
+        default=None,
+        metavar="NAME",
+        help="model size, e.g. gemma3-1b, checked against the weights (default: "
+        "inferred from their shapes); needs --ckpt",
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        type=dtype_option,
+        metavar="DTYPE",
+        help="hold the weights as bfloat16 (bf16) or float32 (f32) (default: as "
+        "stored; the embedded model is bfloat16)",
+    )
 
 
 def _sampling_flags(p, max_new_tokens: int, chat: bool = False) -> None:
     """The sampling options; chat=True: defaults of Gemma's recommended sampling with the DRY
     penalty (gemma_kit.chat.CHAT_SAMPLING), else greedy decoding."""
-    p.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens, metavar="N",
-                   help=f"stop after N new tokens (default {max_new_tokens})")
+    p.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=max_new_tokens,
+        metavar="N",
+        help=f"stop after N new tokens (default {max_new_tokens})",
+    )
     if chat:
         t, k, top_p = (CHAT_SAMPLING[n] for n in ("temperature", "top_k", "top_p"))
-        p.add_argument("--temperature", type=non_negative_number, default=t, metavar="T",
-                       help=f"sampling temperature; 0 picks the most likely token (default {t}, "
-                            "Gemma's recommended setting)")
-        p.add_argument("--top-k", type=positive_int, default=k, metavar="K",
-                       help=f"sample among the K most likely tokens only (default {k})")
-        p.add_argument("--top-p", type=top_p_option, default=top_p, metavar="P",
-                       help="sample among the most likely tokens whose probabilities add up to "
-                            f"P, in (0, 1]; 1 is no limit (default {top_p})")
+        p.add_argument(
+            "--temperature",
+            type=non_negative_number,
+            default=t,
+            metavar="T",
+            help=f"sampling temperature; 0 picks the most likely token (default {t}, "
+            "Gemma's recommended setting)",
+        )
+        p.add_argument(
+            "--top-k",
+            type=positive_int,
+            default=k,
+            metavar="K",
+            help=f"sample among the K most likely tokens only (default {k})",
+        )
+        p.add_argument(
+            "--top-p",
+            type=top_p_option,
+            default=top_p,
+            metavar="P",
+            help="sample among the most likely tokens whose probabilities add up to "
+            f"P, in (0, 1]; 1 is no limit (default {top_p})",
+        )
         dry = CHAT_SAMPLING["dry"].multiplier
-        p.add_argument("--dry", type=non_negative_number, default=None, metavar="D",
-                       help="strength of the DRY repetition penalty, which makes going on with "
-                            "a stretch already written less likely with every repeated token "
-                            f"(it breaks loops); 0 switches it off (default {dry}; 0 with "
-                            "--speculative, which does not apply it)")
+        p.add_argument(
+            "--dry",
+            type=non_negative_number,
+            default=None,
+            metavar="D",
+            help="strength of the DRY repetition penalty, which makes going on with "
+            "a stretch already written less likely with every repeated token "
+            f"(it breaks loops); 0 switches it off (default {dry}; 0 with "
+            "--speculative, which does not apply it)",
+        )
     else:
-        p.add_argument("--temperature", type=non_negative_number, default=0.0, metavar="T",
-                       help="sampling temperature; 0 picks the most likely token (default 0)")
-        p.add_argument("--top-k", type=positive_int, default=None, metavar="K",
-                       help="sample among the K most likely tokens only (default: no limit)")
-        p.add_argument("--top-p", type=top_p_option, default=None, metavar="P",
-                       help="sample among the most likely tokens whose probabilities add up to "
-                            "P, in (0, 1] (default: no limit)")
-        p.add_argument("--dry", type=non_negative_number, default=0.0, metavar="D",
-                       help="strength of the DRY repetition penalty, which makes going on with "
-                            "a stretch already written less likely with every repeated token "
-                            "(it breaks loops; 0.8 is the usual strength); 0 is off (default 0)")
-    p.add_argument("--min-p", type=min_p_option, default=None, metavar="M",
-                   help="drop tokens less likely than M times the most likely one, in [0, 1] "
-                        "(default: none dropped)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="random seed of the sampling; the same seed gives the same text "
-                        "(default 0)")
-    p.add_argument("--stop", action="append", type=text_option, metavar="TEXT",
-                   help="stop when the text contains TEXT (repeatable; default: stop at the "
-                        "end-of-turn token only)")
+        p.add_argument(
+            "--temperature",
+            type=non_negative_number,
+            default=0.0,
+            metavar="T",
+            help="sampling temperature; 0 picks the most likely token (default 0)",
+        )
+        p.add_argument(
+            "--top-k",
+            type=positive_int,
+            default=None,
+            metavar="K",
+            help="sample among the K most likely tokens only (default: no limit)",
+        )
+        p.add_argument(
+            "--top-p",
+            type=top_p_option,
+            default=None,
+            metavar="P",
+            help="sample among the most likely tokens whose probabilities add up to "
+            "P, in (0, 1] (default: no limit)",
+        )
+        p.add_argument(
+            "--dry",
+            type=non_negative_number,
+            default=0.0,
+            metavar="D",
+            help="strength of the DRY repetition penalty, which makes going on with "
+            "a stretch already written less likely with every repeated token "
+            "(it breaks loops; 0.8 is the usual strength); 0 is off (default 0)",
+        )
+    p.add_argument(
+        "--min-p",
+        type=min_p_option,
+        default=None,
+        metavar="M",
+        help="drop tokens less likely than M times the most likely one, in [0, 1] "
+        "(default: none dropped)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="random seed of the sampling; the same seed gives the same text (default 0)",
+    )
+    p.add_argument(
+        "--stop",
+        action="append",
+        type=text_option,
+        metavar="TEXT",
+        help="stop when the text contains TEXT (repeatable; default: stop at the "
+        "end-of-turn token only)",
+    )
 
 
 def _lora_flag(p, help_text: str) -> None:
@@ -455,158 +612,305 @@ def _lora_flag(p, help_text: str) -> None:
 
 def _version() -> str:
     """gemma-kit's version and the versions of what it runs on, read without importing them."""
+
     def version(package: str) -> str:
         try:
             return importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             return "not installed"
 
-    return (f"gemma-kit {version('gemma-kit')} (jax {version('jax')}, flax {version('flax')}, "
-            f"Python {sys.version.split()[0]})")
+    return (
+        f"gemma-kit {version('gemma-kit')} (jax {version('jax')}, flax {version('flax')}, "
+        f"Python {sys.version.split()[0]})"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="gemma-kit", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=_version(),
-                        help="print gemma-kit's version (and jax's, flax's) and exit")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=_version(),
+        help="print gemma-kit's version (and jax's, flax's) and exit",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("convert", help="convert a GGUF file or a Hugging Face folder into an "
-                       "official Orbax checkpoint")
+    p = sub.add_parser(
+        "convert",
+        help="convert a GGUF file or a Hugging Face folder into an official Orbax checkpoint",
+    )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--gguf", metavar="FILE", help="a Gemma 3 .gguf file (llama.cpp)")
-    source.add_argument("--hf", metavar="DIR",
-                        help="a Hugging Face Gemma 2/3 folder (config.json + safetensors)")
-    p.add_argument("--out", required=True, metavar="DIR",
-                   help="folder to create (checkpoint/ + tokenizer.model)")
-    p.add_argument("--dtype", default=None, type=dtype_option, metavar="DTYPE",
-                   help="bfloat16 (bf16) or float32 (f32) (default: bfloat16 for --gguf, as "
-                        "stored for --hf)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier model folder at --out (never other files)")
+    source.add_argument(
+        "--hf", metavar="DIR", help="a Hugging Face Gemma 2/3 folder (config.json + safetensors)"
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="folder to create (checkpoint/ + tokenizer.model)",
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        type=dtype_option,
+        metavar="DTYPE",
+        help="bfloat16 (bf16) or float32 (f32) (default: bfloat16 for --gguf, as stored for --hf)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier model folder at --out (never other files)",
+    )
     p.set_defaults(run=cmd_convert)
 
-    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face folder, or a LoRA "
-                       "adapter as a PEFT adapter (safetensors)")
-    p.add_argument("--to", required=True, choices=["hf", "peft"],
-                   help="hf: a transformers/vLLM model folder; peft: a PEFT LoRA adapter")
-    p.add_argument("--ckpt", default=None, metavar="DIR",
-                   help="checkpoint or model folder (default: the embedded Gemma 3 270M)")
-    _lora_flag(p, "a gemma_kit LoRA adapter folder: merged into the weights with --to hf, "
-                  "converted alone with --to peft (default: none)")
+    p = sub.add_parser(
+        "export",
+        help="write a checkpoint as a Hugging Face folder, or a LoRA "
+        "adapter as a PEFT adapter (safetensors)",
+    )
+    p.add_argument(
+        "--to",
+        required=True,
+        choices=["hf", "peft"],
+        help="hf: a transformers/vLLM model folder; peft: a PEFT LoRA adapter",
+    )
+    p.add_argument(
+        "--ckpt",
+        default=None,
+        metavar="DIR",
+        help="checkpoint or model folder (default: the embedded Gemma 3 270M)",
+    )
+    _lora_flag(
+        p,
+        "a gemma_kit LoRA adapter folder: merged into the weights with --to hf, "
+        "converted alone with --to peft (default: none)",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="folder to create")
-    p.add_argument("--preset", default=None, metavar="NAME",
-                   help="model size (default: inferred from the shapes, or the base the "
-                        "adapter names)")
-    p.add_argument("--tokenizer", default=None, metavar="FILE",
-                   help="tokenizer.model (default: the one in or beside --ckpt)")
-    p.add_argument("--dtype", default=None, type=dtype_option, metavar="DTYPE",
-                   help="bfloat16 (bf16) or float32 (f32) (default: as stored)")
-    p.add_argument("--max-shard-size", type=size_option, default="5GB", metavar="SIZE",
-                   help="split the weights into files of at most SIZE, e.g. 500MB, 2GiB "
-                        "(default 5GB)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier export at --out (never other files)")
+    p.add_argument(
+        "--preset",
+        default=None,
+        metavar="NAME",
+        help="model size (default: inferred from the shapes, or the base the adapter names)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="FILE",
+        help="tokenizer.model (default: the one in or beside --ckpt)",
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        type=dtype_option,
+        metavar="DTYPE",
+        help="bfloat16 (bf16) or float32 (f32) (default: as stored)",
+    )
+    p.add_argument(
+        "--max-shard-size",
+        type=size_option,
+        default="5GB",
+        metavar="SIZE",
+        help="split the weights into files of at most SIZE, e.g. 500MB, 2GiB (default 5GB)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier export at --out (never other files)",
+    )
     p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("info", help="describe a checkpoint: preset, size, dtypes, layout")
     p.add_argument("checkpoint", help="checkpoint or model folder")
-    p.add_argument("--preset", default=None, metavar="NAME",
-                   help="check the shapes against this preset (default: the config stored with the "
-                        "checkpoint, else the preset its shapes match)")
+    p.add_argument(
+        "--preset",
+        default=None,
+        metavar="NAME",
+        help="check the shapes against this preset (default: the config stored with the "
+        "checkpoint, else the preset its shapes match)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=cmd_info)
 
-    p = sub.add_parser("sample", help="continue a text (default: the embedded Gemma 3 270M, a "
-                       "pretrained model: it continues text, it does not follow instructions)",
-                       description="Continues --prompt and streams the continuation. Greedy "
-                       "by default (the most likely continuation, the same each time), which "
-                       "a small pretrained model soon turns into a loop: --dry 0.8 keeps it "
-                       "out of loops, and --temperature 1 --top-k 64 --top-p 0.95 --dry 0.8 "
-                       "samples as `gemma-kit chat` does.")
-    p.add_argument("--prompt", required=True, type=text_option, metavar="TEXT",
-                   help="the text to continue, sent as is (for a chat model, write its turn "
-                        "markup, or use `gemma-kit chat`)")
+    p = sub.add_parser(
+        "sample",
+        help="continue a text (default: the embedded Gemma 3 270M, a "
+        "pretrained model: it continues text, it does not follow instructions)",
+        description="Continues --prompt and streams the continuation. Greedy "
+        "by default (the most likely continuation, the same each time), which "
+        "a small pretrained model soon turns into a loop: --dry 0.8 keeps it "
+        "out of loops, and --temperature 1 --top-k 64 --top-p 0.95 --dry 0.8 "
+        "samples as `gemma-kit chat` does.",
+    )
+    p.add_argument(
+        "--prompt",
+        required=True,
+        type=text_option,
+        metavar="TEXT",
+        help="the text to continue, sent as is (for a chat model, write its turn "
+        "markup, or use `gemma-kit chat`)",
+    )
     _model_args(p)
     _sampling_flags(p, max_new_tokens=64)
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON object (text, tokens, logprobs, finish_reason) instead "
-                        "of streaming the text")
-    _lora_flag(p, "a LoRA adapter folder to add, unmerged (OUT_DIR/adapter of a finetune run; "
-                  "default: none)")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object (text, tokens, logprobs, finish_reason) instead "
+        "of streaming the text",
+    )
+    _lora_flag(
+        p,
+        "a LoRA adapter folder to add, unmerged (OUT_DIR/adapter of a finetune run; default: none)",
+    )
     _quant_flags(p)
-    p.add_argument("--best-of", type=positive_int, default=None, metavar="N",
-                   help="draw N candidates and print the one --reward scores highest "
-                        "(default: one plain completion)")
-    p.add_argument("--reward", default=None, metavar="SPEC",
-                   help="for --best-of: 'pkg.module:function' or 'rm:DIR' (a reward model); "
-                        "no default, --best-of needs it")
+    p.add_argument(
+        "--best-of",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="draw N candidates and print the one --reward scores highest "
+        "(default: one plain completion)",
+    )
+    p.add_argument(
+        "--reward",
+        default=None,
+        metavar="SPEC",
+        help="for --best-of: 'pkg.module:function' or 'rm:DIR' (a reward model); "
+        "no default, --best-of needs it",
+    )
     _speculative_flag(p)
     p.set_defaults(run=cmd_sample)
 
-    p = sub.add_parser("chat", help="multi-turn chat in the terminal (streamed replies; for "
-                       "an instruction-tuned model)")
+    p = sub.add_parser(
+        "chat",
+        help="multi-turn chat in the terminal (streamed replies; for an instruction-tuned model)",
+    )
     _model_args(p)
     _sampling_flags(p, max_new_tokens=256, chat=True)
-    p.add_argument("--system", default=None, metavar="TEXT",
-                   help="system prompt, folded into the first user turn (default: none)")
-    p.add_argument("--cache-length", type=positive_int, default=4096, metavar="N",
-                   help="tokens the conversation can hold before its oldest exchanges are "
-                        "dropped (default 4096)")
-    _lora_flag(p, "a LoRA adapter folder to add, unmerged (OUT_DIR/adapter of a finetune run; "
-                  "default: none)")
+    p.add_argument(
+        "--system",
+        default=None,
+        metavar="TEXT",
+        help="system prompt, folded into the first user turn (default: none)",
+    )
+    p.add_argument(
+        "--cache-length",
+        type=positive_int,
+        default=4096,
+        metavar="N",
+        help="tokens the conversation can hold before its oldest exchanges are "
+        "dropped (default 4096)",
+    )
+    _lora_flag(
+        p,
+        "a LoRA adapter folder to add, unmerged (OUT_DIR/adapter of a finetune run; default: none)",
+    )
     _quant_flags(p)
     _speculative_flag(p)
     p.set_defaults(run=cmd_chat)
 
-    p = sub.add_parser("demo", help="chat page in the browser, or text completion for a "
-                       "pretrained model (Gradio; pip install 'gemma-kit[demo]')")
+    p = sub.add_parser(
+        "demo",
+        help="chat page in the browser, or text completion for a "
+        "pretrained model (Gradio; pip install 'gemma-kit[demo]')",
+    )
     _model_args(p)
-    p.add_argument("--mode", choices=["chat", "completion"], default=None,
-                   help="chat: the chat page; completion: a text box the model continues, for "
-                        "a pretrained model (default: completion for a pretrained model, i.e. "
-                        "the embedded 270M or a checkpoint named like gemma-3-1b-pt or "
-                        "gemma-3-270m; chat for one named like gemma-3-1b-it, with --lora, or "
-                        "when the name does not say)")
-    _lora_flag(p, "a LoRA adapter folder to apply to the model, folded into the weights "
-                  "(default: none)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to serve on (default 127.0.0.1: this machine only)")
+    p.add_argument(
+        "--mode",
+        choices=["chat", "completion"],
+        default=None,
+        help="chat: the chat page; completion: a text box the model continues, for "
+        "a pretrained model (default: completion for a pretrained model, i.e. "
+        "the embedded 270M or a checkpoint named like gemma-3-1b-pt or "
+        "gemma-3-270m; chat for one named like gemma-3-1b-it, with --lora, or "
+        "when the name does not say)",
+    )
+    _lora_flag(
+        p, "a LoRA adapter folder to apply to the model, folded into the weights (default: none)"
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to serve on (default 127.0.0.1: this machine only)",
+    )
     p.add_argument("--port", type=port_option, default=7860, help="port (default 7860)")
-    p.add_argument("--cache-length", type=positive_int, default=4096, metavar="N",
-                   help="tokens each conversation can hold (default 4096)")
-    p.add_argument("--concurrency", type=positive_int, default=8, metavar="N",
-                   help="replies generated at once; more wait in a queue (default 8)")
+    p.add_argument(
+        "--cache-length",
+        type=positive_int,
+        default=4096,
+        metavar="N",
+        help="tokens each conversation can hold (default 4096)",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=positive_int,
+        default=8,
+        metavar="N",
+        help="replies generated at once; more wait in a queue (default 8)",
+    )
     _quant_flags(p)
     p.set_defaults(run=cmd_demo)
 
-    p = sub.add_parser("merge", help="fold a LoRA adapter into its base, or merge several runs "
-                       "of one base (average, LERP, SLERP, LITI): a full checkpoint in the "
-                       "official layout")
-    p.add_argument("--base", required=True, metavar="DIR",
-                   help="the base checkpoint (or model) folder")
+    p = sub.add_parser(
+        "merge",
+        help="fold a LoRA adapter into its base, or merge several runs "
+        "of one base (average, LERP, SLERP, LITI): a full checkpoint in the "
+        "official layout",
+    )
+    p.add_argument(
+        "--base", required=True, metavar="DIR", help="the base checkpoint (or model) folder"
+    )
     runs = p.add_mutually_exclusive_group(required=True)
-    runs.add_argument("--lora", nargs="+", metavar="ADAPTER",
-                      help="adapter folder(s) of runs of --base (OUT_DIR/adapter of a finetune "
-                           "or rl run)")
-    runs.add_argument("--model", nargs="+", metavar="DIR",
-                      help="model folders of fully fine-tuned runs of --base")
-    p.add_argument("--method", default="lora",
-                   choices=["lora", "average", "lerp", "slerp", "liti"],
-                   help="lora: fold one adapter in; average: the mean of the runs; lerp / "
-                        "slerp: two runs' task vectors, linearly or spherically; liti: one "
-                        "run's task vector times --eta (default lora)")
-    p.add_argument("--lambda", dest="lam", type=fraction_option, default=0.5, metavar="LAM",
-                   help="weight of the second run for lerp and slerp, in [0, 1] (default 0.5)")
-    p.add_argument("--eta", type=fraction_option, default=1.0, metavar="ETA",
-                   help="LITI: keep this fraction of the merged task vector, in [0, 1] "
-                        "(default 1: the merge itself)")
-    p.add_argument("--out", required=True, metavar="DIR",
-                   help="folder to create (checkpoint/ + tokenizer.model)")
-    p.add_argument("--preset", default=None, metavar="NAME",
-                   help="model size (default: inferred from the shapes)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier model folder at --out (never other files)")
+    runs.add_argument(
+        "--lora",
+        nargs="+",
+        metavar="ADAPTER",
+        help="adapter folder(s) of runs of --base (OUT_DIR/adapter of a finetune or rl run)",
+    )
+    runs.add_argument(
+        "--model", nargs="+", metavar="DIR", help="model folders of fully fine-tuned runs of --base"
+    )
+    p.add_argument(
+        "--method",
+        default="lora",
+        choices=["lora", "average", "lerp", "slerp", "liti"],
+        help="lora: fold one adapter in; average: the mean of the runs; lerp / "
+        "slerp: two runs' task vectors, linearly or spherically; liti: one "
+        "run's task vector times --eta (default lora)",
+    )
+    p.add_argument(
+        "--lambda",
+        dest="lam",
+        type=fraction_option,
+        default=0.5,
+        metavar="LAM",
+        help="weight of the second run for lerp and slerp, in [0, 1] (default 0.5)",
+    )
+    p.add_argument(
+        "--eta",
+        type=fraction_option,
+        default=1.0,
+        metavar="ETA",
+        help="LITI: keep this fraction of the merged task vector, in [0, 1] "
+        "(default 1: the merge itself)",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="folder to create (checkpoint/ + tokenizer.model)",
+    )
+    p.add_argument(
+        "--preset",
+        default=None,
+        metavar="NAME",
+        help="model size (default: inferred from the shapes)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier model folder at --out (never other files)",
+    )
     p.set_defaults(run=cmd_merge)
 
     for name in COMMAND_MODULES:

@@ -1,6 +1,6 @@
 """`gemma-kit dpo`: DPO / IPO on preference pairs (gemma_kit.posttrain.dpo).
 
-    gemma-kit dpo --config FILE [--resume] [--set beta=0.1] [--set loss_type=ipo]
+gemma-kit dpo --config FILE [--resume] [--set beta=0.1] [--set loss_type=ipo]
 """
 
 from __future__ import annotations
@@ -16,9 +16,13 @@ def cmd_dpo(args) -> int:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("dpo", help="DPO / IPO on preference pairs: LoRA or full "
-                              "(pip install 'gemma-kit[finetune]'; see "
-                              "docs/post-training-preferences.md)")
-    add_training_arguments(p, train_file_help='JSONL preference pairs {"prompt", "chosen", '
-                           '"rejected"}')
+    p = subparsers.add_parser(
+        "dpo",
+        help="DPO / IPO on preference pairs: LoRA or full "
+        "(pip install 'gemma-kit[finetune]'; see "
+        "docs/post-training-preferences.md)",
+    )
+    add_training_arguments(
+        p, train_file_help='JSONL preference pairs {"prompt", "chosen", "rejected"}'
+    )
     p.set_defaults(run=cmd_dpo)

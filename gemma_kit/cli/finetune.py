@@ -14,7 +14,10 @@ def cmd_finetune(args) -> int:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("finetune", help="fine-tune on JSONL data: LoRA, QLoRA or full "
-                              "(pip install 'gemma-kit[finetune]'; see docs/fine-tuning.md)")
+    p = subparsers.add_parser(
+        "finetune",
+        help="fine-tune on JSONL data: LoRA, QLoRA or full "
+        "(pip install 'gemma-kit[finetune]'; see docs/fine-tuning.md)",
+    )
     add_training_arguments(p)
     p.set_defaults(run=cmd_finetune)

@@ -97,8 +97,9 @@ def size_option(text: str) -> int:
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMG]I?)?B?\s*", text.upper())
     if not match:
         raise argparse.ArgumentTypeError(f"cannot read {text!r} as a size; e.g. 5GB, 500MB")
-    factor = {None: 1, "K": 10**3, "M": 10**6, "G": 10**9, "KI": 2**10, "MI": 2**20,
-              "GI": 2**30}[match.group(2)]
+    factor = {None: 1, "K": 10**3, "M": 10**6, "G": 10**9, "KI": 2**10, "MI": 2**20, "GI": 2**30}[
+        match.group(2)
+    ]
     size = int(float(match.group(1)) * factor)
     if size < 1:
         raise argparse.ArgumentTypeError(f"must be at least one byte, got {text!r}")

@@ -20,16 +20,29 @@ def cmd_rl(args) -> int:
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "rl", help="policy optimisation against a reward: RLOO / REINFORCE with a KL penalty "
+        "rl",
+        help="policy optimisation against a reward: RLOO / REINFORCE with a KL penalty "
         "(fixed or EMA anchor), BOND, J-BOND (pip install 'gemma-kit[finetune]'; see "
-        "docs/post-training-rl.md)")
+        "docs/post-training-rl.md)",
+    )
     add_training_arguments(p, train_file_help="unused by rl (prompts come from --prompts-file)")
-    p.add_argument("--prompts-file", default=None, metavar="FILE",
-                   help='JSONL prompts, {"prompt": ...} or {"messages": [...]} per line '
-                        "(default: the config's)")
-    p.add_argument("--reward", default=None, metavar="SPEC",
-                   help="'pkg.module:function' or 'rm:DIR' (a reward model) (default: the "
-                        "config's)")
-    p.add_argument("--algo", default=None, choices=["rloo", "reinforce", "bond", "jbond"],
-                   help="the objective (default: the config's, else rloo)")
+    p.add_argument(
+        "--prompts-file",
+        default=None,
+        metavar="FILE",
+        help='JSONL prompts, {"prompt": ...} or {"messages": [...]} per line '
+        "(default: the config's)",
+    )
+    p.add_argument(
+        "--reward",
+        default=None,
+        metavar="SPEC",
+        help="'pkg.module:function' or 'rm:DIR' (a reward model) (default: the config's)",
+    )
+    p.add_argument(
+        "--algo",
+        default=None,
+        choices=["rloo", "reinforce", "bond", "jbond"],
+        help="the objective (default: the config's, else rloo)",
+    )
     p.set_defaults(run=cmd_rl)

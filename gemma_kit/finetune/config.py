@@ -11,5 +11,12 @@ from gemma_kit.training.config import (
     parse_overrides,
 )
 
-__all__ = ["DATA_ORDER_FIELDS", "DTYPES", "METHODS", "MODEL_FIELDS", "PATH_FIELDS",
-           "TrainConfig", "parse_overrides"]
+__all__ = [
+    "DATA_ORDER_FIELDS",
+    "DTYPES",
+    "METHODS",
+    "MODEL_FIELDS",
+    "PATH_FIELDS",
+    "TrainConfig",
+    "parse_overrides",
+]

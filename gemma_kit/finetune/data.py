@@ -180,8 +180,9 @@ def _text_of(content: Any, *, where: str, base: pathlib.Path, images: list) -> s
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise ValueError(f"{where} content must be a string or a list of parts, "
-                         f"got {type(content).__name__}")
+        raise ValueError(
+            f"{where} content must be a string or a list of parts, got {type(content).__name__}"
+        )
     texts = []
     for k, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
@@ -190,16 +191,20 @@ def _text_of(content: Any, *, where: str, base: pathlib.Path, images: list) -> s
         elif kind == "image":
             ref = part.get("path", part.get("image"))
             if not isinstance(ref, str) or not ref:
-                raise ValueError(f"{where} part {k} is an image without a \"path\"")
+                raise ValueError(f'{where} part {k} is an image without a "path"')
             image = (base / ref) if not pathlib.Path(ref).is_absolute() else pathlib.Path(ref)
             if not image.is_file():
-                raise ValueError(f"{where} part {k}: image {ref!r} does not exist "
-                                 f"(looked for {image}; paths are relative to the JSONL file)")
+                raise ValueError(
+                    f"{where} part {k}: image {ref!r} does not exist "
+                    f"(looked for {image}; paths are relative to the JSONL file)"
+                )
             images.append(image)
             texts.append(IMAGE_MARKER)
         else:
-            raise ValueError(f"{where} part {k} must be {{\"type\": \"text\", \"text\": ...}} or "
-                             f"{{\"type\": \"image\", \"path\": ...}}, got {part!r}")
+            raise ValueError(
+                f'{where} part {k} must be {{"type": "text", "text": ...}} or '
+                f'{{"type": "image", "path": ...}}, got {part!r}'
+            )
     return "".join(texts)
 
 
@@ -223,11 +228,11 @@ def encode_messages(tokenizer: Tokenizer, messages: Sequence[dict]) -> tuple[lis
             continue
         prompt = format_chat(messages[:i], add_generation_prompt=True)
         through = format_chat(messages[: i + 1], add_generation_prompt=False)
-        reply = through[len(prompt):]
+        reply = through[len(prompt) :]
         if not (full.startswith(through) and through.startswith(prompt) and end in reply):
             raise AssertionError("format_chat is not prefix-consistent")  # a bug, not bad data
         reply = reply[: reply.rindex(end) + len(end)]
-        before = _encode(tokenizer, full[done:len(prompt)])
+        before = _encode(tokenizer, full[done : len(prompt)])
         ids = _encode(tokenizer, reply)
         tokens += before + ids
         mask += [False] * len(before) + [True] * len(ids)
@@ -236,40 +241,57 @@ def encode_messages(tokenizer: Tokenizer, messages: Sequence[dict]) -> tuple[lis
     return tokens + rest, mask + [False] * len(rest)
 
 
-def parse_row(obj: Any, tokenizer: Tokenizer, *, base: pathlib.Path, max_length: int,
-              num_soft_tokens: int | None = None) -> list[tuple[list[int], list[bool], tuple]]:
+def parse_row(
+    obj: Any,
+    tokenizer: Tokenizer,
+    *,
+    base: pathlib.Path,
+    max_length: int,
+    num_soft_tokens: int | None = None,
+) -> list[tuple[list[int], list[bool], tuple]]:
     """A decoded JSON row -> one or more (ids, loss mask, image files); raises ValueError
     saying what is wrong. num_soft_tokens: slots per image of the model's image encoder (None:
     the model takes no images)."""
     if not isinstance(obj, dict):
         raise ValueError(f"a row must be a JSON object, got {type(obj).__name__}")
-    shapes = [s for s, keys in (("messages", ("messages",)),
-                                ("prompt/completion", ("prompt", "completion")),
-                                ("text", ("text",))) if any(k in obj for k in keys)]
+    shapes = [
+        s
+        for s, keys in (
+            ("messages", ("messages",)),
+            ("prompt/completion", ("prompt", "completion")),
+            ("text", ("text",)),
+        )
+        if any(k in obj for k in keys)
+    ]
     if len(shapes) != 1:
         found = f"keys {sorted(obj)}" if obj else "an empty object"
-        raise ValueError(f"a row needs exactly one of {{\"messages\"}}, {{\"prompt\", "
-                         f"\"completion\"}} or {{\"text\"}}; found {found}")
+        raise ValueError(
+            f'a row needs exactly one of {{"messages"}}, {{"prompt", '
+            f'"completion"}} or {{"text"}}; found {found}'
+        )
     shape = shapes[0]
     images: list[pathlib.Path] = []
     if shape == "messages":
         messages = obj["messages"]
         if not isinstance(messages, list) or not messages:
-            raise ValueError("\"messages\" must be a non-empty list of {\"role\", \"content\"}")
+            raise ValueError('"messages" must be a non-empty list of {"role", "content"}')
         clean = []
         for k, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise ValueError(f"message {k} must be an object with \"role\" and \"content\"")
+                raise ValueError(f'message {k} must be an object with "role" and "content"')
             before = len(images)
             content = _text_of(m["content"], where=f"message {k}", base=base, images=images)
             if len(images) > before and m["role"] in MODEL_ROLES:
-                raise ValueError(f"message {k} is a model turn with an image; images may only be "
-                                 "in user (or system) turns")
+                raise ValueError(
+                    f"message {k} is a model turn with an image; images may only be "
+                    "in user (or system) turns"
+                )
             clean.append({"role": m["role"], "content": content})
         if images and num_soft_tokens is None:
             raise ValueError(
                 f"this row has {len(images)} image(s) but the model has no image encoder; use a "
-                "Gemma 3 4B/12B/27B checkpoint with its vision weights, or remove image parts")
+                "Gemma 3 4B/12B/27B checkpoint with its vision weights, or remove image parts"
+            )
         try:
             check_image_count("".join(m["content"] for m in clean), len(images), "this row")
             tokens, mask = encode_messages(tokenizer, clean)
@@ -281,37 +303,44 @@ def parse_row(obj: Any, tokenizer: Tokenizer, *, base: pathlib.Path, max_length:
             raise ValueError("the conversation has no model turn, so nothing to learn from")
         for k, n in _turn_lengths(mask):
             if n > max_length - 1:
-                raise ValueError(f"model turn {k + 1} is {n} tokens, longer than max_length "
-                                 f"{max_length} allows; raise max_length or shorten the reply")
+                raise ValueError(
+                    f"model turn {k + 1} is {n} tokens, longer than max_length "
+                    f"{max_length} allows; raise max_length or shorten the reply"
+                )
         _check_length(tokens, max_length)
         return [(tokens, mask, tuple(str(i) for i in images))]
     if shape == "prompt/completion":
         for key in ("prompt", "completion"):
             if not isinstance(obj.get(key), str):
-                raise ValueError(f"\"{key}\" must be a string, got {type(obj.get(key)).__name__}")
+                raise ValueError(f'"{key}" must be a string, got {type(obj.get(key)).__name__}')
         if not obj["completion"]:
-            raise ValueError("\"completion\" is empty, so nothing to learn from")
+            raise ValueError('"completion" is empty, so nothing to learn from')
         prompt = [tokenizer.bos_id] + _encode(tokenizer, obj["prompt"])
         completion = _encode(tokenizer, obj["completion"]) + [tokenizer.eos_id]
         if len(completion) > max_length - 1:
-            raise ValueError(f"the completion is {len(completion)} tokens, longer than "
-                             f"max_length {max_length} allows")
+            raise ValueError(
+                f"the completion is {len(completion)} tokens, longer than "
+                f"max_length {max_length} allows"
+            )
         tokens = prompt + completion
         _check_length(tokens, max_length)
         return [(tokens, [False] * len(prompt) + [True] * len(completion), ())]
     text = obj["text"]
     if not isinstance(text, str):
-        raise ValueError(f"\"text\" must be a string, got {type(text).__name__}")
+        raise ValueError(f'"text" must be a string, got {type(text).__name__}')
     if not text.strip():
-        raise ValueError("\"text\" is empty")
+        raise ValueError('"text" is empty')
     body = _encode(tokenizer, text) + [tokenizer.eos_id]
     piece = max_length - 1  # each piece gets its own <bos>: Gemma never runs without one
-    return [([tokenizer.bos_id] + body[i:i + piece], [False] + [True] * len(body[i:i + piece]),
-             ()) for i in range(0, len(body), piece)]
+    return [
+        ([tokenizer.bos_id] + body[i : i + piece], [False] + [True] * len(body[i : i + piece]), ())
+        for i in range(0, len(body), piece)
+    ]
 
 
-def _expand_images(tokens: list[int], mask: list[bool], tokenizer: Tokenizer,
-                   num_soft_tokens: int) -> tuple[list[int], list[bool]]:
+def _expand_images(
+    tokens: list[int], mask: list[bool], tokenizer: Tokenizer, num_soft_tokens: int
+) -> tuple[list[int], list[bool]]:
     """Each <start_of_image> id -> the image's slots (gemma_kit.vision.prompt), out of the loss."""
     block = image_tokens(tokenizer, num_soft_tokens)
     out, out_mask = [], []
@@ -339,13 +368,20 @@ def _turn_lengths(mask: list[bool]):
 
 def _check_length(tokens: list[int], max_length: int) -> None:
     if len(tokens) > max_length:
-        raise ValueError(f"the example is {len(tokens)} tokens, longer than max_length "
-                         f"{max_length}; raise max_length or shorten the example")
+        raise ValueError(
+            f"the example is {len(tokens)} tokens, longer than max_length "
+            f"{max_length}; raise max_length or shorten the example"
+        )
 
 
-def load_examples(path: str | os.PathLike, tokenizer: Tokenizer, *, max_length: int,
-                  skip_bad_rows: bool = False, num_soft_tokens: int | None = None,
-                  ) -> tuple[list[list[Example]], dict[str, Any]]:
+def load_examples(
+    path: str | os.PathLike,
+    tokenizer: Tokenizer,
+    *,
+    max_length: int,
+    skip_bad_rows: bool = False,
+    num_soft_tokens: int | None = None,
+) -> tuple[list[list[Example]], dict[str, Any]]:
     """Every row of a JSONL file -> its examples (a long text row gives several).
 
     Returns (examples per kept row, stats). A bad row raises DataError naming file:line unless
@@ -360,20 +396,30 @@ def load_examples(path: str | os.PathLike, tokenizer: Tokenizer, *, max_length: 
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"not valid JSON ({err.msg} at column {err.colno})") from None
-            pieces = parse_row(obj, tokenizer, base=base, max_length=max_length,
-                               num_soft_tokens=num_soft_tokens)
+            pieces = parse_row(
+                obj, tokenizer, base=base, max_length=max_length, num_soft_tokens=num_soft_tokens
+            )
         except ValueError as err:
             if not skip_bad_rows:
-                raise DataError(f"{err} (pass skip_bad_rows to skip such rows and count them)",
-                                path=path, line=line_no) from None
+                raise DataError(
+                    f"{err} (pass skip_bad_rows to skip such rows and count them)",
+                    path=path,
+                    line=line_no,
+                ) from None
             skipped.append(f"{path}:{line_no}: {err}")
             continue
         source = f"{path}:{line_no}"
-        rows.append([Example(np.asarray(t, np.int32), np.asarray(m, bool), source, images)
-                     for t, m, images in pieces])
+        rows.append(
+            [
+                Example(np.asarray(t, np.int32), np.asarray(m, bool), source, images)
+                for t, m, images in pieces
+            ]
+        )
     if not rows:
-        raise DataError(f"no usable rows ({len(skipped)} skipped; the first: "
-                        f"{skipped[0] if skipped else '-'})", path=path)
+        raise DataError(
+            f"no usable rows ({len(skipped)} skipped; the first: {skipped[0] if skipped else '-'})",
+            path=path,
+        )
     return rows, dict(rows=len(rows), skipped=len(skipped), skipped_reasons=skipped[:20])
 
 
@@ -392,8 +438,10 @@ def pack(examples: Sequence[Example], length: int, *, packing: bool = True) -> R
         raise DataError("no examples to pack")
     sizes = [len(e.tokens) - 1 for e in examples]
     if max(sizes) > length:
-        raise DataError(f"an example has {max(sizes) + 1} tokens; rows of {length} inputs hold "
-                        f"examples of at most {length + 1}")
+        raise DataError(
+            f"an example has {max(sizes) + 1} tokens; rows of {length} inputs hold "
+            f"examples of at most {length + 1}"
+        )
     if packing:
         order = sorted(range(len(examples)), key=lambda i: (-sizes[i], i))
         rows: list[list[int]] = []
@@ -410,8 +458,12 @@ def pack(examples: Sequence[Example], length: int, *, packing: bool = True) -> R
     else:
         rows = [[i] for i in range(len(examples))]
     R = len(rows)
-    out = Rows(*(np.zeros((R, length), dtype) for dtype in
-                 (np.int32, np.int32, np.float32, np.int32, np.int32)))
+    out = Rows(
+        *(
+            np.zeros((R, length), dtype)
+            for dtype in (np.int32, np.int32, np.float32, np.int32, np.int32)
+        )
+    )
     if any(e.images for e in examples):
         # A row's images in the order of its slots: its examples' images, example by example.
         out.images = [tuple(f for i in members for f in examples[i].images) for members in rows]
@@ -419,11 +471,11 @@ def pack(examples: Sequence[Example], length: int, *, packing: bool = True) -> R
         at = 0
         for segment, i in enumerate(members, 1):
             e, n = examples[i], sizes[i]
-            out.tokens[r, at:at + n] = e.tokens[:-1]
-            out.targets[r, at:at + n] = e.tokens[1:]
-            out.weights[r, at:at + n] = e.loss_mask[1:]
-            out.positions[r, at:at + n] = np.arange(n)
-            out.segments[r, at:at + n] = segment
+            out.tokens[r, at : at + n] = e.tokens[:-1]
+            out.targets[r, at : at + n] = e.tokens[1:]
+            out.weights[r, at : at + n] = e.loss_mask[1:]
+            out.positions[r, at : at + n] = np.arange(n)
+            out.segments[r, at : at + n] = segment
             at += n
     return out
 
@@ -442,21 +494,38 @@ def fingerprint(*files: str | os.PathLike | None, **settings) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_dataset(train_file: str | os.PathLike, tokenizer: Tokenizer, *, max_length: int,
-                 eval_file: str | os.PathLike | None = None, eval_fraction: float = 0.0,
-                 packing: bool = True, skip_bad_rows: bool = False, seed: int = 0,
-                 num_soft_tokens: int | None = None) -> Dataset:
+def load_dataset(
+    train_file: str | os.PathLike,
+    tokenizer: Tokenizer,
+    *,
+    max_length: int,
+    eval_file: str | os.PathLike | None = None,
+    eval_fraction: float = 0.0,
+    packing: bool = True,
+    skip_bad_rows: bool = False,
+    seed: int = 0,
+    num_soft_tokens: int | None = None,
+) -> Dataset:
     """Reads, tokenises, splits and packs the data of a run.
 
     The held-out split is by row (so pieces of one long text never fall on both sides), drawn
     with `seed`. Held-out examples are packed too: segment masks make that exact.
     """
-    rows, stats = load_examples(train_file, tokenizer, max_length=max_length,
-                                skip_bad_rows=skip_bad_rows, num_soft_tokens=num_soft_tokens)
+    rows, stats = load_examples(
+        train_file,
+        tokenizer,
+        max_length=max_length,
+        skip_bad_rows=skip_bad_rows,
+        num_soft_tokens=num_soft_tokens,
+    )
     if eval_file is not None:
-        eval_rows, eval_stats = load_examples(eval_file, tokenizer, max_length=max_length,
-                                              skip_bad_rows=skip_bad_rows,
-                                              num_soft_tokens=num_soft_tokens)
+        eval_rows, eval_stats = load_examples(
+            eval_file,
+            tokenizer,
+            max_length=max_length,
+            skip_bad_rows=skip_bad_rows,
+            num_soft_tokens=num_soft_tokens,
+        )
         stats["eval_skipped"] = eval_stats["skipped"]
         stats["skipped_reasons"] += eval_stats["skipped_reasons"]
     else:
@@ -482,7 +551,15 @@ def load_dataset(train_file: str | os.PathLike, tokenizer: Tokenizer, *, max_len
         eval_loss_tokens=held_out.loss_tokens if held_out is not None else 0,
         fill=float((train.segments > 0).mean()),
     )
-    fp = fingerprint(train_file, eval_file, max_length=max_length, eval_fraction=eval_fraction,
-                     packing=packing, skip_bad_rows=skip_bad_rows, seed=seed,
-                     vocab=tokenizer.vocab_size, soft_tokens=num_soft_tokens)
+    fp = fingerprint(
+        train_file,
+        eval_file,
+        max_length=max_length,
+        eval_fraction=eval_fraction,
+        packing=packing,
+        skip_bad_rows=skip_bad_rows,
+        seed=seed,
+        vocab=tokenizer.vocab_size,
+        soft_tokens=num_soft_tokens,
+    )
     return Dataset(train, held_out, stats, fp)

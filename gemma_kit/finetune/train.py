@@ -38,8 +38,18 @@ from gemma_kit.training.trainer import micro_batches
 # The packed-row loss under its earlier name: (sum of weighted token losses, sum of weights).
 loss_sums = token_loss_sums
 
-__all__ = ["FROZEN_IN_FULL", "FineTuning", "ImageBank", "TrainResult", "Trainer", "build_model",
-           "loss_sums", "make_optimizer", "total_steps", "train"]
+__all__ = [
+    "FROZEN_IN_FULL",
+    "FineTuning",
+    "ImageBank",
+    "TrainResult",
+    "Trainer",
+    "build_model",
+    "loss_sums",
+    "make_optimizer",
+    "total_steps",
+    "train",
+]
 
 
 def total_steps(config: TrainConfig, data: Dataset) -> int:
@@ -57,8 +67,9 @@ class ImageBank:
     dtype ([M, D] per image) and gathered per batch.
     """
 
-    def __init__(self, model, files: list[str], *, batch: int = 8, max_images: int,
-                 progress: bool = True):
+    def __init__(
+        self, model, files: list[str], *, batch: int = 8, max_images: int, progress: bool = True
+    ):
         from tqdm import tqdm
 
         from gemma_kit.vision import preprocess_image
@@ -70,14 +81,16 @@ class ImageBank:
         self.index = {f: i for i, f in enumerate(files)}
         self.max_images = max_images
         chunks = []
-        for start in tqdm(range(0, len(files), batch), desc="encoding images", unit="batch",
-                          disable=not progress):
-            group = files[start:start + batch]
+        for start in tqdm(
+            range(0, len(files), batch), desc="encoding images", unit="batch", disable=not progress
+        ):
+            group = files[start : start + batch]
             pixels = np.stack([preprocess_image(f, size) for f in group])
             if len(group) < batch:  # one compiled shape for every group
-                pixels = np.concatenate([pixels, np.zeros((batch - len(group), *pixels.shape[1:]),
-                                                          pixels.dtype)])
-            chunks.append(np.asarray(encode(state, pixels))[:len(group)])
+                pixels = np.concatenate(
+                    [pixels, np.zeros((batch - len(group), *pixels.shape[1:]), pixels.dtype)]
+                )
+            chunks.append(np.asarray(encode(state, pixels))[: len(group)])
         self.embeddings = np.concatenate(chunks)  # [files, M, D]
 
     def gather(self, rows: list[tuple[str, ...]]) -> np.ndarray:
@@ -102,15 +115,15 @@ def rows_batch(rows: Rows, index, images: ImageBank | None) -> dict[str, np.ndar
     return batch
 
 
-def step_batch(config: TrainConfig, data: Dataset, step: int,
-               images: ImageBank | None) -> dict[str, np.ndarray]:
+def step_batch(
+    config: TrainConfig, data: Dataset, step: int, images: ImageBank | None
+) -> dict[str, np.ndarray]:
     """The rows of optimizer step `step` as [grad_accum, micro_batch, ...] host arrays."""
     index = data.batch_index(step, config.batch_size, config.seed)
     return micro_batches(rows_batch(data.train, index, images), config.grad_accum)
 
 
-def held_out_loss(trainer: CoreTrainer, data: Dataset,
-                  images: ImageBank | None) -> float | None:
+def held_out_loss(trainer: CoreTrainer, data: Dataset, images: ImageBank | None) -> float | None:
     """Mean loss per token over the held-out rows (None without any), micro_batch rows at a
     time; the last batch is padded with rows that count nothing."""
     rows = data.eval
@@ -158,24 +171,35 @@ class FineTuning(Objective):
         self.config = config
         self.loss = CrossEntropy(config.loss_chunk)
         vision = getattr(model, "has_vision", False)
-        data = load_dataset(config.train_file, context.tokenizer, max_length=config.max_length,
-                            eval_file=config.eval_file, eval_fraction=config.eval_fraction,
-                            packing=config.packing, skip_bad_rows=config.skip_bad_rows,
-                            seed=config.seed,
-                            num_soft_tokens=model.config.vision.num_soft_tokens if vision
-                            else None)
+        data = load_dataset(
+            config.train_file,
+            context.tokenizer,
+            max_length=config.max_length,
+            eval_file=config.eval_file,
+            eval_fraction=config.eval_fraction,
+            packing=config.packing,
+            skip_bad_rows=config.skip_bad_rows,
+            seed=config.seed,
+            num_soft_tokens=model.config.vision.num_soft_tokens if vision else None,
+        )
         s = data.stats
-        skipped = (f"; skipped {s['skipped']} bad rows, first: {s['skipped_reasons'][0]}"
-                   if s["skipped"] else "")
-        context.say(f"data: {s['train_rows']} training rows -> {s['packed_rows']} packed rows of "
-                    f"{config.max_length} tokens ({s['fill']:.0%} filled, "
-                    f"{s['train_loss_tokens']} loss tokens); {s['eval_rows']} held-out "
-                    f"rows{skipped}")
+        skipped = (
+            f"; skipped {s['skipped']} bad rows, first: {s['skipped_reasons'][0]}"
+            if s["skipped"]
+            else ""
+        )
+        context.say(
+            f"data: {s['train_rows']} training rows -> {s['packed_rows']} packed rows of "
+            f"{config.max_length} tokens ({s['fill']:.0%} filled, "
+            f"{s['train_loss_tokens']} loss tokens); {s['eval_rows']} held-out "
+            f"rows{skipped}"
+        )
         if data.max_images:
             files = data.image_files
             context.say(f"encoding {len(files)} images once with the frozen image encoder")
-            self.images = ImageBank(model, files, max_images=data.max_images,
-                                    progress=config.progress and context.lead)
+            self.images = ImageBank(
+                model, files, max_images=data.max_images, progress=config.progress and context.lead
+            )
         self.data, self.stats = data, data.stats
         return total_steps(config, data)
 
@@ -193,8 +217,9 @@ class FineTuning(Objective):
 
     def checkpoint_state(self, step: int):
         c = self.config
-        return None, dict(rows_seen=step * c.batch_size,
-                          epoch=step * c.batch_size / len(self.data.train))
+        return None, dict(
+            rows_seen=step * c.batch_size, epoch=step * c.batch_size / len(self.data.train)
+        )
 
     def fingerprint(self) -> str:
         return self.data.fingerprint
@@ -218,10 +243,12 @@ class Trainer(CoreTrainer):
     """The core Trainer with the fine-tuning loss, and its data helpers (for benchmarks and
     tests that drive steps themselves): host_batch(data, step), evaluate(data)."""
 
-    def __init__(self, config: TrainConfig, model, steps: int, mesh=None, *,
-                 keep_model: bool = True):
-        super().__init__(config, model, steps, CrossEntropy(config.loss_chunk), mesh,
-                         keep_model=keep_model)
+    def __init__(
+        self, config: TrainConfig, model, steps: int, mesh=None, *, keep_model: bool = True
+    ):
+        super().__init__(
+            config, model, steps, CrossEntropy(config.loss_chunk), mesh, keep_model=keep_model
+        )
         self.images: ImageBank | None = None
 
     def host_batch(self, data: Dataset, step: int) -> dict[str, np.ndarray]:

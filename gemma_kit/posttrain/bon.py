@@ -44,8 +44,9 @@ def kl_bound(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
-def best_of_n(sampler, prompts: str | Sequence[str], n: int, reward, *,
-              temperature: float = 1.0, **sampling) -> list[Candidate] | list[list[Candidate]]:
+def best_of_n(
+    sampler, prompts: str | Sequence[str], n: int, reward, *, temperature: float = 1.0, **sampling
+) -> list[Candidate] | list[list[Candidate]]:
     """The n candidates of each prompt, sorted by reward, best first (module docstring).
 
     sampler: a gemma_kit Sampler (its generate is called once, with len(prompts) * n rows).
@@ -59,8 +60,10 @@ def best_of_n(sampler, prompts: str | Sequence[str], n: int, reward, *,
     if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
         raise SamplingError(f"n must be an integer >= 1, got {n!r}")
     if n > 1 and temperature == 0:
-        raise SamplingError("Best-of-N with greedy decoding (temperature 0) would draw n equal "
-                            "candidates; sample with a temperature > 0")
+        raise SamplingError(
+            "Best-of-N with greedy decoding (temperature 0) would draw n equal "
+            "candidates; sample with a temperature > 0"
+        )
     single = isinstance(prompts, str)
     batch = [prompts] if single else list(prompts)
     if not batch:
@@ -76,9 +79,18 @@ def best_of_n(sampler, prompts: str | Sequence[str], n: int, reward, *,
     out = []
     for k, prompt in enumerate(batch):
         rows = range(k * n, (k + 1) * n)
-        candidates = [Candidate(results[i].text, results[i].tokens, results[i].logprobs,
-                                float(rewards[i]), results[i].finish_reason, i - k * n, prompt)
-                      for i in rows]
+        candidates = [
+            Candidate(
+                results[i].text,
+                results[i].tokens,
+                results[i].logprobs,
+                float(rewards[i]),
+                results[i].finish_reason,
+                i - k * n,
+                prompt,
+            )
+            for i in rows
+        ]
         # A stable sort on -reward: ties keep generation order.
         order = np.argsort(-np.asarray([c.reward for c in candidates]), kind="stable")
         out.append([candidates[i] for i in order])

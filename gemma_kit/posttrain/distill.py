@@ -77,8 +77,16 @@ from gemma_kit.training.model import trainable_filter
 from gemma_kit.training.objective import Objective, RunContext
 from gemma_kit.training.trainer import micro_batches
 
-__all__ = ["DistillLoss", "Distillation", "Prompt", "paired_rows", "read_prompts",
-           "reduction_weights", "train_distill", "write_topk_targets"]
+__all__ = [
+    "DistillLoss",
+    "Distillation",
+    "Prompt",
+    "paired_rows",
+    "read_prompts",
+    "reduction_weights",
+    "train_distill",
+    "write_topk_targets",
+]
 
 # Independent random streams of a run, each keyed by (seed, stream): seed * STREAMS + stream.
 STREAMS = 16
@@ -132,16 +140,18 @@ def read_prompts(path: str | os.PathLike, tokenizer, prefix: str = "") -> list[P
 def _prompt_ids(obj: Any, tokenizer, prefix: str) -> tuple[list[int], list[int]]:
     if not isinstance(obj, dict) or len({"prompt", "messages"} & set(obj)) != 1:
         found = f"keys {sorted(obj)}" if isinstance(obj, dict) else type(obj).__name__
-        raise ValueError("a prompt row needs exactly one of {\"prompt\": str} or "
-                         f"{{\"messages\": [...]}}; found {found}")
+        raise ValueError(
+            'a prompt row needs exactly one of {"prompt": str} or '
+            f'{{"messages": [...]}}; found {found}'
+        )
     if "prompt" in obj:
         text = obj["prompt"]
         if not isinstance(text, str) or not text:
-            raise ValueError("\"prompt\" must be a non-empty string")
+            raise ValueError('"prompt" must be a non-empty string')
         return tokenizer.encode(text), tokenizer.encode(prefix + text)
     messages = obj["messages"]
     if not isinstance(messages, list) or not messages:
-        raise ValueError("\"messages\" must be a non-empty list of {\"role\", \"content\"}")
+        raise ValueError('"messages" must be a non-empty list of {"role", "content"}')
     student = tokenizer.encode_chat(messages, add_generation_prompt=True)
     if not prefix:
         return student, student
@@ -157,8 +167,9 @@ def _prompt_ids(obj: Any, tokenizer, prefix: str) -> tuple[list[int], list[int]]
 # Rows: student and teacher, aligned on the completion
 
 
-def paired_rows(out: Rollout, student_prompts, teacher_prompts, length: int,
-                teacher_length: int) -> dict[str, np.ndarray]:
+def paired_rows(
+    out: Rollout, student_prompts, teacher_prompts, length: int, teacher_length: int
+) -> dict[str, np.ndarray]:
     """A rollout's completions as aligned (student, teacher) rows.
 
     student_prompts / teacher_prompts: each rollout row's prompt ids as the student and as the
@@ -176,30 +187,39 @@ def paired_rows(out: Rollout, student_prompts, teacher_prompts, length: int,
     shift = np.array([len(t) - len(s) for s, t in zip(student_prompts, teacher_prompts)])
     index = np.arange(length)[None, :] + shift[:, None]
     rows = {k: rows[k] for k in STUDENT_ARRAYS}
-    rows.update(teacher_tokens=other["tokens"], teacher_positions=other["positions"],
-                teacher_segments=other["segments"],
-                teacher_index=np.where(rows["weights"] > 0, index, 0).astype(np.int32))
+    rows.update(
+        teacher_tokens=other["tokens"],
+        teacher_positions=other["positions"],
+        teacher_segments=other["segments"],
+        teacher_index=np.where(rows["weights"] > 0, index, 0).astype(np.int32),
+    )
     return rows
 
 
-def same_rows(rows: dict[str, np.ndarray], length: int,
-              teacher_length: int) -> dict[str, np.ndarray]:
+def same_rows(
+    rows: dict[str, np.ndarray], length: int, teacher_length: int
+) -> dict[str, np.ndarray]:
     """Dataset rows (packed, [R, T'] with T' <= length) that the teacher sees as they are:
     padded to `length` (student) and `teacher_length` (teacher), teacher_index the identity."""
+
     def pad(x, n):
         return np.pad(x, ((0, 0), (0, n - x.shape[1])))
 
     out = {k: pad(rows[k], length) for k in STUDENT_ARRAYS}
-    out.update(teacher_tokens=pad(rows["tokens"], teacher_length),
-               teacher_positions=pad(rows["positions"], teacher_length),
-               teacher_segments=pad(rows["segments"], teacher_length),
-               teacher_index=np.broadcast_to(np.arange(length, dtype=np.int32),
-                                             out["tokens"].shape).copy())
+    out.update(
+        teacher_tokens=pad(rows["tokens"], teacher_length),
+        teacher_positions=pad(rows["positions"], teacher_length),
+        teacher_segments=pad(rows["segments"], teacher_length),
+        teacher_index=np.broadcast_to(
+            np.arange(length, dtype=np.int32), out["tokens"].shape
+        ).copy(),
+    )
     return out
 
 
-def reduction_weights(weights: np.ndarray, segments: np.ndarray,
-                      reduction: str) -> tuple[np.ndarray, np.ndarray]:
+def reduction_weights(
+    weights: np.ndarray, segments: np.ndarray, reduction: str
+) -> tuple[np.ndarray, np.ndarray]:
     """(loss_weights [B, T], normaliser [B]) of rows under a reduction.
 
     token-mean: each counted position weighs 1, a row's normaliser is its counted positions.
@@ -242,17 +262,19 @@ def teacher_hidden(teacher, batch: dict) -> jax.Array:
     return jax.lax.stop_gradient(hidden)
 
 
-def draw_targets(teacher, hidden: jax.Array, keys: jax.Array, k: int, *, temperature: float,
-                 chunk: int) -> tuple[jax.Array, jax.Array]:
+def draw_targets(
+    teacher, hidden: jax.Array, keys: jax.Array, k: int, *, temperature: float, chunk: int
+) -> tuple[jax.Array, jax.Array]:
     """Sampled top-K targets of each row: hidden [B, T, D], keys [B, 2] (uint32 key data) ->
     ids, probs [B, T, K]. Row b position t draws with fold_in(key_b, t): rows are independent
     of how they are batched (an offline file holds the same draws). One row at a time, its
     positions in chunks (logprobs.sample_teacher_topk): at most [chunk, V] logits at once."""
+
     def one(args):
         h, key = args
         ids, probs = logprobs.sample_teacher_topk(
-            teacher, h[None], jax.random.wrap_key_data(key), k, temperature=temperature,
-            chunk=chunk)
+            teacher, h[None], jax.random.wrap_key_data(key), k, temperature=temperature, chunk=chunk
+        )
         return ids[0], probs[0]
 
     return jax.lax.map(one, (hidden, keys))
@@ -289,19 +311,32 @@ class DistillLoss:
         """The divergence at every position [B, T] (unweighted)."""
         hidden = student_hidden(model, batch)
         if self.offline:
-            return logprobs.sampled_topk_kd(model, hidden, batch["topk_ids"],
-                                            batch["topk_probs"], temperature=self.temperature,
-                                            chunk=self.chunk)
+            return logprobs.sampled_topk_kd(
+                model,
+                hidden,
+                batch["topk_ids"],
+                batch["topk_probs"],
+                temperature=self.temperature,
+                chunk=self.chunk,
+            )
         teacher = self.teacher_model(model, frozen)
         aligned = teacher_hidden(teacher, batch)
         if self.topk:
-            ids, probs = draw_targets(teacher, aligned, batch["topk_keys"], self.topk,
-                                      temperature=self.temperature, chunk=self.chunk)
-            return logprobs.sampled_topk_kd(model, hidden, ids, probs,
-                                            temperature=self.temperature, chunk=self.chunk)
+            ids, probs = draw_targets(
+                teacher,
+                aligned,
+                batch["topk_keys"],
+                self.topk,
+                temperature=self.temperature,
+                chunk=self.chunk,
+            )
+            return logprobs.sampled_topk_kd(
+                model, hidden, ids, probs, temperature=self.temperature, chunk=self.chunk
+            )
         assert self.divergence is not None  # a divergence, or topk: DistillConfig's choice
-        return logprobs.divergence(model, hidden, teacher, aligned, self.divergence,
-                                   chunk=self.chunk)
+        return logprobs.divergence(
+            model, hidden, teacher, aligned, self.divergence, chunk=self.chunk
+        )
 
     def __call__(self, model, batch, frozen=None):
         per = self.per_position(model, batch, frozen)
@@ -322,14 +357,26 @@ def probe_sums(student, teacher, batch: dict, chunk: int) -> dict[str, jax.Array
     def fn(hs, ht, target):
         s = student.logits(hs[None])[0].astype(jnp.float32)
         t = teacher.logits(ht[None])[0].astype(jnp.float32)
-        return (losses.reverse_kl_per_position(s, t), losses.forward_kl_per_position(s, t),
-                -losses.token_log_probs(s, target))
+        return (
+            losses.reverse_kl_per_position(s, t),
+            losses.forward_kl_per_position(s, t),
+            -losses.token_log_probs(s, target),
+        )
 
-    outs = logprobs.map_chunks(fn, (hidden.reshape(B * T, -1), aligned.reshape(B * T, -1),
-                                    jnp.maximum(batch["targets"], 0).reshape(-1)), chunk)
+    outs = logprobs.map_chunks(
+        fn,
+        (
+            hidden.reshape(B * T, -1),
+            aligned.reshape(B * T, -1),
+            jnp.maximum(batch["targets"], 0).reshape(-1),
+        ),
+        chunk,
+    )
     w = batch["weights"].astype(jnp.float32)
-    sums = {name: jnp.sum(x.reshape(B, T) * w)
-            for name, x in zip(("reverse_kl", "forward_kl", "nll"), outs)}
+    sums = {
+        name: jnp.sum(x.reshape(B, T) * w)
+        for name, x in zip(("reverse_kl", "forward_kl", "nll"), outs)
+    }
     return dict(sums, tokens=jnp.sum(w))
 
 
@@ -339,11 +386,15 @@ def compiled_probe(graphdef, teacher_graphdef, kind, chunk: int):
     against a teacher: a separate network (teacher_graphdef, its values) or, when
     teacher_graphdef is None, the student's network with `values` as its `kind` variables.
     Cached: every run of the same networks in a process shares the compiled probe."""
+
     @jax.jit
     def probe(trainable, fixed, values, batch):
         student = nnx.merge(graphdef, trainable, fixed)
-        teacher = (with_trained(student, values, kind) if teacher_graphdef is None
-                   else nnx.merge(teacher_graphdef, values))
+        teacher = (
+            with_trained(student, values, kind)
+            if teacher_graphdef is None
+            else nnx.merge(teacher_graphdef, values)
+        )
         return probe_sums(student, teacher, batch, chunk)
 
     return probe
@@ -354,13 +405,15 @@ def compiled_draw(graphdef, kind, k: int, temperature: float, chunk: int):
     """jit of the top-K draws of aligned teacher rows: frozen = {"values": the network's
     values, "teacher": None, or the values of its `kind` variables that make it the teacher
     (the student's base)} -> ids, probs [B, T, K]."""
+
     @jax.jit
     def draw(frozen, batch, keys):
         teacher = nnx.merge(graphdef, frozen["values"])
         if frozen["teacher"] is not None:
             teacher = with_trained(teacher, frozen["teacher"], kind)
-        return draw_targets(teacher, teacher_hidden(teacher, batch), keys, k,
-                            temperature=temperature, chunk=chunk)
+        return draw_targets(
+            teacher, teacher_hidden(teacher, batch), keys, k, temperature=temperature, chunk=chunk
+        )
 
     return draw
 
@@ -393,7 +446,8 @@ def load_teacher(name: str, config: DistillConfig, student, given=None):
             f"the teacher ({t.name}, a vocabulary of {t.vocab_size} ids) and the student "
             f"({s.name}, {s.vocab_size} ids) have different vocabularies; distillation compares "
             "their next-token distributions id by id, so both must share one vocabulary "
-            "(e.g. two Gemma 3 models)")
+            "(e.g. two Gemma 3 models)"
+        )
     return teacher
 
 
@@ -421,9 +475,16 @@ class ModelHandle:
     def draw(self, prompts, config: DistillConfig, k: int, seed: int, step: int) -> Rollout:
         if self.model is None and self.values is not None:
             self.sampler.update_params(nnx.State(self.values))
-        return rollout(self.sampler, [list(p) for p in prompts], k, config.max_new_tokens,
-                       seed=seed, step=step, temperature=config.sample_temperature,
-                       behaviour_logprobs=False)
+        return rollout(
+            self.sampler,
+            [list(p) for p in prompts],
+            k,
+            config.max_new_tokens,
+            seed=seed,
+            step=step,
+            temperature=config.sample_temperature,
+            behaviour_logprobs=False,
+        )
 
 
 # ------------------------------------------------------------------------------------------
@@ -457,12 +518,18 @@ class Distillation(Objective):
 
     # -- before the model ---------------------------------------------------------------
     def check_inputs(self, config) -> None:
-        for path in (config.prompts_file, config.eval_prompts_file, config.train_file,
-                     config.eval_file):
+        for path in (
+            config.prompts_file,
+            config.eval_prompts_file,
+            config.train_file,
+            config.eval_file,
+        ):
             if path:
                 read_jsonl(path)
-        for name, given in ((config.teacher, self.given_teacher),
-                            (config.golden_teacher, self.given_golden)):
+        for name, given in (
+            (config.teacher, self.given_teacher),
+            (config.golden_teacher, self.given_golden),
+        ):
             if name and name not in TEACHER_KEYWORDS and given is None:
                 from gemma_kit.checkpoint.official import find_checkpoint
 
@@ -483,8 +550,10 @@ class Distillation(Objective):
             n_eval = min(max(n_eval, 1), len(prompts) - 1)
         order = np.random.default_rng([c.seed, 0xE7A1]).permutation(len(prompts))
         held = set(order[:n_eval].tolist())
-        return ([p for i, p in enumerate(prompts) if i not in held],
-                [p for i, p in enumerate(prompts) if i in held])
+        return (
+            [p for i, p in enumerate(prompts) if i not in held],
+            [p for i, p in enumerate(prompts) if i in held],
+        )
 
     def prepare(self, context: RunContext) -> int:
         c: DistillConfig = context.config  # type: ignore[assignment]
@@ -499,10 +568,16 @@ class Distillation(Objective):
             self.golden_prompts = self.load_prompts(tok, c.golden_prefix)[1]
         self.data = None
         if c.train_file:
-            self.data = load_dataset(c.train_file, tok, max_length=c.max_length,
-                                     eval_file=c.eval_file, eval_fraction=c.eval_fraction,
-                                     packing=c.packing, skip_bad_rows=c.skip_bad_rows,
-                                     seed=c.seed)
+            self.data = load_dataset(
+                c.train_file,
+                tok,
+                max_length=c.max_length,
+                eval_file=c.eval_file,
+                eval_fraction=c.eval_fraction,
+                packing=c.packing,
+                skip_bad_rows=c.skip_bad_rows,
+                seed=c.seed,
+            )
 
         # Row lengths: one shape for every step (a second would compile the step again).
         every = self.prompts + self.eval_prompts + self.golden_prompts
@@ -511,45 +586,77 @@ class Distillation(Objective):
         if self.data is not None:
             lengths.append(c.max_length)
         self.T = bucket(max(lengths), 16)
-        self.T_teacher = max(self.T, bucket(max([len(p.teacher) + N - 1 for p in every],
-                                                default=0), 16))
+        self.T_teacher = max(
+            self.T, bucket(max([len(p.teacher) + N - 1 for p in every], default=0), 16)
+        )
         if self.T_teacher > model.config.max_context:
-            raise ConfigError(f"rows of {self.T_teacher} tokens (the longest prompt plus "
-                              f"max_new_tokens) exceed the model's context of "
-                              f"{model.config.max_context}")
+            raise ConfigError(
+                f"rows of {self.T_teacher} tokens (the longest prompt plus "
+                f"max_new_tokens) exceed the model's context of "
+                f"{model.config.max_context}"
+            )
 
         # The student's Sampler (made once; each draw swaps the current values in), the
         # teacher and the golden teacher.
         from gemma_kit.sampler import Sampler
 
         self.student_model = model
-        self.student_sampler = Sampler(model, tok) if (
-            c.uses_prompts or self.eval_prompts or c.teacher == "base"
-            or c.golden_teacher == "base") else None
+        self.student_sampler = (
+            Sampler(model, tok)
+            if (
+                c.uses_prompts
+                or self.eval_prompts
+                or c.teacher == "base"
+                or c.golden_teacher == "base"
+            )
+            else None
+        )
         self.reference = reference_values(nnx.state(model, self.kind), self.kind)
         # Offline top-K targets already written for the dataset rows, and nothing held out to
         # compare with the teacher: the run never needs the teacher, so it is not loaded.
-        offline_ready = (c.offline_topk and c.uses_dataset and not self.write_only
-                         and pathlib.Path(str(c.topk_targets)).expanduser().is_file())
-        held_out = bool(self.eval_prompts) or (self.data is not None
-                                               and self.data.eval is not None)
-        self.teacher = None if offline_ready and not held_out else self.handle(
-            c.teacher, self.given_teacher, tok)
-        self.golden = self.handle(c.golden_teacher, self.given_golden, tok) \
-            if c.golden_teacher else None
-        say(f"teacher: {self.describe(self.teacher, c.teacher)}" + (
-            f"; golden teacher: {self.describe(self.golden, c.golden_teacher)}"
-            if self.golden else ""))
+        offline_ready = (
+            c.offline_topk
+            and c.uses_dataset
+            and not self.write_only
+            and pathlib.Path(str(c.topk_targets)).expanduser().is_file()
+        )
+        held_out = bool(self.eval_prompts) or (self.data is not None and self.data.eval is not None)
+        self.teacher = (
+            None
+            if offline_ready and not held_out
+            else self.handle(c.teacher, self.given_teacher, tok)
+        )
+        self.golden = (
+            self.handle(c.golden_teacher, self.given_golden, tok) if c.golden_teacher else None
+        )
+        say(
+            f"teacher: {self.describe(self.teacher, c.teacher)}"
+            + (
+                f"; golden teacher: {self.describe(self.golden, c.golden_teacher)}"
+                if self.golden
+                else ""
+            )
+        )
 
         # The loss.
-        div = None if c.divergence == "sampled_topk" else losses.Divergence(
-            c.divergence, beta=c.beta, alpha=c.alpha, temperature=c.loss_temperature)
+        div = (
+            None
+            if c.divergence == "sampled_topk"
+            else losses.Divergence(
+                c.divergence, beta=c.beta, alpha=c.alpha, temperature=c.loss_temperature
+            )
+        )
         self.loss = DistillLoss(
-            divergence=div, topk=c.topk if div is None else 0, offline=c.offline_topk,
+            divergence=div,
+            topk=c.topk if div is None else 0,
+            offline=c.offline_topk,
             temperature=c.loss_temperature,
-            teacher=None if self.teacher is None or self.teacher.model is None
+            teacher=None
+            if self.teacher is None or self.teacher.model is None
             else self.teacher.graphdef,
-            kind=self.kind, chunk=c.loss_chunk)
+            kind=self.kind,
+            chunk=c.loss_chunk,
+        )
 
         # The fixed pool of off-policy rows: the dataset's, or the teacher's samples.
         self.pool = None
@@ -557,10 +664,15 @@ class Distillation(Objective):
             train = self.data.train
             self.pool = same_rows(train.take(np.arange(len(train))), self.T, self.T_teacher)
         elif c.seq_kd and c.teacher_samples == "fixed":
-            say(f"drawing the teacher's samples once: {len(self.prompts)} prompts x "
-                f"{c.num_samples}")
-            self.pool = self.pair(self.draws(self.teacher, self.prompts, c.num_samples,
-                                             source=teacher_ids, stream=POOL), teacher_ids)
+            say(
+                f"drawing the teacher's samples once: {len(self.prompts)} prompts x {c.num_samples}"
+            )
+            self.pool = self.pair(
+                self.draws(
+                    self.teacher, self.prompts, c.num_samples, source=teacher_ids, stream=POOL
+                ),
+                teacher_ids,
+            )
         self.targets = None
         if c.offline_topk:
             self.targets = self.offline_targets(context)
@@ -571,12 +683,26 @@ class Distillation(Objective):
         self.eval_teacher_rows = self.eval_golden_rows = None
         if self.eval_prompts:
             self.eval_teacher_rows = self.pair(
-                self.draws(self.teacher, self.eval_prompts, c.eval_samples,
-                           source=teacher_ids, stream=EVAL_TEACHER), teacher_ids)
+                self.draws(
+                    self.teacher,
+                    self.eval_prompts,
+                    c.eval_samples,
+                    source=teacher_ids,
+                    stream=EVAL_TEACHER,
+                ),
+                teacher_ids,
+            )
             if self.golden is not None:
                 self.eval_golden_rows = self.pair(
-                    self.draws(self.golden, self.golden_prompts, c.eval_samples,
-                               source=teacher_ids, stream=GOLDEN), teacher_ids)
+                    self.draws(
+                        self.golden,
+                        self.golden_prompts,
+                        c.eval_samples,
+                        source=teacher_ids,
+                        stream=GOLDEN,
+                    ),
+                    teacher_ids,
+                )
         self.eval_data_rows = None
         if self.data is not None and self.data.eval is not None:
             held = self.data.eval
@@ -588,19 +714,28 @@ class Distillation(Objective):
         # it only while steps still draw from it (fresh teacher samples).
         fresh = c.seq_kd and c.teacher_samples == "fresh" and c.lmbda < 1
         for handle in (self.teacher, self.golden):
-            if handle is not None and handle.model is not None and not (
-                    fresh and handle is self.teacher):
+            if (
+                handle is not None
+                and handle.model is not None
+                and not (fresh and handle is self.teacher)
+            ):
                 handle.sampler = None
 
-        self.stats = dict(train_prompts=len(self.prompts), eval_prompts=len(self.eval_prompts),
-                          pool_rows=0 if self.pool is None else len(self.pool["tokens"]),
-                          row_length=self.T, teacher_row_length=self.T_teacher)
+        self.stats = dict(
+            train_prompts=len(self.prompts),
+            eval_prompts=len(self.eval_prompts),
+            pool_rows=0 if self.pool is None else len(self.pool["tokens"]),
+            row_length=self.T,
+            teacher_row_length=self.T_teacher,
+        )
         if self.data is not None:
             self.stats["data"] = self.data.stats
         off = "teacher samples" if c.seq_kd else "dataset outputs"
-        say(f"data: {len(self.prompts)} training prompts, {len(self.eval_prompts)} held-out; "
+        say(
+            f"data: {len(self.prompts)} training prompts, {len(self.eval_prompts)} held-out; "
             f"lmbda {c.lmbda} ({off} off policy); rows of {self.T} tokens (the teacher's "
-            f"{self.T_teacher})")
+            f"{self.T_teacher})"
+        )
         self.steps = self.count_steps()
         return self.steps
 
@@ -634,24 +769,45 @@ class Distillation(Objective):
         return max(1, math.ceil(float(c.epochs or 0) * items / per_step))
 
     # -- rows ---------------------------------------------------------------------------
-    def draws(self, handle: ModelHandle, prompts: list[Prompt], k: int, *, source,
-              stream: int, step: int = 0) -> list[tuple[Rollout, list[Prompt]]]:
+    def draws(
+        self,
+        handle: ModelHandle,
+        prompts: list[Prompt],
+        k: int,
+        *,
+        source,
+        stream: int,
+        step: int = 0,
+    ) -> list[tuple[Rollout, list[Prompt]]]:
         """k samples of each prompt drawn by `handle` from source(prompt) (its ids), in groups
         of batch_size rows (the rollout's compiled shapes): [(rollout, the prompt of each of
         its rows)]."""
         group = max(1, self.config.batch_size // k)
         out = []
         for g, start in enumerate(range(0, len(prompts), group)):
-            chunk = prompts[start:start + group]
-            drawn = handle.draw([source(p) for p in chunk], self.config, k,
-                                stream_seed(self.seed, stream), step * 1_000_003 + g)
+            chunk = prompts[start : start + group]
+            drawn = handle.draw(
+                [source(p) for p in chunk],
+                self.config,
+                k,
+                stream_seed(self.seed, stream),
+                step * 1_000_003 + g,
+            )
             out.append((drawn, [p for p in chunk for _ in range(k)]))
         return out
 
     def pair(self, draws, teacher_side) -> dict[str, np.ndarray]:
         """The draws as aligned rows: the student's prompt and teacher_side(prompt)."""
-        parts = [paired_rows(out, [p.student for p in rows], [teacher_side(p) for p in rows],
-                             self.T, self.T_teacher) for out, rows in draws]
+        parts = [
+            paired_rows(
+                out,
+                [p.student for p in rows],
+                [teacher_side(p) for p in rows],
+                self.T,
+                self.T_teacher,
+            )
+            for out, rows in draws
+        ]
         return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
     def on_policy(self, step: int) -> bool:
@@ -666,18 +822,25 @@ class Distillation(Objective):
         on = self.on_policy(step)
         if on or self.pool is None:  # samples of this step: the student's or the teacher's
             per_step = c.batch_size // c.num_samples
-            chosen = [self.prompts[i] for i in batch_index(step, per_step, self.seed,
-                                                           len(self.prompts))]
+            chosen = [
+                self.prompts[i] for i in batch_index(step, per_step, self.seed, len(self.prompts))
+            ]
             if on:
                 self.student_sampler.update_params(trainer.trainable)
                 handle, source, stream = ModelHandle(self.student_sampler), student_ids, STUDENT
             else:
                 handle, source, stream = self.teacher, teacher_ids, TEACHER
-            out = handle.draw([source(p) for p in chosen], c, c.num_samples,
-                              stream_seed(self.seed, stream), step)
+            out = handle.draw(
+                [source(p) for p in chosen], c, c.num_samples, stream_seed(self.seed, stream), step
+            )
             chosen = [p for p in chosen for _ in range(c.num_samples)]
-            rows = paired_rows(out, [p.student for p in chosen], [p.teacher for p in chosen],
-                               self.T, self.T_teacher)
+            rows = paired_rows(
+                out,
+                [p.student for p in chosen],
+                [p.teacher for p in chosen],
+                self.T,
+                self.T_teacher,
+            )
             self.last = dict(on_policy=int(on), sample_length=float(out.lengths.mean()))
             if self.loss.topk:
                 rows["topk_keys"] = self.row_keys(TOPK_FRESH, range(len(chosen)), step)
@@ -690,7 +853,8 @@ class Distillation(Objective):
             elif self.loss.topk:
                 rows["topk_keys"] = self.row_keys(TOPK, index)
         rows["loss_weights"], rows["normaliser"] = reduction_weights(
-            rows["weights"], rows["segments"], c.reduction)
+            rows["weights"], rows["segments"], c.reduction
+        )
         return micro_batches(rows, c.grad_accum)
 
     def row_keys(self, stream: int, rows, step: int | None = None) -> np.ndarray:
@@ -700,7 +864,8 @@ class Distillation(Objective):
         if step is not None:
             base = jax.random.fold_in(base, step)
         keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(
-            jnp.asarray(np.asarray(list(rows)), jnp.uint32))
+            jnp.asarray(np.asarray(list(rows)), jnp.uint32)
+        )
         return np.asarray(jax.random.key_data(keys))
 
     def frozen(self, step: int, trainer):
@@ -721,7 +886,8 @@ class Distillation(Objective):
             teacher = None if handle.model is None else handle.graphdef
             self.probes[key] = (
                 compiled_probe(trainer.graphdef, teacher, self.kind, self.config.loss_chunk),
-                trainer.place_frozen(handle.frozen_values()))
+                trainer.place_frozen(handle.frozen_values()),
+            )
         return self.probes[key]
 
     def probe_rows(self, trainer, handle: ModelHandle, rows) -> dict[str, float]:
@@ -735,8 +901,9 @@ class Distillation(Objective):
             real = index < n
             batch = {k: rows[k][np.where(real, index, 0)] for k in STUDENT_ARRAYS + TEACHER_ARRAYS}
             batch["weights"] = batch["weights"] * real[:, None]
-            sums = probe(trainer.trainable, trainer.fixed, values,
-                         trainer.place(batch, batch_axis=0))
+            sums = probe(
+                trainer.trainable, trainer.fixed, values, trainer.place(batch, batch_axis=0)
+            )
             for k, v in sums.items():
                 total[k] = total.get(k, 0.0) + float(v)
         return total
@@ -750,26 +917,40 @@ class Distillation(Objective):
 
         if self.eval_prompts:
             self.student_sampler.update_params(trainer.trainable)
-            draws = self.draws(ModelHandle(self.student_sampler), self.eval_prompts,
-                               c.eval_samples, source=student_ids, stream=EVAL_STUDENT)
+            draws = self.draws(
+                ModelHandle(self.student_sampler),
+                self.eval_prompts,
+                c.eval_samples,
+                source=student_ids,
+                stream=EVAL_STUDENT,
+            )
             drawn = self.pair(draws, teacher_ids)
             s = self.probe_rows(trainer, self.teacher, drawn)
             t = self.probe_rows(trainer, self.teacher, self.eval_teacher_rows)
-            out.update(eval_reverse_kl=mean(s, "reverse_kl"), eval_forward_kl=mean(t, "forward_kl"),
-                       eval_teacher_sample_nll=mean(t, "nll"),
-                       eval_sample_length=s["tokens"] / len(drawn["tokens"]))
+            out.update(
+                eval_reverse_kl=mean(s, "reverse_kl"),
+                eval_forward_kl=mean(t, "forward_kl"),
+                eval_teacher_sample_nll=mean(t, "nll"),
+                eval_sample_length=s["tokens"] / len(drawn["tokens"]),
+            )
             if self.golden is not None:
                 # The same student samples, the teacher rows rebuilt with the golden prompts.
                 golden = dict(zip(map(id, self.eval_prompts), self.golden_prompts))
-                g = self.probe_rows(trainer, self.golden,
-                                    self.pair(draws, lambda p: golden[id(p)].teacher))
+                g = self.probe_rows(
+                    trainer, self.golden, self.pair(draws, lambda p: golden[id(p)].teacher)
+                )
                 gt = self.probe_rows(trainer, self.golden, self.eval_golden_rows)
-                out.update(eval_golden_reverse_kl=mean(g, "reverse_kl"),
-                           eval_golden_forward_kl=mean(gt, "forward_kl"))
+                out.update(
+                    eval_golden_reverse_kl=mean(g, "reverse_kl"),
+                    eval_golden_forward_kl=mean(gt, "forward_kl"),
+                )
         if self.eval_data_rows is not None:
             d = self.probe_rows(trainer, self.teacher, self.eval_data_rows)
-            out.update(eval_data_forward_kl=mean(d, "forward_kl"), eval_data_loss=mean(d, "nll"),
-                       eval_data_ppl=math.exp(min(mean(d, "nll"), 50.0)))
+            out.update(
+                eval_data_forward_kl=mean(d, "forward_kl"),
+                eval_data_loss=mean(d, "nll"),
+                eval_data_ppl=math.exp(min(mean(d, "nll"), 50.0)),
+            )
         return out
 
     # -- offline top-K targets ----------------------------------------------------------
@@ -780,8 +961,11 @@ class Distillation(Objective):
         for key in ("tokens", "targets", "weights", "teacher_tokens", "teacher_index"):
             digest.update(np.ascontiguousarray(self.pool[key]).tobytes())
         teacher = c.teacher if self.given_teacher is None else self.given_teacher.config.name
-        digest.update(json.dumps(dict(teacher=teacher, k=c.topk, seed=c.seed,
-                                      temperature=c.loss_temperature)).encode())
+        digest.update(
+            json.dumps(
+                dict(teacher=teacher, k=c.topk, seed=c.seed, temperature=c.loss_temperature)
+            ).encode()
+        )
         return digest.hexdigest()[:16]
 
     def offline_targets(self, context: RunContext) -> TopKTargets:
@@ -795,10 +979,13 @@ class Distillation(Objective):
                 raise DataError(
                     "was written for other rows, another teacher or other top-K settings; "
                     "write it again (gemma-kit distill --write-targets) or name a new file",
-                    path=path)
+                    path=path,
+                )
             return targets
-        context.say(f"writing the sampled top-{c.topk} teacher targets of "
-                    f"{len(self.pool['tokens'])} rows to {path}")
+        context.say(
+            f"writing the sampled top-{c.topk} teacher targets of "
+            f"{len(self.pool['tokens'])} rows to {path}"
+        )
         targets = self.draw_pool_targets(expected)
         if context.lead:
             targets.save(path)
@@ -814,8 +1001,9 @@ class Distillation(Objective):
             draw = compiled_draw(graphdef, self.kind, c.topk, c.loss_temperature, c.loss_chunk)
         else:
             frozen = dict(values=self.teacher.frozen_values(), teacher=None)
-            draw = compiled_draw(self.teacher.graphdef, None, c.topk, c.loss_temperature,
-                                 c.loss_chunk)
+            draw = compiled_draw(
+                self.teacher.graphdef, None, c.topk, c.loss_temperature, c.loss_chunk
+            )
         rows = self.pool
         n, b = len(rows["tokens"]), c.micro_batch
         ids_out, probs_out, offsets = [], [], [0]
@@ -830,9 +1018,13 @@ class Distillation(Objective):
                 ids_out.append(ids[r][where])
                 probs_out.append(probs[r][where])
                 offsets.append(offsets[-1] + int(where.sum()))
-        return TopKTargets(np.concatenate(ids_out).astype(np.int32),
-                           np.concatenate(probs_out).astype(np.float32),
-                           np.asarray(offsets, np.int64), c.topk, fingerprint_)
+        return TopKTargets(
+            np.concatenate(ids_out).astype(np.int32),
+            np.concatenate(probs_out).astype(np.float32),
+            np.asarray(offsets, np.int64),
+            c.topk,
+            fingerprint_,
+        )
 
     # -- bookkeeping ----------------------------------------------------------------------
     def checkpoint_state(self, step: int):
@@ -840,29 +1032,47 @@ class Distillation(Objective):
 
     def fingerprint(self) -> str:
         c = self.config
-        return fingerprint(c.prompts_file or None, c.eval_prompts_file,
-                           data=self.data.fingerprint if self.data else None)
+        return fingerprint(
+            c.prompts_file or None,
+            c.eval_prompts_file,
+            data=self.data.fingerprint if self.data else None,
+        )
 
     def plots(self, metrics_path, out_dir) -> dict:
         from gemma_kit.training.metrics import plot_metrics
 
-        series = {"loss": "training divergence",
-                  "eval_reverse_kl": "held-out KL(student || teacher), student samples",
-                  "eval_forward_kl": "held-out KL(teacher || student), teacher samples",
-                  "eval_golden_reverse_kl": "KL(student || golden), student samples",
-                  "eval_golden_forward_kl": "KL(golden || student), golden samples",
-                  "eval_data_forward_kl": "held-out KL(teacher || student), dataset rows"}
-        png = plot_metrics(metrics_path, out_dir / "divergence.png", series,
-                           ylabel="nats / token", smooth=("loss",),
-                           markers=tuple(k for k in series if k != "loss"))
+        series = {
+            "loss": "training divergence",
+            "eval_reverse_kl": "held-out KL(student || teacher), student samples",
+            "eval_forward_kl": "held-out KL(teacher || student), teacher samples",
+            "eval_golden_reverse_kl": "KL(student || golden), student samples",
+            "eval_golden_forward_kl": "KL(golden || student), golden samples",
+            "eval_data_forward_kl": "held-out KL(teacher || student), dataset rows",
+        }
+        png = plot_metrics(
+            metrics_path,
+            out_dir / "divergence.png",
+            series,
+            ylabel="nats / token",
+            smooth=("loss",),
+            markers=tuple(k for k in series if k != "loss"),
+        )
         return {"divergence": png} if png else {}
 
     def summary(self) -> dict:
         c = self.config
         on = sum(self.on_policy(s) for s in range(self.steps))
-        return dict(teacher=c.teacher, teacher_prefix=c.teacher_prefix, divergence=c.divergence,
-                    beta=c.beta, lmbda=c.lmbda, seq_kd=c.seq_kd, on_policy_steps=on,
-                    off_policy_steps=self.steps - on, stats=self.stats)
+        return dict(
+            teacher=c.teacher,
+            teacher_prefix=c.teacher_prefix,
+            divergence=c.divergence,
+            beta=c.beta,
+            lmbda=c.lmbda,
+            seq_kd=c.seq_kd,
+            on_policy_steps=on,
+            off_policy_steps=self.steps - on,
+            stats=self.stats,
+        )
 
 
 def student_ids(prompt: Prompt) -> tuple[int, ...]:
@@ -896,8 +1106,15 @@ class TopKTargets:
     def save(self, path: pathlib.Path) -> pathlib.Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.partial.npz")
-        np.savez(tmp, format=np.array(TARGETS_FORMAT), fingerprint=np.array(self.fingerprint),
-                 k=np.array(self.k), ids=self.ids, probs=self.probs, offsets=self.offsets)
+        np.savez(
+            tmp,
+            format=np.array(TARGETS_FORMAT),
+            fingerprint=np.array(self.fingerprint),
+            k=np.array(self.k),
+            ids=self.ids,
+            probs=self.probs,
+            offsets=self.offsets,
+        )
         os.replace(tmp, path)
         return path
 
@@ -907,11 +1124,13 @@ class TopKTargets:
             with np.load(path, allow_pickle=False) as f:
                 if str(f["format"]) != TARGETS_FORMAT:
                     raise ValueError(f"format {str(f['format'])!r}")
-                return cls(f["ids"], f["probs"], f["offsets"], int(f["k"]),
-                           str(f["fingerprint"]))
+                return cls(f["ids"], f["probs"], f["offsets"], int(f["k"]), str(f["fingerprint"]))
         except (ValueError, KeyError, OSError) as err:
-            raise DataError(f"is not a gemma_kit top-K targets file ({err}); write it with "
-                            "gemma-kit distill --write-targets", path=path) from None
+            raise DataError(
+                f"is not a gemma_kit top-K targets file ({err}); write it with "
+                "gemma-kit distill --write-targets",
+                path=path,
+            ) from None
 
     def gather(self, index: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
         """topk_ids, topk_probs [B, T, K] of pool rows `index` (weights [B, T]: where their
@@ -932,19 +1151,32 @@ class TopKTargets:
 # Entry points
 
 
-def train_distill(config: DistillConfig, *, student=None, teacher=None, tokenizer=None,
-                  golden=None, resume: bool = False) -> TrainResult:
+def train_distill(
+    config: DistillConfig,
+    *,
+    student=None,
+    teacher=None,
+    tokenizer=None,
+    golden=None,
+    resume: bool = False,
+) -> TrainResult:
     """Runs (or resumes) a distillation run as `config` describes; see the module docstring.
 
     student / tokenizer: use these instead of loading config.base (tests, notebooks);
     teacher / golden: models to use instead of loading config.teacher / golden_teacher.
     """
-    return run(config, Distillation(teacher=teacher, golden=golden), model=student,
-               tokenizer=tokenizer, resume=resume)
+    return run(
+        config,
+        Distillation(teacher=teacher, golden=golden),
+        model=student,
+        tokenizer=tokenizer,
+        resume=resume,
+    )
 
 
-def write_topk_targets(config: DistillConfig, *, student=None, teacher=None,
-                       tokenizer=None) -> pathlib.Path:
+def write_topk_targets(
+    config: DistillConfig, *, student=None, teacher=None, tokenizer=None
+) -> pathlib.Path:
     """Writes the sampled top-K targets file config.topk_targets for the run `config`
     describes (its fixed pool of rows) and returns its path; training with the same config
     then reads it instead of running the teacher."""
@@ -953,13 +1185,15 @@ def write_topk_targets(config: DistillConfig, *, student=None, teacher=None,
 
     config = config.validate()
     if not config.offline_topk:
-        raise ConfigError("--write-targets needs divergence = \"sampled_topk\" and "
-                          "topk_targets = FILE (lmbda = 0)")
+        raise ConfigError(
+            '--write-targets needs divergence = "sampled_topk" and topk_targets = FILE (lmbda = 0)'
+        )
     initialize_distributed(config)
     objective = Distillation(teacher=teacher, write_only=True)
     objective.check_inputs(config)
     model, tokenizer, _ = build_model(config, student, tokenizer)
     out = pathlib.Path(config.out_dir).expanduser().absolute()
-    objective.prepare(RunContext(config, model, tokenizer, out, jax.process_index() == 0,
-                                 lambda message: None))
+    objective.prepare(
+        RunContext(config, model, tokenizer, out, jax.process_index() == 0, lambda message: None)
+    )
     return pathlib.Path(str(config.topk_targets)).expanduser()

@@ -89,19 +89,41 @@ class DistillConfig(TrainConfig):
     golden_prefix: str = ""
 
     PATH_FIELDS: ClassVar[tuple[str, ...]] = TrainConfig.PATH_FIELDS + (
-        "teacher", "prompts_file", "eval_prompts_file", "topk_targets", "golden_teacher")
+        "teacher",
+        "prompts_file",
+        "eval_prompts_file",
+        "topk_targets",
+        "golden_teacher",
+    )
     RESUME_FIELDS: ClassVar[tuple[str, ...]] = TrainConfig.RESUME_FIELDS + (
-        "teacher", "teacher_prefix", "prompts_file", "eval_prompts_file", "lmbda", "seq_kd",
-        "teacher_samples", "num_samples", "max_new_tokens", "sample_temperature", "divergence",
-        "beta", "alpha", "topk", "topk_targets", "loss_temperature", "reduction")
+        "teacher",
+        "teacher_prefix",
+        "prompts_file",
+        "eval_prompts_file",
+        "lmbda",
+        "seq_kd",
+        "teacher_samples",
+        "num_samples",
+        "max_new_tokens",
+        "sample_temperature",
+        "divergence",
+        "beta",
+        "alpha",
+        "topk",
+        "topk_targets",
+        "loss_temperature",
+        "reduction",
+    )
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], *, base_dir=None,
-                  source: str = "config") -> DistillConfig:
+    def from_dict(
+        cls, values: dict[str, Any], *, base_dir=None, source: str = "config"
+    ) -> DistillConfig:
         """TrainConfig.from_dict, keeping the teacher keywords ("default", "base") as they
         are rather than reading them as paths relative to the config file."""
-        keywords = {k: values[k] for k in ("teacher", "golden_teacher")
-                    if values.get(k) in TEACHER_KEYWORDS}
+        keywords = {
+            k: values[k] for k in ("teacher", "golden_teacher") if values.get(k) in TEACHER_KEYWORDS
+        }
         config = super().from_dict(values, base_dir=base_dir, source=source)
         return config.replace(**keywords) if keywords else config  # type: ignore[return-value]
 
@@ -125,12 +147,14 @@ class DistillConfig(TrainConfig):
         if self.uses_prompts and not self.prompts_file:
             raise ConfigError(
                 "prompts_file is required when steps draw samples (lmbda > 0 or seq_kd): a "
-                "JSONL file of {\"prompt\": ...} or {\"messages\": [...]} rows")
+                'JSONL file of {"prompt": ...} or {"messages": [...]} rows'
+            )
         if self.uses_dataset and not self.train_file:
             raise ConfigError(
                 f"train_file is required: with lmbda = {self.lmbda} some steps are off-policy, "
                 "on the outputs of train_file's rows (or set seq_kd = true to use teacher "
-                "samples instead)")
+                "samples instead)"
+            )
 
     def validate(self) -> DistillConfig:
         super().validate()
@@ -139,47 +163,75 @@ class DistillConfig(TrainConfig):
             if not ok:
                 raise ConfigError(message)
 
-        need(bool(self.teacher),
-             "teacher is required: a checkpoint folder, 'default' (the embedded Gemma 3 270M) "
-             "or 'base' (the student's own base model, e.g. with teacher_prefix for context "
-             "distillation)")
+        need(
+            bool(self.teacher),
+            "teacher is required: a checkpoint folder, 'default' (the embedded Gemma 3 270M) "
+            "or 'base' (the student's own base model, e.g. with teacher_prefix for context "
+            "distillation)",
+        )
         for name in ("lmbda", "beta"):
             value = getattr(self, name)
-            need(isinstance(value, (int, float)) and not isinstance(value, bool)
-                 and 0.0 <= value <= 1.0, f"{name} must lie in [0, 1], got {value!r}")
-        need(self.divergence in DIVERGENCES,
-             f"divergence must be one of {', '.join(DIVERGENCES)}, got {self.divergence!r}")
-        need(isinstance(self.alpha, (int, float)) and self.alpha >= 1.0,
-             f"alpha must be >= 1 (1.5: entmax, 2: sparsemax), got {self.alpha!r}")
-        need(isinstance(self.topk, int) and not isinstance(self.topk, bool) and self.topk >= 1,
-             f"topk (K sampled teacher ids per position) must be an integer >= 1, got "
-             f"{self.topk!r}")
-        need(self.teacher_samples in TEACHER_SAMPLES,
-             f"teacher_samples must be fresh or fixed, got {self.teacher_samples!r}")
-        need(self.reduction in REDUCTIONS,
-             f"reduction must be token-mean or sequence-mean, got {self.reduction!r}")
+            need(
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and 0.0 <= value <= 1.0,
+                f"{name} must lie in [0, 1], got {value!r}",
+            )
+        need(
+            self.divergence in DIVERGENCES,
+            f"divergence must be one of {', '.join(DIVERGENCES)}, got {self.divergence!r}",
+        )
+        need(
+            isinstance(self.alpha, (int, float)) and self.alpha >= 1.0,
+            f"alpha must be >= 1 (1.5: entmax, 2: sparsemax), got {self.alpha!r}",
+        )
+        need(
+            isinstance(self.topk, int) and not isinstance(self.topk, bool) and self.topk >= 1,
+            f"topk (K sampled teacher ids per position) must be an integer >= 1, got {self.topk!r}",
+        )
+        need(
+            self.teacher_samples in TEACHER_SAMPLES,
+            f"teacher_samples must be fresh or fixed, got {self.teacher_samples!r}",
+        )
+        need(
+            self.reduction in REDUCTIONS,
+            f"reduction must be token-mean or sequence-mean, got {self.reduction!r}",
+        )
         for name in ("num_samples", "max_new_tokens", "eval_samples"):
             value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                 f"{name} must be an integer >= 1, got {value!r}")
+            need(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                f"{name} must be an integer >= 1, got {value!r}",
+            )
         for name in ("sample_temperature", "loss_temperature"):
             value = getattr(self, name)
-            need(isinstance(value, (int, float)) and value > 0,
-                 f"{name} must be > 0, got {value!r}")
-        need(not self.uses_prompts or self.batch_size % self.num_samples == 0,
-             f"batch_size ({self.batch_size}) must be a multiple of num_samples "
-             f"({self.num_samples}): each step samples batch_size / num_samples prompts")
-        need(not (self.teacher_prefix and self.uses_dataset),
-             "teacher_prefix is for prompts: with lmbda < 1 and seq_kd = false the off-policy "
-             "steps use train_file's rows, which the teacher sees as they are; set seq_kd = "
-             "true, or lmbda = 1")
+            need(
+                isinstance(value, (int, float)) and value > 0, f"{name} must be > 0, got {value!r}"
+            )
+        need(
+            not self.uses_prompts or self.batch_size % self.num_samples == 0,
+            f"batch_size ({self.batch_size}) must be a multiple of num_samples "
+            f"({self.num_samples}): each step samples batch_size / num_samples prompts",
+        )
+        need(
+            not (self.teacher_prefix and self.uses_dataset),
+            "teacher_prefix is for prompts: with lmbda < 1 and seq_kd = false the off-policy "
+            "steps use train_file's rows, which the teacher sees as they are; set seq_kd = "
+            "true, or lmbda = 1",
+        )
         if self.topk_targets is not None:
-            need(self.divergence == "sampled_topk",
-                 "topk_targets (offline targets) needs divergence = \"sampled_topk\"")
-            need(self.lmbda == 0,
-                 f"offline top-K targets are written once for fixed sequences, so every step "
-                 f"must be off-policy: set lmbda = 0 (got {self.lmbda})")
-            need(not self.seq_kd or self.teacher_samples == "fixed",
-                 "offline top-K targets on teacher samples need teacher_samples = \"fixed\" "
-                 "(samples drawn once)")
+            need(
+                self.divergence == "sampled_topk",
+                'topk_targets (offline targets) needs divergence = "sampled_topk"',
+            )
+            need(
+                self.lmbda == 0,
+                f"offline top-K targets are written once for fixed sequences, so every step "
+                f"must be off-policy: set lmbda = 0 (got {self.lmbda})",
+            )
+            need(
+                not self.seq_kd or self.teacher_samples == "fixed",
+                'offline top-K targets on teacher samples need teacher_samples = "fixed" '
+                "(samples drawn once)",
+            )
         return self

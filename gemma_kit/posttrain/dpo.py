@@ -91,7 +91,9 @@ class DPOConfig(PreferenceConfig):
 
     PATH_FIELDS: ClassVar[tuple[str, ...]] = PreferenceConfig.PATH_FIELDS + ("reference",)
     RESUME_FIELDS: ClassVar[tuple[str, ...]] = PreferenceConfig.RESUME_FIELDS + (
-        "reference", "precompute_ref_logps")
+        "reference",
+        "precompute_ref_logps",
+    )
 
     def validate(self) -> DPOConfig:
         super().validate()
@@ -101,20 +103,32 @@ class DPOConfig(PreferenceConfig):
                 raise ConfigError(message)
 
         number = (int, float)
-        need(isinstance(self.beta, number) and not isinstance(self.beta, bool)
-             and self.beta > 0, f"beta must be a number > 0, got {self.beta!r}")
-        need(isinstance(self.label_smoothing, number) and 0 <= self.label_smoothing < 0.5,
-             f"label_smoothing must be in [0, 0.5), got {self.label_smoothing!r}")
-        need(self.loss_type in LOSS_TYPES,
-             f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
-        need(self.loss_type != "ipo" or self.label_smoothing == 0,
-             "label_smoothing applies to the sigmoid loss only; set it to 0 for ipo")
-        need(isinstance(self.precompute_ref_logps, bool),
-             f"precompute_ref_logps must be true or false, got {self.precompute_ref_logps!r}")
-        need(not (self.reference and self.trains_lora and not self.precompute_ref_logps),
-             "a reference model given by path with LoRA needs precompute_ref_logps = true (a "
-             "LoRA policy's own network is its base; another model would be a second copy of "
-             "the weights in every step), or leave reference unset to use the base")
+        need(
+            isinstance(self.beta, number) and not isinstance(self.beta, bool) and self.beta > 0,
+            f"beta must be a number > 0, got {self.beta!r}",
+        )
+        need(
+            isinstance(self.label_smoothing, number) and 0 <= self.label_smoothing < 0.5,
+            f"label_smoothing must be in [0, 0.5), got {self.label_smoothing!r}",
+        )
+        need(
+            self.loss_type in LOSS_TYPES,
+            f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}",
+        )
+        need(
+            self.loss_type != "ipo" or self.label_smoothing == 0,
+            "label_smoothing applies to the sigmoid loss only; set it to 0 for ipo",
+        )
+        need(
+            isinstance(self.precompute_ref_logps, bool),
+            f"precompute_ref_logps must be true or false, got {self.precompute_ref_logps!r}",
+        )
+        need(
+            not (self.reference and self.trains_lora and not self.precompute_ref_logps),
+            "a reference model given by path with LoRA needs precompute_ref_logps = true (a "
+            "LoRA policy's own network is its base; another model would be a second copy of "
+            "the weights in every step), or leave reference unset to use the base",
+        )
         return self
 
 
@@ -135,15 +149,20 @@ def pair_rows(batch: dict) -> dict[str, jax.Array]:
     completion = jnp.concatenate([batch["chosen_completion"], batch["rejected_completion"]])
     B, T = tokens.shape
     shift = jnp.zeros((B, 1), tokens.dtype)
-    return dict(tokens=tokens, targets=jnp.concatenate([tokens[:, 1:], shift], axis=1),
-                positions=jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)),
-                segments=(tokens != 0).astype(jnp.int32),
-                weights=jnp.concatenate([completion[:, 1:], jnp.zeros((B, 1), bool)],
-                                        axis=1).astype(jnp.float32))
+    return dict(
+        tokens=tokens,
+        targets=jnp.concatenate([tokens[:, 1:], shift], axis=1),
+        positions=jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)),
+        segments=(tokens != 0).astype(jnp.int32),
+        weights=jnp.concatenate([completion[:, 1:], jnp.zeros((B, 1), bool)], axis=1).astype(
+            jnp.float32
+        ),
+    )
 
 
-def sequence_logps(model, rows: dict[str, jax.Array],
-                   chunk: int = DEFAULT_CHUNK) -> tuple[jax.Array, jax.Array]:
+def sequence_logps(
+    model, rows: dict[str, jax.Array], chunk: int = DEFAULT_CHUNK
+) -> tuple[jax.Array, jax.Array]:
     """(sum of the completion tokens' log-probs [2b], number of completion tokens [2b])."""
     per_token = completion_logprobs(model, rows, chunk)
     return jnp.sum(per_token * rows["weights"], axis=1), jnp.sum(rows["weights"], axis=1)
@@ -178,20 +197,26 @@ class DPOLoss:
         ref = jax.lax.stop_gradient(ref.astype(jnp.float32))
         pc, pr, rc, rr = logps[:b], logps[b:], ref[:b], ref[b:]
         if self.loss_type == "ipo":
-            per_pair = losses.ipo_losses(pc, pr, rc, rr, self.beta, chosen_lengths=lengths[:b],
-                                         rejected_lengths=lengths[b:])
+            per_pair = losses.ipo_losses(
+                pc, pr, rc, rr, self.beta, chosen_lengths=lengths[:b], rejected_lengths=lengths[b:]
+            )
         else:
-            per_pair = losses.dpo_losses(pc, pr, rc, rr, self.beta,
-                                         label_smoothing=self.label_smoothing)
+            per_pair = losses.dpo_losses(
+                pc, pr, rc, rr, self.beta, label_smoothing=self.label_smoothing
+            )
         valid = batch.get("valid")
         v = jnp.ones((b,), jnp.float32) if valid is None else valid.astype(jnp.float32)
         # TRL's metrics (losses.dpo_metrics), as sums over the pairs: the step adds them over
         # micro-batches and the objective divides by the pair count.
         chosen, rejected = self.beta * (pc - rc), self.beta * (pr - rr)
-        sums = dict(rewards_chosen=jnp.sum(v * chosen), rewards_rejected=jnp.sum(v * rejected),
-                    accuracy=jnp.sum(v * (chosen > rejected).astype(jnp.float32)),
-                    margin=jnp.sum(v * (chosen - rejected)), logps_chosen=jnp.sum(v * pc),
-                    logps_rejected=jnp.sum(v * pr))
+        sums = dict(
+            rewards_chosen=jnp.sum(v * chosen),
+            rewards_rejected=jnp.sum(v * rejected),
+            accuracy=jnp.sum(v * (chosen > rejected).astype(jnp.float32)),
+            margin=jnp.sum(v * (chosen - rejected)),
+            logps_chosen=jnp.sum(v * pc),
+            logps_rejected=jnp.sum(v * pr),
+        )
         return jnp.sum(v * per_pair), jnp.sum(v), sums
 
 
@@ -203,8 +228,9 @@ class _RefLogps:
     rejected: np.ndarray
 
 
-def pair_logps(model, pairs: Preferences, rows: int, *, chunk: int = DEFAULT_CHUNK,
-               progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def pair_logps(
+    model, pairs: Preferences, rows: int, *, chunk: int = DEFAULT_CHUNK, progress: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """(log pi(chosen) [N], log pi(rejected) [N]) of every pair under `model`, `rows` pairs at a
     time (one compiled shape; the last batch padded)."""
     from tqdm.auto import tqdm
@@ -218,8 +244,9 @@ def pair_logps(model, pairs: Preferences, rows: int, *, chunk: int = DEFAULT_CHU
 
     chosen, rejected = [], []
     batches = list(held_out_batches(pairs, rows))
-    for batch in tqdm(batches, desc="reference log-probs", unit="batch",
-                      disable=not progress or len(batches) < 2):
+    for batch in tqdm(
+        batches, desc="reference log-probs", unit="batch", disable=not progress or len(batches) < 2
+    ):
         n = int(batch["valid"].sum())
         logps = np.asarray(batch_logps(state, {k: jnp.asarray(v) for k, v in batch.items()}))
         chosen.append(logps[:rows][:n])
@@ -272,20 +299,28 @@ class DPO(Objective):
         self.data = data
         self.stats = dict(self.data.stats)
         kind = trained_kind(config.trains_lora)
-        self.loss = DPOLoss(float(config.beta), float(config.label_smoothing), config.loss_type,
-                            lora=config.trains_lora, precomputed=config.precompute_ref_logps,
-                            chunk=config.loss_chunk)
+        self.loss = DPOLoss(
+            float(config.beta),
+            float(config.label_smoothing),
+            config.loss_type,
+            lora=config.trains_lora,
+            precomputed=config.precompute_ref_logps,
+            chunk=config.loss_chunk,
+        )
         s = self.data.stats
-        context.say(f"data: {s['train_pairs']} training pairs, {s['eval_pairs']} held out "
-                    f"(sequences of up to {s['train_length']} tokens; {s['skipped']} skipped)")
+        context.say(
+            f"data: {s['train_pairs']} training pairs, {s['eval_pairs']} held out "
+            f"(sequences of up to {s['train_length']} tokens; {s['skipped']} skipped)"
+        )
         policy = context.model
         if config.precompute_ref_logps:
             self._precompute(context, kind)
         elif config.reference:
             ref_model = self._load_reference(context)
             values = nnx.to_pure_dict(nnx.state(ref_model, kind))
-            check_same_structure(values, nnx.to_pure_dict(nnx.state(policy, kind)),
-                                 config.reference)
+            check_same_structure(
+                values, nnx.to_pure_dict(nnx.state(policy, kind)), config.reference
+            )
             self.reference = values
         else:
             self.reference = reference_values(nnx.state(policy, kind), kind)
@@ -294,8 +329,7 @@ class DPO(Objective):
 
     def describe_reference(self) -> str:
         c = self.config
-        source = c.reference or ("the base (LoRA off)" if c.trains_lora else
-                                 "the initial weights")
+        source = c.reference or ("the base (LoRA off)" if c.trains_lora else "the initial weights")
         return f"{source}{', precomputed' if c.precompute_ref_logps else ''}"
 
     def _load_reference(self, context: RunContext):
@@ -304,8 +338,13 @@ class DPO(Objective):
         c = self.config
         assert c.reference, "called only with a reference path"
         context.say(f"reference model: {c.reference}")
-        return load_model(c.reference, c.preset, jnp.dtype(c.resolved_param_dtype()),
-                          compute_dtype=jnp.dtype(c.resolved_compute_dtype()), text_only=True)
+        return load_model(
+            c.reference,
+            c.preset,
+            jnp.dtype(c.resolved_param_dtype()),
+            compute_dtype=jnp.dtype(c.resolved_compute_dtype()),
+            text_only=True,
+        )
 
     def _precompute(self, context: RunContext, kind) -> None:
         """(c): the reference log-probs of every pair, computed once (or read back)."""
@@ -320,15 +359,22 @@ class DPO(Objective):
         if c.reference:
             model = self._load_reference(context)
         else:
-            model = with_trained(context.model, reference_values(nnx.state(context.model, kind),
-                                                                 kind), kind)
+            model = with_trained(
+                context.model, reference_values(nnx.state(context.model, kind), kind), kind
+            )
         context.say("reference log-probs: computing them once for every pair")
         progress = c.progress and context.lead
-        self.ref_train = _RefLogps(*pair_logps(model, self.data.train, c.micro_batch,
-                                               chunk=c.loss_chunk, progress=progress))
+        self.ref_train = _RefLogps(
+            *pair_logps(
+                model, self.data.train, c.micro_batch, chunk=c.loss_chunk, progress=progress
+            )
+        )
         if self.data.eval is not None:
-            self.ref_eval = _RefLogps(*pair_logps(model, self.data.eval, c.micro_batch,
-                                                  chunk=c.loss_chunk, progress=progress))
+            self.ref_eval = _RefLogps(
+                *pair_logps(
+                    model, self.data.eval, c.micro_batch, chunk=c.loss_chunk, progress=progress
+                )
+            )
         if context.lead:
             write_reference_logps(path, key, self.ref_train, self.ref_eval)
 
@@ -355,29 +401,34 @@ class DPO(Objective):
 
     def step_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         pairs = max(metrics["normaliser"], 1.0)
-        return {k: v / pairs for k, v in metrics.items()
-                if k not in ("loss", "grad_norm", "normaliser")}
+        return {
+            k: v / pairs for k, v in metrics.items() if k not in ("loss", "grad_norm", "normaliser")
+        }
 
     def evaluate(self, trainer) -> dict[str, float]:
         if self.data.eval is None:
             return {}
         extra = None
         if self.ref_eval is not None:
-            extra = dict(ref_chosen_logps=self.ref_eval.chosen,
-                         ref_rejected_logps=self.ref_eval.rejected)
+            extra = dict(
+                ref_chosen_logps=self.ref_eval.chosen, ref_rejected_logps=self.ref_eval.rejected
+            )
         loss = pairs = 0.0
         sums: dict[str, float] = {}
         frozen = self.frozen(0, trainer)
-        for batch in held_out_batches(self.data.eval, self.config.micro_batch,
-                                      limit=self.config.eval_max_rows, extra=extra):
+        for batch in held_out_batches(
+            self.data.eval, self.config.micro_batch, limit=self.config.eval_max_rows, extra=extra
+        ):
             s, n, m = trainer.loss_sums(trainer.place(batch, batch_axis=0), frozen)
             loss, pairs = loss + s, pairs + n
             sums = {k: sums.get(k, 0.0) + v for k, v in m.items()}
         return dict(eval_loss=loss / pairs, **{f"eval_{k}": v / pairs for k, v in sums.items()})
 
     def checkpoint_state(self, step: int):
-        return None, dict(pairs_seen=step * self.config.batch_size,
-                          epoch=step * self.config.batch_size / len(self.data.train))
+        return None, dict(
+            pairs_seen=step * self.config.batch_size,
+            epoch=step * self.config.batch_size / len(self.data.train),
+        )
 
     def fingerprint(self) -> str:
         return self.data.fingerprint
@@ -385,11 +436,19 @@ class DPO(Objective):
     def plots(self, metrics_path, out_dir) -> dict[str, Any]:
         from gemma_kit.training.metrics import plot_metrics
 
-        png = plot_metrics(metrics_path, out_dir / "dpo.png", {
-            "rewards_chosen": "implicit reward, chosen", "rewards_rejected":
-            "implicit reward, rejected", "margin": "margin",
-            "eval_margin": "held-out margin"}, ylabel="beta * log(pi / ref)",
-            smooth=("rewards_chosen", "rewards_rejected", "margin"), markers=("eval_margin",))
+        png = plot_metrics(
+            metrics_path,
+            out_dir / "dpo.png",
+            {
+                "rewards_chosen": "implicit reward, chosen",
+                "rewards_rejected": "implicit reward, rejected",
+                "margin": "margin",
+                "eval_margin": "held-out margin",
+            },
+            ylabel="beta * log(pi / ref)",
+            smooth=("rewards_chosen", "rewards_rejected", "margin"),
+            markers=("eval_margin",),
+        )
         return {"dpo": png} if png else {}
 
     def summary(self) -> dict[str, Any]:
@@ -403,10 +462,10 @@ class DPO(Objective):
 def check_same_structure(reference: dict, policy: dict, where: str) -> None:
     """CheckpointError unless the reference's trained variables have the policy's paths and
     shapes (the reference of (b) must be the same architecture)."""
-    ref_flat = {"/".join(map(str, k)): v for k, v in nnx.traversals.flatten_mapping(
-        reference).items()}
-    pol_flat = {"/".join(map(str, k)): v for k, v in nnx.traversals.flatten_mapping(
-        policy).items()}
+    ref_flat = {
+        "/".join(map(str, k)): v for k, v in nnx.traversals.flatten_mapping(reference).items()
+    }
+    pol_flat = {"/".join(map(str, k)): v for k, v in nnx.traversals.flatten_mapping(policy).items()}
     for path in sorted(set(ref_flat) | set(pol_flat)):
         a, b = ref_flat.get(path), pol_flat.get(path)
         if a is None or b is None or tuple(a.shape) != tuple(b.shape):
@@ -415,7 +474,8 @@ def check_same_structure(reference: dict, policy: dict, where: str) -> None:
             raise CheckpointError(
                 f"the reference model {where!r} is not the policy's architecture: {path} is "
                 f"{got} there and {want} in the policy; give a checkpoint of the same model, or "
-                "set precompute_ref_logps = true to use a different one")
+                "set precompute_ref_logps = true to use a different one"
+            )
 
 
 def reference_key(fingerprint: str, config: DPOConfig) -> str:
@@ -424,16 +484,27 @@ def reference_key(fingerprint: str, config: DPOConfig) -> str:
     if reference:
         path = pathlib.Path(reference)
         reference = f"{path.absolute()}@{path.stat().st_mtime_ns if path.exists() else 0}"
-    text = repr((fingerprint, reference, config.base, config.method, config.loss_chunk,
-                 config.resolved_compute_dtype(), config.resolved_param_dtype()))
+    text = repr(
+        (
+            fingerprint,
+            reference,
+            config.base,
+            config.method,
+            config.loss_chunk,
+            config.resolved_compute_dtype(),
+            config.resolved_param_dtype(),
+        )
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def write_reference_logps(path: pathlib.Path, key: str, train: _RefLogps,
-                          held: _RefLogps | None) -> None:
+def write_reference_logps(
+    path: pathlib.Path, key: str, train: _RefLogps, held: _RefLogps | None
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays: dict[str, Any] = dict(key=np.asarray(key), train_chosen=train.chosen,
-                                  train_rejected=train.rejected)
+    arrays: dict[str, Any] = dict(
+        key=np.asarray(key), train_chosen=train.chosen, train_rejected=train.rejected
+    )
     if held is not None:
         arrays.update(eval_chosen=held.chosen, eval_rejected=held.rejected)
     tmp = path.with_name(path.stem + ".tmp.npz")
@@ -453,8 +524,9 @@ def read_reference_logps(path: pathlib.Path, key: str):
     return train, held
 
 
-def train_dpo(config: DPOConfig, *, model=None, tokenizer=None,
-              resume: bool = False) -> TrainResult:
+def train_dpo(
+    config: DPOConfig, *, model=None, tokenizer=None, resume: bool = False
+) -> TrainResult:
     """Runs (or resumes) a DPO / IPO run as `config` describes (see the module docstring).
 
     model / tokenizer: the policy's starting model instead of loading `config.base`; LoRA is

@@ -50,13 +50,22 @@ def _check_positions(hidden: jax.Array, *others: jax.Array) -> tuple[int, int]:
     B, T = hidden.shape[:2]
     for x in others:
         if tuple(x.shape[:2]) != (B, T):
-            raise ConfigError(f"positions [B, T] = {(B, T)} of the hidden states do not match "
-                              f"an input of shape {tuple(x.shape)}")
+            raise ConfigError(
+                f"positions [B, T] = {(B, T)} of the hidden states do not match "
+                f"an input of shape {tuple(x.shape)}"
+            )
     return B, T
 
 
-def token_logprobs(model, hidden: jax.Array, targets: jax.Array, *, temperature: float = 1.0,
-                   chunk: int = DEFAULT_CHUNK, with_entropy: bool = False):
+def token_logprobs(
+    model,
+    hidden: jax.Array,
+    targets: jax.Array,
+    *,
+    temperature: float = 1.0,
+    chunk: int = DEFAULT_CHUNK,
+    with_entropy: bool = False,
+):
     """log p(targets) under `model` at every position: hidden [B, T, D], targets [B, T]
     (int; negative ids read as 0: mask them) -> [B, T] float32; with `with_entropy`, also the
     entropy of each position's distribution [B, T] (from the same chunk's logits)."""
@@ -74,18 +83,28 @@ def token_logprobs(model, hidden: jax.Array, targets: jax.Array, *, temperature:
     return outs if with_entropy else outs[0]
 
 
-def token_entropy(model, hidden: jax.Array, *, temperature: float = 1.0,
-                  chunk: int = DEFAULT_CHUNK) -> jax.Array:
+def token_entropy(
+    model, hidden: jax.Array, *, temperature: float = 1.0, chunk: int = DEFAULT_CHUNK
+) -> jax.Array:
     """Entropy of `model`'s next-token distribution at every position: [B, T, D] -> [B, T]."""
     B, T = _check_positions(hidden)
-    (ent,) = map_chunks(lambda h: (losses.entropy(_chunk_logits(model, h),
-                                                  temperature=temperature),),
-                        (_rows(hidden, 2),), chunk)
+    (ent,) = map_chunks(
+        lambda h: (losses.entropy(_chunk_logits(model, h), temperature=temperature),),
+        (_rows(hidden, 2),),
+        chunk,
+    )
     return ent.reshape(B, T)
 
 
-def divergence(student, student_hidden: jax.Array, teacher, teacher_hidden: jax.Array,
-               div: losses.Divergence, *, chunk: int = DEFAULT_CHUNK) -> jax.Array:
+def divergence(
+    student,
+    student_hidden: jax.Array,
+    teacher,
+    teacher_hidden: jax.Array,
+    div: losses.Divergence,
+    *,
+    chunk: int = DEFAULT_CHUNK,
+) -> jax.Array:
     """`div` between two models' full next-token distributions at every position:
     student_hidden [B, T, D_s] and teacher_hidden [B, T, D_t] of the same positions (aligned:
     a teacher that saw a hidden prefix passes its hidden states of the shared positions) ->
@@ -101,32 +120,50 @@ def divergence(student, student_hidden: jax.Array, teacher, teacher_hidden: jax.
         s_logits = _chunk_logits(student, hs)
         t_logits = jax.lax.stop_gradient(_chunk_logits(teacher, ht))
         if s_logits.shape[-1] != t_logits.shape[-1]:
-            raise ConfigError(f"student and teacher vocabularies differ ({s_logits.shape[-1]} "
-                              f"and {t_logits.shape[-1]} ids): distillation needs one vocabulary")
+            raise ConfigError(
+                f"student and teacher vocabularies differ ({s_logits.shape[-1]} "
+                f"and {t_logits.shape[-1]} ids): distillation needs one vocabulary"
+            )
         return (div.per_position(s_logits, t_logits),)
 
     (per,) = map_chunks(fn, (_rows(student_hidden, 2), _rows(teacher_hidden, 2)), chunk)
     return per.reshape(B, T)
 
 
-def sampled_topk_kd(model, hidden: jax.Array, ids: jax.Array, probs: jax.Array, *,
-                    temperature: float = 1.0, chunk: int = DEFAULT_CHUNK) -> jax.Array:
+def sampled_topk_kd(
+    model,
+    hidden: jax.Array,
+    ids: jax.Array,
+    probs: jax.Array,
+    *,
+    temperature: float = 1.0,
+    chunk: int = DEFAULT_CHUNK,
+) -> jax.Array:
     """Cross-entropy of `model` against sampled top-K teacher targets at every position:
     hidden [B, T, D], ids and probs [B, T, K] (from `sample_teacher_topk`, or stored offline)
     -> [B, T]; the student's log-probs use its full vocabulary (losses.sampled_topk_kd_...)."""
     B, T = _check_positions(hidden, ids, probs)
 
     def fn(h, i, p):
-        return (losses.sampled_topk_kd_per_position(_chunk_logits(model, h), i, p,
-                                                    temperature=temperature),)
+        return (
+            losses.sampled_topk_kd_per_position(
+                _chunk_logits(model, h), i, p, temperature=temperature
+            ),
+        )
 
     (per,) = map_chunks(fn, (_rows(hidden, 2), _rows(ids, 2), _rows(probs, 2)), chunk)
     return per.reshape(B, T)
 
 
-def sample_teacher_topk(teacher, hidden: jax.Array, key: jax.Array, k: int, *,
-                        temperature: float = 1.0,
-                        chunk: int = DEFAULT_CHUNK) -> tuple[jax.Array, jax.Array]:
+def sample_teacher_topk(
+    teacher,
+    hidden: jax.Array,
+    key: jax.Array,
+    k: int,
+    *,
+    temperature: float = 1.0,
+    chunk: int = DEFAULT_CHUNK,
+) -> tuple[jax.Array, jax.Array]:
     """Gemma 3's sampled top-K targets from a teacher's hidden states [B, T, D]: ids [B, T, K]
     int32 and probs [B, T, K] float32 (losses.draw_topk_targets). Position i of the flattened
     [B * T] uses fold_in(key, i), so the draw does not depend on `chunk`: an offline mode can
@@ -141,15 +178,21 @@ def sample_teacher_topk(teacher, hidden: jax.Array, key: jax.Array, k: int, *,
 
     def fn(h, kk):
         kk = jax.random.wrap_key_data(kk, impl=impl) if typed else kk
-        return losses.draw_topk_targets(kk, _chunk_logits(teacher, h), k,
-                                        temperature=temperature)
+        return losses.draw_topk_targets(kk, _chunk_logits(teacher, h), k, temperature=temperature)
 
     ids, probs = map_chunks(fn, (_rows(hidden, 2), data), chunk)
     return ids.reshape(B, T, k), probs.reshape(B, T, k)
 
 
-def f_divergence_sft(model, hidden: jax.Array, targets: jax.Array, alpha: float, *,
-                     temperature: float = 1.0, chunk: int = DEFAULT_CHUNK) -> jax.Array:
+def f_divergence_sft(
+    model,
+    hidden: jax.Array,
+    targets: jax.Array,
+    alpha: float,
+    *,
+    temperature: float = 1.0,
+    chunk: int = DEFAULT_CHUNK,
+) -> jax.Array:
     """The alpha-divergence Fenchel-Young loss of `model` against one-hot targets at every
     position (supervised fine-tuning with 2501.18537's losses): [B, T, D], [B, T] -> [B, T].
     alpha = 1 is the usual cross-entropy."""
@@ -157,8 +200,11 @@ def f_divergence_sft(model, hidden: jax.Array, targets: jax.Array, alpha: float,
     alpha = losses.check_alpha(alpha)
 
     def fn(h, t):
-        return (losses.f_divergence_loss_per_position(_chunk_logits(model, h), t, alpha,
-                                                      temperature=temperature),)
+        return (
+            losses.f_divergence_loss_per_position(
+                _chunk_logits(model, h), t, alpha, temperature=temperature
+            ),
+        )
 
     (per,) = map_chunks(fn, (_rows(hidden, 2), targets.reshape(-1)), chunk)
     return per.reshape(B, T)

@@ -74,8 +74,10 @@ def _static_float(name: str, value) -> float:
     # Settings that select a formula (beta's endpoints, alpha's special cases) must be known
     # when the function is traced.
     if not is_concrete(value):
-        raise ConfigError(f"{name} must be a Python number, not a traced value: it selects the "
-                          "formula; pass it as a static argument")
+        raise ConfigError(
+            f"{name} must be a Python number, not a traced value: it selects the "
+            "formula; pass it as a static argument"
+        )
     return float(value)
 
 
@@ -89,8 +91,9 @@ def as_float(x) -> jax.Array:
 # Reductions
 
 
-def reduction_sums(values: jax.Array, mask: jax.Array | None = None,
-                   reduction: str = "token-mean") -> tuple[jax.Array, jax.Array]:
+def reduction_sums(
+    values: jax.Array, mask: jax.Array | None = None, reduction: str = "token-mean"
+) -> tuple[jax.Array, jax.Array]:
     """(loss_sum, normaliser) of per-position `values` [..., T] under `mask` [..., T].
 
     token-mean: (sum of counted values, number of counted positions). sequence-mean: (sum over
@@ -107,8 +110,9 @@ def reduction_sums(values: jax.Array, mask: jax.Array | None = None,
     return jnp.sum(per_sequence), jnp.sum((lengths > 0).astype(jnp.float32))
 
 
-def reduce_mean(values: jax.Array, mask: jax.Array | None = None,
-                reduction: str = "token-mean") -> jax.Array:
+def reduce_mean(
+    values: jax.Array, mask: jax.Array | None = None, reduction: str = "token-mean"
+) -> jax.Array:
     """The scalar mean of `reduction_sums`; 0 when nothing counts (never 0 / 0)."""
     total, count = reduction_sums(values, mask, reduction)
     return total / jnp.maximum(count, 1.0)
@@ -123,8 +127,9 @@ def log_probs(logits: jax.Array, temperature: float = 1.0) -> jax.Array:
     return jax.nn.log_softmax(as_float(logits) / temperature, axis=-1)
 
 
-def token_log_probs(logits: jax.Array, targets: jax.Array, *,
-                    temperature: float = 1.0) -> jax.Array:
+def token_log_probs(
+    logits: jax.Array, targets: jax.Array, *, temperature: float = 1.0
+) -> jax.Array:
     """log p(target) for logits [..., V] and int targets [...] -> [...].
 
     Negative targets (image slots, ignore ids) are read as token 0: mask them.
@@ -144,8 +149,9 @@ def _kl(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
     return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
 
 
-def forward_kl_per_position(student_logits: jax.Array, teacher_logits: jax.Array, *,
-                            temperature: float = 1.0) -> jax.Array:
+def forward_kl_per_position(
+    student_logits: jax.Array, teacher_logits: jax.Array, *, temperature: float = 1.0
+) -> jax.Array:
     """KL(teacher || student) per position: [..., V] x2 -> [...].
 
     Gradient with respect to the student logits (temperature 1): p_S - p_T.
@@ -153,8 +159,9 @@ def forward_kl_per_position(student_logits: jax.Array, teacher_logits: jax.Array
     return _kl(log_probs(teacher_logits, temperature), log_probs(student_logits, temperature))
 
 
-def reverse_kl_per_position(student_logits: jax.Array, teacher_logits: jax.Array, *,
-                            temperature: float = 1.0) -> jax.Array:
+def reverse_kl_per_position(
+    student_logits: jax.Array, teacher_logits: jax.Array, *, temperature: float = 1.0
+) -> jax.Array:
     """KL(student || teacher) per position: [..., V] x2 -> [...].
 
     Gradient with respect to the student logits (temperature 1):
@@ -163,8 +170,9 @@ def reverse_kl_per_position(student_logits: jax.Array, teacher_logits: jax.Array
     return _kl(log_probs(student_logits, temperature), log_probs(teacher_logits, temperature))
 
 
-def generalized_jsd_per_position(student_logits: jax.Array, teacher_logits: jax.Array,
-                                 beta: float, *, temperature: float = 1.0) -> jax.Array:
+def generalized_jsd_per_position(
+    student_logits: jax.Array, teacher_logits: jax.Array, beta: float, *, temperature: float = 1.0
+) -> jax.Array:
     """The generalised JSD of GKD (2306.13649, Eq. 1) per position, with TRL's endpoints.
 
         M = beta * P + (1 - beta) * Q,    P = teacher, Q = student
@@ -193,30 +201,47 @@ def generalized_jsd_per_position(student_logits: jax.Array, teacher_logits: jax.
     return beta * _kl(lt, lm) + (1.0 - beta) * _kl(ls, lm)
 
 
-def generalized_jsd(student_logits: jax.Array, teacher_logits: jax.Array, beta: float, *,
-                    temperature: float = 1.0, mask: jax.Array | None = None,
-                    reduction: str = "token-mean") -> jax.Array:
+def generalized_jsd(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    beta: float,
+    *,
+    temperature: float = 1.0,
+    mask: jax.Array | None = None,
+    reduction: str = "token-mean",
+) -> jax.Array:
     """Scalar generalised JSD over counted positions; equals TRL's
     `GKDTrainer.generalized_jsd_loss(student, teacher, labels, beta, temperature)` with
     labels = -100 where mask is 0 (token-mean). Without a mask every position counts (TRL's
     labels=None differs: it divides the sum by the batch size). See
     `generalized_jsd_per_position`."""
-    per = generalized_jsd_per_position(student_logits, teacher_logits, beta,
-                                       temperature=temperature)
+    per = generalized_jsd_per_position(
+        student_logits, teacher_logits, beta, temperature=temperature
+    )
     return reduce_mean(per, mask, reduction)
 
 
-def forward_kl(student_logits: jax.Array, teacher_logits: jax.Array, *,
-               temperature: float = 1.0, mask: jax.Array | None = None,
-               reduction: str = "token-mean") -> jax.Array:
+def forward_kl(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    *,
+    temperature: float = 1.0,
+    mask: jax.Array | None = None,
+    reduction: str = "token-mean",
+) -> jax.Array:
     """Scalar KL(teacher || student) over counted positions (= generalized_jsd at beta 0)."""
     per = forward_kl_per_position(student_logits, teacher_logits, temperature=temperature)
     return reduce_mean(per, mask, reduction)
 
 
-def reverse_kl(student_logits: jax.Array, teacher_logits: jax.Array, *,
-               temperature: float = 1.0, mask: jax.Array | None = None,
-               reduction: str = "token-mean") -> jax.Array:
+def reverse_kl(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    *,
+    temperature: float = 1.0,
+    mask: jax.Array | None = None,
+    reduction: str = "token-mean",
+) -> jax.Array:
     """Scalar KL(student || teacher) over counted positions (= generalized_jsd at beta 1)."""
     per = reverse_kl_per_position(student_logits, teacher_logits, temperature=temperature)
     return reduce_mean(per, mask, reduction)
@@ -232,8 +257,9 @@ def position_keys(key: jax.Array, count: int) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(count, dtype=jnp.uint32))
 
 
-def draw_topk_targets(keys: jax.Array, teacher_logits: jax.Array, k: int, *,
-                      temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+def draw_topk_targets(
+    keys: jax.Array, teacher_logits: jax.Array, k: int, *, temperature: float = 1.0
+) -> tuple[jax.Array, jax.Array]:
     """Sampled top-K targets of N positions: keys [N], teacher_logits [N, V] -> ids [N, K]
     (int32, ascending) and probs [N, K] (float32, summing to 1).
 
@@ -247,8 +273,7 @@ def draw_topk_targets(keys: jax.Array, teacher_logits: jax.Array, k: int, *,
     jax.random.categorical, whose Gumbel noise would be [K, V] per position.
     """
     if not (isinstance(k, numbers.Integral) and int(k) >= 1):
-        raise ConfigError(f"the number of sampled teacher ids K must be an integer >= 1, "
-                          f"got {k!r}")
+        raise ConfigError(f"the number of sampled teacher ids K must be an integer >= 1, got {k!r}")
     probs_v = jnp.exp(log_probs(teacher_logits, temperature))  # [N, V]
     V = probs_v.shape[-1]
 
@@ -264,19 +289,22 @@ def draw_topk_targets(keys: jax.Array, teacher_logits: jax.Array, k: int, *,
     return ids, picked / jnp.sum(picked, axis=-1, keepdims=True)
 
 
-def sample_topk_targets(key: jax.Array, teacher_logits: jax.Array, k: int, *,
-                        temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+def sample_topk_targets(
+    key: jax.Array, teacher_logits: jax.Array, k: int, *, temperature: float = 1.0
+) -> tuple[jax.Array, jax.Array]:
     """`draw_topk_targets` for teacher_logits [..., V] -> ids, probs [..., K]; position i (in
     row-major order of `...`) uses fold_in(key, i)."""
     lead, V = teacher_logits.shape[:-1], teacher_logits.shape[-1]
     n = math.prod(lead)
-    ids, probs = draw_topk_targets(position_keys(key, n), teacher_logits.reshape(n, V), k,
-                                   temperature=temperature)
+    ids, probs = draw_topk_targets(
+        position_keys(key, n), teacher_logits.reshape(n, V), k, temperature=temperature
+    )
     return ids.reshape(*lead, -1), probs.reshape(*lead, -1)
 
 
-def sampled_topk_kd_per_position(student_logits: jax.Array, ids: jax.Array, probs: jax.Array,
-                                 *, temperature: float = 1.0) -> jax.Array:
+def sampled_topk_kd_per_position(
+    student_logits: jax.Array, ids: jax.Array, probs: jax.Array, *, temperature: float = 1.0
+) -> jax.Array:
     """-sum_k probs_k log p_S(ids_k): the cross-entropy of the student against sampled top-K
     targets; student_logits [..., V], ids and probs [..., K] -> [...].
 
@@ -289,9 +317,15 @@ def sampled_topk_kd_per_position(student_logits: jax.Array, ids: jax.Array, prob
     return -jnp.sum(jax.lax.stop_gradient(target) * lp, axis=-1)
 
 
-def sampled_topk_kd_loss(student_logits: jax.Array, ids: jax.Array, probs: jax.Array, *,
-                         temperature: float = 1.0, mask: jax.Array | None = None,
-                         reduction: str = "token-mean") -> jax.Array:
+def sampled_topk_kd_loss(
+    student_logits: jax.Array,
+    ids: jax.Array,
+    probs: jax.Array,
+    *,
+    temperature: float = 1.0,
+    mask: jax.Array | None = None,
+    reduction: str = "token-mean",
+) -> jax.Array:
     """Scalar `sampled_topk_kd_per_position` over counted positions."""
     per = sampled_topk_kd_per_position(student_logits, ids, probs, temperature=temperature)
     return reduce_mean(per, mask, reduction)
@@ -304,8 +338,10 @@ def sampled_topk_kd_loss(student_logits: jax.Array, ids: jax.Array, probs: jax.A
 def check_alpha(alpha) -> float:
     alpha = _static_float("alpha", alpha)
     if not alpha >= 1.0:
-        raise ConfigError(f"the alpha-divergence losses need alpha >= 1 (1 is the softmax / "
-                          f"cross-entropy, 1.5 entmax, 2 sparsemax), got {alpha!r}")
+        raise ConfigError(
+            f"the alpha-divergence losses need alpha >= 1 (1 is the softmax / "
+            f"cross-entropy, 1.5 entmax, 2 sparsemax), got {alpha!r}"
+        )
     return alpha
 
 
@@ -352,8 +388,7 @@ def _f_softargmax_jvp(alpha, steps, primals, tangents):
     # Implicit differentiation of sum_j p_j = 1 on the support: with g = p^(2 - alpha) there,
     # dp = g * (d - sum(g d) / sum(g)). alpha = 1 would give the softmax Jacobian.
     g = jnp.where(p > 0, p ** (2.0 - alpha), 0.0)
-    dp = g * (d_logits - jnp.sum(g * d_logits, -1, keepdims=True)
-              / jnp.sum(g, -1, keepdims=True))
+    dp = g * (d_logits - jnp.sum(g * d_logits, -1, keepdims=True) / jnp.sum(g, -1, keepdims=True))
     return p, dp
 
 
@@ -377,12 +412,17 @@ def f_softargmax(logits: jax.Array, alpha: float, *, steps: int | None = None) -
 def _tsallis(p: jax.Array, alpha: float) -> jax.Array:
     # sum_j f_alpha(p_j) for p on the simplex, less the constant V / alpha - 1 / (alpha - 1):
     # (sum_j p_j^alpha - 1) / (alpha (alpha - 1)); the constant cancels in the loss.
-    return (jnp.sum(p ** alpha, axis=-1) - 1.0) / (alpha * (alpha - 1.0))
+    return (jnp.sum(p**alpha, axis=-1) - 1.0) / (alpha * (alpha - 1.0))
 
 
-def f_divergence_loss_per_position(logits: jax.Array, targets: jax.Array, alpha: float, *,
-                                   temperature: float = 1.0,
-                                   steps: int | None = None) -> jax.Array:
+def f_divergence_loss_per_position(
+    logits: jax.Array,
+    targets: jax.Array,
+    alpha: float,
+    *,
+    temperature: float = 1.0,
+    steps: int | None = None,
+) -> jax.Array:
     """The Fenchel-Young loss of the alpha-divergence (2501.18537), per position.
 
         loss(theta; y) = max_p (<p, theta> - D(p)) + D(y) - <theta, y>  >= 0,
@@ -412,12 +452,20 @@ def f_divergence_loss_per_position(logits: jax.Array, targets: jax.Array, alpha:
     return jnp.sum(p * theta, axis=-1) - _tsallis(p, alpha) + d_y - y_dot_theta
 
 
-def f_divergence_loss(logits: jax.Array, targets: jax.Array, alpha: float, *,
-                      temperature: float = 1.0, mask: jax.Array | None = None,
-                      reduction: str = "token-mean", steps: int | None = None) -> jax.Array:
+def f_divergence_loss(
+    logits: jax.Array,
+    targets: jax.Array,
+    alpha: float,
+    *,
+    temperature: float = 1.0,
+    mask: jax.Array | None = None,
+    reduction: str = "token-mean",
+    steps: int | None = None,
+) -> jax.Array:
     """Scalar `f_divergence_loss_per_position` over counted positions."""
-    per = f_divergence_loss_per_position(logits, targets, alpha, temperature=temperature,
-                                         steps=steps)
+    per = f_divergence_loss_per_position(
+        logits, targets, alpha, temperature=temperature, steps=steps
+    )
     return reduce_mean(per, mask, reduction)
 
 
@@ -443,8 +491,9 @@ class Divergence:
 
     def __post_init__(self):
         if self.kind not in DIVERGENCES:
-            raise ConfigError(f"unknown divergence {self.kind!r}; use one of "
-                              f"{', '.join(DIVERGENCES)}")
+            raise ConfigError(
+                f"unknown divergence {self.kind!r}; use one of {', '.join(DIVERGENCES)}"
+            )
         check_fraction("beta", self.beta)
         check_alpha(self.alpha)
         if not self.temperature > 0:
@@ -459,8 +508,9 @@ class Divergence:
         if self.kind == "reverse_kl":
             return reverse_kl_per_position(student_logits, teacher_logits, temperature=t)
         if self.kind == "jsd":
-            return generalized_jsd_per_position(student_logits, teacher_logits, self.beta,
-                                                temperature=t)
+            return generalized_jsd_per_position(
+                student_logits, teacher_logits, self.beta, temperature=t
+            )
         target = jnp.exp(log_probs(teacher_logits, t))
         return f_divergence_loss_per_position(student_logits, target, self.alpha, temperature=t)
 
@@ -469,9 +519,13 @@ class Divergence:
 # Preferences: DPO, IPO, Bradley-Terry
 
 
-def dpo_logits(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array,
-               ref_chosen_logps: jax.Array, ref_rejected_logps: jax.Array,
-               beta: float) -> jax.Array:
+def dpo_logits(
+    policy_chosen_logps: jax.Array,
+    policy_rejected_logps: jax.Array,
+    ref_chosen_logps: jax.Array,
+    ref_rejected_logps: jax.Array,
+    beta: float,
+) -> jax.Array:
     """Delta = beta * ((log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))): [B] each
     (sequence log-probs over completion tokens) -> [B]."""
     chosen = policy_chosen_logps - ref_chosen_logps
@@ -484,30 +538,61 @@ def _check_beta_positive(beta) -> None:
         raise ConfigError(f"beta must be > 0, got {beta!r}")
 
 
-def dpo_losses(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-               ref_rejected_logps, beta, *, label_smoothing=0.0) -> jax.Array:
+def dpo_losses(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    beta,
+    *,
+    label_smoothing=0.0,
+) -> jax.Array:
     """Per-pair DPO losses [B]: -(1 - eps) log sigmoid(Delta) - eps log sigmoid(-Delta)
     (Rafailov et al. 2023; label smoothing as TRL's "sigmoid" loss). log 2 when pi = ref;
     d loss / d log pi(y_w) = -beta sigmoid(-Delta) (eps = 0)."""
     _check_beta_positive(beta)
     if is_concrete(label_smoothing) and not 0.0 <= float(label_smoothing) < 0.5:
         raise ConfigError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing!r}")
-    delta = dpo_logits(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                       ref_rejected_logps, beta)
-    return (-(1.0 - label_smoothing) * jax.nn.log_sigmoid(delta)
-            - label_smoothing * jax.nn.log_sigmoid(-delta))
+    delta = dpo_logits(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
+    )
+    return -(1.0 - label_smoothing) * jax.nn.log_sigmoid(
+        delta
+    ) - label_smoothing * jax.nn.log_sigmoid(-delta)
 
 
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-             ref_rejected_logps, beta, *, label_smoothing=0.0) -> jax.Array:
+def dpo_loss(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    beta,
+    *,
+    label_smoothing=0.0,
+) -> jax.Array:
     """Mean DPO loss over the B pairs (sequence log-probs [B] each); see `dpo_losses`."""
-    return jnp.mean(dpo_losses(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                               ref_rejected_logps, beta, label_smoothing=label_smoothing))
+    return jnp.mean(
+        dpo_losses(
+            policy_chosen_logps,
+            policy_rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            beta,
+            label_smoothing=label_smoothing,
+        )
+    )
 
 
-def ipo_losses(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-               ref_rejected_logps, beta, *, chosen_lengths=None,
-               rejected_lengths=None) -> jax.Array:
+def ipo_losses(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    beta,
+    *,
+    chosen_lengths=None,
+    rejected_lengths=None,
+) -> jax.Array:
     """Per-pair IPO losses [B]: (h - 1 / (2 beta))^2 with h the difference of the chosen and
     rejected log-ratios, each divided by its completion length when lengths are given (TRL's
     "ipo": length-normalised, as the IPO authors confirmed to TRL)."""
@@ -521,28 +606,51 @@ def ipo_losses(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
     return (chosen - rejected - 1.0 / (2.0 * beta)) ** 2
 
 
-def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-             ref_rejected_logps, beta, *, chosen_lengths=None,
-             rejected_lengths=None) -> jax.Array:
+def ipo_loss(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    beta,
+    *,
+    chosen_lengths=None,
+    rejected_lengths=None,
+) -> jax.Array:
     """Mean of `ipo_losses`."""
-    return jnp.mean(ipo_losses(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                               ref_rejected_logps, beta, chosen_lengths=chosen_lengths,
-                               rejected_lengths=rejected_lengths))
+    return jnp.mean(
+        ipo_losses(
+            policy_chosen_logps,
+            policy_rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            beta,
+            chosen_lengths=chosen_lengths,
+            rejected_lengths=rejected_lengths,
+        )
+    )
 
 
-def dpo_metrics(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                ref_rejected_logps, beta) -> dict[str, jax.Array]:
+def dpo_metrics(
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
+) -> dict[str, jax.Array]:
     """TRL's DPO metrics as batch means: the implicit rewards beta * (log pi - log ref) of the
     chosen and rejected completions, accuracy (chosen reward strictly larger) and margin."""
     chosen = beta * as_float(policy_chosen_logps - ref_chosen_logps)
     rejected = beta * as_float(policy_rejected_logps - ref_rejected_logps)
-    return {"rewards_chosen": jnp.mean(chosen), "rewards_rejected": jnp.mean(rejected),
-            "accuracy": jnp.mean((chosen > rejected).astype(jnp.float32)),
-            "margin": jnp.mean(chosen - rejected)}
+    return {
+        "rewards_chosen": jnp.mean(chosen),
+        "rewards_rejected": jnp.mean(rejected),
+        "accuracy": jnp.mean((chosen > rejected).astype(jnp.float32)),
+        "margin": jnp.mean(chosen - rejected),
+    }
 
 
-def bradley_terry_losses(chosen_rewards: jax.Array, rejected_rewards: jax.Array, *,
-                         margin: jax.Array | float | None = None) -> jax.Array:
+def bradley_terry_losses(
+    chosen_rewards: jax.Array,
+    rejected_rewards: jax.Array,
+    *,
+    margin: jax.Array | float | None = None,
+) -> jax.Array:
     """Per-pair -log sigmoid(r_chosen - r_rejected - margin): [B] -> [B] (margin per row or
     one number). log 2 at equal scores without a margin."""
     diff = as_float(chosen_rewards) - as_float(rejected_rewards)
@@ -551,8 +659,12 @@ def bradley_terry_losses(chosen_rewards: jax.Array, rejected_rewards: jax.Array,
     return -jax.nn.log_sigmoid(diff)
 
 
-def bradley_terry_loss(chosen_rewards: jax.Array, rejected_rewards: jax.Array, *,
-                       margin: jax.Array | float | None = None) -> jax.Array:
+def bradley_terry_loss(
+    chosen_rewards: jax.Array,
+    rejected_rewards: jax.Array,
+    *,
+    margin: jax.Array | float | None = None,
+) -> jax.Array:
     """Mean Bradley-Terry loss over pairs (TRL RewardTrainer's loss)."""
     return jnp.mean(bradley_terry_losses(chosen_rewards, rejected_rewards, margin=margin))
 
@@ -561,7 +673,7 @@ def reward_centering(chosen_rewards: jax.Array, rejected_rewards: jax.Array) -> 
     """mean((r_chosen + r_rejected)^2): the centering term (Eisenstein et al. 2023) that TRL
     adds times `center_rewards_coefficient` (0.01 suggested) to keep rewards near 0."""
     total = as_float(chosen_rewards) + as_float(rejected_rewards)
-    return jnp.mean(total ** 2)
+    return jnp.mean(total**2)
 
 
 def pairwise_accuracy(chosen_rewards: jax.Array, rejected_rewards: jax.Array) -> jax.Array:
@@ -583,14 +695,17 @@ def rloo_advantages(rewards: jax.Array) -> jax.Array:
         raise ConfigError(f"rewards must be [prompts, k], got shape {tuple(rewards.shape)}")
     k = rewards.shape[1]
     if k < 2:
-        raise ConfigError(f"RLOO needs k >= 2 samples per prompt (the baseline of each sample "
-                          f"is the mean of the others), got k = {k}")
+        raise ConfigError(
+            f"RLOO needs k >= 2 samples per prompt (the baseline of each sample "
+            f"is the mean of the others), got k = {k}"
+        )
     r = as_float(rewards)
     return k / (k - 1) * (r - jnp.mean(r, axis=1, keepdims=True))
 
 
-def reinforce_advantages(rewards: jax.Array, *, baseline: str = "batch",
-                         normalize: bool = False) -> jax.Array:
+def reinforce_advantages(
+    rewards: jax.Array, *, baseline: str = "batch", normalize: bool = False
+) -> jax.Array:
     """REINFORCE advantages with a baseline: "none" (r), "batch" (r - mean over all samples,
     the baseline of WARP's and BOND's REINFORCE) or "group" (rewards [prompts, k]: r - mean
     of its prompt's samples). `normalize` then divides by the same set's standard deviation
@@ -602,8 +717,9 @@ def reinforce_advantages(rewards: jax.Array, *, baseline: str = "batch",
         out, axis = r - jnp.mean(r), None
     elif baseline == "group":
         if r.ndim != 2:
-            raise ConfigError(f"a group baseline needs rewards [prompts, k], got shape "
-                              f"{tuple(r.shape)}")
+            raise ConfigError(
+                f"a group baseline needs rewards [prompts, k], got shape {tuple(r.shape)}"
+            )
         out, axis = r - jnp.mean(r, axis=1, keepdims=True), 1
     else:
         raise ConfigError(f"unknown baseline {baseline!r}; use none, batch or group")
@@ -627,13 +743,19 @@ def kl_estimate(logps: jax.Array, ref_logps: jax.Array, estimator: str = "k1") -
     if estimator == "k1":
         return log_ratio
     if estimator == "k2":
-        return 0.5 * log_ratio ** 2
+        return 0.5 * log_ratio**2
     return jnp.expm1(-log_ratio) + log_ratio
 
 
-def kl_penalised_rewards(rewards: jax.Array, logps: jax.Array, ref_logps: jax.Array,
-                         kl_coef: float, *, mask: jax.Array | None = None,
-                         estimator: str = "k1") -> jax.Array:
+def kl_penalised_rewards(
+    rewards: jax.Array,
+    logps: jax.Array,
+    ref_logps: jax.Array,
+    kl_coef: float,
+    *,
+    mask: jax.Array | None = None,
+    estimator: str = "k1",
+) -> jax.Array:
     """r - kl_coef * sum_t KL-estimate_t: rewards [B], token log-probs [B, T], mask [B, T].
 
     The KL folded into the reward (RLOO, WARP's REINFORCE), and BOND's backward reward
@@ -679,8 +801,9 @@ def policy_gradient_loss(
     if normaliser not in ("tokens", "sequences"):
         raise ConfigError(f"normaliser must be tokens or sequences, got {normaliser!r}")
     if clip_epsilon is not None and behaviour_logps is None:
-        raise ConfigError("clip_epsilon needs behaviour_logps (the log-probs the batch was "
-                          "sampled with)")
+        raise ConfigError(
+            "clip_epsilon needs behaviour_logps (the log-probs the batch was sampled with)"
+        )
     if clip_epsilon is not None and is_concrete(clip_epsilon) and not clip_epsilon > 0:
         raise ConfigError(f"clip_epsilon must be > 0, got {clip_epsilon!r}")
     logps = as_float(logps)
@@ -736,8 +859,9 @@ def policy_gradient_loss(
 # BOND (2407.14622) and the KL-regularised optimum
 
 
-def quantile_estimate(rewards: jax.Array, anchor_rewards: jax.Array, *,
-                      smoothing: str = "none") -> jax.Array:
+def quantile_estimate(
+    rewards: jax.Array, anchor_rewards: jax.Array, *, smoothing: str = "none"
+) -> jax.Array:
     """p<=(y) estimated from k anchor samples: rewards [B], anchor_rewards [B, k] -> [B].
 
     BOND section 4.1: p^<=(y) = (1/k) sum_i 1{r(y'_i) <= r(y)}, y'_i drawn from the reference
@@ -745,8 +869,10 @@ def quantile_estimate(rewards: jax.Array, anchor_rewards: jax.Array, *,
     (k + 2), never 0 or 1, so that its log is finite (biased by O(1/k)).
     """
     if anchor_rewards.ndim != rewards.ndim + 1:
-        raise ConfigError(f"anchor_rewards must be rewards' shape plus a sample axis, got "
-                          f"{tuple(anchor_rewards.shape)} for {tuple(rewards.shape)}")
+        raise ConfigError(
+            f"anchor_rewards must be rewards' shape plus a sample axis, got "
+            f"{tuple(anchor_rewards.shape)} for {tuple(rewards.shape)}"
+        )
     k = anchor_rewards.shape[-1]
     count = jnp.sum((anchor_rewards <= rewards[..., None]).astype(jnp.float32), axis=-1)
     if smoothing == "none":
@@ -756,8 +882,9 @@ def quantile_estimate(rewards: jax.Array, anchor_rewards: jax.Array, *,
     raise ConfigError(f"unknown smoothing {smoothing!r}; use none or laplace")
 
 
-def quantile_reward(rewards: jax.Array, anchor_rewards: jax.Array, n: int, *,
-                    smoothing: str = "laplace") -> jax.Array:
+def quantile_reward(
+    rewards: jax.Array, anchor_rewards: jax.Array, n: int, *, smoothing: str = "laplace"
+) -> jax.Array:
     """BOND's quantile reward (N - 1) log p^<=(y) (section 3: log pi_BoN = log pi_ref +
     (N - 1) log p<= + O(1), so Best-of-N is KL-regularised RL with reward log p<= and
     coefficient 1 / (N - 1)); p^<= Laplace-smoothed by default so the log is finite."""
@@ -768,8 +895,9 @@ def quantile_reward(rewards: jax.Array, anchor_rewards: jax.Array, n: int, *,
 JBOND_PENALTY = math.log(16.0)
 
 
-def jbond_reward(policy_rewards: jax.Array, anchor_rewards: jax.Array, *,
-                 kind: str = "paper") -> jax.Array:
+def jbond_reward(
+    policy_rewards: jax.Array, anchor_rewards: jax.Array, *, kind: str = "paper"
+) -> jax.Array:
     """J-BOND's backward reward of a policy sample from 2 anchor samples: [B], [B, 2] -> [B].
 
     "paper": -log 16 when the policy sample is strictly worse than both anchor samples,
@@ -782,8 +910,9 @@ def jbond_reward(policy_rewards: jax.Array, anchor_rewards: jax.Array, *,
     (gurusha01/passk-frontier, train_bon.py). Hence the principled form stays selectable.
     """
     if anchor_rewards.shape[-1] != 2:
-        raise ConfigError(f"J-BOND uses 2 anchor samples per prompt, got "
-                          f"{anchor_rewards.shape[-1]}")
+        raise ConfigError(
+            f"J-BOND uses 2 anchor samples per prompt, got {anchor_rewards.shape[-1]}"
+        )
     if kind == "paper":
         worse = policy_rewards < jnp.min(anchor_rewards, axis=-1)
         return as_float(jnp.where(worse, -JBOND_PENALTY, 0.0))

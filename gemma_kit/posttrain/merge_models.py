@@ -62,21 +62,33 @@ def check_adapters(paths: Sequence[str | os.PathLike]) -> list[dict]:
     metas = [read_adapter_config(p) for p in paths]
     first = metas[0]
     for path, meta in zip(paths[1:], metas[1:]):
-        for key, what in (("base", "base model"), ("base_preset", "model size"),
-                          ("rank", "LoRA rank"), ("alpha", "LoRA alpha"),
-                          ("modules", "adapted modules")):
+        for key, what in (
+            ("base", "base model"),
+            ("base_preset", "model size"),
+            ("rank", "LoRA rank"),
+            ("alpha", "LoRA alpha"),
+            ("modules", "adapted modules"),
+        ):
             if meta.get(key) != first.get(key):
                 raise CheckpointError(
                     f"{path} and {paths[0]} are runs of different {what}s ({meta.get(key)!r} "
                     f"and {first.get(key)!r}); only runs of one base model with the same LoRA "
-                    "settings can be merged")
+                    "settings can be merged"
+                )
     return metas
 
 
-def merge_models(base: str | os.PathLike, runs: Sequence[str | os.PathLike],
-                 out: str | os.PathLike, *, method: str = "average", lam: float = 0.5,
-                 eta: float = 1.0, preset: str | Config | None = None,
-                 overwrite: bool = False) -> pathlib.Path:
+def merge_models(
+    base: str | os.PathLike,
+    runs: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    method: str = "average",
+    lam: float = 0.5,
+    eta: float = 1.0,
+    preset: str | Config | None = None,
+    overwrite: bool = False,
+) -> pathlib.Path:
     """Merges `runs` (all adapter folders, or all model folders) of the base checkpoint `base`
     into the model folder `out` (see the module docstring)."""
     runs = list(runs)
@@ -87,8 +99,7 @@ def merge_models(base: str | os.PathLike, runs: Sequence[str | os.PathLike],
         return merge_checkpoint(base, runs[0], out, preset=preset, overwrite=overwrite)
     adapters = [is_adapter_folder(pathlib.Path(p).expanduser()) for p in runs]
     if any(adapters) and not all(adapters):
-        raise CheckpointError("give only adapter folders or only model folders to merge, not "
-                              "both")
+        raise CheckpointError("give only adapter folders or only model folders to merge, not both")
     find_checkpoint(base)
     convert.check_model_folder_target(out, overwrite)
     from gemma_kit.loading import load_model
@@ -100,8 +111,7 @@ def merge_models(base: str | os.PathLike, runs: Sequence[str | os.PathLike],
     else:
         model = load_model(base, preset)
         init = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        trees = [nnx.to_pure_dict(nnx.state(load_model(p, model.config), nnx.Param))
-                 for p in runs]
+        trees = [nnx.to_pure_dict(nnx.state(load_model(p, model.config), nnx.Param)) for p in runs]
         names = [str(p) for p in runs]
         merging.check_same_structure([init, *trees], ["the base", *names])
         if method == "average":
@@ -112,9 +122,9 @@ def merge_models(base: str | os.PathLike, runs: Sequence[str | os.PathLike],
             merged = trees[0]
         params = merging.liti(init, merged, eta) if (eta != 1.0 or method == "liti") else merged
     tokenizer = find_tokenizer(base)
-    return convert.write_model_folder(out, params,
-                                      tokenizer.read_bytes() if tokenizer else None,
-                                      overwrite=overwrite)
+    return convert.write_model_folder(
+        out, params, tokenizer.read_bytes() if tokenizer else None, overwrite=overwrite
+    )
 
 
 def _merge_adapters(model, runs, meta: dict, method: str, lam: float, eta: float) -> dict:
@@ -123,8 +133,10 @@ def _merge_adapters(model, runs, meta: dict, method: str, lam: float, eta: float
     from gemma_kit.lora import apply_lora, load_adapter, lora_state, merge
 
     if meta.get("base_preset") and meta["base_preset"] != model.config.name:
-        raise CheckpointError(f"the adapters were trained on {meta['base_preset']!r}, but the "
-                              f"base is {model.config.name!r}")
+        raise CheckpointError(
+            f"the adapters were trained on {meta['base_preset']!r}, but the "
+            f"base is {model.config.name!r}"
+        )
     template = nnx.merge(*nnx.split(model))
     load_adapter(template, runs[0])  # checks that the adapter fits this base
     target = nnx.to_pure_dict(lora_state(template))
@@ -143,8 +155,9 @@ def _merge_adapters(model, runs, meta: dict, method: str, lam: float, eta: float
     rank = jax.tree.leaves(merged)[0].shape[-1]
     carrier = nnx.merge(*nnx.split(model))
     # The merged factors have rank M r; alpha scaled with it keeps the runs' alpha / r.
-    apply_lora(carrier, rank, meta["alpha"] * rank / meta["rank"], meta["targets"],
-               dtype=jnp.float32)
+    apply_lora(
+        carrier, rank, meta["alpha"] * rank / meta["rank"], meta["targets"], dtype=jnp.float32
+    )
     state = lora_state(carrier)
     nnx.replace_by_pure_dict(state, merged)
     nnx.update(carrier, state)

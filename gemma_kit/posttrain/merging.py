@@ -2,11 +2,11 @@
 exact LoRA versions.
 
 The functions take pytrees of PARAMETERS (nested dicts of arrays, or nnx.State, read as
-nnx.to_pure_dict: results are nested dicts) and compute the task vectors delta = params - init themselves. Every leaf is
-merged as one tensor ("per tensor"), in float32, and cast back to the dtype of the first tree's
-leaf. Trees of different structure or shapes (runs of different base models, different LoRA
-settings) are refused with one CheckpointError naming the first path that differs; a fraction
-(lam, eta, rate) outside [0, 1] is a ConfigError.
+nnx.to_pure_dict: results are nested dicts) and compute the task vectors delta = params - init
+themselves. Every leaf is merged as one tensor ("per tensor"), in float32, and cast back to the
+dtype of the first tree's leaf. Trees of different structure or shapes (runs of different base
+models, different LoRA settings) are refused with one CheckpointError naming the first path that
+differs; a fraction (lam, eta, rate) outside [0, 1] is a ConfigError.
 
 WARP (2406.16768) merges policies at three stages, which map to these functions: the
 exponential moving average of the policy as the KL anchor (`ema`), the spherical interpolation
@@ -64,8 +64,9 @@ def _path_name(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path) or "<root>"
 
 
-def check_same_structure(trees: Sequence[PyTree],
-                         names: Sequence[str] | None = None) -> list[PyTree]:
+def check_same_structure(
+    trees: Sequence[PyTree], names: Sequence[str] | None = None
+) -> list[PyTree]:
     """Raises CheckpointError unless all trees have the same paths and leaf shapes; returns the
     trees, each in the first one's container types. An nnx.State is read as its pure dict, so
     states and dicts mix freely."""
@@ -79,17 +80,22 @@ def check_same_structure(trees: Sequence[PyTree],
         paths = [_path_name(p) for p, _ in flat]
         if paths != paths0:
             missing = sorted(set(paths0) ^ set(paths))
-            where = missing[0] if missing else next(
-                (a for a, b in zip(paths0, paths) if a != b), "<structure>")
+            where = (
+                missing[0]
+                if missing
+                else next((a for a, b in zip(paths0, paths) if a != b), "<structure>")
+            )
             raise CheckpointError(
                 f"{name} and {names[0]} have different parameters (first difference at "
-                f"{where}): only runs of one base model with the same settings can be merged")
+                f"{where}): only runs of one base model with the same settings can be merged"
+            )
         for path, (_, x), (_, y) in zip(paths0, flat0, flat):
             if tuple(jnp.shape(x)) != tuple(jnp.shape(y)):
                 raise CheckpointError(
                     f"{name} and {names[0]} differ at {path}: shapes {tuple(jnp.shape(y))} and "
                     f"{tuple(jnp.shape(x))}; only runs of one base model with the same "
-                    "settings can be merged")
+                    "settings can be merged"
+                )
         out.append(jax.tree.unflatten(def0, [x for _, x in flat]))
     return out
 
@@ -104,8 +110,12 @@ def _map(fn, *trees: PyTree, names: Sequence[str]) -> PyTree:
 
 def task_vector(init: PyTree, params: PyTree) -> PyTree:
     """params - init per leaf, in float32."""
-    return _map(lambda x0, x: x.astype(jnp.float32) - x0.astype(jnp.float32), init, params,
-                names=("init", "params"))
+    return _map(
+        lambda x0, x: x.astype(jnp.float32) - x0.astype(jnp.float32),
+        init,
+        params,
+        names=("init", "params"),
+    )
 
 
 def slerp_coefficients(inner, norm_a, norm_b, lam) -> tuple[jax.Array, jax.Array]:
@@ -131,8 +141,9 @@ def _slerp_leaf(x0, xa, xb, lam):
     base = x0.astype(jnp.float32)
     da, db = xa.astype(jnp.float32) - base, xb.astype(jnp.float32) - base
     inner = jnp.sum(da * db)
-    c_a, c_b = slerp_coefficients(inner, jnp.sqrt(jnp.sum(da * da)), jnp.sqrt(jnp.sum(db * db)),
-                                  lam)
+    c_a, c_b = slerp_coefficients(
+        inner, jnp.sqrt(jnp.sum(da * da)), jnp.sqrt(jnp.sum(db * db)), lam
+    )
     return (base + c_a * da + c_b * db).astype(x0.dtype)
 
 
@@ -140,8 +151,13 @@ def slerp(init: PyTree, a: PyTree, b: PyTree, lam: float) -> PyTree:
     """Spherical interpolation of the task vectors of runs `a` and `b` from `init`, per tensor
     (WARP's second stage; see the module docstring). lam = 0 gives a, 1 gives b."""
     check_fraction("lam", lam)
-    return _map(lambda x0, xa, xb: _slerp_leaf(x0, xa, xb, lam), init, a, b,
-                names=("init", "run a", "run b"))
+    return _map(
+        lambda x0, xa, xb: _slerp_leaf(x0, xa, xb, lam),
+        init,
+        a,
+        b,
+        names=("init", "run a", "run b"),
+    )
 
 
 def lerp(init: PyTree, a: PyTree, b: PyTree, lam: float) -> PyTree:
@@ -150,8 +166,11 @@ def lerp(init: PyTree, a: PyTree, b: PyTree, lam: float) -> PyTree:
 
     def leaf(x0, xa, xb):
         base = x0.astype(jnp.float32)
-        return (base + (1.0 - lam) * (xa.astype(jnp.float32) - base)
-                + lam * (xb.astype(jnp.float32) - base)).astype(x0.dtype)
+        return (
+            base
+            + (1.0 - lam) * (xa.astype(jnp.float32) - base)
+            + lam * (xb.astype(jnp.float32) - base)
+        ).astype(x0.dtype)
 
     return _map(leaf, init, a, b, names=("init", "run a", "run b"))
 
@@ -161,9 +180,14 @@ def liti(init: PyTree, merged: PyTree, eta: float) -> PyTree:
     (1 - eta) init + eta merged. eta = 0 gives init, 1 the merge; sweeping eta traces the
     KL-reward front, and the chosen point initialises the next WARP iteration."""
     check_fraction("eta", eta)
-    return _map(lambda x0, xm: ((1.0 - eta) * x0.astype(jnp.float32)
-                                + eta * xm.astype(jnp.float32)).astype(x0.dtype),
-                init, merged, names=("init", "merged"))
+    return _map(
+        lambda x0, xm: ((1.0 - eta) * x0.astype(jnp.float32) + eta * xm.astype(jnp.float32)).astype(
+            x0.dtype
+        ),
+        init,
+        merged,
+        names=("init", "merged"),
+    )
 
 
 def ema(anchor: PyTree, params: PyTree, rate: float) -> PyTree:
@@ -172,9 +196,14 @@ def ema(anchor: PyTree, params: PyTree, rate: float) -> PyTree:
     target theta, k steps give theta + (1 - rate)^k (anchor_0 - theta). On LoRA factors this
     averages A and B separately: a valid moving anchor, not the EMA of the merged weights."""
     check_fraction("the EMA rate", rate)
-    return _map(lambda xa, xp: ((1.0 - rate) * xa.astype(jnp.float32)
-                                + rate * xp.astype(jnp.float32)).astype(xa.dtype),
-                anchor, params, names=("anchor", "params"))
+    return _map(
+        lambda xa, xp: (
+            (1.0 - rate) * xa.astype(jnp.float32) + rate * xp.astype(jnp.float32)
+        ).astype(xa.dtype),
+        anchor,
+        params,
+        names=("anchor", "params"),
+    )
 
 
 def _normalised_weights(count: int, weights: Sequence[float] | None) -> list[float]:
@@ -214,8 +243,10 @@ def is_lora_pair(node) -> bool:
 def _map_pairs(fn, *trees: PyTree, names: Sequence[str]) -> PyTree:
     trees = tuple(check_same_structure(trees, names))
     if not any(True for _ in _pairs(trees[0])):
-        raise ConfigError("no LoRA factors found: give dicts with {'a': A, 'b': B} pairs, "
-                          "e.g. nnx.to_pure_dict(gemma_kit.lora.lora_state(model))")
+        raise ConfigError(
+            "no LoRA factors found: give dicts with {'a': A, 'b': B} pairs, "
+            "e.g. nnx.to_pure_dict(gemma_kit.lora.lora_state(model))"
+        )
     return jax.tree.map(fn, *trees, is_leaf=is_lora_pair)
 
 
@@ -236,8 +267,8 @@ def lora_inner(x: Mapping, y: Mapping) -> jax.Array:
     """<A_x B_x, A_y B_y>_F from r x r Gram matrices, never forming a delta."""
     ax = x["a"].astype(jnp.float32).reshape(-1, x["a"].shape[-1])  # [C, R]
     ay = y["a"].astype(jnp.float32).reshape(-1, y["a"].shape[-1])  # [C, S]
-    bx = x["b"].astype(jnp.float32).reshape(x["b"].shape[0], -1)   # [R, K]
-    by = y["b"].astype(jnp.float32).reshape(y["b"].shape[0], -1)   # [S, K]
+    bx = x["b"].astype(jnp.float32).reshape(x["b"].shape[0], -1)  # [R, K]
+    by = y["b"].astype(jnp.float32).reshape(y["b"].shape[0], -1)  # [S, K]
     hi = jax.lax.Precision.HIGHEST
     gram_a = jnp.einsum("CR,CS->RS", ax, ay, precision=hi)
     gram_b = jnp.einsum("RK,SK->RS", bx, by, precision=hi)
@@ -247,8 +278,13 @@ def lora_inner(x: Mapping, y: Mapping) -> jax.Array:
 def _concat(pairs: Sequence[Mapping], coefficients: Sequence) -> dict:
     # sum_i c_i A_i B_i = [A_1 ... A_M] [c_1 B_1; ...; c_M B_M]
     a = jnp.concatenate([p["a"] for p in pairs], axis=-1)
-    b = jnp.concatenate([(c * p["b"].astype(jnp.float32)).astype(p["b"].dtype)
-                         for c, p in zip(coefficients, pairs)], axis=0)
+    b = jnp.concatenate(
+        [
+            (c * p["b"].astype(jnp.float32)).astype(p["b"].dtype)
+            for c, p in zip(coefficients, pairs)
+        ],
+        axis=0,
+    )
     return {"a": a, "b": b}
 
 
@@ -258,15 +294,17 @@ def lora_average(runs: Sequence[PyTree], weights: Sequence[float] | None = None)
     would NOT average the models: mean(A_i B_i) != mean(A_i) mean(B_i)."""
     runs = list(runs)
     w = _normalised_weights(len(runs), weights)
-    return _map_pairs(lambda *pairs: _concat(pairs, w), *runs,
-                      names=[f"run {i}" for i in range(len(runs))])
+    return _map_pairs(
+        lambda *pairs: _concat(pairs, w), *runs, names=[f"run {i}" for i in range(len(runs))]
+    )
 
 
 def lora_lerp(a: PyTree, b: PyTree, lam: float) -> PyTree:
     """(1 - lam) delta_a + lam delta_b exactly, as a rank-2r LoRA."""
     check_fraction("lam", lam)
-    return _map_pairs(lambda pa, pb: _concat((pa, pb), (1.0 - lam, lam)), a, b,
-                      names=("run a", "run b"))
+    return _map_pairs(
+        lambda pa, pb: _concat((pa, pb), (1.0 - lam, lam)), a, b, names=("run a", "run b")
+    )
 
 
 def lora_slerp(a: PyTree, b: PyTree, lam: float) -> PyTree:
@@ -275,8 +313,9 @@ def lora_slerp(a: PyTree, b: PyTree, lam: float) -> PyTree:
     check_fraction("lam", lam)
 
     def pair(pa, pb):
-        c_a, c_b = slerp_coefficients(lora_inner(pa, pb), jnp.sqrt(lora_inner(pa, pa)),
-                                      jnp.sqrt(lora_inner(pb, pb)), lam)
+        c_a, c_b = slerp_coefficients(
+            lora_inner(pa, pb), jnp.sqrt(lora_inner(pa, pa)), jnp.sqrt(lora_inner(pb, pb)), lam
+        )
         return _concat((pa, pb), (c_a, c_b))
 
     return _map_pairs(pair, a, b, names=("run a", "run b"))
@@ -285,5 +324,8 @@ def lora_slerp(a: PyTree, b: PyTree, lam: float) -> PyTree:
 def lora_liti(merged: PyTree, eta: float) -> PyTree:
     """LITI towards the base for a LoRA merge: base + eta * delta, i.e. B scaled by eta."""
     check_fraction("eta", eta)
-    return _map_pairs(lambda p: {"a": p["a"], "b": (eta * p["b"].astype(jnp.float32)).astype(
-        p["b"].dtype)}, merged, names=("merged",))
+    return _map_pairs(
+        lambda p: {"a": p["a"], "b": (eta * p["b"].astype(jnp.float32)).astype(p["b"].dtype)},
+        merged,
+        names=("merged",),
+    )

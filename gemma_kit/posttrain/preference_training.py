@@ -51,15 +51,18 @@ class PreferenceConfig(TrainConfig):
 
     def validate(self) -> PreferenceConfig:
         super().validate()
-        if self.data_seed is not None and (isinstance(self.data_seed, bool)
-                                           or not isinstance(self.data_seed, int)):
+        if self.data_seed is not None and (
+            isinstance(self.data_seed, bool) or not isinstance(self.data_seed, int)
+        ):
             raise ConfigError(f"data_seed must be an integer or unset, got {self.data_seed!r}")
         return self
 
     def validate_data(self) -> None:
         if not self.train_file:
-            raise ConfigError("train_file is required (a JSONL file of preference pairs "
-                              "{\"prompt\", \"chosen\", \"rejected\"})")
+            raise ConfigError(
+                "train_file is required (a JSONL file of preference pairs "
+                '{"prompt", "chosen", "rejected"})'
+            )
 
     @property
     def order_seed(self) -> int:
@@ -76,21 +79,26 @@ class PreferenceData:
     stats: dict[str, Any]
 
     @classmethod
-    def from_pairs(cls, train: Preferences, held: Preferences | None = None,
-                   fingerprint: str = "") -> PreferenceData:
+    def from_pairs(
+        cls, train: Preferences, held: Preferences | None = None, fingerprint: str = ""
+    ) -> PreferenceData:
         """The data of a run from pairs already loaded (and the facts the log reports)."""
-        stats = dict(train_pairs=len(train), eval_pairs=0 if held is None else len(held),
-                     skipped=train.stats.get("skipped", 0),
-                     train_length=int(train.chosen.shape[1]),
-                     with_margin=int(np.sum(train.margin != 0)))
+        stats = dict(
+            train_pairs=len(train),
+            eval_pairs=0 if held is None else len(held),
+            skipped=train.stats.get("skipped", 0),
+            train_length=int(train.chosen.shape[1]),
+            with_margin=int(np.sum(train.margin != 0)),
+        )
         return cls(train, held, fingerprint, stats)
 
     def batch_index(self, step: int, batch_size: int, seed: int) -> np.ndarray:
         """The training pairs of optimizer step `step` ([batch_size] indices)."""
         n = len(self.train)
         g = step * batch_size + np.arange(batch_size)
-        return np.asarray([epoch_order(seed, int(e), n)[int(i)] for e, i in zip(g // n, g % n)],
-                          np.int64)
+        return np.asarray(
+            [epoch_order(seed, int(e), n)[int(i)] for e, i in zip(g // n, g % n)], np.int64
+        )
 
     def step_batch(self, step: int, config: PreferenceConfig) -> dict[str, np.ndarray]:
         """Host arrays of step `step`'s pairs as [grad_accum, micro_batch, ...]."""
@@ -113,9 +121,11 @@ def check_preference_files(config: TrainConfig) -> None:
 
 def load_preference_data(config: PreferenceConfig, tokenizer: Tokenizer) -> PreferenceData:
     """The training and held-out pairs of a run (see the module docstring)."""
+
     def read(path: str) -> Preferences:
-        return load_preferences(path, tokenizer, max_length=config.max_length,
-                                skip_bad_rows=config.skip_bad_rows)
+        return load_preferences(
+            path, tokenizer, max_length=config.max_length, skip_bad_rows=config.skip_bad_rows
+        )
 
     train = read(config.train_file)
     held: Preferences | None = None
@@ -123,15 +133,25 @@ def load_preference_data(config: PreferenceConfig, tokenizer: Tokenizer) -> Pref
         held = read(config.eval_file)
     elif config.eval_fraction > 0:
         train, held = train.split(config.eval_fraction, seed=config.seed)
-    fp = fingerprint(config.train_file, config.eval_file, max_length=config.max_length,
-                     eval_fraction=config.eval_fraction, seed=config.seed,
-                     skip_bad_rows=config.skip_bad_rows, kind="preferences")
+    fp = fingerprint(
+        config.train_file,
+        config.eval_file,
+        max_length=config.max_length,
+        eval_fraction=config.eval_fraction,
+        seed=config.seed,
+        skip_bad_rows=config.skip_bad_rows,
+        kind="preferences",
+    )
     return PreferenceData.from_pairs(train, held, fp)
 
 
-def held_out_batches(pairs: Preferences, rows: int, *, limit: int | None = None,
-                     extra: dict[str, np.ndarray] | None = None
-                     ) -> Iterator[dict[str, np.ndarray]]:
+def held_out_batches(
+    pairs: Preferences,
+    rows: int,
+    *,
+    limit: int | None = None,
+    extra: dict[str, np.ndarray] | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
     """Batches of `rows` pairs over the first `limit` (default all) pairs, in order, each with
     "valid" [rows] float32 (1 for a real pair, 0 for the copies of pair 0 that fill the last
     batch: they count nothing). extra: more per-pair arrays [N, ...] to take alongside."""

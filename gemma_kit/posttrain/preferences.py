@@ -73,14 +73,19 @@ class Preferences:
 
     def subset(self, index) -> Preferences:
         index = np.asarray(index, np.int64)
-        return Preferences(*(getattr(self, n)[index] for n in self.ARRAYS),
-                           sources=[self.sources[i] for i in index], stats=dict(self.stats))
+        return Preferences(
+            *(getattr(self, n)[index] for n in self.ARRAYS),
+            sources=[self.sources[i] for i in index],
+            stats=dict(self.stats),
+        )
 
     def split(self, eval_fraction: float, seed: int = 0) -> tuple[Preferences, Preferences]:
         """(train, held-out) by a seeded shuffle; at least one pair on each side."""
         if not 0.0 < eval_fraction < 1.0 or len(self) < 2:
-            raise DataError(f"cannot hold out a fraction {eval_fraction} of {len(self)} pairs; "
-                            "use a fraction in (0, 1) and at least 2 pairs")
+            raise DataError(
+                f"cannot hold out a fraction {eval_fraction} of {len(self)} pairs; "
+                "use a fraction in (0, 1) and at least 2 pairs"
+            )
         order = np.random.default_rng([seed, 0xE7A1]).permutation(len(self))
         n_eval = min(max(int(round(eval_fraction * len(self))), 1), len(self) - 1)
         return self.subset(np.sort(order[n_eval:])), self.subset(np.sort(order[:n_eval]))
@@ -122,12 +127,17 @@ def pad_right(rows: Sequence[Sequence[int]], length: int, pad_id: int = 0) -> np
 
 def _messages(value, what: str) -> list[dict]:
     if not isinstance(value, list) or not value:
-        raise ValueError(f"\"{what}\" must be a non-empty list of {{\"role\", \"content\"}}")
+        raise ValueError(f'"{what}" must be a non-empty list of {{"role", "content"}}')
     for k, m in enumerate(value):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str)):
-            raise ValueError(f"\"{what}\" message {k} must be an object with a string \"role\" "
-                             "and a string \"content\"")
+        if not (
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+        ):
+            raise ValueError(
+                f'"{what}" message {k} must be an object with a string "role" '
+                'and a string "content"'
+            )
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
@@ -137,15 +147,20 @@ def _reply(value, what: str, conversational: bool) -> str:
         return value
     if isinstance(value, list):
         if not conversational:
-            raise ValueError(f"\"{what}\" is a message list but the prompt is plain text; give "
-                             "both as text, or the prompt as messages too")
+            raise ValueError(
+                f'"{what}" is a message list but the prompt is plain text; give '
+                "both as text, or the prompt as messages too"
+            )
         messages = _messages(value, what)
         if len(messages) != 1 or messages[0]["role"] not in MODEL_ROLES:
-            raise ValueError(f"\"{what}\" must be one assistant message "
-                             "[{\"role\": \"assistant\", \"content\": ...}]")
+            raise ValueError(
+                f'"{what}" must be one assistant message [{{"role": "assistant", "content": ...}}]'
+            )
         return messages[0]["content"]
-    raise ValueError(f"\"{what}\" must be a string or a list with one assistant message, got "
-                     f"{type(value).__name__}")
+    raise ValueError(
+        f'"{what}" must be a string or a list with one assistant message, got '
+        f"{type(value).__name__}"
+    )
 
 
 def parse_pair(obj: Any) -> tuple[Prompt, str, str, float]:
@@ -156,10 +171,12 @@ def parse_pair(obj: Any) -> tuple[Prompt, str, str, float]:
     missing = [k for k in ("chosen", "rejected") if k not in obj]
     if missing:
         found = f"keys {sorted(obj)}" if obj else "an empty object"
-        raise ValueError(f"a preference row needs \"chosen\" and \"rejected\" (missing "
-                         f"{', '.join(missing)}); found {found}")
+        raise ValueError(
+            f'a preference row needs "chosen" and "rejected" (missing '
+            f"{', '.join(missing)}); found {found}"
+        )
     if "prompt" in obj and "messages" in obj:
-        raise ValueError("give the prompt as \"prompt\" or as \"messages\", not both")
+        raise ValueError('give the prompt as "prompt" or as "messages", not both')
     chosen, rejected = obj["chosen"], obj["rejected"]
     if "prompt" in obj or "messages" in obj:
         key = "prompt" if "prompt" in obj else "messages"
@@ -169,16 +186,21 @@ def parse_pair(obj: Any) -> tuple[Prompt, str, str, float]:
         elif isinstance(prompt, list):
             prompt_value = _messages(prompt, key)
         else:
-            raise ValueError(f"\"{key}\" must be a string or a list of messages, got "
-                             f"{type(prompt).__name__}")
+            raise ValueError(
+                f'"{key}" must be a string or a list of messages, got {type(prompt).__name__}'
+            )
     else:  # TRL's implicit prompt: two conversations that differ in their last turn only
         if not (isinstance(chosen, list) and isinstance(rejected, list)):
-            raise ValueError("a row without \"prompt\" needs \"chosen\" and \"rejected\" as "
-                             "conversations (message lists) sharing all but the last turn")
+            raise ValueError(
+                'a row without "prompt" needs "chosen" and "rejected" as '
+                "conversations (message lists) sharing all but the last turn"
+            )
         chosen, rejected = _messages(chosen, "chosen"), _messages(rejected, "rejected")
         if len(chosen) < 2 or chosen[:-1] != rejected[:-1]:
-            raise ValueError("without a \"prompt\", \"chosen\" and \"rejected\" must be the same "
-                             "conversation up to their last (assistant) turn")
+            raise ValueError(
+                'without a "prompt", "chosen" and "rejected" must be the same '
+                "conversation up to their last (assistant) turn"
+            )
         prompt_value, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
     conversational = not isinstance(prompt_value, str)
     if conversational:
@@ -187,15 +209,27 @@ def parse_pair(obj: Any) -> tuple[Prompt, str, str, float]:
         except ChatFormatError as err:
             raise ValueError(f"the prompt conversation: {err}") from None
     margin = obj.get("margin", 0.0)
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(
-            margin):
-        raise ValueError(f"\"margin\" must be a finite number, got {margin!r}")
-    return (prompt_value, _reply(chosen, "chosen", conversational),
-            _reply(rejected, "rejected", conversational), float(margin))
+    if (
+        isinstance(margin, bool)
+        or not isinstance(margin, (int, float))
+        or not math.isfinite(margin)
+    ):
+        raise ValueError(f'"margin" must be a finite number, got {margin!r}')
+    return (
+        prompt_value,
+        _reply(chosen, "chosen", conversational),
+        _reply(rejected, "rejected", conversational),
+        float(margin),
+    )
 
 
-def load_preferences(path: str | os.PathLike, tokenizer: Tokenizer, *, max_length: int = 1024,
-                     skip_bad_rows: bool = False) -> Preferences:
+def load_preferences(
+    path: str | os.PathLike,
+    tokenizer: Tokenizer,
+    *,
+    max_length: int = 1024,
+    skip_bad_rows: bool = False,
+) -> Preferences:
     """Every pair of a JSONL file, tokenised and padded (see the module docstring).
 
     A pair whose prompt + completion exceeds max_length tokens is an error (or skipped with
@@ -216,13 +250,18 @@ def load_preferences(path: str | os.PathLike, tokenizer: Tokenizer, *, max_lengt
             for side, reply in (("chosen", chosen), ("rejected", rejected)):
                 seq, start = encode_pair(tokenizer, prompt, reply)
                 if len(seq) > max_length:
-                    raise ValueError(f"prompt + {side} is {len(seq)} tokens, longer than "
-                                     f"max_length {max_length}; raise it or shorten the row")
+                    raise ValueError(
+                        f"prompt + {side} is {len(seq)} tokens, longer than "
+                        f"max_length {max_length}; raise it or shorten the row"
+                    )
                 pair[side] = (seq, start)
         except ValueError as err:
             if not skip_bad_rows:
-                raise DataError(f"{err} (pass skip_bad_rows to skip such rows and count them)",
-                                path=path, line=line_no) from None
+                raise DataError(
+                    f"{err} (pass skip_bad_rows to skip such rows and count them)",
+                    path=path,
+                    line=line_no,
+                ) from None
             skipped.append(f"{path}:{line_no}: {err}")
             continue
         for side, (seq, start) in pair.items():
@@ -231,8 +270,11 @@ def load_preferences(path: str | os.PathLike, tokenizer: Tokenizer, *, max_lengt
         margins.append(margin)
         sources.append(f"{path}:{line_no}")
     if not sources:
-        raise DataError(f"no usable pairs ({len(skipped)} skipped; the first: "
-                        f"{skipped[0] if skipped else '-'})", path=path)
+        raise DataError(
+            f"no usable pairs ({len(skipped)} skipped; the first: "
+            f"{skipped[0] if skipped else '-'})",
+            path=path,
+        )
     length = max(len(s) for side in ids.values() for s in side)
     arrays = {}
     for side in ("chosen", "rejected"):
@@ -241,8 +283,19 @@ def load_preferences(path: str | os.PathLike, tokenizer: Tokenizer, *, max_lengt
         start = np.asarray(starts[side])[:, None]
         end = np.asarray([len(s) for s in ids[side]])[:, None]
         arrays[f"{side}_completion"] = (positions >= start) & (positions < end)
-    stats = dict(pairs=len(sources), skipped=len(skipped), skipped_reasons=skipped[:20],
-                 length=length, with_margin=int(sum(m != 0 for m in margins)))
-    return Preferences(arrays["chosen"], arrays["rejected"], arrays["chosen_completion"],
-                       arrays["rejected_completion"], np.asarray(margins, np.float32), sources,
-                       stats)
+    stats = dict(
+        pairs=len(sources),
+        skipped=len(skipped),
+        skipped_reasons=skipped[:20],
+        length=length,
+        with_margin=int(sum(m != 0 for m in margins)),
+    )
+    return Preferences(
+        arrays["chosen"],
+        arrays["rejected"],
+        arrays["chosen_completion"],
+        arrays["rejected_completion"],
+        np.asarray(margins, np.float32),
+        sources,
+        stats,
+    )

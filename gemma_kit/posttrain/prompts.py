@@ -56,8 +56,12 @@ class Prompts:
 
     def subset(self, index: Sequence[int]) -> Prompts:
         index = [int(i) for i in index]
-        return Prompts([self.texts[i] for i in index], [self.ids[i] for i in index],
-                       [self.sources[i] for i in index], self.skipped)
+        return Prompts(
+            [self.texts[i] for i in index],
+            [self.ids[i] for i in index],
+            [self.sources[i] for i in index],
+            self.skipped,
+        )
 
     def split(self, fraction: float, seed: int) -> tuple[Prompts, Prompts | None]:
         """(training, held-out) prompts by a seeded shuffle: round(fraction * P) held out (at
@@ -80,7 +84,7 @@ class Prompts:
             epoch, offset = divmod(position, P)
             order = np.random.default_rng([seed, epoch, 0xB47C]).permutation(P)
             take = min(size - len(chosen), P - offset)
-            chosen.extend(order[offset:offset + take].tolist())
+            chosen.extend(order[offset : offset + take].tolist())
             position += take
         return self.subset(chosen)
 
@@ -93,28 +97,38 @@ def parse_prompt(row) -> str | list[dict]:
     keys = [k for k in ("prompt", "messages") if k in row]
     if len(keys) != 1:
         found = f"keys {sorted(row)}" if row else "an empty object"
-        raise ValueError("a prompt row needs \"prompt\" (text or messages) or \"messages\", "
-                         f"exactly one of them; found {found}")
+        raise ValueError(
+            'a prompt row needs "prompt" (text or messages) or "messages", '
+            f"exactly one of them; found {found}"
+        )
     value = row[keys[0]]
     if isinstance(value, str):
         if keys[0] == "messages":
-            raise ValueError("\"messages\" must be a list of {\"role\", \"content\"} messages")
+            raise ValueError('"messages" must be a list of {"role", "content"} messages')
         if not value:
             raise ValueError("the prompt is empty")
         return value
     if not isinstance(value, list) or not value:
-        raise ValueError(f"\"{keys[0]}\" must be a string or a non-empty list of messages, got "
-                         f"{type(value).__name__}")
+        raise ValueError(
+            f'"{keys[0]}" must be a string or a non-empty list of messages, got '
+            f"{type(value).__name__}"
+        )
     messages = []
     for k, m in enumerate(value):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str)):
-            raise ValueError(f"message {k} must be an object with a string \"role\" and a "
-                             "string \"content\"")
+        if not (
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+        ):
+            raise ValueError(
+                f'message {k} must be an object with a string "role" and a string "content"'
+            )
         messages.append({"role": m["role"], "content": m["content"]})
     if messages[-1]["role"] != "user":
-        raise ValueError("a prompt conversation must end with a user turn (the model answers "
-                         f"it), not a {messages[-1]['role']!r} turn")
+        raise ValueError(
+            "a prompt conversation must end with a user turn (the model answers "
+            f"it), not a {messages[-1]['role']!r} turn"
+        )
     try:
         format_chat(messages, add_generation_prompt=True)
     except ChatFormatError as err:
@@ -128,8 +142,9 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str | list[dict]) -> tuple[str, 
     return text, tokenizer.encode(text, add_bos=True)
 
 
-def read_prompts(path: str | os.PathLike, tokenizer: Tokenizer, *,
-                 skip_bad_rows: bool = False) -> Prompts:
+def read_prompts(
+    path: str | os.PathLike, tokenizer: Tokenizer, *, skip_bad_rows: bool = False
+) -> Prompts:
     """Every prompt of a JSONL file, encoded (see the module docstring)."""
     texts, ids, sources = [], [], []
     skipped = 0
@@ -144,12 +159,14 @@ def read_prompts(path: str | os.PathLike, tokenizer: Tokenizer, *,
             if skip_bad_rows:
                 skipped += 1
                 continue
-            raise DataError(f"{err} (skip_bad_rows = true skips such rows)", path=path,
-                            line=line) from None
+            raise DataError(
+                f"{err} (skip_bad_rows = true skips such rows)", path=path, line=line
+            ) from None
         texts.append(text)
         ids.append(tokens)
         sources.append(f"{path}:{line}")
     if not texts:
-        raise DataError(f"all {skipped} rows were malformed and skipped; no prompt is left",
-                        path=path)
+        raise DataError(
+            f"all {skipped} rows were malformed and skipped; no prompt is left", path=path
+        )
     return Prompts(texts, ids, sources, skipped)

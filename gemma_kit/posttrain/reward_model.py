@@ -78,14 +78,16 @@ class ScoreHead(nnx.Module):
 
     def __init__(self, embed_dim: int, *, init_std: float = 0.0, seed: int = 0):
         rng = np.random.default_rng(seed)
-        weight = rng.normal(0.0, init_std, (1, embed_dim)) if init_std > 0 else np.zeros(
-            (1, embed_dim))
+        weight = (
+            rng.normal(0.0, init_std, (1, embed_dim)) if init_std > 0 else np.zeros((1, embed_dim))
+        )
         self.weight = HeadParam(jnp.asarray(weight, jnp.float32))
 
     def __call__(self, pooled: jax.Array) -> jax.Array:
         """[B, D] -> [B] float32 (the product is taken in float32)."""
-        return jnp.einsum("BD,D->B", pooled.astype(jnp.float32),
-                          self.weight[...][0].astype(jnp.float32))
+        return jnp.einsum(
+            "BD,D->B", pooled.astype(jnp.float32), self.weight[...][0].astype(jnp.float32)
+        )
 
 
 def last_token_index(tokens: jax.Array, pad_id: int) -> jax.Array:
@@ -102,8 +104,9 @@ class RewardTransformer(nnx.Module):
     (gemma_kit.transformer.default_positions).
     """
 
-    def __init__(self, model: Transformer, *, pad_id: int = 0, init_std: float = 0.0,
-                 seed: int = 0):
+    def __init__(
+        self, model: Transformer, *, pad_id: int = 0, init_std: float = 0.0, seed: int = 0
+    ):
         self.model = model
         self.score = ScoreHead(model.config.embed_dim, init_std=init_std, seed=seed)
         self.pad_id = int(pad_id)
@@ -131,18 +134,28 @@ def _forward(state, tokens, *, graphdef):
 # The Bradley-Terry loss (core convention)
 
 
-def pair_metric_sums(chosen: jax.Array, rejected: jax.Array,
-                     valid: jax.Array | None = None) -> dict[str, jax.Array]:
+def pair_metric_sums(
+    chosen: jax.Array, rejected: jax.Array, valid: jax.Array | None = None
+) -> dict[str, jax.Array]:
     """Sums over pairs (divide by the pair count): accuracy counts chosen > rejected strictly,
     as TRL's RewardTrainer does. valid [B]: each pair's weight (0 for padding pairs)."""
     v = jnp.ones_like(chosen) if valid is None else valid.astype(jnp.float32)
-    return dict(accuracy=jnp.sum(v * (chosen > rejected).astype(jnp.float32)),
-                margin=jnp.sum(v * (chosen - rejected)), chosen_reward=jnp.sum(v * chosen),
-                rejected_reward=jnp.sum(v * rejected))
+    return dict(
+        accuracy=jnp.sum(v * (chosen > rejected).astype(jnp.float32)),
+        margin=jnp.sum(v * (chosen - rejected)),
+        chosen_reward=jnp.sum(v * chosen),
+        rejected_reward=jnp.sum(v * rejected),
+    )
 
 
-def reward_loss(network: RewardTransformer, batch: dict, frozen=None, *,
-                use_margin: bool = True, center_coefficient: float | None = None):
+def reward_loss(
+    network: RewardTransformer,
+    batch: dict,
+    frozen=None,
+    *,
+    use_margin: bool = True,
+    center_coefficient: float | None = None,
+):
     """(loss sum, number of pairs, metric sums) of a batch of pairs, in the training core's
     convention `(model, batch, frozen) -> (loss_sum, normaliser, metrics)`.
 
@@ -178,21 +191,44 @@ class RewardModel:
       270M); a LoRA reward model saves its adapter over this base and reloads it from there.
     """
 
-    def __init__(self, network: RewardTransformer, tokenizer: Tokenizer | None = None, *,
-                 base: str | os.PathLike | None = None, name: str | None = None):
+    def __init__(
+        self,
+        network: RewardTransformer,
+        tokenizer: Tokenizer | None = None,
+        *,
+        base: str | os.PathLike | None = None,
+        name: str | None = None,
+    ):
         self.network = network
         self.tokenizer = tokenizer
-        self.base = None if base is None else (
-            base if str(base) == DEFAULT_BASE else str(pathlib.Path(base).expanduser().absolute()))
+        self.base = (
+            None
+            if base is None
+            else (
+                base
+                if str(base) == DEFAULT_BASE
+                else str(pathlib.Path(base).expanduser().absolute())
+            )
+        )
         self.name = name or "reward model"
         # The checkpoint training started from, for both backbone kinds: what WARM checks its
         # members share (a LoRA model's `base` is that too; a full one reloads from itself).
         self.trained_from = self.base
 
     @classmethod
-    def from_base(cls, base="default", *, method: str = "lora", rank: int = 8,
-                  alpha: float = 16.0, targets="all", dtype=None, init_std: float = 0.0,
-                  seed: int = 0, preset=None) -> RewardModel:
+    def from_base(
+        cls,
+        base="default",
+        *,
+        method: str = "lora",
+        rank: int = 8,
+        alpha: float = 16.0,
+        targets="all",
+        dtype=None,
+        init_std: float = 0.0,
+        seed: int = 0,
+        preset=None,
+    ) -> RewardModel:
         """A new reward model: the base checkpoint ("default": the embedded 270M), LoRA on
         `targets` (method "lora") or every weight trainable ("full"), and a fresh head."""
         if method not in TRAINABLE:
@@ -232,22 +268,31 @@ class RewardModel:
     def __call__(self, prompts: Sequence, completions: Sequence[str]) -> np.ndarray:
         return self.score(prompts, completions, progress=False)
 
-    def score(self, prompts: Sequence, completions: Sequence[str], *, batch_size: int = 16,
-              progress: bool = True) -> np.ndarray:
+    def score(
+        self,
+        prompts: Sequence,
+        completions: Sequence[str],
+        *,
+        batch_size: int = 16,
+        progress: bool = True,
+    ) -> np.ndarray:
         """float32 [N]: the reward of each (prompt, completion), tokenised as preference pairs
         are (preferences.encode_pair: plain text ends with <eos>, a chat reply with
         <end_of_turn>). prompts[i] is text or a message list."""
         if self.tokenizer is None:
-            raise RewardError("this reward model has no tokenizer; pass tokenizer= when making "
-                              "it, or score token ids with score_ids()")
+            raise RewardError(
+                "this reward model has no tokenizer; pass tokenizer= when making "
+                "it, or score token ids with score_ids()"
+            )
         prompts, completions = list(prompts), list(completions)
         if len(prompts) != len(completions):
             raise RewardError(f"{len(prompts)} prompts for {len(completions)} completions")
         seqs = [encode_pair(self.tokenizer, p, c)[0] for p, c in zip(prompts, completions)]
         return self.score_ids(seqs, batch_size=batch_size, progress=progress)
 
-    def score_ids(self, seqs: Sequence[Sequence[int]], *, batch_size: int = 16,
-                  progress: bool = False) -> np.ndarray:
+    def score_ids(
+        self, seqs: Sequence[Sequence[int]], *, batch_size: int = 16, progress: bool = False
+    ) -> np.ndarray:
         """float32 [N]: the reward of each id sequence (no padding inside).
 
         Sequences are run in batches of similar length, right-padded to a multiple of 16 (few
@@ -260,17 +305,19 @@ class RewardModel:
         limit = self.config.max_context
         longest = max(len(s) for s in seqs)
         if longest > limit:
-            raise RewardError(f"a sequence of {longest} tokens is longer than the model's "
-                              f"context ({limit})")
+            raise RewardError(
+                f"a sequence of {longest} tokens is longer than the model's context ({limit})"
+            )
         if min(len(s) for s in seqs) == 0:
             raise RewardError("an empty token sequence cannot be scored")
         graphdef, state = nnx.split(self.network)
         rows = min(batch_size, n)
         order = sorted(range(n), key=lambda i: len(seqs[i]))
         filler = [seqs[order[0]][0]]  # a one-token row fills a short last batch
-        batches = [order[i:i + rows] for i in range(0, n, rows)]
-        for chunk in tqdm(batches, desc="scoring", unit="batch",
-                          disable=not progress or len(batches) < 2):
+        batches = [order[i : i + rows] for i in range(0, n, rows)]
+        for chunk in tqdm(
+            batches, desc="scoring", unit="batch", disable=not progress or len(batches) < 2
+        ):
             batch = [list(seqs[i]) for i in chunk] + [filler] * (rows - len(chunk))
             length = min(-(-max(map(len, batch)) // 16) * 16, limit)
             tokens = pad_right(batch, length, self.network.pad_id)
@@ -278,8 +325,14 @@ class RewardModel:
             out[chunk] = np.asarray(rewards)[: len(chunk)]
         return out
 
-    def evaluate(self, pairs: Preferences, *, batch_size: int = 16, progress: bool = False,
-                 center_coefficient: float | None = None) -> dict[str, float]:
+    def evaluate(
+        self,
+        pairs: Preferences,
+        *,
+        batch_size: int = 16,
+        progress: bool = False,
+        center_coefficient: float | None = None,
+    ) -> dict[str, float]:
         """Held-out metrics of preference pairs: pairwise accuracy (chosen scored strictly
         above rejected), the Bradley-Terry loss (margins included), mean margin and rewards."""
         seqs = []
@@ -288,13 +341,16 @@ class RewardModel:
             ends = np.asarray(last_token_index(jnp.asarray(tokens), self.network.pad_id)) + 1
             seqs += [row[:end].tolist() for row, end in zip(tokens, ends)]
         rewards = self.score_ids(seqs, batch_size=batch_size, progress=progress)
-        chosen, rejected = jnp.asarray(rewards[: len(pairs)]), jnp.asarray(rewards[len(pairs):])
+        chosen, rejected = jnp.asarray(rewards[: len(pairs)]), jnp.asarray(rewards[len(pairs) :])
         loss = bradley_terry_loss(chosen, rejected, margin=jnp.asarray(pairs.margin))
         if center_coefficient:
             loss = loss + center_coefficient * reward_centering(chosen, rejected)
         sums = pair_metric_sums(chosen, rejected)
-        return dict(loss=float(loss), pairs=len(pairs),
-                    **{k: float(v) / len(pairs) for k, v in sums.items()})
+        return dict(
+            loss=float(loss),
+            pairs=len(pairs),
+            **{k: float(v) / len(pairs) for k, v in sums.items()},
+        )
 
     # -- files --------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> pathlib.Path:
@@ -304,27 +360,43 @@ class RewardModel:
 
         lora = self.method == "lora"
         if lora and self.base is None:
-            raise RewardError("a LoRA reward model is saved as an adapter over its base, but "
-                              "this one does not know its base: make it with base=PATH (the "
-                              "checkpoint its backbone was loaded from, or 'default')")
+            raise RewardError(
+                "a LoRA reward model is saved as an adapter over its base, but "
+                "this one does not know its base: make it with base=PATH (the "
+                "checkpoint its backbone was loaded from, or 'default')"
+            )
         out = pathlib.Path(path).expanduser().absolute()
-        meta = dict(format=FORMAT, version=VERSION, backbone="lora" if lora else "full",
-                    base=self.base if lora else None, trained_from=self.trained_from,
-                    preset=self.config.name, param_dtype=weights_dtype(self.network.model),
-                    config=config_to_json(self.config), pad_id=self.network.pad_id,
-                    embed_dim=self.config.embed_dim)
+        meta = dict(
+            format=FORMAT,
+            version=VERSION,
+            backbone="lora" if lora else "full",
+            base=self.base if lora else None,
+            trained_from=self.trained_from,
+            preset=self.config.name,
+            param_dtype=weights_dtype(self.network.model),
+            config=config_to_json(self.config),
+            pad_id=self.network.pad_id,
+            embed_dim=self.config.embed_dim,
+        )
         head = np.asarray(self.network.score.weight[...], np.float32)
-        with staging.staged_folder(out, overwrite=overwrite, what="gemma_kit reward model "
-                                   "folder", replaceable=is_reward_model_folder) as folder:
+        with staging.staged_folder(
+            out,
+            overwrite=overwrite,
+            what="gemma_kit reward model folder",
+            replaceable=is_reward_model_folder,
+        ) as folder:
             if lora:
                 save_adapter(self.network.model, folder / ADAPTER_DIR)
             else:
                 from gemma_kit.layers import Einsum
 
-                if any(isinstance(m, Einsum) and m.matvec
-                       for _, m in self.network.model.iter_modules()):
-                    raise RewardError("the backbone is in the sampler's transposed layout; save "
-                                      "the original model")
+                if any(
+                    isinstance(m, Einsum) and m.matvec for _, m in self.network.model.iter_modules()
+                ):
+                    raise RewardError(
+                        "the backbone is in the sampler's transposed layout; save "
+                        "the original model"
+                    )
                 params = nnx.to_pure_dict(nnx.state(self.network.model, nnx.Param))
                 official.save_params(params, folder / CHECKPOINT_DIR)
             np.save(folder / HEAD_FILE, head, allow_pickle=False)
@@ -333,8 +405,9 @@ class RewardModel:
             (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         return out
 
-    def export_hf(self, path: str | os.PathLike, *, dtype=None, overwrite: bool = False,
-                  progress: bool = True) -> pathlib.Path:
+    def export_hf(
+        self, path: str | os.PathLike, *, dtype=None, overwrite: bool = False, progress: bool = True
+    ) -> pathlib.Path:
         """A transformers folder of the sequence-classification class (LoRA merged in), which
         AutoModelForSequenceClassification loads and which scores as this model does."""
         from gemma_kit.checkpoint.hf_export import export_hf
@@ -342,8 +415,15 @@ class RewardModel:
 
         model = merge(self.network.model) if self.method == "lora" else self.network.model
         head = np.asarray(self.network.score.weight[...], np.float32)
-        return export_hf(model, path, tokenizer=self.tokenizer, dtype=dtype,
-                         overwrite=overwrite, progress=progress, score=head)
+        return export_hf(
+            model,
+            path,
+            tokenizer=self.tokenizer,
+            dtype=dtype,
+            overwrite=overwrite,
+            progress=progress,
+            score=head,
+        )
 
 
 def weights_dtype(model) -> str | None:
@@ -370,7 +450,8 @@ def config_from_json(data: dict, name: str):
     from gemma_kit.checkpoint import hf
 
     return hf.config_from_hf(data["hf"], name=name).replace(
-        transpose_gating=bool(data["transpose_gating"]))
+        transpose_gating=bool(data["transpose_gating"])
+    )
 
 
 def is_reward_model_folder(path: pathlib.Path) -> bool:
@@ -388,13 +469,16 @@ def _load_base(base, preset, dtype):
         return default_model(dtype)
     tokenizer_path = find_tokenizer(base)
     if tokenizer_path is None:
-        raise CheckpointError(f"no tokenizer.model in or beside {str(base)!r}; a reward model "
-                              "needs the base's tokenizer")
+        raise CheckpointError(
+            f"no tokenizer.model in or beside {str(base)!r}; a reward model "
+            "needs the base's tokenizer"
+        )
     return load_model(base, preset, dtype, text_only=True), Tokenizer(tokenizer_path)
 
 
-def load_reward_model(path: str | os.PathLike, *, preset=None, dtype=None,
-                      merge: bool = False) -> RewardModel:
+def load_reward_model(
+    path: str | os.PathLike, *, preset=None, dtype=None, merge: bool = False
+) -> RewardModel:
     """Reads a folder written by RewardModel.save (a LoRA one loads its base first).
 
     merge: fold a LoRA adapter into the weights (RewardModel.merged), for scoring only.
@@ -411,8 +495,10 @@ def load_reward_model(path: str | os.PathLike, *, preset=None, dtype=None,
     if not folder.is_dir():
         raise CheckpointNotFoundError(f"no reward model folder at {str(folder)!r}")
     if not file.is_file():
-        raise CheckpointError(f"{str(folder)!r} is not a reward model folder (no {CONFIG_FILE}); "
-                              "pass a folder RewardModel.save wrote")
+        raise CheckpointError(
+            f"{str(folder)!r} is not a reward model folder (no {CONFIG_FILE}); "
+            "pass a folder RewardModel.save wrote"
+        )
     try:
         meta = json.loads(file.read_text())
     except json.JSONDecodeError as err:
@@ -437,21 +523,24 @@ def load_reward_model(path: str | os.PathLike, *, preset=None, dtype=None,
         model = load_model(folder / CHECKPOINT_DIR, preset, dtype, text_only=True)
         tokenizer = None
     else:
-        raise CheckpointError(f"{file}: backbone must be 'lora' or 'full', got "
-                              f"{meta.get('backbone')!r}")
+        raise CheckpointError(
+            f"{file}: backbone must be 'lora' or 'full', got {meta.get('backbone')!r}"
+        )
     if (folder / TOKENIZER_FILE).is_file():
         tokenizer = Tokenizer(folder / TOKENIZER_FILE)
     head_file = folder / HEAD_FILE
     if not head_file.is_file():
-        raise CheckpointError(f"{str(folder)!r} lacks its head ({HEAD_FILE}); the folder is "
-                              "incomplete")
+        raise CheckpointError(
+            f"{str(folder)!r} lacks its head ({HEAD_FILE}); the folder is incomplete"
+        )
     try:
         head = np.load(head_file, allow_pickle=False)
     except ValueError as err:
         raise CheckpointError(f"{head_file} cannot be read ({err})") from None
     if head.shape != (1, model.config.embed_dim):
-        raise CheckpointError(f"{head_file} has shape {head.shape}; the backbone needs "
-                              f"(1, {model.config.embed_dim})")
+        raise CheckpointError(
+            f"{head_file} has shape {head.shape}; the backbone needs (1, {model.config.embed_dim})"
+        )
     network = RewardTransformer(model, pad_id=int(meta.get("pad_id", 0)))
     network.score.weight = HeadParam(jnp.asarray(head, jnp.float32))
     base = meta.get("base") if meta.get("backbone") == "lora" else folder / CHECKPOINT_DIR

@@ -75,8 +75,7 @@ class RewardConfig(PreferenceConfig):
     center_coefficient: float = 0.0
     head_init_std: float = 0.0
 
-    RESUME_FIELDS: ClassVar[tuple[str, ...]] = PreferenceConfig.RESUME_FIELDS + (
-        "head_init_std",)
+    RESUME_FIELDS: ClassVar[tuple[str, ...]] = PreferenceConfig.RESUME_FIELDS + ("head_init_std",)
 
     def validate(self) -> RewardConfig:
         super().validate()
@@ -97,8 +96,13 @@ class BradleyTerryLoss:
     center_coefficient: float = 0.0
 
     def __call__(self, model, batch, frozen=None):
-        return reward_loss(model, batch, frozen, use_margin=self.use_margin,
-                           center_coefficient=self.center_coefficient or None)
+        return reward_loss(
+            model,
+            batch,
+            frozen,
+            use_margin=self.use_margin,
+            center_coefficient=self.center_coefficient or None,
+        )
 
 
 def pair_means(sums: dict[str, float], pairs: float, prefix: str = "") -> dict[str, float]:
@@ -138,12 +142,15 @@ class RewardTraining(Objective):
         self.config, self.pad_id = config, context.tokenizer.pad_id
         self.data = data
         self.stats = self.data.stats
-        context.model = RewardTransformer(context.model, pad_id=self.pad_id,
-                                          init_std=config.head_init_std, seed=config.seed)
+        context.model = RewardTransformer(
+            context.model, pad_id=self.pad_id, init_std=config.head_init_std, seed=config.seed
+        )
         self.loss = BradleyTerryLoss(config.use_margin, float(config.center_coefficient))
         s = self.data.stats
-        context.say(f"data: {s['train_pairs']} training pairs, {s['eval_pairs']} held out "
-                    f"(sequences of up to {s['train_length']} tokens; {s['skipped']} skipped)")
+        context.say(
+            f"data: {s['train_pairs']} training pairs, {s['eval_pairs']} held out "
+            f"(sequences of up to {s['train_length']} tokens; {s['skipped']} skipped)"
+        )
         return self.data.total_steps(config)
 
     def trainable(self, config: TrainConfig):
@@ -157,8 +164,7 @@ class RewardTraining(Objective):
         return pair_token_count(batch, self.pad_id)
 
     def step_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
-        sums = {k: metrics[k] for k in ("accuracy", "margin", "chosen_reward",
-                                        "rejected_reward")}
+        sums = {k: metrics[k] for k in ("accuracy", "margin", "chosen_reward", "rejected_reward")}
         return pair_means(sums, metrics["normaliser"])
 
     def evaluate(self, trainer) -> dict[str, float]:
@@ -166,16 +172,19 @@ class RewardTraining(Objective):
             return {}
         loss = pairs = 0.0
         sums: dict[str, float] = {}
-        for batch in held_out_batches(self.data.eval, self.config.micro_batch,
-                                      limit=self.config.eval_max_rows):
+        for batch in held_out_batches(
+            self.data.eval, self.config.micro_batch, limit=self.config.eval_max_rows
+        ):
             s, n, m = trainer.loss_sums(trainer.place(batch, batch_axis=0))
             loss, pairs = loss + s, pairs + n
             sums = {k: sums.get(k, 0.0) + v for k, v in m.items()}
         return dict(eval_loss=loss / pairs, **pair_means(sums, pairs, "eval_"))
 
     def checkpoint_state(self, step: int):
-        return None, dict(pairs_seen=step * self.config.batch_size,
-                          epoch=step * self.config.batch_size / len(self.data.train))
+        return None, dict(
+            pairs_seen=step * self.config.batch_size,
+            epoch=step * self.config.batch_size / len(self.data.train),
+        )
 
     def fingerprint(self) -> str:
         return self.data.fingerprint
@@ -192,13 +201,18 @@ class RewardTraining(Objective):
         recorded = base
         if self.given_model:
             candidate = self.config.base
-            recorded = candidate if candidate != "default" and pathlib.Path(
-                candidate).expanduser().is_dir() else None
+            recorded = (
+                candidate
+                if candidate != "default" and pathlib.Path(candidate).expanduser().is_dir()
+                else None
+            )
         rm = RewardModel(model, tokenizer, base=recorded)
         if rm.method == "lora" and recorded is None:
-            print("note: the model passed in names no base checkpoint (config.base); the "
-                  "reward model is saved with its adapter merged into a full backbone",
-                  file=sys.stderr)
+            print(
+                "note: the model passed in names no base checkpoint (config.base); the "
+                "reward model is saved with its adapter merged into a full backbone",
+                file=sys.stderr,
+            )
             rm = rm.merged()
         self.saved = rm.save(out_dir / RESULT_DIR, overwrite=True)
         return self.saved
@@ -206,18 +220,23 @@ class RewardTraining(Objective):
     def plots(self, metrics_path, out_dir) -> dict[str, Any]:
         from gemma_kit.training.metrics import plot_metrics
 
-        png = plot_metrics(metrics_path, out_dir / "accuracy.png",
-                           {"accuracy": "training pairs", "eval_accuracy": "held-out pairs"},
-                           ylabel="pairwise accuracy", smooth=("accuracy",),
-                           markers=("eval_accuracy",))
+        png = plot_metrics(
+            metrics_path,
+            out_dir / "accuracy.png",
+            {"accuracy": "training pairs", "eval_accuracy": "held-out pairs"},
+            ylabel="pairwise accuracy",
+            smooth=("accuracy",),
+            markers=("eval_accuracy",),
+        )
         return {"accuracy": png} if png else {}
 
     def summary(self) -> dict[str, Any]:
         return dict(data=self.stats, reward_model=self.saved)
 
 
-def train_reward_model(config: RewardConfig, *, model=None, tokenizer=None,
-                       resume: bool = False) -> TrainResult:
+def train_reward_model(
+    config: RewardConfig, *, model=None, tokenizer=None, resume: bool = False
+) -> TrainResult:
     """Runs (or resumes) a reward-model run as `config` describes (see the module docstring);
     result.model_dir is the reward model folder, result.model the trained RewardTransformer.
 
@@ -225,5 +244,10 @@ def train_reward_model(config: RewardConfig, *, model=None, tokenizer=None,
     notebooks); LoRA is added to it unless it has some. Name its checkpoint folder in
     config.base so that the saved LoRA reward model can reload it.
     """
-    return run(config, RewardTraining(given_model=model is not None), model=model,
-               tokenizer=tokenizer, resume=resume)
+    return run(
+        config,
+        RewardTraining(given_model=model is not None),
+        model=model,
+        tokenizer=tokenizer,
+        resume=resume,
+    )

@@ -25,7 +25,7 @@ import traceback
 
 
 def resolve_spec(spec: str):
-    """"pkg.module:function" (or "pkg.module:obj.attr") -> the callable it names.
+    """ "pkg.module:function" (or "pkg.module:obj.attr") -> the callable it names.
 
     Raises ValueError with one sentence saying what is wrong.
     """
@@ -37,17 +37,21 @@ def resolve_spec(spec: str):
     try:
         module = importlib.import_module(module_name)
     except Exception as err:  # noqa: BLE001 (anything a user module raises on import)
-        raise ValueError(f"reward spec {spec!r}: module {module_name!r} does not import "
-                         f"({type(err).__name__}: {err})") from None
+        raise ValueError(
+            f"reward spec {spec!r}: module {module_name!r} does not import "
+            f"({type(err).__name__}: {err})"
+        ) from None
     target = module
     for part in attribute.split("."):
         if not hasattr(target, part):
             raise ValueError(f"reward spec {spec!r}: {module_name!r} has no {attribute!r}")
         target = getattr(target, part)
     if not callable(target):
-        raise ValueError(f"reward spec {spec!r} names an object of type "
-                         f"{type(target).__name__}, not a function (prompts, completions) -> "
-                         "rewards")
+        raise ValueError(
+            f"reward spec {spec!r} names an object of type "
+            f"{type(target).__name__}, not a function (prompts, completions) -> "
+            "rewards"
+        )
     return target
 
 
@@ -90,8 +94,12 @@ def serve(spec: str) -> None:
             send({"rewards": encode_values(result)})
         except Exception as err:  # noqa: BLE001 (whatever the user's function raises)
             where = traceback.extract_tb(err.__traceback__)[-1]
-            send({"error": f"raised {type(err).__name__}: {err} "
-                           f"({os.path.basename(where.filename)}:{where.lineno})"})
+            send(
+                {
+                    "error": f"raised {type(err).__name__}: {err} "
+                    f"({os.path.basename(where.filename)}:{where.lineno})"
+                }
+            )
 
 
 if __name__ == "__main__":

@@ -69,12 +69,16 @@ def check_rewards(values, n: int, name: str) -> np.ndarray:
     ({"value", "type"} entries are how reward_worker reports a value that is not a number.)
     """
     if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__"):
-        raise RewardError(f"reward function {name} returned a {type(values).__name__}; it must "
-                          f"return a sequence of {n} floats, one per completion")
+        raise RewardError(
+            f"reward function {name} returned a {type(values).__name__}; it must "
+            f"return a sequence of {n} floats, one per completion"
+        )
     values = list(values)
     if len(values) != n:
-        raise RewardError(f"reward function {name} returned {len(values)} value(s) for {n} "
-                          "completions; it must return one float per completion")
+        raise RewardError(
+            f"reward function {name} returned {len(values)} value(s) for {n} "
+            "completions; it must return one float per completion"
+        )
     out = np.empty(n, np.float64)
     for i, value in enumerate(values):
         if isinstance(value, dict) and set(value) == {"value", "type"}:
@@ -88,16 +92,19 @@ def check_rewards(values, n: int, name: str) -> np.ndarray:
                 shown, kind = repr(value)[:80], type(value).__name__
             else:
                 if not np.isfinite(out[i]):
-                    raise RewardError(f"reward function {name} returned {out[i]} for completion "
-                                      f"{i}; rewards must be finite numbers")
+                    raise RewardError(
+                        f"reward function {name} returned {out[i]} for completion "
+                        f"{i}; rewards must be finite numbers"
+                    )
                 continue
-        raise RewardError(f"reward function {name} returned {shown} ({kind}) for completion "
-                          f"{i}; rewards must be numbers")
+        raise RewardError(
+            f"reward function {name} returned {shown} ({kind}) for completion "
+            f"{i}; rewards must be numbers"
+        )
     return out
 
 
-def call_reward(reward: RewardFn, prompts: Sequence[str], completions: Sequence[str]
-                ) -> np.ndarray:
+def call_reward(reward: RewardFn, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
     """reward(prompts, completions), checked: float64 [len(completions)].
 
     Whatever the function raises becomes one RewardError naming it (and where it raised).
@@ -105,8 +112,10 @@ def call_reward(reward: RewardFn, prompts: Sequence[str], completions: Sequence[
     name = reward_name(reward)
     prompts, completions = list(prompts), list(completions)
     if len(prompts) != len(completions):
-        raise RewardError(f"{len(prompts)} prompts for {len(completions)} completions: give "
-                          "one prompt per completion (repeat a prompt for each of its candidates)")
+        raise RewardError(
+            f"{len(prompts)} prompts for {len(completions)} completions: give "
+            "one prompt per completion (repeat a prompt for each of its candidates)"
+        )
     try:
         values = reward(prompts, completions)
     except RewardError:
@@ -151,8 +160,11 @@ class SubprocessReward:
         paths = [os.path.abspath(p or os.curdir) for p in sys.path]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
         self._process = subprocess.Popen(
-            [sys.executable, reward_worker.__file__, self.spec], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, env=env)
+            [sys.executable, reward_worker.__file__, self.spec],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+        )
         self._buffer = b""
         reply = self._receive("start")
         if "error" in reply:
@@ -172,13 +184,16 @@ class SubprocessReward:
                     self.close()
                     raise RewardError(
                         f"reward function {self.spec} did not answer within {self.timeout:g} s "
-                        f"({what}); it was stopped (pass a larger timeout if it needs longer)")
+                        f"({what}); it was stopped (pass a larger timeout if it needs longer)"
+                    )
                 chunk = os.read(fd, 1 << 16)
                 if not chunk:
                     code = self._process.wait()
                     self._process = None
-                    raise RewardError(f"reward function {self.spec}'s worker process ended "
-                                      f"(exit status {code}) during {what}; its stderr says why")
+                    raise RewardError(
+                        f"reward function {self.spec}'s worker process ended "
+                        f"(exit status {code}) during {what}; its stderr says why"
+                    )
                 self._buffer += chunk
         line, self._buffer = self._buffer.split(b"\n", 1)
         return json.loads(line)
@@ -221,8 +236,7 @@ class SubprocessReward:
         self.close()
 
 
-def load_reward(spec: str, *, isolate: bool = True, timeout: float = DEFAULT_TIMEOUT,
-                **rm_options):
+def load_reward(spec: str, *, isolate: bool = True, timeout: float = DEFAULT_TIMEOUT, **rm_options):
     """A reward from its spec.
 
     "pkg.module:function": the function, in a worker process with `timeout` per call
@@ -237,7 +251,7 @@ def load_reward(spec: str, *, isolate: bool = True, timeout: float = DEFAULT_TIM
         from gemma_kit.posttrain.reward_model import load_reward_model
 
         rm_options.setdefault("merge", True)
-        return load_reward_model(spec[len(RM_PREFIX):], **rm_options).as_reward()
+        return load_reward_model(spec[len(RM_PREFIX) :], **rm_options).as_reward()
     if rm_options:
         raise RewardError(f"options {sorted(rm_options)} apply to 'rm:DIR' specs only")
     return SubprocessReward(spec, timeout=timeout) if isolate else import_reward(spec)
@@ -250,9 +264,11 @@ def as_reward(reward) -> RewardFn:
     if hasattr(reward, "as_reward"):
         return reward.as_reward()
     if not callable(reward):
-        raise RewardError(f"a reward must be a callable (prompts, completions) -> floats, a "
-                          f"'pkg.module:function' spec or a reward model, got "
-                          f"{type(reward).__name__}")
+        raise RewardError(
+            f"a reward must be a callable (prompts, completions) -> floats, a "
+            f"'pkg.module:function' spec or a reward model, got "
+            f"{type(reward).__name__}"
+        )
     return reward
 
 
@@ -275,8 +291,9 @@ class RegexMatch:
         try:
             re.compile(self.pattern, self.flags)
         except re.error as err:
-            raise RewardError(f"RegexMatch: {self.pattern!r} is not a regular expression "
-                              f"({err})") from None
+            raise RewardError(
+                f"RegexMatch: {self.pattern!r} is not a regular expression ({err})"
+            ) from None
 
     @property
     def name(self) -> str:
@@ -298,8 +315,7 @@ class LengthTarget:
 
     def __post_init__(self):
         if not (isinstance(self.target, int) and self.target >= 1):
-            raise RewardError(f"LengthTarget: target must be an integer >= 1, got "
-                              f"{self.target!r}")
+            raise RewardError(f"LengthTarget: target must be an integer >= 1, got {self.target!r}")
         if self.unit not in ("words", "chars"):
             raise RewardError(f"LengthTarget: unit must be 'words' or 'chars', got {self.unit!r}")
 
@@ -328,8 +344,9 @@ class KeywordPresence:
         if not self.keywords or not all(isinstance(k, str) and k.strip() for k in self.keywords):
             raise RewardError("KeywordPresence needs at least one non-empty keyword")
         if self.mode not in ("fraction", "any", "all"):
-            raise RewardError(f"KeywordPresence: mode must be 'fraction', 'any' or 'all', got "
-                              f"{self.mode!r}")
+            raise RewardError(
+                f"KeywordPresence: mode must be 'fraction', 'any' or 'all', got {self.mode!r}"
+            )
 
     @property
     def name(self) -> str:
@@ -338,9 +355,15 @@ class KeywordPresence:
     def __call__(self, prompts, completions) -> list[float]:
         flags = 0 if self.case_sensitive else re.IGNORECASE
         # \b only where the keyword itself starts or ends with a word character.
-        regexes = [re.compile(("\\b" if re.match(r"\w", k) else "") + re.escape(k)
-                              + ("\\b" if re.search(r"\w$", k) else ""), flags)
-                   for k in self.keywords]
+        regexes = [
+            re.compile(
+                ("\\b" if re.match(r"\w", k) else "")
+                + re.escape(k)
+                + ("\\b" if re.search(r"\w$", k) else ""),
+                flags,
+            )
+            for k in self.keywords
+        ]
         out = []
         for c in completions:
             found = sum(bool(r.search(c)) for r in regexes)
@@ -361,8 +384,9 @@ def vader_sentiment(prompts, completions) -> list[float]:
         try:
             from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
         except ImportError:
-            raise RewardError("vader_sentiment needs the vaderSentiment package: pip install "
-                              "'gemma-kit[rewards]'") from None
+            raise RewardError(
+                "vader_sentiment needs the vaderSentiment package: pip install 'gemma-kit[rewards]'"
+            ) from None
         _VADER.append(SentimentIntensityAnalyzer())
     analyzer = _VADER[0]
     return [analyzer.polarity_scores(c)["compound"] for c in completions]
@@ -409,21 +433,30 @@ class PythonVerifier:
     def name(self) -> str:
         return "PythonVerifier"
 
-    def verify(self, prompts: Sequence[str], completions: Sequence[str]
-               ) -> list[sandbox.VerifierResult]:
+    def verify(
+        self, prompts: Sequence[str], completions: Sequence[str]
+    ) -> list[sandbox.VerifierResult]:
         """Runs every candidate; the sandbox's result for each (passed, reason, output)."""
+
         def one(pair):
             prompt, completion = pair
             tests = self.tests(prompt) if callable(self.tests) else self.tests
             code = extract_code(completion) if self.extract else completion
-            return sandbox.run_python(code, tests, timeout=self.timeout,
-                                      memory_mb=self.memory_mb, network=self.network,
-                                      strict=self.strict, site_packages=self.site_packages)
+            return sandbox.run_python(
+                code,
+                tests,
+                timeout=self.timeout,
+                memory_mb=self.memory_mb,
+                network=self.network,
+                strict=self.strict,
+                site_packages=self.site_packages,
+            )
 
         workers = self.workers or os.cpu_count() or 1
         with ThreadPoolExecutor(max_workers=workers) as pool:
             return list(pool.map(one, zip(prompts, completions)))
 
     def __call__(self, prompts, completions) -> list[float]:
-        return [self.success if r.passed else self.failure
-                for r in self.verify(prompts, completions)]
+        return [
+            self.success if r.passed else self.failure for r in self.verify(prompts, completions)
+        ]

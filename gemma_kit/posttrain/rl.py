@@ -148,11 +148,15 @@ class PolicyLoss:
         logps = token_logprobs(model, hidden, targets, chunk=self.chunk)
         mask = batch["mask"]
         loss_sum, _, m = losses.policy_gradient_loss(
-            logps, batch["weights"], mask,
+            logps,
+            batch["weights"],
+            mask,
             behaviour_logps=batch["old_logprobs"] if self.importance else None,
             clip_epsilon=self.clip_epsilon,
             ref_logps=batch["anchor_logprobs"] if self.kl_coef else None,
-            kl_coef=self.kl_coef, kl_estimator="k3")
+            kl_coef=self.kl_coef,
+            kl_estimator="k3",
+        )
         tokens = jnp.sum(mask)
         metrics = {"loss_tokens": tokens}
         if self.importance:  # the loss reports means of this micro-batch: back to sums
@@ -180,8 +184,12 @@ def _scores(graphdef, chunk, kinds, trainable, fixed, reference, anchor, batch):
     B, N = index.shape
     # Logits only where a completion token is predicted: they are most of the cost (the
     # [*, V] projection of every network), and prompt positions do not count.
-    hidden = [jnp.take_along_axis(m.hidden_states(batch["tokens"], batch["positions"], mask),
-                                  index[..., None], axis=1).reshape(B * N, -1) for m in models]
+    hidden = [
+        jnp.take_along_axis(
+            m.hidden_states(batch["tokens"], batch["positions"], mask), index[..., None], axis=1
+        ).reshape(B * N, -1)
+        for m in models
+    ]
     targets = jnp.maximum(jnp.take_along_axis(batch["targets"], index, axis=1), 0).reshape(-1)
 
     def logits(model, h):
@@ -213,8 +221,7 @@ def gather_completions(batch: dict[str, np.ndarray], count: int) -> dict[str, np
     out = dict(batch, index=index)
     for name in PER_POSITION:
         if name in batch:
-            out[name] = (np.take_along_axis(batch[name], index, axis=1) * valid).astype(
-                np.float32)
+            out[name] = (np.take_along_axis(batch[name], index, axis=1) * valid).astype(np.float32)
     return out
 
 
@@ -226,8 +233,8 @@ def completion_index(weights: np.ndarray, count: int) -> tuple[np.ndarray, np.nd
     valid = np.zeros((B, count), bool)
     for r in range(B):
         where = np.flatnonzero(weights[r] > 0)[:count]
-        index[r, :len(where)] = where
-        valid[r, :len(where)] = True
+        index[r, : len(where)] = where
+        valid[r, : len(where)] = True
     return index, valid
 
 
@@ -244,9 +251,20 @@ class RolloutScorer:
     over the mesh); rows are padded to a multiple of `multiple`.
     """
 
-    def __init__(self, model, tokenizer, *, kind, length: int, chunk: int,
-                 max_new_tokens: int, stop_token_ids=None, full: bool = False,
-                 place: Callable | None = None, multiple: int = 1):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        kind,
+        length: int,
+        chunk: int,
+        max_new_tokens: int,
+        stop_token_ids=None,
+        full: bool = False,
+        place: Callable | None = None,
+        multiple: int = 1,
+    ):
         from gemma_kit.sampler import Sampler
 
         # Full fine-tuning swaps every weight each step: without the matvec layout a swap is
@@ -266,8 +284,15 @@ class RolloutScorer:
         State, e.g. trainer.trainable, or a pure dict)."""
         state = values if isinstance(values, nnx.State) else nnx.State(values)
         self.sampler.update_params(state)
-        return rollout(self.sampler, prompts.ids, k, self.max_new_tokens, seed=seed, step=step,
-                       stop_token_ids=self.stop_token_ids)
+        return rollout(
+            self.sampler,
+            prompts.ids,
+            k,
+            self.max_new_tokens,
+            seed=seed,
+            step=step,
+            stop_token_ids=self.stop_token_ids,
+        )
 
     def rows(self, roll: Rollout) -> dict[str, np.ndarray]:
         """The rollout as rows of the fixed length, padded to a multiple of `multiple` rows
@@ -275,12 +300,15 @@ class RolloutScorer:
         batch = roll.training_batch(self.length)
         extra = -len(roll.prompt_ids) % self.multiple
         if extra:
-            batch = {k: np.concatenate([v, np.zeros((extra, *v.shape[1:]), v.dtype)])
-                     for k, v in batch.items()}
+            batch = {
+                k: np.concatenate([v, np.zeros((extra, *v.shape[1:]), v.dtype)])
+                for k, v in batch.items()
+            }
         return batch
 
-    def score(self, graphdef, trainable, fixed, reference, anchor, batch: dict,
-              kinds: tuple | None = None) -> dict[str, np.ndarray]:
+    def score(
+        self, graphdef, trainable, fixed, reference, anchor, batch: dict, kinds: tuple | None = None
+    ) -> dict[str, np.ndarray]:
         """The scoring pass (module docstring, step 3) on host rows; numpy [B, T] each, at the
         completion positions (batch["weights"] > 0; 0 elsewhere). reference / anchor: values
         of the variables `kinds` selects (default: self.kind); anchor None: no anchor
@@ -289,8 +317,9 @@ class RolloutScorer:
         rows = {k: batch[k] for k in SEQUENCE_FIELDS}
         index, valid = completion_index(batch["weights"], self.max_new_tokens)
         rows["index"] = index
-        out = _score_program(graphdef, self.chunk, kinds, trainable, fixed, reference, anchor,
-                             self.place(rows))
+        out = _score_program(
+            graphdef, self.chunk, kinds, trainable, fixed, reference, anchor, self.place(rows)
+        )
         # Back to the rows' [B, T] layout, 0 at every other position.
         r, j = np.nonzero(valid)
         full = {}
@@ -305,21 +334,26 @@ def sequence_sums(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return (values.astype(np.float64) * mask).sum(axis=1)
 
 
-def rollout_metrics(roll: Rollout, rewards: np.ndarray, scores: dict, mask: np.ndarray,
-                    prefix: str = "") -> dict[str, float]:
+def rollout_metrics(
+    roll: Rollout, rewards: np.ndarray, scores: dict, mask: np.ndarray, prefix: str = ""
+) -> dict[str, float]:
     """reward, exact KL (to the reference and the anchor), entropy, length and stop rate of
     scored rollouts (R real rows; scores and mask may carry padding rows after them)."""
     R = len(roll.prompt_ids)
     mask = mask[:R]
     kl = sequence_sums(scores["kl_ref"][:R], mask)
-    out = {"reward": float(np.mean(rewards)), "reward_std": float(np.std(rewards)),
-           "kl": float(np.mean(kl))}
+    out = {
+        "reward": float(np.mean(rewards)),
+        "reward_std": float(np.std(rewards)),
+        "kl": float(np.mean(kl)),
+    }
     if "kl_anchor" in scores:
         out["kl_anchor"] = float(np.mean(sequence_sums(scores["kl_anchor"][:R], mask)))
-    out.update(entropy=float(sequence_sums(scores["entropy"][:R], mask).sum()
-                             / max(mask.sum(), 1)),
-               length=float(np.mean(roll.lengths)),
-               stop_rate=float(np.mean([r == "stop" for r in roll.finish_reasons])))
+    out.update(
+        entropy=float(sequence_sums(scores["entropy"][:R], mask).sum() / max(mask.sum(), 1)),
+        length=float(np.mean(roll.lengths)),
+        stop_rate=float(np.mean([r == "stop" for r in roll.finish_reasons])),
+    )
     return {prefix + k: v for k, v in out.items()}
 
 
@@ -331,11 +365,15 @@ def _subset(roll: Rollout, index) -> Rollout:
     """The rows `index` of a rollout (e.g. the best anchor sample of each prompt)."""
     index = [int(i) for i in index]
     return dataclasses.replace(
-        roll, prompt_index=roll.prompt_index[index],
+        roll,
+        prompt_index=roll.prompt_index[index],
         prompt_ids=[roll.prompt_ids[i] for i in index],
-        completion_ids=roll.completion_ids[index], completion_mask=roll.completion_mask[index],
-        logprobs=roll.logprobs[index], finish_reasons=[roll.finish_reasons[i] for i in index],
-        texts=[roll.texts[i] for i in index])
+        completion_ids=roll.completion_ids[index],
+        completion_mask=roll.completion_mask[index],
+        logprobs=roll.logprobs[index],
+        finish_reasons=[roll.finish_reasons[i] for i in index],
+        texts=[roll.texts[i] for i in index],
+    )
 
 
 class PolicyOptimisation(Objective):
@@ -379,8 +417,10 @@ class PolicyOptimisation(Objective):
                 self.reward_fn = load_reward(config.reward, timeout=config.reward_timeout)
                 self.owns_reward = True
             else:
-                raise ConfigError("reward is required: a 'pkg.module:function' spec or "
-                                  "'rm:DIR' (or pass a callable to train_rl)")
+                raise ConfigError(
+                    "reward is required: a 'pkg.module:function' spec or "
+                    "'rm:DIR' (or pass a callable to train_rl)"
+                )
         self.name = config.algo
 
     def close(self) -> None:
@@ -395,8 +435,10 @@ class PolicyOptimisation(Objective):
         tok = context.tokenizer
         prompts = read_prompts(c.prompts_file, tok, skip_bad_rows=c.skip_bad_rows)
         if c.eval_prompts_file is not None:
-            train, held = prompts, read_prompts(c.eval_prompts_file, tok,
-                                                skip_bad_rows=c.skip_bad_rows)
+            train, held = (
+                prompts,
+                read_prompts(c.eval_prompts_file, tok, skip_bad_rows=c.skip_bad_rows),
+            )
         else:
             train, held = prompts.split(c.eval_fraction, c.seed)
         if held is not None and c.eval_max_rows is not None:
@@ -409,10 +451,14 @@ class PolicyOptimisation(Objective):
                 raise DataError(
                     f"this prompt has {group.longest} tokens, and with max_new_tokens = "
                     f"{c.max_new_tokens} a row would exceed max_length = {c.max_length}; raise "
-                    "max_length or shorten the prompt", path=group.sources[longest])
+                    "max_length or shorten the prompt",
+                    path=group.sources[longest],
+                )
         if len(train) < c.batch_size:
-            context.say(f"note: {len(train)} training prompts for batch_size {c.batch_size}: "
-                        "prompts repeat within a step")
+            context.say(
+                f"note: {len(train)} training prompts for batch_size {c.batch_size}: "
+                "prompts repeat within a step"
+            )
         self.train, self.held = train, held
         longest = max(train.longest, held.longest if held else 0)
         length = -(-(longest + c.max_new_tokens - 1) // 8) * 8
@@ -421,28 +467,47 @@ class PolicyOptimisation(Objective):
         self.reference = reference_values(initial, self.kind)
         self.anchor = initial if c.anchor == "ema" else None
         devices = c.mesh_data * c.mesh_fsdp
-        self.scorer = RolloutScorer(context.model, tok, kind=self.kind, length=length,
-                                    chunk=c.loss_chunk, max_new_tokens=c.max_new_tokens,
-                                    stop_token_ids=c.stop_token_ids,
-                                    full=not c.trains_lora, multiple=devices)
+        self.scorer = RolloutScorer(
+            context.model,
+            tok,
+            kind=self.kind,
+            length=length,
+            chunk=c.loss_chunk,
+            max_new_tokens=c.max_new_tokens,
+            stop_token_ids=c.stop_token_ids,
+            full=not c.trains_lora,
+            multiple=devices,
+        )
         self.kl_coef = c.resolved_kl_coef
         importance = c.ppo_epochs > 1 or c.clip_epsilon is not None
-        self.loss = PolicyLoss(c.loss_chunk, importance, c.clip_epsilon,
-                               self.kl_coef if c.kl_penalty == "loss" else 0.0)
+        self.loss = PolicyLoss(
+            c.loss_chunk,
+            importance,
+            c.clip_epsilon,
+            self.kl_coef if c.kl_penalty == "loss" else 0.0,
+        )
         rows = c.batch_size * c.rows_per_prompt
         self.cached = {name: np.zeros((rows, length), np.int32) for name in SEQUENCE_FIELDS}
         self.cached["index"] = np.zeros((rows, c.max_new_tokens), np.int32)
         for name in self.batch_floats():
             self.cached[name] = np.zeros((rows, c.max_new_tokens), np.float32)
         self.cached["normaliser"] = np.zeros((rows,), np.float32)
-        self.stats = dict(algo=c.algo, reward=reward_name(self.reward_fn),
-                          train_prompts=len(train), held_out_prompts=len(held) if held else 0,
-                          skipped_prompts=prompts.skipped, row_length=length,
-                          rows_per_step=rows, kl_coef=self.kl_coef)
-        context.say(f"{c.algo}: {len(train)} training prompts, "
-                    f"{len(held) if held else 0} held out; {c.batch_size} prompts x "
-                    f"{c.rows_per_prompt} rows of {length} tokens per step; reward "
-                    f"{self.stats['reward']}")
+        self.stats = dict(
+            algo=c.algo,
+            reward=reward_name(self.reward_fn),
+            train_prompts=len(train),
+            held_out_prompts=len(held) if held else 0,
+            skipped_prompts=prompts.skipped,
+            row_length=length,
+            rows_per_step=rows,
+            kl_coef=self.kl_coef,
+        )
+        context.say(
+            f"{c.algo}: {len(train)} training prompts, "
+            f"{len(held) if held else 0} held out; {c.batch_size} prompts x "
+            f"{c.rows_per_prompt} rows of {length} tokens per step; reward "
+            f"{self.stats['reward']}"
+        )
         if c.steps is not None:
             return c.steps
         return max(1, math.ceil(c.epochs * len(train) / c.batch_size)) * c.ppo_epochs
@@ -468,8 +533,14 @@ class PolicyOptimisation(Objective):
         """The scoring pass on host rows under the trainer's current values, the reference
         and the anchor (RolloutScorer.score)."""
         self._place(trainer)
-        return self.scorer.score(trainer.graphdef, trainer.trainable, trainer.fixed,
-                                 self.placed["reference"], self.anchor, batch)
+        return self.scorer.score(
+            trainer.graphdef,
+            trainer.trainable,
+            trainer.fixed,
+            self.placed["reference"],
+            self.anchor,
+            batch,
+        )
 
     # -- each step ------------------------------------------------------------------------
     def host_batch(self, step: int, trainer) -> dict[str, np.ndarray]:
@@ -489,13 +560,19 @@ class PolicyOptimisation(Objective):
         P, k = c.batch_size, c.num_samples
         prompts = self.train.batch(group, P, c.seed)
         tick = time.perf_counter()
-        roll = self.scorer.draw(trainer.trainable, prompts, k,
-                                seed=stream_seed(c.seed, POLICY_STREAM), step=group)
+        roll = self.scorer.draw(
+            trainer.trainable, prompts, k, seed=stream_seed(c.seed, POLICY_STREAM), step=group
+        )
         anchor_roll = None
         if c.is_bond:
             values = self.anchor if self.anchor is not None else self.reference
-            anchor_roll = self.scorer.draw(values, prompts, c.resolved_anchor_samples,
-                                           seed=stream_seed(c.seed, ANCHOR_STREAM), step=group)
+            anchor_roll = self.scorer.draw(
+                values,
+                prompts,
+                c.resolved_anchor_samples,
+                seed=stream_seed(c.seed, ANCHOR_STREAM),
+                step=group,
+            )
         timings = {"rollout_s": time.perf_counter() - tick}
 
         tick = time.perf_counter()
@@ -505,7 +582,7 @@ class PolicyOptimisation(Objective):
             texts += [prompts.texts[i] for i in anchor_roll.prompt_index]
             completions += anchor_roll.texts
         scored = call_reward(self.reward_fn, texts, completions)
-        rewards, anchor_rewards = scored[:P * k], scored[P * k:]
+        rewards, anchor_rewards = scored[: P * k], scored[P * k :]
         timings["reward_s"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
@@ -514,15 +591,16 @@ class PolicyOptimisation(Objective):
         timings["score_s"] = time.perf_counter() - tick
         mask = rows["weights"]  # 1 on completion tokens
         logp_anchor = scores["logp_anchor" if self.anchor is not None else "logp_ref"]
-        k1 = sequence_sums(scores["logp"] - logp_anchor, mask)[:P * k]
+        k1 = sequence_sums(scores["logp"] - logp_anchor, mask)[: P * k]
         metrics = rollout_metrics(roll, rewards, scores, mask)
         metrics["reward_mean"] = metrics.pop("reward")
         if "kl_anchor" not in metrics:
             metrics["kl_anchor"] = metrics["kl"]  # the anchor is the reference
         metrics["kl_k1"] = float(np.mean(k1))
-        real = mask[:P * k] > 0
-        metrics["logprob_gap"] = float(np.abs(
-            rows["behaviour_logprobs"][:P * k] - scores["logp"][:P * k])[real].mean())
+        real = mask[: P * k] > 0
+        metrics["logprob_gap"] = float(
+            np.abs(rows["behaviour_logprobs"][: P * k] - scores["logp"][: P * k])[real].mean()
+        )
 
         penalty = self.kl_coef * k1 if c.kl_penalty == "reward" else 0.0
         if c.is_bond:
@@ -530,11 +608,16 @@ class PolicyOptimisation(Objective):
             grid = anchor_rewards.reshape(P, M)
             per_sample = np.repeat(grid, k, axis=0)  # [P * k, M], row i: its prompt's anchors
             if c.algo == "bond":
-                base = losses.quantile_reward(jnp.asarray(rewards), jnp.asarray(per_sample),
-                                              c.best_of, smoothing=c.quantile_smoothing)
+                base = losses.quantile_reward(
+                    jnp.asarray(rewards),
+                    jnp.asarray(per_sample),
+                    c.best_of,
+                    smoothing=c.quantile_smoothing,
+                )
             else:
-                base = losses.jbond_reward(jnp.asarray(rewards), jnp.asarray(per_sample),
-                                           kind=c.jbond_reward)
+                base = losses.jbond_reward(
+                    jnp.asarray(rewards), jnp.asarray(per_sample), kind=c.jbond_reward
+                )
             base = np.asarray(base, np.float64)
             metrics.update(anchor_reward=float(grid.mean()), bond_reward=float(base.mean()))
             shaped = base - penalty
@@ -547,21 +630,21 @@ class PolicyOptimisation(Objective):
         advantages = np.asarray(advantages, np.float32)
         metrics["advantage_std"] = float(advantages.std())
 
-        batch = {name: rows[name][:P * k] for name in SEQUENCE_FIELDS}
-        lengths = mask[:P * k].sum(axis=1)
+        batch = {name: rows[name][: P * k] for name in SEQUENCE_FIELDS}
+        lengths = mask[: P * k].sum(axis=1)
         if c.is_bond:
             weight = c.jeffreys_beta * advantages / k
             share = np.full(P * k, 1.0 / k, np.float32)  # sum over a prompt's samples: 1
         else:
             weight = advantages
             share = np.ones(P * k, np.float32) if c.loss_normaliser == "sequences" else lengths
-        batch["mask"] = mask[:P * k]
-        batch["weights"] = mask[:P * k] * weight[:, None]
+        batch["mask"] = mask[: P * k]
+        batch["weights"] = mask[: P * k] * weight[:, None]
         batch["normaliser"] = share.astype(np.float32)
         if self.loss.importance:
-            batch["old_logprobs"] = scores["logp"][:P * k] * mask[:P * k]
+            batch["old_logprobs"] = scores["logp"][: P * k] * mask[: P * k]
         if self.loss.kl_coef:
-            batch["anchor_logprobs"] = logp_anchor[:P * k] * mask[:P * k]
+            batch["anchor_logprobs"] = logp_anchor[: P * k] * mask[: P * k]
         if c.forward_rows:
             # The anchor samples of a prompt in groups of best_of: the best of each group (ties
             # to the first) is a Best-of-N sample; their mean log-likelihood is the forward part.
@@ -570,9 +653,9 @@ class PolicyOptimisation(Objective):
             chosen = np.arange(P * G) * c.best_of + np.argmax(groups, axis=1)
             metrics["best_of_reward"] = float(anchor_rewards[chosen].mean())
             forward = self.scorer.rows(_subset(anchor_roll, chosen))
-            extra = {name: forward[name][:P * G] for name in SEQUENCE_FIELDS}
-            extra["mask"] = forward["weights"][:P * G]
-            extra["weights"] = (1.0 - c.jeffreys_beta) / G * forward["weights"][:P * G]
+            extra = {name: forward[name][: P * G] for name in SEQUENCE_FIELDS}
+            extra["mask"] = forward["weights"][: P * G]
+            extra["weights"] = (1.0 - c.jeffreys_beta) / G * forward["weights"][: P * G]
             extra["normaliser"] = np.zeros(P * G, np.float32)
             batch = {name: np.concatenate([batch[name], extra[name]]) for name in batch}
         batch = gather_completions(batch, c.max_new_tokens)
@@ -605,8 +688,13 @@ class PolicyOptimisation(Objective):
             return {}
         c = self.config
         self._place(trainer)
-        roll = self.scorer.draw(trainer.trainable, self.held, c.eval_samples,
-                                seed=stream_seed(c.seed, EVAL_STREAM), step=0)
+        roll = self.scorer.draw(
+            trainer.trainable,
+            self.held,
+            c.eval_samples,
+            seed=stream_seed(c.seed, EVAL_STREAM),
+            step=0,
+        )
         texts = [self.held.texts[i] for i in roll.prompt_index]
         rewards = call_reward(self.reward_fn, texts, roll.texts)
         rows = self.scorer.rows(roll)
@@ -617,10 +705,18 @@ class PolicyOptimisation(Objective):
             picked = np.linspace(0, len(texts) - 1, min(c.log_samples, len(texts))).astype(int)
             with (self.out_dir / "samples.jsonl").open("a") as f:
                 for i in dict.fromkeys(picked.tolist()):
-                    f.write(json.dumps(dict(step=self.done, prompt=texts[i],
-                                            completion=roll.texts[i],
-                                            reward=float(rewards[i]),
-                                            finish=roll.finish_reasons[i])) + "\n")
+                    f.write(
+                        json.dumps(
+                            dict(
+                                step=self.done,
+                                prompt=texts[i],
+                                completion=roll.texts[i],
+                                reward=float(rewards[i]),
+                                finish=roll.finish_reasons[i],
+                            )
+                        )
+                        + "\n"
+                    )
         return metrics
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -630,8 +726,12 @@ class PolicyOptimisation(Objective):
             arrays["anchor"] = self.anchor
         if self.config.ppo_epochs > 1:
             arrays["batch"] = self.cached
-        info = dict(step=step, anchor_updates=self.anchor_updates, group=self.cached_group,
-                    rollout_seed=stream_seed(self.config.seed, POLICY_STREAM))
+        info = dict(
+            step=step,
+            anchor_updates=self.anchor_updates,
+            group=self.cached_group,
+            rollout_seed=stream_seed(self.config.seed, POLICY_STREAM),
+        )
         return (arrays or None), info
 
     def restore_state(self, arrays, info) -> None:
@@ -644,8 +744,11 @@ class PolicyOptimisation(Objective):
             self.cached_group = int(info["group"])
         samples = self.out_dir / "samples.jsonl"
         if self.lead and samples.exists():  # evaluations after the checkpoint come again
-            kept = [line for line in samples.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= self.done]
+            kept = [
+                line
+                for line in samples.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= self.done
+            ]
             samples.write_text("".join(line + "\n" for line in kept))
 
     def fingerprint(self) -> str:
@@ -656,23 +759,35 @@ class PolicyOptimisation(Objective):
     def plots(self, metrics_path, out_dir) -> dict[str, Any]:
         from gemma_kit.training.metrics import plot_metrics
 
-        reward = plot_metrics(metrics_path, out_dir / "reward.png",
-                              {"reward_mean": "reward (training rollouts)",
-                               "eval_reward": "held-out reward"},
-                              ylabel="reward", smooth=("reward_mean",), markers=("eval_reward",))
-        kl = plot_metrics(metrics_path, out_dir / "kl.png",
-                          {"kl": "KL to the initial policy (training rollouts)",
-                           "kl_anchor": "KL to the anchor", "eval_kl": "held-out KL"},
-                          ylabel="KL (nats per completion)", smooth=("kl",),
-                          markers=("eval_kl",))
+        reward = plot_metrics(
+            metrics_path,
+            out_dir / "reward.png",
+            {"reward_mean": "reward (training rollouts)", "eval_reward": "held-out reward"},
+            ylabel="reward",
+            smooth=("reward_mean",),
+            markers=("eval_reward",),
+        )
+        kl = plot_metrics(
+            metrics_path,
+            out_dir / "kl.png",
+            {
+                "kl": "KL to the initial policy (training rollouts)",
+                "kl_anchor": "KL to the anchor",
+                "eval_kl": "held-out KL",
+            },
+            ylabel="KL (nats per completion)",
+            smooth=("kl",),
+            markers=("eval_kl",),
+        )
         return {name: str(p) for name, p in (("reward", reward), ("kl", kl)) if p is not None}
 
     def summary(self) -> dict[str, Any]:
         return dict(rl=dict(self.stats, anchor_updates=self.anchor_updates))
 
 
-def train_rl(config: RLConfig, *, reward=None, model=None, tokenizer=None,
-             resume: bool = False) -> TrainResult:
+def train_rl(
+    config: RLConfig, *, reward=None, model=None, tokenizer=None, resume: bool = False
+) -> TrainResult:
     """Runs (or resumes) an RL run as `config` describes (see the module docstring).
 
     reward: a callable (prompts, completions) -> floats, a spec, or a reward model, instead of

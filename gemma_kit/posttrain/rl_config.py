@@ -39,10 +39,21 @@ class RLConfig(TrainConfig):
     eval_max_rows (held-out prompts evaluated). train_file, eval_file and packing are unused."""
 
     PATH_FIELDS: ClassVar[tuple[str, ...]] = TrainConfig.PATH_FIELDS + (
-        "prompts_file", "eval_prompts_file")
+        "prompts_file",
+        "eval_prompts_file",
+    )
     RESUME_FIELDS: ClassVar[tuple[str, ...]] = TrainConfig.RESUME_FIELDS + (
-        "prompts_file", "eval_prompts_file", "algo", "num_samples", "max_new_tokens",
-        "stop_token_ids", "anchor", "best_of", "anchor_samples", "ppo_epochs")
+        "prompts_file",
+        "eval_prompts_file",
+        "algo",
+        "num_samples",
+        "max_new_tokens",
+        "stop_token_ids",
+        "anchor",
+        "best_of",
+        "anchor_samples",
+        "ppo_epochs",
+    )
 
     # Prompts and rewards.
     prompts_file: str = ""  # JSONL prompts (gemma_kit.posttrain.prompts)
@@ -117,8 +128,7 @@ class RLConfig(TrainConfig):
     # -- checking --------------------------------------------------------------------------
     def validate_data(self) -> None:
         if not self.prompts_file:
-            raise ConfigError("prompts_file is required (a JSONL file of {\"prompt\": ...} "
-                              "rows)")
+            raise ConfigError('prompts_file is required (a JSONL file of {"prompt": ...} rows)')
 
     def validate(self) -> RLConfig:
         super().validate()
@@ -129,70 +139,115 @@ class RLConfig(TrainConfig):
 
         def integer(name: str, low: int) -> None:
             value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool) and value >= low,
-                 f"{name} must be an integer >= {low}, got {value!r}")
+            need(
+                isinstance(value, int) and not isinstance(value, bool) and value >= low,
+                f"{name} must be an integer >= {low}, got {value!r}",
+            )
 
         def number(value) -> bool:
-            return (isinstance(value, (int, float)) and not isinstance(value, bool)
-                    and math.isfinite(value))
+            return (
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+            )
 
         need(self.algo in ALGOS, f"algo must be one of {', '.join(ALGOS)}, got {self.algo!r}")
-        for name in ("num_samples", "max_new_tokens", "anchor_every", "ppo_epochs",
-                     "eval_samples"):
+        for name in ("num_samples", "max_new_tokens", "anchor_every", "ppo_epochs", "eval_samples"):
             integer(name, 1)
         integer("log_samples", 0)
-        need(self.algo != "rloo" or self.num_samples >= 2,
-             f"RLOO needs num_samples (k) >= 2 rollouts per prompt: each one's baseline is the "
-             f"mean reward of the others; got k = {self.num_samples} (use algo = \"reinforce\" "
-             "for one sample per prompt)")
-        need(self.kl_coef is None or (number(self.kl_coef) and self.kl_coef >= 0),
-             f"kl_coef (the KL coefficient beta) must be a number >= 0, got {self.kl_coef!r}")
-        need(self.kl_penalty in KL_PENALTIES,
-             f"kl_penalty must be reward or loss, got {self.kl_penalty!r}")
-        need(self.anchor in ANCHORS,
-             f"anchor must be reference or ema, got {self.anchor!r}")
-        need(number(self.ema_rate) and 0 <= self.ema_rate <= 1,
-             f"ema_rate must lie in [0, 1], got {self.ema_rate!r}")
-        need(self.loss_normaliser in NORMALISERS,
-             f"loss_normaliser must be sequences or tokens, got {self.loss_normaliser!r}")
-        need(self.clip_epsilon is None or (number(self.clip_epsilon) and self.clip_epsilon > 0),
-             f"clip_epsilon must be > 0 (or unset: no clipping), got {self.clip_epsilon!r}")
-        need(number(self.reward_timeout) and self.reward_timeout > 0,
-             f"reward_timeout must be > 0 seconds, got {self.reward_timeout!r}")
-        need(self.stop_token_ids is None or all(
-            isinstance(i, int) and not isinstance(i, bool) and i >= 0
-            for i in self.stop_token_ids),
-             f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
-        need(self.max_new_tokens < self.max_length,
-             f"max_new_tokens ({self.max_new_tokens}) must be below max_length "
-             f"({self.max_length}), which bounds prompt + completion")
-        need(not self.distributed,
-             "RL runs on one process (any number of its devices); distributed = true is not "
-             "supported for RL yet")
+        need(
+            self.algo != "rloo" or self.num_samples >= 2,
+            f"RLOO needs num_samples (k) >= 2 rollouts per prompt: each one's baseline is the "
+            f'mean reward of the others; got k = {self.num_samples} (use algo = "reinforce" '
+            "for one sample per prompt)",
+        )
+        need(
+            self.kl_coef is None or (number(self.kl_coef) and self.kl_coef >= 0),
+            f"kl_coef (the KL coefficient beta) must be a number >= 0, got {self.kl_coef!r}",
+        )
+        need(
+            self.kl_penalty in KL_PENALTIES,
+            f"kl_penalty must be reward or loss, got {self.kl_penalty!r}",
+        )
+        need(self.anchor in ANCHORS, f"anchor must be reference or ema, got {self.anchor!r}")
+        need(
+            number(self.ema_rate) and 0 <= self.ema_rate <= 1,
+            f"ema_rate must lie in [0, 1], got {self.ema_rate!r}",
+        )
+        need(
+            self.loss_normaliser in NORMALISERS,
+            f"loss_normaliser must be sequences or tokens, got {self.loss_normaliser!r}",
+        )
+        need(
+            self.clip_epsilon is None or (number(self.clip_epsilon) and self.clip_epsilon > 0),
+            f"clip_epsilon must be > 0 (or unset: no clipping), got {self.clip_epsilon!r}",
+        )
+        need(
+            number(self.reward_timeout) and self.reward_timeout > 0,
+            f"reward_timeout must be > 0 seconds, got {self.reward_timeout!r}",
+        )
+        need(
+            self.stop_token_ids is None
+            or all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                for i in self.stop_token_ids
+            ),
+            f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}",
+        )
+        need(
+            self.max_new_tokens < self.max_length,
+            f"max_new_tokens ({self.max_new_tokens}) must be below max_length "
+            f"({self.max_length}), which bounds prompt + completion",
+        )
+        need(
+            not self.distributed,
+            "RL runs on one process (any number of its devices); distributed = true is not "
+            "supported for RL yet",
+        )
         integer("best_of", 2)
-        need(self.anchor_samples is None or (
-            isinstance(self.anchor_samples, int) and not isinstance(self.anchor_samples, bool)
-            and self.anchor_samples >= self.best_of and self.anchor_samples % self.best_of == 0),
-             f"anchor_samples must be a multiple of best_of ({self.best_of}), got "
-             f"{self.anchor_samples!r}")
-        need(number(self.jeffreys_beta) and 0 <= self.jeffreys_beta <= 1,
-             f"jeffreys_beta must lie in [0, 1], got {self.jeffreys_beta!r}")
-        need(self.jbond_reward in JBOND_REWARDS,
-             f"jbond_reward must be paper or quantile, got {self.jbond_reward!r}")
-        need(self.quantile_smoothing in ("laplace", "none"),
-             f"quantile_smoothing must be laplace or none, got {self.quantile_smoothing!r}")
+        need(
+            self.anchor_samples is None
+            or (
+                isinstance(self.anchor_samples, int)
+                and not isinstance(self.anchor_samples, bool)
+                and self.anchor_samples >= self.best_of
+                and self.anchor_samples % self.best_of == 0
+            ),
+            f"anchor_samples must be a multiple of best_of ({self.best_of}), got "
+            f"{self.anchor_samples!r}",
+        )
+        need(
+            number(self.jeffreys_beta) and 0 <= self.jeffreys_beta <= 1,
+            f"jeffreys_beta must lie in [0, 1], got {self.jeffreys_beta!r}",
+        )
+        need(
+            self.jbond_reward in JBOND_REWARDS,
+            f"jbond_reward must be paper or quantile, got {self.jbond_reward!r}",
+        )
+        need(
+            self.quantile_smoothing in ("laplace", "none"),
+            f"quantile_smoothing must be laplace or none, got {self.quantile_smoothing!r}",
+        )
         if self.is_bond:
-            need(self.algo != "jbond" or (self.best_of == 2 and self.anchor_samples in (None, 2)),
-                 "J-BOND draws n = 2 anchor samples per prompt: keep best_of = 2 (and "
-                 "anchor_samples unset), or use algo = \"bond\"")
-            need(self.kl_penalty == "reward",
-                 "BOND's KL to the anchor is part of its backward reward: use kl_penalty = "
-                 "\"reward\"")
-            need(self.clip_epsilon is None and self.ppo_epochs == 1,
-                 "BOND trains on each batch once, without PPO clipping (its forward part is "
-                 "maximum likelihood of anchor samples, which a policy ratio does not apply "
-                 "to): unset clip_epsilon and keep ppo_epochs = 1")
-            need(self.loss_normaliser == "sequences",
-                 "BOND's Jeffreys mix is a sum of two sequence-level KL divergences: use "
-                 "loss_normaliser = \"sequences\"")
+            need(
+                self.algo != "jbond" or (self.best_of == 2 and self.anchor_samples in (None, 2)),
+                "J-BOND draws n = 2 anchor samples per prompt: keep best_of = 2 (and "
+                'anchor_samples unset), or use algo = "bond"',
+            )
+            need(
+                self.kl_penalty == "reward",
+                "BOND's KL to the anchor is part of its backward reward: use kl_penalty = "
+                '"reward"',
+            )
+            need(
+                self.clip_epsilon is None and self.ppo_epochs == 1,
+                "BOND trains on each batch once, without PPO clipping (its forward part is "
+                "maximum likelihood of anchor samples, which a policy ratio does not apply "
+                "to): unset clip_epsilon and keep ppo_epochs = 1",
+            )
+            need(
+                self.loss_normaliser == "sequences",
+                "BOND's Jeffreys mix is a sum of two sequence-level KL divergences: use "
+                'loss_normaliser = "sequences"',
+            )
         return self

@@ -87,12 +87,20 @@ class Rollout:
         if T < needed:
             raise SamplingError(
                 f"training_batch(length={length}) is too short: the longest prompt plus its "
-                f"completion needs {needed} positions")
+                f"completion needs {needed} positions"
+            )
         R = len(self.prompt_ids)
-        out = {name: np.zeros((R, T), dtype) for name, dtype in (
-            ("tokens", np.int32), ("targets", np.int32), ("positions", np.int32),
-            ("segments", np.int32), ("weights", np.float32),
-            ("behaviour_logprobs", np.float32))}
+        out = {
+            name: np.zeros((R, T), dtype)
+            for name, dtype in (
+                ("tokens", np.int32),
+                ("targets", np.int32),
+                ("positions", np.int32),
+                ("segments", np.int32),
+                ("weights", np.float32),
+                ("behaviour_logprobs", np.float32),
+            )
+        }
         for r, (prompt, n) in enumerate(zip(self.prompt_ids, lengths)):
             seq = np.concatenate([np.asarray(prompt, np.int32), self.completion_ids[r, :n]])
             m = len(seq) - 1
@@ -106,11 +114,21 @@ class Rollout:
         return out
 
 
-def rollout(sampler, prompts: Sequence[str | Sequence[int]], num_samples: int,
-            max_new_tokens: int, *, seed: int, step: int,
-            stop_token_ids: Sequence[int] | None = None, temperature: float = 1.0,
-            top_k: int | None = None, top_p: float | None = None,
-            min_p: float | None = None, behaviour_logprobs: bool = True) -> Rollout:
+def rollout(
+    sampler,
+    prompts: Sequence[str | Sequence[int]],
+    num_samples: int,
+    max_new_tokens: int,
+    *,
+    seed: int,
+    step: int,
+    stop_token_ids: Sequence[int] | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    behaviour_logprobs: bool = True,
+) -> Rollout:
     """Draws `num_samples` completions of each prompt with the Sampler's current parameters.
 
     prompts: strings (encoded with <bos>) or token-id lists (used as given, e.g. chat-formatted
@@ -128,7 +146,8 @@ def rollout(sampler, prompts: Sequence[str | Sequence[int]], num_samples: int,
             "rollouts for on-policy losses sample at temperature 1 without top_k / top_p / "
             f"min_p (got temperature={temperature}, top_k={top_k}, top_p={top_p}, "
             f"min_p={min_p}): other settings would make the behaviour log-probs those of "
-            "another distribution; use Sampler.generate for such sampling")
+            "another distribution; use Sampler.generate for such sampling"
+        )
     if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
         raise SamplingError(f"num_samples must be an integer >= 1, got {num_samples!r}")
     if isinstance(prompts, str) or not len(prompts):
@@ -140,23 +159,31 @@ def rollout(sampler, prompts: Sequence[str | Sequence[int]], num_samples: int,
         elif len(p) and all(isinstance(t, (int, np.integer)) for t in p):
             encoded.append([int(t) for t in p])
         else:
-            raise SamplingError(
-                f"prompt {i} is neither a string nor a non-empty list of token ids")
-    settings = sampler.settings(max_new_tokens, temperature, top_k, top_p, min_p,
-                                stop_token_ids=stop_token_ids, forbidden_token_ids=())
+            raise SamplingError(f"prompt {i} is neither a string nor a non-empty list of token ids")
+    settings = sampler.settings(
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        min_p,
+        stop_token_ids=stop_token_ids,
+        forbidden_token_ids=(),
+    )
     ids = [p for p in encoded for _ in range(num_samples)]
     state = sampler.start(ids, settings, rollout_key(seed, step))
     state = decode_loop(sampler.params, state, jnp.int32(max_new_tokens), settings=settings)
     tokens, logprobs, steps, stopped_at = jax.device_get(
-        (state.tokens, state.logprobs, state.step, state.stopped_at))
+        (state.tokens, state.logprobs, state.step, state.stopped_at)
+    )
     N, steps = max_new_tokens, int(steps)
     ends = np.where(stopped_at >= 0, stopped_at + 1, steps)  # the stop token kept
     mask = np.arange(N)[None, :] < ends[:, None]
-    reasons = ["stop" if s >= 0 else "length" if steps >= N else "cache_full"
-               for s in stopped_at]
+    reasons = ["stop" if s >= 0 else "length" if steps >= N else "cache_full" for s in stopped_at]
     completion = np.where(mask, tokens[:, :N], PAD_ID).astype(np.int32)
-    texts = [sampler.tokenizer.decode(row[:e - (s >= 0)].tolist())
-             for row, e, s in zip(completion, ends, stopped_at)]
+    texts = [
+        sampler.tokenizer.decode(row[: e - (s >= 0)].tolist())
+        for row, e, s in zip(completion, ends, stopped_at)
+    ]
     return Rollout(
         prompt_index=np.repeat(np.arange(len(encoded), dtype=np.int32), num_samples),
         prompt_ids=[list(p) for p in ids],

@@ -70,24 +70,55 @@ TOKEN_BYTES = 32
 
 # Audit events that end the child at once (exact names, or prefixes ending in ".").
 _BLOCKED_EVENTS = (
-    "socket.",                       # every socket operation: creation, connect, bind, DNS
-    "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty",
-    "subprocess.Popen", "pty.spawn", "os.startfile",
-    "os.kill", "os.killpg", "signal.pthread_kill",
-    "ctypes.",                       # native code
-    "os.symlink", "os.link",         # a link inside the folder could point outside it
-    "sys.addaudithook",              # nothing may watch (or outlive) the guard's checks
+    "socket.",  # every socket operation: creation, connect, bind, DNS
+    "os.system",
+    "os.exec",
+    "os.posix_spawn",
+    "os.spawn",
+    "os.fork",
+    "os.forkpty",
+    "subprocess.Popen",
+    "pty.spawn",
+    "os.startfile",
+    "os.kill",
+    "os.killpg",
+    "signal.pthread_kill",
+    "ctypes.",  # native code
+    "os.symlink",
+    "os.link",  # a link inside the folder could point outside it
+    "sys.addaudithook",  # nothing may watch (or outlive) the guard's checks
 )
 # In strict mode also: what reaches other frames (hence the harness's token) or every object.
-_STRICT_EVENTS = ("sys._getframe", "sys._current_frames", "sys.settrace", "sys.setprofile",
-                  "gc.get_objects", "gc.get_referrers", "gc.get_referents")
+_STRICT_EVENTS = (
+    "sys._getframe",
+    "sys._current_frames",
+    "sys.settrace",
+    "sys.setprofile",
+    "gc.get_objects",
+    "gc.get_referrers",
+    "gc.get_referents",
+)
 _FRAME_ATTRIBUTES = ("tb_frame", "gi_frame", "cr_frame", "ag_frame", "f_back")
 # Modules whose functions act without raising the audit events above.
 _BLOCKED_IMPORTS = ("_posixsubprocess", "_ctypes", "ctypes")
 # Events whose first arguments are paths the child changes.
-_WRITE_EVENTS = ("os.remove", "os.rename", "os.rmdir", "os.truncate", "os.chmod", "os.chown",
-                 "os.mkdir", "os.utime", "os.chflags", "os.lchown", "os.lchmod",
-                 "shutil.rmtree", "shutil.move", "shutil.copyfile", "shutil.copytree")
+_WRITE_EVENTS = (
+    "os.remove",
+    "os.rename",
+    "os.rmdir",
+    "os.truncate",
+    "os.chmod",
+    "os.chown",
+    "os.mkdir",
+    "os.utime",
+    "os.chflags",
+    "os.lchown",
+    "os.lchmod",
+    "shutil.rmtree",
+    "shutil.move",
+    "shutil.copyfile",
+    "shutil.copytree",
+)
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
 
@@ -112,9 +143,18 @@ class VerifierResult:
 # The parent side
 
 
-def run_python(code: str, tests: str = "", *, timeout: float = 5.0, memory_mb: int = 512,
-               file_size_mb: int = 4, network: str = "auto", guard: bool = True,
-               strict: bool = True, site_packages: bool = False) -> VerifierResult:
+def run_python(
+    code: str,
+    tests: str = "",
+    *,
+    timeout: float = 5.0,
+    memory_mb: int = 512,
+    file_size_mb: int = 4,
+    network: str = "auto",
+    guard: bool = True,
+    strict: bool = True,
+    site_packages: bool = False,
+) -> VerifierResult:
     """Runs `code`, then `tests` in the same namespace, in a sandboxed child (module doc).
 
     Args:
@@ -146,8 +186,12 @@ def run_python(code: str, tests: str = "", *, timeout: float = 5.0, memory_mb: i
                 f.write(text)
         env = {"PATH": os.defpath, "LANG": "C.UTF-8", "HOME": scratch, "TMPDIR": scratch}
         read_end, write_end = os.pipe()  # the private pipe the harness writes the token to
-        command = python + [os.path.abspath(__file__), str(write_end), *limits] + (
-            [] if guard else ["--no-guard"]) + ([] if strict else ["--lenient"])
+        command = (
+            python
+            + [os.path.abspath(__file__), str(write_end), *limits]
+            + ([] if guard else ["--no-guard"])
+            + ([] if strict else ["--lenient"])
+        )
         if network == "auto" and network_namespace_available():
             command = _UNSHARE + command
         out_path, err_path = os.path.join(private, "stdout"), os.path.join(private, "stderr")
@@ -155,8 +199,15 @@ def run_python(code: str, tests: str = "", *, timeout: float = 5.0, memory_mb: i
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             try:
                 child = subprocess.Popen(
-                    command, cwd=scratch, env=env, stdin=subprocess.PIPE, stdout=out,
-                    stderr=err, pass_fds=(write_end,), start_new_session=True)
+                    command,
+                    cwd=scratch,
+                    env=env,
+                    stdin=subprocess.PIPE,
+                    stdout=out,
+                    stderr=err,
+                    pass_fds=(write_end,),
+                    start_new_session=True,
+                )
             finally:
                 os.close(write_end)
             try:
@@ -192,8 +243,12 @@ def network_namespace_available() -> bool:
         ok = False
         if shutil.which("unshare"):
             try:
-                ok = subprocess.run(_UNSHARE + ["true"], capture_output=True, timeout=5,
-                                    check=False).returncode == 0
+                ok = (
+                    subprocess.run(
+                        _UNSHARE + ["true"], capture_output=True, timeout=5, check=False
+                    ).returncode
+                    == 0
+                )
             except (OSError, subprocess.SubprocessError):
                 ok = False
         _NAMESPACE.append(ok)
@@ -205,9 +260,14 @@ def set_limits(memory_bytes: int, cpu_seconds: int, file_bytes: int) -> None:
     privilege)."""
     import resource
 
-    for kind, value in ((resource.RLIMIT_AS, memory_bytes), (resource.RLIMIT_CPU, cpu_seconds),
-                        (resource.RLIMIT_FSIZE, file_bytes), (resource.RLIMIT_NOFILE, 64),
-                        (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, 0)):
+    for kind, value in (
+        (resource.RLIMIT_AS, memory_bytes),
+        (resource.RLIMIT_CPU, cpu_seconds),
+        (resource.RLIMIT_FSIZE, file_bytes),
+        (resource.RLIMIT_NOFILE, 64),
+        (resource.RLIMIT_CORE, 0),
+        (resource.RLIMIT_NPROC, 0),
+    ):
         resource.setrlimit(kind, (value, value))
 
 
@@ -248,7 +308,8 @@ def _reason(timed_out: bool, returncode: int, stderr: str, said: bool) -> str:
     if returncode < 0:
         sig = -returncode
         return {signal.SIGXCPU: "cpu time limit", signal.SIGXFSZ: "file size limit"}.get(
-            sig, f"killed by signal {sig}")
+            sig, f"killed by signal {sig}"
+        )
     if returncode == 0 and not said:
         return "exited before the tests finished"
     if last.startswith("exception: "):
@@ -302,7 +363,8 @@ def install_guard(folder: str, read_roots: list[str], *, strict: bool = True):
                 return
             mode, flags = (args[1] if len(args) > 1 else None), (args[2] if len(args) > 2 else 0)
             writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or bool(
-                isinstance(flags, int) and flags & _WRITE_FLAGS)
+                isinstance(flags, int) and flags & _WRITE_FLAGS
+            )
             if path == folder or path.startswith(inside):
                 return
             if path.startswith("/proc"):
@@ -357,10 +419,14 @@ def _child_main(argv: list[str]) -> None:
     # Local references: the candidate may rebind builtins or os.* but not these.
     run, compile_, write, exit_now, where = exec, compile, os.write, os._exit, _where
     stdout, stderr = sys.stdout, sys.stderr
-    permit_frames = lambda: None
+
+    def permit_frames() -> None:  # no guard installed: nothing to permit
+        return None
+
     if "--no-guard" not in argv:
-        permit_frames = install_guard(folder, [p for p in sys.path if p and os.path.isdir(p)],
-                                      strict="--lenient" not in argv)
+        permit_frames = install_guard(
+            folder, [p for p in sys.path if p and os.path.isdir(p)], strict="--lenient" not in argv
+        )
 
     def finish(status: int, message: str = "") -> None:
         try:  # os._exit skips Python's own flushing of what the candidate printed

@@ -86,14 +86,16 @@ def check_members(folders: Sequence[pathlib.Path]) -> list[dict]:
                     f"cannot average reward models of different {key}s: {folders[0]} has "
                     f"{first.get(key)!r} and {folder} has {meta.get(key)!r}. WARM averages "
                     "models fine-tuned from one shared initialisation (same base, backbone "
-                    "kind, size and LoRA settings)")
+                    "kind, size and LoRA settings)"
+                )
         if first["backbone"] == "lora":
             a = _adapter_settings(folders[0])
             b = _adapter_settings(folder)
             if a != b:
                 raise CheckpointError(
                     f"cannot average LoRA reward models with different adapters: {folders[0]} "
-                    f"has {a} and {folder} has {b}")
+                    f"has {a} and {folder} has {b}"
+                )
     return metas
 
 
@@ -108,9 +110,14 @@ def read_head(folder: pathlib.Path) -> np.ndarray:
     return np.load(folder / HEAD_FILE, allow_pickle=False).astype(np.float32)
 
 
-def average_reward_models(folders: Sequence[str | os.PathLike], out: str | os.PathLike | None
-                          = None, *, weights: Sequence[float] | None = None,
-                          overwrite: bool = False, progress: bool = True) -> RewardModel:
+def average_reward_models(
+    folders: Sequence[str | os.PathLike],
+    out: str | os.PathLike | None = None,
+    *,
+    weights: Sequence[float] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> RewardModel:
     """The weight average of the reward models in `folders` (see the module docstring), saved
     to `out` when given. weights: one per member (>= 0, normalised; default uniform)."""
     paths = [pathlib.Path(f).expanduser().absolute() for f in folders]
@@ -140,8 +147,9 @@ def average_reward_models(folders: Sequence[str | os.PathLike], out: str | os.Pa
     return rm
 
 
-def _average_lora(first: RewardModel, paths: Sequence[pathlib.Path],
-                  w: Sequence[float]) -> RewardModel:
+def _average_lora(
+    first: RewardModel, paths: Sequence[pathlib.Path], w: Sequence[float]
+) -> RewardModel:
     """The members' LoRA deltas averaged exactly, as one rank M * r adapter over the base."""
     from gemma_kit.checkpoint.adapter import read_adapter_params
     from gemma_kit.lora import adapter_info, apply_lora, lora_state, remove_lora
@@ -149,27 +157,30 @@ def _average_lora(first: RewardModel, paths: Sequence[pathlib.Path],
     model = first.network.model
     info = adapter_info(model)
     state = lora_state(model)
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                          nnx.to_pure_dict(state))
-    runs = [nnx.to_pure_dict(state)] + [read_adapter_params(p / ADAPTER_DIR, target)
-                                        for p in paths[1:]]
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(state))
+    runs = [nnx.to_pure_dict(state)] + [
+        read_adapter_params(p / ADAPTER_DIR, target) for p in paths[1:]
+    ]
     averaged = merging.lora_average(runs, w)
     m = len(paths)
     remove_lora(model)
     # Rank M * r with alpha M * alpha: the scaling alpha / r each member was trained with.
-    apply_lora(model, info["rank"] * m, info["alpha"] * m, info["targets"],
-               dtype=jnp.dtype(info["dtype"]))
+    apply_lora(
+        model, info["rank"] * m, info["alpha"] * m, info["targets"], dtype=jnp.dtype(info["dtype"])
+    )
     merged_state = lora_state(model)
     nnx.replace_by_pure_dict(merged_state, averaged)
     nnx.update(model, merged_state)
-    rm = RewardModel(RewardTransformer(model, pad_id=first.network.pad_id), first.tokenizer,
-                     base=first.base)
+    rm = RewardModel(
+        RewardTransformer(model, pad_id=first.network.pad_id), first.tokenizer, base=first.base
+    )
     rm.trained_from = first.trained_from
     return rm
 
 
-def _average_full(first: RewardModel, paths: Sequence[pathlib.Path], w: Sequence[float],
-                  say) -> RewardModel:
+def _average_full(
+    first: RewardModel, paths: Sequence[pathlib.Path], w: Sequence[float], say
+) -> RewardModel:
     """The members' backbone parameters averaged, one member loaded at a time (float32 sums)."""
     model = first.network.model
     params = nnx.state(model, nnx.Param)
@@ -185,8 +196,9 @@ def _average_full(first: RewardModel, paths: Sequence[pathlib.Path], w: Sequence
     averaged = jax.tree.map(lambda x, d: x.astype(d), total, dtypes)
     nnx.replace_by_pure_dict(params, averaged)
     nnx.update(model, params)
-    rm = RewardModel(RewardTransformer(model, pad_id=first.network.pad_id), first.tokenizer,
-                     base=first.base)
+    rm = RewardModel(
+        RewardTransformer(model, pad_id=first.network.pad_id), first.tokenizer, base=first.base
+    )
     rm.trained_from = first.trained_from
     return rm
 
@@ -202,16 +214,31 @@ class RewardEnsemble:
         self.weights = None if weights is None else [float(x) for x in weights]
         self.name = f"ensemble of {len(self.models)}"
 
-    def member_scores(self, prompts: Sequence, completions: Sequence[str], *,
-                      batch_size: int = 16, progress: bool = False) -> np.ndarray:
+    def member_scores(
+        self,
+        prompts: Sequence,
+        completions: Sequence[str],
+        *,
+        batch_size: int = 16,
+        progress: bool = False,
+    ) -> np.ndarray:
         """float32 [M, N]: each member's rewards."""
-        return np.stack([m.score(prompts, completions, batch_size=batch_size,
-                                 progress=progress) for m in self.models])
+        return np.stack(
+            [
+                m.score(prompts, completions, batch_size=batch_size, progress=progress)
+                for m in self.models
+            ]
+        )
 
-    def score(self, prompts: Sequence, completions: Sequence[str], *, batch_size: int = 16,
-              progress: bool = False) -> np.ndarray:
-        scores = self.member_scores(prompts, completions, batch_size=batch_size,
-                                    progress=progress)
+    def score(
+        self,
+        prompts: Sequence,
+        completions: Sequence[str],
+        *,
+        batch_size: int = 16,
+        progress: bool = False,
+    ) -> np.ndarray:
+        scores = self.member_scores(prompts, completions, batch_size=batch_size, progress=progress)
         return np.asarray(merging.average([{"r": r} for r in scores], self.weights)["r"])
 
     def __call__(self, prompts: Sequence, completions: Sequence[str]) -> np.ndarray:
@@ -237,17 +264,32 @@ def member_settings(config, members: int | Sequence[dict]) -> list[dict]:
         raise ConfigError("give at least one member")
     for changes in members:
         config.check_names(changes, "a WARM member")
-        for key in ("seed", "method", "lora_rank", "lora_alpha", "lora_targets", "base",
-                    "head_init_std"):
+        for key in (
+            "seed",
+            "method",
+            "lora_rank",
+            "lora_alpha",
+            "lora_targets",
+            "base",
+            "head_init_std",
+        ):
             if key in changes and changes[key] != getattr(config, key):
                 raise ConfigError(
                     f"WARM members share their initialisation: a member may not change {key!r} "
-                    "(vary data_seed, learning_rate, steps and the like instead)")
+                    "(vary data_seed, learning_rate, steps and the like instead)"
+                )
     return members
 
 
-def train_warm(config, members: int | Sequence[dict] = 4, *, model=None, tokenizer=None,
-               resume: bool = False, average: bool = True) -> WarmResult:
+def train_warm(
+    config,
+    members: int | Sequence[dict] = 4,
+    *,
+    model=None,
+    tokenizer=None,
+    resume: bool = False,
+    average: bool = True,
+) -> WarmResult:
     """Trains the WARM members (config.out_dir/member-i, i = 0..M-1) from one initialisation,
     one after another, then writes their weight average to config.out_dir/average.
 
@@ -265,14 +307,14 @@ def train_warm(config, members: int | Sequence[dict] = 4, *, model=None, tokeniz
         member = config.replace(out_dir=str(root / f"member-{i}"), **changes).validate()
         folder = pathlib.Path(member.out_dir) / RESULT_DIR
         done = (folder / CONFIG_FILE).is_file() and (
-            pathlib.Path(member.out_dir) / "summary.json").is_file()
+            pathlib.Path(member.out_dir) / "summary.json"
+        ).is_file()
         if resume and done:
             folders.append(folder)
             results.append(None)
             continue
         can_resume = resume and (pathlib.Path(member.out_dir) / "checkpoints").is_dir()
-        result = train_reward_model(member, model=model, tokenizer=tokenizer,
-                                    resume=can_resume)
+        result = train_reward_model(member, model=model, tokenizer=tokenizer, resume=can_resume)
         if result.interrupted:
             raise KeyboardInterrupt(f"WARM member {i} was interrupted; continue with resume")
         assert result.model_dir is not None  # RewardTraining.save_result wrote it

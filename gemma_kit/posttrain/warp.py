@@ -63,8 +63,7 @@ from gemma_kit.training.model import build_model, trainable_filter
 
 __all__ = ["WARPConfig", "WARPResult", "run_warp"]
 
-WARP_FIELDS = ("num_runs", "slerp_lambda", "liti_eta", "eval_etas", "iterations",
-               "compare_lerp")
+WARP_FIELDS = ("num_runs", "slerp_lambda", "liti_eta", "eval_etas", "iterations", "compare_lerp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,8 +87,12 @@ class WARPConfig(RLConfig):
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(RLConfig)}
         # No held-out evaluation inside a run: WARP evaluates every run itself, with the key
         # and the reference of the merges, so that all points of a front compare.
-        values.update(seed=self.seed + 100 * iteration + run, out_dir=str(out),
-                      eval_prompts_file=None, eval_fraction=0.0)
+        values.update(
+            seed=self.seed + 100 * iteration + run,
+            out_dir=str(out),
+            eval_prompts_file=None,
+            eval_fraction=0.0,
+        )
         return RLConfig(**values)
 
     def validate(self) -> WARPConfig:
@@ -100,28 +103,44 @@ class WARPConfig(RLConfig):
                 raise ConfigError(message)
 
         def fraction(value) -> bool:
-            return (isinstance(value, (int, float)) and not isinstance(value, bool)
-                    and 0.0 <= value <= 1.0)
+            return (
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and 0.0 <= value <= 1.0
+            )
 
-        need(isinstance(self.num_runs, int) and self.num_runs >= 2,
-             f"num_runs (M) must be an integer >= 2, got {self.num_runs!r}")
-        need(isinstance(self.iterations, int) and self.iterations >= 1,
-             f"iterations must be an integer >= 1, got {self.iterations!r}")
-        need(fraction(self.slerp_lambda),
-             f"slerp_lambda must lie in [0, 1], got {self.slerp_lambda!r}")
-        need(self.num_runs == 2 or self.slerp_lambda == 0.5,
-             "slerp_lambda weighs two runs; more runs merge with equal weights (leave it 0.5)")
-        need(fraction(self.liti_eta), f"liti_eta (eta) must lie in [0, 1], got "
-                                      f"{self.liti_eta!r}")
-        need(len(self.eval_etas) > 0 and all(fraction(e) for e in self.eval_etas),
-             f"every eta of eval_etas must lie in [0, 1], got {list(self.eval_etas)!r}")
-        need(self.method != "qlora",
-             "WARP merges runs into the base weights, which QLoRA holds as int8: use method = "
-             "\"lora\" or \"full\"")
+        need(
+            isinstance(self.num_runs, int) and self.num_runs >= 2,
+            f"num_runs (M) must be an integer >= 2, got {self.num_runs!r}",
+        )
+        need(
+            isinstance(self.iterations, int) and self.iterations >= 1,
+            f"iterations must be an integer >= 1, got {self.iterations!r}",
+        )
+        need(
+            fraction(self.slerp_lambda),
+            f"slerp_lambda must lie in [0, 1], got {self.slerp_lambda!r}",
+        )
+        need(
+            self.num_runs == 2 or self.slerp_lambda == 0.5,
+            "slerp_lambda weighs two runs; more runs merge with equal weights (leave it 0.5)",
+        )
+        need(fraction(self.liti_eta), f"liti_eta (eta) must lie in [0, 1], got {self.liti_eta!r}")
+        need(
+            len(self.eval_etas) > 0 and all(fraction(e) for e in self.eval_etas),
+            f"every eta of eval_etas must lie in [0, 1], got {list(self.eval_etas)!r}",
+        )
+        need(
+            self.method != "qlora",
+            "WARP merges runs into the base weights, which QLoRA holds as int8: use method = "
+            '"lora" or "full"',
+        )
         need(not self.is_bond, "WARP's runs are policy-gradient runs: algo rloo or reinforce")
-        need(self.eval_prompts_file is not None,
-             "WARP evaluates every merge on held-out prompts: give eval_prompts_file (its runs "
-             "have different seeds, so a split of prompts_file would differ between them)")
+        need(
+            self.eval_prompts_file is not None,
+            "WARP evaluates every merge on held-out prompts: give eval_prompts_file (its runs "
+            "have different seeds, so a split of prompts_file would differ between them)",
+        )
         return self
 
 
@@ -142,10 +161,12 @@ class WARPResult:
 def pad_rank(tree, rank: int):
     """LoRA factors padded with zeros to rank `rank` (A [..., r] -> [..., rank], B [r, ...] ->
     [rank, ...]): the same delta, a shape other merges can meet."""
+
     def pair(p):
         r = p["a"].shape[-1]
-        a = jnp.concatenate([p["a"], jnp.zeros((*p["a"].shape[:-1], rank - r), p["a"].dtype)],
-                            axis=-1)
+        a = jnp.concatenate(
+            [p["a"], jnp.zeros((*p["a"].shape[:-1], rank - r), p["a"].dtype)], axis=-1
+        )
         b = jnp.concatenate([p["b"], jnp.zeros((rank - r, *p["b"].shape[1:]), p["b"].dtype)])
         return {"a": a, "b": b}
 
@@ -168,8 +189,7 @@ def merge_runs(runs: list, kind: str, *, lora: bool, lam: float = 0.5, init=None
             a, b = pad_rank(merged, rank), pad_rank(run, rank)
             merged = (merging.lora_slerp if kind == "slerp" else merging.lora_lerp)(a, b, weight)
         else:
-            merged = (merging.slerp if kind == "slerp" else merging.lerp)(init, merged, run,
-                                                                         weight)
+            merged = (merging.slerp if kind == "slerp" else merging.lerp)(init, merged, run, weight)
     return merged
 
 
@@ -191,31 +211,51 @@ class FrontEvaluator:
     initialisation (gemma_kit.posttrain.policy.with_trained).
     """
 
-    def __init__(self, model, tokenizer, config: RLConfig, prompts, reward, *, kind,
-                 reference: tuple, full: bool):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        config: RLConfig,
+        prompts,
+        reward,
+        *,
+        kind,
+        reference: tuple,
+        full: bool,
+    ):
         longest = prompts.longest
         length = -(-(longest + config.max_new_tokens - 1) // 8) * 8
         self.graphdef, _, self.fixed = nnx.split(model, kind, ...)
-        self.scorer = RolloutScorer(model, tokenizer, kind=kind, length=length,
-                                    chunk=config.loss_chunk,
-                                    max_new_tokens=config.max_new_tokens,
-                                    stop_token_ids=config.stop_token_ids, full=full)
+        self.scorer = RolloutScorer(
+            model,
+            tokenizer,
+            kind=kind,
+            length=length,
+            chunk=config.loss_chunk,
+            max_new_tokens=config.max_new_tokens,
+            stop_token_ids=config.stop_token_ids,
+            full=full,
+        )
         self.config, self.prompts, self.reward = config, prompts, reward
         self.reference = reference
 
     def __call__(self, values) -> tuple[dict[str, float], list[dict]]:
         c = self.config
-        roll = self.scorer.draw(values, self.prompts, c.eval_samples,
-                                seed=stream_seed(c.seed, EVAL_STREAM), step=0)
+        roll = self.scorer.draw(
+            values, self.prompts, c.eval_samples, seed=stream_seed(c.seed, EVAL_STREAM), step=0
+        )
         texts = [self.prompts.texts[i] for i in roll.prompt_index]
         rewards = call_reward(self.reward, texts, roll.texts)
         rows = self.scorer.rows(roll)
         ref_kind, ref_values = self.reference
-        scores = self.scorer.score(self.graphdef, values, self.fixed, ref_values, None, rows,
-                                   kinds=(ref_kind, None))
+        scores = self.scorer.score(
+            self.graphdef, values, self.fixed, ref_values, None, rows, kinds=(ref_kind, None)
+        )
         metrics = rollout_metrics(roll, rewards, scores, rows["weights"])
-        samples = [dict(prompt=texts[i], completion=roll.texts[i], reward=float(rewards[i]))
-                   for i in range(0, len(texts), c.eval_samples)]
+        samples = [
+            dict(prompt=texts[i], completion=roll.texts[i], reward=float(rewards[i]))
+            for i in range(0, len(texts), c.eval_samples)
+        ]
         return metrics, samples
 
 
@@ -236,12 +276,14 @@ def _trained_values(model, lora: bool, kind) -> dict:
 
 
 def _finished(out: pathlib.Path) -> bool:
-    return (out / "summary.json").is_file() and ((out / "adapter").is_dir()
-                                                  or (out / "model").is_dir())
+    return (out / "summary.json").is_file() and (
+        (out / "adapter").is_dir() or (out / "model").is_dir()
+    )
 
 
-def _train_or_load(run_config: RLConfig, init_model, tokenizer, reward, lora: bool, kind,
-                   resume: bool, say) -> dict:
+def _train_or_load(
+    run_config: RLConfig, init_model, tokenizer, reward, lora: bool, kind, resume: bool, say
+) -> dict:
     """The trained values of one run: loaded if it finished before, else trained (resumed
     when it has checkpoints)."""
     out = pathlib.Path(run_config.out_dir)
@@ -255,12 +297,14 @@ def _train_or_load(run_config: RLConfig, init_model, tokenizer, reward, lora: bo
         else:
             from gemma_kit.loading import load_model
 
-            model = load_model(out / "model", init_model.config,
-                               jnp.dtype(run_config.resolved_param_dtype()))
+            model = load_model(
+                out / "model", init_model.config, jnp.dtype(run_config.resolved_param_dtype())
+            )
         return _trained_values(model, lora, kind)
     again = resume and (out / "checkpoints").is_dir()
-    result = train_rl(run_config, reward=reward, model=init_model, tokenizer=tokenizer,
-                      resume=again)
+    result = train_rl(
+        run_config, reward=reward, model=init_model, tokenizer=tokenizer, resume=again
+    )
     return _trained_values(result.model, lora, kind)
 
 
@@ -268,8 +312,13 @@ def _eval_model(init_model, config: WARPConfig, rank: int):
     """The current initialisation with LoRA of the merged rank (alpha scaled with it, so the
     scaling alpha / rank of the runs is kept)."""
     model = nnx.merge(*nnx.split(init_model))
-    apply_lora(model, rank, config.lora_alpha * rank / config.lora_rank, config.lora_targets,
-               seed=config.seed)
+    apply_lora(
+        model,
+        rank,
+        config.lora_alpha * rank / config.lora_rank,
+        config.lora_targets,
+        seed=config.seed,
+    )
     return model
 
 
@@ -287,11 +336,19 @@ def plot_front(fronts: list[list[dict]], path: pathlib.Path) -> pathlib.Path | N
         for kind in ("slerp", "lerp"):
             line = sorted((p for p in points if p["merge"] == kind), key=lambda p: p["eta"])
             if line:
-                ax.plot([p["kl"] for p in line], [p["reward"] for p in line], "o-",
-                        label=f"iteration {i}: LITI of {kind.upper()}")
+                ax.plot(
+                    [p["kl"] for p in line],
+                    [p["reward"] for p in line],
+                    "o-",
+                    label=f"iteration {i}: LITI of {kind.upper()}",
+                )
         runs = [p for p in points if p["merge"].startswith("run")]
-        ax.plot([p["kl"] for p in runs], [p["reward"] for p in runs], "k^",
-                label=f"iteration {i}: the RL runs" if i == 1 else None)
+        ax.plot(
+            [p["kl"] for p in runs],
+            [p["reward"] for p in runs],
+            "k^",
+            label=f"iteration {i}: the RL runs" if i == 1 else None,
+        )
     ax.set_xlabel("KL to the initialisation (nats per completion)")
     ax.set_ylabel("held-out reward")
     ax.grid(alpha=0.3)
@@ -304,8 +361,9 @@ def plot_front(fronts: list[list[dict]], path: pathlib.Path) -> pathlib.Path | N
     return path
 
 
-def run_warp(config: WARPConfig, *, reward=None, model=None, tokenizer=None,
-             resume: bool = False) -> WARPResult:
+def run_warp(
+    config: WARPConfig, *, reward=None, model=None, tokenizer=None, resume: bool = False
+) -> WARPResult:
     """Runs WARP as `config` describes (see the module docstring).
 
     reward: a callable, spec or reward model instead of config.reward. model / tokenizer: the
@@ -315,8 +373,10 @@ def run_warp(config: WARPConfig, *, reward=None, model=None, tokenizer=None,
     config = config.validate()
     out = pathlib.Path(config.out_dir).expanduser().absolute()
     if not resume and out.is_dir() and any(out.iterdir()):
-        raise ConfigError(f"{out} is not empty: choose another out_dir, or pass --resume to "
-                          "continue the WARP run in it")
+        raise ConfigError(
+            f"{out} is not empty: choose another out_dir, or pass --resume to "
+            "continue the WARP run in it"
+        )
 
     def say(message: str) -> None:
         if config.progress:
@@ -356,9 +416,19 @@ def _run(config: WARPConfig, out, reward_fn, model, tokenizer, resume, say) -> W
     chosen_values = None
     for i in range(config.iterations):
         say(f"WARP iteration {i + 1} of {config.iterations}: {M} RL runs")
-        runs = [_train_or_load(config.rl_config(i, m, out / f"iter_{i + 1}" / f"run_{m}"),
-                               init_model, tokenizer, reward_fn, lora, kind, resume, say)
-                for m in range(M)]
+        runs = [
+            _train_or_load(
+                config.rl_config(i, m, out / f"iter_{i + 1}" / f"run_{m}"),
+                init_model,
+                tokenizer,
+                reward_fn,
+                lora,
+                kind,
+                resume,
+                say,
+            )
+            for m in range(M)
+        ]
         init_values = None if lora else _trained_values(init_model, False, kind)
         # The network every point is a value of, and the original initialisation as a value
         # of it: the original base weights with zero LoRA factors.
@@ -366,24 +436,35 @@ def _run(config: WARPConfig, out, reward_fn, model, tokenizer, resume, say) -> W
             eval_model = _eval_model(init_model, config, rank)
             reference_model = _eval_model(original, config, rank)
             ref_kind = nnx.Any(nnx.Param, LoRAParam)
-            ref_values = merging.check_same_structure(
-                [nnx.state(reference_model, ref_kind)])[0]
+            ref_values = merging.check_same_structure([nnx.state(reference_model, ref_kind)])[0]
             ref_values = jax.tree_util.tree_map_with_path(
                 lambda p, x: jnp.zeros_like(x) if getattr(p[-1], "key", None) == "b" else x,
-                ref_values)
+                ref_values,
+            )
         else:
             eval_model, ref_kind = init_model, kind
             ref_values = _trained_values(original, False, kind)
-        evaluate = FrontEvaluator(eval_model, tokenizer, config, held, reward_fn, kind=(
-            LoRAParam if lora else kind), reference=(ref_kind, ref_values), full=not lora)
+        evaluate = FrontEvaluator(
+            eval_model,
+            tokenizer,
+            config,
+            held,
+            reward_fn,
+            kind=(LoRAParam if lora else kind),
+            reference=(ref_kind, ref_values),
+            full=not lora,
+        )
         points: list[dict] = []
 
-        def measure(name: str, eta, values, evaluate=evaluate, points=points,
-                    iteration=i + 1) -> dict:
+        def measure(
+            name: str, eta, values, evaluate=evaluate, points=points, iteration=i + 1
+        ) -> dict:
             metrics, shown = evaluate(values)
             point = dict(iteration=iteration, merge=name, eta=eta, **metrics)
-            say(f"  {name}{'' if eta is None else f' eta {eta:g}'}: reward "
-                f"{metrics['reward']:.4f}, KL {metrics['kl']:.4f}")
+            say(
+                f"  {name}{'' if eta is None else f' eta {eta:g}'}: reward "
+                f"{metrics['reward']:.4f}, KL {metrics['kl']:.4f}"
+            )
             samples.extend(dict(point=f"{name} eta {eta}", **s) for s in shown)
             points.append(point)
             return point
@@ -394,8 +475,9 @@ def _run(config: WARPConfig, out, reward_fn, model, tokenizer, resume, say) -> W
         best = None
         start = None  # eta = 0 is the initialisation itself, whatever the merge
         for merge_kind in kinds:
-            merged = merge_runs(runs, merge_kind, lora=lora, lam=config.slerp_lambda,
-                                init=init_values)
+            merged = merge_runs(
+                runs, merge_kind, lora=lora, lam=config.slerp_lambda, init=init_values
+            )
             for eta in etas:
                 values = liti_point(merged, eta, lora=lora, init=init_values)
                 if eta == 0 and start is not None:
@@ -416,19 +498,31 @@ def _run(config: WARPConfig, out, reward_fn, model, tokenizer, resume, say) -> W
                 nnx.replace_by_pure_dict(state := lora_state(eval_model), chosen_values)
                 nnx.update(eval_model, state)
                 merged_model = merge(eval_model)
-                f32 = jax.tree.map(lambda x: x.astype(jnp.float32),
-                                   nnx.state(merged_model, nnx.Param))
+                f32 = jax.tree.map(
+                    lambda x: x.astype(jnp.float32), nnx.state(merged_model, nnx.Param)
+                )
                 nnx.update(merged_model, f32)
                 init_model = merged_model
             else:
                 init_model = nnx.merge(*nnx.split(init_model))
                 nnx.update(init_model, nnx.State(chosen_values))
-    return _finish(config, out, base, init_model, eval_model if lora else None, chosen_values,
-                   tokenizer, fronts, chosen, lora)
+    return _finish(
+        config,
+        out,
+        base,
+        init_model,
+        eval_model if lora else None,
+        chosen_values,
+        tokenizer,
+        fronts,
+        chosen,
+        lora,
+    )
 
 
-def _finish(config, out, base, init_model, eval_model, values, tokenizer, fronts, chosen,
-            lora) -> WARPResult:
+def _finish(
+    config, out, base, init_model, eval_model, values, tokenizer, fronts, chosen, lora
+) -> WARPResult:
     from gemma_kit.lora import save_adapter
     from gemma_kit.training.model import save_full
 
@@ -439,8 +533,12 @@ def _finish(config, out, base, init_model, eval_model, values, tokenizer, fronts
         nnx.update(eval_model, state)
         final = eval_model
         if config.iterations == 1:
-            adapter = save_adapter(final, out / "adapter", overwrite=True,
-                                   extra=dict(base=base, method="lora", warp=chosen[-1]))
+            adapter = save_adapter(
+                final,
+                out / "adapter",
+                overwrite=True,
+                extra=dict(base=base, method="lora", warp=chosen[-1]),
+            )
         else:
             final = merge(eval_model)
             model_dir = save_full(final, tokenizer, out / "model")
@@ -449,7 +547,17 @@ def _finish(config, out, base, init_model, eval_model, values, tokenizer, fronts
         nnx.update(final, nnx.State(values))
         model_dir = save_full(final, tokenizer, out / "model")
     png = plot_front(fronts, out / "front.png")
-    write_json(out / "summary.json", dict(
-        base=base, method=config.method, iterations=config.iterations, runs=config.num_runs,
-        chosen=chosen, adapter=adapter, model=model_dir, front_png=png))
+    write_json(
+        out / "summary.json",
+        dict(
+            base=base,
+            method=config.method,
+            iterations=config.iterations,
+            runs=config.num_runs,
+            chosen=chosen,
+            adapter=adapter,
+            model=model_dir,
+            front_png=png,
+        ),
+    )
     return WARPResult(out, fronts, chosen, adapter, model_dir, final)

@@ -34,6 +34,16 @@ from gemma_kit.training.objective import Objective, RunContext
 from gemma_kit.training.step import LossFn
 from gemma_kit.training.trainer import Trainer, micro_batches
 
-__all__ = ["CrossEntropy", "LossFn", "Objective", "RunContext", "SignedCrossEntropy",
-           "TrainConfig", "TrainResult", "Trainer", "initialize_distributed", "micro_batches",
-           "run"]
+__all__ = [
+    "CrossEntropy",
+    "LossFn",
+    "Objective",
+    "RunContext",
+    "SignedCrossEntropy",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "initialize_distributed",
+    "micro_batches",
+    "run",
+]

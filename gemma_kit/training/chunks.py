@@ -17,8 +17,9 @@ import jax.numpy as jnp
 from gemma_kit.errors import ConfigError
 
 
-def map_chunks(fn: Callable[..., tuple[jax.Array, ...]], inputs: Sequence[jax.Array],
-               chunk: int) -> tuple[jax.Array, ...]:
+def map_chunks(
+    fn: Callable[..., tuple[jax.Array, ...]], inputs: Sequence[jax.Array], chunk: int
+) -> tuple[jax.Array, ...]:
     """fn over chunks of the leading axis N of every input; fn returns a tuple of [n, ...].
 
     Inputs are padded with zeros to a whole number of chunks (padded rows are computed and

@@ -40,8 +40,17 @@ METHODS = ("lora", "qlora", "full")
 DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "f32": "float32"}
 PATH_FIELDS = ("train_file", "eval_file", "out_dir", "base", "tokenizer")
 # Settings that fix which rows a step sees; a resumed run must keep them.
-DATA_ORDER_FIELDS = ("train_file", "eval_file", "eval_fraction", "max_length", "packing",
-                     "skip_bad_rows", "batch_size", "grad_accum", "seed")
+DATA_ORDER_FIELDS = (
+    "train_file",
+    "eval_file",
+    "eval_fraction",
+    "max_length",
+    "packing",
+    "skip_bad_rows",
+    "batch_size",
+    "grad_accum",
+    "seed",
+)
 # Settings that fix the shape of the trained variables.
 MODEL_FIELDS = ("method", "quant", "lora_rank", "lora_alpha", "lora_targets")
 
@@ -117,8 +126,13 @@ class TrainConfig:
 
     # -- building -------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, values: dict[str, Any], *, base_dir: str | os.PathLike | None = None,
-                  source: str = "config") -> TrainConfig:
+    def from_dict(
+        cls,
+        values: dict[str, Any],
+        *,
+        base_dir: str | os.PathLike | None = None,
+        source: str = "config",
+    ) -> TrainConfig:
         """From a flat dict; unknown keys are an error (with the closest known name).
 
         Keys starting with "_" are comments (JSON has no other kind) and are ignored.
@@ -187,54 +201,83 @@ class TrainConfig:
     # -- checking -------------------------------------------------------------------------
     def validate(self) -> TrainConfig:
         """Raises ConfigError naming the first bad setting; returns self."""
+
         def need(ok: bool, message: str) -> None:
             if not ok:
                 raise ConfigError(message)
 
         self.validate_data()
         need(bool(self.out_dir), "out_dir is required (the folder for checkpoints and results)")
-        need(self.method in METHODS,
-             f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        need(
+            self.method in METHODS,
+            f"method must be one of {', '.join(METHODS)}, got {self.method!r}",
+        )
         need(self.quant in ("int8", "int4"), f"quant must be int8 or int4, got {self.quant!r}")
         for name in ("param_dtype",):
             value = getattr(self, name)
-            need(value is None or value in DTYPES,
-                 f"{name} must be bfloat16 or float32, got {value!r}")
-        need(self.compute_dtype == "auto" or self.compute_dtype in DTYPES,
-             f"compute_dtype must be auto, bfloat16 or float32, got {self.compute_dtype!r}")
-        need((self.steps is None) != (self.epochs is None),
-             "give exactly one of steps and epochs")
-        need(self.steps is None or (isinstance(self.steps, int) and self.steps >= 1),
-             f"steps must be an integer >= 1, got {self.steps!r}")
+            need(
+                value is None or value in DTYPES,
+                f"{name} must be bfloat16 or float32, got {value!r}",
+            )
+        need(
+            self.compute_dtype == "auto" or self.compute_dtype in DTYPES,
+            f"compute_dtype must be auto, bfloat16 or float32, got {self.compute_dtype!r}",
+        )
+        need((self.steps is None) != (self.epochs is None), "give exactly one of steps and epochs")
+        need(
+            self.steps is None or (isinstance(self.steps, int) and self.steps >= 1),
+            f"steps must be an integer >= 1, got {self.steps!r}",
+        )
         need(self.epochs is None or self.epochs > 0, f"epochs must be > 0, got {self.epochs!r}")
-        positive_ints = dict(max_length=self.max_length, batch_size=self.batch_size,
-                             grad_accum=self.grad_accum, lora_rank=self.lora_rank,
-                             save_every=self.save_every, keep_checkpoints=self.keep_checkpoints,
-                             eval_every=self.eval_every, loss_chunk=self.loss_chunk,
-                             mesh_data=self.mesh_data, mesh_fsdp=self.mesh_fsdp)
+        positive_ints = dict(
+            max_length=self.max_length,
+            batch_size=self.batch_size,
+            grad_accum=self.grad_accum,
+            lora_rank=self.lora_rank,
+            save_every=self.save_every,
+            keep_checkpoints=self.keep_checkpoints,
+            eval_every=self.eval_every,
+            loss_chunk=self.loss_chunk,
+            mesh_data=self.mesh_data,
+            mesh_fsdp=self.mesh_fsdp,
+        )
         for name, value in positive_ints.items():
-            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                 f"{name} must be an integer >= 1, got {value!r}")
+            need(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                f"{name} must be an integer >= 1, got {value!r}",
+            )
         need(self.max_length >= 2, f"max_length must be >= 2, got {self.max_length}")
-        need(self.batch_size % self.grad_accum == 0,
-             f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
+        need(
+            self.batch_size % self.grad_accum == 0,
+            f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})",
+        )
         devices = self.mesh_data * self.mesh_fsdp
         micro = self.batch_size // self.grad_accum
-        need(micro % devices == 0,
-             f"each micro-batch (batch_size / grad_accum = {micro} rows) must split evenly over "
-             f"the mesh_data x mesh_fsdp = {devices} devices")
-        need(0 <= self.eval_fraction < 1,
-             f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        need(
+            micro % devices == 0,
+            f"each micro-batch (batch_size / grad_accum = {micro} rows) must split evenly over "
+            f"the mesh_data x mesh_fsdp = {devices} devices",
+        )
+        need(
+            0 <= self.eval_fraction < 1,
+            f"eval_fraction must be in [0, 1), got {self.eval_fraction}",
+        )
         need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
-        need(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
-             f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
-        need(0 <= self.min_lr_fraction <= 1,
-             f"min_lr_fraction must be in [0, 1], got {self.min_lr_fraction}")
+        need(
+            isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
+            f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}",
+        )
+        need(
+            0 <= self.min_lr_fraction <= 1,
+            f"min_lr_fraction must be in [0, 1], got {self.min_lr_fraction}",
+        )
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         need(self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}")
         need(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
-        need(self.eval_max_rows is None or self.eval_max_rows >= 1,
-             f"eval_max_rows must be >= 1 or unset, got {self.eval_max_rows!r}")
+        need(
+            self.eval_max_rows is None or self.eval_max_rows >= 1,
+            f"eval_max_rows must be >= 1 or unset, got {self.eval_max_rows!r}",
+        )
         if self.method != "full":
             from gemma_kit.lora import resolve_targets
 

@@ -82,8 +82,11 @@ class _StopRequest:
 
     def _handle(self, signum, frame):
         self.signal = signum
-        print(f"\n{signal.Signals(signum).name}: finishing this step, saving a checkpoint and "
-              "stopping (press Ctrl-C again to stop at once, without saving)", file=sys.stderr)
+        print(
+            f"\n{signal.Signals(signum).name}: finishing this step, saving a checkpoint and "
+            "stopping (press Ctrl-C again to stop at once, without saving)",
+            file=sys.stderr,
+        )
         signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
 
     def __enter__(self):
@@ -113,16 +116,19 @@ def initialize_distributed(config: TrainConfig) -> None:
     if not config.distributed or jax.distributed.is_initialized():
         return
     try:
-        jax.distributed.initialize(coordinator_address=config.coordinator_address,
-                                   num_processes=config.num_processes,
-                                   process_id=config.process_id)
+        jax.distributed.initialize(
+            coordinator_address=config.coordinator_address,
+            num_processes=config.num_processes,
+            process_id=config.process_id,
+        )
     except RuntimeError as err:
         if "must be called before" not in str(err):
             raise
         raise TrainingError(
             "distributed = true, but this process already used JAX (a model was built or an "
             "array made) before joining the other processes; call gemma_kit.training."
-            "initialize_distributed(config) first, before building the model") from None
+            "initialize_distributed(config) first, before building the model"
+        ) from None
 
 
 def check_out_dir(config: TrainConfig, out: pathlib.Path, resume: bool) -> int | None:
@@ -133,7 +139,8 @@ def check_out_dir(config: TrainConfig, out: pathlib.Path, resume: bool) -> int |
         if steps:
             raise TrainingError(
                 f"{out} already holds checkpoints of a run (up to step {steps[-1]}); pass "
-                "--resume (resume=True) to continue it, or choose another out_dir")
+                "--resume (resume=True) to continue it, or choose another out_dir"
+            )
         return None
     if not steps:
         raise TrainingError(f"nothing to resume: {ckpt} holds no checkpoint")
@@ -146,7 +153,8 @@ def check_out_dir(config: TrainConfig, out: pathlib.Path, resume: bool) -> int |
             details = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
             raise TrainingError(
                 f"cannot resume {out}: settings that fix the model or the data order changed "
-                f"({details}); restore them or start a new out_dir")
+                f"({details}); restore them or start a new out_dir"
+            )
     return steps[-1]
 
 
@@ -165,8 +173,9 @@ def _describe(evaluation: dict[str, float]) -> str:
 # The run
 
 
-def run(config: TrainConfig, objective: Objective, *, model=None, tokenizer=None,
-        resume: bool = False) -> TrainResult:
+def run(
+    config: TrainConfig, objective: Objective, *, model=None, tokenizer=None, resume: bool = False
+) -> TrainResult:
     """Runs (or resumes) a training run of `objective` as `config` describes; see the module
     docstring.
 
@@ -198,17 +207,27 @@ def run(config: TrainConfig, objective: Objective, *, model=None, tokenizer=None
         raise TrainingError(
             f"this run has {jax.process_count()} processes with {jax.device_count()} devices in "
             f"all, but its mesh_data x mesh_fsdp = {devices}: a multi-process mesh must use "
-            "every device of every process")
+            "every device of every process"
+        )
     mesh = None
     if devices > 1:
         from gemma_kit.sharding import make_mesh
 
         mesh = make_mesh(data=config.mesh_data, fsdp=config.mesh_fsdp)
-    trainer = Trainer(config, model, steps, objective.loss, mesh, keep_model=given_model,
-                      trainable=objective.trainable(config))
-    say(f"model: {model.config.name} ({base}), method {config.method}, "
+    trainer = Trainer(
+        config,
+        model,
+        steps,
+        objective.loss,
+        mesh,
+        keep_model=given_model,
+        trainable=objective.trainable(config),
+    )
+    say(
+        f"model: {model.config.name} ({base}), method {config.method}, "
         f"{trainer.trainable_count:,} trainable parameters, compute "
-        f"{config.resolved_compute_dtype()}")
+        f"{config.resolved_compute_dtype()}"
+    )
 
     out.mkdir(parents=True, exist_ok=True)
     manager = trainer.manager(out / CHECKPOINTS)
@@ -222,7 +241,8 @@ def run(config: TrainConfig, objective: Objective, *, model=None, tokenizer=None
             raise DataError(
                 f"the training data or its settings changed since {out} was checkpointed; a "
                 "resumed run must see the same rows in the same order. Restore the data, or "
-                "start a new out_dir")
+                "start a new out_dir"
+            )
         objective.restore_state(arrays, dict(progress.get("objective", {})))
         start, tokens_seen = int(progress["step"]), int(progress.get("tokens_seen", 0))
         eval_before = progress.get("eval_before")
@@ -231,15 +251,25 @@ def run(config: TrainConfig, objective: Objective, *, model=None, tokenizer=None
         write_json(out / "config.json", config.to_dict())
     metrics = None
     if lead:
-        metrics = MetricsLog(out / "metrics.jsonl",
-                             resume_step=start if resume_from is not None else None)
+        metrics = MetricsLog(
+            out / "metrics.jsonl", resume_step=start if resume_from is not None else None
+        )
     log = metrics.write if metrics else (lambda row: None)
 
     def save(step: int) -> None:
         arrays, info = objective.checkpoint_state(step)
-        trainer.save(manager, step, dict(
-            step=step, data_fingerprint=fingerprint, tokens_seen=tokens_seen,
-            eval_before=eval_before, objective=info), arrays)
+        trainer.save(
+            manager,
+            step,
+            dict(
+                step=step,
+                data_fingerprint=fingerprint,
+                tokens_seen=tokens_seen,
+                eval_before=eval_before,
+                objective=info,
+            ),
+            arrays,
+        )
 
     key = objective.eval_key
     if resume_from is None:
@@ -254,8 +284,14 @@ def run(config: TrainConfig, objective: Objective, *, model=None, tokenizer=None
     last_saved = resume_from
     last_loss = None
     interrupted = False
-    bar = tqdm(total=steps, initial=start, desc=objective.name, unit="step", dynamic_ncols=True,
-               disable=not (config.progress and lead))
+    bar = tqdm(
+        total=steps,
+        initial=start,
+        desc=objective.name,
+        unit="step",
+        dynamic_ncols=True,
+        disable=not (config.progress and lead),
+    )
     try:
         with _StopRequest() as stop:
             tick = time.perf_counter()
@@ -270,19 +306,31 @@ def run(config: TrainConfig, objective: Objective, *, model=None, tokenizer=None
                 seconds, tick = now - tick, now
                 rate = seen / max(seconds, 1e-9)
                 if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
-                    where = (f"step {last_saved} in {out / CHECKPOINTS}" if last_saved is not None
-                             else "none was saved yet")
+                    where = (
+                        f"step {last_saved} in {out / CHECKPOINTS}"
+                        if last_saved is not None
+                        else "none was saved yet"
+                    )
                     raise DivergenceError(
                         f"the loss became {m['loss']} (gradient norm {m['grad_norm']}) at step "
                         f"{done}; stopped without saving that state. The last good checkpoint "
                         f"is {where}. Lower learning_rate (now {config.learning_rate}) or raise "
-                        "warmup_steps, then continue with --resume.")
+                        "warmup_steps, then continue with --resume."
+                    )
                 last_loss = m["loss"]
                 if step == start:
                     say(f"first step (compiles the step): {seconds:.1f} s")
-                log(dict(step=done, loss=m["loss"], grad_norm=m["grad_norm"],
-                         lr=float(trainer.schedule(step)), **objective.step_metrics(m),
-                         tokens_per_s=rate, elapsed=bar.format_dict.get("elapsed", 0.0)))
+                log(
+                    dict(
+                        step=done,
+                        loss=m["loss"],
+                        grad_norm=m["grad_norm"],
+                        lr=float(trainer.schedule(step)),
+                        **objective.step_metrics(m),
+                        tokens_per_s=rate,
+                        elapsed=bar.format_dict.get("elapsed", 0.0),
+                    )
+                )
                 objective.after_step(step, trainer, m)
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{rate:,.0f}")
@@ -296,8 +344,10 @@ def run(config: TrainConfig, objective: Objective, *, model=None, tokenizer=None
                     last_saved = done
                 if stop.signal is not None:
                     interrupted = True
-                    say(f"stopped at step {done}; checkpoint saved in {out / CHECKPOINTS}. "
-                        "Continue with --resume.")
+                    say(
+                        f"stopped at step {done}; checkpoint saved in {out / CHECKPOINTS}. "
+                        "Continue with --resume."
+                    )
                     break
                 tick = time.perf_counter()  # evaluating and saving are not training time
     finally:
@@ -305,10 +355,18 @@ def run(config: TrainConfig, objective: Objective, *, model=None, tokenizer=None
         manager.close()
 
     step_now = last_saved if interrupted else steps
-    result = TrainResult(step=step_now, out_dir=out, adapter=None, model_dir=None,
-                         eval_before=eval_before, eval_after=None, last_loss=last_loss,
-                         interrupted=interrupted, stats=getattr(objective, "stats", {}),
-                         evaluations=evaluations)
+    result = TrainResult(
+        step=step_now,
+        out_dir=out,
+        adapter=None,
+        model_dir=None,
+        eval_before=eval_before,
+        eval_after=None,
+        last_loss=last_loss,
+        interrupted=interrupted,
+        stats=getattr(objective, "stats", {}),
+        evaluations=evaluations,
+    )
     if interrupted:
         return result
     evaluations["after"] = objective.evaluate(trainer)
@@ -324,24 +382,41 @@ def run(config: TrainConfig, objective: Objective, *, model=None, tokenizer=None
             result.model_dir = own
         elif config.trains_lora:
             result.adapter = save_adapter(
-                trained, out / "adapter", overwrite=True,
-                extra=dict(base=base, method=config.method, steps=steps))
+                trained,
+                out / "adapter",
+                overwrite=True,
+                extra=dict(base=base, method=config.method, steps=steps),
+            )
         elif jax.process_count() > 1:
             # The official-checkpoint writer saves from one process through an Orbax barrier
             # that the other processes never reach, and weights split over hosts are not all
             # here: the run's own checkpoints hold the trained weights instead.
-            print(f"note: a multi-process full fine-tune does not write {out / 'model'} yet; "
-                  f"the trained weights are in the last checkpoint in {out / CHECKPOINTS}",
-                  file=sys.stderr)
+            print(
+                f"note: a multi-process full fine-tune does not write {out / 'model'} yet; "
+                f"the trained weights are in the last checkpoint in {out / CHECKPOINTS}",
+                file=sys.stderr,
+            )
         else:
             result.model_dir = save_full(trained, tokenizer, out / "model")
         png = plot_losses(out / "metrics.jsonl", out / "loss.png", ylabel=objective.loss_label)
         plots = objective.plots(out / "metrics.jsonl", out)
-        write_json(out / "summary.json", dict(
-            steps=steps, method=config.method, base=base, eval_before=eval_before,
-            eval_after=result.eval_after, last_loss=last_loss, tokens_seen=tokens_seen,
-            trainable_parameters=trainer.trainable_count, **objective.summary(),
-            adapter=result.adapter, model=result.model_dir, loss_png=png,
-            **({"plots": plots} if plots else {})))
+        write_json(
+            out / "summary.json",
+            dict(
+                steps=steps,
+                method=config.method,
+                base=base,
+                eval_before=eval_before,
+                eval_after=result.eval_after,
+                last_loss=last_loss,
+                tokens_seen=tokens_seen,
+                trainable_parameters=trainer.trainable_count,
+                **objective.summary(),
+                adapter=result.adapter,
+                model=result.model_dir,
+                loss_png=png,
+                **({"plots": plots} if plots else {}),
+            ),
+        )
         say(f"wrote {result.adapter or result.model_dir}")
     return result

@@ -40,8 +40,9 @@ from gemma_kit.training.chunks import map_chunks
 from gemma_kit.vision.prompt import soft_token_mask
 
 
-def attention_mask(positions: jax.Array, segments: jax.Array,
-                   tokens: jax.Array | None = None) -> jax.Array:
+def attention_mask(
+    positions: jax.Array, segments: jax.Array, tokens: jax.Array | None = None
+) -> jax.Array:
     """[B, T] positions and segment ids of packed rows -> [B, T, T]: causal, within one packed
     example only (gemma_kit.attention.attention_mask, the one mask builder).
 
@@ -52,13 +53,15 @@ def attention_mask(positions: jax.Array, segments: jax.Array,
     return build_mask(positions, blocks=blocks, segments=segments)
 
 
-def cross_entropy_sums(model, hidden: jax.Array, targets: jax.Array, weights: jax.Array,
-                       chunk: int) -> tuple[jax.Array, jax.Array]:
+def cross_entropy_sums(
+    model, hidden: jax.Array, targets: jax.Array, weights: jax.Array, chunk: int
+) -> tuple[jax.Array, jax.Array]:
     """(sum of weighted token losses, sum of weights) for hidden [B, T, D], targets [B, T].
 
     Logits are made `chunk` tokens at a time (gemma_kit.training.chunks.map_chunks), so
     [B * T, V] logits never exist whole, forward or backward. Log-softmax in float32.
     """
+
     def token_losses(h, t):
         logits = model.logits(h[None])[0].astype(jnp.float32)  # [chunk, V]
         # Targets that are image slots (SOFT_TOKEN, -2) are never weighted; clip to index.
@@ -71,8 +74,7 @@ def cross_entropy_sums(model, hidden: jax.Array, targets: jax.Array, weights: ja
     return jnp.sum(losses * w), jnp.sum(w)
 
 
-def token_loss_sums(model, batch: dict[str, jax.Array],
-                    chunk: int) -> tuple[jax.Array, jax.Array]:
+def token_loss_sums(model, batch: dict[str, jax.Array], chunk: int) -> tuple[jax.Array, jax.Array]:
     """(sum_t w_t CE_t, sum_t w_t) of a batch of packed rows under `model`.
 
     A batch with images carries their embeddings ([B, I, M, D], made once by the frozen image
@@ -80,8 +82,9 @@ def token_loss_sums(model, batch: dict[str, jax.Array],
     """
     images = batch.get("image_embeddings")
     tokens = batch["tokens"]
-    mask = attention_mask(batch["positions"], batch["segments"],
-                          tokens if images is not None else None)
+    mask = attention_mask(
+        batch["positions"], batch["segments"], tokens if images is not None else None
+    )
     hidden = model.hidden_states(tokens, batch["positions"], mask, image_embeddings=images)
     return cross_entropy_sums(model, hidden, batch["targets"], batch["weights"], chunk)
 

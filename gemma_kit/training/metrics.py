@@ -25,8 +25,11 @@ class MetricsLog:
         if resume_step is None:
             self.path.write_text("")
         elif self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and _step_of(line) <= resume_step]
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and _step_of(line) <= resume_step
+            ]
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             tmp.replace(self.path)
@@ -53,9 +56,15 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
-def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike,
-                 series: dict[str, str], *, ylabel: str, smooth: tuple[str, ...] = (),
-                 markers: tuple[str, ...] = ()) -> pathlib.Path | None:
+def plot_metrics(
+    metrics_path: str | os.PathLike,
+    png_path: str | os.PathLike,
+    series: dict[str, str],
+    *,
+    ylabel: str,
+    smooth: tuple[str, ...] = (),
+    markers: tuple[str, ...] = (),
+) -> pathlib.Path | None:
     """Metrics against step, as a PNG (None, with a note, without matplotlib).
 
     series: {key in the metrics rows: label}; each key is drawn from the rows that have it.
@@ -69,8 +78,11 @@ def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike,
         matplotlib.use("Agg")  # no display needed
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed (pip install 'gemma-kit[finetune]'): no "
-              f"{pathlib.Path(png_path).name}", file=sys.stderr)
+        print(
+            "matplotlib is not installed (pip install 'gemma-kit[finetune]'): no "
+            f"{pathlib.Path(png_path).name}",
+            file=sys.stderr,
+        )
         return None
     rows = read_metrics(metrics_path)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
@@ -85,9 +97,13 @@ def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike,
         ax.plot(steps, values, label=label, linewidth=0.8, alpha=0.4 if key in smooth else 1.0)
         window = max(1, len(values) // 10)
         if key in smooth and window > 1:
-            recent = [values[max(0, i - window + 1):i + 1] for i in range(len(values))]
-            ax.plot(steps, [sum(r) / len(r) for r in recent],
-                    label=f"{label}, mean of {window}", linewidth=1.5)
+            recent = [values[max(0, i - window + 1) : i + 1] for i in range(len(values))]
+            ax.plot(
+                steps,
+                [sum(r) / len(r) for r in recent],
+                label=f"{label}, mean of {window}",
+                linewidth=1.5,
+            )
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -101,9 +117,18 @@ def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike,
     return png_path
 
 
-def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike, *,
-                ylabel: str = "cross-entropy (nats / token)") -> pathlib.Path | None:
+def plot_losses(
+    metrics_path: str | os.PathLike,
+    png_path: str | os.PathLike,
+    *,
+    ylabel: str = "cross-entropy (nats / token)",
+) -> pathlib.Path | None:
     """Training and held-out loss against step (the `loss` and `eval_loss` rows), as a PNG."""
-    return plot_metrics(metrics_path, png_path,
-                        {"loss": "training loss", "eval_loss": "held-out loss"},
-                        ylabel=ylabel, smooth=("loss",), markers=("eval_loss",))
+    return plot_metrics(
+        metrics_path,
+        png_path,
+        {"loss": "training loss", "eval_loss": "held-out loss"},
+        ylabel=ylabel,
+        smooth=("loss",),
+        markers=("eval_loss",),
+    )

@@ -55,7 +55,8 @@ def build_model(config: TrainConfig, model=None, tokenizer=None):
                 path = config.tokenizer or find_tokenizer(config.base)
                 if path is None:
                     raise TokenizerError(
-                        f"no tokenizer.model in or beside {config.base!r}; set `tokenizer`")
+                        f"no tokenizer.model in or beside {config.base!r}; set `tokenizer`"
+                    )
                 tokenizer = Tokenizer(path)
             model = load_model(config.base, config.preset, dtype, compute_dtype=compute)
             base = str(pathlib.Path(config.base).expanduser().absolute())
@@ -70,14 +71,16 @@ def build_model(config: TrainConfig, model=None, tokenizer=None):
     if tokenizer.vocab_size > model.config.vocab_size:
         raise TrainingError(
             f"the tokenizer has {tokenizer.vocab_size} pieces but the model only "
-            f"{model.config.vocab_size} embedding rows; they do not belong together")
+            f"{model.config.vocab_size} embedding rows; they do not belong together"
+        )
     if config.method == "qlora":
         from gemma_kit.quant import quantize_model
 
         model = quantize_model(model, bits=4 if config.quant == "int4" else 8)
     if config.trains_lora and not has_lora(model):
-        apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets,
-                   seed=config.seed)
+        apply_lora(
+            model, config.lora_rank, config.lora_alpha, config.lora_targets, seed=config.seed
+        )
     if config.method == "full" and has_lora(model):
         raise TrainingError("full fine-tuning of a model that carries LoRA: merge it first")
     return model, tokenizer, base
@@ -88,5 +91,6 @@ def save_full(model, tokenizer, folder: pathlib.Path) -> pathlib.Path:
     from gemma_kit.checkpoint.convert import write_model_folder
 
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return write_model_folder(folder, params, tokenizer.to_bytes(), overwrite=True,
-                              config=model.config)
+    return write_model_folder(
+        folder, params, tokenizer.to_bytes(), overwrite=True, config=model.config
+    )

@@ -128,8 +128,9 @@ class Objective:
         """The identity of the data; a resumed run refuses data whose fingerprint changed."""
         return None
 
-    def save_result(self, model, tokenizer, out_dir: pathlib.Path,
-                    base: str) -> pathlib.Path | None:
+    def save_result(
+        self, model, tokenizer, out_dir: pathlib.Path, base: str
+    ) -> pathlib.Path | None:
         """Writes the trained model in the objective's own format (process 0, at the end) and
         returns its folder; None (the default): the core writes adapter/ or model/."""
         return None

@@ -51,9 +51,9 @@ LossFn = Callable[[Any, dict, Any], tuple[jax.Array, jax.Array, dict]]
 STEP_METRICS = ("loss", "grad_norm", "normaliser")
 
 
-def train_step(graphdef, optimizer, loss_fn: LossFn, trainable, opt_state, fixed, frozen,
-               batch):
+def train_step(graphdef, optimizer, loss_fn: LossFn, trainable, opt_state, fixed, frozen, batch):
     """One optimizer step over batch [A, b, ...] (A micro-batches); see the module docstring."""
+
     def micro_loss(params, micro):
         loss, normaliser, metrics = loss_fn(nnx.merge(graphdef, params, fixed), micro, frozen)
         return loss, (normaliser, metrics)
@@ -71,11 +71,17 @@ def train_step(graphdef, optimizer, loss_fn: LossFn, trainable, opt_state, fixed
     _, (_, shapes) = jax.eval_shape(micro_loss, trainable, first)
     clash = sorted(set(shapes) & set(STEP_METRICS))
     if clash:
-        raise TrainingError(f"the loss function returns metrics named {clash}, which the step "
-                            "reports itself; rename them")
+        raise TrainingError(
+            f"the loss function returns metrics named {clash}, which the step "
+            "reports itself; rename them"
+        )
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
-    carry = (zeros, jnp.float32(0), jnp.float32(0),
-             jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes))
+    carry = (
+        zeros,
+        jnp.float32(0),
+        jnp.float32(0),
+        jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes),
+    )
     if jax.tree.leaves(batch)[0].shape[0] == 1:  # no accumulation: no loop
         (grads, loss, normaliser, metrics), _ = accumulate(carry, first)
     else:
@@ -84,8 +90,9 @@ def train_step(graphdef, optimizer, loss_fn: LossFn, trainable, opt_state, fixed
     grads = jax.tree.map(lambda g: g / divisor, grads)
     updates, opt_state = optimizer.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
-    out = dict(loss=loss / divisor, grad_norm=optax.global_norm(grads), normaliser=normaliser,
-               **metrics)
+    out = dict(
+        loss=loss / divisor, grad_norm=optax.global_norm(grads), normaliser=normaliser, **metrics
+    )
     return trainable, opt_state, out
 
 
@@ -112,8 +119,9 @@ class CompiledStep:
 
 
 @functools.lru_cache(maxsize=8)
-def compiled_step(graphdef, loss_fn: LossFn, optimizer_settings: tuple, steps: int,
-                  placement: tuple | None = None) -> CompiledStep:
+def compiled_step(
+    graphdef, loss_fn: LossFn, optimizer_settings: tuple, steps: int, placement: tuple | None = None
+) -> CompiledStep:
     """The jitted functions, shared by every run with the same key in this process.
 
     placement: None (one device), or (treedef, shardings) of the step's (trainable, opt_state)
@@ -125,7 +133,8 @@ def compiled_step(graphdef, loss_fn: LossFn, optimizer_settings: tuple, steps: i
     if placement is not None:
         treedef, leaves = placement
         pinned["out_shardings"] = jax.tree.unflatten(treedef, leaves)
-    step = jax.jit(functools.partial(train_step, graphdef, optimizer, loss_fn),
-                   donate_argnums=(0, 1), **pinned)
+    step = jax.jit(
+        functools.partial(train_step, graphdef, optimizer, loss_fn), donate_argnums=(0, 1), **pinned
+    )
     loss = jax.jit(functools.partial(loss_step, graphdef, loss_fn))
     return CompiledStep(optimizer, schedule, step, loss)

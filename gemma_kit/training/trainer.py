@@ -31,15 +31,25 @@ from gemma_kit.training.step import LossFn, cached_optimizer, compiled_step
 
 def micro_batches(batch: dict[str, np.ndarray], grad_accum: int) -> dict[str, np.ndarray]:
     """Host arrays [A * b, ...] -> [A, b, ...]: the shape Trainer.step takes (A = grad_accum)."""
-    return {k: v.reshape(grad_accum, v.shape[0] // grad_accum, *v.shape[1:])
-            for k, v in batch.items()}
+    return {
+        k: v.reshape(grad_accum, v.shape[0] // grad_accum, *v.shape[1:]) for k, v in batch.items()
+    }
 
 
 class Trainer:
     """Holds the split model, the optimizer and the compiled step; knows how to save/restore."""
 
-    def __init__(self, config: TrainConfig, model, steps: int, loss: LossFn, mesh=None, *,
-                 keep_model: bool = True, trainable=None):
+    def __init__(
+        self,
+        config: TrainConfig,
+        model,
+        steps: int,
+        loss: LossFn,
+        mesh=None,
+        *,
+        keep_model: bool = True,
+        trainable=None,
+    ):
         """loss: the objective's loss function (gemma_kit.training.losses); it keys the compiled
         step, so it must be hashable and equal for equal settings (a frozen dataclass).
 
@@ -55,8 +65,7 @@ class Trainer:
         self.kind = trainable_filter(config) if trainable is None else trainable
         self.graphdef, trainable, fixed = nnx.split(model, self.kind, ...)
         if not jax.tree.leaves(trainable):
-            raise TrainingError("the model has no variables to train for method "
-                                f"{config.method!r}")
+            raise TrainingError(f"the model has no variables to train for method {config.method!r}")
         if keep_model:
             trainable = jax.tree.map(lambda x: jax.device_put(x, may_alias=False), trainable)
         if mesh is not None:
@@ -79,10 +88,13 @@ class Trainer:
         if mesh is not None:
             from jax.sharding import NamedSharding, PartitionSpec
 
-            leaves, treedef = jax.tree.flatten((
-                jax.tree.map(lambda x: x.sharding, self.trainable),
-                jax.tree.map(lambda x: x.sharding, self.opt_state),
-                NamedSharding(mesh, PartitionSpec())))
+            leaves, treedef = jax.tree.flatten(
+                (
+                    jax.tree.map(lambda x: x.sharding, self.trainable),
+                    jax.tree.map(lambda x: x.sharding, self.opt_state),
+                    NamedSharding(mesh, PartitionSpec()),
+                )
+            )
             placement = (treedef, tuple(leaves))
         self.compiled = compiled_step(self.graphdef, loss, settings, steps, placement)
 
@@ -99,8 +111,7 @@ class Trainer:
         from gemma_kit.sharding import put
 
         target = self._replicated()
-        return jax.tree.map(
-            lambda x: x if getattr(x, "committed", False) else put(x, target), tree)
+        return jax.tree.map(lambda x: x if getattr(x, "committed", False) else put(x, target), tree)
 
     @property
     def trainable_count(self) -> int:
@@ -120,8 +131,10 @@ class Trainer:
 
         spec = [None] * batch_axis + [("data", "fsdp")]
         sharding = NamedSharding(self.mesh, PartitionSpec(*spec))
-        return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
-                for k, v in batch.items()}
+        return {
+            k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
+            for k, v in batch.items()
+        }
 
     def place_frozen(self, tree: Any) -> Any:
         """A frozen pytree placed as the compiled step expects it: on device 0, or on the mesh
@@ -146,16 +159,20 @@ class Trainer:
                 raise TrainingError(
                     f"batch array {name!r} has shape {tuple(x.shape)}; a step takes "
                     f"[grad_accum, micro_batch, ...] = [{c.grad_accum}, {c.micro_batch}, ...] "
-                    "(gemma_kit.training.trainer.micro_batches makes it)")
+                    "(gemma_kit.training.trainer.micro_batches makes it)"
+                )
         self.trainable, self.opt_state, metrics = self.compiled.step(
-            self.trainable, self.opt_state, self.fixed, self.place_frozen(frozen), batch)
+            self.trainable, self.opt_state, self.fixed, self.place_frozen(frozen), batch
+        )
         return {k: float(v) for k, v in metrics.items()}
 
-    def loss_sums(self, batch: dict[str, jax.Array],
-                  frozen: Any = None) -> tuple[float, float, dict[str, float]]:
+    def loss_sums(
+        self, batch: dict[str, jax.Array], frozen: Any = None
+    ) -> tuple[float, float, dict[str, float]]:
         """(loss_sum, normaliser, metrics) of the loss on placed batch [b, ...], no update."""
         loss, normaliser, metrics = self.compiled.loss(
-            self.trainable, self.fixed, self.place_frozen(frozen), batch)
+            self.trainable, self.fixed, self.place_frozen(frozen), batch
+        )
         return float(loss), float(normaliser), {k: float(v) for k, v in metrics.items()}
 
     # -- checkpoints ----------------------------------------------------------------------
@@ -163,10 +180,12 @@ class Trainer:
         import orbax.checkpoint as ocp
 
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=self.config.keep_checkpoints, create=True,
+            max_to_keep=self.config.keep_checkpoints,
+            create=True,
             # Synchronous: on CPU a jax array and the host copy orbax writes from can be the same
             # memory, which the next step (donating its inputs) would overwrite mid-write.
-            enable_async_checkpointing=False)
+            enable_async_checkpointing=False,
+        )
         return ocp.CheckpointManager(directory, options=options)
 
     def save(self, manager, step: int, progress: dict, extra: Any = None) -> None:
@@ -177,7 +196,8 @@ class Trainer:
         items = dict(
             trainable=ocp.args.StandardSave(nnx.to_pure_dict(self.trainable)),
             opt_state=ocp.args.StandardSave({"leaves": jax.tree.leaves(self.opt_state)}),
-            progress=ocp.args.JsonSave(progress))
+            progress=ocp.args.JsonSave(progress),
+        )
         if extra is not None:
             items["objective"] = ocp.args.StandardSave(extra)
         manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -195,13 +215,16 @@ class Trainer:
                     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
                 x = np.asarray(x)
                 return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._replicated())
+
             return jax.tree.map(one, tree)
 
         pure = nnx.to_pure_dict(self.trainable)
         leaves, treedef = jax.tree.flatten(self.opt_state)
-        items = dict(trainable=ocp.args.StandardRestore(abstract(pure)),
-                     opt_state=ocp.args.StandardRestore(abstract({"leaves": leaves})),
-                     progress=ocp.args.JsonRestore())
+        items = dict(
+            trainable=ocp.args.StandardRestore(abstract(pure)),
+            opt_state=ocp.args.StandardRestore(abstract({"leaves": leaves})),
+            progress=ocp.args.JsonRestore(),
+        )
         if extra is not None:
             items["objective"] = ocp.args.StandardRestore(abstract(extra))
         try:
@@ -210,7 +233,8 @@ class Trainer:
             raise TrainingError(
                 f"cannot restore checkpoint step {step} from {manager.directory} "
                 f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); it does not fit "
-                "this run's model, method and objective, or it is damaged") from err
+                "this run's model, method and objective, or it is damaged"
+            ) from err
         nnx.replace_by_pure_dict(self.trainable, restored["trainable"])
         self.opt_state = jax.tree.unflatten(treedef, restored["opt_state"]["leaves"])
         arrays = restored["objective"] if extra is not None else None

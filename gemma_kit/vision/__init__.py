@@ -21,8 +21,13 @@ from gemma_kit.vision.prompt import (
     merge_embeddings,
 )
 
-_PREPROCESS = ("load_image", "preprocess_image", "pan_and_scan_crops", "prepare_images",
-               "ImageInput")
+_PREPROCESS = (
+    "load_image",
+    "preprocess_image",
+    "pan_and_scan_crops",
+    "prepare_images",
+    "ImageInput",
+)
 
 
 def __getattr__(name):
@@ -34,5 +39,12 @@ def __getattr__(name):
     raise AttributeError(f"module 'gemma_kit.vision' has no attribute {name!r}")
 
 
-__all__ = ["IMAGE_MARKER", "SOFT_TOKEN", "check_image_count", "count_markers", "expand_markers",
-           "merge_embeddings", *_PREPROCESS]
+__all__ = [
+    "IMAGE_MARKER",
+    "SOFT_TOKEN",
+    "check_image_count",
+    "count_markers",
+    "expand_markers",
+    "merge_embeddings",
+    *_PREPROCESS,
+]

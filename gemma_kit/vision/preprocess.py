@@ -28,7 +28,8 @@ import itertools
 import math
 import os
 import pathlib
-from typing import Sequence, Union
+from collections.abc import Sequence
+from typing import Union
 
 import numpy as np
 
@@ -38,7 +39,8 @@ try:
     from PIL import Image, ImageOps
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "gemma_kit.vision.preprocess needs Pillow: pip install 'gemma-kit[vision]'") from err
+        "gemma_kit.vision.preprocess needs Pillow: pip install 'gemma-kit[vision]'"
+    ) from err
 
 ImageInput = Union["Image.Image", np.ndarray, str, os.PathLike, bytes]
 
@@ -64,8 +66,8 @@ def _open(data: io.BytesIO | pathlib.Path, what: str) -> Image.Image:
         raise ImageError(f"{what} is too large to decode safely ({err})") from None
     except Image.UnidentifiedImageError:
         raise ImageError(
-            f"{what} is not an image file Pillow can read; use PNG, JPEG, WebP, GIF, BMP or "
-            "TIFF") from None
+            f"{what} is not an image file Pillow can read; use PNG, JPEG, WebP, GIF, BMP or TIFF"
+        ) from None
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageError(f"{what} is damaged or truncated and cannot be decoded ({err})") from None
     return image
@@ -81,7 +83,8 @@ def _from_array(array: np.ndarray) -> Image.Image:
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
         raise ImageError(
             f"an image array must be [height, width] or [height, width, 1|3|4] (channels last), "
-            f"got shape {array.shape}")
+            f"got shape {array.shape}"
+        )
     if array.dtype == np.uint8:
         pass
     elif array.dtype == np.uint16:
@@ -89,11 +92,13 @@ def _from_array(array: np.ndarray) -> Image.Image:
     elif np.issubdtype(array.dtype, np.floating):
         if array.size and not (np.isfinite(array).all() and array.min() >= 0 and array.max() <= 1):
             raise ImageError(
-                "a float image array must hold values in [0, 1]; pass uint8 for 0..255 values")
+                "a float image array must hold values in [0, 1]; pass uint8 for 0..255 values"
+            )
         array = np.round(array * 255.0).astype(np.uint8)
     else:
         raise ImageError(
-            f"image arrays must be uint8, uint16 or float in [0, 1], got dtype {array.dtype}")
+            f"image arrays must be uint8, uint16 or float in [0, 1], got dtype {array.dtype}"
+        )
     if 0 in array.shape[:2]:
         raise ImageError(f"the image is empty ({array.shape[1]}x{array.shape[0]} pixels)")
     return Image.fromarray(np.ascontiguousarray(array))
@@ -137,7 +142,8 @@ def load_image(image: ImageInput) -> Image.Image:
     else:
         raise ImageError(
             f"cannot read an image from a {type(image).__name__}; pass a file path, bytes, a PIL "
-            "image or a [height, width, channels] array")
+            "image or a [height, width, channels] array"
+        )
     if image.width == 0 or image.height == 0:
         raise ImageError(f"the image is empty ({image.width}x{image.height} pixels)")
     try:
@@ -172,9 +178,12 @@ def pan_and_scan_crops(
     crop_w, crop_h = int(math.ceil(width / crops_w)), int(math.ceil(height / crops_h))
     if min(crop_w, crop_h) < min_crop:
         return []
-    boxes = [(x, y, min(x + crop_w, width), min(y + crop_h, height))
-             for y, x in itertools.product(range(0, crops_h * crop_h, crop_h),
-                                           range(0, crops_w * crop_w, crop_w))]
+    boxes = [
+        (x, y, min(x + crop_w, width), min(y + crop_h, height))
+        for y, x in itertools.product(
+            range(0, crops_h * crop_h, crop_h), range(0, crops_w * crop_w, crop_w)
+        )
+    ]
     return [image.crop(box) for box in boxes]
 
 
@@ -209,4 +218,3 @@ def prepare_images(
     if not pixels:
         return np.zeros((0, size, size, 3), np.float32), crops
     return np.stack(pixels), crops
-

@@ -20,7 +20,7 @@ Nothing here needs Pillow; the functions are plain Python and jax.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +32,9 @@ SOFT_TOKEN = -2
 
 # Pan & Scan puts the whole image first and its crops after it, with this text around them
 # (transformers' Gemma3Processor; the official library has no Pan & Scan).
-_PAN_AND_SCAN = ("Here is the original image {marker} and here are some crops to help you see "
-                 "better {crops}")
+_PAN_AND_SCAN = (
+    "Here is the original image {marker} and here are some crops to help you see better {crops}"
+)
 
 
 def count_markers(text: str) -> int:
@@ -63,8 +64,9 @@ def with_crops(text: str, crops_per_image: Sequence[int]) -> str:
     out = [pieces[0]]
     for crops, after in zip(crops_per_image, pieces[1:]):
         if crops:
-            out.append(_PAN_AND_SCAN.format(marker=IMAGE_MARKER,
-                                            crops=" ".join([IMAGE_MARKER] * crops)))
+            out.append(
+                _PAN_AND_SCAN.format(marker=IMAGE_MARKER, crops=" ".join([IMAGE_MARKER] * crops))
+            )
         else:
             out.append(IMAGE_MARKER)
         out.append(after)
@@ -72,12 +74,16 @@ def with_crops(text: str, crops_per_image: Sequence[int]) -> str:
 
 
 def image_tokens(tokenizer, num_soft_tokens: int) -> list[int]:
-    """The ids one marker expands to: "\\n\\n" <start_of_image> SOFT_TOKEN*M <end_of_image> "\\n\\n"."""
+    """The ids one marker expands to.
+
+    "\\n\\n" <start_of_image> SOFT_TOKEN*M <end_of_image> "\\n\\n"
+    """
     start, end = tokenizer.start_of_image_id, tokenizer.end_of_image_id
     if start is None or end is None:
         raise ImageError(
             f"the tokenizer {tokenizer!r} has no <start_of_image>/<end_of_image> tokens: images "
-            "need a Gemma 3 tokenizer (the tokenizer.model shipped with a Gemma 3 checkpoint)")
+            "need a Gemma 3 tokenizer (the tokenizer.model shipped with a Gemma 3 checkpoint)"
+        )
     newlines = tokenizer.encode("\n\n", add_bos=False)
     return [*newlines, start, *([SOFT_TOKEN] * num_soft_tokens), end, *newlines]
 

@@ -79,10 +79,13 @@ class MultiHeadDotProductAttention(nnx.Module):
     def __init__(self, config: VisionConfig, *, param_dtype, rngs: nnx.Rngs):
         W, N, H = config.width, config.num_heads, config.head_dim
         for name in ("query", "key", "value"):
-            setattr(self, name, Dense("IPW,WNH->IPNH", (W, N, H), (N, H),
-                                      param_dtype=param_dtype, rngs=rngs))
+            setattr(
+                self,
+                name,
+                Dense("IPW,WNH->IPNH", (W, N, H), (N, H), param_dtype=param_dtype, rngs=rngs),
+            )
         self.out = Dense("IPNH,NHW->IPW", (N, H, W), (W,), param_dtype=param_dtype, rngs=rngs)
-        self.scale = H ** -0.5
+        self.scale = H**-0.5
 
     def __call__(self, x: jax.Array) -> jax.Array:
         q = self.query(x) * jnp.asarray(self.scale, x.dtype)
@@ -111,7 +114,8 @@ class EncoderBlock(nnx.Module):
         W, eps = config.width, config.norm_eps
         self.LayerNorm_0 = LayerNorm(W, param_dtype=param_dtype, eps=eps)
         self.MultiHeadDotProductAttention_0 = MultiHeadDotProductAttention(
-            config, param_dtype=param_dtype, rngs=rngs)
+            config, param_dtype=param_dtype, rngs=rngs
+        )
         self.LayerNorm_1 = LayerNorm(W, param_dtype=param_dtype, eps=eps)
         self.MlpBlock_0 = MlpBlock(config, param_dtype=param_dtype, rngs=rngs)
 
@@ -126,8 +130,9 @@ class Encoder(nnx.Module):
     def __init__(self, config: VisionConfig, *, param_dtype, rngs: nnx.Rngs):
         self.depth = config.depth
         for j in range(config.depth):
-            setattr(self, f"encoderblock_{j}", EncoderBlock(config, param_dtype=param_dtype,
-                                                            rngs=rngs))
+            setattr(
+                self, f"encoderblock_{j}", EncoderBlock(config, param_dtype=param_dtype, rngs=rngs)
+            )
         self.encoder_norm = LayerNorm(config.width, param_dtype=param_dtype, eps=config.norm_eps)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -147,11 +152,11 @@ class ViTModel(nnx.Module):
         self.config = config
         # A convolution with stride = kernel = p is one matmul per patch; stored as Flax's Conv
         # kernel [p, p, c, W] (rows, columns, input channels, output channels).
-        self.embedding = Dense("IPpqc,pqcW->IPW", (p, p, 3, W), (W,), param_dtype=param_dtype,
-                               rngs=rngs)
-        init = jax.nn.initializers.normal(W ** -0.5)
-        self.pos_embedding = nnx.Param(init(rngs.params(), (1, config.num_patches, W),
-                                            param_dtype))
+        self.embedding = Dense(
+            "IPpqc,pqcW->IPW", (p, p, 3, W), (W,), param_dtype=param_dtype, rngs=rngs
+        )
+        init = jax.nn.initializers.normal(W**-0.5)
+        self.pos_embedding = nnx.Param(init(rngs.params(), (1, config.num_patches, W), param_dtype))
         self.Transformer = Encoder(config, param_dtype=param_dtype, rngs=rngs)
 
     def patches(self, pixels: jax.Array) -> jax.Array:
@@ -185,8 +190,9 @@ class SigLiPFromPatches(nnx.Module):
     The text model's embedder then normalises and projects them (Embedder.encode_vision).
     """
 
-    def __init__(self, config: VisionConfig, *, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs | None = None):
+    def __init__(
+        self, config: VisionConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs | None = None
+    ):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = config
         self.siglip_encoder = ViTModel(config, param_dtype=param_dtype, rngs=rngs)
@@ -196,7 +202,8 @@ class SigLiPFromPatches(nnx.Module):
         if pixels.ndim != 4 or pixels.shape[1:] != (S, S, 3):
             raise ImageError(
                 f"pixels must be [images, {S}, {S}, 3], got shape {tuple(pixels.shape)}; "
-                "prepare images with gemma_kit.vision.preprocess_image")
+                "prepare images with gemma_kit.vision.preprocess_image"
+            )
         soft = average_pool(self.siglip_encoder(pixels), self.config)
         # The encoder stays frozen when the text model is trained, as in the official code
         # (SigLiPFromPatches.apply_stop_gradient) and the Gemma 3 report.
