@@ -179,10 +179,10 @@ def test_policy_loss_without_ratio_is_the_signed_cross_entropy_step(tiny):
     """PolicyLoss (policy_gradient_loss at the rows' completion positions) is the core's
     SignedCrossEntropy (every position) when nothing else enters: the same loss and gradient
     norm (1e-6 relative: the same sums through different chunked log-prob code) and parameters
-    after a first Adam step within 1e-3 of the learning rate (that step moves each entry by ~lr
-    * sign(g), so a gradient entry at the f32 rounding level may move differently; observed
-    3.6e-8), so the RL step inherits test_training's proof that it equals the weighted cross-
-    entropy step."""
+    after a first Adam step within 1e-3 of the learning rate (that step moves each entry by ~lr *
+    sign(g), so a gradient entry at the f32 rounding level may move differently; observed
+    3.6e-8), so the RL step inherits test_training's proof that it equals the weighted
+    cross-entropy step."""
     import _training_worker as toy
     from gemma_kit.lora import apply_lora
     from gemma_kit.training import SignedCrossEntropy, Trainer, micro_batches
