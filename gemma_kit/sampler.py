@@ -104,6 +104,11 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return keep
 
 
+
+def _committed(x: jax.Array) -> jax.Array:
+    """x committed to the device(s) it lives on (jit keys compiled programs on placement)."""
+    return jax.device_put(x, x.sharding)
+
 class Sampler:
     """Generates text with a KV cache.
 
@@ -142,7 +147,9 @@ class Sampler:
         self.graphdef, params = nnx.split(to_matvec_layout(model) if matvec_layout else model)
         # Every leaf committed to where it lives, as update_params places new values: jit keys
         # its compiled programs on placement, committed or not.
-        self.params = jax.tree.map(lambda x: jax.device_put(x, x.sharding), params)
+        # A model built from host arrays (model_from_params on numpy values) has numpy leaves:
+        # they go to the default device first.
+        self.params = jax.tree.map(lambda x: _committed(jnp.asarray(x)), params)
         # Where the sampler stores a weight in the matvec layout: its path -> (the Einsum's
         # static settings, variable name, official shape), which update_params uses to move
         # new values into that layout (gemma_kit.layers.to_matvec_value).
