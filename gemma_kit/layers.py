@@ -211,7 +211,8 @@ class Einsum(nnx.Module):
         self.equation = equation
         if len(self.w_spec) != len(shape):
             raise ValueError(f"equation {equation!r} does not fit a weight of shape {shape}")
-        self.w = nnx.Param(_normal(stddev)(rngs.params(), tuple(shape), param_dtype))
+        # A Param, or a frozen Variable holding quantized values (gemma_kit.quant).
+        self.w: nnx.Variable = nnx.Param(_normal(stddev)(rngs.params(), tuple(shape), param_dtype))
         # Letters of w that are contracted with x, in x's order; they must end x's spec.
         self.contracted = "".join(
             c for c in self.x_spec if c in self.w_spec and c not in self.out_spec
@@ -276,6 +277,7 @@ class Einsum(nnx.Module):
         reshaped and transposed to the equation's output."""
         kept = "".join(c for c in self.w_spec if c not in self.contracted)
         batch = self.x_spec[: len(self.x_spec) - len(self.contracted)]
+        assert self.matvec_shape is not None, "only the matvec layout takes this path"
         y = product(flatten_rows(x, len(self.contracted)))
         y = y.reshape(*x.shape[: len(batch)], *self.matvec_shape[: len(kept)])
         return jnp.transpose(y, [(batch + kept).index(c) for c in self.out_spec])
@@ -354,6 +356,7 @@ def matvec_layout_of(module: Einsum, name: str) -> MatvecLayout:
     perm = module.matvec_permutation()
     if module.matvec:
         stored = module.matvec_shape if name == "w" else getattr(module, name)[...].shape
+        assert stored is not None, "matvec_shape is set with the matvec layout"
         official = [0] * len(perm)
         for stored_axis, official_axis in enumerate(perm):
             official[official_axis] = stored[stored_axis]

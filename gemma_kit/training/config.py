@@ -192,7 +192,7 @@ class TrainConfig:
         for key, value in out.items():
             if isinstance(value, Config):
                 out[key] = value.name
-            elif dataclasses.is_dataclass(value):
+            elif dataclasses.is_dataclass(value) and not isinstance(value, type):
                 out[key] = dataclasses.asdict(value)
             elif isinstance(value, tuple):
                 out[key] = list(value)
