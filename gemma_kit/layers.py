@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +38,8 @@ import numpy as np
 from flax import nnx
 
 from gemma_kit import cpu_paths, int4
+
+ModuleT = TypeVar("ModuleT", bound=nnx.Module)
 
 
 def _normal(stddev: float):
@@ -308,7 +310,7 @@ class Einsum(nnx.Module):
         return tuple(kept) + tuple(self.w_spec.index(c) for c in self.contracted)
 
 
-def to_matvec_layout(model: nnx.Module) -> nnx.Module:
+def to_matvec_layout(model: ModuleT) -> ModuleT:
     """A copy of `model` whose Einsum weights are stored contracted-axes-last.
 
     On CPU, XLA streams the weights fastest when x @ W^T contracts W's contiguous last axis

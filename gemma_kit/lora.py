@@ -40,7 +40,7 @@ from gemma_kit.checkpoint.adapter import read_adapter_config
 from gemma_kit.errors import AdapterError, ConfigError
 from gemma_kit.layers import Einsum, to_matvec_value
 
-M = TypeVar("M", bound=nnx.Module)
+ModuleT = TypeVar("ModuleT", bound=nnx.Module)
 
 # Einsum attribute names (the official checkpoint names) and the groups a user may name.
 ATTENTION_TARGETS = ("q_einsum", "kv_einsum", "qkv_einsum", "attn_vec_einsum")
@@ -230,7 +230,7 @@ def adapter_info(model: nnx.Module) -> dict:
 # Merging
 
 
-def merge(model: M) -> M:
+def merge(model: ModuleT) -> ModuleT:
     """A copy of `model` with every LoRA folded into its weight: w + (alpha / r) * A B.
 
     The sum is taken in float32 and cast to w's dtype; the copy has no LoRA left and can be

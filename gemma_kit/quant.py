@@ -47,7 +47,7 @@ from gemma_kit.layers import Einsum
 if TYPE_CHECKING:
     from gemma_kit.transformer import Transformer
 
-M = TypeVar("M", bound=nnx.Module)
+ModuleT = TypeVar("ModuleT", bound=nnx.Module)
 
 
 class Int8Weight(nnx.Variable):
@@ -89,7 +89,9 @@ def quantize_int8(w: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.A
     return q, scale
 
 
-def quantize_model(model: M, *, embedding: bool = False, einsums: bool = True, bits: int = 8) -> M:
+def quantize_model(
+    model: ModuleT, *, embedding: bool = False, einsums: bool = True, bits: int = 8
+) -> ModuleT:
     """A copy of `model` whose Einsum weights are int8 with per-channel scales (or int4).
 
     embedding: also quantize the (tied) token embedding table, one scale per row (int4: per

@@ -31,7 +31,7 @@ import json
 import os
 import pathlib
 import tomllib
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from gemma_kit.config import Config
 from gemma_kit.errors import ConfigError
@@ -199,7 +199,7 @@ class TrainConfig:
         return out
 
     # -- checking -------------------------------------------------------------------------
-    def validate(self) -> TrainConfig:
+    def validate(self) -> Self:
         """Raises ConfigError naming the first bad setting; returns self."""
 
         def need(ok: bool, message: str) -> None:
