@@ -76,7 +76,9 @@ def main(argv=None) -> int:
 
     log("reward model: the 270M with LoRA and a head")
     rm = RewardModel.from_base("default", method="lora")
-    completions = [r.text for r in sampler.generate([PROMPT] * args.rm_pairs, seed=99, **sampling)]
+    generated = sampler.generate([PROMPT] * args.rm_pairs, seed=99, **sampling)
+    assert isinstance(generated, list)  # a batch of prompts
+    completions = [r.text for r in generated]
     prompts = [PROMPT] * args.rm_pairs
 
     merged = rm.merged()

@@ -147,8 +147,8 @@ CACHE_LEN = 256  # fixed cache length of the decode samplers (prompt + 1 + D mus
 # Machine and helpers.
 
 
-def exact_prompt(tok, n: int) -> list[int]:
-    """Ids (<bos> included) of a text of whole words that encodes to n tokens (or just under)."""
+def exact_prompt(tok, n: int) -> str:
+    """A text of whole words that encodes to n tokens, <bos> included (or just under)."""
     words = (PARAGRAPH * (n // 8 + 1)).split()
     count = lambda k: len(tok.encode(" ".join(words[:k]), add_bos=True))  # noqa: E731
     lo, hi = 1, len(words)  # largest k with count(k) <= n

@@ -98,7 +98,9 @@ def main(argv=None) -> int:
         )
         args.rounds = 1
     vision = config.vision
+    assert vision is not None  # the preset has an image encoder
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1  # os.cpu_count() may not know
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
     # A photo-sized picture with structure at every scale.

@@ -247,14 +247,14 @@ def main():
     for B in prefill_batches:
         prompts = [long_prompt] * B
 
-        def call(prompts=prompts):
+        def prefill_call(prompts=prompts):
             out = pre.generate(prompts, max_new_tokens=1, stop_token_ids=())
             assert out[0].prompt_tokens == prefill_len
 
         t = time.perf_counter()
-        call()
+        prefill_call()
         log(f"prefill B={B}: compile + first call {time.perf_counter() - t:.1f} s")
-        dt = timed(call, reps)
+        dt = timed(prefill_call, reps)
         rows.append(dict(kind="prefill", B=B, time=dt, tps=B * prefill_len / dt))
         log(
             f"prefill B={B}x{prefill_len}: {dt * 1e3:.1f} ms -> {B * prefill_len / dt:.0f} tokens/s"

@@ -92,7 +92,7 @@ def main(argv=None) -> int:
             layers=gemma2_layers(2),
             query_pre_attn_scalar=16,
         )
-        shapes = [(2, 64), (4, 64)]
+        shapes: list[tuple[int, ...]] = [(2, 64), (4, 64)]  # (rows, tokens)
         args.reps = min(args.reps, 2)
     else:
         config = get_preset("gemma2-2b")

@@ -59,8 +59,11 @@ def main(argv=None) -> int:
     if result.interrupted:
         return 130
     before, after = result.eval_before, result.eval_after
-    print(f"held-out loss   {before:.4f} -> {after:.4f} nats/token")
-    print(f"held-out ppl    {math.exp(before):.2f} -> {math.exp(after):.2f}")
+    if before is None or after is None:  # a --config without held-out rows
+        print("held-out loss   not measured (the config holds no rows out)")
+    else:
+        print(f"held-out loss   {before:.4f} -> {after:.4f} nats/token")
+        print(f"held-out ppl    {math.exp(before):.2f} -> {math.exp(after):.2f}")
     print(f"adapter         {result.adapter}")
     return 0
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gemma_kit.config import Config
+from gemma_kit.config import Config, LocalAttention
 
 Cache = dict
 
@@ -26,7 +26,7 @@ def layer_slots(config: Config, layer: int, length: int, ring_slack: int = 0) ->
     """Slots of one layer: the cache length, or for a local layer a ring of its window plus
     `ring_slack` (at most the cache length)."""
     kind = config.layers[layer]
-    return min(kind.window + ring_slack, length) if kind.is_local else length
+    return min(kind.window + ring_slack, length) if isinstance(kind, LocalAttention) else length
 
 
 def init_cache(

@@ -300,6 +300,7 @@ class ChatSession:
         images: the new turn's image embeddings [n, M, D], or None.
         """
         state = self._state
+        assert state is not None, "_continue needs a cached conversation"
         if not bool(state.done[0]):
             # The reply ended on a length limit or a stop string: its last drawn token was
             # never fed to the model, so it goes in first. (A stop token is not fed: the new

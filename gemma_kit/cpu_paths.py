@@ -208,7 +208,7 @@ def probe(measure: Callable[[str], float], rounds: int) -> dict:
     for _ in range(rounds - 1):
         for path in alive:
             best[path] = min(best[path], measure(path))
-    fastest = min(best, key=best.get)
+    fastest = min(best, key=lambda path: best[path])
     chosen = fastest if best[fastest] < MARGIN * best[REFERENCE] else REFERENCE
     return {
         "path": chosen,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +61,7 @@ class DecodeSettings:
     stop_ids: tuple[int, ...]
     forbidden_ids: tuple[int, ...]
     max_new: int
+    _hash: int = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         # jit hashes its static arguments on every call. A model's graphdef takes milliseconds
@@ -116,6 +118,10 @@ class DecodeState:
             done=jnp.zeros((B,), bool),
             key=key,
         )
+
+    if TYPE_CHECKING:  # struct.dataclass adds it at runtime, where mypy cannot see it
+
+        def replace(self, **updates) -> DecodeState: ...
 
     @property
     def capacity(self) -> int:

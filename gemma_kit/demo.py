@@ -51,7 +51,7 @@ from gemma_kit.sampling import DryPenalty, SamplingParams
 try:
     import gradio as gr
 except ImportError:  # the [demo] extra is not installed
-    gr = None
+    gr = None  # type: ignore[assignment]  # _require_gradio says so before any use
 
 
 # Image files the page accepts (Pillow format names), and their upload filter.

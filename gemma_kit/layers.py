@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +38,8 @@ import numpy as np
 from flax import nnx
 
 from gemma_kit import cpu_paths, int4
+
+ModuleT = TypeVar("ModuleT", bound=nnx.Module)
 
 
 def _normal(stddev: float):
@@ -211,7 +213,8 @@ class Einsum(nnx.Module):
         self.equation = equation
         if len(self.w_spec) != len(shape):
             raise ValueError(f"equation {equation!r} does not fit a weight of shape {shape}")
-        self.w = nnx.Param(_normal(stddev)(rngs.params(), tuple(shape), param_dtype))
+        # A Param, or a frozen Variable holding quantized values (gemma_kit.quant).
+        self.w: nnx.Variable = nnx.Param(_normal(stddev)(rngs.params(), tuple(shape), param_dtype))
         # Letters of w that are contracted with x, in x's order; they must end x's spec.
         self.contracted = "".join(
             c for c in self.x_spec if c in self.w_spec and c not in self.out_spec
@@ -276,6 +279,7 @@ class Einsum(nnx.Module):
         reshaped and transposed to the equation's output."""
         kept = "".join(c for c in self.w_spec if c not in self.contracted)
         batch = self.x_spec[: len(self.x_spec) - len(self.contracted)]
+        assert self.matvec_shape is not None, "only the matvec layout takes this path"
         y = product(flatten_rows(x, len(self.contracted)))
         y = y.reshape(*x.shape[: len(batch)], *self.matvec_shape[: len(kept)])
         return jnp.transpose(y, [(batch + kept).index(c) for c in self.out_spec])
@@ -306,7 +310,7 @@ class Einsum(nnx.Module):
         return tuple(kept) + tuple(self.w_spec.index(c) for c in self.contracted)
 
 
-def to_matvec_layout(model: nnx.Module) -> nnx.Module:
+def to_matvec_layout(model: ModuleT) -> ModuleT:
     """A copy of `model` whose Einsum weights are stored contracted-axes-last.
 
     On CPU, XLA streams the weights fastest when x @ W^T contracts W's contiguous last axis
@@ -354,6 +358,7 @@ def matvec_layout_of(module: Einsum, name: str) -> MatvecLayout:
     perm = module.matvec_permutation()
     if module.matvec:
         stored = module.matvec_shape if name == "w" else getattr(module, name)[...].shape
+        assert stored is not None, "matvec_shape is set with the matvec layout"
         official = [0] * len(perm)
         for stored_axis, official_axis in enumerate(perm):
             official[official_axis] = stored[stored_axis]

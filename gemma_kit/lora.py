@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import pathlib
 from collections.abc import Iterable, Sequence
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,8 @@ from gemma_kit.checkpoint import adapter as adapter_io
 from gemma_kit.checkpoint.adapter import read_adapter_config
 from gemma_kit.errors import AdapterError, ConfigError
 from gemma_kit.layers import Einsum, to_matvec_value
+
+ModuleT = TypeVar("ModuleT", bound=nnx.Module)
 
 # Einsum attribute names (the official checkpoint names) and the groups a user may name.
 ATTENTION_TARGETS = ("q_einsum", "kv_einsum", "qkv_einsum", "attn_vec_einsum")
@@ -227,7 +230,7 @@ def adapter_info(model: nnx.Module) -> dict:
 # Merging
 
 
-def merge(model: nnx.Module) -> nnx.Module:
+def merge(model: ModuleT) -> ModuleT:
     """A copy of `model` with every LoRA folded into its weight: w + (alpha / r) * A B.
 
     The sum is taken in float32 and cast to w's dtype; the copy has no LoRA left and can be

@@ -33,6 +33,7 @@ computation first.
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +43,11 @@ from flax import nnx
 from gemma_kit import int4
 from gemma_kit.errors import ConfigError
 from gemma_kit.layers import Einsum
+
+if TYPE_CHECKING:
+    from gemma_kit.transformer import Transformer
+
+ModuleT = TypeVar("ModuleT", bound=nnx.Module)
 
 
 class Int8Weight(nnx.Variable):
@@ -84,8 +90,8 @@ def quantize_int8(w: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.A
 
 
 def quantize_model(
-    model: nnx.Module, *, embedding: bool = False, einsums: bool = True, bits: int = 8
-) -> nnx.Module:
+    model: ModuleT, *, embedding: bool = False, einsums: bool = True, bits: int = 8
+) -> ModuleT:
     """A copy of `model` whose Einsum weights are int8 with per-channel scales (or int4).
 
     embedding: also quantize the (tied) token embedding table, one scale per row (int4: per
@@ -103,14 +109,14 @@ def quantize_model(
     graphdef, state = nnx.split(model)
     copy = nnx.merge(graphdef, state)
     if embedding:
-        embedder = copy.embedder
+        embedder = cast("Transformer", copy).embedder
         if embedder.input_embedding_scale is None:
             table = embedder.input_embedding[...]
             if not jnp.issubdtype(table.dtype, jnp.floating):
                 raise ConfigError(f"cannot quantize an embedding of dtype {table.dtype}")
             embedder.normalizer_dtype = jnp.dtype(table.dtype).name
             if bits == 4:
-                int4.check_shape(*table.shape, "the embedding table")
+                int4.check_shape(table.shape[0], table.shape[1], "the embedding table")
                 m = int4.quantize(table)
                 embedder.input_embedding = Int4Weight(m.packed)
                 embedder.input_embedding_scale = Int4Scale(m.scale)
@@ -130,6 +136,7 @@ def quantize_model(
             continue
         q, scale = quantize_int8(module.w[...], contracted_axes(module))
         if module.matvec:  # the scale keeps the unflattened layout, as to_matvec_layout's
+            assert module.matvec_shape is not None, "matvec_shape is set with the matvec layout"
             kept = len(module.matvec_shape) - len(module.contracted)
             scale = scale.reshape(*module.matvec_shape[:kept], *[1] * len(module.contracted))
         module.w = Int8Weight(q)
@@ -144,7 +151,7 @@ def quantize_einsum_int4(module: Einsum, name: str = "an Einsum") -> None:
         w = jnp.transpose(w, module.matvec_permutation())
         module.matvec_shape = tuple(int(n) for n in w.shape)
     w = w.reshape(module.matvec_rows(), -1)
-    int4.check_shape(*w.shape, name)
+    int4.check_shape(w.shape[0], w.shape[1], name)
     m = int4.quantize(w)
     module.w = Int4Weight(m.packed)
     module.w_scale = Int4Scale(m.scale)

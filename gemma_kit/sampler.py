@@ -586,7 +586,7 @@ class Sampler:
         only, without `dry`; a batch is decoded one prompt after another.
         """
         single = isinstance(prompts, str)
-        batch = [prompts] if single else list(prompts)
+        batch = [prompts] if isinstance(prompts, str) else list(prompts)
         if not batch:
             raise SamplingError("no prompts given")
         stops = [stop] if isinstance(stop, str) else list(stop or [])

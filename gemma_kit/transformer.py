@@ -7,6 +7,8 @@ loading a checkpoint is a restore into this tree (see gemma_kit.checkpoint).
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,14 +42,17 @@ class Embedder(nnx.Module):
         vision_param_dtype=jnp.float32,
     ):
         init = jax.nn.initializers.normal(1.0)
-        self.input_embedding = nnx.Param(init(rngs.params(), (vocab_size, embed_dim), param_dtype))
+        # A Param, or a frozen Variable holding quantized values (gemma_kit.quant).
+        self.input_embedding: nnx.Variable = nnx.Param(
+            init(rngs.params(), (vocab_size, embed_dim), param_dtype)
+        )
         # Set by gemma_kit.quant when the table holds int8 values: a float32 scale per
         # vocabulary row, [V, 1], and the name of the dtype the table had (it rounds sqrt(D)).
         # For int4 values (a uint8 table, gemma_kit.int4): group scales [V, D/32] here and
         # group minima [V, D/32] in input_embedding_min.
-        self.input_embedding_scale = nnx.data(None)
-        self.input_embedding_min = nnx.data(None)
-        self.normalizer_dtype = None
+        self.input_embedding_scale: Any = nnx.data(None)
+        self.input_embedding_min: Any = nnx.data(None)
+        self.normalizer_dtype: str | None = None
         if vision_width is not None:
             self.mm_soft_embedding_norm = RMSNorm(vision_width, param_dtype=vision_param_dtype)
             self.mm_input_projection = Einsum(

@@ -363,10 +363,14 @@ def _official_configs(repo: pathlib.Path) -> tuple[dict[str, dict], dict[str, ob
                 ):
                     configs[node.name] = {k.arg: evaluate(k.value) for k in stmt.value.keywords}
     defaults = {}
-    for node in ast.walk(ast.parse(_read_official(repo, CONFIG_PY))):
-        if isinstance(node, ast.ClassDef) and node.name == "TransformerConfig":
-            for stmt in node.body:
-                if isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
+    for tree_node in ast.walk(ast.parse(_read_official(repo, CONFIG_PY))):
+        if isinstance(tree_node, ast.ClassDef) and tree_node.name == "TransformerConfig":
+            for stmt in tree_node.body:
+                if (
+                    isinstance(stmt, ast.AnnAssign)
+                    and isinstance(stmt.target, ast.Name)
+                    and stmt.value is not None
+                ):
                     try:
                         defaults[stmt.target.id] = _Evaluator({})(stmt.value)
                     except (ValueError, KeyError):

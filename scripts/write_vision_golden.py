@@ -27,6 +27,7 @@ import math
 import pathlib
 import subprocess
 import sys
+from typing import Any
 
 GOLDEN = pathlib.Path(__file__).resolve().parent.parent / "tests" / "golden" / "vision_shapes.json"
 
@@ -184,13 +185,17 @@ def _read_official(repo: pathlib.Path, relpath: str) -> str:
     ).stdout
 
 
-def _class_defaults(source: str, cls: str) -> dict[str, object]:
+def _class_defaults(source: str, cls: str) -> dict[str, Any]:
     """Literal defaults of a dataclass-style class body (field: type = literal)."""
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ClassDef) and node.name == cls:
             out = {}
             for stmt in node.body:
-                if isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
+                if (
+                    isinstance(stmt, ast.AnnAssign)
+                    and isinstance(stmt.target, ast.Name)
+                    and stmt.value is not None
+                ):
                     try:
                         out[stmt.target.id] = ast.literal_eval(stmt.value)
                     except ValueError:
@@ -210,7 +215,11 @@ def _config_kwargs(source: str, cls: str) -> dict[str, str]:
                     and stmt.target.id == "config"
                     and isinstance(stmt.value, ast.Call)
                 ):
-                    return {k.arg: ast.unparse(k.value) for k in stmt.value.keywords}
+                    return {
+                        k.arg: ast.unparse(k.value)
+                        for k in stmt.value.keywords
+                        if k.arg is not None
+                    }
     raise ValueError(f"class {cls} not found")
 
 

@@ -21,6 +21,7 @@ import json
 import pathlib
 import sys
 import time
+from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
@@ -46,7 +47,7 @@ def run_train(job: dict) -> dict:
             time.sleep(pause)
             return metrics
 
-        Trainer.step = slow_step
+        Trainer.step = slow_step  # type: ignore[method-assign]  # slowed down on purpose
     model, tokenizer = tiny_model_and_tokenizer(job.get("model_seed", 0))
     result = train(
         TrainConfig(**job["config"]),
@@ -86,7 +87,7 @@ def run_sharded(job: dict) -> dict:
         examples.append(Example(tokens, rng.random(n) < 0.7, "random"))
     packed = pack(examples, length)
     host = packed.take(np.arange(rows) % len(packed))
-    report = dict(devices=len(jax.devices()), cases=[])
+    report: dict[str, Any] = dict(devices=len(jax.devices()), cases=[])
     for method in ("lora", "full"):
         if method == "lora":
             apply_lora(model, rank=4, alpha=8.0, seed=1)
@@ -128,12 +129,12 @@ def run_sharded(job: dict) -> dict:
                 np.array(x)
                 for x in jax.tree.leaves(optax.tree_utils.tree_get(trainer.opt_state, "mu"))
             ]
-            shardings = {
+            specs = {
                 str(x.sharding.spec)
                 for x in jax.tree.leaves(trainer.trainable)
                 if hasattr(x.sharding, "spec")
             }
-            results[name] = (metrics, params, sorted(shardings), moved, mu)
+            results[name] = (metrics, params, sorted(specs), moved, mu)
         reference = results.pop("single")
         for name, (metrics, params, shardings, _, mu) in results.items():
             report["cases"].append(

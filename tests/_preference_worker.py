@@ -22,6 +22,7 @@ import os
 import pathlib
 import signal
 import sys
+from typing import Any
 
 import numpy as np
 
@@ -51,7 +52,7 @@ def toy_rows(n: int, seed: int = 0, *, margin: bool = False) -> list[dict]:
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n):
-        row = {
+        row: dict[str, Any] = {
             "prompt": PROMPTS[i % len(PROMPTS)],
             "chosen": GOOD[rng.integers(len(GOOD))],
             "rejected": BAD[rng.integers(len(BAD))],
@@ -162,7 +163,7 @@ def run_mesh(job: dict) -> dict:
 
     folder, model, tokenizer = tiny_base(pathlib.Path(job["base"]))
     pairs = mesh_pairs(tokenizer)
-    results = {}
+    results: dict[str, dict[str, Any]] = {}
     for name, (data, fsdp, accum) in job["layouts"].items():
         config = DPOConfig(
             train_file="-",

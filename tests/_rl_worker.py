@@ -63,7 +63,7 @@ def run_train(job: dict) -> dict:
             time.sleep(pause)
             return metrics
 
-        Trainer.step = slow_step
+        Trainer.step = slow_step  # type: ignore[method-assign]  # slowed down on purpose
     model, tokenizer = tiny_model()
     result = train_rl(
         RLConfig(**job["config"]),

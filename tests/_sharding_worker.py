@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +53,7 @@ def describe(state) -> dict:
 
 def main(job: dict) -> None:
     tokenizer = _tiny.small_tokenizer()
-    report = dict(devices=len(jax.devices()), cases=[])
+    report: dict[str, Any] = dict(devices=len(jax.devices()), cases=[])
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 200, (2, 24)), jnp.int32)
     gen = dict(max_new_tokens=job["max_new_tokens"], stop_token_ids=())
     for case in job["cases"]:
@@ -62,6 +63,7 @@ def main(job: dict) -> None:
         reference = Sampler(
             plain, tokenizer, cache_dtype=jnp.float32, matvec_layout=case["matvec"]
         ).generate(job["prompts"], **gen)
+        assert isinstance(reference, list)  # a batch of prompts
         ref_logits = forward(plain, tokens)
         for axes in case["meshes"]:
             mesh = make_mesh(**axes)
@@ -75,6 +77,7 @@ def main(job: dict) -> None:
                 model, tokenizer, cache_dtype=jnp.float32, matvec_layout=case["matvec"]
             )
             results = sampler.generate(job["prompts"], **gen)
+            assert isinstance(results, list)
             report["cases"].append(
                 dict(
                     name=case["family"],

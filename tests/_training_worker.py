@@ -24,6 +24,7 @@ import os
 import pathlib
 import signal
 import sys
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -232,7 +233,7 @@ def run_mesh(job: dict) -> dict:
     model, tokenizer = tiny_lora_model()
     host = completion_rows(3, 16, 24, tokenizer.vocab_size)
     anchors = anchors_for(model, 2)
-    results = {}
+    results: dict[str, dict[str, Any]] = {}
     for name, (data, fsdp, accum) in job["layouts"].items():
         config = step_config(accum, data, fsdp, rows=16)
         mesh = make_mesh(data=data, fsdp=fsdp) if data * fsdp > 1 else None
@@ -251,7 +252,7 @@ def run_mesh(job: dict) -> dict:
             ),
         )
     ref = results.pop("single")
-    report = dict(devices=len(jax.devices()), cases=[])
+    report: dict[str, Any] = dict(devices=len(jax.devices()), cases=[])
     for name, got in results.items():
         report["cases"].append(
             dict(
@@ -330,7 +331,10 @@ def run_distributed(job: dict) -> dict:
     model, tokenizer = tiny_lora_model()
     got = distributed_job(model, tokenizer, config, make_mesh(data=2))
     path = pathlib.Path(job["out"]).parent / f"process-{jax.process_index()}.npz"
-    np.savez(path, **{f"{k}_{i}": np.asarray(v) for k, vs in got.items() for i, v in enumerate(vs)})
+    arrays: dict[str, Any] = {
+        f"{k}_{i}": np.asarray(v) for k, vs in got.items() for i, v in enumerate(vs)
+    }
+    np.savez(path, **arrays)
     return dict(
         process=jax.process_index(),
         processes=jax.process_count(),

@@ -67,6 +67,7 @@ def _prepared(config: DPOConfig, policy, tokenizer, pairs, out_dir=pathlib.Path(
     objective = DPO()
     context = RunContext(config, policy, tokenizer, out_dir, True, lambda s: None)
     objective.prepare_with(context, PreferenceData.from_pairs(pairs))
+    assert config.steps is not None
     trainer = Trainer(
         config, context.model, config.steps, objective.loss, trainable=objective.trainable(config)
     )

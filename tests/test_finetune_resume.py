@@ -87,7 +87,7 @@ def _adapter(path: pathlib.Path) -> list[np.ndarray]:
 
 def _data(folder: pathlib.Path) -> pathlib.Path:
     lines = [line.strip() for line in _tiny.SMALL_TEXT.splitlines() if len(line.strip()) > 20]
-    rows = []
+    rows: list[dict] = []
     for i, line in enumerate(lines[:48]):
         if i % 3:
             rows.append({"text": line[:80]})

@@ -156,6 +156,7 @@ _SHAPE = re.compile(r"\b(?:f64|f32|bf16|f16|s32|u32|s8|pred)\[([0-9,]*)\]")
 def _largest_buffer(fn, *args) -> int:
     """The most elements of any array in the optimised HLO of jit(fn)(*args)."""
     text = jax.jit(fn).lower(*args).compile().as_text()
+    assert text is not None
     sizes = [
         int(np.prod([int(d) for d in dims.split(",") if d] or [1])) for dims in _SHAPE.findall(text)
     ]

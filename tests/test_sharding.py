@@ -148,10 +148,7 @@ MAIN = dict(data=1, fsdp=2, tensor=4)
 DATA = dict(data=8, fsdp=1, tensor=1)
 
 
-_REPORT: dict = {}  # one child for every test below; the conftest factory is per-test
-
-
-_REPORT: dict = {}  # one child process serves every test below
+_REPORT: dict = {}  # one child process serves every test below; the conftest factory is per-test
 
 
 @pytest.fixture

@@ -42,7 +42,7 @@ def _lively(seed: int = 1, noise: float = 0.0):
         for norm in (block.post_attention_norm, block.post_ffw_norm):
             norm.scale[...] = norm.scale[...] + 10.0
     if noise:
-        w = model.layer_1.mlp.linear.w
+        w = model.blocks[1].mlp.linear.w
         w[...] = w[...] + np.random.default_rng(99).normal(0, noise, w.shape).astype(np.float32)
     return model
 

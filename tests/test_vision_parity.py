@@ -111,7 +111,10 @@ def _image_block() -> list[int]:
 def _prompt(num_images: int, seed: int) -> np.ndarray:
     """bos, text, (image, text) * num_images: longer than the window of 6, so layers slide."""
     rng = np.random.default_rng(seed)
-    text = lambda n: list(rng.integers(3, 100, n))  # noqa: E731 - ids clear of the image ids
+
+    def text(n: int) -> list[int]:  # ids clear of the image ids
+        return rng.integers(3, 100, n).tolist()
+
     ids = [2, *text(5)]
     for _ in range(num_images):
         ids += _image_block() + text(7)

@@ -70,7 +70,7 @@ CASES = {
     "rgba-gradient-alpha": lambda: _transparent(drawn_image(120, 80, seed=5)),
     "greyscale-L": lambda: drawn_image(200, 150, seed=6, mode="L"),
     "greyscale-alpha-LA": lambda: _transparent(drawn_image(64, 64, seed=7)).convert("LA"),
-    "palette-P": lambda: drawn_image(300, 100, seed=8).convert("P", palette=Image.ADAPTIVE),
+    "palette-P": lambda: drawn_image(300, 100, seed=8).convert("P", palette=Image.Palette.ADAPTIVE),
     "palette-transparency": lambda: _palette_with_transparency(),
     "cmyk": lambda: drawn_image(90, 90, seed=9, mode="CMYK"),
     "bilevel-1": lambda: drawn_image(77, 55, seed=10, mode="1"),
@@ -79,7 +79,7 @@ CASES = {
 
 
 def _palette_with_transparency() -> Image.Image:
-    image = drawn_image(100, 60, seed=12).convert("P", palette=Image.ADAPTIVE, colors=16)
+    image = drawn_image(100, 60, seed=12).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
     image.info["transparency"] = 3  # palette index 3 is see-through, as in a GIF
     return image
 

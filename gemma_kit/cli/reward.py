@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import cast
 
 from gemma_kit.cli.options import positive_int
 from gemma_kit.cli.training import add_training_arguments, config_from_args, report
@@ -167,7 +168,7 @@ def _read_rows(path) -> tuple[str, list[tuple[int, dict, tuple]]]:
                 raise ValueError("rows mix completions and preference pairs; use one kind per file")
             kind = this
             if this == "pairs":
-                parsed = parse_pair(row)
+                parsed: tuple = parse_pair(row)  # (prompt, chosen, rejected, margin)
             else:  # the pair parser checks the prompt and the reply the same way
                 if "prompt" not in row and "messages" not in row:
                     raise ValueError(
@@ -271,7 +272,7 @@ def best_of_reward(args):
 
 def print_best_of(sampler, reward, args, sampling: dict) -> int:
     """Prints the best candidate's text (with --json: every candidate, best first)."""
-    from gemma_kit.posttrain.bon import best_of_n
+    from gemma_kit.posttrain.bon import Candidate, best_of_n
 
     if not sampling.get("temperature"):
         sampling["temperature"] = 1.0
@@ -281,7 +282,10 @@ def print_best_of(sampler, reward, args, sampling: dict) -> int:
             file=sys.stderr,
         )
     try:
-        candidates = best_of_n(sampler, args.prompt, args.best_of, reward, **sampling)
+        # One prompt string: one list of candidates.
+        candidates = cast(
+            "list[Candidate]", best_of_n(sampler, args.prompt, args.best_of, reward, **sampling)
+        )
     finally:
         if hasattr(reward, "close"):
             reward.close()

@@ -123,7 +123,7 @@ class Dataset:
     @property
     def image_files(self) -> list[str]:
         """Every distinct image file of the data, in a fixed order."""
-        files = set()
+        files: set[str] = set()
         for rows in (self.train, self.eval):
             if rows is not None and rows.images:
                 files.update(f for row in rows.images for f in row)
@@ -296,6 +296,7 @@ def parse_row(
             check_image_count("".join(m["content"] for m in clean), len(images), "this row")
             tokens, mask = encode_messages(tokenizer, clean)
             if images:
+                assert num_soft_tokens is not None  # a row with images was refused above
                 tokens, mask = _expand_images(tokens, mask, tokenizer, num_soft_tokens)
         except (ChatFormatError, ImageError) as err:
             raise ValueError(str(err)) from None
@@ -458,11 +459,12 @@ def pack(examples: Sequence[Example], length: int, *, packing: bool = True) -> R
     else:
         rows = [[i] for i in range(len(examples))]
     R = len(rows)
+
+    def zeros(dtype) -> np.ndarray:
+        return np.zeros((R, length), dtype)
+
     out = Rows(
-        *(
-            np.zeros((R, length), dtype)
-            for dtype in (np.int32, np.int32, np.float32, np.int32, np.int32)
-        )
+        zeros(np.int32), zeros(np.int32), zeros(np.float32), zeros(np.int32), zeros(np.int32)
     )
     if any(e.images for e in examples):
         # A row's images in the order of its slots: its examples' images, example by example.

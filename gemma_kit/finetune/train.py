@@ -55,6 +55,7 @@ __all__ = [
 def total_steps(config: TrainConfig, data: Dataset) -> int:
     if config.steps is not None:
         return config.steps
+    assert config.epochs is not None  # TrainConfig.validate: exactly one of steps and epochs
     return max(1, math.ceil(config.epochs * len(data.train) / config.batch_size))
 
 
@@ -203,14 +204,20 @@ class FineTuning(Objective):
         self.data, self.stats = data, data.stats
         return total_steps(config, data)
 
+    @property
+    def dataset(self) -> Dataset:
+        """The data `prepare` loaded (the training core calls it before the other hooks)."""
+        assert self.data is not None, "FineTuning.prepare has not run"
+        return self.data
+
     def host_batch(self, step: int, trainer=None) -> dict[str, np.ndarray]:
-        return step_batch(self.config, self.data, step, self.images)
+        return step_batch(self.config, self.dataset, step, self.images)
 
     def step_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         return dict(loss_tokens=int(metrics["loss_tokens"]))
 
     def evaluate(self, trainer) -> dict[str, float]:
-        loss = held_out_loss(trainer, self.data, self.images)
+        loss = held_out_loss(trainer, self.dataset, self.images)
         if loss is None:
             return {}
         return dict(eval_loss=loss, eval_ppl=math.exp(min(loss, 50)))
@@ -218,14 +225,14 @@ class FineTuning(Objective):
     def checkpoint_state(self, step: int):
         c = self.config
         return None, dict(
-            rows_seen=step * c.batch_size, epoch=step * c.batch_size / len(self.data.train)
+            rows_seen=step * c.batch_size, epoch=step * c.batch_size / len(self.dataset.train)
         )
 
     def fingerprint(self) -> str:
-        return self.data.fingerprint
+        return self.dataset.fingerprint
 
     def summary(self) -> dict:
-        return dict(data=self.data.stats)
+        return dict(data=self.dataset.stats)
 
 
 def train(config: TrainConfig, *, model=None, tokenizer=None, resume: bool = False) -> TrainResult:

@@ -65,7 +65,7 @@ def best_of_n(
             "candidates; sample with a temperature > 0"
         )
     single = isinstance(prompts, str)
-    batch = [prompts] if single else list(prompts)
+    batch = [prompts] if isinstance(prompts, str) else list(prompts)
     if not batch:
         raise SamplingError("no prompts given")
     function = as_reward(reward)  # a bad spec fails here, before the slow part

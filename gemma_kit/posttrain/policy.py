@@ -62,7 +62,8 @@ def with_trained(model, values: Any, kind=LoRAParam):
     """`model` with its trained variables (selected by `kind`: LoRAParam, or the full
     fine-tuning filter of gemma_kit.training.model.trainable_filter) replaced by `values` (a pure
     dict of the same structure). Pure: works under jit; `model` itself is not changed."""
-    graphdef, trained, rest = nnx.split(model, kind, ...)
+    # One State per filter: mypy cannot unpack nnx.split's variadic return type.
+    graphdef, trained, rest = nnx.split(model, kind, ...)  # type: ignore[misc]
     nnx.replace_by_pure_dict(trained, values)
     return nnx.merge(graphdef, trained, rest)
 

@@ -74,7 +74,7 @@ class Preferences:
     def subset(self, index) -> Preferences:
         index = np.asarray(index, np.int64)
         return Preferences(
-            *(getattr(self, n)[index] for n in self.ARRAYS),
+            **{n: getattr(self, n)[index] for n in self.ARRAYS},
             sources=[self.sources[i] for i in index],
             stats=dict(self.stats),
         )
@@ -203,7 +203,7 @@ def parse_pair(obj: Any) -> tuple[Prompt, str, str, float]:
             )
         prompt_value, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
     conversational = not isinstance(prompt_value, str)
-    if conversational:
+    if not isinstance(prompt_value, str):
         try:
             format_chat(prompt_value, add_generation_prompt=True)
         except ChatFormatError as err:
@@ -280,9 +280,9 @@ def load_preferences(
     for side in ("chosen", "rejected"):
         arrays[side] = pad_right(ids[side], length, tokenizer.pad_id)
         positions = np.arange(length)[None, :]
-        start = np.asarray(starts[side])[:, None]
+        begin = np.asarray(starts[side])[:, None]
         end = np.asarray([len(s) for s in ids[side]])[:, None]
-        arrays[f"{side}_completion"] = (positions >= start) & (positions < end)
+        arrays[f"{side}_completion"] = (positions >= begin) & (positions < end)
     stats = dict(
         pairs=len(sources),
         skipped=len(skipped),

@@ -22,7 +22,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -54,7 +54,7 @@ class Prompts:
         """A hash of the prompts' token ids (their identity, for --resume)."""
         return hashlib.sha256(json.dumps(self.ids).encode()).hexdigest()[:16]
 
-    def subset(self, index: Sequence[int]) -> Prompts:
+    def subset(self, index: Iterable[int]) -> Prompts:
         index = [int(i) for i in index]
         return Prompts(
             [self.texts[i] for i in index],
@@ -78,7 +78,7 @@ class Prompts:
         prompts, a new shuffle per pass (a pure function of step and seed, so a resumed run
         takes the same prompts)."""
         P = len(self)
-        chosen = []
+        chosen: list[int] = []
         position = step * size
         while len(chosen) < size:
             epoch, offset = divmod(position, P)

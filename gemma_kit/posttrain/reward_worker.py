@@ -59,7 +59,7 @@ def encode_values(result) -> list:
     """A reward function's result -> JSON values: floats, or {"value", "type"} for others."""
     if isinstance(result, (str, bytes, dict)) or not hasattr(result, "__len__"):
         raise TypeError(f"returned a {type(result).__name__}, not a sequence of floats")
-    out = []
+    out: list[float | dict[str, str]] = []
     for value in list(result):
         if isinstance(value, (bool, str, bytes)) or not hasattr(value, "__float__"):
             out.append({"value": repr(value)[:80], "type": type(value).__name__})

@@ -92,6 +92,7 @@ from gemma_kit.posttrain.prompts import Prompts, read_prompts
 from gemma_kit.posttrain.rewards import as_reward, call_reward, load_reward, reward_name
 from gemma_kit.posttrain.rl_config import RLConfig
 from gemma_kit.posttrain.rollout import Rollout, rollout
+from gemma_kit.training.config import TrainConfig
 from gemma_kit.training.loop import TrainResult, run
 from gemma_kit.training.losses import attention_mask
 from gemma_kit.training.model import trainable_filter
@@ -386,6 +387,7 @@ class PolicyOptimisation(Objective):
     name = "rl"
     eval_key = "eval_reward"
     loss_label = "policy-gradient loss"
+    loss: PolicyLoss
 
     def __init__(self, reward=None):
         self.given_reward = reward
@@ -401,7 +403,7 @@ class PolicyOptimisation(Objective):
         self.placed: dict[str, Any] = {}
 
     # -- before the model -----------------------------------------------------------------
-    def check_inputs(self, config: RLConfig) -> None:
+    def check_inputs(self, config: TrainConfig) -> None:
         from gemma_kit.finetune.data import read_jsonl
 
         if not isinstance(config, RLConfig):
@@ -425,15 +427,17 @@ class PolicyOptimisation(Objective):
 
     def close(self) -> None:
         """Stops the reward's worker process, if this objective started one."""
-        if self.owns_reward and hasattr(self.reward_fn, "close"):
+        if self.owns_reward and self.reward_fn is not None and hasattr(self.reward_fn, "close"):
             self.reward_fn.close()
 
     # -- prepare --------------------------------------------------------------------------
     def prepare(self, context: RunContext) -> int:
-        c: RLConfig = context.config
+        c = context.config
+        assert isinstance(c, RLConfig)  # check_inputs refused any other config
         self.config, self.out_dir, self.lead = c, context.out_dir, context.lead
         tok = context.tokenizer
         prompts = read_prompts(c.prompts_file, tok, skip_bad_rows=c.skip_bad_rows)
+        held: Prompts | None
         if c.eval_prompts_file is not None:
             train, held = (
                 prompts,
@@ -510,6 +514,7 @@ class PolicyOptimisation(Objective):
         )
         if c.steps is not None:
             return c.steps
+        assert c.epochs is not None  # validate: exactly one of steps and epochs
         return max(1, math.ceil(c.epochs * len(train) / c.batch_size)) * c.ppo_epochs
 
     def batch_floats(self) -> tuple[str, ...]:
@@ -525,7 +530,7 @@ class PolicyOptimisation(Objective):
     def _place(self, trainer) -> None:
         if "reference" not in self.placed:
             self.placed["reference"] = trainer.place_frozen(self.reference)
-            self.scorer.place = lambda b: trainer.place(b, batch_axis=0)
+            self.scorer.place = lambda batch: trainer.place(batch, batch_axis=0)
         if self.anchor is not None:
             self.anchor = trainer.place_frozen(self.anchor)
 
@@ -552,6 +557,7 @@ class PolicyOptimisation(Objective):
             self.cached_group = group
         else:
             self.pending = {}
+        assert self.cached is not None  # made by prepare, redrawn above
         return micro_batches(self.cached, c.grad_accum)
 
     def _draw(self, group: int, trainer) -> dict[str, np.ndarray]:
@@ -581,6 +587,7 @@ class PolicyOptimisation(Objective):
         if anchor_roll is not None:
             texts += [prompts.texts[i] for i in anchor_roll.prompt_index]
             completions += anchor_roll.texts
+        assert self.reward_fn is not None  # set by check_inputs
         scored = call_reward(self.reward_fn, texts, completions)
         rewards, anchor_rewards = scored[: P * k], scored[P * k :]
         timings["reward_s"] = time.perf_counter() - tick
@@ -608,32 +615,32 @@ class PolicyOptimisation(Objective):
             grid = anchor_rewards.reshape(P, M)
             per_sample = np.repeat(grid, k, axis=0)  # [P * k, M], row i: its prompt's anchors
             if c.algo == "bond":
-                base = losses.quantile_reward(
+                bond_reward = losses.quantile_reward(
                     jnp.asarray(rewards),
                     jnp.asarray(per_sample),
                     c.best_of,
                     smoothing=c.quantile_smoothing,
                 )
             else:
-                base = losses.jbond_reward(
+                bond_reward = losses.jbond_reward(
                     jnp.asarray(rewards), jnp.asarray(per_sample), kind=c.jbond_reward
                 )
-            base = np.asarray(base, np.float64)
+            base = np.asarray(bond_reward, np.float64)
             metrics.update(anchor_reward=float(grid.mean()), bond_reward=float(base.mean()))
             shaped = base - penalty
         else:
             shaped = rewards - penalty
         if c.algo == "rloo" or (c.is_bond and k >= 2):
-            advantages = losses.rloo_advantages(jnp.asarray(shaped.reshape(P, k))).reshape(-1)
+            estimate = losses.rloo_advantages(jnp.asarray(shaped.reshape(P, k))).reshape(-1)
         else:
-            advantages = losses.reinforce_advantages(jnp.asarray(shaped), baseline="batch")
-        advantages = np.asarray(advantages, np.float32)
+            estimate = losses.reinforce_advantages(jnp.asarray(shaped), baseline="batch")
+        advantages = np.asarray(estimate, np.float32)
         metrics["advantage_std"] = float(advantages.std())
 
         batch = {name: rows[name][: P * k] for name in SEQUENCE_FIELDS}
         lengths = mask[: P * k].sum(axis=1)
         if c.is_bond:
-            weight = c.jeffreys_beta * advantages / k
+            weight: np.ndarray = c.jeffreys_beta * advantages / k
             share = np.full(P * k, 1.0 / k, np.float32)  # sum over a prompt's samples: 1
         else:
             weight = advantages
@@ -652,6 +659,7 @@ class PolicyOptimisation(Objective):
             groups = anchor_rewards.reshape(P * G, c.best_of)
             chosen = np.arange(P * G) * c.best_of + np.argmax(groups, axis=1)
             metrics["best_of_reward"] = float(anchor_rewards[chosen].mean())
+            assert anchor_roll is not None  # forward_rows: BOND, which drew anchor samples
             forward = self.scorer.rows(_subset(anchor_roll, chosen))
             extra = {name: forward[name][: P * G] for name in SEQUENCE_FIELDS}
             extra["mask"] = forward["weights"][: P * G]
@@ -696,6 +704,7 @@ class PolicyOptimisation(Objective):
             step=0,
         )
         texts = [self.held.texts[i] for i in roll.prompt_index]
+        assert self.reward_fn is not None  # set by check_inputs
         rewards = call_reward(self.reward_fn, texts, roll.texts)
         rows = self.scorer.rows(roll)
         scores = self.score_rows(trainer, rows)

@@ -210,6 +210,7 @@ def run_python(
                 )
             finally:
                 os.close(write_end)
+            assert child.stdin is not None  # stdin=subprocess.PIPE
             try:
                 try:
                     child.stdin.write(token)
@@ -279,7 +280,7 @@ def _kill_group(child: subprocess.Popen) -> None:
 
 
 def _read_all(fd: int) -> bytes:
-    chunks = []
+    chunks: list[bytes] = []
     try:
         while True:
             chunk = os.read(fd, 4096)
@@ -307,9 +308,11 @@ def _reason(timed_out: bool, returncode: int, stderr: str, said: bool) -> str:
         return last
     if returncode < 0:
         sig = -returncode
-        return {signal.SIGXCPU: "cpu time limit", signal.SIGXFSZ: "file size limit"}.get(
-            sig, f"killed by signal {sig}"
-        )
+        limits: dict[int, str] = {
+            signal.SIGXCPU: "cpu time limit",
+            signal.SIGXFSZ: "file size limit",
+        }
+        return limits.get(sig, f"killed by signal {sig}")
     if returncode == 0 and not said:
         return "exited before the tests finished"
     if last.startswith("exception: "):

@@ -225,7 +225,10 @@ class FrontEvaluator:
     ):
         longest = prompts.longest
         length = -(-(longest + config.max_new_tokens - 1) // 8) * 8
-        self.graphdef, _, self.fixed = nnx.split(model, kind, ...)
+        self.graphdef: nnx.GraphDef
+        self.fixed: nnx.State
+        # One State per filter: mypy cannot unpack nnx.split's variadic return type.
+        self.graphdef, _, self.fixed = nnx.split(model, kind, ...)  # type: ignore[misc]
         self.scorer = RolloutScorer(
             model,
             tokenizer,
@@ -402,6 +405,7 @@ def _run(config: WARPConfig, out, reward_fn, model, tokenizer, resume, say) -> W
     kind = trainable_filter(config)
     init_model, tokenizer, base = _load_base(config, model, tokenizer)
     read_prompts(config.prompts_file, tokenizer, skip_bad_rows=config.skip_bad_rows)  # early
+    assert config.eval_prompts_file is not None  # WARPConfig.validate requires it
     held = read_prompts(config.eval_prompts_file, tokenizer, skip_bad_rows=config.skip_bad_rows)
     if config.eval_max_rows is not None:
         held = held.subset(range(min(len(held), config.eval_max_rows)))
@@ -488,6 +492,8 @@ def _run(config: WARPConfig, out, reward_fn, model, tokenizer, resume, say) -> W
                 start = point if eta == 0 else start
                 if merge_kind == "slerp" and eta == config.liti_eta:
                     best, chosen_values = point, values
+        # liti_eta is one of etas, and the slerp merge always runs.
+        assert best is not None and chosen_values is not None
         fronts.append(points)
         chosen.append(best)
         write_json(out / "front.json", dict(fronts=fronts, chosen=chosen))

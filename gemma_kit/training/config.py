@@ -31,7 +31,7 @@ import json
 import os
 import pathlib
 import tomllib
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from gemma_kit.config import Config
 from gemma_kit.errors import ConfigError
@@ -192,14 +192,14 @@ class TrainConfig:
         for key, value in out.items():
             if isinstance(value, Config):
                 out[key] = value.name
-            elif dataclasses.is_dataclass(value):
+            elif dataclasses.is_dataclass(value) and not isinstance(value, type):
                 out[key] = dataclasses.asdict(value)
             elif isinstance(value, tuple):
                 out[key] = list(value)
         return out
 
     # -- checking -------------------------------------------------------------------------
-    def validate(self) -> TrainConfig:
+    def validate(self) -> Self:
         """Raises ConfigError naming the first bad setting; returns self."""
 
         def need(ok: bool, message: str) -> None:

@@ -354,7 +354,10 @@ def run(
         bar.close()
         manager.close()
 
-    step_now = last_saved if interrupted else steps
+    step_now = steps
+    if interrupted:
+        assert last_saved is not None  # an interrupted run saves its step before stopping
+        step_now = last_saved
     result = TrainResult(
         step=step_now,
         out_dir=out,

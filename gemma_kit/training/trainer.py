@@ -63,7 +63,9 @@ class Trainer:
         self.mesh = mesh
         self.loss = loss
         self.kind = trainable_filter(config) if trainable is None else trainable
-        self.graphdef, trainable, fixed = nnx.split(model, self.kind, ...)
+        self.graphdef: nnx.GraphDef
+        # One State per filter: mypy cannot unpack nnx.split's variadic return type.
+        self.graphdef, trainable, fixed = nnx.split(model, self.kind, ...)  # type: ignore[misc]
         if not jax.tree.leaves(trainable):
             raise TrainingError(f"the model has no variables to train for method {config.method!r}")
         if keep_model:
@@ -132,7 +134,7 @@ class Trainer:
         spec = [None] * batch_axis + [("data", "fsdp")]
         sharding = NamedSharding(self.mesh, PartitionSpec(*spec))
         return {
-            k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
+            k: jax.make_array_from_callback(v.shape, sharding, v.__getitem__)
             for k, v in batch.items()
         }
 

@@ -209,7 +209,8 @@ def prepare_images(
     Without Pan & Scan n = len(images) and every crop count is 0. With it, each image is
     followed by its crops (gemma_kit.vision.prompt.with_crops writes the matching text).
     """
-    pixels, crops = [], []
+    pixels: list[np.ndarray] = []
+    crops: list[int] = []
     for image in images:
         rgb = load_image(image)
         parts = pan_and_scan_crops(rgb) if pan_and_scan else []

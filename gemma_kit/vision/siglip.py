@@ -78,12 +78,11 @@ class MultiHeadDotProductAttention(nnx.Module):
 
     def __init__(self, config: VisionConfig, *, param_dtype, rngs: nnx.Rngs):
         W, N, H = config.width, config.num_heads, config.head_dim
-        for name in ("query", "key", "value"):
-            setattr(
-                self,
-                name,
-                Dense("IPW,WNH->IPNH", (W, N, H), (N, H), param_dtype=param_dtype, rngs=rngs),
-            )
+
+        def projection() -> Dense:
+            return Dense("IPW,WNH->IPNH", (W, N, H), (N, H), param_dtype=param_dtype, rngs=rngs)
+
+        self.query, self.key, self.value = projection(), projection(), projection()
         self.out = Dense("IPNH,NHW->IPW", (N, H, W), (W,), param_dtype=param_dtype, rngs=rngs)
         self.scale = H**-0.5
 
