@@ -104,10 +104,10 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return keep
 
 
-
 def _committed(x: jax.Array) -> jax.Array:
     """x committed to the device(s) it lives on (jit keys compiled programs on placement)."""
     return jax.device_put(x, x.sharding)
+
 
 class Sampler:
     """Generates text with a KV cache.
