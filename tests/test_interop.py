@@ -593,11 +593,17 @@ def test_cli_convert_and_export(saved, tmp_path, capsys):
     assert "no tokenizer.model" in captured.err
     assert "a custom size" in captured.out
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint"]
-    # A custom size is not inferred from the shapes; the library takes it as preset=.
-    assert main(["export", "--to", "hf", "--ckpt", str(out), "--out", str(tmp_path / "hf")]) == 2
-    assert "no preset matches" in capsys.readouterr().err
+    # A custom size is stored beside the checkpoint (gemma_config.json), so it loads and exports
+    # without a preset, and equals the size read from the Hugging Face folder.
+    assert (out / "checkpoint" / "gemma_config.json").is_file()
+    assert main(["export", "--to", "hf", "--ckpt", str(out), "--out", str(tmp_path / "hf")]) == 0
     config, _, _ = read_hf(folder, progress=False)
-    model = load_model(out, config)
+    exported, _, _ = read_hf(tmp_path / "hf", progress=False)
+    # The same text model (export writes the language model; names differ by origin).
+    text_fields = ("num_layers", "embed_dim", "hidden_dim", "num_heads", "num_kv_heads", "head_dim")
+    assert [getattr(exported, f) for f in text_fields] == [getattr(config, f) for f in text_fields]
+    model = load_model(out)
+    assert model.config.replace(name=config.name) == config
     np.testing.assert_allclose(_ours(model), _hf_logits(hf_model), atol=ATOL, rtol=0)
 
 
