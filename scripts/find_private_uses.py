@@ -3,8 +3,9 @@
     python scripts/find_private_uses.py            # the whole repository
 
 Two forms are found by reading the code (nothing is imported): `from gemma_kit.x import _y`,
-and `m._y` where `m` names an imported gemma_kit module. Private attributes of objects
-(`sampler._expand`) cannot be told apart from others without running the code; grep for them.
+and `m._y` where `m` names an imported gemma_kit module; the same for the test helpers
+(`tests.support`). Private attributes of objects (`sampler._expand`) cannot be told apart from
+others without running the code; grep for them.
 A name that two modules share deserves a public name. Exit status 1 when anything is found.
 """
 
@@ -16,6 +17,11 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FOLDERS = ("gemma_kit", "tests", "benchmarks", "scripts", "finetune", "demos")
+PACKAGES = ("gemma_kit", "tests")  # whose private names are found
+
+
+def checked(module: str) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in PACKAGES)
 
 
 def private(name: str) -> bool:
@@ -24,10 +30,10 @@ def private(name: str) -> bool:
 
 def uses(path: pathlib.Path) -> list[str]:
     tree = ast.parse(path.read_text())
-    modules: dict[str, str] = {}  # local name -> the gemma_kit module it stands for
+    modules: dict[str, str] = {}  # local name -> the module it stands for
     found = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gemma_kit"):
+        if isinstance(node, ast.ImportFrom) and checked(node.module or ""):
             for alias in node.names:
                 if private(alias.name):
                     found.append(f"{node.lineno}: from {node.module} import {alias.name}")
@@ -35,7 +41,7 @@ def uses(path: pathlib.Path) -> list[str]:
                     modules[alias.asname or alias.name] = f"{node.module}.{alias.name}"
         elif isinstance(node, ast.Import):
             for alias in node.names:
-                if alias.name.startswith("gemma_kit"):
+                if checked(alias.name):
                     modules[alias.asname or alias.name.split(".")[0]] = alias.name
     for node in ast.walk(tree):
         if (

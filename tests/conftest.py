@@ -1,4 +1,5 @@
-"""Shared tiny configurations, a tiny-model factory and a small real tokenizer (built in _tiny.py).
+"""Shared tiny configurations, a tiny-model factory and a small real tokenizer (fixtures over
+tests/support/tiny.py).
 
 The tiny configs keep every structural feature of their family (so every code path and every
 parameter name of a real checkpoint is exercised) at sizes that build and run in milliseconds.
@@ -8,35 +9,35 @@ from __future__ import annotations
 
 import pytest
 
-import _tiny
 from gemma_kit.config import Config
 from gemma_kit.tokenizer import Tokenizer
+from tests.support import tiny
 
 
 @pytest.fixture
 def tiny_gemma3_config() -> Config:
-    return _tiny.tiny_gemma3()
+    return tiny.tiny_gemma3()
 
 
 @pytest.fixture
 def tiny_gemma2_config() -> Config:
-    return _tiny.tiny_gemma2()
+    return tiny.tiny_gemma2()
 
 
 @pytest.fixture
 def tiny_model():
     """Factory: tiny_model(config, seed=0, param_dtype=float32) -> Transformer with every
-    parameter random (see _tiny.random_model)."""
-    return _tiny.random_model
+    parameter random (see tiny.random_model)."""
+    return tiny.random_model
 
 
 @pytest.fixture(scope="session")
 def small_tokenizer() -> Tokenizer:
-    """A real 384-piece SentencePiece model with Gemma 3's special ids (see _tiny)."""
-    tok = _tiny.small_tokenizer()
+    """A real 384-piece SentencePiece model with Gemma 3's special ids (tests/support/tiny.py)."""
+    tok = tiny.small_tokenizer()
     assert (tok.version, tok.vocab_size, tok.start_of_turn_id, tok.end_of_turn_id) == (
         3,
-        _tiny.SMALL_VOCAB,
+        tiny.SMALL_VOCAB,
         105,
         106,
     )

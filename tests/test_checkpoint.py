@@ -21,6 +21,7 @@ from flax import nnx
 from gemma_kit.checkpoint import official
 from gemma_kit.errors import CheckpointError, CheckpointNotFoundError
 from gemma_kit.loading import load_model, save_checkpoint
+from tests.support import logits, workers
 
 TOKENS = np.random.default_rng(0).integers(0, 256, size=(2, 9))  # longer than the window (4)
 
@@ -28,13 +29,6 @@ TOKENS = np.random.default_rng(0).integers(0, 256, size=(2, 9))  # longer than t
 @pytest.fixture(params=["gemma3", "gemma2"])
 def config(request):
     return request.getfixturevalue(f"tiny_{request.param}_config")
-
-
-@nnx.jit
-def _logits(model, tokens):
-    # Compiled once per config: op-by-op eager execution would compile every small op anew and
-    # make this file several times slower. Both sides of each comparison take this same path.
-    return model(tokens)
 
 
 def _params(model) -> dict:
@@ -114,7 +108,7 @@ def test_round_trip_is_bit_identical(config, tiny_model, layout, tmp_path):
     path = save_checkpoint(model, tmp_path / "ckpt", layout=layout)
     loaded = load_model(path, preset=config)
     _assert_same_params(_params(loaded), _params(model))
-    np.testing.assert_array_equal(_logits(loaded, TOKENS), _logits(model, TOKENS))
+    np.testing.assert_array_equal(logits.ours(loaded, TOKENS), logits.ours(model, TOKENS))
     _, _, info = official.load_params(path, config)
     assert info["layout"] == layout and info["stored_dtypes"] == ["float32"]
     assert not info["has_vision"]
@@ -126,7 +120,7 @@ def test_restore_casts_to_the_requested_dtype(tiny_gemma3_config, tiny_model, tm
     loaded = load_model(tmp_path / "ckpt", preset=tiny_gemma3_config, dtype=jnp.bfloat16)
     _assert_same_params(_params(loaded), _params(model), dtype=jnp.bfloat16)
     # Activations stay in the default float32 compute dtype whatever the weights' dtype.
-    assert _logits(loaded, TOKENS).dtype == jnp.float32
+    assert logits.ours(loaded, TOKENS).dtype == jnp.float32
 
 
 def test_flat_checkpoint_has_the_released_names(config, tiny_model, tmp_path):
@@ -176,7 +170,7 @@ def test_released_checkpoint_with_vision_loads_text_only(tiny_gemma3_config, tin
     _assert_same_params(params, _params(model))
 
     loaded = load_model(tmp_path / "released", preset=tiny_gemma3_config)
-    np.testing.assert_array_equal(_logits(loaded, TOKENS), _logits(model, TOKENS))
+    np.testing.assert_array_equal(logits.ours(loaded, TOKENS), logits.ours(model, TOKENS))
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,19 +243,18 @@ def test_a_file_instead_of_a_folder(tmp_path):
         load_model(tmp_path / "model.gguf")
 
 
-# Loads each path given with the tiny Gemma 3 config (rebuilt from tests/_tiny.py, whose folder is
-# argv[1]) and prints the outcome as JSON. Runs in a child
-# process because, after a failed read, Orbax leaves TensorStore reads running that later print
+# Loads each path given with the tiny Gemma 3 config (rebuilt from tests/support/tiny.py; run
+# from the repository root) and prints the outcome as JSON. Runs in a child process because,
+# after a failed read, Orbax leaves TensorStore reads running that later print
 # "Event loop is closed" / "coroutine was never awaited" from background threads, into whatever
 # test runs next; a child process takes them with it.
 _LOAD_EACH = """
 import json, os, sys
-sys.path.insert(0, sys.argv[1])
-import _tiny
+from tests.support import tiny
 from gemma_kit.loading import load_model
-config = _tiny.tiny_gemma3()
+config = tiny.tiny_gemma3()
 results = []
-for path in sys.argv[2:]:
+for path in sys.argv[1:]:
     try:
         load_model(path, preset=config)
         results.append(None)
@@ -293,9 +286,9 @@ def test_damaged_checkpoints(tiny_gemma3_config, tiny_model, tmp_path):
             sys.executable,
             "-c",
             _LOAD_EACH,
-            str(pathlib.Path(__file__).parent),
             *map(str, cases.values()),
         ],
+        cwd=workers.ROOT,
         capture_output=True,
         text=True,
         timeout=300,

@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from _tiny import SMALL_TEXT, SMALL_VOCAB
 from gemma_kit import decode
 from gemma_kit.sampler import Sampler
+from tests.support.tiny import SMALL_TEXT, SMALL_VOCAB
 
 _SHARED: dict = {}
 

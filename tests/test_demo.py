@@ -16,7 +16,6 @@ pytest.importorskip(
     "gradio", reason="the demo needs the [demo] extra (pip install 'gemma-kit[demo]')"
 )
 
-import _tiny
 from gemma_kit.chat import ChatSession
 from gemma_kit.cli import main
 from gemma_kit.config import GlobalAttention, LocalAttention
@@ -31,24 +30,20 @@ from gemma_kit.demo import (
 )
 from gemma_kit.sampler import Sampler
 from gemma_kit.sampling import DryPenalty, SamplingError
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.support import tiny
+from tests.support.ports import free_port
 
 
 @pytest.fixture(scope="module")
 def tiny_chat_model():
     """A random text model over the small real tokenizer (384 pieces, Gemma 3 chat ids)."""
-    config = _tiny.tiny_gemma3().replace(
+    config = tiny.tiny_gemma3().replace(
         name="tiny-chat",
-        vocab_size=_tiny.SMALL_VOCAB,
+        vocab_size=tiny.SMALL_VOCAB,
         max_context=512,
         layers=(LocalAttention(8), LocalAttention(8), GlobalAttention(rope_base=1e6)),
     )
-    return _tiny.random_model(config, seed=5), _tiny.small_tokenizer()
+    return tiny.random_model(config, seed=5), tiny.small_tokenizer()
 
 
 def test_sampling_settings_map_the_controls():
@@ -181,13 +176,13 @@ def test_lora_adapter_is_applied_and_shown(tiny_chat_model, tmp_path, capsys):
 
     model, tokenizer = tiny_chat_model
     config = model.config
-    adapted = lora.apply_lora(_tiny.random_model(config, seed=5), rank=2, alpha=4.0, targets="attn")
+    adapted = lora.apply_lora(tiny.random_model(config, seed=5), rank=2, alpha=4.0, targets="attn")
     state = lora.lora_state(adapted)
     rng = np.random.default_rng(0)  # B starts at zero: make the adapter change something
     nnx.update(adapted, jax.tree.map(lambda x: rng.normal(0, 0.5, x.shape).astype(x.dtype), state))
     folder = lora.save_adapter(adapted, tmp_path / "adapter")
 
-    served, description = load_lora(_tiny.random_model(config, seed=5), folder)
+    served, description = load_lora(tiny.random_model(config, seed=5), folder)
     assert not lora.has_lora(served)  # folded into the weights
     assert description == "`adapter` (rank 2, alpha 4, on attn_vec_einsum, kv_einsum, q_einsum)"
     assert (
@@ -255,7 +250,7 @@ def test_cli_picks_completion_for_a_pretrained_model(tiny_chat_model, monkeypatc
     served = []
     monkeypatch.setattr(
         "gemma_kit.embedded.default_model",
-        lambda dtype=None: (_tiny.random_model(model.config, seed=5), tokenizer),
+        lambda dtype=None: (tiny.random_model(model.config, seed=5), tokenizer),
     )
     monkeypatch.setattr(
         "gemma_kit.demo.serve",
@@ -263,9 +258,7 @@ def test_cli_picks_completion_for_a_pretrained_model(tiny_chat_model, monkeypatc
     )
     port = str(free_port())
     folder = lora.save_adapter(
-        lora.apply_lora(
-            _tiny.random_model(model.config, seed=5), rank=2, alpha=4.0, targets="attn"
-        ),
+        lora.apply_lora(tiny.random_model(model.config, seed=5), rank=2, alpha=4.0, targets="attn"),
         tmp_path / "adapter",
     )
     for argv, mode, kind in [

@@ -16,12 +16,13 @@ import collections
 import os
 import pathlib
 import re
-import socket
 import time
 from typing import Any
 
 import numpy as np
 import pytest
+
+from tests.support.ports import free_port
 
 pytest.importorskip("gradio", reason="the demo needs the [demo] extra")
 playwright = pytest.importorskip(
@@ -44,12 +45,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served():
     """The embedded 270M as `gemma-kit demo` serves it: a pretrained model, on the text
@@ -59,7 +54,7 @@ def served():
 
     model, tokenizer = gemma_kit.default_model()
     app = ChatApp(model, tokenizer, mode="completion", kind="pretrained", cache_length=512)
-    url = app.launch("127.0.0.1", _free_port(), block=False, quiet=True)
+    url = app.launch("127.0.0.1", free_port(), block=False, quiet=True)
     yield app, url, model, tokenizer
     app.close()
 
@@ -67,19 +62,19 @@ def served():
 @pytest.fixture(scope="module")
 def chat_served():
     """A tiny random text model on the chat page (what an instruction-tuned model gets)."""
-    import _tiny
     from gemma_kit.config import GlobalAttention, LocalAttention
     from gemma_kit.demo import ChatApp
+    from tests.support import tiny
 
-    config = _tiny.tiny_gemma3().replace(
+    config = tiny.tiny_gemma3().replace(
         name="tiny-chat",
-        vocab_size=_tiny.SMALL_VOCAB,
+        vocab_size=tiny.SMALL_VOCAB,
         max_context=512,
         layers=(LocalAttention(8), LocalAttention(8), GlobalAttention(rope_base=1e6)),
     )
-    model, tokenizer = _tiny.random_model(config, seed=5), _tiny.small_tokenizer()
+    model, tokenizer = tiny.random_model(config, seed=5), tiny.small_tokenizer()
     app = ChatApp(model, tokenizer, kind="instruction-tuned", cache_length=256)
-    url = app.launch("127.0.0.1", _free_port(), block=False, quiet=True)
+    url = app.launch("127.0.0.1", free_port(), block=False, quiet=True)
     yield app, url, model, tokenizer
     app.close()
 
@@ -381,20 +376,20 @@ def test_images_for_a_vision_model(browser, tmp_path):
     """Two images attached to one message reach a (tiny, random) vision model: the reply is the
     one ChatSession gives for the same images and text. A file that is not an image, and one
     over the size limit, are refused in the page."""
-    _vision_tiny = pytest.importorskip("_vision_tiny")
     from PIL import Image
 
     from gemma_kit.chat import ChatSession
     from gemma_kit.demo import ChatApp
+    from tests.support import vision_tiny
 
-    model = _vision_tiny.random_vision_model(_vision_tiny.tiny_vision_config(), seed=3)
-    tokenizer = _vision_tiny.image_tokenizer()
+    model = vision_tiny.random_vision_model(vision_tiny.tiny_vision_config(), seed=3)
+    tokenizer = vision_tiny.image_tokenizer()
     app = ChatApp(model, tokenizer, cache_length=256, max_image_mb=0.05)  # 50 kB at most
-    url = app.launch("127.0.0.1", _free_port(), block=False, quiet=True)
+    url = app.launch("127.0.0.1", free_port(), block=False, quiet=True)
     paths = []
     for seed, (w, h) in enumerate([(60, 40), (32, 48)]):
         paths.append(tmp_path / f"drawing-{seed}.png")
-        _vision_tiny.drawn_image(w, h, seed=seed).save(paths[-1])
+        vision_tiny.drawn_image(w, h, seed=seed).save(paths[-1])
     message = "Compare the two pictures."
     try:
         tab = _open(browser, url, "#message textarea")

@@ -1,26 +1,21 @@
 """Distillation (gemma_kit.posttrain.distill, `gemma-kit distill`) on tiny random models.
 
-The student and the teacher are the tiny Gemma 3 model from two seeds (tests/_distill_worker.py
-builds them, also in the child processes of the resume, mesh and two-process checks). What is
-checked: the divergence falls on held-out data, on-policy (lambda 1) and off-policy (lambda 0);
-the teacher of a context distillation sees its prefix and the student does not, positions
-aligned on the completion; Gemma 3's sampled top-K trained from a written file equals the same
-draws made in the step; a new teacher of the same shapes runs the compiled step as it is; a run
-killed by SIGKILL resumes bit-identically; a mesh of 8 devices and two processes give one
-device's step; bad input is one clear error each.
+The student and the teacher are the tiny Gemma 3 model from two seeds
+(tests/support/distill_worker.py builds them, also in the child processes of the resume, mesh and
+two-process checks). What is checked: the divergence falls on held-out data, on-policy (lambda 1)
+and off-policy (lambda 0); the teacher of a context distillation sees its prefix and the student
+does not, positions aligned on the completion; Gemma 3's sampled top-K trained from a written file
+equals the same draws made in the step; a new teacher of the same shapes runs the compiled step as
+it is; a run killed by SIGKILL resumes bit-identically; a mesh of 8 devices and two processes give
+one device's step; bad input is one clear error each.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import pathlib
 import signal
-import socket
-import subprocess
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +25,6 @@ import pytest
 pytest.importorskip("optax", reason="distillation needs the [finetune] extra")
 from flax import nnx  # noqa: E402
 
-import _distill_worker as worker  # noqa: E402  (after the skip: it imports the training core)
-import _tiny  # noqa: E402
 from gemma_kit.cli import main  # noqa: E402
 from gemma_kit.errors import ConfigError, DataError  # noqa: E402
 from gemma_kit.posttrain import losses  # noqa: E402
@@ -47,8 +40,19 @@ from gemma_kit.posttrain.distill import (  # noqa: E402
 )
 from gemma_kit.posttrain.distill_config import DistillConfig  # noqa: E402
 from gemma_kit.posttrain.rollout import Rollout  # noqa: E402
+from tests.support import distill_worker as worker  # noqa: E402  (after the skip: it imports the training core)
+from tests.support import logits, tiny, workers  # noqa: E402
+from tests.support.ports import free_port  # noqa: E402
 
-WORKER = pathlib.Path(__file__).with_name("_distill_worker.py")
+WORKER = "distill_worker"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """The children's environment: one JAX compilation cache for all children of this file."""
+    return workers.cpu_env(cache=tmp_path_factory.mktemp("jax-cache"))
+
+
 LR = worker.LR
 
 
@@ -61,7 +65,7 @@ def models():
 def data(tmp_path_factory) -> dict[str, pathlib.Path]:
     """24 prompts (the first words of lines of CPython's reference text) and 40 text rows."""
     folder = tmp_path_factory.mktemp("data")
-    lines = [line.strip() for line in _tiny.SMALL_TEXT.splitlines() if len(line.strip()) > 20]
+    lines = [line.strip() for line in tiny.SMALL_TEXT.splitlines() if len(line.strip()) > 20]
     paths = dict(prompts=folder / "prompts.jsonl", train=folder / "train.jsonl")
     paths["prompts"].write_text(
         "".join(json.dumps({"prompt": line[:20]}) + "\n" for line in lines[:24])
@@ -91,10 +95,6 @@ def _config(data, out: pathlib.Path, **changes) -> DistillConfig:
         progress=False,
     )
     return DistillConfig(**{**settings, **changes})
-
-
-def _rows(path: pathlib.Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 @contextlib.contextmanager
@@ -137,7 +137,7 @@ def test_distillation_lowers_the_divergence(models, data, tmp_path, lmbda, diver
         assert after[key] < before[key] - 0.1, (key, before[key], after[key])
     assert result.eval_before == before["eval_reverse_kl"]  # the eval key with prompts
 
-    rows = [r for r in _rows(out / "metrics.jsonl") if "loss" in r]
+    rows = [r for r in workers.read_jsonl(out / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in rows] == list(range(1, 13))
     assert {r["on_policy"] for r in rows} == {int(lmbda)}
     assert all(r["completion_tokens"] > 0 for r in rows)
@@ -284,10 +284,9 @@ def test_context_distillation_compares_the_same_completion_tokens(models, small_
     graphdef, state = nnx.split(student)
     per_position = jax.jit(lambda s, b, f: loss.per_position(nnx.merge(graphdef, s), b, f))
     per = np.asarray(per_position(state, rows, frozen))
-    forward = jax.jit(lambda s, tokens: nnx.merge(*s)(tokens))
     for r, (p, c) in enumerate(zip(prompts, completions)):
-        s_logits = forward(nnx.split(student), jnp.asarray([list(p.student) + c[:-1]]))[0]
-        t_logits = forward(nnx.split(base), jnp.asarray([list(p.teacher) + c[:-1]]))[0]
+        s_logits = logits.ours(student, [list(p.student) + c[:-1]])[0]
+        t_logits = logits.ours(base, [list(p.teacher) + c[:-1]])[0]
         s_at = s_logits[len(p.student) - 1 :]  # the positions that predict c[0], c[1], ...
         t_at = t_logits[len(p.teacher) - 1 :]
         expected = np.asarray(losses.reverse_kl_per_position(s_at, t_at))
@@ -362,7 +361,7 @@ def test_a_new_teacher_of_the_same_shapes_does_not_compile_again(models):
     from gemma_kit.training import Trainer, micro_batches
 
     student, teacher, tokenizer = models
-    other = _tiny.random_model(teacher.config, seed=2)
+    other = tiny.random_model(teacher.config, seed=2)
     model = nnx.merge(*nnx.split(student))
     apply_lora(model, rank=4, alpha=8.0)
     graphdef, state = nnx.split(teacher)
@@ -408,11 +407,11 @@ def test_offline_topk_targets_train_as_the_same_draws_made_in_the_step(models, d
     assert targets.ids.shape[1] == 8 and targets.ids.dtype == np.int32
     np.testing.assert_allclose(targets.probs.sum(axis=1), 1.0, rtol=1e-5)
     assert len(targets.offsets) == online.stats["pool_rows"] + 1
-    stranger = _tiny.random_model(teacher.config, seed=9)
+    stranger = tiny.random_model(teacher.config, seed=9)
     offline = train_distill(offline_config, student=student, teacher=stranger, tokenizer=tokenizer)
 
     def losses_of(run):
-        return [r["loss"] for r in _rows(run.out_dir / "metrics.jsonl") if "loss" in r]
+        return [r["loss"] for r in workers.read_jsonl(run.out_dir / "metrics.jsonl") if "loss" in r]
 
     np.testing.assert_allclose(losses_of(offline), losses_of(online), rtol=1e-6)
     for a, b in zip(
@@ -435,50 +434,6 @@ def test_offline_topk_targets_train_as_the_same_draws_made_in_the_step(models, d
 # Child processes: SIGKILL and resume, 8 devices, two processes
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("jax-cache")
-    return dict(
-        os.environ,
-        JAX_COMPILATION_CACHE_DIR=str(cache),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-        JAX_PLATFORMS="cpu",
-    )
-
-
-def _start(job: dict, folder: pathlib.Path, env: dict) -> subprocess.Popen:
-    path = folder / f"job-{time.monotonic_ns()}.json"
-    path.write_text(json.dumps(job))
-    return subprocess.Popen(
-        [sys.executable, str(WORKER), str(path)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, dict | None, str]:
-    out, err = proc.communicate(timeout=timeout)
-    lines = [line for line in out.splitlines() if line.startswith("{")]
-    return proc.returncode, (json.loads(lines[-1]) if lines else None), err
-
-
-def _wait_for_step(proc, out_dir: pathlib.Path, step: int, timeout: float = 300) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        path = out_dir / "metrics.jsonl"
-        steps = [r["step"] for r in _rows(path) if "loss" in r] if path.exists() else []
-        if steps and steps[-1] >= step:
-            return steps[-1]
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended before step {step}: {proc.communicate()[1]}")
-        time.sleep(0.02)
-    proc.kill()
-    raise AssertionError(f"no step {step} within {timeout} s")
-
-
 def test_a_run_killed_by_sigkill_resumes_bit_identically(data, tmp_path, env):
     """lambda 0.5 (on-policy steps drawn from the current LoRA factors and dataset steps, mixed
     by (seed, step)): killed by SIGKILL after step 5, resumed from the checkpoint of step 4, it
@@ -487,16 +442,20 @@ def test_a_run_killed_by_sigkill_resumes_bit_identically(data, tmp_path, env):
     config = _config(
         data, tmp_path / "ref", lmbda=0.5, steps=8, save_every=4, eval_fraction=0.0
     ).to_dict()
-    code, ref, err = _finish(_start(dict(kind="train", config=config), tmp_path, env))
+    code, ref, err = workers.finish(
+        workers.start(WORKER, dict(kind="train", config=config), tmp_path, env)
+    )
     assert code == 0, err[-3000:]
     out = tmp_path / "run"
     job = dict(kind="train", config=dict(config, out_dir=str(out)), step_sleep=0.8)
-    proc = _start(job, tmp_path, env)
-    reached = _wait_for_step(proc, out, 5)
+    proc = workers.start(WORKER, job, tmp_path, env)
+    reached = workers.wait_for_step(proc, out, 5)
     proc.send_signal(signal.SIGKILL)
-    assert _finish(proc)[0] == -signal.SIGKILL and reached < 8
+    assert workers.finish(proc)[0] == -signal.SIGKILL and reached < 8
     assert not (out / "adapter").exists()
-    code, result, err = _finish(_start(dict(job, resume=True, step_sleep=0), tmp_path, env))
+    code, result, err = workers.finish(
+        workers.start(WORKER, dict(job, resume=True, step_sleep=0), tmp_path, env)
+    )
     assert code == 0, err[-3000:]
     assert result["step"] == 8 and ref["step"] == 8
 
@@ -512,7 +471,7 @@ def test_a_run_killed_by_sigkill_resumes_bit_identically(data, tmp_path, env):
     def steps(folder):
         return [
             (r["step"], r["loss"], r["on_policy"])
-            for r in _rows(folder / "metrics.jsonl")
+            for r in workers.read_jsonl(folder / "metrics.jsonl")
             if "loss" in r
         ]
 
@@ -528,21 +487,8 @@ def test_mesh_step_equals_one_device(tmp_path):
     gradient norms <= 1e-5 relative (observed 3e-7), Adam's first moment <= 1e-4 of its largest
     entry (observed 2.4e-6 JSD, 2.1e-6 top-K), parameters <= 2% of the learning rate (observed
     0.04%, 0.003%)."""
-    job = tmp_path / "job.json"
-    job.write_text(json.dumps(dict(kind="mesh")))
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
-    )
-    proc = subprocess.run(
-        [sys.executable, str(WORKER), str(job)],
-        env=env,
-        capture_output=True,
-        check=False,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.splitlines()[-1])
+    job = dict(kind="mesh")
+    report = workers.run(WORKER, job, tmp_path, devices=8)
     assert report["devices"] == 8 and set(report["cases"]) == {"jsd", "topk"}
     for name, case in report["cases"].items():
         for got, ref in zip(case["metrics"], case["reference_metrics"], strict=True):
@@ -561,34 +507,9 @@ def test_two_processes_equal_one(tmp_path):
     mesh over both: two JSD steps with a frozen teacher equal the same steps in this process on
     one device (losses and gradient norms <= 1e-5 relative, observed 1.8e-7; trained factors
     <= 2% of the learning rate, as the core's two-process test, observed 0.006%)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for process in (0, 1):
-        job = tmp_path / f"job{process}.json"
-        job.write_text(
-            json.dumps(dict(kind="distributed", process=process, port=port, out=str(tmp_path)))
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(WORKER), str(job)],
-                env=dict(os.environ, JAX_PLATFORMS="cpu"),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    reports = []
-    try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=600)
-            assert proc.returncode == 0, err[-3000:]
-            reports.append(json.loads(out.splitlines()[-1]))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
+    port = free_port()
+    jobs = [dict(kind="distributed", process=p, port=port, out=str(tmp_path)) for p in (0, 1)]
+    reports = workers.run_together(WORKER, jobs, tmp_path)
     assert [(r["process"], r["processes"], r["devices"]) for r in reports] == [(0, 2, 2), (1, 2, 2)]
     student, teacher, tokenizer = worker.tiny_models("gemma2")
     ref = worker.step_cases(student, teacher, tokenizer, None, 1, 1, 1, rows=8, cases=("jsd",))[
@@ -682,7 +603,7 @@ def test_bad_files_and_teachers_are_one_clear_error(models, data, tmp_path, caps
             tokenizer=tokenizer,
         )
 
-    other = _tiny.random_model(teacher.config.replace(vocab_size=512), seed=1)
+    other = tiny.random_model(teacher.config.replace(vocab_size=512), seed=1)
     with pytest.raises(
         ConfigError,
         match=r"the teacher \(tiny-gemma3, a vocabulary of 512 ids\)"

@@ -6,14 +6,24 @@ from __future__ import annotations
 import ast
 import builtins
 import importlib
+import importlib.util
 import pathlib
 import re
 import subprocess
-import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import run_doc_snippets  # noqa: E402  (scripts/ is not a package)
+
+
+def _script(name: str):
+    """scripts/NAME.py as a module (scripts/ holds programs, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+run_doc_snippets = _script("run_doc_snippets")
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")

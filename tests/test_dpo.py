@@ -2,7 +2,7 @@
 at the first step, the three references giving one loss, a run that raises the margin and
 resumes bit-identically, 8 devices against one, TRL's DPOTrainer as an oracle, and bad input.
 
-Tiny Gemma 3 model and toy pairs (tests/_preference_worker.py). Sequence log-probs here are
+Tiny Gemma 3 model and toy pairs (tests/support/preference_worker.py). Sequence log-probs here are
 recomputed independently: the model's own full-logits forward pass (model(tokens), no chunking,
 no packed-row mask; right padding cannot reach earlier positions), log-softmax in float64.
 """
@@ -14,8 +14,6 @@ import math
 import os
 import pathlib
 import signal
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -25,15 +23,15 @@ from flax import nnx
 
 pytest.importorskip("optax", reason="training needs the [finetune] extra")
 # After the skip: these import gemma_kit.training, which needs optax.
-import _preference_worker as toy
-import _tiny
 from gemma_kit.errors import CheckpointError, ConfigError
 from gemma_kit.lora import LoRAParam, apply_lora, merge
 from gemma_kit.posttrain.dpo import DPO, DPOConfig, train_dpo
 from gemma_kit.posttrain.preference_training import PreferenceData
 from gemma_kit.training import RunContext, Trainer, micro_batches, run
+from tests.support import preference_worker as toy
+from tests.support import tiny, workers
 
-WORKER = pathlib.Path(__file__).with_name("_preference_worker.py")
+WORKER = "preference_worker"
 BETA = 0.5
 
 
@@ -259,25 +257,8 @@ def test_mesh_step_equals_one_device(tmp_path, base):
     devices with 2 micro-batches, against one device with one batch of 16 pairs: loss, gradient
     norm and metric sums <= 1e-5 relative; parameters <= 2% of the learning rate (as the core's
     own mesh test: f32 sums in another order, divided by Adam's per-entry scale)."""
-    job = tmp_path / "job.json"
-    job.write_text(
-        json.dumps(
-            dict(kind="mesh", base=str(base[0]), layouts=dict(single=[1, 1, 1], mesh=[2, 4, 2]))
-        )
-    )
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
-    )
-    proc = subprocess.run(
-        [sys.executable, str(WORKER), str(job)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.splitlines()[-1])
+    job = dict(kind="mesh", base=str(base[0]), layouts=dict(single=[1, 1, 1], mesh=[2, 4, 2]))
+    report = workers.run(WORKER, job, tmp_path, devices=8)
     assert report["devices"] == 8
     for got, ref in zip(report["metrics"], report["reference_metrics"], strict=True):
         assert set(got) == set(ref) >= {"loss", "grad_norm", "margin", "rewards_chosen"}
@@ -417,7 +398,7 @@ def test_bad_input_is_one_clear_error(tmp_path, base, capsys):
 
     # A reference of another architecture (full fine-tuning, reference by path).
     _, model, tokenizer = base
-    wider = _tiny.random_model(model.config.replace(hidden_dim=64))
+    wider = tiny.random_model(model.config.replace(hidden_dim=64))
     with pytest.raises(CheckpointError, match="not the policy's architecture"):
         _prepared(
             _config(method="full", reference=str(folder), param_dtype="float32"),

@@ -15,17 +15,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import _tiny
 import gemma_kit
 from gemma_kit import lora
 from gemma_kit.errors import DivergenceError
 from gemma_kit.finetune import TrainConfig, train
+from tests.support import tiny
 
 pytest.importorskip("optax", reason="fine-tuning needs the [finetune] extra")
 
 
 def _rows():
-    lines = [line.strip() for line in _tiny.SMALL_TEXT.splitlines() if len(line.strip()) > 20]
+    lines = [line.strip() for line in tiny.SMALL_TEXT.splitlines() if len(line.strip()) > 20]
     rows = []
     for i, line in enumerate(lines[:60]):
         if i % 2:
@@ -46,10 +46,10 @@ def _rows():
 def base(tmp_path_factory):
     """A tiny Gemma 3 checkpoint folder with the small tokenizer, and its JSONL data."""
     folder = tmp_path_factory.mktemp("ft")
-    tokenizer = _tiny.small_tokenizer()
-    config = _tiny.tiny_gemma3().replace(vocab_size=tokenizer.vocab_size)
-    gemma_kit.save_checkpoint(_tiny.random_model(config, seed=0), folder / "base" / "checkpoint")
-    (folder / "base" / "tokenizer.model").write_bytes(_tiny.small_tokenizer_bytes())
+    tokenizer = tiny.small_tokenizer()
+    config = tiny.tiny_gemma3().replace(vocab_size=tokenizer.vocab_size)
+    gemma_kit.save_checkpoint(tiny.random_model(config, seed=0), folder / "base" / "checkpoint")
+    (folder / "base" / "tokenizer.model").write_bytes(tiny.small_tokenizer_bytes())
     data = folder / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _rows()))
     return dict(folder=folder, config=config, tokenizer=tokenizer, data=data)
@@ -74,7 +74,7 @@ def _train_config(base, out, **changes):
 
 
 def _model(base, config=None, seed=0):
-    return _tiny.random_model(config or base["config"], seed=seed)
+    return tiny.random_model(config or base["config"], seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +167,7 @@ def test_qlora_trains_on_an_int8_base(base):
 def test_full_fine_tuning(base):
     """Every weight trains; the result is an official checkpoint with its tokenizer."""
     tokenizer = base["tokenizer"]
-    config = _tiny.tiny_gemma2().replace(vocab_size=tokenizer.vocab_size)
+    config = tiny.tiny_gemma2().replace(vocab_size=tokenizer.vocab_size)
     model = _model(base, config)
     before = [np.array(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
     result = train(
@@ -272,10 +272,15 @@ def test_image_rows_train_a_vision_model(tmp_path):
     example) equals the loss of each example through the model's public image path (model(
     tokens, images=pixels)), to 1e-5 relative; then a short LoRA run trains on such rows."""
     pytest.importorskip("PIL", reason="reading images needs the [vision] extra (Pillow)")
-    from _vision_tiny import drawn_image, image_tokenizer, random_vision_model, tiny_vision_config
     from gemma_kit.finetune.data import load_examples, pack
     from gemma_kit.finetune.train import ImageBank, loss_sums
     from gemma_kit.vision import preprocess_image
+    from tests.support.vision_tiny import (
+        drawn_image,
+        image_tokenizer,
+        random_vision_model,
+        tiny_vision_config,
+    )
 
     tokenizer = image_tokenizer()
     config = tiny_vision_config()

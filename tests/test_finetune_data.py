@@ -1,6 +1,7 @@
 """Fine-tuning data and settings: loss masks, packing, batch order, config files, bad input.
 
-No model runs here: these tests tokenise with the small real SentencePiece model of _tiny.
+No model runs here: these tests tokenise with the small real SentencePiece model of
+tests/support/tiny.py.
 """
 
 from __future__ import annotations
@@ -229,8 +230,8 @@ def test_image_rows(tmp_path):
     """Image parts become the marker's soft-token slots, out of the loss; the file is resolved
     next to the JSONL; a text-only model, an image in a model turn and a marker without an
     image are refused with the place named."""
-    from _vision_tiny import image_tokenizer
     from gemma_kit.vision.prompt import SOFT_TOKEN
+    from tests.support.vision_tiny import image_tokenizer
 
     tok = image_tokenizer()
     (tmp_path / "img").mkdir()

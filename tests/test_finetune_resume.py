@@ -1,76 +1,27 @@
 """Stopping and resuming a run (Ctrl-C, SIGKILL), and one step on 8 devices, in child processes.
 
-Each child (tests/_finetune_worker.py) trains the tiny model from seeds and reports JSON. The
+Each child (tests/support/finetune_worker.py) trains the tiny model from seeds and reports JSON. The
 children share a persistent JAX compilation cache, so only the first one compiles the step.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 
-import _tiny
+from tests.support import tiny, workers
 
-WORKER = pathlib.Path(__file__).with_name("_finetune_worker.py")
+WORKER = "finetune_worker"
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("jax-cache")
-    return dict(
-        os.environ,
-        JAX_COMPILATION_CACHE_DIR=str(cache),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-    )
-
-
-def _start(job: dict, folder: pathlib.Path, env: dict) -> subprocess.Popen:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"job-{time.monotonic_ns()}.json"
-    path.write_text(json.dumps(job))
-    return subprocess.Popen(
-        [sys.executable, str(WORKER), str(path)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, dict | None, str]:
-    out, err = proc.communicate(timeout=timeout)
-    lines = [line for line in out.splitlines() if line.startswith("{")]
-    return proc.returncode, (json.loads(lines[-1]) if lines else None), err
-
-
-def _logged_steps(out_dir: pathlib.Path) -> list[int]:
-    path = out_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r["step"] for r in rows if "loss" in r]
-
-
-def _wait_for_step(proc, out_dir, step: int, timeout: float = 300) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        steps = _logged_steps(out_dir)
-        if steps and steps[-1] >= step:
-            return steps[-1]
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended before step {step}: {proc.communicate()[1]}")
-        time.sleep(0.02)
-    proc.kill()
-    raise AssertionError(f"no step {step} within {timeout} s")
+    """The children's environment: one JAX compilation cache for all children of this file."""
+    return workers.cpu_env(cache=tmp_path_factory.mktemp("jax-cache"))
 
 
 def _checkpoints(out_dir: pathlib.Path) -> list[int]:
@@ -86,7 +37,7 @@ def _adapter(path: pathlib.Path) -> list[np.ndarray]:
 
 
 def _data(folder: pathlib.Path) -> pathlib.Path:
-    lines = [line.strip() for line in _tiny.SMALL_TEXT.splitlines() if len(line.strip()) > 20]
+    lines = [line.strip() for line in tiny.SMALL_TEXT.splitlines() if len(line.strip()) > 20]
     rows: list[dict] = []
     for i, line in enumerate(lines[:48]):
         if i % 3:
@@ -129,8 +80,10 @@ def test_interrupted_and_killed_runs_resume_to_the_same_parameters(tmp_path, env
     data = _data(tmp_path)
 
     # The reference: 12 steps without interruption.
-    code, ref, err = _finish(
-        _start(dict(kind="train", config=_config(data, tmp_path / "ref")), tmp_path, env)
+    code, ref, err = workers.finish(
+        workers.start(
+            WORKER, dict(kind="train", config=_config(data, tmp_path / "ref")), tmp_path, env
+        )
     )
     assert code == 0, err
     assert ref["step"] == 12 and not ref["interrupted"]
@@ -142,28 +95,30 @@ def test_interrupted_and_killed_runs_resume_to_the_same_parameters(tmp_path, env
     job = dict(kind="train", config=_config(data, out), step_sleep=0.8)
 
     # Ctrl-C after step 2: the step in flight finishes, a checkpoint is written, exit 130.
-    proc = _start(job, tmp_path, env)
-    _wait_for_step(proc, out, 2)
+    proc = workers.start(WORKER, job, tmp_path, env)
+    workers.wait_for_step(proc, out, 2)
     proc.send_signal(signal.SIGINT)
-    code, result, err = _finish(proc)
+    code, result, err = workers.finish(proc)
     assert code == 130, err
     stopped = result["step"]
     assert result["interrupted"] and stopped >= 2
-    assert _checkpoints(out)[-1] == stopped == _logged_steps(out)[-1]
+    assert _checkpoints(out)[-1] == stopped == workers.logged_steps(out)[-1]
     assert not (out / "adapter").exists()  # an interrupted run does not look finished
 
     # Resumed, then killed with SIGKILL past the save at step 8: steps 9+ are lost.
-    proc = _start(dict(job, resume=True), tmp_path, env)
-    reached = _wait_for_step(proc, out, 9)
+    proc = workers.start(WORKER, dict(job, resume=True), tmp_path, env)
+    reached = workers.wait_for_step(proc, out, 9)
     proc.send_signal(signal.SIGKILL)
-    code, _, _ = _finish(proc)
+    code, _, _ = workers.finish(proc)
     assert code == -signal.SIGKILL
     assert reached < 12 and _checkpoints(out) == [4, 8]  # keep_checkpoints=2
     assert not (out / "adapter").exists()
 
     # Resumed again: continues from step 8 to the end.
-    code, result, err = _finish(
-        _start(dict(kind="train", config=_config(data, out), resume=True), tmp_path, env)
+    code, result, err = workers.finish(
+        workers.start(
+            WORKER, dict(kind="train", config=_config(data, out), resume=True), tmp_path, env
+        )
     )
     assert code == 0, err
     assert result["step"] == 12 and result["eval_before"] == ref["eval_before"]
@@ -206,20 +161,8 @@ def test_sharded_step_equals_single_device(tmp_path):
     running magnitude, so an entry whose gradient is ~1e-6 of the largest moves by a visibly
     different fraction of the learning rate when f32 sums are taken in another order.
     """
-    job = tmp_path / "job.json"
-    job.write_text(
-        json.dumps(dict(kind="sharded", seed=0, layouts=dict(single=[1, 1, 1], mesh=[2, 4, 2])))
-    )
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    proc = subprocess.run(
-        [sys.executable, str(WORKER), str(job)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.splitlines()[-1])
+    job = dict(kind="sharded", seed=0, layouts=dict(single=[1, 1, 1], mesh=[2, 4, 2]))
+    report = workers.run(WORKER, job, tmp_path, devices=8)
     assert report["devices"] == 8
     assert {c["method"] for c in report["cases"]} == {"lora", "full"}
     lr = 1e-2

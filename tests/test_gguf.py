@@ -10,12 +10,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from _real_model import gguf_reader, hf_gguf_model, hf_gguf_tokenizer
 from gemma_kit.checkpoint import official
 from gemma_kit.checkpoint.gguf import read_gguf
 from gemma_kit.config import get_preset
 from gemma_kit.errors import CheckpointNotFoundError, ConversionError
 from gemma_kit.paths import cache_dir, default_gguf_path
+from tests.support.real_model import gguf_reader, hf_gguf_model, hf_gguf_tokenizer
 
 real = pytest.mark.real_model  # reads the packaged Gemma 3 270M GGUF
 
@@ -35,19 +35,11 @@ def hf_weights():
     return {name: t.numpy() for name, t in hf_gguf_model().state_dict().items()}
 
 
-def flatten(tree, prefix=()):
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from flatten(value, (*prefix, key))
-        else:
-            yield (*prefix, key), value
-
-
 @real
 def test_preset_and_every_shape(converted):
     config, params = converted
     assert config is get_preset("gemma3-270m")
-    leaves = dict(flatten(params))
+    leaves = official.flatten(params)
     expected = official.flatten(official.abstract_params(config))
     assert {path: a.shape for path, a in leaves.items()} == {
         path: leaf.shape for path, leaf in expected.items()
@@ -93,7 +85,7 @@ def test_weights_equal_transformers(converted, hf_weights, layer):
         ("post_ffw_norm", "scale"): hf["post_feedforward_layernorm.weight"],
     }
     ours = params[f"layer_{layer}"]
-    assert {path for path, _ in flatten(ours)} == set(expected)
+    assert set(official.flatten(ours)) == set(expected)
     for path, want in expected.items():
         np.testing.assert_array_equal(_leaf(ours, path), want, err_msg="/".join(path))
 
@@ -157,7 +149,9 @@ def numpy_logits(config, params, ids):
     group = config.num_heads // config.num_kv_heads
     x = embedding[ids].astype(np.float64) * np.sqrt(config.embed_dim)
     for i, kind in enumerate(config.layers):
-        layer = {path: a.astype(np.float64) for path, a in flatten(params[f"layer_{i}"])}
+        layer = {
+            path: a.astype(np.float64) for path, a in official.flatten(params[f"layer_{i}"]).items()
+        }
 
         def attn(name, layer=layer):
             return layer["attn", name, "w"]

@@ -10,15 +10,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import _tiny
 from gemma_kit import int4, quant
 from gemma_kit.errors import CheckpointError, ConfigError
 from gemma_kit.layers import Einsum, to_matvec_layout
+from tests.support import tiny
+from tests.support.logits import ours as logits_of
 
 
 def _int4_config(vocab: int = 256):
     """tiny_gemma3 with every contracted width a multiple of 32 (D = F = N H = 64)."""
-    return _tiny.tiny_gemma3().replace(embed_dim=64, hidden_dim=64, vocab_size=vocab)
+    return tiny.tiny_gemma3().replace(embed_dim=64, hidden_dim=64, vocab_size=vocab)
 
 
 def test_quantize_bound_and_packing_per_group():
@@ -101,7 +102,7 @@ def test_int4_model_runs_like_its_dequantized_weights(tiny_model):
 
         gemma_kit.save_checkpoint(q, "/nonexistent/never-written")
     with pytest.raises(ConfigError, match="int4 packing"):
-        quant.quantize_model(tiny_model(_tiny.tiny_gemma3()), bits=4)  # D = 32, F = 48
+        quant.quantize_model(tiny_model(tiny.tiny_gemma3()), bits=4)  # D = 32, F = 48
 
 
 def test_sampler_on_int4_weights_is_argmax_of_its_forward(small_tokenizer, tiny_model):
@@ -139,10 +140,9 @@ def test_int4_quality_on_the_real_270m():
             )
         ]
     )
-    forward = nnx.jit(lambda m, t: m(t))
-    reference = np.asarray(forward(model, tokens))[0]
+    reference = logits_of(model, tokens)[0]
     q = quant.quantize_model(model, embedding=True, bits=4)
-    logits = np.asarray(forward(q, tokens))[0]
+    logits = logits_of(q, tokens)[0]
     log_p, log_q = jax.nn.log_softmax(reference), jax.nn.log_softmax(logits)
     kl = np.asarray(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1))
     assert kl.max() <= 1.0 and kl.mean() <= 0.4, kl
@@ -161,7 +161,7 @@ def test_qlora_on_an_int4_base(tmp_path, small_tokenizer, tiny_model):
 
     from gemma_kit.finetune import TrainConfig, train
 
-    lines = [ln.strip() for ln in _tiny.SMALL_TEXT.splitlines() if len(ln.strip()) > 20][:40]
+    lines = [ln.strip() for ln in tiny.SMALL_TEXT.splitlines() if len(ln.strip()) > 20][:40]
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"text": ln[:100]}) + "\n" for ln in lines))
     config = TrainConfig(

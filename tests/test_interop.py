@@ -23,7 +23,6 @@ torch = pytest.importorskip("torch", reason="the interop tests need the [test] e
 transformers = pytest.importorskip("transformers", reason="the interop tests need transformers")
 safetensors_numpy = pytest.importorskip("safetensors.numpy", reason="needs the [hf] extra")
 
-import _logits  # noqa: E402  (tests/ helper; needs torch, checked above)
 from gemma_kit.checkpoint import hf, official  # noqa: E402
 from gemma_kit.checkpoint.hf_export import export_hf  # noqa: E402
 from gemma_kit.checkpoint.hf_import import convert_hf, read_hf  # noqa: E402
@@ -32,6 +31,7 @@ from gemma_kit.cli import main  # noqa: E402
 from gemma_kit.config import PRESETS  # noqa: E402
 from gemma_kit.errors import CheckpointError, ConversionError  # noqa: E402
 from gemma_kit.loading import load_model  # noqa: E402
+from tests.support import logits  # noqa: E402
 
 ATOL = 1e-4
 SEQ = 16  # longer than the window (5): local layers really slide
@@ -105,11 +105,11 @@ def _save(model, folder: pathlib.Path, shard: str = "40KB") -> pathlib.Path:
 
 
 def _ours(model, tokens=TOKENS) -> np.ndarray:
-    return _logits.ours(model, tokens)
+    return logits.ours(model, tokens)
 
 
 def _hf_logits(model, tokens=TOKENS) -> np.ndarray:
-    return _logits.theirs(model, tokens)
+    return logits.theirs(model, tokens)
 
 
 def _from_pretrained(folder):
@@ -668,8 +668,8 @@ def test_real_270m_export_generates_the_same_text_in_transformers(real_export):
                 return_dict_in_generate=True,
             )
         hf_tokens = generated.sequences[0, len(ids) :].tolist()
-        logits = torch.stack(generated.logits, dim=1)[0].float().numpy()
-        top2 = np.sort(logits, axis=-1)[:, -2:]
+        hf_logits = torch.stack(generated.logits, dim=1)[0].float().numpy()
+        top2 = np.sort(hf_logits, axis=-1)[:, -2:]
         near = np.flatnonzero(top2[:, 1] - top2[:, 0] < NEAR_TIE)
         n = int(near[0]) if near.size else len(hf_tokens)
         print(

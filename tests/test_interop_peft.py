@@ -20,7 +20,6 @@ transformers = pytest.importorskip("transformers", reason="the interop tests nee
 peft = pytest.importorskip("peft", reason="the PEFT tests need the [test] extra (peft)")
 safetensors_numpy = pytest.importorskip("safetensors.numpy", reason="needs the [hf] extra")
 
-import _logits  # noqa: E402  (tests/ helper; needs torch, checked above)
 from gemma_kit import lora  # noqa: E402
 from gemma_kit.checkpoint.hf_export import export_hf  # noqa: E402
 from gemma_kit.checkpoint.hf_peft import export_peft  # noqa: E402
@@ -28,6 +27,7 @@ from gemma_kit.cli import main  # noqa: E402
 from gemma_kit.config import PRESETS  # noqa: E402
 from gemma_kit.errors import AdapterError, CheckpointError  # noqa: E402
 from gemma_kit.loading import save_checkpoint  # noqa: E402
+from tests.support import logits  # noqa: E402
 
 # peft calls an API transformers 5 deprecated; not ours to fix.
 pytestmark = pytest.mark.filterwarnings(
@@ -38,11 +38,11 @@ TOKENS = np.random.default_rng(3).integers(0, 256, (2, 11))  # longer than the w
 
 
 def _ours(model, tokens=TOKENS) -> np.ndarray:
-    return _logits.ours(model, tokens)
+    return logits.ours(model, tokens)
 
 
 def _hf_logits(model, tokens=TOKENS) -> np.ndarray:
-    return _logits.theirs(model, tokens)
+    return logits.theirs(model, tokens)
 
 
 def _from_pretrained(folder):

@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import pydoc_data.topics
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from _real_model import gguf_reader, hf_gguf_model
 from gemma_kit.checkpoint.gguf import build_sentencepiece, read_gguf
 from gemma_kit.loading import model_from_params
 from gemma_kit.tokenizer import Tokenizer
+from tests.support.logits import ours as logits_of
+from tests.support.real_model import gguf_reader, hf_gguf_model
 
 pytestmark = pytest.mark.real_model
 torch = pytest.importorskip("torch", reason="the comparison needs the [test] extra")
@@ -67,9 +66,7 @@ def prompt_ids(tokenizer):
 
 
 def _forward(model, ids):
-    graphdef, state = nnx.split(model)
-    logits = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, jnp.asarray([ids]))
-    return np.asarray(logits)[0]
+    return logits_of(model, [ids])[0]
 
 
 def _hf_logits(ids):

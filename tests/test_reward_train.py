@@ -3,17 +3,14 @@ separable toy preference set, writes a reward model folder that reloads, serves 
 spec and exports to transformers scoring the same, resumes bit-identically after SIGKILL, and
 refuses bad input with one clear error.
 
-Tiny Gemma 3 model (tests/_preference_worker.py: toy pairs, the base as a transformers folder).
+Tiny Gemma 3 model (tests/support/preference_worker.py: toy pairs, the base as a transformers
+folder).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,24 +20,21 @@ from flax import nnx
 
 pytest.importorskip("optax", reason="training needs the [finetune] extra")
 # After the skip: these import gemma_kit.training, which needs optax.
-import _preference_worker as toy
 from gemma_kit.errors import ConfigError, DataError
 from gemma_kit.posttrain.preference_training import load_preference_data
 from gemma_kit.posttrain.preferences import encode_pair, pad_right
 from gemma_kit.posttrain.reward_model import load_reward_model
 from gemma_kit.posttrain.reward_train import RewardConfig, train_reward_model
 from gemma_kit.posttrain.rewards import call_reward, load_reward
+from tests.support import preference_worker as toy
+from tests.support import workers
 
-WORKER = pathlib.Path(__file__).with_name("_preference_worker.py")
+WORKER = "preference_worker"
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     return toy.tiny_base(tmp_path_factory.mktemp("base") / "tiny")
-
-
-def _rows(path: pathlib.Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_reward_train_command_learns_a_separable_preference_set(tmp_path, base, capsys):
@@ -83,7 +77,7 @@ def test_reward_train_command_learns_a_separable_preference_set(tmp_path, base, 
         f"wrote {out / 'reward_model'}" in printed
         and "held-out pairwise accuracy 0.0000" in printed
     )
-    rows = _rows(out / "metrics.jsonl")
+    rows = workers.read_jsonl(out / "metrics.jsonl")
     held = [r for r in rows if "eval_accuracy" in r]
     assert [r["step"] for r in held] == [0, 6, 12]
     assert held[0]["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
@@ -158,20 +152,17 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, base):
     assert straight.step == 6 and not straight.interrupted
 
     out = tmp_path / "killed"
-    job = tmp_path / "job.json"
-    job.write_text(
-        json.dumps(dict(kind="kill", kill_after=5, config=toy.rm_settings(data, out, folder)))
-    )
-    proc = subprocess.run(
-        [sys.executable, str(WORKER), str(job)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"),
-    )
-    assert proc.returncode == -9, proc.stderr[-3000:]
+    job = dict(kind="kill", kill_after=5, config=toy.rm_settings(data, out, folder))
+    code, _, err = workers.finish(workers.start(WORKER, job, tmp_path))
+    assert code == -9, err[-3000:]
     assert sorted(int(p.name) for p in (out / "checkpoints").iterdir()) == [2, 4]
-    assert [r["step"] for r in _rows(out / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in workers.read_jsonl(out / "metrics.jsonl") if "loss" in r] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+    ]
     assert not (out / "reward_model").exists()
 
     resumed = train_reward_model(
@@ -190,8 +181,8 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, base):
     def strip(rows):
         return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed")} for r in rows]
 
-    assert strip(_rows(out / "metrics.jsonl")) == strip(
-        _rows(tmp_path / "straight" / "metrics.jsonl")
+    assert strip(workers.read_jsonl(out / "metrics.jsonl")) == strip(
+        workers.read_jsonl(tmp_path / "straight" / "metrics.jsonl")
     )
     moved = max(
         float(np.abs(np.asarray(a) - np.asarray(b)).max())

@@ -15,11 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import pathlib
 import signal
-import subprocess
-import sys
 import time
 
 import jax
@@ -28,13 +24,20 @@ import numpy as np
 import pytest
 
 pytest.importorskip("optax", reason="RL needs the [finetune] extra")
-import _rl_worker as worker  # noqa: E402  (after the skip: it imports gemma_kit.training)
 from gemma_kit.errors import ConfigError, DataError, RewardError  # noqa: E402
 from gemma_kit.posttrain import losses  # noqa: E402
 from gemma_kit.posttrain.rl import PolicyLoss, train_rl  # noqa: E402
 from gemma_kit.posttrain.rl_config import RLConfig  # noqa: E402
+from tests.support import rl_worker as worker  # noqa: E402  (after the skip: it imports gemma_kit.training)
+from tests.support import workers  # noqa: E402
 
-WORKER = pathlib.Path(__file__).with_name("_rl_worker.py")
+WORKER = "rl_worker"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """The children's environment: one JAX compilation cache for all children of this file."""
+    return workers.cpu_env(cache=tmp_path_factory.mktemp("jax-cache"))
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +48,6 @@ def tiny():
 @pytest.fixture(scope="module")
 def prompts(tmp_path_factory):
     return worker.write_prompts(tmp_path_factory.mktemp("prompts") / "prompts.jsonl")
-
-
-def _read(path: pathlib.Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,7 +126,7 @@ def test_rloo_with_a_fixed_reference_reaches_the_kl_regularised_optimum(tiny, tm
     result = train_rl(config, reward=reward, model=model, tokenizer=tokenizer)
     pi = distribution(result.model)
     assert _tv(pi, target) <= 0.08, (_tv(pi, target), _tv(ref, target))
-    rows = _read(tmp_path / "rloo" / "metrics.jsonl")
+    rows = workers.read_jsonl(tmp_path / "rloo" / "metrics.jsonl")
     assert rows[0]["kl"] == 0.0  # the first rollouts come from the reference itself
     # The exact KL metric measures what the policy did: KL(pi || pi_ref) at the one state.
     kl = float(np.sum(pi * (np.log(pi) - np.log(ref))))
@@ -164,7 +163,7 @@ def test_bond_reaches_the_best_of_n_distribution(tiny, tmp_path):
     result = train_rl(config, reward=reward, model=model, tokenizer=tokenizer)
     pi = distribution(result.model)
     assert _tv(pi, target) <= 0.15, (_tv(pi, target), _tv(ref, target))
-    rows = _read(tmp_path / "bond" / "metrics.jsonl")
+    rows = workers.read_jsonl(tmp_path / "bond" / "metrics.jsonl")
     # Best-of-4 samples of the anchor score above its plain samples, by the expected margin.
     best = np.mean([row["best_of_reward"] for row in rows])
     expected = float(np.sum(target * r))
@@ -183,9 +182,9 @@ def test_policy_loss_without_ratio_is_the_signed_cross_entropy_step(tiny):
     sign(g), so a gradient entry at the f32 rounding level may move differently; observed
     3.6e-8), so the RL step inherits test_training's proof that it equals the weighted
     cross-entropy step."""
-    import _training_worker as toy
     from gemma_kit.lora import apply_lora
     from gemma_kit.training import SignedCrossEntropy, Trainer, micro_batches
+    from tests.support import training_worker as toy
 
     model, _ = tiny
     from gemma_kit.posttrain.rl import gather_completions
@@ -239,7 +238,7 @@ def test_a_run_with_an_ema_anchor_and_ppo_epochs(tiny, prompts, tmp_path):
         seed=1,
     )
     result = train_rl(config, reward=worker.letter_reward, model=model, tokenizer=tokenizer)
-    rows = _read(out / "metrics.jsonl")
+    rows = workers.read_jsonl(out / "metrics.jsonl")
     steps = [row for row in rows if "loss" in row]
     evals = [row for row in rows if "eval_reward" in row]
     assert [row["step"] for row in steps] == [1, 2, 3, 4]
@@ -271,7 +270,7 @@ def test_a_run_with_an_ema_anchor_and_ppo_epochs(tiny, prompts, tmp_path):
     assert summary["rl"]["anchor_updates"] == 4 and summary["rl"]["algo"] == "rloo"
     for png in ("reward.png", "kl.png", "loss.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
-    samples = _read(out / "samples.jsonl")
+    samples = workers.read_jsonl(out / "samples.jsonl")
     assert {s["step"] for s in samples} == {0, 2, 4} and all("completion" in s for s in samples)
 
     # Equal rewards for every sample, no KL term: every advantage is 0 and nothing moves.
@@ -449,41 +448,6 @@ def test_the_scoring_pass_takes_new_anchors_without_compiling(tiny, prompts, tmp
 # Resume and devices (child processes)
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("jax-cache")
-    return dict(
-        os.environ,
-        JAX_COMPILATION_CACHE_DIR=str(cache),
-        JAX_PLATFORMS="cpu",
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-    )
-
-
-def _start(job: dict, folder: pathlib.Path, env: dict) -> subprocess.Popen:
-    path = folder / f"job-{time.monotonic_ns()}.json"
-    path.write_text(json.dumps(job))
-    return subprocess.Popen(
-        [sys.executable, str(WORKER), str(path)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _finish(proc, timeout: float = 600) -> tuple[int, dict | None, str]:
-    out, err = proc.communicate(timeout=timeout)
-    lines = [line for line in out.splitlines() if line.startswith("{")]
-    return proc.returncode, (json.loads(lines[-1]) if lines else None), err
-
-
-def _steps_logged(out: pathlib.Path) -> list[int]:
-    path = out / "metrics.jsonl"
-    return [r["step"] for r in _read(path) if "loss" in r] if path.exists() else []
-
-
 def _strip(rows: list[dict]) -> list[dict]:
     timing = ("tokens_per_s", "elapsed", "rollout_s", "reward_s", "score_s")
     return [{k: v for k, v in r.items() if k not in timing} for r in rows]
@@ -514,24 +478,31 @@ def test_resume_after_sigkill_is_bit_identical(prompts, tmp_path, env):
         seed=2,
     )
     ref_out, out = tmp_path / "ref", tmp_path / "run"
-    reference = _start(dict(kind="train", config=dict(base, out_dir=str(ref_out))), tmp_path, env)
-    code, ref, err = _finish(reference)
+    reference = workers.start(
+        WORKER, dict(kind="train", config=dict(base, out_dir=str(ref_out))), tmp_path, env
+    )
+    code, ref, err = workers.finish(reference)
     assert code == 0, err[-3000:]
 
     job = dict(kind="train", config=dict(base, out_dir=str(out)), step_sleep=1.0)
-    proc = _start(job, tmp_path, env)
+    proc = workers.start(WORKER, job, tmp_path, env)
     deadline = time.monotonic() + 300
-    while not (_steps_logged(out) and _steps_logged(out)[-1] >= 4):
+    while not (workers.logged_steps(out) and workers.logged_steps(out)[-1] >= 4):
         assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()[1]
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
-    code, _, _ = _finish(proc)
+    code, _, _ = workers.finish(proc)
     assert code == -signal.SIGKILL
     assert sorted(int(p.name) for p in (out / "checkpoints").iterdir()) == [3]
     assert not (out / "adapter").exists()
 
-    code, resumed, err = _finish(
-        _start(dict(kind="train", config=dict(base, out_dir=str(out)), resume=True), tmp_path, env)
+    code, resumed, err = workers.finish(
+        workers.start(
+            WORKER,
+            dict(kind="train", config=dict(base, out_dir=str(out)), resume=True),
+            tmp_path,
+            env,
+        )
     )
     assert code == 0, err[-3000:]
     assert resumed["step"] == 6 and resumed["eval_after"] == ref["eval_after"]
@@ -548,8 +519,12 @@ def test_resume_after_sigkill_is_bit_identical(prompts, tmp_path, env):
     ]
     for a, b in zip(jax.tree.leaves(anchors[0]), jax.tree.leaves(anchors[1]), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert _strip(_read(out / "metrics.jsonl")) == _strip(_read(ref_out / "metrics.jsonl"))
-    assert _read(out / "samples.jsonl") == _read(ref_out / "samples.jsonl")
+    assert _strip(workers.read_jsonl(out / "metrics.jsonl")) == _strip(
+        workers.read_jsonl(ref_out / "metrics.jsonl")
+    )
+    assert workers.read_jsonl(out / "samples.jsonl") == workers.read_jsonl(
+        ref_out / "samples.jsonl"
+    )
 
 
 def test_mesh_step_equals_one_device(prompts, tmp_path):
@@ -579,23 +554,8 @@ def test_mesh_step_equals_one_device(prompts, tmp_path):
         kl_coef=0.1,
         max_length=32,
     )
-    job = tmp_path / "job.json"
-    job.write_text(
-        json.dumps(dict(kind="mesh", config=config, layouts=dict(single=[1, 1, 1], mesh=[2, 4, 2])))
-    )
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
-    )
-    proc = subprocess.run(
-        [sys.executable, str(WORKER), str(job)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.splitlines()[-1])
+    job = dict(kind="mesh", config=config, layouts=dict(single=[1, 1, 1], mesh=[2, 4, 2]))
+    report = workers.run(WORKER, job, tmp_path, devices=8)
     assert report["devices"] == 8
     (case,) = report["cases"]
     assert case["same_tokens"]

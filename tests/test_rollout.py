@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from _tiny import SMALL_TEXT, SMALL_VOCAB
 from gemma_kit import lora
 from gemma_kit.decode import PAD_ID
 from gemma_kit.posttrain.rollout import rollout
 from gemma_kit.sampler import Sampler
 from gemma_kit.sampling import SamplingError
 from gemma_kit.training.losses import attention_mask, cross_entropy_sums
+from tests.support.tiny import SMALL_TEXT, SMALL_VOCAB
 
 WORDS = SMALL_TEXT.split()
 PROMPTS = [" ".join(WORDS[:7]), " ".join(WORDS[40:52]), " ".join(WORDS[90:94])]
@@ -36,10 +36,10 @@ FREE = dict(num_samples=K, max_new_tokens=NEW, stop_token_ids=())  # nothing end
 @pytest.fixture(scope="module")
 def lora_model():
     """The tiny Gemma 3 (window 4, one global layer) with LoRA on every projection, B != 0."""
-    import _tiny
+    from tests.support import tiny
 
-    config = _tiny.tiny_gemma3().replace(vocab_size=SMALL_VOCAB, max_context=128)
-    model = _tiny.random_model(config, seed=2)
+    config = tiny.tiny_gemma3().replace(vocab_size=SMALL_VOCAB, max_context=128)
+    model = tiny.random_model(config, seed=2)
     lora.apply_lora(model, rank=2, alpha=4.0, targets="all", seed=0)
     _set_b(model, seed=1)
     return model
@@ -208,10 +208,10 @@ def test_new_lora_factors_do_not_recompile_and_equal_a_fresh_sampler(lora_model,
 def test_full_parameter_update_relayouts_the_base(small_tokenizer):
     """Base weights (full fine-tuning) are transposed into the matvec layout on update: the
     rollout equals a fresh Sampler's, again without compiling."""
-    import _tiny
+    from tests.support import tiny
 
-    config = _tiny.tiny_gemma3().replace(vocab_size=SMALL_VOCAB, max_context=128)
-    model = _tiny.random_model(config, seed=4)
+    config = tiny.tiny_gemma3().replace(vocab_size=SMALL_VOCAB, max_context=128)
+    model = tiny.random_model(config, seed=4)
     sampler = Sampler(model, small_tokenizer, cache_dtype=jnp.float32, matvec_layout=True)
     rollout(sampler, PROMPTS[:1], seed=0, step=0, **FREE)
     w = model.layer_0.mlp.linear.w  # [F, D]: stored transposed in the matvec layout

@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from _tiny import SMALL_TEXT, SMALL_VOCAB
 from gemma_kit.errors import ConfigError
 from gemma_kit.sampler import Sampler
 from gemma_kit.sampling import SamplingError
 from gemma_kit.tokenizer import Tokenizer
+from tests.support.tiny import SMALL_TEXT, SMALL_VOCAB
 
 VOCAB = SMALL_VOCAB
 TEXT = SMALL_TEXT
@@ -387,8 +387,8 @@ NEAR_TIE = 1e-2  # HF top-2 logit margin below which rounding alone may flip the
 
 @pytest.fixture(scope="module")
 def real_tokenizer():
-    from _real_model import gguf_reader
     from gemma_kit.checkpoint.gguf import build_sentencepiece
+    from tests.support.real_model import gguf_reader
 
     return Tokenizer.from_bytes(build_sentencepiece(gguf_reader()))
 
@@ -406,9 +406,9 @@ def real_prompts(real_tokenizer):
 
 @pytest.fixture(scope="module")
 def real_f32_sampler(real_tokenizer):
-    from _real_model import gguf_reader
     from gemma_kit.checkpoint.gguf import read_gguf
     from gemma_kit.loading import model_from_params
+    from tests.support.real_model import gguf_reader
 
     config, params = read_gguf(gguf_reader(), np.float32, progress=False)
     return Sampler(model_from_params(config, params), real_tokenizer, cache_dtype=jnp.float32)
@@ -432,7 +432,7 @@ def _hf_greedy(ids: list[int]):
     """transformers' greedy tokens and the raw logits of each step: ([n], [n, V])."""
     import torch
 
-    from _real_model import hf_gguf_model
+    from tests.support.real_model import hf_gguf_model
 
     with torch.no_grad():
         out = hf_gguf_model().generate(

@@ -4,17 +4,11 @@ ones do.
 The rules are checked in this process on the full-size presets' abstract shapes (no arrays, no
 devices). Running sharded needs several devices, and a process fixes its device count when JAX
 starts (this one already has 1), so those checks run in a child process with 8 fake CPU devices
-(tests/_sharding_worker.py), which rebuilds the same tiny models from seeds and reports what it
-saw as JSON; the assertions are here.
+(tests/support/sharding_worker.py), which rebuilds the same tiny models from seeds and reports
+what it saw as JSON; the assertions are here.
 """
 
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -27,8 +21,7 @@ from gemma_kit.config import get_preset
 from gemma_kit.errors import ConfigError
 from gemma_kit.sharding import make_mesh, param_specs, shard_model, shard_params, spec_for
 from gemma_kit.transformer import Transformer
-
-WORKER = Path(__file__).with_name("_sharding_worker.py")
+from tests.support import workers
 
 
 def _abstract_params(config):
@@ -152,7 +145,7 @@ _REPORT: dict = {}  # one child process serves every test below; the conftest fa
 
 
 @pytest.fixture
-def report():
+def report(tmp_path_factory):
     if "report" in _REPORT:
         return _REPORT["report"]
     job = dict(
@@ -167,18 +160,8 @@ def report():
             dict(family="gemma2", seed=2, via="dict", matvec=False, meshes=[MAIN]),
         ],
     )
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
-    )
-    done = subprocess.run(
-        [sys.executable, str(WORKER), json.dumps(job)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    _REPORT["report"] = json.loads(done.stdout.strip().splitlines()[-1])
+    folder = tmp_path_factory.mktemp("sharding")
+    _REPORT["report"] = workers.run("sharding_worker", job, folder, devices=8)
     return _REPORT["report"]
 
 

@@ -15,8 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import _tiny
-import _vision_tiny
 from gemma_kit.attention import attention_mask
 from gemma_kit.checkpoint import official
 from gemma_kit.checkpoint.convert import write_model_folder
@@ -32,12 +30,13 @@ from gemma_kit.config import PRESETS, config_from_dict, config_to_dict, gemma3_l
 from gemma_kit.errors import CheckpointError, ConfigError
 from gemma_kit.loading import load_model
 from gemma_kit.transformer import default_positions
+from tests.support import tiny, vision_tiny
 
 KEEP = (0, 2, 5)  # two local layers and the global one
 
 
 def _teacher_config(vocab: int):
-    return _tiny.tiny_gemma3().replace(
+    return tiny.tiny_gemma3().replace(
         name="tiny-six", vocab_size=vocab, layers=gemma3_layers(6, window=4)
     )
 
@@ -81,9 +80,9 @@ def _kept_layers_only(model, tokens, keep) -> np.ndarray:
 def test_every_preset_and_tiny_config_round_trips_through_json():
     configs = [
         *PRESETS.values(),
-        _tiny.tiny_gemma2(),
-        _tiny.tiny_gemma3(),
-        _vision_tiny.tiny_vision_config(),
+        tiny.tiny_gemma2(),
+        tiny.tiny_gemma3(),
+        vision_tiny.tiny_vision_config(),
         _teacher_config(384),
     ]
     for config in configs:

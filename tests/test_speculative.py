@@ -21,14 +21,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import _tiny
-from _tiny import SMALL_TEXT, SMALL_VOCAB
 from gemma_kit import cache as kv_cache
 from gemma_kit import decode
 from gemma_kit import speculative as spec
 from gemma_kit.chat import ChatSession
 from gemma_kit.sampler import Sampler
 from gemma_kit.sampling import SamplingError, filter_logits
+from tests.support import tiny
+from tests.support.tiny import SMALL_TEXT, SMALL_VOCAB
 
 WORDS = SMALL_TEXT.split()
 PROMPT = " ".join(WORDS[:30])
@@ -36,8 +36,8 @@ NEW = 48
 
 
 def _lively(seed: int = 1, noise: float = 0.0):
-    config = _tiny.tiny_gemma3().replace(vocab_size=SMALL_VOCAB, max_context=256)
-    model = _tiny.random_model(config, seed=seed)
+    config = tiny.tiny_gemma3().replace(vocab_size=SMALL_VOCAB, max_context=256)
+    model = tiny.random_model(config, seed=seed)
     for block in model.blocks:
         for norm in (block.post_attention_norm, block.post_ffw_norm):
             norm.scale[...] = norm.scale[...] + 10.0
@@ -406,8 +406,8 @@ def test_sampled_tokens_are_distributed_as_the_targets(sampler, draft, small_tok
 def test_bad_speculative_arguments(sampler, small_tokenizer):
     with pytest.raises(SamplingError, match="speculative must be 'ngram', a draft model"):
         sampler.generate(PROMPT, speculative="lookup")
-    config = _tiny.tiny_gemma3().replace(vocab_size=256)
-    other = _tiny.random_model(config, seed=0)
+    config = tiny.tiny_gemma3().replace(vocab_size=256)
+    other = tiny.random_model(config, seed=0)
     with pytest.raises(
         SamplingError,
         match=r"the draft model \(tiny-gemma3\) has a vocabulary "

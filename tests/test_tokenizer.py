@@ -9,10 +9,10 @@ import pytest
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-from _real_model import gguf_reader, hf_gguf_tokenizer
 from gemma_kit.checkpoint.gguf import build_sentencepiece
 from gemma_kit.errors import GemmaKitError, TokenizerError
 from gemma_kit.tokenizer import ChatFormatError, Tokenizer, TokenizerNotFoundError, format_chat
+from tests.support.real_model import gguf_reader, hf_gguf_tokenizer
 
 real = pytest.mark.real_model  # built from the packaged Gemma 3 270M GGUF
 

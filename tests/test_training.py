@@ -2,7 +2,7 @@
 frozen pytrees as arguments (no recompiles), an objective's own checkpointed state, config
 subclasses, and the same step on an 8-device mesh and across two processes.
 
-Tiny Gemma 2 model with random LoRA factors (tests/_training_worker.py, which also runs the
+Tiny Gemma 2 model with random LoRA factors (tests/support/training_worker.py, which also runs the
 child-process jobs); fine-tuning's own tests are test_finetune*.py.
 """
 
@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
-import socket
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +22,6 @@ pytest.importorskip("optax", reason="training needs the [finetune] extra")
 # After the skip: the worker imports gemma_kit.training, which needs optax.
 import optax
 
-import _tiny
-import _training_worker as toy
 from gemma_kit.errors import ConfigError, TrainingError
 from gemma_kit.lora import LoRAParam
 from gemma_kit.training import (
@@ -39,8 +33,10 @@ from gemma_kit.training import (
     run,
 )
 from gemma_kit.training.optimizer import make_optimizer
+from tests.support import tiny, workers
+from tests.support import training_worker as toy
+from tests.support.ports import free_port
 
-WORKER = pathlib.Path(__file__).with_name("_training_worker.py")
 LR = 1e-2
 
 
@@ -387,21 +383,8 @@ def test_mesh_step_of_a_non_sft_loss_equals_one_device(tmp_path):
     <= 2% of the learning rate (observed 0.003%; as in test_finetune_resume: f32 sums in
     another order, and Adam dividing each gradient entry by its own magnitude).
     """
-    job = tmp_path / "job.json"
-    job.write_text(json.dumps(dict(kind="mesh", layouts=dict(single=[1, 1, 1], mesh=[2, 4, 2]))))
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
-    )
-    proc = subprocess.run(
-        [sys.executable, str(WORKER), str(job)],
-        env=env,
-        capture_output=True,
-        check=False,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.splitlines()[-1])
+    job = dict(kind="mesh", layouts=dict(single=[1, 1, 1], mesh=[2, 4, 2]))
+    report = workers.run("training_worker", job, tmp_path, devices=8)
     assert report["devices"] == 8 and len(report["cases"]) == 1
     case = report["cases"][0]
     for got, ref in zip(case["metrics"], case["reference_metrics"], strict=True):
@@ -419,12 +402,6 @@ def test_mesh_step_of_a_non_sft_loss_equals_one_device(tmp_path):
     assert case["moved"] > LR
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_equal_one(tmp_path):
     """Two processes on 127.0.0.1 joined by jax.distributed (CPU collectives), one device each,
     a data=2 mesh over both: a 2-step fine-tuning run (Orbax checkpoints written by both,
@@ -439,43 +416,21 @@ def test_two_processes_equal_one(tmp_path):
     running magnitude, so where two steps' gradients nearly cancel in the first moment an f32
     rounding difference becomes a visible fraction of a step.
     """
-    lines = [line.strip() for line in _tiny.SMALL_TEXT.splitlines() if len(line.strip()) > 20]
+    lines = [line.strip() for line in tiny.SMALL_TEXT.splitlines() if len(line.strip()) > 20]
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"text": line[:80]}) + "\n" for line in lines[:40]))
-    port = _free_port()
-    procs = []
-    for process in (0, 1):
-        job = tmp_path / f"job{process}.json"
-        job.write_text(
-            json.dumps(
-                dict(
-                    kind="distributed",
-                    process=process,
-                    port=port,
-                    data=str(data),
-                    out=str(tmp_path / "two"),
-                )
-            )
+    port = free_port()
+    jobs = [
+        dict(
+            kind="distributed",
+            process=process,
+            port=port,
+            data=str(data),
+            out=str(tmp_path / "two"),
         )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(WORKER), str(job)],
-                env=dict(os.environ, JAX_PLATFORMS="cpu"),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    reports = []
-    try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=600)
-            assert proc.returncode == 0, err[-3000:]
-            reports.append(json.loads(out.splitlines()[-1]))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
+        for process in (0, 1)
+    ]
+    reports = workers.run_together("training_worker", jobs, tmp_path)
     assert [(r["process"], r["processes"], r["devices"], r["local_devices"]) for r in reports] == [
         (0, 2, 2, 1),
         (1, 2, 2, 1),

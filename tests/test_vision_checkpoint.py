@@ -21,11 +21,16 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from _vision_tiny import TINY_VISION, random_pixels, random_vision_model, tiny_vision_config
 from gemma_kit.checkpoint import official
 from gemma_kit.config import PRESETS
 from gemma_kit.errors import CheckpointError, ConfigError, ImageError
 from gemma_kit.loading import load_model, save_checkpoint
+from tests.support.vision_tiny import (
+    TINY_VISION,
+    random_pixels,
+    random_vision_model,
+    tiny_vision_config,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 GOLDEN_PATH = ROOT / "tests" / "golden" / "vision_shapes.json"
@@ -226,7 +231,7 @@ def test_mismatched_vision_encoder_is_a_clear_error(vision_model, tmp_path):
 
 
 def test_text_only_checkpoint_gives_a_text_only_model(vision_model, tmp_path):
-    from _tiny import random_model
+    from tests.support.tiny import random_model
 
     text = random_model(vision_model.config)  # same config, built without the encoder
     save_checkpoint(text, tmp_path / "ckpt")

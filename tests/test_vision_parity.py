@@ -20,11 +20,11 @@ from flax import nnx
 torch = pytest.importorskip("torch", reason="the parity tests need the [test] extra (torch)")
 transformers = pytest.importorskip("transformers", reason="the parity tests need transformers")
 
-from _vision_tiny import random_pixels  # noqa: E402
 from gemma_kit.checkpoint import hf_vision  # noqa: E402
 from gemma_kit.errors import ConversionError  # noqa: E402
 from gemma_kit.loading import model_from_params  # noqa: E402
 from gemma_kit.vision.prompt import SOFT_TOKEN  # noqa: E402
+from tests.support.vision_tiny import random_pixels  # noqa: E402
 
 ATOL = 1e-4
 IMAGE_ID, BOI, EOI, NL2 = 255, 253, 254, 108  # HF ids of the tiny config (vocabulary of 256)

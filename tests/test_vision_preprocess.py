@@ -19,7 +19,6 @@ import pytest
 PIL = pytest.importorskip("PIL", reason="preprocessing needs Pillow (the [vision] extra)")
 from PIL import Image, ImageOps  # noqa: E402
 
-from _vision_tiny import drawn_image, image_tokenizer  # noqa: E402
 from gemma_kit.attention import image_block_mask, image_blocks  # noqa: E402
 from gemma_kit.errors import ImageError  # noqa: E402
 from gemma_kit.vision import prompt as image_prompt  # noqa: E402
@@ -29,6 +28,7 @@ from gemma_kit.vision.preprocess import (  # noqa: E402
     prepare_images,
     preprocess_image,
 )
+from tests.support.vision_tiny import drawn_image, image_tokenizer  # noqa: E402
 
 ATOL = 1e-6
 S = 896

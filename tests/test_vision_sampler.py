@@ -1,7 +1,7 @@
 """Sampling with images: Sampler.generate / stream and ChatSession with images, against full
 forward passes; cached multimodal decoding against the full forward pass; bad input.
 
-A tiny random multimodal model (tests/_vision_tiny.py: 28x28 images -> 4 soft tokens, a
+A tiny random multimodal model (tests/support/vision_tiny.py: 28x28 images -> 4 soft tokens, a
 sliding window of 6 shorter than the prompts) and a real small SentencePiece tokenizer with
 Gemma 3's image markers. The reference for every generated token is a greedy argmax of full
 forward passes (no cache) over the prompt with its images; caches are float32 here, so
@@ -20,13 +20,6 @@ from flax import nnx
 
 pytest.importorskip("PIL", reason="image tests need Pillow (the [vision] extra)")
 
-from _vision_tiny import (  # noqa: E402
-    drawn_image,
-    image_tokenizer,
-    random_pixels,
-    random_vision_model,
-    tiny_vision_config,
-)
 from gemma_kit import sampler as sampler_module  # noqa: E402
 from gemma_kit.cache import init_cache  # noqa: E402
 from gemma_kit.chat import ChatSession  # noqa: E402
@@ -34,6 +27,13 @@ from gemma_kit.errors import ImageError  # noqa: E402
 from gemma_kit.sampler import Sampler  # noqa: E402
 from gemma_kit.vision import prompt as image_prompt  # noqa: E402
 from gemma_kit.vision.preprocess import prepare_images  # noqa: E402
+from tests.support.vision_tiny import (  # noqa: E402
+    drawn_image,
+    image_tokenizer,
+    random_pixels,
+    random_vision_model,
+    tiny_vision_config,
+)
 
 ATOL = 1e-4
 NEW = 6  # tokens generated per test: few compiled shapes, enough to see the decode loop work
@@ -299,7 +299,7 @@ def test_text_only_prompts_take_the_text_path(setup):
 
 def test_text_only_model_rejects_images(setup):
     model, tok, _ = setup
-    from _tiny import random_model
+    from tests.support.tiny import random_model
 
     text_model = random_model(model.config)
     with pytest.raises(ImageError, match="no image encoder.*text only"):

@@ -5,7 +5,7 @@ Closed forms: with a frozen (shared) backbone and linear heads the weight averag
 the ensemble's mean (the score is linear in the head); the average of LoRA members (factor
 concatenation) scores as a model whose merged weights are the mean of the members' merged
 weights, while averaging A and B separately does not (the control that shows the test can
-fail). Tiny Gemma 3 model (tests/_preference_worker.py), float32 throughout.
+fail). Tiny Gemma 3 model (tests/support/preference_worker.py), float32 throughout.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from flax import nnx
 
 pytest.importorskip("optax", reason="training needs the [finetune] extra")
 # After the skip: these import gemma_kit.training, which needs optax.
-import _preference_worker as toy
 from gemma_kit.checkpoint.adapter import read_adapter_config
 from gemma_kit.errors import CheckpointError, ConfigError
 from gemma_kit.lora import LoRAParam, merge
@@ -32,6 +31,7 @@ from gemma_kit.posttrain.reward_model import (
 )
 from gemma_kit.posttrain.reward_train import RewardConfig
 from gemma_kit.posttrain.warm import RewardEnsemble, average_reward_models, member_settings
+from tests.support import preference_worker as toy
 
 PROMPTS = [r["prompt"] for r in toy.toy_rows(6)]
 TEXTS = [r["chosen"] for r in toy.toy_rows(6)] + [r["rejected"] for r in toy.toy_rows(6)]

@@ -17,11 +17,11 @@ import pytest
 from flax import nnx
 
 pytest.importorskip("optax", reason="WARP needs the [finetune] extra")
-import _rl_worker as worker  # noqa: E402
 from gemma_kit.errors import CheckpointError, ConfigError  # noqa: E402
 from gemma_kit.lora import apply_lora, einsums, load_adapter, save_adapter  # noqa: E402
 from gemma_kit.posttrain import merging  # noqa: E402
 from gemma_kit.posttrain.warp import WARPConfig, run_warp  # noqa: E402
+from tests.support import rl_worker as worker  # noqa: E402
 
 
 @pytest.fixture(scope="module")

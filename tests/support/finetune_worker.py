@@ -2,10 +2,10 @@
 
 A child is needed to kill a run (SIGKILL, SIGINT) and to see 8 fake CPU devices (the device
 count is fixed when JAX starts). The child rebuilds the tiny model and the small tokenizer from
-seeds (tests/_tiny.py), reads its job from a JSON file and prints one JSON line as its last line
-of output; the parent makes the assertions.
+seeds (tests/support/tiny.py), reads its job from a JSON file and prints one JSON line as its
+last line of output; the parent makes the assertions.
 
-    python tests/_finetune_worker.py JOB.json
+    python -m tests.support.finetune_worker JOB.json    (from the repository root)
 
 Job kinds:
   train:   runs gemma_kit.finetune.train on the tiny model. "config" holds TrainConfig fields,
@@ -23,15 +23,13 @@ import sys
 import time
 from typing import Any
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-
-import _tiny  # noqa: E402
+from tests.support import tiny
 
 
 def tiny_model_and_tokenizer(seed: int = 0, family: str = "gemma3"):
-    tokenizer = _tiny.small_tokenizer()
-    config = {"gemma3": _tiny.tiny_gemma3, "gemma2": _tiny.tiny_gemma2}[family]()
-    return _tiny.random_model(config.replace(vocab_size=tokenizer.vocab_size), seed=seed), tokenizer
+    tokenizer = tiny.small_tokenizer()
+    config = {"gemma3": tiny.tiny_gemma3, "gemma2": tiny.tiny_gemma2}[family]()
+    return tiny.random_model(config.replace(vocab_size=tokenizer.vocab_size), seed=seed), tokenizer
 
 
 def run_train(job: dict) -> dict:

@@ -9,11 +9,11 @@ Two kinds of job need a fresh process, since JAX fixes its devices when it start
                 gloo), one device each: a fine-tuning run through gemma_kit.finetune.train (mesh
                 data 2, checkpoints, adapter written by process 0), then one step of the toy loss
                 with a frozen anchor; writes what it got to OUT/process-N.npz and prints JSON.
-The child rebuilds the tiny model and the small tokenizer from seeds (tests/_tiny.py); the parent
-makes the assertions (tests/test_training.py), and computes the single-process reference with
+The child rebuilds the tiny model and the small tokenizer from seeds (tests/support/tiny.py); the
+parent makes the assertions (tests/test_training.py), and computes the single-process reference with
 the same functions of this module.
 
-    python tests/_training_worker.py JOB.json
+    python -m tests.support.training_worker JOB.json    (from the repository root)
 """
 
 from __future__ import annotations
@@ -31,9 +31,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-
-import _tiny
 from gemma_kit.lora import apply_lora, lora_state
 from gemma_kit.training import (
     Objective,
@@ -41,6 +38,7 @@ from gemma_kit.training import (
     TrainConfig,
     micro_batches,
 )
+from tests.support import tiny
 
 # --------------------------------------------------------------------------------------------
 # The toy objective: policy-gradient-shaped rows, a frozen anchor, an EMA after each step.
@@ -51,9 +49,9 @@ def tiny_lora_model(seed: int = 0, rank: int = 4):
     factors are random too (so that A gets gradients), built on this process's own device."""
     from gemma_kit.loading import model_from_params
 
-    tokenizer = _tiny.small_tokenizer()
-    config = _tiny.tiny_gemma2().replace(vocab_size=tokenizer.vocab_size)
-    params = jax.device_put(_tiny.random_params(config, seed=seed), jax.local_devices()[0])
+    tokenizer = tiny.small_tokenizer()
+    config = tiny.tiny_gemma2().replace(vocab_size=tokenizer.vocab_size)
+    params = jax.device_put(tiny.random_params(config, seed=seed), jax.local_devices()[0])
     model = model_from_params(config, params)
     apply_lora(model, rank=rank, alpha=2.0 * rank, seed=seed + 1)
     rng = np.random.default_rng(seed + 2)

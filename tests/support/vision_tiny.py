@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from _tiny import SMALL_TEXT, tiny_gemma3
 from gemma_kit.config import Config, GlobalAttention, LocalAttention, VisionConfig
 from gemma_kit.tokenizer import Tokenizer
 from gemma_kit.transformer import Transformer
+from tests.support.tiny import SMALL_TEXT, tiny_gemma3
 
 TINY_VISION = VisionConfig(
     width=16, depth=2, mlp_dim=24, num_heads=2, patch_size=7, image_size=28, num_soft_tokens=4
@@ -27,7 +27,7 @@ VOCAB = 384
 
 
 def tiny_vision_config(vocab_size: int = VOCAB) -> Config:
-    """Gemma 3 text layers as tests/_tiny.py (window 6 > 4 soft tokens, shorter than the
+    """Gemma 3 text layers as tests/support/tiny.py (window 6 > 4 soft tokens, shorter than the
     test prompts) with the tiny encoder."""
     return tiny_gemma3().replace(
         name="tiny-gemma3-vision",

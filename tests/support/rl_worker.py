@@ -4,7 +4,7 @@ A child process is needed to kill a run with SIGKILL and to see 8 fake CPU devic
 rebuilds the tiny model, the small tokenizer and the prompts from seeds, reads its job from a
 JSON file and prints one JSON line last; the parent makes the assertions.
 
-    python tests/_rl_worker.py JOB.json
+    python -m tests.support.rl_worker JOB.json    (from the repository root)
 
 Job kinds:
   train:  gemma_kit.posttrain.rl.train_rl on the tiny model ("config": RLConfig fields,
@@ -22,19 +22,17 @@ import pathlib
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from tests.support import tiny
 
-import _tiny  # noqa: E402
-
-WORDS = _tiny.SMALL_TEXT.split()
+WORDS = tiny.SMALL_TEXT.split()
 
 
 def tiny_model(seed: int = 0):
     """The tiny Gemma 2 model (two layers: the smallest program to compile), vocabulary of the
     small tokenizer."""
-    tokenizer = _tiny.small_tokenizer()
-    config = _tiny.tiny_gemma2().replace(vocab_size=tokenizer.vocab_size)
-    return _tiny.random_model(config, seed=seed), tokenizer
+    tokenizer = tiny.small_tokenizer()
+    config = tiny.tiny_gemma2().replace(vocab_size=tokenizer.vocab_size)
+    return tiny.random_model(config, seed=seed), tokenizer
 
 
 def write_prompts(path: pathlib.Path, count: int = 12) -> pathlib.Path:

@@ -2,10 +2,10 @@
 
 A child is needed to kill a run (SIGKILL) and to see 8 fake CPU devices or join a second
 process (JAX fixes its devices when it starts). The child rebuilds the tiny student and teacher
-and the small tokenizer from seeds (tests/_tiny.py), reads its job from a JSON file and prints
-one JSON line as its last line of output; the parent makes the assertions.
+and the small tokenizer from seeds (tests/support/tiny.py), reads its job from a JSON file and
+prints one JSON line as its last line of output; the parent makes the assertions.
 
-    python tests/_distill_worker.py JOB.json
+    python -m tests.support.distill_worker JOB.json    (from the repository root)
 
 Job kinds:
   train:        gemma_kit.posttrain.distill.train_distill on the tiny models; "config" holds
@@ -25,9 +25,7 @@ import pathlib
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-
-import _tiny  # noqa: E402
+from tests.support import tiny
 
 LR = 1e-2
 
@@ -39,12 +37,12 @@ def tiny_models(family: str = "gemma3"):
 
     from gemma_kit.loading import model_from_params
 
-    tokenizer = _tiny.small_tokenizer()
-    config = {"gemma3": _tiny.tiny_gemma3, "gemma2": _tiny.tiny_gemma2}[family]()
+    tokenizer = tiny.small_tokenizer()
+    config = {"gemma3": tiny.tiny_gemma3, "gemma2": tiny.tiny_gemma2}[family]()
     config = config.replace(vocab_size=tokenizer.vocab_size)
     device = jax.local_devices()[0]
     student, teacher = (
-        model_from_params(config, jax.device_put(_tiny.random_params(config, seed=seed), device))
+        model_from_params(config, jax.device_put(tiny.random_params(config, seed=seed), device))
         for seed in (0, 1)
     )
     return student, teacher, tokenizer

@@ -1,14 +1,14 @@
 """Shared pieces of the reward-model, WARM and DPO tests, and their child-process jobs.
 
-The toy preference set is separable by construction: every chosen completion is about loops,
-every rejected one about exceptions, and each prompt appears with both, so a reward model (or a
-DPO policy) can only tell them apart by the completion. The tiny base is _tiny's Gemma 3 model
-exported as a transformers folder (config.json carries its custom size, and tokenizer.model sits
-inside), so `base = FOLDER` reloads it anywhere: in a child process, from a saved LoRA reward
-model, or from the command line.
+The toy preference set is separable by construction: every chosen completion is about loops, every
+rejected one about exceptions, and each prompt appears with both, so a reward model (or a DPO
+policy) can only tell them apart by the completion. The tiny base is the Gemma 3 model of
+tests/support/tiny.py exported as a transformers folder (config.json carries its custom size, and
+tokenizer.model sits inside), so `base = FOLDER` reloads it anywhere: in a child process, from a
+saved LoRA reward model, or from the command line.
 
 Child jobs (a process fixes its devices when JAX starts, and a SIGKILL needs a process to kill):
-    python tests/_preference_worker.py JOB.json
+    python -m tests.support.preference_worker JOB.json    (from the repository root)
   kill:  a reward-model run that SIGKILLs itself after step `kill_after` (a checkpoint was saved
          at each multiple of save_every before it); prints nothing (it dies).
   mesh:  one DPO step (reference = the base, LoRA) on one device and on a data 2 x fsdp 4 mesh
@@ -26,9 +26,7 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-
-import _tiny  # noqa: E402
+from tests.support import tiny
 
 GOOD = [
     " the loop ends here",
@@ -73,9 +71,9 @@ def tiny_base(folder: pathlib.Path, seed: int = 0) -> tuple[pathlib.Path, object
     (with tokenizer.model), built from `seed` (the same arrays in every process)."""
     from gemma_kit.checkpoint.hf_export import export_hf
 
-    tokenizer = _tiny.small_tokenizer()
-    config = _tiny.tiny_gemma3().replace(name="tiny-prefs", vocab_size=tokenizer.vocab_size)
-    model = _tiny.random_model(config, seed=seed)
+    tokenizer = tiny.small_tokenizer()
+    config = tiny.tiny_gemma3().replace(name="tiny-prefs", vocab_size=tokenizer.vocab_size)
+    model = tiny.random_model(config, seed=seed)
     if not (folder / "config.json").is_file():
         export_hf(model, folder, tokenizer=tokenizer, progress=False)
     return folder, model, tokenizer

@@ -1,17 +1,19 @@
 """Runs sharded tiny models on 8 fake CPU devices; started by tests/test_sharding.py.
 
 A process fixes its device count when JAX starts (the pytest process has one CPU device), so the
-parent starts this script with XLA_FLAGS=--xla_force_host_platform_device_count=8. The job is a
-JSON object naming tiny models by family and seed; this process builds them itself (tests/_tiny.py
-is deterministic), runs each unsharded and sharded, and prints one JSON object of observations.
-The parent makes the assertions, so a failure reads as a normal test failure.
+parent starts this script with XLA_FLAGS=--xla_force_host_platform_device_count=8. The job is a JSON
+object naming tiny models by family and seed; this process builds them itself (tests/support/tiny.py
+is deterministic), runs each unsharded and sharded, and prints one JSON object of observations. The
+parent makes the assertions, so a failure reads as a normal test failure.
 
-usage: python _sharding_worker.py '{"prompts": [...], "max_new_tokens": 12, "cases": [...]}'
+usage (from the repository root): python -m tests.support.sharding_worker JOB.json
+  where JOB.json holds {"prompts": [...], "max_new_tokens": 12, "cases": [...]}
 """
 
 from __future__ import annotations
 
 import json
+import pathlib
 import sys
 from typing import Any
 
@@ -20,17 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import _tiny
 from gemma_kit.loading import model_from_params
 from gemma_kit.sampler import Sampler
 from gemma_kit.sharding import make_mesh, shard_model, shard_params
+from tests.support import logits, tiny
 
-FAMILIES = {"gemma3": _tiny.tiny_gemma3, "gemma2": _tiny.tiny_gemma2}
-
-
-def forward(model, tokens):
-    graphdef, state = nnx.split(model)
-    return np.asarray(jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, tokens))
+FAMILIES = {"gemma3": tiny.tiny_gemma3, "gemma2": tiny.tiny_gemma2}
 
 
 def describe(state) -> dict:
@@ -52,19 +49,19 @@ def describe(state) -> dict:
 
 
 def main(job: dict) -> None:
-    tokenizer = _tiny.small_tokenizer()
+    tokenizer = tiny.small_tokenizer()
     report: dict[str, Any] = dict(devices=len(jax.devices()), cases=[])
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 200, (2, 24)), jnp.int32)
     gen = dict(max_new_tokens=job["max_new_tokens"], stop_token_ids=())
     for case in job["cases"]:
         config = FAMILIES[case["family"]]().replace(vocab_size=tokenizer.vocab_size)
-        params = _tiny.random_params(config, seed=case["seed"])
+        params = tiny.random_params(config, seed=case["seed"])
         plain = model_from_params(config, jax.tree.map(jnp.asarray, params))
         reference = Sampler(
             plain, tokenizer, cache_dtype=jnp.float32, matvec_layout=case["matvec"]
         ).generate(job["prompts"], **gen)
         assert isinstance(reference, list)  # a batch of prompts
-        ref_logits = forward(plain, tokens)
+        ref_logits = logits.ours(plain, tokens)
         for axes in case["meshes"]:
             mesh = make_mesh(**axes)
             if case["via"] == "dict":  # a numpy checkpoint tree -> sharded arrays -> model
@@ -92,7 +89,7 @@ def main(job: dict) -> None:
                             for r, q in zip(results, reference)
                         )
                     ),
-                    logits_diff=float(np.abs(forward(model, tokens) - ref_logits).max()),
+                    logits_diff=float(np.abs(logits.ours(model, tokens) - ref_logits).max()),
                     logits_scale=float(np.abs(ref_logits).max()),
                     params=describe(nnx.state(model, nnx.Param)),
                     sampler_params=describe(sampler.params),
@@ -102,4 +99,4 @@ def main(job: dict) -> None:
 
 
 if __name__ == "__main__":
-    main(json.loads(sys.argv[1]))
+    main(json.loads(pathlib.Path(sys.argv[1]).read_text()))
