@@ -64,8 +64,9 @@ class GenerationResult:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _encode_images(state_params, pixels, *, graphdef):
-    """Preprocessed images [I, S, S, 3] -> their soft-token embeddings [I, M, D]."""
+def encode_images(state_params, pixels, *, graphdef):
+    """Preprocessed images [I, S, S, 3] -> their soft-token embeddings [I, M, D] (the compiled
+    image encoder every Sampler shares: one compile per image count and model structure)."""
     return nnx.merge(graphdef, state_params).encode_images(pixels)
 
 
@@ -487,8 +488,7 @@ class Sampler:
             _image_list(images), self.config.vision.image_size, pan_and_scan=pan_and_scan
         )
         embeddings = [
-            _encode_images(self.params, jnp.asarray(p[None]), graphdef=self.graphdef)
-            for p in pixels
+            encode_images(self.params, jnp.asarray(p[None]), graphdef=self.graphdef) for p in pixels
         ]
         return jnp.concatenate(embeddings), crops
 

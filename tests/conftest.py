@@ -7,6 +7,9 @@ parameter name of a real checkpoint is exercised) at sizes that build and run in
 
 from __future__ import annotations
 
+import gc
+
+import jax
 import pytest
 
 from gemma_kit.config import Config
@@ -42,3 +45,14 @@ def small_tokenizer() -> Tokenizer:
         106,
     )
     return tok
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """After each test module, drop JAX's compiled programs. Each XLA:CPU executable holds a few
+    memory mappings of its own, and the whole suite compiles enough of them in one process to
+    reach the kernel's limit (vm.max_map_count, 65530 by default), after which LLVM crashes
+    inside a compile (SIGSEGV or abort). Module-scoped fixtures are torn down by then."""
+    yield
+    jax.clear_caches()
+    gc.collect()

@@ -98,13 +98,13 @@ class _CountEncodings:
 
     def __init__(self, monkeypatch):
         self.images = 0
-        real = sampler_module._encode_images
+        real = sampler_module.encode_images
 
         def counting(params, pixels, **kw):
             self.images += pixels.shape[0]
             return real(params, pixels, **kw)
 
-        monkeypatch.setattr(sampler_module, "_encode_images", counting)
+        monkeypatch.setattr(sampler_module, "encode_images", counting)
 
 
 def test_generate_batch_with_images_equals_full_forward(setup, monkeypatch):
