@@ -411,3 +411,19 @@ def test_save_onto_a_file_is_a_clear_error(tiny_gemma3_config, tiny_model, tmp_p
     with pytest.raises(CheckpointError, match="file"):
         save_checkpoint(tiny_model(tiny_gemma3_config), target, overwrite=True)
     assert target.read_bytes() == b"data"
+
+
+def test_a_relative_path_loads_and_saves(tmp_path, monkeypatch, tiny_gemma3_config, tiny_model):
+    """Orbax reads no metadata from a relative path (it returned None and the load looked like a
+    damaged checkpoint): a folder named relative to the working directory must work too."""
+    model = tiny_model(tiny_gemma3_config, seed=3)
+    monkeypatch.chdir(tmp_path)
+    save_checkpoint(model, "rel/checkpoint")
+    loaded = load_model("rel", tiny_gemma3_config)
+    for (path, a), (_, b) in zip(
+        nnx.to_flat_state(nnx.state(model, nnx.Param)),
+        nnx.to_flat_state(nnx.state(loaded, nnx.Param)),
+    ):
+        np.testing.assert_array_equal(
+            np.asarray(a.get_value()), np.asarray(b.get_value()), str(path)
+        )

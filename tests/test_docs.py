@@ -53,6 +53,19 @@ def test_relative_links_resolve():
     assert not broken, f"links to files that do not exist: {broken}"
 
 
+def test_no_placeholder_left_in_a_page():
+    """A section written before its figures existed holds a line like WORKED_EXAMPLE or TODO:
+    none may reach the pages."""
+    placeholder = re.compile(r"[A-Z][A-Z_]{3,}|TODO|TBD|XXX")
+    found = [
+        f"{page.relative_to(ROOT)}:{i}: {line}"
+        for page in PAGES
+        for i, line in enumerate(page.read_text().splitlines(), 1)
+        if placeholder.fullmatch(line.strip())
+    ]
+    assert not found, found
+
+
 def test_nothing_points_outside_the_repository():
     """No tracked file cites a path of the machine it was written on (notes, mirrors)."""
     tracked = subprocess.run(

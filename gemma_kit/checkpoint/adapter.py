@@ -59,7 +59,7 @@ def write_adapter(
         ocp.Checkpointer(
             ocp.PyTreeCheckpointHandler(multiprocessing_options=alone),
             multiprocessing_options=alone,
-        ).save(folder / PARAMS_DIR, params)
+        ).save((folder / PARAMS_DIR).absolute(), params)
         staging.write_json(folder / CONFIG_FILE, meta)
     return pathlib.Path(path).expanduser().absolute()
 
@@ -109,7 +109,7 @@ def read_adapter_params(path: str | os.PathLike, target: dict) -> dict:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     try:
         return ocp.PyTreeCheckpointer().restore(
-            folder,
+            pathlib.Path(folder).absolute(),  # orbax needs an absolute path
             args=ocp.args.PyTreeRestore(
                 item=target,
                 restore_args=jax.tree.map(

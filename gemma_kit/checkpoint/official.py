@@ -418,13 +418,15 @@ def checkpoint_config(
 
 
 def _checkpointer() -> ocp.PyTreeCheckpointer:
+    """Orbax's checkpointer. Its paths must be absolute: given a relative one, its metadata
+    read returns nothing (and a restore fails), so every call here passes path.absolute()."""
     return ocp.PyTreeCheckpointer()
 
 
 def read_metadata(path: pathlib.Path) -> Tree:
     """Tree of ShapeDtypeStructs of the checkpoint, in its own layout."""
     try:
-        meta = _checkpointer().metadata(path)
+        meta = _checkpointer().metadata(pathlib.Path(path).absolute())
         item = getattr(meta, "item_metadata", meta)
         tree = getattr(item, "tree", item)
         if tree is None:  # orbax returns None, rather than raising, when array metadata is gone
@@ -461,7 +463,7 @@ def restore_params(path: pathlib.Path, layout: Layout, target: Tree, *, sharding
     )
     try:
         restored = _checkpointer().restore(
-            path,
+            pathlib.Path(path).absolute(),
             args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
         )
     except Exception as err:
@@ -505,7 +507,7 @@ def save_params(
         shutil.rmtree(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tree = canonical_to_layout(jax.tree.map(np.asarray, params), layout)
-    _checkpointer().save(path, tree)
+    _checkpointer().save(pathlib.Path(path).absolute(), tree)
     if config is not None and not is_preset(config):
         write_config(path, config)
     return path
