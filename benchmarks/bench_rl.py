@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 from _log import log  # noqa: E402  (benchmarks/ is on sys.path)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -109,7 +110,11 @@ def main() -> None:
         parts["anchor"] = time.perf_counter() - tick
         flat = {k: v.reshape(-1, *v.shape[2:]) for k, v in rows.items()}
         plain = {k: flat[k] for k in ("tokens", "targets", "positions", "segments")}
-        plain["weights"] = flat["mask"]
+        # The RL rows carry their completion positions (index [R, N]) and the mask at them
+        # (PolicyLoss's layout): the SFT rows weight those positions of [R, T].
+        weights = np.zeros(flat["tokens"].shape, np.float32)
+        np.put_along_axis(weights, np.asarray(flat["index"]), np.asarray(flat["mask"]), axis=1)
+        plain["weights"] = weights
         tick = time.perf_counter()
         sft.step(sft.place(micro_batches(plain, config.grad_accum), batch_axis=1))
         parts["sft"] = time.perf_counter() - tick
