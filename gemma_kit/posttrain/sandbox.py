@@ -161,7 +161,7 @@ def run_python(
       code: the candidate program.
       tests: Python run after it (typically asserts on what the candidate defined).
       timeout: wall-clock seconds before the child's process group is killed; the CPU-time
-        limit is the same number of seconds, rounded up.
+        limit is that many seconds rounded up, plus one (a backstop the timeout comes before).
       memory_mb: address-space limit (RLIMIT_AS); an allocation past it raises MemoryError.
       file_size_mb: the largest file the child may write, its captured stdout/stderr included.
       network: "auto" (an empty network namespace where permitted, and the guard) or "guard"
@@ -175,7 +175,12 @@ def run_python(
     """
     if network not in ("auto", "guard"):
         raise ValueError(f"network must be 'auto' or 'guard', got {network!r}")
-    limits = [str(memory_mb * 2**20), str(max(1, math.ceil(timeout))), str(file_size_mb * 2**20)]
+    # The CPU-time limit is a backstop one second above the wall-clock timeout: the child has one
+    # thread (no new threads or processes), so its CPU time never runs ahead of the wall clock
+    # and a busy loop is stopped by the timeout ("timeout"). At equal values the two raced, and a
+    # loaded machine could report the kernel's SIGKILL instead.
+    cpu_seconds = math.ceil(timeout) + 1
+    limits = [str(memory_mb * 2**20), str(cpu_seconds), str(file_size_mb * 2**20)]
     python = [sys.executable, "-I", "-B"] + ([] if site_packages else ["-S"])
     token = os.urandom(TOKEN_BYTES)
     scratch = tempfile.mkdtemp(prefix="gemma_kit-sandbox-")
