@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 from gemma_kit.attention import attention_mask as build_mask
 from gemma_kit.attention import image_blocks
-from gemma_kit.training.chunks import map_chunks
+from gemma_kit.training.chunks import fused_weighted_sum, output_head
 from gemma_kit.vision.prompt import soft_token_mask
 
 
@@ -58,20 +58,25 @@ def cross_entropy_sums(
 ) -> tuple[jax.Array, jax.Array]:
     """(sum of weighted token losses, sum of weights) for hidden [B, T, D], targets [B, T].
 
-    Logits are made `chunk` tokens at a time (gemma_kit.training.chunks.map_chunks), so
-    [B * T, V] logits never exist whole, forward or backward. Log-softmax in float32.
+    Logits are made `chunk` tokens at a time, value and gradient in one pass
+    (gemma_kit.training.chunks.fused_weighted_sum), so [B * T, V] logits never exist whole,
+    forward or backward, and each chunk's logits are made once. Log-softmax in float32.
     """
 
-    def token_losses(h, t):
-        logits = model.logits(h[None])[0].astype(jnp.float32)  # [chunk, V]
+    head, rest, logits_of = output_head(model)
+
+    def token_losses(head, h, t, rest):
+        logits = logits_of(head, rest, h)  # [chunk, V] float32
         # Targets that are image slots (SOFT_TOKEN, -2) are never weighted; clip to index.
         picked = jnp.take_along_axis(logits, jnp.maximum(t, 0)[:, None], axis=-1)[:, 0]
-        return (jax.nn.logsumexp(logits, axis=-1) - picked,)
+        return jax.nn.logsumexp(logits, axis=-1) - picked
 
     D = hidden.shape[-1]
-    (losses,) = map_chunks(token_losses, (hidden.reshape(-1, D), targets.reshape(-1)), chunk)
     w = weights.reshape(-1).astype(jnp.float32)
-    return jnp.sum(losses * w), jnp.sum(w)
+    loss = fused_weighted_sum(
+        token_losses, head, hidden.reshape(-1, D), w, targets.reshape(-1), rest, chunk=chunk
+    )
+    return loss, jnp.sum(w)
 
 
 def token_loss_sums(model, batch: dict[str, jax.Array], chunk: int) -> tuple[jax.Array, jax.Array]:
