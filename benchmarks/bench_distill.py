@@ -3,16 +3,18 @@
 
     python benchmarks/bench_distill.py                     # 4 x 128 tokens, 3 rounds (~8 min)
     python benchmarks/bench_distill.py --student runs/distill_pydoc/student --rounds 2
+    python benchmarks/bench_distill.py --chunk 256         # every variant at one chunk size
 
 Everything is timed in one process, in interleaved rounds (every other one in reverse order;
 the best of each), so the ratios hold on a shared machine:
 
 - training steps (gemma_kit.training.Trainer.step, whole compiled optimizer steps on the same
   rows of CPython's reference text, LoRA rank 16 on every projection of the student):
-  SFT (the fine-tuning loss, CrossEntropy), KD (DistillLoss, forward KL over the full
-  vocabulary: the student's forward and backward plus the teacher's forward, both chunked),
-  and KD from offline sampled top-K targets (K = 256 read from the batch: no teacher);
-  tokens/s = rows x length / seconds. Target: the KD step <= 1.5x the SFT step.
+  SFT (the fine-tuning loss, CrossEntropy), KD (DistillLoss, forward KL and JSD(0.5) over
+  the full vocabulary: the student's forward and backward plus the teacher's forward, both
+  chunked), and KD from offline sampled top-K targets (K = 256 read from the batch: no
+  teacher); tokens/s = rows x length / seconds. Target: the KD step <= 1.5x the SFT step
+  at the same chunk size; also shown against SFT at finetune's own chunk size.
 - rollouts (gemma_kit.posttrain.rollout, what an on-policy step draws) against
   Sampler.generate at temperature 1 on the same batch, stop ids off (every row runs to the
   end); tokens/s = rows x new tokens / seconds. Target: within 10% of generate.
@@ -40,7 +42,13 @@ p.add_argument("--length", type=int, default=128, help="tokens per row (default 
 p.add_argument("--prompts", type=int, default=8, help="rollout rows (default 8)")
 p.add_argument("--new", type=int, default=32, help="new tokens per rollout row (default 32)")
 p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-p.add_argument("--chunk", type=int, default=256, help="positions per logits chunk (default 256)")
+p.add_argument(
+    "--chunk",
+    type=int,
+    default=None,
+    help="positions per logits chunk of every variant (default: each config's own, "
+    "distill 128, finetune 1024; SFT is then timed at both)",
+)
 ARGS = p.parse_args()
 
 import jax  # noqa: E402
@@ -55,6 +63,7 @@ from gemma_kit.posttrain.distill import DistillLoss, reduction_weights, same_row
 from gemma_kit.posttrain.distill_config import DistillConfig  # noqa: E402
 from gemma_kit.posttrain.rollout import rollout  # noqa: E402
 from gemma_kit.training import CrossEntropy, Trainer, micro_batches  # noqa: E402
+from gemma_kit.training.config import TrainConfig  # noqa: E402
 
 PROMPTS = [
     "The for statement is used to",
@@ -92,6 +101,10 @@ def main():
     teacher, tok = gemma_kit.default_model()
     student = gemma_kit.load_model(args.student) if args.student else gemma_kit.default_model()[0]
     apply_lora(student, rank=16, alpha=32.0)
+    kd_chunk = args.chunk or DistillConfig.loss_chunk
+    sft_chunks = [kd_chunk]
+    if args.chunk is None and TrainConfig.loss_chunk != kd_chunk:
+        sft_chunks.append(TrainConfig.loss_chunk)
     config = DistillConfig(
         teacher="default",
         train_file="-",
@@ -99,7 +112,7 @@ def main():
         steps=100,
         batch_size=args.rows,
         learning_rate=1e-4,
-        loss_chunk=args.chunk,
+        loss_chunk=kd_chunk,
         lmbda=0.0,
     ).validate()
     rows = same_rows(text_rows(tok, args.rows, args.length), args.length, args.length)
@@ -116,19 +129,21 @@ def main():
 
     t_graphdef, t_state = nnx.split(teacher)
     teacher_values = {"teacher": nnx.to_pure_dict(t_state)}
-    variants = {
-        "SFT (CrossEntropy)": (CrossEntropy(args.chunk), None, {}),
-        "KD, forward KL (full vocabulary)": (
-            DistillLoss(losses.Divergence("forward_kl"), teacher=t_graphdef, chunk=args.chunk),
+    variants = {f"SFT (CrossEntropy), chunk {c}": (CrossEntropy(c), None, {}) for c in sft_chunks}
+    for name, div in (
+        ("forward KL", losses.Divergence("forward_kl")),
+        ("JSD(0.5)", losses.Divergence("jsd", beta=0.5)),
+    ):
+        variants[f"KD, {name} (full vocabulary)"] = (
+            DistillLoss(div, teacher=t_graphdef, chunk=kd_chunk),
             teacher_values,
             {},
-        ),
-        f"KD, offline sampled top-{K} (no teacher)": (
-            DistillLoss(topk=K, offline=True, chunk=args.chunk),
-            None,
-            dict(topk_ids=topk_ids, topk_probs=topk_probs),
-        ),
-    }
+        )
+    variants[f"KD, offline sampled top-{K} (no teacher)"] = (
+        DistillLoss(topk=K, offline=True, chunk=kd_chunk),
+        None,
+        dict(topk_ids=topk_ids, topk_probs=topk_probs),
+    )
     trainers = {}
     for name, (loss, frozen, extra) in variants.items():
         trainer = Trainer(config, student, 100, loss)
@@ -174,10 +189,11 @@ def main():
     )
     print(
         f"student {student.config.name} + LoRA r16 (all projections), teacher "
-        f"{teacher.config.name}; weights bf16, compute f32; logits chunks of {args.chunk}\n"
+        f"{teacher.config.name}; weights bf16, compute f32; KD logits chunks of {kd_chunk}\n"
     )
     tokens = args.rows * args.length
-    sft = best["SFT (CrossEntropy)"]
+    sft = best[f"SFT (CrossEntropy), chunk {kd_chunk}"]
+    sft_own = best[f"SFT (CrossEntropy), chunk {sft_chunks[-1]}"]
     print(
         f"training step, {args.rows} rows x {args.length} tokens "
         f"{'seconds':>22} {'tokens/s':>9} {'vs SFT step':>12}"
@@ -195,10 +211,16 @@ def main():
     kd = best["KD, forward KL (full vocabulary)"] / sft
     ro = gen / best["rollout (temperature 1)"]
     print(
-        f"\ntargets: KD step <= 1.5x the SFT step: {kd:.2f}x "
+        f"\ntargets: KD step <= 1.5x the SFT step (chunk {kd_chunk} both): {kd:.2f}x "
         f"({'met' if kd <= 1.5 else 'NOT met'}); rollouts within 10% of generate: "
         f"{ro:.2f}x ({'met' if ro >= 0.9 else 'NOT met'})"
     )
+    if len(sft_chunks) > 1:
+        print(
+            f"against SFT at finetune's chunk {sft_chunks[-1]}: KD forward KL "
+            f"{best['KD, forward KL (full vocabulary)'] / sft_own:.2f}x, JSD(0.5) "
+            f"{best['KD, JSD(0.5) (full vocabulary)'] / sft_own:.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Tolerances: 2e-6 absolute between chunked and unchunked float32 values, 1e-5 for
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 
@@ -190,6 +191,107 @@ def test_no_full_logits_buffer_forward_and_backward(tiny_gemma2_config, tiny_mod
     )
 
 
+def test_divergence_sum_equals_the_weighted_divergence(
+    tiny_gemma2_config, tiny_gemma3_config, tiny_model
+):
+    """divergence_sum (one pass: value and gradient together) against the sum of `divergence`
+    x weights differentiated by autodiff: the same value and gradients, for the student's full
+    parameters and for LoRA factors alone (the frozen embedding then gets no gradient)."""
+    weights = jnp.asarray(np.random.default_rng(5).uniform(size=(2, 11)), jnp.float32)
+    for config in _configs(tiny_gemma2_config, tiny_gemma3_config):
+        student, teacher, tokens, _, ht = _inputs(config, tiny_model)
+        for lora in (False, True):
+            _check_divergence_sum(student, teacher, tokens, ht, weights, lora)
+
+
+def _check_divergence_sum(student, teacher, tokens, ht, weights, lora):
+    from gemma_kit.lora import LoRAParam, apply_lora
+
+    if lora:
+        apply_lora(student, rank=2, alpha=4.0)
+        graphdef, trained, fixed = nnx.split(student, LoRAParam, ...)
+        trained = jax.tree.map(lambda x: x + 0.05, trained)
+    else:
+        graphdef, trained, fixed = nnx.split(student, nnx.Param, ...)
+
+    def loss(trained, fused, div, chunk):
+        model = nnx.merge(graphdef, trained, fixed)
+        hs = model.hidden_states(tokens)
+        if fused:
+            return P.divergence_sum(model, hs, teacher, ht, div, weights, chunk=chunk)
+        return jnp.sum(P.divergence(model, hs, teacher, ht, div, chunk=chunk) * weights)
+
+    step = jax.jit(jax.value_and_grad(loss), static_argnums=(1, 2, 3))
+    for div in DIVERGENCES:
+        expected, g_expected = step(trained, False, div, 22)
+        for chunk in (4, 22):
+            value, grads = step(trained, True, div, chunk)
+            np.testing.assert_allclose(value, expected, rtol=1e-5)
+            for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(g_expected)):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_sampled_topk_kd_sum_equals_the_weighted_loss(tiny_gemma2_config, tiny_model):
+    """sampled_topk_kd_sum against the weighted sum of sampled_topk_kd under autodiff: the same
+    value and gradients (student parameters and hidden states), for two chunk sizes."""
+    student, teacher, _, hs, ht = _inputs(tiny_gemma2_config, tiny_model)
+    ids, probs = P.sample_teacher_topk(teacher, ht, jax.random.PRNGKey(3), 8)
+    weights = jnp.asarray(np.random.default_rng(6).uniform(size=(2, 11)), jnp.float32)
+    graphdef, state = nnx.split(student)
+
+    def loss(state, hidden, fused, chunk):
+        model = nnx.merge(graphdef, state)
+        if fused:
+            return P.sampled_topk_kd_sum(
+                model, hidden, ids, probs, weights, temperature=2.0, chunk=chunk
+            )
+        per = P.sampled_topk_kd(model, hidden, ids, probs, temperature=2.0, chunk=chunk)
+        return jnp.sum(per * weights)
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=(2, 3))
+    expected, g_expected = step(state, hs, False, 22)
+    for chunk in (4, 22):
+        value, grads = step(state, hs, True, chunk)
+        np.testing.assert_allclose(value, expected, rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(g_expected)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _logits_products(fn, *args, V: int) -> int:
+    """How many dot products with a vocabulary-sized output ([n, V] logits) the optimised HLO
+    of jit(fn)(*args) computes."""
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    assert text is not None
+    return sum(
+        1
+        for line in text.splitlines()
+        if " dot(" in line and re.search(rf"\[\d+,{V}\]", line.split(" dot(")[0]) is not None
+    )
+
+
+def test_divergence_sum_makes_each_models_logits_once(tiny_gemma2_config, tiny_model):
+    """The value and gradient of divergence_sum make each chunk's student and teacher logits
+    once (2 products of [n, V]); differentiating the per-position `divergence` makes them
+    again in the backward pass (4: the control, so the count can fail)."""
+    student, teacher, tokens, hs, ht = _inputs(tiny_gemma2_config, tiny_model)
+    V = tiny_gemma2_config.vocab_size
+    graphdef, state = nnx.split(student)
+    weights = jnp.ones((2, 11))
+    div = L.Divergence("forward_kl")
+
+    def fused(state, hidden):
+        model = nnx.merge(graphdef, state)
+        return P.divergence_sum(model, hidden, teacher, ht, div, weights, chunk=8)
+
+    def plain(state, hidden):
+        model = nnx.merge(graphdef, state)
+        return jnp.sum(P.divergence(model, hidden, teacher, ht, div, chunk=8) * weights)
+
+    grad = functools.partial(jax.value_and_grad, argnums=(0, 1))
+    assert _logits_products(grad(fused), state, hs, V=V) == 2
+    assert _logits_products(grad(plain), state, hs, V=V) == 4
+
+
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 def test_matches_trl_chunked_kernel_with_softcap(beta, tiny_gemma2_config, tiny_model):
     """TRL's ChunkedDivergenceFunction (hidden states and lm_head, Gemma's final soft-cap,
@@ -260,5 +362,9 @@ def test_bad_inputs(tiny_gemma3_config, tiny_model):
     other = tiny_model(tiny_gemma3_config.replace(vocab_size=300), seed=4)
     with pytest.raises(ConfigError, match="vocabularies differ"):
         P.divergence(student, hs, other, other.hidden_states(tokens), L.Divergence())
+    with pytest.raises(ConfigError, match="vocabularies differ"):
+        P.divergence_sum(
+            student, hs, other, other.hidden_states(tokens), L.Divergence(), jnp.ones((2, 11))
+        )
     with pytest.raises(ConfigError, match="K must be"):
         P.sample_teacher_topk(teacher, ht, jax.random.PRNGKey(0), 0)

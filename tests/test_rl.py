@@ -259,12 +259,17 @@ def test_a_run_with_an_ema_anchor_and_ppo_epochs(tiny, prompts, tmp_path):
         "clip_fraction",
     } <= set(first)
     assert "reward_mean" not in second  # the second epoch reuses the first's rollouts
-    assert first["kl"] == first["kl_anchor"] == first["kl_k1"] == 0.0
+    # At the first step policy, reference and anchor are one network, so every KL is 0 up to
+    # float32 rounding: each network's log-normalisers are computed in their own XLA fusions,
+    # which may reduce over the vocabulary in different orders (measured: 5.5e-8 nats for the
+    # exact KL, 3.9e-9 for the sampled k1 sum).
+    for name in ("kl", "kl_anchor", "kl_k1"):
+        assert abs(first[name]) < 1e-6, (name, first[name])
     # pi / pi_old at a batch's first epoch: the same log-probs from two compiled programs.
     assert abs(first["ratio"] - 1.0) < 1e-6 and first["clip_fraction"] == 0.0
     assert abs(second["ratio"] - 1.0) > 1e-4
     assert steps[2]["kl"] > 0 and steps[2]["kl_anchor"] < steps[2]["kl"]
-    assert evals[0]["eval_kl"] == 0.0 and evals[-1]["eval_kl"] > 0
+    assert abs(evals[0]["eval_kl"]) < 1e-6 and evals[-1]["eval_kl"] > 0  # 0 up to rounding
     assert result.eval_before == evals[0]["eval_reward"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rl"]["anchor_updates"] == 4 and summary["rl"]["algo"] == "rloo"

@@ -308,7 +308,8 @@ class DistillLoss:
         return nnx.merge(self.teacher, frozen["teacher"])
 
     def per_position(self, model, batch, frozen) -> jax.Array:
-        """The divergence at every position [B, T] (unweighted)."""
+        """The divergence at every position [B, T] (unweighted); __call__ is its weighted sum,
+        value and gradient computed in one pass."""
         hidden = student_hidden(model, batch)
         if self.offline:
             return logprobs.sampled_topk_kd(
@@ -339,8 +340,36 @@ class DistillLoss:
         )
 
     def __call__(self, model, batch, frozen=None):
-        per = self.per_position(model, batch, frozen)
-        loss = jnp.sum(per * batch["loss_weights"])
+        # Value and gradient from one pass over the chunks (logprobs.*_sum): each chunk's
+        # logits are made once per model, not again in the backward pass.
+        weights = batch["loss_weights"]
+        hidden = student_hidden(model, batch)
+        if self.offline:
+            ids, probs = batch["topk_ids"], batch["topk_probs"]
+        else:
+            teacher = self.teacher_model(model, frozen)
+            aligned = teacher_hidden(teacher, batch)
+            if not self.topk:
+                assert self.divergence is not None  # a divergence, or topk: DistillConfig's
+                loss = logprobs.divergence_sum(
+                    model, hidden, teacher, aligned, self.divergence, weights, chunk=self.chunk
+                )
+                return self._result(loss, batch)
+            ids, probs = draw_targets(
+                teacher,
+                aligned,
+                batch["topk_keys"],
+                self.topk,
+                temperature=self.temperature,
+                chunk=self.chunk,
+            )
+        loss = logprobs.sampled_topk_kd_sum(
+            model, hidden, ids, probs, weights, temperature=self.temperature, chunk=self.chunk
+        )
+        return self._result(loss, batch)
+
+    @staticmethod
+    def _result(loss, batch):
         normaliser = jnp.sum(batch["normaliser"].astype(jnp.float32))
         return loss, normaliser, {"completion_tokens": jnp.sum(batch["weights"])}
 

@@ -64,6 +64,10 @@ class DistillConfig(TrainConfig):
                         samples, drawn once)
     golden_teacher      a second teacher for the teacher-hacking probe (held-out KLs only)
     golden_prefix       the golden teacher's hidden prefix
+    loss_chunk          positions per logits chunk; 128 here, not finetune's 1024: a divergence
+                        makes several [chunk, V] float32 arrays per chunk (two models'), and
+                        on the 2-core CPU the KD step ran fastest at 128 (3.0 s per 512 tokens,
+                        against 3.2-3.6 s at 1024; benchmarks/bench_distill.py --chunk)
     """
 
     train_file: str = ""
@@ -87,6 +91,7 @@ class DistillConfig(TrainConfig):
     eval_samples: int = 4
     golden_teacher: str | None = None
     golden_prefix: str = ""
+    loss_chunk: int = 128
 
     PATH_FIELDS: ClassVar[tuple[str, ...]] = TrainConfig.PATH_FIELDS + (
         "teacher",

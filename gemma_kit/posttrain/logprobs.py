@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from gemma_kit.errors import ConfigError
 from gemma_kit.posttrain import losses
-from gemma_kit.training.chunks import map_chunks
+from gemma_kit.training.chunks import fused_weighted_sum, map_chunks, output_head
 
 DEFAULT_CHUNK = 1024  # positions per chunk, as finetune's loss_chunk
 
@@ -119,15 +119,56 @@ def divergence(
     def fn(hs, ht):
         s_logits = _chunk_logits(student, hs)
         t_logits = jax.lax.stop_gradient(_chunk_logits(teacher, ht))
-        if s_logits.shape[-1] != t_logits.shape[-1]:
-            raise ConfigError(
-                f"student and teacher vocabularies differ ({s_logits.shape[-1]} "
-                f"and {t_logits.shape[-1]} ids): distillation needs one vocabulary"
-            )
+        _check_vocab(s_logits, t_logits)
         return (div.per_position(s_logits, t_logits),)
 
     (per,) = map_chunks(fn, (_rows(student_hidden, 2), _rows(teacher_hidden, 2)), chunk)
     return per.reshape(B, T)
+
+
+def _check_vocab(s_logits: jax.Array, t_logits: jax.Array) -> None:
+    if s_logits.shape[-1] != t_logits.shape[-1]:
+        raise ConfigError(
+            f"student and teacher vocabularies differ ({s_logits.shape[-1]} "
+            f"and {t_logits.shape[-1]} ids): distillation needs one vocabulary"
+        )
+
+
+def divergence_sum(
+    student,
+    student_hidden: jax.Array,
+    teacher,
+    teacher_hidden: jax.Array,
+    div: losses.Divergence,
+    weights: jax.Array,
+    *,
+    chunk: int = DEFAULT_CHUNK,
+) -> jax.Array:
+    """sum over positions of weights [B, T] x `divergence(...)`: the same value, and the same
+    gradient (to the student only), from one pass over the chunks (training.chunks.
+    fused_weighted_sum): each chunk's student and teacher logits are made once, not again in
+    the backward pass. What a distillation step uses; `divergence` gives per-position values.
+    """
+    B, T = _check_positions(student_hidden, teacher_hidden, weights)
+    head, rest, s_logits_of = output_head(student)
+    t_head, t_rest, t_logits_of = output_head(teacher)
+
+    def per_chunk(head, hs, ht, const):
+        rest, t_head, t_rest = const
+        s_logits = s_logits_of(head, rest, hs)
+        t_logits = t_logits_of(t_head, t_rest, ht)
+        _check_vocab(s_logits, t_logits)
+        return div.per_position(s_logits, t_logits)
+
+    return fused_weighted_sum(
+        per_chunk,
+        head,
+        _rows(student_hidden, 2),
+        weights.reshape(-1),
+        _rows(teacher_hidden, 2),
+        (rest, t_head, t_rest),
+        chunk=chunk,
+    )
 
 
 def sampled_topk_kd(
@@ -153,6 +194,39 @@ def sampled_topk_kd(
 
     (per,) = map_chunks(fn, (_rows(hidden, 2), _rows(ids, 2), _rows(probs, 2)), chunk)
     return per.reshape(B, T)
+
+
+def sampled_topk_kd_sum(
+    model,
+    hidden: jax.Array,
+    ids: jax.Array,
+    probs: jax.Array,
+    weights: jax.Array,
+    *,
+    temperature: float = 1.0,
+    chunk: int = DEFAULT_CHUNK,
+) -> jax.Array:
+    """sum over positions of weights [B, T] x `sampled_topk_kd(...)`: the same value and
+    gradient from one pass over the chunks (training.chunks.fused_weighted_sum), as
+    divergence_sum is to divergence."""
+    _check_positions(hidden, ids, probs, weights)
+    head, rest, logits_of = output_head(model)
+
+    def per_chunk(head, h, data, rest):
+        i, p = data
+        return losses.sampled_topk_kd_per_position(
+            logits_of(head, rest, h), i, p, temperature=temperature
+        )
+
+    return fused_weighted_sum(
+        per_chunk,
+        head,
+        _rows(hidden, 2),
+        weights.reshape(-1),
+        (_rows(ids, 2), _rows(probs, 2)),
+        rest,
+        chunk=chunk,
+    )
 
 
 def sample_teacher_topk(
