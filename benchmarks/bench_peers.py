@@ -48,7 +48,10 @@ CACHE_LEN = 256
 FORMATS = {
     "bf16": (None, "F16"),
     "int8": (dict(embedding=True), "Q8_0"),
-    "int4": (dict(embedding=True, bits=4), "Q4_0"),
+    # llama.cpp's Q4_0 files keep the tied table in Q8_0: "int4" is the same split (int4
+    # layers, an int8 table); "int4-all" quantizes the table to int4 too (no llama.cpp twin).
+    "int4": (dict(embedding=True, bits=4, embedding_bits=8), "Q4_0"),
+    "int4-all": (dict(embedding=True, bits=4), "Q4_0"),
 }
 SHIPPED = "Q4_K_M"
 
@@ -194,7 +197,7 @@ def main():
             )
         else:
             llama_version = llama_cpp.__version__
-            kinds = [FORMATS[f][1] for f in args.formats] + [SHIPPED]
+            kinds = list(dict.fromkeys([FORMATS[f][1] for f in args.formats] + [SHIPPED]))
             for kind in kinds:
                 files[kind] = made_gguf(kind)
                 _, gen = llama_generate(files[kind], ids, threads)

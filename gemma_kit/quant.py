@@ -90,7 +90,12 @@ def quantize_int8(w: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.A
 
 
 def quantize_model(
-    model: ModuleT, *, embedding: bool = False, einsums: bool = True, bits: int = 8
+    model: ModuleT,
+    *,
+    embedding: bool = False,
+    einsums: bool = True,
+    bits: int = 8,
+    embedding_bits: int | None = None,
 ) -> ModuleT:
     """A copy of `model` whose Einsum weights are int8 with per-channel scales (or int4).
 
@@ -99,11 +104,17 @@ def quantize_model(
     einsums: quantize the Einsum weights (default). `embedding=True, einsums=False` quantizes
       the table alone.
     bits: 8 (per-channel int8) or 4 (group-wise int4, module docstring).
+    embedding_bits: the table's own bits (default: `bits`). `bits=4, embedding_bits=8` is what
+      llama.cpp's Q4_0 files hold (int4 layers, an 8-bit table): the table is both the logits
+      projection, where int4's error shows most, and on the AMD EPYC host its int8 product
+      ran faster than int4's (docs/speed.md).
     The copy shares every other array (norms, LoRA factors, the image encoder) with `model`;
     the original model is unchanged. Weights already quantized are left as they are.
     """
-    if bits not in (4, 8):
-        raise ConfigError(f"bits={bits!r}: gemma_kit quantizes to 8 or 4 bits")
+    embedding_bits = bits if embedding_bits is None else embedding_bits
+    for name, value in (("bits", bits), ("embedding_bits", embedding_bits)):
+        if value not in (4, 8):
+            raise ConfigError(f"{name}={value!r}: gemma_kit quantizes to 8 or 4 bits")
     if not (embedding or einsums):
         raise ConfigError("nothing to quantize: pass embedding=True, einsums=True, or both")
     graphdef, state = nnx.split(model)
@@ -115,7 +126,7 @@ def quantize_model(
             if not jnp.issubdtype(table.dtype, jnp.floating):
                 raise ConfigError(f"cannot quantize an embedding of dtype {table.dtype}")
             embedder.normalizer_dtype = jnp.dtype(table.dtype).name
-            if bits == 4:
+            if embedding_bits == 4:
                 int4.check_shape(table.shape[0], table.shape[1], "the embedding table")
                 m = int4.quantize(table)
                 embedder.input_embedding = Int4Weight(m.packed)
