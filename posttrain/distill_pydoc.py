@@ -1,12 +1,14 @@
 """Worked example: a student with half the layers of the embedded Gemma 3 270M, trained on
 CPython's reference text three ways with the same steps: (a) SFT on the text, (b) supervised KD
 (forward KL to the teacher on the same rows), (c) on-policy GKD (JSD(0.5) on the student's own
-continuations of openings of the text).
+continuations of openings of the text); and (d) arm (c) again, started from arm (a)'s student
+(its adapter folded into the shrunk student, `gemma-kit merge`'s fold, bf16).
 
     python posttrain/distill_pydoc.py prepare        # shrink, data, baselines, decode speed
     python posttrain/distill_pydoc.py arm sft        # each arm <= ~15 min on 2 shared cores
     python posttrain/distill_pydoc.py arm kd
     python posttrain/distill_pydoc.py arm gkd
+    python posttrain/distill_pydoc.py arm sft_gkd    # (d): (c) from (a)'s student; after sft
     python posttrain/distill_pydoc.py report         # the table, results/distill_pydoc.json,
                                                      # docs/images/distill_pydoc.png
 
@@ -41,12 +43,16 @@ ARMS = {
     "sft": "distill_pydoc_sft.toml",
     "kd": "distill_pydoc_kd.toml",
     "gkd": "distill_pydoc_gkd.toml",
+    "sft_gkd": "distill_pydoc_sft_gkd.toml",
 }
 LABELS = {
     "sft": "(a) SFT on the text",
     "kd": "(b) supervised KD, forward KL",
     "gkd": "(c) on-policy GKD, JSD(0.5)",
+    "sft_gkd": "(d) (a), then on-policy GKD",
 }
+# Where each arm's student starts: the shrunk student, or arm (a)'s with its adapter folded in.
+START = {"sft_gkd": ("sft_student", "sft")}
 HELD_OUT_TOPICS = 8
 MAX_LENGTH = 64
 EVAL_ROWS = 48
@@ -107,6 +113,27 @@ def rows_of(taken: dict):
     return Rows(**{k: taken[k] for k in Rows.ARRAYS})
 
 
+def start_of(arm: str) -> str:
+    """The folder (under runs) of the student an arm starts from."""
+    return START[arm][0] if arm in START else "student"
+
+
+def fold_start(arm: str, runs: pathlib.Path) -> None:
+    """For an arm that starts from another arm's result: its adapter folded into the shrunk
+    student, written once (needs that arm run first)."""
+    if arm not in START:
+        return
+    folder, source = START[arm]
+    if (runs / folder).is_dir():
+        return
+    adapter = runs / source / "adapter"
+    if not adapter.is_dir():
+        raise SystemExit(f"arm {arm} starts from arm {source}'s result: run `arm {source}` first")
+    from gemma_kit.posttrain.merge_models import merge_models
+
+    merge_models(str(runs / "student"), [str(adapter)], str(runs / folder), method="lora")
+
+
 def config_for(arm: str, runs: pathlib.Path, steps: int | None):
     from gemma_kit.posttrain.distill_config import DistillConfig
     from gemma_kit.training.config import TrainConfig
@@ -115,14 +142,14 @@ def config_for(arm: str, runs: pathlib.Path, steps: int | None):
     config = cls.from_file(CONFIGS / ARMS[arm])
     data = runs / "data"
     changes = dict(
-        base=str(runs / "student"),
+        base=str(runs / start_of(arm)),
         train_file=str(data / "topics.jsonl"),
         eval_file=str(data / "topics_eval.jsonl"),
         out_dir=str(runs / arm),
         eval_max_rows=EVAL_ROWS,
         max_length=MAX_LENGTH,
     )
-    if arm == "gkd":
+    if arm in ("gkd", "sft_gkd"):
         changes.update(
             prompts_file=str(data / "openings.jsonl"),
             eval_prompts_file=str(data / "openings_eval.jsonl"),
@@ -180,6 +207,7 @@ def cmd_arm(args) -> int:
     import gemma_kit
 
     runs, arm = args.runs, args.arm
+    fold_start(arm, runs)
     config = config_for(arm, runs, args.steps)
     start = time.time()
     if arm == "sft":
@@ -194,7 +222,7 @@ def cmd_arm(args) -> int:
         return 130
     seconds = time.time() - start
     teacher, tokenizer = gemma_kit.default_model()
-    student = gemma_kit.load_model(runs / "student", lora=result.adapter)
+    student = gemma_kit.load_model(runs / start_of(arm), lora=result.adapter)
     rows, _ = held_out_rows(runs, tokenizer)
     after = common.held_out(student, teacher, rows_of(rows))
     report = dict(
@@ -284,9 +312,13 @@ def plot(runs: pathlib.Path, arms: dict, before: dict, teacher: dict, png: pathl
             ppl = [(m["step"], m["eval_ppl"]) for m in rows if "eval_ppl" in m]
             kl = [(0, before["forward_kl"]), (r["steps"], r["held_out_after"]["forward_kl"])]
         else:
-            ppl = [(m["step"], m["eval_data_ppl"]) for m in rows if "eval_data_ppl" in m]
+            # An arm that starts from another's result is drawn after that arm's steps.
+            first = arms[START[arm][1]]["steps"] if arm in START and START[arm][1] in arms else 0
+            ppl = [(first + m["step"], m["eval_data_ppl"]) for m in rows if "eval_data_ppl" in m]
             kl = [
-                (m["step"], m["eval_data_forward_kl"]) for m in rows if "eval_data_forward_kl" in m
+                (first + m["step"], m["eval_data_forward_kl"])
+                for m in rows
+                if "eval_data_forward_kl" in m
             ]
         kl_ax.plot(*zip(*kl), "o-", label=LABELS[arm])
         ppl_ax.plot(*zip(*ppl), "o-", label=LABELS[arm])
