@@ -307,65 +307,56 @@ class DistillLoss:
             return with_trained(model, frozen["teacher"], self.kind)
         return nnx.merge(self.teacher, frozen["teacher"])
 
+    def compared_with(self, model, batch, frozen):
+        """What the student is compared with: ((teacher, its aligned hidden states, the
+        divergence), None) for a full-vocabulary divergence, or (None, (ids, probs)) sampled
+        top-K targets, read from the batch (offline) or drawn from the teacher in the step."""
+        if self.offline:
+            return None, (batch["topk_ids"], batch["topk_probs"])
+        teacher = self.teacher_model(model, frozen)
+        aligned = teacher_hidden(teacher, batch)
+        if not self.topk:
+            assert self.divergence is not None  # a divergence, or topk: DistillConfig's choice
+            return (teacher, aligned, self.divergence), None
+        targets = draw_targets(
+            teacher,
+            aligned,
+            batch["topk_keys"],
+            self.topk,
+            temperature=self.temperature,
+            chunk=self.chunk,
+        )
+        return None, targets
+
     def per_position(self, model, batch, frozen) -> jax.Array:
         """The divergence at every position [B, T] (unweighted); __call__ is its weighted sum,
         value and gradient computed in one pass."""
         hidden = student_hidden(model, batch)
-        if self.offline:
-            return logprobs.sampled_topk_kd(
-                model,
-                hidden,
-                batch["topk_ids"],
-                batch["topk_probs"],
-                temperature=self.temperature,
-                chunk=self.chunk,
-            )
-        teacher = self.teacher_model(model, frozen)
-        aligned = teacher_hidden(teacher, batch)
-        if self.topk:
-            ids, probs = draw_targets(
-                teacher,
-                aligned,
-                batch["topk_keys"],
-                self.topk,
-                temperature=self.temperature,
-                chunk=self.chunk,
-            )
+        full, topk = self.compared_with(model, batch, frozen)
+        if topk is not None:
+            ids, probs = topk
             return logprobs.sampled_topk_kd(
                 model, hidden, ids, probs, temperature=self.temperature, chunk=self.chunk
             )
-        assert self.divergence is not None  # a divergence, or topk: DistillConfig's choice
-        return logprobs.divergence(
-            model, hidden, teacher, aligned, self.divergence, chunk=self.chunk
-        )
+        teacher, aligned, divergence = full
+        return logprobs.divergence(model, hidden, teacher, aligned, divergence, chunk=self.chunk)
 
     def __call__(self, model, batch, frozen=None):
         # Value and gradient from one pass over the chunks (logprobs.*_sum): each chunk's
         # logits are made once per model, not again in the backward pass.
         weights = batch["loss_weights"]
         hidden = student_hidden(model, batch)
-        if self.offline:
-            ids, probs = batch["topk_ids"], batch["topk_probs"]
-        else:
-            teacher = self.teacher_model(model, frozen)
-            aligned = teacher_hidden(teacher, batch)
-            if not self.topk:
-                assert self.divergence is not None  # a divergence, or topk: DistillConfig's
-                loss = logprobs.divergence_sum(
-                    model, hidden, teacher, aligned, self.divergence, weights, chunk=self.chunk
-                )
-                return self._result(loss, batch)
-            ids, probs = draw_targets(
-                teacher,
-                aligned,
-                batch["topk_keys"],
-                self.topk,
-                temperature=self.temperature,
-                chunk=self.chunk,
+        full, topk = self.compared_with(model, batch, frozen)
+        if topk is not None:
+            ids, probs = topk
+            loss = logprobs.sampled_topk_kd_sum(
+                model, hidden, ids, probs, weights, temperature=self.temperature, chunk=self.chunk
             )
-        loss = logprobs.sampled_topk_kd_sum(
-            model, hidden, ids, probs, weights, temperature=self.temperature, chunk=self.chunk
-        )
+        else:
+            teacher, aligned, divergence = full
+            loss = logprobs.divergence_sum(
+                model, hidden, teacher, aligned, divergence, weights, chunk=self.chunk
+            )
         return self._result(loss, batch)
 
     @staticmethod
