@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from gemma_kit.errors import ConfigError
 from gemma_kit.posttrain import losses
-from gemma_kit.training.chunks import fused_weighted_sum, map_chunks, output_head
+from gemma_kit.training.chunks import fused_logits_sum, map_chunks, output_head
 
 DEFAULT_CHUNK = 1024  # positions per chunk, as finetune's loss_chunk
 
@@ -146,27 +146,24 @@ def divergence_sum(
 ) -> jax.Array:
     """sum over positions of weights [B, T] x `divergence(...)`: the same value, and the same
     gradient (to the student only), from one pass over the chunks (training.chunks.
-    fused_weighted_sum): each chunk's student and teacher logits are made once, not again in
+    fused_logits_sum): each chunk's student and teacher logits are made once, not again in
     the backward pass. What a distillation step uses; `divergence` gives per-position values.
     """
-    B, T = _check_positions(student_hidden, teacher_hidden, weights)
-    head, rest, s_logits_of = output_head(student)
+    _check_positions(student_hidden, teacher_hidden, weights)
     t_head, t_rest, t_logits_of = output_head(teacher)
 
-    def per_chunk(head, hs, ht, const):
-        rest, t_head, t_rest = const
-        s_logits = s_logits_of(head, rest, hs)
-        t_logits = t_logits_of(t_head, t_rest, ht)
+    def per_position(s_logits, ht, t_variables):
+        t_logits = t_logits_of(*t_variables, ht)
         _check_vocab(s_logits, t_logits)
         return div.per_position(s_logits, t_logits)
 
-    return fused_weighted_sum(
-        per_chunk,
-        head,
+    return fused_logits_sum(
+        student,
         _rows(student_hidden, 2),
         weights.reshape(-1),
+        per_position,
         _rows(teacher_hidden, 2),
-        (rest, t_head, t_rest),
+        (t_head, t_rest),
         chunk=chunk,
     )
 
@@ -207,24 +204,19 @@ def sampled_topk_kd_sum(
     chunk: int = DEFAULT_CHUNK,
 ) -> jax.Array:
     """sum over positions of weights [B, T] x `sampled_topk_kd(...)`: the same value and
-    gradient from one pass over the chunks (training.chunks.fused_weighted_sum), as
+    gradient from one pass over the chunks (training.chunks.fused_logits_sum), as
     divergence_sum is to divergence."""
     _check_positions(hidden, ids, probs, weights)
-    head, rest, logits_of = output_head(model)
 
-    def per_chunk(head, h, data, rest):
-        i, p = data
-        return losses.sampled_topk_kd_per_position(
-            logits_of(head, rest, h), i, p, temperature=temperature
-        )
+    def per_position(logits, targets, _):
+        return losses.sampled_topk_kd_per_position(logits, *targets, temperature=temperature)
 
-    return fused_weighted_sum(
-        per_chunk,
-        head,
+    return fused_logits_sum(
+        model,
         _rows(hidden, 2),
         weights.reshape(-1),
+        per_position,
         (_rows(ids, 2), _rows(probs, 2)),
-        rest,
         chunk=chunk,
     )
 

@@ -123,8 +123,21 @@ def reduce_mean(
 
 
 def log_probs(logits: jax.Array, temperature: float = 1.0) -> jax.Array:
-    """log_softmax(logits / temperature) over the last axis, in float32 (or float64)."""
-    return jax.nn.log_softmax(as_float(logits) / temperature, axis=-1)
+    """log_softmax(logits / temperature) over the last axis, in float32 (or float64).
+
+    Written as x - (m + log z), the normaliser a rounded sum plus its rounding error (TwoSum,
+    per row): as accurate as jax.nn.log_softmax's (x - m) - log z, but XLA fuses it into the
+    reduction that consumes it instead of storing [..., V] arrays. Over V = 262144 these
+    elementwise passes, not the logits matmuls, were most of a distillation step on the 2-core
+    CPU: this form made the forward-KL step ~1.3x faster (benchmarks/bench_distill.py).
+    """
+    x = as_float(logits) / temperature
+    m = jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
+    log_z = jnp.log(jnp.sum(jnp.exp(x - m), axis=-1, keepdims=True))
+    hi = m + log_z
+    back = hi - m
+    lo = (m - (hi - back)) + (log_z - back)
+    return (x - hi) - lo
 
 
 def token_log_probs(
@@ -149,30 +162,6 @@ def _kl(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
     return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
 
 
-def _fused_log_softmax(x: jax.Array) -> jax.Array:
-    # log_softmax over the last axis, written so that XLA fuses it into the reduction that
-    # consumes it instead of storing [..., V] arrays: x - (m + log_z), with the normaliser
-    # as a rounded sum plus its rounding error (TwoSum, per row), which is as accurate as
-    # jax.nn.log_softmax's (x - m) - log_z. Over V = 262144 these elementwise passes, not the
-    # logits matmuls, were most of a distillation step on the 2-core CPU: this form made the
-    # forward-KL step ~1.3x faster (benchmarks/bench_distill.py).
-    m = jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
-    log_z = jnp.log(jnp.sum(jnp.exp(x - m), axis=-1, keepdims=True))
-    hi = m + log_z
-    back = hi - m
-    lo = (m - (hi - back)) + (log_z - back)
-    return (x - hi) - lo
-
-
-def _kl_of_logits(p_logits: jax.Array, q_logits: jax.Array, temperature: float) -> jax.Array:
-    # KL(softmax(a) || softmax(b)) for a, b = the logits / temperature. Both sides use one
-    # expression, so equal logits give 0 up to float32 rounding where XLA fuses the two
-    # differently (~1e-7 nats).
-    log_p = _fused_log_softmax(as_float(p_logits) / temperature)
-    log_q = _fused_log_softmax(as_float(q_logits) / temperature)
-    return _kl(log_p, log_q)
-
-
 def forward_kl_per_position(
     student_logits: jax.Array, teacher_logits: jax.Array, *, temperature: float = 1.0
 ) -> jax.Array:
@@ -180,7 +169,7 @@ def forward_kl_per_position(
 
     Gradient with respect to the student logits (temperature 1): p_S - p_T.
     """
-    return _kl_of_logits(teacher_logits, student_logits, temperature)
+    return _kl(log_probs(teacher_logits, temperature), log_probs(student_logits, temperature))
 
 
 def reverse_kl_per_position(
@@ -191,7 +180,7 @@ def reverse_kl_per_position(
     Gradient with respect to the student logits (temperature 1):
     p_S * (log p_S - log p_T - KL(p_S || p_T)); it sums to 0 over the vocabulary.
     """
-    return _kl_of_logits(student_logits, teacher_logits, temperature)
+    return _kl(log_probs(student_logits, temperature), log_probs(teacher_logits, temperature))
 
 
 def generalized_jsd_per_position(
@@ -216,12 +205,11 @@ def generalized_jsd_per_position(
     """
     beta = _static_float("beta", beta)
     check_fraction("beta", beta)
+    ls, lt = log_probs(student_logits, temperature), log_probs(teacher_logits, temperature)
     if beta == 0.0:
-        return forward_kl_per_position(student_logits, teacher_logits, temperature=temperature)
+        return _kl(lt, ls)
     if beta == 1.0:
-        return reverse_kl_per_position(student_logits, teacher_logits, temperature=temperature)
-    ls = _fused_log_softmax(as_float(student_logits) / temperature)
-    lt = _fused_log_softmax(as_float(teacher_logits) / temperature)
+        return _kl(ls, lt)
     lm = jnp.logaddexp(ls + math.log1p(-beta), lt + math.log(beta))
     return beta * _kl(lt, lm) + (1.0 - beta) * _kl(ls, lm)
 

@@ -2,9 +2,10 @@
 [tokens, V] logits of a Gemma model (V = 262144) from ever existing whole.
 
 Two forms:
-- `fused_weighted_sum`, for a training loss that is a weighted sum over positions (the
-  fine-tuning cross-entropy, a distillation divergence): value and gradient come from one pass
-  over the chunks, so each chunk's logits are made once per model.
+- `fused_weighted_sum` (and `fused_logits_sum`, its form over a model's logits), for a
+  training loss that is a weighted sum over positions (the fine-tuning cross-entropy, a
+  distillation divergence): value and gradient come from one pass over the chunks, so each
+  chunk's logits are made once per model.
 - `map_chunks`, for per-position values (log-probs, entropies, metrics): each chunk runs under
   jax.checkpoint, so a backward pass, if any, recomputes a chunk's logits instead of storing
   them.
@@ -160,3 +161,25 @@ def output_head(model):
         return nnx.merge(graphdef, head, rest).logits(hidden[None])[0].astype(jnp.float32)
 
     return head, rest, logits
+
+
+def fused_logits_sum(
+    model,
+    hidden: jax.Array,
+    weights: jax.Array,
+    per_position: Callable[..., jax.Array],
+    data=(),
+    const=None,
+    *,
+    chunk: int,
+) -> jax.Array:
+    """fused_weighted_sum of a loss over `model`'s logits: sum_n weights[n] *
+    per_position(logits [n, V] float32, data chunk, const)[n] for hidden [N, D] and weights
+    [N], the gradient reaching the model's output projection and `hidden`."""
+    head, rest, logits_of = output_head(model)
+
+    def per_chunk(head, h, d, c):
+        rest, const = c
+        return per_position(logits_of(head, rest, h), d, const)
+
+    return fused_weighted_sum(per_chunk, head, hidden, weights, data, (rest, const), chunk=chunk)

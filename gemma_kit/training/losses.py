@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 from gemma_kit.attention import attention_mask as build_mask
 from gemma_kit.attention import image_blocks
-from gemma_kit.training.chunks import fused_weighted_sum, output_head
+from gemma_kit.training.chunks import fused_logits_sum
 from gemma_kit.vision.prompt import soft_token_mask
 
 
@@ -59,22 +59,19 @@ def cross_entropy_sums(
     """(sum of weighted token losses, sum of weights) for hidden [B, T, D], targets [B, T].
 
     Logits are made `chunk` tokens at a time, value and gradient in one pass
-    (gemma_kit.training.chunks.fused_weighted_sum), so [B * T, V] logits never exist whole,
+    (gemma_kit.training.chunks.fused_logits_sum), so [B * T, V] logits never exist whole,
     forward or backward, and each chunk's logits are made once. Log-softmax in float32.
     """
 
-    head, rest, logits_of = output_head(model)
-
-    def token_losses(head, h, t, rest):
-        logits = logits_of(head, rest, h)  # [chunk, V] float32
+    def token_losses(logits, t, _):
         # Targets that are image slots (SOFT_TOKEN, -2) are never weighted; clip to index.
         picked = jnp.take_along_axis(logits, jnp.maximum(t, 0)[:, None], axis=-1)[:, 0]
         return jax.nn.logsumexp(logits, axis=-1) - picked
 
     D = hidden.shape[-1]
     w = weights.reshape(-1).astype(jnp.float32)
-    loss = fused_weighted_sum(
-        token_losses, head, hidden.reshape(-1, D), w, targets.reshape(-1), rest, chunk=chunk
+    loss = fused_logits_sum(
+        model, hidden.reshape(-1, D), w, token_losses, targets.reshape(-1), chunk=chunk
     )
     return loss, jnp.sum(w)
 
