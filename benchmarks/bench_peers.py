@@ -303,20 +303,19 @@ def main():
     mine = {k: v for k, v in paths.items() if k.startswith(cpu_paths.cpu_signature())}
     if mine:
         print(
-            "\nCompiled product forms chosen on this CPU (gemma_kit.cpu_paths; probe seconds "
-            "per call, dot / upcast):\n"
+            "\nCompiled forms chosen on this CPU (gemma_kit.cpu_paths; probe seconds per "
+            "call of each option):\n"
         )
         rows = [
             [
-                k.split(" | ", 2)[2],
-                v["path"],
-                " / ".join(
-                    f"{v['seconds'][p] * 1e3:.1f} ms" for p in cpu_paths.PATHS if p in v["seconds"]
-                ),
+                k.split(" | ", 2)[2].replace(" | ", ", "),
+                v["choice"],
+                " / ".join(f"{o}: {t * 1e3:.2f} ms" for o, t in v["seconds"].items()),
             ]
             for k, v in sorted(mine.items())
         ]
-        print(table(["class (dtype | rows | size)", "form", "probe"], rows, md))
+        header = ["question (dtype, rows, size; or vector width)", "choice", "probe"]
+        print(table(header, rows, md))
     agree = []
     for name in args.formats:
         ours, peer = by.get(("gemma_kit", name)), by.get(("llama.cpp", FORMATS[name][1]))

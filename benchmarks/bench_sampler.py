@@ -61,7 +61,8 @@ WEIGHTS = {
     "f32": ("float32", None),
     "int8": (None, dict(embedding=True)),
     "int8-emb": (None, dict(embedding=True, einsums=False)),
-    "int4": (None, dict(embedding=True, bits=4)),
+    "int4": (None, dict(embedding=True, bits=4, embedding_bits=8)),
+    "int4-all": (None, dict(embedding=True, bits=4)),
 }
 
 

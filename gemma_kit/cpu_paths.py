@@ -20,13 +20,22 @@ $GEMMA_KIT_CACHE/cpu_paths.json (a corrupt or foreign file is ignored with a war
 rewritten) and in memory. GEMMA_KIT_MATMUL_PATH=dot|upcast forces one form everywhere (for
 debugging and tests); nothing else needs setting.
 
+A second question has the same machinery (`VectorWidth`): the vector width LLVM may use in
+the decode programs (XLA's xla_cpu_prefer_vector_width; gemma_kit.tuned_jit applies it). XLA
+emits 256-bit loops by default. On CPUs with AVX-512 the int8 and int4 "upcast" loops are
+limited by instructions rather than by memory, and 512-bit ones ran them ~1.3x faster on the
+AMD EPYC (Zen 4) host (docs/speed.md). Where 512-bit code lowers the clock (some Intel parts)
+it may not pay, so it is probed too, and only on CPUs that have avx512f.
+GEMMA_KIT_VECTOR_WIDTH=256|512 forces it.
+
 This module only keeps the answers and runs the timing loop; the forms themselves and the code
-that times them live in gemma_kit.layers (matmul_t, probe_product).
+that times them live in gemma_kit.layers (matmul_t, probe_product, probe_vector_width).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -34,6 +43,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
+from typing import ClassVar
 
 import jax
 
@@ -42,8 +52,12 @@ from gemma_kit.errors import ConfigError
 PATHS = ("dot", "upcast")
 REFERENCE = "dot"
 ENV_VAR = "GEMMA_KIT_MATMUL_PATH"
+WIDTHS = ("256", "512")  # bits; "256" is XLA's default
+WIDTH_REFERENCE = "256"
+WIDTH_ENV_VAR = "GEMMA_KIT_VECTOR_WIDTH"
+WIDTH_OPTION = "xla_cpu_prefer_vector_width"  # the XLA debug option it sets
 CACHE_FILE = "cpu_paths.json"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: entries name their answer "choice" (format 1 said "path"; re-probed)
 # A form must be this much faster than the reference to be chosen: ties (and noise on a busy
 # machine) keep the reference form.
 MARGIN = 0.9
@@ -51,7 +65,8 @@ MARGIN = 0.9
 # "layer" sized. The two are probed apart: threading and caching differ between them.
 TABLE_WEIGHTS = 1 << 24
 
-_lock = threading.Lock()
+# Reentrant: the vector-width probe asks for its product's form from inside its own choose().
+_lock = threading.RLock()
 _memory: dict[str, str] = {}
 
 
@@ -63,10 +78,28 @@ class ProductClass:
     stored: str
     rows: str
     size: str
+    options: ClassVar[tuple[str, ...]] = PATHS
+    reference: ClassVar[str] = REFERENCE
+    env_var: ClassVar[str] = ENV_VAR
 
     def key(self) -> str:
         fields = (cpu_signature(), f"jax {jax.__version__}", self.stored, self.rows, self.size)
         return " | ".join(fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class VectorWidth:
+    """The vector width of the decode programs (module docstring): one answer per CPU."""
+
+    options: ClassVar[tuple[str, ...]] = WIDTHS
+    reference: ClassVar[str] = WIDTH_REFERENCE
+    env_var: ClassVar[str] = WIDTH_ENV_VAR
+
+    def key(self) -> str:
+        return " | ".join((cpu_signature(), f"jax {jax.__version__}", "vector width"))
+
+
+Question = ProductClass | VectorWidth
 
 
 def product_class(stored: str, rows: int, out_features: int, in_features: int) -> ProductClass:
@@ -90,9 +123,9 @@ def cpu_model() -> str:
 _FLAGS = ("avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
 
 
-def cpu_signature() -> str:
-    """The CPU model, its family/model numbers, the ISA flags above and the usable cores: a
-    virtual machine often names only "AMD EPYC", and threading depends on the core count."""
+@functools.cache
+def _first_processor() -> dict[str, str]:
+    """The fields of /proc/cpuinfo's first processor ({} where there is none)."""
     fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
@@ -103,7 +136,19 @@ def cpu_signature() -> str:
                 fields[key.strip()] = value.strip()
     except OSError:
         pass
-    flags = set(fields.get("flags", "").split())
+    return fields
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's ISA flags (from /proc/cpuinfo; empty elsewhere)."""
+    return frozenset(_first_processor().get("flags", "").split())
+
+
+def cpu_signature() -> str:
+    """The CPU model, its family/model numbers, the ISA flags above and the usable cores: a
+    virtual machine often names only "AMD EPYC", and threading depends on the core count."""
+    fields = _first_processor()
+    flags = cpu_flags()
     isa = "+".join(f for f in _FLAGS if f in flags) or "-"
     try:
         cores = len(os.sched_getaffinity(0))
@@ -122,18 +167,21 @@ def cache_path():
 
 
 def read_cache() -> dict[str, dict]:
-    """The answers on disk ({key: {"path": ..., "seconds": {...}}}); {} with a warning when the
-    file is unreadable or not ours (it is then rewritten on the next answer)."""
+    """The answers on disk ({key: {"choice": ..., "seconds": {...}}}); {} with a warning when
+    the file is unreadable or not ours (it is then rewritten on the next answer), and quietly
+    when it is an older format of ours (its questions are probed again)."""
     path = cache_path()
     if not path.exists():
         return {}
     try:
         data = json.loads(path.read_text())
+        if isinstance(data, dict) and data.get("format") == 1:
+            return {}
         if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT:
             raise ValueError(f"not a format-{CACHE_FORMAT} cache")
         entries = data["entries"]
         if not isinstance(entries, dict) or not all(
-            isinstance(v, dict) and v.get("path") in PATHS for v in entries.values()
+            isinstance(v, dict) and isinstance(v.get("choice"), str) for v in entries.values()
         ):
             raise ValueError("malformed entries")
         return entries
@@ -162,60 +210,82 @@ def _write_cache(key: str, entry: dict) -> None:
             tmp.unlink()
 
 
-def forced_path() -> str | None:
-    """The form GEMMA_KIT_MATMUL_PATH forces, if set (ConfigError if it names no form)."""
-    value = os.environ.get(ENV_VAR, "").strip()
+def forced_path(question: Question) -> str | None:
+    """The answer the question's environment variable forces, if set (ConfigError if it names
+    none of its options)."""
+    value = os.environ.get(question.env_var, "").strip()
     if not value:
         return None
-    if value not in PATHS:
-        raise ConfigError(f"{ENV_VAR}={value!r}: choose one of {', '.join(PATHS)} or unset it")
+    if value not in question.options:
+        raise ConfigError(
+            f"{question.env_var}={value!r}: choose one of {', '.join(question.options)} or unset it"
+        )
     return value
 
 
-def choose(cls: ProductClass, measure: Callable[[str], float], *, rounds: int = 5) -> str:
-    """The form for products of class `cls` on this machine.
+def choose(question: Question, measure: Callable[[str], float], *, rounds: int = 5) -> str:
+    """The answer to `question` on this machine: the form for products of a ProductClass, or
+    the VectorWidth.
 
-    measure(path) runs one timed call of the class's probe in that form and returns seconds
-    (it compiles on its first call, which is not timed). Off CPU: always REFERENCE.
+    measure(option) runs one timed call of the question's probe with that option and returns
+    seconds (it compiles on its first call, which is not timed). Off CPU: the reference.
     """
-    forced = forced_path()
+    forced = forced_path(question)
     if forced is not None:
         return forced
     if jax.default_backend() != "cpu":
-        return REFERENCE
-    key = cls.key()
+        return question.reference
+    key = question.key()
     with _lock:
         if key in _memory:
             return _memory[key]
         entry = read_cache().get(key)
-        if entry is None:
-            entry = probe(measure, rounds)
+        if entry is None or entry["choice"] not in question.options:
+            entry = probe(measure, rounds, question.options, question.reference)
             _write_cache(key, entry)
-        _memory[key] = entry["path"]
-        return entry["path"]
+        _memory[key] = entry["choice"]
+        return entry["choice"]
 
 
-def probe(measure: Callable[[str], float], rounds: int) -> dict:
-    """Times every form in interleaved rounds (best of each) and picks the fastest, keeping
-    REFERENCE unless another is at least 1 / MARGIN times as fast."""
+def probe(
+    measure: Callable[[str], float],
+    rounds: int,
+    options: tuple[str, ...] = PATHS,
+    reference: str = REFERENCE,
+) -> dict:
+    """Times every option in interleaved rounds (best of each) and picks the fastest, keeping
+    the reference unless another is at least 1 / MARGIN times as fast."""
     start = time.perf_counter()
-    for path in PATHS:
-        measure(path)  # compile
-    best = {path: measure(path) for path in PATHS}
-    # A form more than twice as slow as the fastest after one round is out (the int8 and int4
-    # dot forms at one row dequantize the whole weight each call: 10-100x slower).
-    alive = [p for p in PATHS if best[p] <= 2 * min(best.values())]
+    for option in options:
+        measure(option)  # compile
+    best = {option: measure(option) for option in options}
+    # An option more than twice as slow as the fastest after one round is out (the int8 and
+    # int4 dot forms at one row dequantize the whole weight each call: 10-100x slower).
+    alive = [o for o in options if best[o] <= 2 * min(best.values())]
     for _ in range(rounds - 1):
-        for path in alive:
-            best[path] = min(best[path], measure(path))
-    fastest = min(best, key=lambda path: best[path])
-    chosen = fastest if best[fastest] < MARGIN * best[REFERENCE] else REFERENCE
+        for option in alive:
+            best[option] = min(best[option], measure(option))
+    fastest = min(best, key=lambda option: best[option])
+    chosen = fastest if best[fastest] < MARGIN * best[reference] else reference
     return {
-        "path": chosen,
+        "choice": chosen,
         "seconds": best,
         "probe_seconds": time.perf_counter() - start,
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+
+
+def compiler_options(measure: Callable[[str], float]) -> dict[str, int]:
+    """The XLA compiler options of the decode programs on this machine: the VectorWidth answer
+    ({} for XLA's default; measure(width) as in choose). Only CPUs with AVX-512 are probed:
+    elsewhere LLVM has no wider vectors to use."""
+    if jax.default_backend() != "cpu":
+        return {}
+    question = VectorWidth()
+    if forced_path(question) is None and "avx512f" not in cpu_flags():
+        return {}
+    width = choose(question, measure)
+    return {} if width == question.reference else {WIDTH_OPTION: int(width)}
 
 
 def forget() -> None:

@@ -32,6 +32,7 @@ from flax import nnx, struct
 
 from gemma_kit import cache as kv_cache
 from gemma_kit.sampling import SamplingParams, dry_penalty, sample
+from gemma_kit.tuned_jit import tuned_jit
 
 PAD_ID = 0
 
@@ -172,7 +173,7 @@ def record(settings: DecodeSettings, state: DecodeState, tokens, logprobs) -> De
     )
 
 
-@functools.partial(jax.jit, static_argnames=("settings", "length", "cache_dtype", "ring_slack"))
+@functools.partial(tuned_jit, static_argnames=("settings", "length", "cache_dtype", "ring_slack"))
 def prefill(
     params,
     tokens,
@@ -217,7 +218,7 @@ def can_continue(state: DecodeState, limit) -> jax.Array:
     return (state.step < limit) & ~jnp.all(state.done) & room
 
 
-@functools.partial(jax.jit, static_argnames=("settings",), donate_argnames=("state",))
+@functools.partial(tuned_jit, static_argnames=("settings",), donate_argnames=("state",))
 def decode_loop(params, state: DecodeState, limit, *, settings: DecodeSettings) -> DecodeState:
     """Decodes until every row stopped, `limit` tokens were drawn, or the cache is full."""
 
@@ -232,13 +233,13 @@ def decode_loop(params, state: DecodeState, limit, *, settings: DecodeSettings) 
     return jax.lax.while_loop(lambda s: can_continue(s, limit), body, state)
 
 
-@functools.partial(jax.jit, static_argnames=("settings",), donate_argnames=("state",))
+@functools.partial(tuned_jit, static_argnames=("settings",), donate_argnames=("state",))
 def decode_step(params, state: DecodeState, *, settings: DecodeSettings) -> DecodeState:
     """One step, called from Python (streaming, chat)."""
     return step(settings, nnx.merge(settings.graphdef, params), state)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+@functools.partial(tuned_jit, static_argnames=("graphdef",), donate_argnames=("cache",))
 def extend_chunk(params, tokens, positions, cache, image_embeddings=None, *, graphdef):
     """Adds a chunk of tokens [B, T] at positions [B, T] to a filled cache (a chat turn).
 

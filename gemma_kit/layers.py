@@ -134,8 +134,11 @@ def _scaled(y: jax.Array, scale: jax.Array | None) -> jax.Array:
 PROBE_SHAPES = {"layer": (16, 4096, 1024), "table": (1, 131072, 640)}
 
 
-def probe_product(cls: cpu_paths.ProductClass, path: str) -> float:
-    """Seconds of one call of class `cls`'s probe in form `path` (cpu_paths.choose's measure).
+def probe_product(
+    cls: cpu_paths.ProductClass, path: str, compiler_options: dict | None = None
+) -> float:
+    """Seconds of one call of class `cls`'s probe in form `path` (cpu_paths.choose's measure),
+    compiled with `compiler_options` (XLA's defaults if None).
 
     The probe applies `count` random weights of the class's shape and stored dtype in
     sequence, as a decode step does, inside one jitted function; its first call compiles.
@@ -143,12 +146,20 @@ def probe_product(cls: cpu_paths.ProductClass, path: str) -> float:
     count, O, I = PROBE_SHAPES[cls.size]
     rows = 1 if cls.rows == "one" else MAX_UPCAST_ROWS
     with jax.ensure_compile_time_eval():
-        key = (cls, path)
-        if key not in _probe_cache:
-            _probe_cache.clear()  # one class at a time in memory
-            weights = _probe_weights(cls.stored, count, O, I)
+        if _probe_cache.get("class") != cls:
+            _probe_cache.clear()  # one class's weights at a time in memory
+            _probe_cache.update(
+                {
+                    "class": cls,
+                    "x": jnp.ones((rows, I), jnp.float32),
+                    "weights": _probe_weights(cls.stored, count, O, I),
+                    "programs": {},
+                }
+            )
+        x, weights, programs = _probe_cache["x"], _probe_cache["weights"], _probe_cache["programs"]
+        key = (path, tuple(sorted((compiler_options or {}).items())))
+        if key not in programs:
 
-            @jax.jit
             def run(x, weights):
                 out = x
                 for w in weights:
@@ -156,16 +167,35 @@ def probe_product(cls: cpu_paths.ProductClass, path: str) -> float:
                     out = out + y[:, :1]  # keeps every product alive
                 return out
 
-            x = jnp.ones((rows, I), jnp.float32)
-            run(x, weights).block_until_ready()
-            _probe_cache[key] = (run, x, weights)
-        run, x, weights = _probe_cache[key]
+            programs[key] = jax.jit(run, compiler_options=compiler_options)
+            programs[key](x, weights).block_until_ready()
         start = time.perf_counter()
-        run(x, weights).block_until_ready()
+        programs[key](x, weights).block_until_ready()
         return time.perf_counter() - start
 
 
 _probe_cache: dict = {}
+
+# The class whose probe decides the vector width: int8 weights against one row, the products
+# of `gemma-kit sample --int8` (int4's are alike; bf16's are limited by memory at either width).
+WIDTH_PROBE_CLASS = cpu_paths.ProductClass("int8", "one", "layer")
+
+
+def probe_vector_width(width: str) -> float:
+    """Seconds of one call of WIDTH_PROBE_CLASS's probe, in the form chosen for it, compiled
+    for vector width `width` (cpu_paths.VectorWidth's measure)."""
+    cls = WIDTH_PROBE_CLASS
+    path = cpu_paths.choose(cls, lambda p: probe_product(cls, p))
+    options = {} if width == cpu_paths.WIDTH_REFERENCE else {cpu_paths.WIDTH_OPTION: int(width)}
+    return probe_product(cls, path, options)
+
+
+def decode_compiler_options() -> dict[str, int]:
+    """The XLA compiler options of the decode programs on this CPU (cpu_paths.compiler_options,
+    probed on first use and cached)."""
+    options = cpu_paths.compiler_options(probe_vector_width)
+    _probe_cache.clear()  # the probe's weights are not needed again
+    return options
 
 
 def _probe_weights(stored: str, count: int, O: int, I: int):

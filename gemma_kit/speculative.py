@@ -54,6 +54,7 @@ from gemma_kit.decode import (
     log_softmax_at,
 )
 from gemma_kit.sampling import SamplingError, argmax, filter_logits, sample_categorical
+from gemma_kit.tuned_jit import tuned_jit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,13 +273,13 @@ def draft(settings: DecodeSettings, model, state: DecodeState, k: int, barrier=N
     return state, saved, drafts[:, :k], qs[:, :k]
 
 
-@functools.partial(jax.jit, static_argnames=("settings",), donate_argnames=("state",))
+@functools.partial(tuned_jit, static_argnames=("settings",), donate_argnames=("state",))
 def verify_step(params, state, drafts, q, n, limit, *, settings: DecodeSettings):
     """verify() compiled; q None (prompt lookup) is a program of its own."""
     return verify(settings, nnx.merge(settings.graphdef, params), state, drafts, q, n, limit)
 
 
-@functools.partial(jax.jit, static_argnames=("settings", "k"), donate_argnames=("state",))
+@functools.partial(tuned_jit, static_argnames=("settings", "k"), donate_argnames=("state",))
 def draft_step(params, state, *, settings: DecodeSettings, k: int):
     """draft() compiled, the weights kept inside its loop (see decode.decode_loop)."""
     model = nnx.merge(settings.graphdef, params)
