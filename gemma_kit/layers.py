@@ -264,10 +264,10 @@ class Einsum(nnx.Module):
         #   the caller's compiled computation: memory holds, and a matmul reads, one byte per
         #   weight.
         #   When `w` holds int4 values instead (uint8: gemma_kit.int4, packed [O/2, I] in the
-        #   matvec layout), `w_scale` and `w_min` are its group scales and minima [O, I/32].
+        #   matvec layout), `w_scale` holds its groups' scales and minima, one uint32 word per
+        #   group [O, I/32].
         # - lora: set by gemma_kit.lora; a module adding (alpha / r) * x A B to the output.
         self.w_scale: Any = nnx.data(None)
-        self.w_min: Any = nnx.data(None)
         self.lora: Any = nnx.data(None)  # a gemma_kit.lora.LoRA once set
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -279,11 +279,11 @@ class Einsum(nnx.Module):
     @property
     def is_int4(self) -> bool:
         """Whether `w` holds packed int4 values (gemma_kit.int4; always in the matvec layout)."""
-        return self.w_min is not None
+        return self.w_scale is not None and self.w_scale[...].dtype == jnp.uint32
 
     def _base(self, x: jax.Array) -> jax.Array:
         if self.is_int4:
-            m = int4.Int4Matrix(self.w[...], self.w_scale[...], self.w_min[...])
+            m = int4.Int4Matrix(self.w[...], self.w_scale[...])
             return self._matvec_product(x, lambda x2: matmul_t(x2, m, None))
         dtype = matmul_dtype(self.w[...].dtype, x.dtype)
         if not self.matvec:

@@ -22,10 +22,10 @@ transposes `w` and its scale together, so the sampler runs on an int8 model unch
 int4 (`bits=4`): group-wise, a bf16 scale and minimum per 32 inputs (gemma_kit.int4 has the
 format and its error bound, |w - (q s + m)| <= s / 2 = the group's range / 30). Each Einsum
 weight is moved to the matvec layout (contracted axes last), flattened to [O, I] and packed two
-values per byte (Int4Weight uint8 [O/2, I]; Int4Scale and Int4Min bf16 [O, I/32] in `w_scale`
-and `w_min`); `Einsum.matvec_shape` keeps the layout's unflattened shape. The table, with
-`embedding=True`, is packed the same way along D (per 32 features of a row;
-input_embedding_scale and input_embedding_min): the logits read 5 bits per weight. Products of
+values per byte (Int4Weight uint8 [O/2, I]; each group's scale and minimum in one word,
+Int4Groups uint32 [O, I/32], in `w_scale`); `Einsum.matvec_shape` keeps the layout's
+unflattened shape. The table, with `embedding=True`, is packed the same way along D (per 32
+features of a row; words in input_embedding_scale): the logits read 5 bits per weight. Products of
 5 or more rows (prefill, batches, training) dequantize each weight to bf16 inside the
 computation first.
 """
@@ -62,12 +62,9 @@ class Int4Weight(nnx.Variable):
     """int4 values of a quantized weight, two per byte (gemma_kit.int4; frozen)."""
 
 
-class Int4Scale(nnx.Variable):
-    """The scale of every group of 32 inputs of an Int4Weight: bf16 [O, I/32]."""
-
-
-class Int4Min(nnx.Variable):
-    """The minimum of every group of 32 inputs of an Int4Weight: bf16 [O, I/32]."""
+class Int4Groups(nnx.Variable):
+    """The bf16 scale and minimum of every group of 32 inputs of an Int4Weight, one uint32 word
+    per group [O, I/32] (gemma_kit.int4)."""
 
 
 def contracted_axes(einsum: Einsum) -> tuple[int, ...]:
@@ -130,8 +127,7 @@ def quantize_model(
                 int4.check_shape(table.shape[0], table.shape[1], "the embedding table")
                 m = int4.quantize(table)
                 embedder.input_embedding = Int4Weight(m.packed)
-                embedder.input_embedding_scale = Int4Scale(m.scale)
-                embedder.input_embedding_min = Int4Min(m.minimum)
+                embedder.input_embedding_scale = Int4Groups(m.groups)
             else:
                 q, scale = quantize_int8(table, (1,))
                 embedder.input_embedding = Int8Weight(q)
@@ -165,8 +161,7 @@ def quantize_einsum_int4(module: Einsum, name: str = "an Einsum") -> None:
     int4.check_shape(w.shape[0], w.shape[1], name)
     m = int4.quantize(w)
     module.w = Int4Weight(m.packed)
-    module.w_scale = Int4Scale(m.scale)
-    module.w_min = Int4Min(m.minimum)
+    module.w_scale = Int4Groups(m.groups)
     module.matvec = True
 
 

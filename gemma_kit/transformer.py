@@ -48,10 +48,9 @@ class Embedder(nnx.Module):
         )
         # Set by gemma_kit.quant when the table holds int8 values: a float32 scale per
         # vocabulary row, [V, 1], and the name of the dtype the table had (it rounds sqrt(D)).
-        # For int4 values (a uint8 table, gemma_kit.int4): group scales [V, D/32] here and
-        # group minima [V, D/32] in input_embedding_min.
+        # For int4 values (a uint8 table, gemma_kit.int4): each group's scale and minimum in
+        # one uint32 word, [V, D/32].
         self.input_embedding_scale: Any = nnx.data(None)
-        self.input_embedding_min: Any = nnx.data(None)
         self.normalizer_dtype: str | None = None
         if vision_width is not None:
             self.mm_soft_embedding_norm = RMSNorm(vision_width, param_dtype=vision_param_dtype)
@@ -113,9 +112,7 @@ class Embedder(nnx.Module):
         table = self.input_embedding[...]
         if table.dtype != jnp.uint8:
             return None
-        return int4.Int4Matrix(
-            table, self.input_embedding_scale[...], self.input_embedding_min[...]
-        )
+        return int4.Int4Matrix(table, self.input_embedding_scale[...])
 
 
 class FeedForward(nnx.Module):

@@ -82,14 +82,12 @@ def test_int4_model_runs_like_its_dequantized_weights(tiny_model):
     twin = tiny_model(config, seed=5)
     for (_, a), (_, b) in zip(twin.iter_modules(), q.iter_modules(), strict=True):
         if isinstance(a, Einsum):
-            dense = int4.dequantize(int4.Int4Matrix(b.w[...], b.w_scale[...], b.w_min[...]))
+            dense = int4.dequantize(int4.Int4Matrix(b.w[...], b.w_scale[...]))
             perm = a.matvec_permutation()
             official = jnp.transpose(dense.reshape(b.matvec_shape), np.argsort(perm))
             a.w = nnx.Param(official)
     e = q.embedder
-    table = int4.Int4Matrix(
-        e.input_embedding[...], e.input_embedding_scale[...], e.input_embedding_min[...]
-    )
+    table = int4.Int4Matrix(e.input_embedding[...], e.input_embedding_scale[...])
     twin.embedder.input_embedding = nnx.Param(int4.dequantize(table))
     expected = np.asarray(twin(tokens))
     assert np.abs(logits - expected).max() <= 2e-2 * np.abs(expected).max()
