@@ -245,7 +245,7 @@ def breakdown(model, tok, batch: int, rounds: int, calls: int = 5, loop_steps: i
     s = Sampler(model, tok, cache_length=CACHE_LEN)
     settings = s.settings(64, stop_token_ids=())
     state0 = s.start(s.encode([PROMPT] * batch), settings, 0)  # step 1: the prefill's token
-    graphdef, params = s.graphdef, s.params
+    graphdef, params = s.graphdef, s.arrays
     fresh = lambda: jax.block_until_ready(jax.tree.map(jnp.copy, state0))  # noqa: E731
     tokens, positions = state0.token[:, None], state0.position[:, None]
 

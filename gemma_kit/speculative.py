@@ -341,14 +341,14 @@ def rounds(
             d_index = int(draft_state.cache["index"])
             room = room and d_index + k + 1 <= draft_capacity
         if not room:
-            state = decode_step(sampler.params, state, settings=settings)
+            state = decode_step(sampler.arrays, state, settings=settings)
             stats.steps += 1
         elif draft_state is not None:
             draft_state, saved, drafts, q = draft_step(
                 draft_params, draft_state, settings=draft_settings, k=k
             )
             state, _ = verify_step(
-                sampler.params, state, drafts, q, jnp.int32(k), limit_arr, settings=settings
+                sampler.arrays, state, drafts, q, jnp.int32(k), limit_arr, settings=settings
             )
             kept = state.step - step
             draft_state = rollback_draft(
@@ -360,14 +360,14 @@ def rounds(
         else:
             proposal = drafter.propose(history)
             if not proposal:
-                state = decode_step(sampler.params, state, settings=settings)
+                state = decode_step(sampler.arrays, state, settings=settings)
                 stats.steps += 1
             else:
                 n = len(proposal)
                 drafts = np.zeros((1, k), np.int32)
                 drafts[0, :n] = proposal
                 state, _ = verify_step(
-                    sampler.params,
+                    sampler.arrays,
                     state,
                     jnp.asarray(drafts),
                     None,

@@ -171,7 +171,7 @@ def rollout(
     )
     ids = [p for p in encoded for _ in range(num_samples)]
     state = sampler.start(ids, settings, rollout_key(seed, step))
-    state = decode_loop(sampler.params, state, jnp.int32(max_new_tokens), settings=settings)
+    state = decode_loop(sampler.arrays, state, jnp.int32(max_new_tokens), settings=settings)
     tokens, logprobs, steps, stopped_at = jax.device_get(
         (state.tokens, state.logprobs, state.step, state.stopped_at)
     )
