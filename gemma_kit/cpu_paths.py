@@ -68,6 +68,9 @@ TABLE_WEIGHTS = 1 << 24
 # Reentrant: the vector-width probe asks for its product's form from inside its own choose().
 _lock = threading.RLock()
 _memory: dict[str, str] = {}
+# compiler_options' answers by the GEMMA_KIT_VECTOR_WIDTH value they were given: the decode
+# programs ask on every call, and building the question's key takes ~40 us.
+_options_memory: dict[str, dict[str, int]] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,16 +282,22 @@ def compiler_options(measure: Callable[[str], float]) -> dict[str, int]:
     """The XLA compiler options of the decode programs on this machine: the VectorWidth answer
     ({} for XLA's default; measure(width) as in choose). Only CPUs with AVX-512 are probed:
     elsewhere LLVM has no wider vectors to use."""
-    if jax.default_backend() != "cpu":
-        return {}
-    question = VectorWidth()
-    if forced_path(question) is None and "avx512f" not in cpu_flags():
-        return {}
-    width = choose(question, measure)
-    return {} if width == question.reference else {WIDTH_OPTION: int(width)}
+    forced = os.environ.get(WIDTH_ENV_VAR, "")
+    options = _options_memory.get(forced)
+    if options is None:
+        options = {}
+        question = VectorWidth()
+        probed = forced_path(question) is not None or "avx512f" in cpu_flags()
+        if jax.default_backend() == "cpu" and probed:
+            width = choose(question, measure)
+            if width != question.reference:
+                options = {WIDTH_OPTION: int(width)}
+        _options_memory[forced] = options
+    return dict(options)
 
 
 def forget() -> None:
     """Drops the answers held in memory (the disk cache stays): for tests."""
     with _lock:
         _memory.clear()
+        _options_memory.clear()
