@@ -53,9 +53,9 @@ from _common import (
 from _log import T0, log  # noqa: E402  (benchmarks/ is on sys.path)
 
 # The gemma_kit weight configurations: default_model's dtype (None: as stored, bf16) and, for
-# the int8 ones, the quantize_model arguments applied to that model: int8 = every matrix
-# (`gemma-kit sample --int8`), int8-emb = the tied embedding alone, int4 = every matrix int4
-# (`--int4`).
+# the quantized ones, the quantize_model arguments applied to that model: int8 = every matrix
+# (`gemma-kit sample --int8`), int8-emb = the tied embedding alone, int4 = int4 layers and an
+# int8 table (`--int4`, llama.cpp's Q4_0 split), int4-all = every matrix int4.
 WEIGHTS = {
     "bf16": (None, None),
     "f32": ("float32", None),
@@ -87,7 +87,8 @@ def parse_args(argv=None):
         "--dtypes",
         default="bf16,f32,int8,int8-emb",
         help="gemma_kit weights: bf16, f32, int8 (every matrix), int8-emb (the "
-        "embedding alone); the int8 ones at batch 1 only, their use",
+        "embedding alone), int4 (int4 layers, int8 table), int4-all; the quantized ones at "
+        "batch 1 only, their use",
     )
     p.add_argument(
         "--decode-steps",
