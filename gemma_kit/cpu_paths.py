@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import platform
 import threading
@@ -257,14 +258,30 @@ def probe(
     reference: str = REFERENCE,
 ) -> dict:
     """Times every option in interleaved rounds (best of each) and picks the fastest, keeping
-    the reference unless another is at least 1 / MARGIN times as fast."""
+    the reference unless another is at least 1 / MARGIN times as fast. An option other than
+    the reference that fails to compile or run is left out, with a warning (its time is
+    recorded as infinite); the reference's failure is raised."""
     start = time.perf_counter()
+    usable = []
     for option in options:
-        measure(option)  # compile
-    best = {option: measure(option) for option in options}
+        try:
+            measure(option)  # compile
+        except Exception as e:
+            if option == reference:
+                raise
+            warnings.warn(
+                f"the compiled form {option!r} failed on this machine ({type(e).__name__}: "
+                f"{e}); it is left out and {reference!r} kept",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            continue
+        usable.append(option)
+    best = {option: math.inf for option in options}
+    best.update({option: measure(option) for option in usable})
     # An option more than twice as slow as the fastest after one round is out (the int8 and
     # int4 dot forms at one row dequantize the whole weight each call: 10-100x slower).
-    alive = [o for o in options if best[o] <= 2 * min(best.values())]
+    alive = [o for o in usable if best[o] <= 2 * min(best.values())]
     for _ in range(rounds - 1):
         for option in alive:
             best[option] = min(best[option], measure(option))

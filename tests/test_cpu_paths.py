@@ -213,3 +213,25 @@ def test_decoding_at_either_width_gives_the_same_tokens(
         assert x.tokens == y.tokens
         np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-4)
     assert ((cpu_paths.WIDTH_OPTION, 512),) in decode.decode_loop.jitted
+
+
+def test_an_option_that_fails_is_left_out_with_a_warning(fresh_cache, monkeypatch):
+    """A width whose program fails to compile keeps the reference (the answer is cached, with
+    an infinite time for the failed one); a failing reference is raised."""
+    monkeypatch.setattr(cpu_paths, "cpu_flags", lambda: frozenset({"avx512f"}))
+
+    def measure(width):
+        if width == "512":
+            raise RuntimeError("no such vector width")
+        return 1e-3
+
+    with pytest.warns(RuntimeWarning, match="'512' failed on this machine"):
+        assert cpu_paths.compiler_options(measure) == {}
+    entry = cpu_paths.read_cache()[cpu_paths.VectorWidth().key()]
+    assert entry["choice"] == "256" and entry["seconds"]["512"] == float("inf")
+
+    def broken_reference(path):
+        raise RuntimeError("the reference form is broken")
+
+    with pytest.raises(RuntimeError, match="reference form is broken"):
+        cpu_paths.choose(cpu_paths.ProductClass("int8", "few", "layer"), broken_reference)
